@@ -1,0 +1,49 @@
+"""Command line: ``python -m qlora_helpers COMMAND ...``.
+
+Each command lives in the module that does the work; that module provides
+``configure_parser(parser)`` and ``cli(args) -> int``. Modules are imported only for the
+command being run, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "assets": ("qlora_helpers.assets", "fetch, convert and verify the offline assets (model, tokenizer, data)"),
+    "run": ("qlora_helpers.runner", "execute notebooks with papermill into a run folder, with a summary"),
+    "estimate": ("qlora_helpers.memory", "estimate GPU training memory for a model, method and batch"),
+}
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m qlora_helpers",
+        description="Helpers for the QLoRA course: assets, notebook runs and memory estimates.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.configure_parser(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.cli(args) or 0)
+    except (UserError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
