@@ -1,0 +1,64 @@
+"""Where results go, and writing them so that nothing is ever half-written.
+
+A notebook ends with ``save_results("01_memory_math", {...})``. Under the notebook runner
+(``python -m qlora_helpers run``) the file lands in that notebook's run folder (the runner sets
+``QLORA_RESULTS_DIR``); opened by hand in JupyterLab it lands in ``runs/interactive/``.
+GPU measurements live in ``benchmarks/results/<name>.json`` and are read with ``load_benchmark``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+RESULTS_ENV = "QLORA_RESULTS_DIR"
+
+
+def repo_root() -> Path:
+    """The course checkout: the folder holding ``pyproject.toml`` above this package."""
+    here = Path(__file__).resolve().parent.parent
+    if (here / "pyproject.toml").is_file():
+        return here
+    return Path.cwd()
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace``: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, data) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get(RESULTS_ENV) or repo_root() / "runs" / "interactive")
+
+
+def save_results(name: str, data: dict) -> Path:
+    """Write a notebook's key figures to ``<results_dir>/<name>.json`` and return the path."""
+    path = atomic_write_json(results_dir() / f"{name}.json", data)
+    print(f"results written to {path}")
+    return path
+
+
+def load_benchmark(name: str) -> dict:
+    """Read ``benchmarks/results/<name>.json`` (written on a GPU by a script in ``benchmarks/``)."""
+    path = repo_root() / "benchmarks" / "results" / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the matching script in benchmarks/ on a GPU to create it")
+    return json.loads(path.read_text())
