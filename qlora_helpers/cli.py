@@ -16,6 +16,7 @@ COMMANDS = {
     "assets": ("qlora_helpers.assets", "fetch, convert and verify the offline assets (model, tokenizer, data)"),
     "run": ("qlora_helpers.runner", "execute notebooks with papermill into a run folder, with a summary"),
     "estimate": ("qlora_helpers.memory", "estimate GPU training memory for a model, method and batch"),
+    "sft": ("qlora_helpers.sft", "supervised fine-tuning: full, LoRA, QLoRA 4-bit or 8-bit, from a config file or flags"),
 }
 
 
@@ -23,20 +24,24 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only ``command``'s module is imported to add its options."""
     parser = argparse.ArgumentParser(
         prog="python -m qlora_helpers",
         description="Helpers for the QLoRA course: assets, notebook runs and memory estimates.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        module.configure_parser(sub.add_parser(name, help=help_text, description=help_text))
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module_name).configure_parser(sub_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
