@@ -298,6 +298,15 @@ def load_smollm2(**kwargs):
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
 
 
+def load_causal_lm(model_id: str = "", **kwargs):
+    """``model_id`` empty: the cached SmolLM2; otherwise a hub id or local folder (GPU runs with real models)."""
+    if not model_id:
+        return load_smollm2(**kwargs)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_id, **kwargs), AutoTokenizer.from_pretrained(model_id)
+
+
 def load_qwen_tokenizer():
     from transformers import AutoTokenizer
 
