@@ -1,0 +1,61 @@
+"""Random models: tiny ones at real architectures, real-shape ones quantised layer by layer."""
+
+import pytest
+import torch
+
+from qlora_helpers.configs import get_config, preset_names
+from qlora_helpers.models import build_random, build_tiny, count_parameters, tiny_llama, tiny_llava, tiny_qwen2
+
+
+@pytest.mark.parametrize("quantize,layer", [(None, "Linear"), ("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_build_random_quantises_every_decoder_linear(quantize, layer):
+    model = build_random(tiny_qwen2(), quantize=quantize, device="cpu", progress=False)
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("_proj"))}
+    assert kinds == {layer}
+    assert type(model.lm_head).__name__ == "Linear"
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied like the real Qwen2.5-0.5B
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    x = torch.randint(0, 1000, (2, 8))
+    assert torch.isfinite(model(input_ids=x, labels=x).loss)
+    assert getattr(model, "is_loaded_in_4bit", False) == (quantize == "4bit")
+
+
+def test_build_random_keeps_vision_tower_and_projector_unquantised():
+    model = build_random(tiny_llava(), quantize="4bit", device="cpu", progress=False)
+    vision = {type(m).__name__ for n, m in model.named_modules() if "vision_tower" in n or "projector" in n}
+    language = {type(m).__name__ for n, m in model.named_modules() if "language_model" in n and n.endswith("proj")}
+    assert "Linear4bit" not in vision and language == {"Linear4bit"}
+
+
+def test_real_shape_parameter_count_and_4bit_size():
+    """Qwen2.5-0.5B has 494,032,768 parameters; its 4-bit build stores the 24 decoder layers in ~1/4 the bytes."""
+    model = build_random(get_config("qwen2.5-0.5b"), quantize="4bit", device="cpu", progress=False)
+    assert count_parameters(model)["total"] == 494_032_768
+    packed = sum(m.weight.numel() for m in model.modules() if type(m).__name__ == "Linear4bit")
+    logical = sum(m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "Linear4bit")
+    assert packed * 2 == logical
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_build_on_meta(name):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = get_config(name)
+    cls = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    with init_empty_weights():
+        model = cls.from_config(config)
+    model.tie_weights()  # from_config on meta leaves tied embeddings untied
+    billions = sum(p.numel() for p in model.parameters()) / 1e9
+    expected = {"qwen2.5-0.5b": 0.49, "qwen2.5-1.5b": 1.54, "qwen2.5-3b": 3.09, "qwen2.5-7b": 7.62,
+                "qwen2.5-14b": 14.77, "qwen2.5-32b": 32.76, "llama-7b": 6.74, "smollm2-135m": 0.135,
+                "llava-1.5-7b": 7.06, "llava-1.5-13b": 13.35, "qwen2-vl-7b": 8.29}[name]
+    assert billions == pytest.approx(expected, rel=0.01)
+
+
+def test_tiny_factories_run_a_training_step():
+    for config in (tiny_qwen2(), tiny_llama()):
+        model = build_tiny(config).train()
+        x = torch.randint(0, 100, (2, 6))
+        model(input_ids=x, labels=x).loss.backward()
+        assert model.model.embed_tokens.weight.grad is not None
