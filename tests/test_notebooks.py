@@ -1,0 +1,40 @@
+"""Every course notebook runs end to end under papermill with the test parameters, and its
+results file holds the values the chapter promises (values, not just "it ran")."""
+
+import pytest
+
+from qlora_helpers import runner
+
+TEST_PARAMETERS = {"profile": "cpu", "max_steps": 2}
+NOTEBOOKS = [p.stem for p in runner.discover()]
+
+
+def check_00_setup(r):
+    assert r["profile"] == "cpu" and r["device"]["type"] == "cpu"
+    assert all(v != "missing" for k, v in r["versions"].items())
+    bits = {c["bits"]: c for c in r["bitsandbytes"]["checks"]}
+    assert bits[4]["layer"] == "Linear4bit" and bits[4]["weight_bytes"] * 4 == bits[4]["bf16_bytes"]
+    assert bits[8]["layer"] == "Linear8bitLt" and bits[8]["weight_bytes"] * 2 == bits[8]["bf16_bytes"]
+    for c in bits.values():
+        assert c["rel_error"] < 0.15 and c["lora_grad_norm"] > 0 and not c["quantized_weight_has_grad"]
+        assert c["loss_last"] < c["loss_first"]
+    assert "Paris" in r["answer"] and r["first_token"]["text"].strip() == "The"
+    assert r["qwen_vocab_size"] == 151_665 and r["qwen_hello_ids"] == [9707, 11, 1879, 0]
+
+
+CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
+
+
+@pytest.fixture(scope="module")
+def course_run(tmp_path_factory, cached_assets):
+    run_dir, runs = runner.run_notebooks(None, TEST_PARAMETERS, tmp_path_factory.mktemp("course"), progress=False)
+    return {r.notebook: r for r in runs}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_notebook(notebook, course_run):
+    run = course_run[notebook]
+    assert run.status == "ok", f"{notebook} failed at {run.error}; executed copy: {run.executed}"
+    assert notebook in CHECKS, f"add check_{notebook}(results) to tests/test_notebooks.py"
+    CHECKS[notebook](run.results)

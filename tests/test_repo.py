@@ -1,0 +1,73 @@
+"""Conventions every chapter follows, checked on the files in git."""
+
+import ast
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stripped(path):
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, f"{path.name}: strip outputs"
+    assert "widgets" not in nb["metadata"], f"{path.name}: widget state is committed"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_one_parameters_cell_with_profile_and_max_steps(path):
+    nb = json.loads(path.read_text())
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, f"{path.name}: exactly one cell tagged 'parameters'"
+    source = "".join(cells[0]["source"])
+    names = {node.target.id: node for node in ast.parse(source).body if isinstance(node, ast.AnnAssign)}
+    assert {"profile", "max_steps"} <= set(names)
+    for line in source.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert "#" in line, f"{path.name}: give each parameter a comment: {line!r}"
+    assert nb["cells"][0]["cell_type"] == "markdown", f"{path.name}: start with prose"
+
+
+def test_environment_yml_matches_pyproject():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert [p for p in pip if not p.startswith("-e")] == deps
+    assert "-e .[test]" in pip and "python=3.11" in env["dependencies"]
+
+
+def test_readme_commands_are_the_ones_ci_and_make_run():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```(?:bash|sh)\n(.*?)```", readme, re.S).group(1)
+    commands = [l for l in block.splitlines() if l.strip() and not l.startswith("#")]
+    assert commands == ["make course", "make test"]
+    assert re.search(r"^make test\b", (ROOT / ".ci" / "run").read_text(), re.M)
+    targets = re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), re.M)
+    assert {"course", "test"} <= set(targets)
+
+
+def test_readme_lists_every_notebook_in_order():
+    readme = (ROOT / "README.md").read_text()
+    positions = [readme.find(p.name) for p in NOTEBOOKS]
+    assert -1 not in positions and positions == sorted(positions)
+
+
+def test_no_import_time_work_in_the_package():
+    """Importing any helper module must not import torch, transformers or bitsandbytes."""
+    import subprocess
+    import sys
+
+    modules = [p.stem for p in (ROOT / "qlora_helpers").glob("*.py") if p.stem != "__main__"]
+    code = ("import sys\n" + "".join(f"import qlora_helpers.{m}\n" for m in modules)
+            + "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes', 'peft') if m in sys.modules]\n"
+            + "print(','.join(heavy))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""

@@ -1,0 +1,65 @@
+"""The papermill harness: parameters, results, summary, and failures named by notebook and cell."""
+
+import json
+
+import nbformat
+import pytest
+
+from qlora_helpers import runner
+
+
+def _notebook(path, cells):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell('profile: str = "auto"\nmax_steps: int = 60')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [nbformat.v4.new_code_cell(c) for c in cells]
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.parametrize("text,value", [("2", 2), ("0.5", 0.5), ("true", True), ("cpu", "cpu"),
+                                        ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B"), ("1e-4", "1e-4")])
+def test_parse_value(text, value):
+    assert runner.parse_value(text) == value
+
+
+def test_runs_into_run_folder_with_parameters_and_summary(tmp_path):
+    book = _notebook(tmp_path / "07_demo.ipynb", [
+        "from qlora_helpers.results import save_results",
+        "save_results('07_demo', {'steps_seen': max_steps * 10, 'profile': profile})"])
+    run_dir, runs = runner.run_notebooks([str(book)], {"max_steps": 3}, tmp_path / "run", progress=False)
+    assert [r.status for r in runs] == ["ok"]
+    assert json.loads((run_dir / "07_demo" / "07_demo.json").read_text()) == {"steps_seen": 30, "profile": "auto"}
+    assert (run_dir / "07_demo" / "07_demo.ipynb").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["notebooks"][0]["results"]["steps_seen"] == 30
+    assert "| 07_demo | ok |" in (run_dir / "summary.md").read_text()
+
+
+def test_failure_names_notebook_cell_and_error(tmp_path):
+    book = _notebook(tmp_path / "08_broken.ipynb", ["x = 1", "raise ValueError('lora_r must be > 0')"])
+    run_dir, runs = runner.run_notebooks([str(book)], {}, tmp_path / "run", progress=False)
+    assert runs[0].status == "failed"
+    assert runs[0].error.startswith("cell 2 ") and "ValueError: lora_r must be > 0" in runs[0].error
+
+
+def test_notebook_without_results_fails(tmp_path):
+    book = _notebook(tmp_path / "09_silent.ipynb", ["x = 1"])
+    _, runs = runner.run_notebooks([str(book)], {}, tmp_path / "run", progress=False)
+    assert runs[0].status == "failed" and "save_results" in runs[0].error
+
+
+def test_unknown_parameter_and_notebook_are_refused(tmp_path):
+    book = _notebook(tmp_path / "07_demo.ipynb", ["pass"])
+    with pytest.raises(ValueError, match="no notebook declares parameter.*lr"):
+        runner.run_notebooks([str(book)], {"lr": 1}, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="no notebook '99_nothing'"):
+        runner.discover(["99_nothing"])
+
+
+def test_discover_finds_the_course_in_order():
+    books = runner.discover()
+    assert books and [b.name for b in books] == sorted(b.name for b in books)
+    assert books[0].name == "00_setup.ipynb"
+    assert runner.discover(["00"]) == [books[0]]
