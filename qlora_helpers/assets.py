@@ -259,8 +259,8 @@ def fetch(name: str, force: bool = False) -> Path:
     return final
 
 
-def verify(name: str) -> Path:
-    """Return the asset's folder after checking every file against its recorded sha256."""
+def verify(name: str, only: tuple[str, ...] | None = None) -> Path:
+    """Return the asset's folder after checking its files (or the ``only`` ones) against their sha256."""
     if name not in ASSETS:
         raise AssetError(f"unknown asset {name!r}: choose from {', '.join(ASSETS)}")
     folder = cache_dir() / ASSETS[name].folder
@@ -272,6 +272,8 @@ def verify(name: str) -> Path:
     except (json.JSONDecodeError, KeyError):
         raise AssetError(f"asset '{name}' has an unreadable MANIFEST.json: run `{FETCH_HINT} --force {name}`") from None
     for rel, digest in files.items():
+        if only is not None and rel not in only:
+            continue
         path = folder / rel
         if not path.is_file() or sha256_file(path) != digest:
             state = "missing" if not path.is_file() else "corrupt"
@@ -298,11 +300,31 @@ def load_smollm2(**kwargs):
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
 def load_causal_lm(model_id: str = "", **kwargs):
-    """``model_id`` empty: the cached SmolLM2; otherwise a hub id or local folder (GPU runs with real models)."""
+    """A model and its tokenizer by ``model_id``:
+
+    - ``""``: the cached SmolLM2-135M-Instruct (real weights);
+    - ``"random:<preset>"``: random weights at a preset's shape (see ``configs``) with the real tokenizer
+      of its family, for measuring memory and speed where real weights cannot be had;
+    - anything else: a hub id or local folder, passed to ``from_pretrained``.
+    """
     if not model_id:
         return load_smollm2(**kwargs)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_id.startswith("random:"):
+        from qlora_helpers.configs import get_config
+        from qlora_helpers.models import build_random
+
+        preset = model_id.split(":", 1)[1]
+        family = "smollm2" if preset.startswith("smollm2") else "qwen-tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(verify(family, only=TOKENIZER_FILES))
+        model = build_random(get_config(preset), device=kwargs.pop("device", "cpu"),
+                             dtype=kwargs.pop("dtype", None), progress=False)
+        return model, tokenizer
 
     return AutoModelForCausalLM.from_pretrained(model_id, **kwargs), AutoTokenizer.from_pretrained(model_id)
 

@@ -32,8 +32,13 @@ def default_device(profile: str) -> str:
 def versions(packages=("torch", "transformers", "peft", "bitsandbytes", "accelerate", "papermill",
                        "ipywidgets", "matplotlib", "qlora-helpers")) -> dict[str, str]:
     """Installed versions of the packages the course depends on (``"missing"`` if not installed)."""
+    from qlora_helpers import __version__
+
     out = {"python": platform.python_version()}
     for name in packages:
+        if name == "qlora-helpers":  # also right when run from a checkout that is not installed
+            out[name] = __version__
+            continue
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
