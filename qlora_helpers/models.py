@@ -153,7 +153,8 @@ def build_random(config, quantize: str | None = None, device: str = "cuda", dtyp
                                         quant_storage=qconfig.bnb_4bit_quant_storage, module=module)
                 module.weight = new.to(device)
             elif quantize == "8bit" and isinstance(module, bnb.nn.Linear8bitLt) and p_name == "weight":
-                module.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False).to(device)
+                # Int8Params quantises on .to() only when coming from the CPU: quantise in place instead
+                module.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)._quantize(device)
             else:
                 module._parameters[p_name] = torch.nn.Parameter(data, requires_grad=param.requires_grad)
             del data

@@ -18,6 +18,8 @@ def test_build_random_quantises_every_decoder_linear(quantize, layer):
     x = torch.randint(0, 1000, (2, 8))
     assert torch.isfinite(model(input_ids=x, labels=x).loss)
     assert getattr(model, "is_loaded_in_4bit", False) == (quantize == "4bit")
+    weight_dtype = {None: torch.bfloat16, "4bit": torch.uint8, "8bit": torch.int8}[quantize]
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == weight_dtype
 
 
 def test_build_random_keeps_vision_tower_and_projector_unquantised():

@@ -30,6 +30,8 @@ def test_one_parameters_cell_with_profile_and_max_steps(path):
     source = "".join(cells[0]["source"])
     names = {node.target.id: node for node in ast.parse(source).body if isinstance(node, ast.AnnAssign)}
     assert {"profile", "max_steps"} <= set(names)
+    import papermill  # papermill must parse every parameter (quotes in a comment can defeat it)
+    assert set(papermill.inspect_notebook(str(path))) == set(names), f"{path.name}: papermill misreads a parameter"
     for line in source.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             assert "#" in line, f"{path.name}: give each parameter a comment: {line!r}"
