@@ -309,12 +309,24 @@ def load_causal_lm(model_id: str = "", **kwargs):
     - ``""``: the cached SmolLM2-135M-Instruct (real weights);
     - ``"random:<preset>"``: random weights at a preset's shape (see ``configs``) with the real tokenizer
       of its family, for measuring memory and speed where real weights cannot be had;
+    - ``"tiny:qwen2"`` / ``"tiny:llama"``: a 2-layer random model with the real Qwen2.5 / SmolLM2 tokenizer,
+      for tests;
     - anything else: a hub id or local folder, passed to ``from_pretrained``.
     """
     if not model_id:
         return load_smollm2(**kwargs)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if model_id.startswith("tiny:"):
+        from qlora_helpers.models import build_tiny, tiny_llama, tiny_qwen2
+
+        kind = model_id.split(":", 1)[1]
+        if kind not in ("qwen2", "llama"):
+            raise ValueError(f"unknown tiny model {model_id!r}: use tiny:qwen2 or tiny:llama")
+        family = "qwen-tokenizer" if kind == "qwen2" else "smollm2"
+        tokenizer = AutoTokenizer.from_pretrained(verify(family, only=TOKENIZER_FILES))
+        config = tiny_qwen2(vocab_size=len(tokenizer)) if kind == "qwen2" else tiny_llama(vocab_size=len(tokenizer))
+        return build_tiny(config, dtype=kwargs.get("dtype")), tokenizer
     if model_id.startswith("random:"):
         from qlora_helpers.configs import get_config
         from qlora_helpers.models import build_random

@@ -93,3 +93,11 @@ def test_wheel_pins_are_checked(private_cache, monkeypatch):
     with pytest.raises(assets.AssetError, match="expected"):
         assets.fetch_wheel("chatterbot-corpus")
     assert not list(wheels.iterdir())  # the bad file is gone, the next fetch downloads again
+
+
+@pytest.mark.parametrize("model_id,vocab", [("tiny:qwen2", 151_665), ("tiny:llama", 49_152)])
+def test_tiny_models_come_with_the_real_tokenizer(cached_assets, model_id, vocab):
+    model, tok = assets.load_causal_lm(model_id)
+    assert len(tok) == vocab == model.config.vocab_size
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], return_tensors="pt", return_dict=True)
+    assert torch.isfinite(model(**ids, labels=ids["input_ids"]).loss)
