@@ -1,0 +1,185 @@
+"""Check ``qlora_helpers.memory.estimate`` against peaks measured on a GPU.
+
+Configurations of one model shape run one after another in a worker process, each measured from a
+clean allocator (everything of the previous one freed); the worker stops after an out-of-memory
+error or a crash, and the configurations it did not finish are retried, each in a fresh process.
+So no peak leaks from one row into another and one failure loses only its own row. The JSON is
+rewritten atomically after every row: a run cut short still leaves every finished row.
+
+    python benchmarks/memory_validation.py            # all configurations (~6 min on one H100 80GB)
+    python benchmarks/memory_validation.py --quick    # the 0.5B rows only (~1 min)
+    python benchmarks/memory_validation.py --only 7b-qlora4 32b-qlora4-ckpt --out /tmp/mem.json
+
+Writes ``benchmarks/results/memory_validation.json``: device, versions, command, date and one row
+per configuration with the prediction, the measurement and the error in percent of measured peak
+allocated (the quantity the estimator predicts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+M05, M7, M32 = "qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-32b"
+# name -> (preset, method, batch, seq, extra estimate/measure arguments)
+CONFIGS = {
+    "0.5b-full": (M05, "full", 4, 512, {}),
+    "0.5b-full-ckpt": (M05, "full", 4, 512, {"grad_ckpt": True}),
+    "0.5b-lora": (M05, "lora", 4, 512, {}),
+    "0.5b-lora-ckpt": (M05, "lora", 4, 512, {"grad_ckpt": True}),
+    "0.5b-lora-b8": (M05, "lora", 8, 512, {}),
+    "0.5b-lora-attn-r64": (M05, "lora", 4, 512, {"targets": "attention", "lora_r": 64}),
+    "0.5b-qlora4": (M05, "qlora4", 4, 512, {}),
+    "0.5b-qlora4-kbit": (M05, "qlora4", 4, 512, {"prepare_kbit": True}),
+    "0.5b-qlora4-kbit-ckpt": (M05, "qlora4", 4, 512, {"prepare_kbit": True, "grad_ckpt": True}),
+    "0.5b-qlora4-ckpt-s4096": (M05, "qlora4", 1, 4096, {"grad_ckpt": True}),
+    "0.5b-qlora8": (M05, "qlora8", 4, 512, {}),
+    "0.5b-qlora8-kbit-ckpt": (M05, "qlora8", 4, 512, {"prepare_kbit": True, "grad_ckpt": True}),
+    "7b-full-adam8-ckpt": (M7, "full", 1, 512, {"grad_ckpt": True, "optimizer": "adamw_8bit"}),
+    "7b-lora": (M7, "lora", 2, 1024, {}),
+    "7b-lora-ckpt": (M7, "lora", 2, 1024, {"grad_ckpt": True}),
+    "7b-qlora4": (M7, "qlora4", 2, 1024, {}),
+    "7b-qlora4-kbit-ckpt": (M7, "qlora4", 2, 1024, {"prepare_kbit": True, "grad_ckpt": True}),
+    "7b-qlora4-ckpt-b4-s2048": (M7, "qlora4", 4, 2048, {"grad_ckpt": True}),
+    "7b-qlora4-paged8": (M7, "qlora4", 2, 1024, {"grad_ckpt": True, "optimizer": "paged_adamw_8bit"}),
+    "7b-qlora8": (M7, "qlora8", 2, 1024, {}),
+    "llama7b-qlora4-ckpt": ("llama-7b", "qlora4", 2, 1024, {"grad_ckpt": True}),
+    "32b-qlora4-ckpt": (M32, "qlora4", 1, 1024, {"grad_ckpt": True}),
+    "32b-qlora4-kbit-ckpt": (M32, "qlora4", 1, 1024, {"prepare_kbit": True, "grad_ckpt": True}),
+    "32b-qlora8-ckpt": (M32, "qlora8", 1, 512, {"grad_ckpt": True}),
+    "llava7b-qlora4-ckpt": ("llava-1.5-7b", "qlora4", 1, 512, {"grad_ckpt": True, "targets": "attention"}),
+    "qwen2vl7b-qlora4-ckpt": ("qwen2-vl-7b", "qlora4", 1, 512, {"grad_ckpt": True, "targets": "attention"}),
+}
+QUICK = [k for k in CONFIGS if k.startswith("0.5b")]
+
+
+def predict_and_measure(name: str, steps: int) -> dict:
+    """Predict, then measure one configuration (in the worker process)."""
+    from qlora_helpers.configs import get_config
+    from qlora_helpers.memory import GIB, estimate, measure
+
+    preset, method, batch, seq, extra = CONFIGS[name]
+    config = get_config(preset)
+    est = estimate(config, method, batch, seq, **extra)
+    got = measure(config, method, batch, seq, steps=steps, **extra)
+    row = {"predicted_gib": round(est.total_gib, 4), "predicted_phase": est.peak_phase,
+           "predicted_components_gib": {k: round(v, 4) for k, v in est.components_gib().items()},
+           "predicted_phases_gib": {k: round(v / GIB, 4) for k, v in est.phases.items()},
+           "predicted_not_in_total_gib": {k: round(v / GIB, 4) for k, v in est.outside.items()},
+           "measured": got, "status": "oom" if got["oom"] else "ok"}
+    if not got["oom"]:
+        row["error_pct"] = round(100 * (est.total_gib - got["peak_allocated_gib"]) / got["peak_allocated_gib"], 2)
+    return row
+
+
+def worker(names: list[str], steps: int) -> int:
+    """Measure ``names`` one after another; stop after an out-of-memory error (exit status 3)."""
+    for name in names:
+        try:
+            row = predict_and_measure(name, steps)
+        except Exception as err:  # one broken configuration must not take the others with it
+            row = {"status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+        print("ROW " + json.dumps({"name": name, **row}), flush=True)
+        if row["status"] != "ok":
+            return 3
+    return 0
+
+
+def run_group(names: list[str], steps: int, timeout: int) -> list[dict]:
+    """Run ``names`` in one worker process; return one row per name that finished there."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, __file__, "--steps", str(steps), "--worker", *names]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout * len(names))
+        stdout, err = proc.stdout, (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err = f"timed out after {timeout * len(names)} s"
+    rows = [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")]
+    if len(names) == 1 and not rows:
+        rows = [{"name": names[0], "status": "error", "error": err[:400]}]
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    errs = [abs(r["error_pct"]) for r in ok]
+    return {"rows": len(rows), "ok": len(ok), "oom": sum(r.get("status") == "oom" for r in rows),
+            "errors": sum(r.get("status") == "error" for r in rows),
+            "max_abs_error_pct": max(errs) if errs else None,
+            "within_10pct": sum(e <= 10 for e in errs)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_validation.json"))
+    parser.add_argument("--quick", action="store_true", help="only the 0.5B configurations")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"some of: {', '.join(CONFIGS)}")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per configuration (first = warm-up)")
+    parser.add_argument("--timeout", type=int, default=180, help="seconds allowed per configuration")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args.steps)
+
+    import torch
+
+    from qlora_helpers.device import device_info, versions
+    from qlora_helpers.results import atomic_write_json
+
+    if not torch.cuda.is_available():
+        print("error: no CUDA GPU visible; this benchmark measures GPU memory (estimates alone: "
+              "python -m qlora_helpers estimate ...)", file=sys.stderr)
+        return 2
+    names = args.only or (QUICK if args.quick else list(CONFIGS))
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        print(f"error: unknown configuration {unknown[0]!r}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
+    result = {"device": device_info(), "versions": versions(),
+              "command": " ".join([Path(sys.executable).name] + sys.argv),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "convention": "peak torch.cuda.max_memory_allocated over steps 2..N (step 1 is a warm-up); "
+                            "random weights at real shape; labels = input ids; SDPA; no autocast",
+              "rows": []}
+    groups: dict[str, list[str]] = {}
+    for name in names:                                 # one worker per model shape, in the listed order
+        groups.setdefault(CONFIGS[name][0], []).append(name)
+    t0 = time.perf_counter()
+    for group in groups.values():
+        pending = list(group)
+        while pending:
+            rows = run_group(pending, args.steps, args.timeout)
+            if not rows:                               # the worker died before its first row: go one by one
+                rows = run_group(pending[:1], args.steps, args.timeout) or [
+                    {"name": pending[0], "status": "error", "error": "worker produced no row"}]
+            for row in rows:
+                pending.remove(row["name"])
+                row["config"] = dict(zip(("model", "method", "batch_size", "seq_len"), CONFIGS[row["name"]][:4]),
+                                     **CONFIGS[row["name"]][4])
+                result["rows"].append(row)
+                result["summary"] = summary(result["rows"])
+                atomic_write_json(args.out, result)
+                m = row.get("measured", {})
+                got = f"{m['peak_allocated_gib']:7.2f}" if row["status"] == "ok" else f"{row['status']:>7}"
+                err = f"{row['error_pct']:+6.1f}%" if "error_pct" in row else row.get("error", "")[:70]
+                print(f"[{len(result['rows']):2d}/{len(names)}] {row['name']:<26} predicted "
+                      f"{row.get('predicted_gib', float('nan')):7.2f} GiB  measured {got} GiB  {err}  "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(json.dumps(result["summary"]))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

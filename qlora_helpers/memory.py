@@ -1,0 +1,555 @@
+"""GPU memory of a training step: estimated from the config, and measured on random weights.
+
+``estimate`` predicts ``torch.cuda.max_memory_allocated()`` in steady-state training (optimizer
+states already exist) under one convention: transformers 5.x, SDPA attention, ``labels=input_ids``,
+no autocast (the model runs in its ``dtype``), peft defaults (``LoraConfig(r, target_modules)``),
+torch AdamW or bitsandbytes' 8-bit AdamW, and ``batch_size * seq_len`` tokens per micro-step.
+``measure`` runs exactly that on a GPU. The CUDA context and paged optimizer states live outside
+PyTorch's allocator: they are reported, but not in ``total_gib``.
+
+Example (Qwen2.5-0.5B, QLoRA 4-bit, r=8 on all linear layers, 1 x 512 tokens):
+    >>> from qlora_helpers.configs import get_config
+    >>> est = estimate(get_config("qwen2.5-0.5b"), "qlora4", batch_size=1, seq_len=512)
+    >>> list(est.components)[:3]
+    ['quantized weights', 'unquantized weights', 'LoRA weights']
+    >>> est.params["lora"]    # 24 layers x r * (in + out) summed over the 7 projections
+    4399104
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from qlora_helpers.gpus import CONTEXT_GIB, verdict
+
+METHODS = ("full", "lora", "qlora4", "qlora8")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+DTYPES = ("bf16", "fp16")
+TARGET_PRESETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+GIB = 2**30
+BLOCK_4BIT, BLOCK_ABSMAX, BLOCK_OPT8 = 64, 256, 256   # bitsandbytes block sizes
+MIN_8BIT, MIN_PAGED = 4096, 100_000                   # bnb: smaller tensors keep fp32 / non-paged states
+CUBLAS_WORKSPACE = 80 * 2**20                         # cuBLAS(Lt) workspaces (seen on an H100, torch 2.11)
+COMPONENTS = ("quantized weights", "unquantized weights", "LoRA weights", "gradients", "optimizer states",
+              "activations", "logits and loss", "temporary buffers")
+
+
+def _r512(nbytes: float) -> int:
+    """PyTorch's CUDA allocator hands out blocks in multiples of 512 bytes."""
+    return int(math.ceil(nbytes / 512) * 512) if nbytes > 0 else 0
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str       # module name suffix, the one peft matches: "q_proj", "fc1", ...
+    part: str       # "lm", "vision" or "projector"
+    fan_in: int
+    fan_out: int
+    bias: bool
+    count: int      # how many modules of this kind (usually = number of layers)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the memory depends on, read from a transformers config (see ``model_shape``)."""
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    linears: tuple             # Linear, lm_head excluded
+    other: dict                # name -> parameter count (embeddings, norms, lm_head, vision extras)
+    vision: dict | None = None  # hidden, inter, layers, heads, tokens (in the tower), lm_tokens (per image)
+
+
+def model_shape(config) -> Shape:
+    """Parameter inventory of a Qwen2 / Llama / Mistral decoder, or a LLaVA / Qwen2-VL VLM.
+
+    Example:
+        >>> from qlora_helpers.configs import get_config
+        >>> s = model_shape(get_config("qwen2.5-0.5b"))
+        >>> s.hidden, s.kv_heads * s.head_dim, s.tied, sum(l.fan_in * l.fan_out * l.count for l in s.linears)
+        (896, 128, True, 357826560)
+    """
+    text = config.get_text_config()
+    kind = text.model_type
+    if kind not in ("qwen2", "qwen2_vl_text", "llama", "mistral"):
+        raise ValueError(f"model_type {kind!r} is not covered by the estimator: use a Qwen2, Llama or Mistral "
+                         "decoder, or LLaVA / Qwen2-VL")
+    h, inter, n = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    d = getattr(text, "head_dim", None) or h // heads
+    qkv_bias = kind.startswith("qwen2") or bool(getattr(text, "attention_bias", False))
+    o_bias = bool(getattr(text, "attention_bias", False))
+    mlp_bias = bool(getattr(text, "mlp_bias", False))
+    lin = [Linear("q_proj", "lm", h, heads * d, qkv_bias, n), Linear("k_proj", "lm", h, kv * d, qkv_bias, n),
+           Linear("v_proj", "lm", h, kv * d, qkv_bias, n), Linear("o_proj", "lm", heads * d, h, o_bias, n),
+           Linear("gate_proj", "lm", h, inter, mlp_bias, n), Linear("up_proj", "lm", h, inter, mlp_bias, n),
+           Linear("down_proj", "lm", inter, h, mlp_bias, n)]
+    tied = bool(getattr(text, "tie_word_embeddings", False))
+    other = {"embed_tokens": text.vocab_size * h, "norms": (2 * n + 1) * h}
+    if not tied:
+        other["lm_head"] = text.vocab_size * h
+    vision = None
+    vc = getattr(config, "vision_config", None)
+    if vc is not None and config.model_type == "llava":
+        hv, iv, lv, p = vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers, vc.patch_size
+        grid = (vc.image_size // p) ** 2
+        lin += [Linear(nm, "vision", hv, hv, True, lv) for nm in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        lin += [Linear("fc1", "vision", hv, iv, True, lv), Linear("fc2", "vision", iv, hv, True, lv),
+                Linear("linear_1", "projector", hv, h, True, 1), Linear("linear_2", "projector", h, h, True, 1)]
+        other.update(vision_embeddings=3 * p * p * hv + hv + (grid + 1) * hv, vision_norms=(4 * lv + 4) * hv)
+        drop_cls = getattr(config, "vision_feature_select_strategy", "default") == "default"
+        vision = dict(hidden=hv, inter=iv, layers=lv, heads=vc.num_attention_heads, tokens=grid + 1,
+                      lm_tokens=grid if drop_cls else grid + 1, names=CLIP_NAMES)
+    elif vc is not None and config.model_type == "qwen2_vl":
+        hv, lv, p, m = vc.embed_dim, vc.depth, vc.patch_size, vc.spatial_merge_size
+        iv = int(hv * vc.mlp_ratio)
+        grid = (336 // p) ** 2   # one 336 x 336 image per sample
+        lin += [Linear("qkv", "vision", hv, 3 * hv, True, lv), Linear("proj", "vision", hv, hv, True, lv),
+                Linear("fc1", "vision", hv, iv, True, lv), Linear("fc2", "vision", iv, hv, True, lv),
+                Linear("0", "projector", hv * m * m, hv * m * m, True, 1),
+                Linear("2", "projector", hv * m * m, vc.hidden_size, True, 1)]
+        other.update(vision_embeddings=3 * vc.temporal_patch_size * p * p * hv, vision_norms=(4 * lv + 2) * hv)
+        vision = dict(hidden=hv, inter=iv, layers=lv, heads=vc.num_heads, tokens=grid, lm_tokens=grid // (m * m),
+                      names=QWEN2VL_NAMES)
+    elif vc is not None:
+        raise ValueError(f"VLM type {config.model_type!r} is not covered: use llava or qwen2_vl")
+    return Shape(h, inter, n, heads, kv, d, text.vocab_size, tied, tuple(lin), other, vision)
+
+
+def resolve_targets(shape: Shape, targets) -> set[str]:
+    """Module-name suffixes LoRA wraps: ``"all-linear"`` (peft: every linear but lm_head, vision tower
+    and projector of a VLM included), ``"attention"``, ``"mlp"`` or a comma-separated list."""
+    names = {l.name for l in shape.linears}
+    if targets == "all-linear":
+        return names
+    wanted = TARGET_PRESETS.get(targets) if isinstance(targets, str) else None
+    if wanted is None:
+        wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    bad = [t for t in wanted if t not in names]
+    if bad or not wanted:
+        raise ValueError(f"unknown LoRA target {(bad or [targets])[0]!r}: use all-linear, attention, mlp or names from "
+                         f"{', '.join(sorted(names))}")
+    return set(wanted)
+
+
+def quantized_bytes(numel: int, bits: int = 4, rows: int = 1, double_quant: bool = True) -> int:
+    """Bytes of one bitsandbytes weight of ``numel`` values (``rows`` = out_features for 8-bit).
+
+    4-bit NF4: half a byte per value plus one absmax per block of 64, stored as fp32 or, with double
+    quantisation, as 8-bit codes with one fp32 absmax per 256 of them (and a 16-value code table).
+    8-bit LLM.int8: one byte per value plus one fp32 scale per output row.
+        >>> quantized_bytes(4096 * 4096), quantized_bytes(4096 * 4096, double_quant=False)
+        (8651776, 9437696)
+        >>> quantized_bytes(4096 * 4096, bits=8, rows=4096)
+        16793600
+    """
+    if bits == 8:
+        return _r512(numel) + _r512(4 * rows)
+    blocks = math.ceil(numel / BLOCK_4BIT)
+    packed = _r512(numel / 2) + _r512(16 * 4)                     # codes + NF4 table
+    if not double_quant:
+        return packed + _r512(4 * blocks)
+    return packed + _r512(blocks) + _r512(4 * math.ceil(blocks / BLOCK_ABSMAX)) + _r512(4)   # + offset
+
+
+def _state_bytes(numel: int, param_bytes: int, optimizer: str) -> tuple[int, int]:
+    """AdamW state bytes of one tensor: (in PyTorch's allocator, paged outside it)."""
+    if optimizer == "adamw":                                       # exp_avg, exp_avg_sq in the param dtype
+        return 2 * _r512(numel * param_bytes), 0
+    if numel < MIN_8BIT:                                           # bnb keeps small tensors in fp32
+        return 2 * _r512(4 * numel), 0
+    states = 2 * _r512(numel)
+    extra = 2 * _r512(4 * math.ceil(numel / BLOCK_OPT8)) + _r512(4)
+    if optimizer == "paged_adamw_8bit" and numel >= MIN_PAGED:
+        return extra, states
+    return states + extra, 0
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak, split into named components (bytes), plus what lies outside PyTorch's count."""
+    components: dict                   # name -> bytes at the peak, in COMPONENTS order; sums to total
+    phases: dict                       # phase -> total bytes; the peak is the largest
+    peak_phase: str
+    outside: dict                      # name -> bytes not in max_memory_allocated
+    params: dict                       # parameter counts
+    inputs: dict = field(default_factory=dict)
+    detail: dict = field(default_factory=dict)   # intermediate terms in bytes, for tests and the notebook
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    def components_gib(self) -> dict:
+        return {k: v / GIB for k, v in self.components.items()}
+
+    def as_dict(self) -> dict:
+        return {"total_gib": round(self.total_gib, 4),
+                "components": {k: round(v, 4) for k, v in self.components_gib().items()},
+                "components_bytes": dict(self.components), "peak_phase": self.peak_phase,
+                "phases_gib": {k: round(v / GIB, 4) for k, v in self.phases.items()},
+                "not_in_total_gib": {k: round(v / GIB, 4) for k, v in self.outside.items()},
+                "params": dict(self.params), "inputs": dict(self.inputs), "verdict": verdict(self.total_gib)}
+
+    def table(self) -> str:
+        rows = [f"{k:<22}{v / GIB:>9.3f} GiB" for k, v in self.components.items()]
+        rows += ["-" * 35, f"{'total (peak allocated)':<22}{self.total_gib:>9.3f} GiB   at: {self.peak_phase}"]
+        rows += [f"{'+ ' + k:<22}{v / GIB:>9.3f} GiB   (not in total)" for k, v in self.outside.items()]
+        return "\n".join(rows + [verdict(self.total_gib)])
+
+    __str__ = table
+
+
+LM_NAMES = (("q_proj", "k_proj", "v_proj"), "o_proj", ("gate_proj", "up_proj"), "down_proj")
+CLIP_NAMES = (("q_proj", "k_proj", "v_proj"), "out_proj", ("fc1",), "fc2")
+QWEN2VL_NAMES = (("qkv",), "proj", ("fc1",), "fc2")
+
+
+def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8, names=LM_NAMES):
+    """Bytes one transformer block keeps for backward without checkpointing: ``(all, kept by bnb)``.
+
+    ``a``: bytes per activation value (2 = bf16; 4 when prepare_model_for_kbit_training upcast the
+    norms and embeddings, which makes the whole residual stream fp32). ``g_in``: whether the block's
+    input requires grad. ``lora``: set of wrapped module names. A LoRA module casts its input to
+    fp32 (its weights are fp32), so with ``a == 2`` every wrapped module keeps its own fp32 copy.
+    bitsandbytes' 8-bit matmul keeps its input on ``ctx`` rather than through autograd, so those
+    tensors survive gradient checkpointing: they are also returned separately.
+    """
+    saved, pinned = {}, set()
+
+    def readers(key, width, names, x_req):
+        for m in names:                               # LoRA A saves its (fp32) input, B saves A's output
+            if m in lora:
+                saved[key if a == 4 else f"{key}>{m}"] = 4 * N * width
+                saved[f"{m}.A"] = 4 * N * r
+        if full or (q8 and x_req):                    # full: for weight grads; 8-bit: bnb keeps its input
+            saved[key] = a * N * width
+            pinned.update([key] if q8 else [])
+
+    def norm(key, req):
+        if req:                                       # RMSNorm keeps an fp32 copy + 1/rms per token
+            saved[key + ".in"] = 4 * N * h
+            saved[key + ".rms"] = 4 * N
+            if full:
+                saved[key + ".cast"] = a * N * h
+        return req or full
+
+    qkv, o, mlp_in, mlp_out = names
+    x1 = norm("norm1", g_in)
+    readers("x1", h, qkv, x1)
+    att = x1 or full or bool(set(qkv) & lora)
+    if att and a == 4 and kv < q:                     # fp32 + grouped KV heads: only the math kernel runs;
+        saved.update(q=4 * N * q, k=4 * N * q, v=4 * N * q, probs=4 * B * heads * S * S)   # keeps S x S probs
+    elif att:                                         # flash / cuDNN / mem-efficient: q, k, v, out + logsumexp
+        saved.update(q=a * N * q, k=a * N * kv, v=a * N * kv, out=a * N * q, lse=4 * B * heads * S)
+    readers("out", q, (o,), att)
+    x2 = norm("norm2", g_in or att or o in lora)
+    readers("x2", h, mlp_in, x2)
+    g = x2 or full or bool(set(mlp_in) & lora)
+    if g and len(mlp_in) == 2:                        # silu(gate) * up keeps gate, silu(gate), up
+        saved.update(gate=a * N * inter, act=a * N * inter, up=a * N * inter)
+    elif g:                                           # gelu keeps its input; fc2 reads gelu's output
+        saved.update(fc1=a * N * inter)
+    readers("p", inter, (mlp_out,), g)
+    return sum(saved.values()), sum(saved[k] for k in pinned)
+
+
+def estimate(config, method: str, batch_size: int, seq_len: int, lora_r: int = 8, targets="all-linear",
+             grad_ckpt: bool = False, prepare_kbit: bool = False, optimizer: str = "adamw",
+             dtype: str = "bf16") -> MemoryEstimate:
+    """Predict peak ``torch.cuda.max_memory_allocated`` of steady-state training (see module doc)."""
+    for value, allowed, what in ((method, METHODS, "method"), (optimizer, OPTIMIZERS, "optimizer"),
+                                 (dtype, DTYPES, "dtype")):
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+    for value, what in ((batch_size, "batch size"), (seq_len, "sequence length")):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
+    if method != "full" and (not isinstance(lora_r, int) or lora_r < 1):
+        raise ValueError(f"LoRA rank must be a whole number >= 1, got {lora_r!r}: try 8, 16 or 64")
+    quant = {"qlora4": 4, "qlora8": 8}.get(method)
+    if prepare_kbit and not quant:
+        raise ValueError("prepare_kbit applies to quantized models only: use method qlora4 or qlora8, or drop it")
+    if isinstance(config, str):
+        from qlora_helpers.configs import get_config
+        config = get_config(config)
+    s = model_shape(config)
+    full = method == "full"
+    lora = set() if full else resolve_targets(s, targets)
+    r = 0 if full else lora_r
+    w = 2                                              # bf16 / fp16 weights
+    a = 4 if prepare_kbit else w                       # prepare_kbit upcasts norms + embeddings -> fp32 stream
+    B, S = batch_size, seq_len
+    vis = s.vision
+    S_lm = S + (vis["lm_tokens"] if vis else 0)        # one image per sample, its tokens join the text
+    N = B * S_lm
+
+    # ---- weights: quantized decoder linears, everything else in `dtype` (fp32 after prepare_kbit)
+    qbytes = unq = 0
+    for l in s.linears:
+        wn = l.fan_in * l.fan_out
+        if quant and l.part == "lm":
+            qbytes += l.count * quantized_bytes(wn, quant, rows=l.fan_out)
+        else:
+            unq += l.count * _r512(wn * (a if quant else w))
+        unq += l.count * _r512(l.fan_out * (a if quant else w)) if l.bias else 0
+    unq += sum(_r512(n * (a if quant else w)) for n in s.other.values())
+    lora_tensors = [(l.count, r * l.fan_in) for l in s.linears if l.name in lora]
+    lora_tensors += [(l.count, r * l.fan_out) for l in s.linears if l.name in lora]
+    lora_w = sum(c * _r512(4 * n) for c, n in lora_tensors)            # peft keeps LoRA weights in fp32
+
+    # ---- what the optimizer updates
+    if full:
+        trainable = [(l.count, l.fan_in * l.fan_out) for l in s.linears]
+        trainable += [(l.count, l.fan_out) for l in s.linears if l.bias] + [(1, n) for n in s.other.values()]
+        pbytes = w
+    else:
+        trainable, pbytes = lora_tensors, 4
+    grads = sum(c * _r512(n * pbytes) for c, n in trainable)
+    states = [(c, _state_bytes(n, pbytes, optimizer)) for c, n in trainable]
+    opt_dev, opt_paged = sum(c * d for c, (d, _) in states), sum(c * p for c, (_, p) in states)
+    opt_temp = 0                                       # foreach AdamW: sqrt(exp_avg_sq) as one temporary
+    if optimizer == "adamw":
+        opt_temp = sum(c * _r512(n * pbytes) for c, n in trainable)
+
+    # ---- activations saved for backward
+    blk = dict(full=full, lora=lora, a=a, q8=quant == 8)
+    qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    layer = lambda g_in: _block_saved(N, B, S_lm, s.hidden, qd, kvd, s.inter, s.heads, r, g_in=g_in, **blk)[0]
+    pinned = _block_saved(N, B, S_lm, s.hidden, qd, kvd, s.inter, s.heads, r, g_in=True, **blk)[1]
+    first_g = full or (prepare_kbit and grad_ckpt)     # peft's input-grad hook only with kbit + checkpointing
+    rope = 2 * S_lm * s.head_dim * a                   # cos / sin, shared by all layers
+    head = 4 * N * s.hidden + 4 * N + (2 * a * N * s.hidden if full else 0)   # final norm (+ lm_head input)
+    labels = 8 * N + (8 * N if full else 0)
+    vis_acts = 0
+    if vis and (full or lora & {l.name for l in s.linears if l.part != "lm"}):
+        Nv = B * vis["tokens"]
+        vis_acts = vis["layers"] * _block_saved(Nv, B, vis["tokens"], vis["hidden"], vis["hidden"], vis["hidden"],
+                                                vis["inter"], vis["heads"], r, full=full, lora=lora, a=a,
+                                                g_in=True, q8=False, names=vis["names"])[0]
+    if grad_ckpt:
+        acts = s.layers * (_r512(a * N * s.hidden) + pinned) + head + rope + vis_acts
+        recompute = layer(True)
+    else:
+        acts = layer(first_g) + (s.layers - 1) * layer(True) + head + rope + vis_acts
+        recompute = 0
+    V = s.vocab
+    lm_b = a if quant else w
+    logits_fwd = (lm_b * N * V if lm_b == 2 else 0) + 4 * N * V + 4 * N * V + labels
+    logits_bwd = 12 * N * V + labels                   # log-softmax out + its grad in + grad out, all fp32
+
+    # ---- temporaries: dequantised weights, per-layer backward buffers, workspaces
+    big = max(l.fan_in * l.fan_out for l in s.linears if l.part == "lm")
+    deq = 2 * big if quant else 0
+    layer_tmp = N * s.inter * (2 * a + (4 if "down_proj" in lora and a == 2 else 0)) + deq
+    head_grad = _r512(V * s.hidden * w) if full else 0
+    comp = lambda g, act, lg, tmp: dict(zip(COMPONENTS, (qbytes, unq, lora_w, g, opt_dev, act, lg,
+                                                         tmp + CUBLAS_WORKSPACE)))
+    phases = {
+        "forward (at the loss)": comp(0, acts, logits_fwd, deq),
+        "backward (at the loss)": comp(0, acts, logits_bwd, 0),
+        "backward (top layer)": comp(head_grad, acts + recompute, 0, layer_tmp),
+        "optimizer step": comp(grads, 0, 0, max(opt_temp, head_grad if full and s.tied else 0)),
+    }
+    totals = {k: sum(v.values()) for k, v in phases.items()}
+    peak = max(totals, key=totals.get)
+    n_quant = sum(l.count * l.fan_in * l.fan_out for l in s.linears if l.part == "lm") if quant else 0
+    n_all = sum(l.count * (l.fan_in * l.fan_out + (l.fan_out if l.bias else 0)) for l in s.linears)
+    n_all += sum(s.other.values())
+    params = {"total": n_all, "quantized": n_quant, "lora": sum(c * n for c, n in lora_tensors),
+              "trainable": sum(c * n for c, n in trainable)}
+    outside = {"CUDA context": int(CONTEXT_GIB * GIB)}
+    if opt_paged:
+        outside["paged optimizer states"] = opt_paged
+    inputs = dict(method=method, batch_size=B, seq_len=S, lm_tokens_per_sample=S_lm, lora_r=r,
+                  targets=sorted(lora), grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer,
+                  dtype=dtype)
+    detail = {"saved for backward": acts + 4 * N * V + labels, "one layer saved": layer(True),
+              "recomputed layer": recompute, "optimizer temporary": opt_temp, "dequantised weight": deq,
+              "layer backward temporary": layer_tmp, "tokens": N}
+    return MemoryEstimate(phases[peak], totals, peak, outside, params, inputs, detail)
+
+
+def _batch(config, batch_size: int, seq_len: int, device, dtype, generator):
+    """Random token ids (labels = input ids); for a VLM one random 336 x 336 image per sample."""
+    import torch
+
+    text = config.get_text_config()
+    vocab = text.vocab_size
+    kw = {}
+    if config.model_type == "llava":
+        n_img = model_shape(config).vision["lm_tokens"]
+        ids = torch.randint(0, config.image_token_index, (batch_size, seq_len + n_img), generator=generator)
+        ids[:, 1:1 + n_img] = config.image_token_index
+        size = config.vision_config.image_size
+        kw["pixel_values"] = torch.randn(batch_size, 3, size, size, generator=generator).to(device, dtype)
+    elif config.model_type == "qwen2_vl":
+        vc, n_img = config.vision_config, model_shape(config).vision["lm_tokens"]
+        grid = 336 // vc.patch_size
+        ids = torch.randint(0, 151_000, (batch_size, seq_len + n_img + 2), generator=generator)
+        ids[:, 1] = config.vision_start_token_id
+        ids[:, 2:2 + n_img] = config.image_token_id
+        ids[:, 2 + n_img] = config.vision_end_token_id
+        patch = 3 * vc.temporal_patch_size * vc.patch_size ** 2
+        kw["pixel_values"] = torch.randn(batch_size * grid * grid, patch, generator=generator).to(device, dtype)
+        kw["image_grid_thw"] = torch.tensor([[1, grid, grid]] * batch_size, device=device)
+        import inspect
+
+        from transformers import Qwen2VLForConditionalGeneration
+        if "mm_token_type_ids" in inspect.signature(Qwen2VLForConditionalGeneration.forward).parameters:
+            kw["mm_token_type_ids"] = (ids == config.image_token_id).int().to(device)   # transformers >= 5.2x
+    else:
+        ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
+    ids = ids.to(device)
+    return dict(input_ids=ids, labels=ids, **kw)
+
+
+def _make_optimizer(name: str, params, lr: float = 1e-4):
+    import torch
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    import bitsandbytes as bnb
+
+    return (bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit)(params, lr=lr)
+
+
+def measure(config, method: str, batch_size: int, seq_len: int, lora_r: int = 8, targets="all-linear",
+            grad_ckpt: bool = False, prepare_kbit: bool = False, optimizer: str = "adamw", dtype: str = "bf16",
+            steps: int = 3, device: str = "cuda", seed: int = 0) -> dict:
+    """Train ``steps`` steps on random weights at real shape and return the measured memory (GiB).
+
+    Step 1 is a warm-up (optimizer states appear during it); ``peak_allocated_gib`` is the largest
+    ``max_memory_allocated`` of the later steps, the quantity ``estimate`` predicts. Each step is
+    split into forward / backward / optimizer phases whose peaks are reported too, along with the
+    allocated memory after build, after the peft wrap and after each phase. Run it in a fresh
+    process, or after everything of an earlier run was freed (``checkpoints_gib["start"]`` shows
+    what was still allocated), so that no earlier allocation counts towards the peak.
+    """
+    import gc
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+        raise RuntimeError("measure() needs a CUDA GPU and torch sees none here: use estimate() on this machine")
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 (the first is a warm-up), got {steps}")
+    if isinstance(config, str):
+        from qlora_helpers.configs import get_config
+        config = get_config(config)
+    est = estimate(config, method, batch_size, seq_len, lora_r, targets, grad_ckpt, prepare_kbit, optimizer, dtype)
+    from qlora_helpers.models import build_random
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    quant = {"qlora4": "4bit", "qlora8": "8bit"}.get(method)
+    gc.collect()
+    torch.cuda.empty_cache()
+    gib = lambda b: round(b / GIB, 4)                  # absolute: the cuBLAS workspace counts, as in estimate()
+    out = {"inputs": est.inputs, "checkpoints_gib": {"start": gib(torch.cuda.memory_allocated(device))},
+           "steps": [], "oom": False}
+    mark = lambda key: out["checkpoints_gib"].__setitem__(key, gib(torch.cuda.memory_allocated(device)))
+    model = opt = None
+    t0 = time.perf_counter()
+    try:
+        model = build_random(config, quantize=quant, device=device, dtype=torch_dtype, seed=seed, progress=False)
+        mark("after build")
+        ckpt_kwargs = {"use_reentrant": False}
+        if prepare_kbit:
+            from peft import prepare_model_for_kbit_training
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt,
+                                                    gradient_checkpointing_kwargs=ckpt_kwargs)
+        elif grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        if method == "full":
+            model.requires_grad_(True)
+        else:
+            from peft import LoraConfig, get_peft_model
+            tm = "all-linear" if targets == "all-linear" else est.inputs["targets"]
+            model = get_peft_model(model, LoraConfig(r=lora_r, target_modules=tm, task_type="CAUSAL_LM"))
+        model.train()
+        mark("after wrap")
+        opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
+        gen = torch.Generator().manual_seed(seed)
+        batch = _batch(config, batch_size, seq_len, device, torch_dtype, gen)
+        mark("after batch")
+        out["setup_s"] = round(time.perf_counter() - t0, 1)
+
+        def phase(fn):
+            torch.cuda.reset_peak_memory_stats(device)
+            result = fn()
+            return result, gib(torch.cuda.max_memory_allocated(device)), torch.cuda.max_memory_reserved(device) / GIB
+
+        for _ in range(steps):
+            t = time.perf_counter()
+            rec = {}
+            loss, rec["forward"], r1 = phase(lambda: model(**batch).loss)
+            rec["after forward"] = gib(torch.cuda.memory_allocated(device))
+            _, rec["backward"], r2 = phase(loss.backward)
+            del loss
+            rec["after backward"] = gib(torch.cuda.memory_allocated(device))
+            _, rec["optimizer"], r3 = phase(opt.step)
+            opt.zero_grad(set_to_none=True)
+            rec["reserved"] = round(max(r1, r2, r3), 4)
+            rec["seconds"] = round(time.perf_counter() - t, 3)
+            out["steps"].append(rec)
+        steady = out["steps"][1:]
+        peaks = {k: max(s[k] for s in steady) for k in ("forward", "backward", "optimizer")}
+        out["phases_gib"] = peaks
+        out["peak_allocated_gib"] = max(peaks.values())
+        out["peak_phase"] = max(peaks, key=peaks.get)
+        out["peak_reserved_gib"] = max(s["reserved"] for s in steady)
+        out["first_step_peak_gib"] = max(out["steps"][0][k] for k in ("forward", "backward", "optimizer"))
+        free, total = torch.cuda.mem_get_info(device)
+        out["device_used_gib"] = round((total - free) / GIB, 4)   # + CUDA context + paged states
+        out["reserved_now_gib"] = round(torch.cuda.memory_reserved(device) / GIB, 4)
+    except torch.OutOfMemoryError as err:
+        out["oom"] = True
+        out["error"] = str(err).splitlines()[0][:300]
+    finally:
+        del model, opt
+        gc.collect()
+        torch.cuda.empty_cache()
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def configure_parser(parser) -> None:
+    """Arguments of ``python -m qlora_helpers estimate``."""
+    parser.add_argument("--model", required=True, metavar="CONFIG", help="preset name or path to a config.json")
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--batch-size", required=True, type=int, metavar="B")
+    parser.add_argument("--seq-len", required=True, type=int, metavar="S", help="text tokens per sample")
+    parser.add_argument("--lora-r", type=int, default=8, metavar="R")
+    parser.add_argument("--targets", default="all-linear", help="all-linear | attention | mlp | comma,separated,names")
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (use_reentrant=False)")
+    parser.add_argument("--prepare-kbit", action="store_true", help="peft's prepare_model_for_kbit_training")
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cli(args) -> int:
+    import json
+
+    from qlora_helpers.configs import get_config
+
+    est = estimate(get_config(args.model), args.method, args.batch_size, args.seq_len, args.lora_r, args.targets,
+                   args.grad_ckpt, args.prepare_kbit, args.optimizer, args.dtype)
+    if args.json:
+        print(json.dumps(est.as_dict()))
+    else:
+        print(f"{args.model}, {args.method}, {args.batch_size} x {args.seq_len} tokens (estimate)")
+        print(est.table())
+    return 0
