@@ -18,7 +18,6 @@ allocated (the quantity the estimator predicts).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -134,7 +133,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from qlora_helpers.device import device_info, versions
+    from qlora_helpers.bench import environment
     from qlora_helpers.results import atomic_write_json
 
     if not torch.cuda.is_available():
@@ -146,12 +145,10 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown configuration {unknown[0]!r}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
-    result = {"device": device_info(), "versions": versions(),
-              "command": " ".join([Path(sys.executable).name] + sys.argv),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "convention": "peak torch.cuda.max_memory_allocated over steps 2..N (step 1 is a warm-up); "
-                            "random weights at real shape; labels = input ids; SDPA; no autocast",
-              "rows": []}
+    figures = {"convention": "peak torch.cuda.max_memory_allocated over steps 2..N (step 1 is a warm-up); "
+                             "random weights at real shape; labels = input ids; SDPA; no autocast",
+               "rows": []}
+    result = {"benchmark": "memory_validation", **environment(), "figures": figures}
     groups: dict[str, list[str]] = {}
     for name in names:                                 # one worker per model shape, in the listed order
         groups.setdefault(CONFIGS[name][0], []).append(name)
@@ -167,16 +164,16 @@ def main(argv=None) -> int:
                 pending.remove(row["name"])
                 row["config"] = dict(zip(("model", "method", "batch_size", "seq_len"), CONFIGS[row["name"]][:4]),
                                      **CONFIGS[row["name"]][4])
-                result["rows"].append(row)
-                result["summary"] = summary(result["rows"])
+                figures["rows"].append(row)
+                figures["summary"] = summary(figures["rows"])
                 atomic_write_json(args.out, result)
                 m = row.get("measured", {})
                 got = f"{m['peak_allocated_gib']:7.2f}" if row["status"] == "ok" else f"{row['status']:>7}"
                 err = f"{row['error_pct']:+6.1f}%" if "error_pct" in row else row.get("error", "")[:70]
-                print(f"[{len(result['rows']):2d}/{len(names)}] {row['name']:<26} predicted "
+                print(f"[{len(figures['rows']):2d}/{len(names)}] {row['name']:<26} predicted "
                       f"{row.get('predicted_gib', float('nan')):7.2f} GiB  measured {got} GiB  {err}  "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    print(json.dumps(result["summary"]))
+    print(json.dumps(figures["summary"]))
     print(f"wrote {args.out}")
     return 0
 

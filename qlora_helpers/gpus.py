@@ -68,7 +68,7 @@ def verdict(total_gib, gpus=GPUS) -> str:
 
     Example:
         >>> verdict(30.0)
-        'needs ~33.5 GiB: smallest common card that fits is A100 40GB'
+        'needs ~36.8 GiB: smallest common card that fits is A100 40GB'
     """
     total = getattr(total_gib, "total_gib", total_gib)
     need = needed_gib(total)

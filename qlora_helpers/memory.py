@@ -145,8 +145,10 @@ def quantized_bytes(numel: int, bits: int = 4, rows: int = 1, double_quant: bool
     4-bit NF4: half a byte per value plus one absmax per block of 64, stored as fp32 or, with double
     quantisation, as 8-bit codes with one fp32 absmax per 256 of them (and a 16-value code table).
     8-bit LLM.int8: one byte per value plus one fp32 scale per output row.
-        >>> quantized_bytes(4096 * 4096), quantized_bytes(4096 * 4096, double_quant=False)
-        (8651776, 9437696)
+        >>> quantized_bytes(4096 * 4096)    # 8388608 codes + 262144 absmax + 4096 second level + 1024
+        8655872
+        >>> quantized_bytes(4096 * 4096, double_quant=False)    # 8388608 + 512 + 4 * 262144
+        9437696
         >>> quantized_bytes(4096 * 4096, bits=8, rows=4096)
         16793600
     """
@@ -335,9 +337,9 @@ def estimate(config, method: str, batch_size: int, seq_len: int, lora_r: int = 8
     vis_acts = 0
     if vis and (full or lora & {l.name for l in s.linears if l.part != "lm"}):
         Nv = B * vis["tokens"]
-        vis_acts = vis["layers"] * _block_saved(Nv, B, vis["tokens"], vis["hidden"], vis["hidden"], vis["hidden"],
-                                                vis["inter"], vis["heads"], r, full=full, lora=lora, a=a,
-                                                g_in=True, q8=False, names=vis["names"])[0]
+        vis_layer = _block_saved(Nv, B, vis["tokens"], vis["hidden"], vis["hidden"], vis["hidden"], vis["inter"],
+                                 vis["heads"], r, full=full, lora=lora, a=a, g_in=True, q8=False, names=vis["names"])[0]
+        vis_acts = vis["layers"] * (_r512(a * Nv * vis["hidden"]) if grad_ckpt else vis_layer)
     if grad_ckpt:
         acts = s.layers * (_r512(a * N * s.hidden) + pinned) + head + rope + vis_acts
         recompute = layer(True)
@@ -375,7 +377,7 @@ def estimate(config, method: str, batch_size: int, seq_len: int, lora_r: int = 8
     inputs = dict(method=method, batch_size=B, seq_len=S, lm_tokens_per_sample=S_lm, lora_r=r,
                   targets=sorted(lora), grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer,
                   dtype=dtype)
-    detail = {"saved for backward": acts + 4 * N * V + labels, "one layer saved": layer(True),
+    detail = {"saved for backward": acts + 4 * N * V + labels, "rope": rope, "one layer saved": layer(True),
               "recomputed layer": recompute, "optimizer temporary": opt_temp, "dequantised weight": deq,
               "layer backward temporary": layer_tmp, "tokens": N}
     return MemoryEstimate(phases[peak], totals, peak, outside, params, inputs, detail)
