@@ -1,0 +1,311 @@
+"""qlora_helpers.sft / train / chat on a tiny random Llama with SmolLM2's real tokenizer.
+
+Covers the four modes, the one-line errors for bad settings and bad data, atomic checkpoints
+and --resume after ``kill -9``, a reload in a fresh process with plain peft, and merging.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qlora_helpers import cli
+from qlora_helpers.sft import SFTConfig, from_dict, load_config_file, run_sft, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "data" / "configs"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP waits cost more."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer Llama (hidden 64) saved with SmolLM2's tokenizer, plus 48 train / 16 eval records."""
+    from transformers import AutoTokenizer
+
+    from qlora_helpers.assets import load_sft, smollm2_path
+    from qlora_helpers.models import build_tiny, tiny_llama
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny(tiny_llama(), seed=0).save_pretrained(root / "model")
+    AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(root / "model")
+    for split, n in (("train", 48), ("validation", 16)):
+        rows = load_sft(split, ("en",))[:n]
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def tiny_cfg(tiny, out, **kw):
+    base = dict(model_name_or_path=str(tiny / "model"), data_path=str(tiny / "train.jsonl"),
+                eval_data_path=str(tiny / "validation.jsonl"), output_dir=str(out), max_steps=4,
+                per_device_train_batch_size=4, max_length=64, save_steps=0, learning_rate=1e-3, device="cpu")
+    return SFTConfig(**{**base, **kw})
+
+
+def run_cli(args, capsys):
+    code = cli.main(["sft", *args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+# --------------------------------------------------------------------------- bad input: one clear line
+@pytest.mark.parametrize("args, expected", [
+    (["--use_qlora", "--quantization_bit", "3"], "quantization_bit must be 4 or 8, not 3"),
+    (["--use_lora", "--lora_r", "0"], "lora_r must be a positive integer"),
+    (["--use_lora", "--lora_r", "-4"], "lora_r must be a positive integer"),
+    (["--full_finetune", "--use_qlora"], "full_finetune and use_qlora contradict"),
+    (["--quantization_bit", "8"], "quantization_bit=8 needs use_qlora"),
+    (["--use_lora", "--lora_dropout", "1.5"], "lora_dropout must be in [0, 1)"),
+    (["--use_lora", "--optim", "paged_adamw_8bit", "--device", "cpu"], "needs CUDA"),
+    (["--use_lora", "--fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
+    (["--use_lora", "--bf16", "--fp16"], "bf16 and fp16 both set"),
+    (["--use_lora", "--resume", "--overwrite_output_dir"], "resume and overwrite_output_dir contradict"),
+])
+def test_bad_settings_stop_with_one_line(args, expected, capsys, tmp_path):
+    code, err = run_cli([*args, "--output_dir", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and expected in err and "\n" not in err
+    assert not (tmp_path / "out").exists(), "nothing may be written before the settings are checked"
+
+
+def test_bf16_on_a_gpu_without_it(monkeypatch):
+    from qlora_helpers import sft
+
+    monkeypatch.setattr(sft, "_cuda", lambda: (True, False, "Tesla T4"))
+    with pytest.raises(ValueError, match="bf16 requested but Tesla T4 has no bfloat16 support"):
+        validate(SFTConfig(use_lora=True, bf16=True))
+
+
+def test_config_file_errors(tmp_path, capsys):
+    bad_key = tmp_path / "typo.json"
+    bad_key.write_text(json.dumps({"use_lora": True, "lora_rank": 8}))
+    code, err = run_cli(["--config_file", str(bad_key)], capsys)
+    assert code == 2 and "unknown key 'lora_rank': did you mean 'lora_r'?" in err
+    bad_type = tmp_path / "type.json"
+    bad_type.write_text(json.dumps({"use_lora": True, "learning_rate": "2e-4"}))
+    code, err = run_cli(["--config_file", str(bad_type)], capsys)
+    assert code == 2 and "key 'learning_rate' must be float" in err
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"use_lora": true,\n "lora_r": }')
+    code, err = run_cli(["--config_file", str(broken)], capsys)
+    assert code == 2 and f"{broken}:2: not valid JSON" in err
+
+
+def test_bad_jsonl_names_file_line_and_field(tiny, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    good = (tiny / "train.jsonl").read_text().splitlines()[0]
+    data.write_text(good + "\n" + '{"messages": [{"role": "robot", "content": "hi"}]}\n')
+    code, err = run_cli(["--use_lora", "--model_name_or_path", str(tiny / "model"), "--data_path", str(data),
+                         "--output_dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"{data}:2: field 'messages[0].role' is 'robot'" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("name, mode", [("full", "full"), ("lora", "lora"), ("qlora-4bit", "qlora-4bit"),
+                                        ("qlora-8bit", "qlora-8bit")])
+def test_shipped_configs(name, mode):
+    cfg = validate(from_dict(load_config_file(CONFIGS / f"{name}.json")))
+    assert cfg.mode == mode
+
+
+def test_flags_override_the_config_file():
+    args = cli.build_parser("sft").parse_args(["sft", "--config_file", str(CONFIGS / "lora.json"), "--lora_r", "64",
+                                               "--lora_alpha", "16", "--use_lora", "false", "--use_qlora",
+                                               "--lora_target_modules", "null"])
+    from qlora_helpers.sft import config_from_args
+
+    cfg = config_from_args(args)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.mode, cfg.lora_target_modules) == (64, 16.0, "qlora-4bit", None)
+
+
+def test_target_modules_presets_and_discovery():
+    from qlora_helpers.models import build_tiny, tiny_llama
+    from qlora_helpers.modes import resolve_target_modules
+
+    model = build_tiny(tiny_llama())
+    assert resolve_target_modules(None, model) == sorted(["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"])
+    assert resolve_target_modules("attention", model) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert resolve_target_modules("q_proj, v_proj", model) == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="qkv not found in LlamaForCausalLM; its linear layers are"):
+        resolve_target_modules("qkv", model)
+
+
+# --------------------------------------------------------------------------- the four modes
+@pytest.mark.parametrize("kw, layer", [
+    (dict(full_finetune=True), "Linear"),
+    (dict(use_lora=True), "Linear"),
+    (dict(use_qlora=True, quantization_bit=4), "Linear4bit"),
+    (dict(use_qlora=True, quantization_bit=8), "Linear8bitLt"),
+])
+def test_each_mode_trains_and_saves(kw, layer, tiny, tmp_path):
+    cfg = tiny_cfg(tiny, tmp_path / "out", **kw)
+    result = run_sft(cfg, progress=False)
+    s = result.summary
+    assert s["mode"] == cfg.mode and s["steps"] == 4
+    q_proj = result.model.get_submodule("model.layers.0.self_attn.q_proj" if cfg.mode == "full"
+                                        else "base_model.model.model.layers.0.self_attn.q_proj.base_layer")
+    assert type(q_proj).__name__ == layer
+    files = set(os.listdir(cfg.output_dir))
+    assert {"tokenizer.json", "tokenizer_config.json", "sft_config.json", "sft_summary.json"} <= files
+    if cfg.mode == "full":
+        assert s["params"]["trainable"] == s["params"]["total"] and "model.safetensors" in files
+    else:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+        assert 0 < s["params"]["trainable_percent"] < 15
+        trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
+    ev = s["eval_loss"]
+    assert ev["before"] is not None and ev["after"] < ev["before"]  # lr 1e-3 on a random model: it must learn
+    assert s["peak_memory"]["peak_gib"] > 0 and "RSS" in s["peak_memory"]["measured"]
+    assert not [p for p in Path(cfg.output_dir).iterdir() if p.name.startswith(".tmp")]
+
+
+def test_output_dir_is_never_clobbered(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_text("precious")
+    common = ["--use_lora", "--model_name_or_path", str(tiny / "model"), "--data_path", str(tiny / "train.jsonl"),
+              "--output_dir", str(out), "--max_steps", "1"]
+    code, err = run_cli(common, capsys)
+    assert code == 2 and "already holds adapter_model.safetensors: pass --resume" in err
+    code, err = run_cli([*common, "--resume"], capsys)
+    assert code == 2 and "nothing to resume" in err
+    assert (out / "adapter_model.safetensors").read_text() == "precious"
+
+
+# --------------------------------------------------------------------------- kill -9 and --resume
+def _sft_command(tiny, out, *extra):
+    return [sys.executable, "-m", "qlora_helpers", "sft", "--use_lora", "--lora_dropout", "0.1",
+            "--model_name_or_path", str(tiny / "model"), "--data_path", str(tiny / "train.jsonl"),
+            "--output_dir", str(out), "--max_steps", "60", "--save_steps", "5", "--max_length", "48",
+            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--eval_before", "false",
+            "--device", "cpu", *extra]
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(Path(out) / "adapter_model.safetensors")
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny, tmp_path):
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_sft_command(tiny, straight), check=True, capture_output=True, env=env, timeout=300)
+
+    proc = subprocess.Popen(_sft_command(tiny, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= "step-000015":
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
+    assert not (killed / "sft_summary.json").exists()
+    # whatever instant the kill hit, `latest` names a complete checkpoint
+    ckpt = killed / "checkpoints" / latest.read_text().strip()
+    assert {"trainable.safetensors", "optimizer.pt", "state.json"} <= set(os.listdir(ckpt))
+    (killed / "checkpoints" / ".tmp-step-999999-x").mkdir()  # a half-written one, as a kill mid-save leaves
+
+    done = subprocess.run(_sft_command(tiny, killed, "--resume"), capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((killed / "sft_summary.json").read_text())
+    assert summary["resumed_from"] >= 15 and summary["steps"] == 60
+    assert not list((killed / "checkpoints").glob(".tmp-*"))
+    a, b = _adapter(straight), _adapter(killed)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-5, f"resumed adapter differs from the uninterrupted one by {worst}"
+    losses = lambda out: [r["loss"] for r in json.loads((out / "sft_summary.json").read_text())["history"]["train"]]
+    assert losses(straight) == pytest.approx(losses(killed), abs=1e-4)
+
+
+def test_resume_refuses_changed_settings(tiny, tmp_path):
+    cfg = tiny_cfg(tiny, tmp_path / "out", use_lora=True, max_steps=4, save_steps=2)
+    run_sft(cfg, progress=False)
+    cfg2 = tiny_cfg(tiny, tmp_path / "out", use_lora=True, max_steps=6, lora_r=16, resume=True)
+    with pytest.raises(ValueError, match="was written with lora_r=8, this run has lora_r=16"):
+        run_sft(cfg2, progress=False)
+
+
+# --------------------------------------------------------------------------- reload, chat, merge
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    runs = {}
+    for kw in (dict(use_lora=True), dict(use_qlora=True, quantization_bit=4)):
+        cfg = tiny_cfg(tiny, tmp_path_factory.mktemp("trained") / "out", max_steps=6, **kw)
+        runs[cfg.mode] = (cfg, run_sft(cfg, progress=False))
+    return runs
+
+
+RELOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from peft import PeftModel
+base_path, adapter, bits, out = sys.argv[1:]
+kw = {"dtype": torch.float32}
+if bits == "4":
+    kw.update(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32))
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, **kw), adapter).eval()
+tok = AutoTokenizer.from_pretrained(adapter)
+ids = tok.apply_chat_template([{"role": "user", "content": "What is AI?"}], add_generation_prompt=True,
+                              return_tensors="pt", return_dict=True)["input_ids"]
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, out)
+"""
+
+
+@pytest.mark.parametrize("mode, bits", [("lora", "0"), ("qlora-4bit", "4")])
+def test_fresh_process_reload_with_plain_peft_gives_the_same_logits(mode, bits, trained, tiny, tmp_path):
+    import torch
+
+    cfg, result = trained[mode]
+    out = tmp_path / "logits.pt"
+    subprocess.run([sys.executable, "-c", RELOAD, str(tiny / "model"), cfg.output_dir, bits, str(out)],
+                   check=True, capture_output=True, timeout=300)
+    ids = result.tokenizer.apply_chat_template([{"role": "user", "content": "What is AI?"}],
+                                               add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)["input_ids"]
+    with torch.no_grad():
+        here = result.model(input_ids=ids).logits.float()
+    there = torch.load(out).float()
+    assert torch.allclose(here, there, atol=1e-4), float((here - there).abs().max())
+
+
+def test_chat_and_merge(trained, tmp_path):
+    from qlora_helpers.chat import chat, load_for_inference, logit_difference, merge_adapter, prompt_logits
+
+    cfg, result = trained["lora"]
+    reply = chat(result.model, result.tokenizer, "Hello?", max_new_tokens=5)
+    assert isinstance(reply, str)
+    unmerged, tok = load_for_inference(cfg.output_dir)
+    merged = merge_adapter(cfg.output_dir, dtype="fp32", save_to=tmp_path / "merged")
+    assert type(merged).__name__ == "LlamaForCausalLM" and (tmp_path / "merged" / "model.safetensors").is_file()
+    assert logit_difference(prompt_logits(unmerged, tok), prompt_logits(merged, tok))["max_abs"] < 1e-3
+    with pytest.raises(ValueError, match="already holds files"):
+        merge_adapter(cfg.output_dir, dtype="fp32", save_to=tmp_path / "merged")
+
+    qcfg, _ = trained["qlora-4bit"]
+    q, tok = load_for_inference(qcfg.output_dir, load_in_4bit=True)
+    want = prompt_logits(q, tok)
+    onto_dequantized = logit_difference(want, prompt_logits(merge_adapter(qcfg.output_dir, base="dequantized",
+                                                                          dtype="fp32"), tok))
+    onto_original = logit_difference(want, prompt_logits(merge_adapter(qcfg.output_dir, dtype="fp32"), tok))
+    assert onto_dequantized["mean_abs"] < onto_original["mean_abs"]
