@@ -1,0 +1,120 @@
+"""Data-parallel QLoRA really synchronises gradients: 2 CPU processes (gloo) started with accelerate's
+notebook_launcher end with bit-identical LoRA weights, equal to one process trained on the same global
+batches. Each launch runs in a fresh interpreter, as in a notebook kernel that has not imported
+bitsandbytes (the launcher refuses to fork after that import)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora_helpers.ddp import global_batches, resolve_launch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LAUNCH = textwrap.dedent("""
+    import json, sys
+    from accelerate import notebook_launcher
+    from qlora_helpers import ddp
+    run = json.loads(sys.argv[1])
+    notebook_launcher(ddp.train_worker, (run,), num_processes=int(sys.argv[2]), use_port=ddp.free_port())
+    print("heavy modules in the launching process:", [m for m in ("bitsandbytes", "peft") if m in sys.modules])
+""")
+
+
+def launch(tmp: Path, data_dir: Path, processes: int, batch_size: int, accum: int) -> Path:
+    cfg = yaml.safe_load((ROOT / "data" / "configs" / "multi_gpu_cpu.yaml").read_text())
+    cfg["lora"]["dropout"] = 0.0                       # dropout masks would differ between the two runs
+    cfg["training"].update(batch_size=batch_size, gradient_accumulation_steps=accum, num_epochs=1)
+    run = dict(profile="cpu", model_id="tiny:llama", config=cfg, data_dir=str(data_dir), task="forward",
+               name=f"p{processes}", output_dir=str(tmp), retention_ratio=0.3, max_steps=3,
+               save_rank_states=True, eval_before=False, max_new_tokens=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", LAUNCH, json.dumps(run), str(processes)], capture_output=True,
+                          text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if processes > 1:
+        assert "heavy modules in the launching process: []" in done.stdout
+    return tmp / f"p{processes}_forward"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cached_assets):
+    from qlora_helpers.reversal import generate_data
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = generate_data(tmp / "data", num_identities=4, seed=0)
+    # the same global batch of 4 sequences: 2 ranks x 1 x 2 micro-steps, and 1 process x 2 x 2
+    return launch(tmp, data, 2, 1, 2), launch(tmp, data, 1, 2, 2)
+
+
+def test_global_batches_split_the_same_examples_however_many_ranks():
+    for epoch in range(3):
+        one = global_batches(14, epoch, 0, world=1, rank=0, batch_size=4, accum=1)
+        two = [global_batches(14, epoch, 0, world=2, rank=r, batch_size=1, accum=2) for r in range(2)]
+        assert len(one) == len(two[0]) == 3
+        for s, step in enumerate(one):
+            assert sorted(step[0]) == sorted(i for r in range(2) for mb in two[r][s] for i in mb)
+            assert set(two[0][s][0] + two[0][s][1]).isdisjoint(two[1][s][0] + two[1][s][1])
+    assert global_batches(3, 0, 0, world=2, rank=0, batch_size=2, accum=1) != []   # small sets are repeated
+
+
+def test_resolve_launch():
+    assert resolve_launch("auto", 0, gpus=2) == ("gpu", 2) and resolve_launch("auto", 0, gpus=0) == ("cpu", 2)
+    with pytest.raises(ValueError, match="only 2 GPU"):
+        resolve_launch("gpu", 4, gpus=2)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_launch("gpu", 0, gpus=0)
+
+
+def test_two_ranks_end_identical_and_equal_to_one_process(runs):
+    import torch
+    from safetensors.torch import load_file
+
+    two, one = runs
+    r0, r1 = (load_file(str(two / f"rank{r}_lora.safetensors")) for r in range(2))
+    single = load_file(str(one / "rank0_lora.safetensors"))
+    assert set(r0) == set(r1) == set(single) and len(r0) > 0
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks disagree: gradients were not synchronised"
+    moved = max(float(r0[k].abs().max()) for k in r0 if "lora_B" in k)
+    assert moved > 1e-4, "lora_B starts at zero: training must have moved it"
+    diff = max(float((r0[k] - single[k]).abs().max()) for k in r0)
+    assert diff < 1e-5, f"2 ranks and 1 process differ by {diff}"
+
+    info = json.loads((two / "run.json").read_text())
+    assert info["world_size"] == 2 and info["ranks_identical"] and info["steps"] == 3
+    assert info["precision"]["compute_dtype"] == "fp32" and info["quantize"] == "4bit"
+    losses = [[s["loss"] for s in json.loads((d / "training_history.json").read_text())["steps"]] for d in (two, one)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_outputs_are_peft_adapters_and_a_history(runs):
+    two, _ = runs
+    for name in ("best", "final"):
+        files = {p.name for p in (two / name).iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    history = json.loads((two / "training_history.json").read_text())
+    assert history["status"] == "done" and history["stop_reason"] == "max_steps"
+    assert history["global_batch"] == 4 and [s["step"] for s in history["steps"]] == [1, 2, 3]
+    assert not list(two.glob("*.tmp")) and not list(two.glob("*.old"))
+
+
+def test_precision_by_device():
+    from qlora_helpers.precision import check_quantize, choose
+
+    v100, h100 = choose((7, 0), bf16_supported=True), choose((9, 0), bf16_supported=True)
+    assert (v100.compute_dtype, v100.grad_scaling, v100.lora_dtype, v100.mixed_precision) == ("fp16", True, "fp32", "fp16")
+    assert (h100.compute_dtype, h100.grad_scaling) == ("bf16", False)
+    assert choose((9, 0), True, "fp16").grad_scaling            # the V100 path, run on a newer GPU
+    assert choose(None, True).compute_dtype == "fp32"
+    with pytest.raises(ValueError, match="needs compute capability 8.0"):
+        choose((7, 0), True, "bf16")
+    with pytest.raises(ValueError, match="8-bit weights need int8 tensor cores .* Tesla V100 has compute capability 7.0: use quantize='4bit'"):
+        check_quantize("8bit", (7, 0), "Tesla V100")
+    check_quantize("8bit", (7, 5))
+    check_quantize("4bit", (7, 0))
