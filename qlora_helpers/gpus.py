@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CONTEXT_GIB = 0.75  # CUDA context + kernels, outside max_memory_allocated (0.75 GiB seen on an H100, CUDA 13)
-SLACK = 0.20        # allocator fragmentation: reserved was 4-27 % above allocated in benchmarks/memory_validation
+SLACK = 0.20        # allocator slack: reserved was 2-26 % above peak allocated in benchmarks/memory_validation
 
 
 @dataclass(frozen=True)
