@@ -35,3 +35,14 @@ def test_chapter_00_ran_on_the_gpu():
     assert results["profile"] == "gpu" and results["device"]["type"] == "cuda"
     assert results["bitsandbytes"]["backend"] == "CUDA"
     assert {c["layer"] for c in results["bitsandbytes"]["checks"]} == {"Linear4bit", "Linear8bitLt"}
+
+
+def test_memory_estimate_within_ten_percent_of_every_measured_peak():
+    record = json.loads((ROOT / "benchmarks" / "results" / "memory_validation.json").read_text())
+    assert record["device"]["type"] == "cuda"
+    rows = [r for r in record["figures"]["rows"] if r.get("status", "ok") == "ok"]
+    assert len(rows) >= 16 and len(rows) == len(record["figures"]["rows"])
+    assert {r["config"]["method"] for r in rows} >= {"full", "lora", "qlora4", "qlora8"}
+    assert {r["config"]["model"] for r in rows} >= {"qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-32b"}
+    for row in rows:
+        assert abs(row["error_pct"]) <= 10, row

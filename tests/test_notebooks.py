@@ -22,6 +22,20 @@ def check_00_setup(r):
     assert r["qwen_vocab_size"] == 151_665 and r["qwen_hello_ids"] == [9707, 11, 1879, 0]
 
 
+def check_01_memory_math(r):
+    walk = r["walkthrough"]
+    assert walk["total_gib"] == pytest.approx(sum(walk["components"].values()), abs=0.01)
+    assert walk["params"]["total"] == 494_032_768 and walk["params"]["lora"] == walk["params"]["trainable"]
+    assert r["lora_dtypes"] == ["torch.float32"]  # peft creates LoRA weights in fp32
+    assert r["lora_params"]["peft"] == r["lora_params"]["formula"]
+    for row in r["autograd_check"]:  # saved-activation formula vs autograd's own count
+        assert abs(row["formula"] - row["autograd"]) <= 8, row
+    for grid in r["grid_gib"].values():
+        assert grid["qlora4"] < grid["lora"] < grid["full"]
+    assert r["benchmark"]["rows"] >= 16 and r["benchmark"]["within_10pct"] == r["benchmark"]["rows"]
+    assert r["claims"] and {c["verdict"] for c in r["claims"]} <= {"holds", "refuted", "depends"}
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
