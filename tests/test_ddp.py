@@ -33,7 +33,7 @@ def launch(tmp: Path, data_dir: Path, processes: int, batch_size: int, accum: in
     cfg["training"].update(batch_size=batch_size, gradient_accumulation_steps=accum, num_epochs=1)
     run = dict(profile="cpu", model_id="tiny:llama", config=cfg, data_dir=str(data_dir), task="forward",
                name=f"p{processes}", output_dir=str(tmp), retention_ratio=0.3, max_steps=3,
-               save_rank_states=True, eval_before=False, max_new_tokens=4)
+               save_rank_states=True, eval_before=False, eval_after=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", LAUNCH, json.dumps(run), str(processes)], capture_output=True,
                           text=True, env=env, timeout=240)
@@ -48,7 +48,7 @@ def runs(tmp_path_factory, cached_assets):
     from qlora_helpers.reversal import generate_data
 
     tmp = tmp_path_factory.mktemp("ddp")
-    data = generate_data(tmp / "data", num_identities=4, seed=0)
+    data = generate_data(tmp / "data", num_identities=3, seed=0, pool_size=20)
     # the same global batch of 4 sequences: 2 ranks x 1 x 2 micro-steps, and 1 process x 2 x 2
     return launch(tmp, data, 2, 1, 2), launch(tmp, data, 1, 2, 2)
 
