@@ -118,3 +118,48 @@ def test_precision_by_device():
         check_quantize("8bit", (7, 0), "Tesla V100")
     check_quantize("8bit", (7, 5))
     check_quantize("4bit", (7, 0))
+
+
+def test_qlora_gradients_on_cpu_are_exact(cached_assets):
+    """LoRA gradients through bitsandbytes' CPU 4-bit layers equal those through the same weights dequantised."""
+    import copy
+
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_helpers.precision import add_lora, load_model
+    from qlora_helpers.reversal import collate, encode, make_identities, task_records
+
+    q4, tok = load_model("tiny:llama", "4bit", torch.float32, "cpu")
+    config = copy.deepcopy(q4.config)
+    del config.quantization_config
+    ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        mods = dict(q4.named_modules())
+        for name, p in ref.named_parameters():
+            owner, leaf = name.rsplit(".", 1)
+            if isinstance(mods[owner], bnb.nn.Linear4bit) and leaf == "weight":
+                w = mods[owner].weight
+                p.copy_(bnb.functional.dequantize_4bit(w.data, w.quant_state).float())
+            else:
+                p.copy_(dict(q4.named_parameters())[name])
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    models = [add_lora(m, lora, False, seed=0) for m in (q4, ref)]
+    for m in models:   # lora_B starts at zero: give it values so that lora_A gets a gradient too
+        torch.manual_seed(1)
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.02)
+    recs = task_records(make_identities(2), "forward", "train")
+    batch = collate([encode(r["messages"], tok, 64) for r in recs], tok.pad_token_id)
+    grads = []
+    for m in models:
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 3 * 2
+    errors = {n: float((grads[0][n] - grads[1][n]).norm() / grads[1][n].norm()) for n in grads[0]}
+    assert max(errors.values()) < 1e-5, errors      # float32 rounding only
+    assert all(not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+               for m in q4.modules() if isinstance(m, bnb.nn.Linear4bit)), "weights were repacked to bf16"
