@@ -186,11 +186,11 @@ def validation_loss(model, examples: list[dict], pad_id: int, device, autocast, 
     return total / max(count, 1)
 
 
-def _accuracy(model, tokenizer, identities, device, rank, world, max_new_tokens) -> dict:
+def _accuracy(model, tokenizer, identities, device, rank, world, max_new_tokens, generate=True) -> dict:
     from qlora_helpers.reversal import accuracy, eval_items, evaluate_items
 
     items = eval_items(identities)[rank::world]
-    rows = evaluate_items(model, tokenizer, identities, items, device, max_new_tokens) if items else []
+    rows = evaluate_items(model, tokenizer, identities, items, device, max_new_tokens, generate) if items else []
     everyone = [r for part in gather_objects(rows) for r in part]
     order = lambda r: (r["direction"], r["wording"], r["identity"])
     return {**accuracy(everyone, len(identities)), "answers": sorted(everyone, key=order)}
@@ -278,8 +278,8 @@ def train_worker(run: dict) -> None:
               f"{len(train)} training / {len(val)} validation examples, global batch {world * bs * accum}, "
               f"{per_epoch} step(s) per epoch, model ready in {t_loaded - t_start:.0f} s", flush=True)
     t_eval = time.perf_counter()
-    before = _accuracy(core, tokenizer, identities, device, rank, world, run.get("max_new_tokens", 20)) \
-        if run.get("eval_before", True) else None
+    before = _accuracy(core, tokenizer, identities, device, rank, world, 0, generate=False) \
+        if run.get("eval_before", True) else None   # multiple choice only: nothing to generate before training
     step, skipped, stop_reason = 0, 0, None
     ddp.train()
     t_train = time.perf_counter()

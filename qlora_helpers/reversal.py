@@ -226,47 +226,48 @@ def eval_items(identities: list[dict]) -> list[dict]:
             for ident in identities]
 
 
-def evaluate_items(model, tokenizer, identities: list[dict], items: list[dict], device, max_new_tokens: int = 24,
-                   batch_size: int = 8) -> list[dict]:
-    """Score ``items`` (from ``eval_items``): greedy answer + multiple choice among every identity's answer."""
+def evaluate_items(model, tokenizer, identities: list[dict], items: list[dict], device, max_new_tokens: int = 20,
+                   generate: bool = True, batch_size: int = 32) -> list[dict]:
+    """Score ``items`` (from ``eval_items``): multiple choice among every identity's answer, and (with
+    ``generate``) whether the greedy answer contains the name / code. Sequences are batched: on a CPU each
+    forward pass dequantises every 4-bit weight once, so few large passes are much cheaper than many small."""
     import torch
 
     by_id = {i["id"]: i for i in identities}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = [_prompt_ids(tokenizer, question(it["direction"], by_id[it["identity"]], WORDINGS[it["wording"]]))
+               for it in items]
+    rows, owner = [], []
+    for k, (it, prompt) in enumerate(zip(items, prompts)):
+        for c in identities:
+            a_ids = tokenizer(answer(it["direction"], by_id[it["identity"]], c), add_special_tokens=False)["input_ids"]
+            rows.append({"input_ids": prompt + a_ids, "labels": [-100] * len(prompt) + a_ids})
+            owner.append(k)
     model.eval()
-    out = []
+    scores, texts = [], [None] * len(items)
     with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            prompts = [_prompt_ids(tokenizer, question(it["direction"], by_id[it["identity"]], WORDINGS[it["wording"]]))
-                       for it in chunk]
-            batch = collate([{"input_ids": p} for p in prompts], pad, left=True)
+        for start in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], pad).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            scores += (logp * (labels != -100)).sum(dim=1).tolist()
+        for start in range(0, len(items) if generate else 0, batch_size):
+            batch = collate([{"input_ids": p} for p in prompts[start:start + batch_size]], pad, left=True)
             gen = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            texts = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            for it, prompt, text in zip(chunk, prompts, texts):
-                ident = by_id[it["identity"]]
-                choices = [answer(it["direction"], ident, c) for c in identities]
-                scores = _answer_logprobs(model, tokenizer, prompt, choices, pad, device)
-                best = max(range(len(scores)), key=scores.__getitem__)
-                out.append({**it, "answer": text.strip(), "correct": target(it["direction"], ident).lower() in text.lower(),
-                            "choice": identities[best]["id"], "choice_correct": identities[best]["id"] == ident["id"]})
+            texts[start:start + batch_size] = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:],
+                                                                     skip_special_tokens=True)
+    out = []
+    n = len(identities)
+    for k, it in enumerate(items):
+        ident = by_id[it["identity"]]
+        best = max(range(n), key=lambda j: scores[k * n + j])
+        text = texts[k]
+        out.append({**it, "answer": text.strip() if text is not None else None,
+                    "correct": target(it["direction"], ident).lower() in text.lower() if text is not None else None,
+                    "choice": identities[best]["id"], "choice_correct": identities[best]["id"] == ident["id"]})
     return out
-
-
-def _answer_logprobs(model, tokenizer, prompt: list[int], choices: list[str], pad: int, device) -> list[float]:
-    """Sum of log-probabilities of each choice's tokens after the prompt."""
-    import torch
-
-    rows = []
-    for text in choices:
-        a_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        rows.append({"input_ids": prompt + a_ids, "labels": [-100] * len(prompt) + a_ids})
-    batch = {k: v.to(device) for k, v in collate(rows, pad).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    labels = batch["labels"][:, 1:]
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * (labels != -100)).sum(dim=1).tolist()
 
 
 def accuracy(rows: list[dict], n_identities: int) -> dict:
@@ -276,7 +277,8 @@ def accuracy(rows: list[dict], n_identities: int) -> dict:
         for w in WORDINGS:
             mine = [r for r in rows if r["direction"] == d and r.get("wording", "new") == w]
             if mine:
-                out.setdefault(d, {})[w] = {"generation": sum(r["correct"] for r in mine) / len(mine),
+                generated = None in {r["correct"] for r in mine}
+                out.setdefault(d, {})[w] = {"generation": None if generated else sum(r["correct"] for r in mine) / len(mine),
                                             "choice": sum(r["choice_correct"] for r in mine) / len(mine),
                                             "chance": 1 / n_identities, "n": len(mine)}
     return out
