@@ -6,7 +6,7 @@ model is ``random:qwen2.5-32b``: random weights at the real 32B shape, which mak
 the gradient exchange real and the accuracies meaningless. ``--precision fp16`` takes the V100 path
 (fp16 compute, loss scaling, fp32 LoRA weights) on any GPU.
 
-    python benchmarks/multi_gpu_notebook.py                                  # all visible GPUs (~4 min on 2 H200)
+    python benchmarks/multi_gpu_notebook.py                                  # all visible GPUs, V100 precision path
     python benchmarks/multi_gpu_notebook.py --run-dir $OUT/run --out $OUT/multi_gpu_notebook.json
 
 Writes the run folder (executed notebook, its results JSON, summary) and

@@ -8,7 +8,7 @@ with random weights at the real shape (``models.build_random``), and training >=
 ``--vision`` the language model gets a Qwen2-VL vision tower (675 M parameters, kept in fp16, frozen)
 and each sample one 336 x 336 image. Each variant runs in its own process, so no memory carries over.
 
-    python benchmarks/qlora_32b_v100.py                       # text, then text + vision tower (~4 min on an H100)
+    python benchmarks/qlora_32b_v100.py                       # text, then text + vision tower, 12 steps each
     python benchmarks/qlora_32b_v100.py --variants text --steps 12 --out /tmp/q.json
 
 Writes ``benchmarks/results/qlora_32b_v100.json``. Memory is the V100's story (the cap makes the
@@ -131,7 +131,7 @@ def measure(variant: str, steps: int, seq_len: int, cap_gib: float, r: int) -> d
         row["seconds_per_step"] = round(sorted(s["seconds"] for s in steady)[len(steady) // 2], 3)
         free, total_now = torch.cuda.mem_get_info()
         row["device_used_gib"] = round((total_now - free) / GIB, 3)   # + CUDA context, outside the cap
-        row["lora_grad_finite"] = all(torch.isfinite(p).all().item() for p in params)
+        row["lora_finite"] = all(torch.isfinite(p).all().item() for p in params)
     except torch.OutOfMemoryError as err:
         row["oom"] = True
         row["error"] = str(err).splitlines()[0][:300]
