@@ -55,8 +55,9 @@ MODELS = {
 }
 
 
+@lru_cache(maxsize=None)
 def model_config(key: str):
-    """The transformers config of a registry model (real shape, from its ``config.json``)."""
+    """The transformers config of a registry model (real shape, from its ``config.json``); shared, do not edit."""
     if key not in MODELS:
         raise ValueError(f"unknown model {key!r}: use one of {', '.join(MODELS)}")
     if key == "instructblip-7b":
@@ -244,15 +245,35 @@ def format_plan(est: VLMEstimate, cfg, spec: VLMSpec, note: str = "") -> str:
     return "\n".join(lines)
 
 
+def longest_text_that_fits(key: str, cfg, gpu_gb: float, step: int = 128, limit: int = 16384) -> int:
+    """The largest ``max_length`` (a multiple of ``step``, at most ``limit``) whose estimate ``fits`` the card.
+
+    Returns 0 when not even ``step`` text tokens fit.
+    """
+    from qlora_helpers.gpus import fits
+
+    lo, hi = 0, limit // step
+    while lo < hi:                                   # estimates grow with length: bisect
+        mid = (lo + hi + 1) // 2
+        if fits(estimate_vlm(key, cfg, max_length=mid * step).total_gib, gpu_gb) == "fits":
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * step
+
+
 def registry_table(preset: str = "ultra_low_memory", max_length: int | None = None) -> list[dict]:
-    """One row per registry model: the seed's claim, the estimate, its five parts and the verdicts."""
+    """One row per registry model: the seed's claim, the estimate, its five parts, the verdicts and the
+    longest text (tokens, besides the image) that fits an 8 and a 12 GB card."""
     from qlora_helpers.vlm_config import preset as get_preset
 
     cfg = get_preset(preset)
     rows = []
     for key, spec in MODELS.items():
         est = estimate_vlm(key, cfg, max_length=max_length)
-        rows.append({"model": spec.title, "key": key, "seed_gb": spec.seed_gb, **est.as_dict(), "note": spec.note})
+        longest = {f"{gb} GB": longest_text_that_fits(key, cfg, gb) for gb in (8, 12)}
+        rows.append({"model": spec.title, "key": key, "seed_gb": spec.seed_gb, **est.as_dict(),
+                     "longest_text_that_fits": longest, "note": spec.note})
     return rows
 
 
