@@ -162,9 +162,9 @@ def _loss_sum(model, batch, device, autocast):
     with autocast():
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     labels = batch["labels"][:, 1:].to(device)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
-                                             ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+    keep = labels != -100                              # only answer tokens count: skip the prompt's rows
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+    return loss, int(keep.sum())
 
 
 def validation_loss(model, examples: list[dict], pad_id: int, device, autocast, batch_size: int, rank: int,

@@ -248,10 +248,12 @@ def evaluate_items(model, tokenizer, identities: list[dict], items: list[dict], 
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], pad).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             labels = batch["labels"][:, 1:]
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            scores += (logp * (labels != -100)).sum(dim=1).tolist()
+            keep = labels != -100                      # log-softmax over the answer positions only
+            logp = torch.log_softmax(logits[keep].float(), dim=-1).gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1)
+            per_row = torch.zeros(len(labels), dtype=logp.dtype, device=logp.device)
+            scores += per_row.index_add_(0, keep.nonzero()[:, 0], logp).tolist()
         for start in range(0, len(items) if generate else 0, batch_size):
             batch = collate([{"input_ids": p} for p in prompts[start:start + batch_size]], pad, left=True)
             gen = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
