@@ -1,6 +1,8 @@
 """Every course notebook runs end to end under papermill with the test parameters, and its
 results file holds the values the chapter promises (values, not just "it ran")."""
 
+import math
+
 import pytest
 
 from qlora_helpers import runner
@@ -34,6 +36,28 @@ def check_01_memory_math(r):
         assert grid["qlora4"] < grid["lora"] < grid["full"]
     assert r["benchmark"]["rows"] >= 16 and r["benchmark"]["within_10pct"] == r["benchmark"]["rows"]
     assert r["claims"] and {c["verdict"] for c in r["claims"]} <= {"holds", "refuted", "depends"}
+
+
+def check_05_multi_gpu_32b(r):
+    assert r["profile"] == "cpu" and r["num_processes"] == r["world_size"] == 2
+    assert r["bitsandbytes_in_kernel_before_launch"] is False
+    assert r["precision"]["compute_dtype"] == "fp32" and r["precision"]["lora_dtype"] == "fp32"
+    assert r["ranks_identical"] and len(r["rank_digests"]) == 2 and len(set(r["rank_digests"])) == 1
+    assert r["steps"] == 2 and r["stop_reason"] == "max_steps" and len(r["epochs"]) == 1
+    e = r["epochs"][0]
+    assert math.isfinite(e["train_loss"]) and math.isfinite(e["val_loss"]) and e["lr"] > 0 and e["new_best"]
+    assert {"best", "final", "training_history.json", "run.json"} <= set(r["outputs"])
+    plan = r["memory_plan_v100"]
+    base = plan["components_gib"]["quantized weights"] + plan["components_gib"]["unquantized weights"]
+    assert 17 < base < 19 and base < plan["total_gib"] < 27.5 and plan["fits_32gb"] == "fits"
+    n = r["identities"]
+    assert r["retention_records"] == round(3 * n * 0.3 / 0.7) and r["train_records"] == 3 * n + r["retention_records"]
+    for when in ("accuracy_before", "accuracy"):
+        for d in ("forward", "reverse"):
+            for w in ("seen", "new"):
+                a = r[when][d][w]
+                assert a["n"] == n and a["chance"] == 1 / n and 0 <= a["choice"] <= 1
+                assert (a["generation"] is None) == (when == "accuracy_before")
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
