@@ -150,7 +150,7 @@ def build_model(cfg, device: str):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         return model
     if cfg.use_qlora:
-        model = load_base(cfg, device, quantization_bit=cfg.quantization_bit, dtype=compute_dtype(cfg))
+        model = load_base(cfg, device, quantization_bit=cfg.quantization_bit or 4, dtype=compute_dtype(cfg))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
     else:
@@ -173,7 +173,9 @@ def trainable_4bit_layers(model):
     gradients repacks its weight for a fused bf16 kernel that has *no backward*; a model
     evaluated before training would then train with wrong gradients (torch only warns). Inside
     this block packed weights are unpacked and the shortcut is disabled; on exit it is
-    restored, so generation afterwards is as fast as in a freshly loaded model.
+    restored, so generation afterwards is as fast as in a freshly loaded model. Merging an
+    adapter into 4-bit layers (``merge_and_unload``) after an inference pass needs the same
+    unpacking, or the merged weights are garbage.
     """
     try:
         import bitsandbytes as bnb

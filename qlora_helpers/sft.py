@@ -166,6 +166,8 @@ def validate(cfg: SFTConfig) -> SFTConfig:
                 "(bitsandbytes stores NF4/FP4 in 4 bits or LLM.int8 in 8)")
         if not cfg.use_qlora:
             bad(f"quantization_bit={cfg.quantization_bit} needs use_qlora: add --use_qlora or drop quantization_bit")
+    if cfg.use_qlora and cfg.quantization_bit is None:
+        cfg.quantization_bit = 4
     if cfg.use_lora or cfg.use_qlora:
         if not isinstance(cfg.lora_r, int) or isinstance(cfg.lora_r, bool) or cfg.lora_r <= 0:
             bad(f"lora_r must be a positive integer (8-64 is typical for models under 1B), not {cfg.lora_r!r}")
