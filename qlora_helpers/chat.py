@@ -124,7 +124,11 @@ def dequantize_model(model, dtype="bf16"):
     import torch
     from peft.utils.integrations import dequantize_bnb_weight
 
+    from qlora_helpers.modes import trainable_4bit_layers
+
     dtype = _dtype(dtype)
+    with trainable_4bit_layers(model):  # undo bitsandbytes' CPU inference packing, if a forward pass did it
+        pass
     for name, module in list(model.named_modules()):
         if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             continue
@@ -226,6 +230,7 @@ def main(argv=None) -> int:
                    help="QLoRA: merge onto the original bf16 weights or onto the dequantised ones it trained with")
     p.add_argument("--overwrite", action="store_true", help="let --merge_to replace a non-empty folder")
     p.add_argument("--logits_out", help="save the logits of the probe prompts (torch.save) for comparisons")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the base's weights")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     try:
@@ -234,7 +239,7 @@ def main(argv=None) -> int:
             print(f"merged into the {args.merge_base} base in bf16 and saved to {args.merge_to}")
             return 0
         model, tok = load_for_inference(args.lora_model, args.base_model, args.load_in_4bit, args.load_in_8bit,
-                                        device=args.device)
+                                        dtype=args.dtype, device=args.device)
         if args.logits_out:
             import torch
 
