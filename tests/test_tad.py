@@ -1,0 +1,291 @@
+"""Chapter 02 helpers: evaluation against hand-computed cases, adapters, freezing, configs, data, resume."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qlora_helpers.tad.evaluate import average_precision, mean_ap, nms_1d, random_detections, soft_nms_1d, tiou
+
+
+# --------------------------------------------------------------------------- evaluation (numpy only)
+def test_tiou_hand_computed():
+    assert np.allclose(tiou([0, 4], [[2, 6], [0, 4], [5, 7], [1, 2]]), [2 / 6, 1.0, 0.0, 0.25])
+
+
+def test_nms_keeps_the_best_of_overlapping_segments():
+    segs, scores = [[0, 10], [1, 10], [20, 30], [21, 31]], [0.9, 0.8, 0.7, 0.95]
+    keep = nms_1d(segs, scores, 0.5)
+    assert keep.tolist() == [3, 0]                     # [1,10] (tIoU 0.9 with [0,10]) and [20,30] (0.82) go
+    assert nms_1d(segs, scores, 0.95).tolist() == [3, 0, 1, 2]
+    assert nms_1d(segs, scores, 0.5, labels=[0, 1, 0, 1]).tolist() == [3, 0, 1, 2]  # other class: kept
+    assert nms_1d(segs, scores, 0.5, max_keep=1).tolist() == [3]
+
+
+def test_soft_nms_decays_instead_of_dropping():
+    keep, scores = soft_nms_1d([[0, 10], [0, 10], [20, 30]], [0.9, 0.8, 0.5], sigma=0.5)
+    assert keep.tolist() == [0, 2, 1]
+    assert math.isclose(scores[2], 0.8 * math.exp(-1 / 0.5))
+
+
+def _gt(*segments, label=0, video="v"):
+    return [{"video_id": video, "label_id": label, "segment": list(s)} for s in segments]
+
+
+def test_average_precision_hand_computed():
+    gt = _gt((0, 10), (20, 30))
+    det = [{"video_id": "v", "label_id": 0, "segment": [0, 10], "score": 0.9},     # TP
+           {"video_id": "v", "label_id": 0, "segment": [50, 60], "score": 0.8},    # FP
+           {"video_id": "v", "label_id": 0, "segment": [21, 30], "score": 0.7},    # TP at tIoU 0.9
+           {"video_id": "v", "label_id": 0, "segment": [0, 9], "score": 0.6}]      # duplicate: FP
+    # precision 1, 1/2, 2/3, 2/4 at recall 1/2, 1/2, 1, 1 -> envelope 1 up to 1/2, 2/3 up to 1
+    assert math.isclose(average_precision(det, gt, 0.5), 0.5 * 1 + 0.5 * 2 / 3)
+    assert math.isclose(average_precision(det, gt, 0.95), 0.5)          # [21,30] no longer matches
+    assert average_precision([], gt, 0.5) == 0.0
+    other_video = [dict(d, video_id="w") for d in det]
+    assert average_precision(other_video, gt, 0.5) == 0.0
+
+
+def test_mean_ap_averages_classes_with_ground_truth_and_thresholds():
+    gt = _gt((0, 10)) + _gt((20, 30), label=1)
+    det = [{"video_id": "v", "label_id": 0, "segment": [0, 10], "score": 0.9},
+           {"video_id": "v", "label_id": 1, "segment": [20, 25], "score": 0.9},   # tIoU 0.5 with its gt
+           {"video_id": "v", "label_id": 2, "segment": [0, 5], "score": 0.9}]     # class 2 has no gt: ignored
+    result = mean_ap(det, gt)
+    assert result["0.3"] == result["0.4"] == result["0.5"] == 1.0
+    assert result["0.6"] == result["0.7"] == 0.5
+    assert math.isclose(result["average"], (1 + 1 + 1 + 0.5 + 0.5) / 5)
+    assert result["per_class"] == {0: 1.0, 1: 0.6}      # class 1: AP 1, 1, 1, 0, 0
+
+
+def test_chance_detections_are_deterministic_and_poor():
+    gt = _gt((0, 2), (5, 7), video="a") + _gt((1, 3), video="b", label=1)
+    a = random_detections(gt, ["a", "b"], 16.0, 4, per_video=20, seed=3)
+    assert a == random_detections(gt, ["a", "b"], 16.0, 4, per_video=20, seed=3)
+    assert len(a) == 40 and mean_ap(a, gt)["average"] < 0.5
+
+
+def test_light_modules_import_without_torch():
+    code = ("import sys, qlora_helpers.tad, qlora_helpers.tad.data, qlora_helpers.tad.evaluate, qlora_helpers.tad.config\n"
+            "print([m for m in ('torch', 'bitsandbytes', 'transformers', 'peft') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- data
+def test_data_is_deterministic_thumos_shaped_and_split(cached_assets, tmp_path, monkeypatch):
+    from qlora_helpers.tad import data as tad_data
+
+    monkeypatch.setenv("QLORA_CACHE_DIR", str(cached_assets.cache_dir()))
+    spec = tad_data.VideoSpec(n_train=3, n_val=2, frames=64, max_len=24, seed=5)
+    first = tad_data.make_dataset(spec)
+    tad_data._CACHE.clear()
+    again = tad_data.make_dataset(spec)
+    assert first is not again
+    for split in ("train", "val"):
+        assert np.array_equal(first.videos[split], again.videos[split])
+    assert first.database == again.database
+    other = tad_data.make_dataset(tad_data.VideoSpec(n_train=3, n_val=2, frames=64, max_len=24, seed=6))
+    assert not np.array_equal(first.videos["train"], other.videos["train"])
+    entry = first.database["database"]["video_val_0000"]
+    assert entry["subset"] == "validation" and entry["duration"] == 64 / spec.fps
+    for a in entry["annotations"]:
+        s, e = a["segment(frames)"]
+        assert a["label"] == tad_data.CLASSES[a["label_id"]] and a["segment"] == [s / spec.fps, e / spec.fps]
+        assert spec.min_len <= e - s <= spec.max_len
+    assert first.annotation_path.is_file()
+    pools = tad_data.image_pools()
+    for kind in ("face", "nonface", "digit"):  # no face or digit image is in both splits
+        train = {a.tobytes() for a in pools["train"][kind]}
+        assert not train & {a.tobytes() for a in pools["val"][kind]}
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tad_data.make_dataset(tad_data.VideoSpec(frames=60))
+
+
+# --------------------------------------------------------------------------- model pieces
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster than two, and far faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_temporal_adapter_shapes_identity_and_conv_equivalence():
+    from qlora_helpers.tad.adapters import PlainAdapter, TemporalAdapter, _TemporalMixer
+
+    x = torch.randn(2 * 3, 8 * 4, 32)                 # 2 videos x 3 chunks, 8 steps x 2x2 patches, 32 dims
+    for adapter in (TemporalAdapter(32), PlainAdapter(32)):
+        assert torch.equal(adapter(x, 24, 2, 2), x)   # up_proj starts at zero
+    assert PlainAdapter(32).temporal is None and TemporalAdapter(32).temporal is not None
+    mixer = _TemporalMixer(8)
+    with torch.no_grad():
+        mixer.dwconv.bias.normal_()
+    y = torch.randn(6, 32, 8)
+    ref = y.reshape(2, 24, 2, 2, 8).permute(0, 2, 3, 4, 1).reshape(-1, 8, 24)
+    ref = mixer.conv(mixer.dwconv(ref)).reshape(2, 2, 2, 8, 24).permute(0, 4, 1, 2, 3).reshape(6, 32, 8)
+    assert torch.allclose(mixer(y, 24, 2, 2), ref, atol=1e-5)
+
+
+def test_tubelet_embedding_equals_conv3d():
+    from qlora_helpers.tad.vit import VideoViT
+
+    vit = VideoViT(img_size=32, patch_size=16, embed_dims=32, depth=1, num_heads=2)
+    clip = torch.randn(3, 1, 16, 32, 32)
+    assert torch.allclose(vit._embed(clip)[0], vit.patch_embed(clip).flatten(2).transpose(1, 2), atol=1e-5)
+    assert vit(torch.randn(2, 1, 48, 32, 32)).shape == (2, 32, 24)
+
+
+SMALL = {"embed_dims": 32, "depth": 2, "num_heads": 2, "patch_size": 16}
+
+
+def _model(strategy, **kw):
+    from qlora_helpers.tad.config import build_model, strategy_config
+
+    torch.manual_seed(0)
+    cfg = strategy_config(strategy, SMALL, lora_r=4, lora_alpha=8, head={"dims": 16}, **kw)
+    return cfg, build_model(cfg, num_classes=4)
+
+
+@pytest.mark.parametrize("strategy,bits", [("seed_qlora", 4), ("seed_qlora", 8), ("qlora_backbone", 4)])
+def test_quantized_weights_never_require_grad(strategy, bits):
+    from qlora_helpers.tad.adapters import is_quantized, parameter_report
+
+    cfg, model = _model(strategy, quantize_bits=bits)
+    quantized = [(n, p) for n, p in model.named_parameters() if is_quantized(p)]
+    assert quantized and all(p.dtype in (torch.uint8, torch.int8) for _, p in quantized)
+    assert not any(p.requires_grad for _, p in quantized)
+    assert parameter_report(model)["quantized_requiring_grad"] == 0
+    with pytest.raises(RuntimeError, match="floating point"):   # why seed 001 had to skip them
+        quantized[0][1].requires_grad_(True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    for name in trainable:
+        assert name.startswith("head.") or any(k in name for k in ("lora", "dwconv", "conv", "gamma", "adapter"))
+        assert not any(k in name for k in ("qkv", "fc1", "fc2", "patch_embed", "norm")) or name.startswith("head.")
+    if strategy == "seed_qlora":
+        assert not any(n.endswith(("down_proj.weight", "up_proj.weight")) for n in trainable)
+    video = torch.randn(2, 1, 32, 32, 32)
+    out = model.loss(video, [np.array([[4.0, 20.0]])] * 2, [np.array([1])] * 2)
+    out["loss"].backward()
+    assert all(p.grad is None for _, p in quantized)
+    assert all(model.get_parameter(n).grad is not None for n in trainable if "lora_a" not in n and "down" not in n)
+
+
+def test_seed_parameter_counts_at_videomae_s_shape():
+    """Seed 001's log: ViT 21,879,936, QLoRA adapters 1,185,420 (5.4 %); of those only 300,684 train."""
+    from qlora_helpers.tad.claims import check_claims, seed_shape_counts
+
+    counts = seed_shape_counts()
+    q = counts["seed_qlora"]
+    assert (q["vit_params"], q["adapter_params"], q["adapter_trainable"]) == (21_879_936, 1_185_420, 300_684)
+    assert q["adapter_ratio_pct"] == 5.42 and q["trainable_ratio_pct"] == 1.37
+    assert counts["adapter"]["adapter_params"] == counts["adapter"]["adapter_trainable"] == 1_006_860
+    verdicts = {r["claim"]: r["verdict"] for r in check_claims(counts)}
+    assert verdicts["QLoRA trains < 1 % of the parameters"].startswith("does not hold")
+    assert verdicts["ViT 21,879,936 params, QLoRA adapters 1,185,420, ratio 5.4 %"].startswith("holds")
+
+
+def test_trainable_parameter_report():
+    from qlora_helpers.tad.adapters import parameter_report
+
+    _, model = _model("seed_qlora")
+    r = parameter_report(model)
+    assert r["adapter_trainable"] < r["adapter_params"] and r["quantized_params"] > 0
+    assert r["trainable_params"] == r["adapter_trainable"] + r["head_params"]
+    assert math.isclose(r["adapter_ratio_pct"], round(100 * r["adapter_params"] / r["vit_params"], 3))
+    _, full = _model("full_ft")
+    f = parameter_report(full)
+    assert f["adapter_params"] == 0 and f["trainable_params"] == f["vit_params"] + f["head_params"]
+
+
+def test_paramwise_optimizer_groups():
+    from qlora_helpers.tad.config import ConfigError, param_groups
+
+    cfg, model = _model("seed_qlora")
+    groups = {g["name"]: g for g in param_groups(model, cfg["optimizer"])}
+    assert set(groups) == {"head", "adapter", "lora"}
+    assert groups["lora"]["lr"] == groups["adapter"]["lr"] == 2e-4 and groups["head"]["lr"] == 1e-4
+    assert groups["lora"]["weight_decay"] == groups["adapter"]["weight_decay"] == 0.05
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("lora" in names[id(p)] for p in groups["lora"]["params"])
+    assert {names[id(p)].split(".")[-2] for p in groups["adapter"]["params"]} >= {"dwconv", "conv"}
+    cfg_full, full = _model("full_ft")
+    assert {g["name"] for g in param_groups(full, cfg_full["optimizer"])} == {"head", "backbone"}
+    for p in model.backbone.blocks[0].attn.parameters():
+        p.requires_grad_(True)   # trainable, but the backbone group has lr 0
+    with pytest.raises(ConfigError, match="lr 0"):
+        param_groups(model, cfg["optimizer"])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("quantize_bits", 3, "quantize_bits=3: use 4"), ("lora_r", 0, "lora_r=0: must be a positive integer"),
+    ("lora_dropout", 1.5, "lora_dropout=1.5"), ("use_plain_adapter", "yes", "use_plain_adapter='yes'"),
+    ("lora_rank", 8, "did you mean 'lora_r'"), ("type", "ViTQLoRA", "use one of")])
+def test_bad_config_gives_one_clear_line(field, value, message):
+    from qlora_helpers.tad.config import ConfigError, strategy_config, validate
+
+    cfg = strategy_config("seed_qlora", SMALL, lora_r=4)
+    cfg["model"]["backbone"][field] = value
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_head_targets_and_losses():
+    from qlora_helpers.tad.head import TADHead, diou_loss_1d
+
+    head = TADHead(16, 3, dims=8)
+    cls_t, reg_t, pos = head.assign(16, torch.tensor([[4.0, 10.0]]), torch.tensor([2]))
+    centres, strides, _ = head.points(16)
+    assert pos.any() and (cls_t[pos, 2] == 1).all() and cls_t[~pos].sum() == 0
+    c, s = centres[pos], strides[pos]
+    assert torch.allclose(reg_t[pos] * s[:, None], torch.stack([c - 4, 10 - c], 1))
+    assert torch.allclose(diou_loss_1d(torch.tensor([[2.0, 3.0]]), torch.tensor([[2.0, 3.0]])), torch.zeros(1))
+    assert diou_loss_1d(torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 3.0]])).item() > 0
+
+
+def test_resume_continues_exactly(cached_assets, tmp_path, monkeypatch):
+    from qlora_helpers.tad.data import VideoSpec, make_dataset
+    from qlora_helpers.tad.train import train_detector
+
+    monkeypatch.setenv("QLORA_CACHE_DIR", str(cached_assets.cache_dir()))
+    data = make_dataset(VideoSpec(n_train=4, n_val=1, frames=32, min_len=6, max_len=14, seed=9), write_json=False)
+    cfg, straight = _model("seed_qlora")
+    train_detector(straight, cfg, data, steps=3, batch_size=2, progress=False)
+    ckpt = tmp_path / "ckpt.pt"
+    _, first = _model("seed_qlora")
+    train_detector(first, cfg, data, steps=2, batch_size=2, checkpoint=ckpt, progress=False)
+    _, resumed = _model("seed_qlora")
+    run = train_detector(resumed, cfg, data, steps=3, batch_size=2, checkpoint=ckpt, progress=False)
+    assert run["resumed_from"] == 2 and len(run["history"]) == 3
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), name
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]      # atomic: no temporary file left
+    other_cfg, other = _model("seed_qlora", lora_dropout=0.0)
+    with pytest.raises(ValueError, match="different config"):
+        train_detector(other, other_cfg, data, steps=3, batch_size=2, checkpoint=ckpt, progress=False)
+
+
+def test_memory_claims_verdicts_from_a_benchmark_file():
+    from qlora_helpers.tad.claims import check_claims
+
+    counts = {"seed_qlora": {"vit_params": 1, "adapter_params": 1, "adapter_trainable": 1, "adapter_ratio_pct": 5.4,
+                             "trainable_ratio_pct": 1.4, "quantized_params": 0},
+              "adapter": {"adapter_params": 2_500_000}}
+    row = lambda name, gib: {"name": name, "status": "ok", "peak_allocated_gib": gib, "peak_reserved_gib": gib + 1}
+    bench = {"figures": {"rows": [row("full_ft-cp", 20.0), row("adapter-cp", 12.0), row("seed_qlora4-cp", 7.0),
+                                  {"name": "seed_qlora8-cp", "status": "oom"}]}}
+    verdicts = {r["claim"]: r["verdict"] for r in check_claims(counts, bench)}
+    assert verdicts["original adapter: about 12 GB"].startswith("holds")
+    assert verdicts["QLoRA 4-bit: 6-8 GB"].startswith("holds")
+    assert verdicts["QLoRA 8-bit: 8-10 GB"] == "not measured"
+    assert verdicts["QLoRA needs 50-75 % less memory than the original adapter"] == "does not hold (41.67 %)"
+    assert verdicts["50-60 % less memory than full fine-tuning"] == "does not hold (65.00 %)"
+    assert verdicts["original AdaTAD adapters: about 2-3 M trainable params"] == "holds"
