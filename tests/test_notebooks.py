@@ -60,6 +60,29 @@ def check_05_multi_gpu_32b(r):
                 assert (a["generation"] is None) == (when == "accuracy_before")
 
 
+def check_02_tad_quantized_adapters(r):
+    assert r["profile"] == "cpu" and r["max_steps"] == 2 and r["pretrain"]["steps"] == 8
+    assert r["data"]["train_videos"] == 192 and r["data"]["val_videos"] == 64 and len(r["data"]["classes"]) == 4
+    assert 0.03 < r["chance_map"]["average"] < 0.06           # 0.0442 at seed 0
+    s = r["strategies"]
+    assert set(s) == {"full_ft", "adapter", "seed_qlora", "qlora_backbone", "adapter_random_backbone"}
+    for v in s.values():
+        assert v["steps"] == 2 and 0 <= v["map"]["average"] <= 1 and v["quantized_requiring_grad"] == 0
+        assert v["loss_last"] < v["loss_first"] and v["bytes"]["activations"] > v["bytes"]["weights"] > 0
+    assert s["full_ft"]["trainable_params"] == s["full_ft"]["vit_params"] + s["full_ft"]["head_params"]
+    assert s["adapter"]["quantized_params"] == 0 and s["adapter"]["adapter_trainable"] == s["adapter"]["adapter_params"]
+    assert 0 < s["seed_qlora"]["adapter_trainable"] < s["seed_qlora"]["adapter_params"]
+    assert s["seed_qlora"]["quantized_params"] > 0
+    assert s["qlora_backbone"]["quantized_params"] > s["qlora_backbone"]["vit_params"] // 2
+    assert s["qlora_backbone"]["bytes"]["weights"] < s["adapter"]["bytes"]["weights"]
+    q = r["seed_counts"]["seed_qlora"]
+    assert (q["vit_params"], q["adapter_params"], q["adapter_trainable"]) == (21_879_936, 1_185_420, 300_684)
+    assert r["seed_counts"]["adapter"]["adapter_params"] == 1_006_860
+    verdicts = {c["claim"]: c["verdict"] for c in r["claims"]}
+    assert verdicts["QLoRA trains < 1 % of the parameters"].startswith("does not hold")
+    assert len(r["claims"]) == (10 if r["gpu_benchmark"] else 4)
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
