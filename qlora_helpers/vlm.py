@@ -314,6 +314,31 @@ def knob_table(model: str = "llava-1.5-7b", preset: str = "ultra_low_memory") ->
     return rows
 
 
+# The seed's claims for LLaVA-1.5-7B: its QLoRA breakdown (GB) and, per method, model size and total (GB)
+SEED_BREAKDOWN = {"model": 3.4, "adapter": 0.2, "optimizer": 0.04, "gradients": 0.02, "activations": 0.5}
+SEED_METHODS = (("full", 13.5, 50.0), ("lora", 13.5, 35.0), ("qlora", 3.4, 7.0))
+
+
+def method_table(model: str = "llava-1.5-7b", preset: str = "ultra_low_memory") -> list[dict]:
+    """Full fine-tuning, LoRA and QLoRA of ``model``: the seed's totals beside two estimates, one with the
+    preset's memory knobs and one plain (no gradient checkpointing, torch AdamW)."""
+    from qlora_helpers.vlm_config import preset as get_preset
+
+    cfg = get_preset(preset)
+    plain = {"hardware": {"gradient_checkpointing": False}, "training": {"optimizer": "adamw"}}
+    rows = []
+    for method, seed_model, seed_total in SEED_METHODS:
+        changes = {} if method == "qlora" else {"method": method, "quantization": {"load_in_4bit": False}}
+        row = {"method": method, "seed_model_gb": seed_model, "seed_total_gb": seed_total}
+        for name, extra in (("with_knobs", {}), ("plain", plain)):
+            est = estimate_vlm(model, with_changes(cfg, {**changes, **extra}))
+            row[name] = {"total_gib": round(est.total_gib, 2), "model_gib": round(est.groups_gib()["model"], 2),
+                         "paged_gib": round(est.outside.get("paged optimizer states", 0) / GIB, 2),
+                         "verdicts": {f"{gb} GB": v for gb, v in est.verdicts.items()}}
+        rows.append(row)
+    return rows
+
+
 # The seed's GPU table: card, memory (GiB), bf16 support, its ratings for Qwen-VL and LLaVA-7B
 SEED_GPUS = (
     ("RTX 3060 12GB", 12, True, "perfect", "perfect"),

@@ -143,6 +143,17 @@ def test_knobs_move_memory_the_right_way():
     assert rows["224-px images instead of 336"] < 0
 
 
+def test_method_table_against_the_seed():
+    from qlora_helpers.vlm import method_table
+
+    rows = {r["method"]: r for r in method_table("llava-1.5-7b")}
+    assert rows["qlora"]["with_knobs"]["verdicts"]["8 GB"] == "fits"
+    assert rows["lora"]["with_knobs"]["verdicts"]["8 GB"] == "no" and rows["full"]["plain"]["verdicts"]["24 GB"] == "no"
+    assert rows["full"]["with_knobs"]["paged_gib"] > 10          # 8-bit states of 7 B weights live outside the count
+    for r in rows.values():
+        assert r["plain"]["total_gib"] > r["with_knobs"]["total_gib"]
+
+
 def test_gpu_table_of_the_seed():
     rows = {r["gpu"]: r for r in gpu_table()}
     assert rows["RTX 4060 8GB"]["llava-1.5-7b"] == "fits" and rows["RTX 3060 12GB"]["qwen2-vl-7b"] == "fits"
