@@ -5,7 +5,7 @@ One optimizer step::
     for each of grad_accum micro-batches (one image + question + answer each):
         loss = model(input_ids, pixel_values, labels).loss / grad_accum
         loss.backward()          # reaches the LoRA adapters and the projector only
-    optimizer.step(); zero_grad()
+    optimizer.step(); scheduler.step(); zero_grad()
 
 ``evaluate`` grades an answer by the model's next-token scores restricted to the valid answers
 (``Yes``/``No``, ``0``-``9``), no sampling, repeatable, and keeps the free greedy answer to show
@@ -54,8 +54,26 @@ def cpu_threads(device: str = "cpu") -> tuple[int, str]:
     return n, f"load average {load:.1f} on {cores} cores ({why}): torch runs on {n} thread{'s' * (n > 1)}"
 
 
+def linear_schedule(optimizer, steps: int, warmup: float = 0.1, final: float = 0.1):
+    """Learning rates rise over the first ``warmup`` share of ``steps``, then fall linearly to ``final`` x:
+    with a few dozen batch-1 steps, the last ones must not undo what the first learned.
+
+    Example: 10 steps, warmup 0.1, final 0.1 -> factors 1.0, 0.9, 0.8, ..., 0.2, 0.1.
+    """
+    import torch
+
+    warm = max(1, round(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(final, 1 - (1 - final) * (step - warm + 1) / max(1, steps - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train(model, optimizer, examples: list, tokenizer, n_img: int, steps: int, grad_accum: int,
-          progress: bool = True, start: int = 0) -> dict:
+          progress: bool = True, start: int = 0, scheduler=None) -> dict:
     """``steps`` optimizer steps over ``examples`` (cycled from index ``start``); the loss of each step."""
     import torch
     from tqdm.auto import tqdm
@@ -76,6 +94,8 @@ def train(model, optimizer, examples: list, tokenizer, n_img: int, steps: int, g
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
         history["loss"].append(total)
         history["seconds"].append(time.perf_counter() - t0)
         bar.set_postfix(loss=f"{total:.3f}")
