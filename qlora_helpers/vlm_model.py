@@ -40,7 +40,8 @@ def tower_features(tower, pixel_values):
 def pretrain_tower(examples: list, image_size: int = 24, patch_size: int = 8, epochs: int = 6,
                    batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> tuple:
     """Train a fresh CLIP tower to classify the training images (12 classes) through a linear head
-    on its mean patch feature. Returns ``(tower, info)``; the head is thrown away afterwards.
+    on its mean patch feature. Returns ``(tower, head, info)``, the tower frozen; the VLM never uses
+    the head, ``probe_accuracy`` does.
     """
     import numpy as np
     import torch
@@ -67,19 +68,19 @@ def pretrain_tower(examples: list, image_size: int = 24, patch_size: int = 8, ep
             sched.step()
             losses.append(loss.item())
     tower.eval().requires_grad_(False)
-    tower.probe = head.eval()   # kept only to report how well the tower alone separates the classes
-    return tower, {"steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+    head.eval().requires_grad_(False)
+    return tower, head, {"steps": steps, "seconds": round(time.perf_counter() - t0, 1),
                    "loss_first": round(losses[0], 3), "loss_last": round(losses[-1], 3)}
 
 
-def probe_accuracy(tower, examples: list) -> float:
-    """Accuracy of the tower's own pre-training head: an upper bound for what the VLM can learn to say."""
+def probe_accuracy(tower, head, examples: list) -> float:
+    """Accuracy of the tower's own pre-training head: about the most the VLM can learn to say."""
     import numpy as np
     import torch
 
     x = torch.from_numpy(np.stack([e.pixels for e in examples]))
     with torch.no_grad():
-        pred = tower.probe(tower_features(tower, x).mean(1)).argmax(-1)
+        pred = head(tower_features(tower, x).mean(1)).argmax(-1)
     return float((pred == torch.tensor([e.label for e in examples])).float().mean())
 
 
@@ -258,10 +259,10 @@ def prepare_for_training(vlm, cfg, lora_lr: float | None = None, projector_lr: f
 
 
 def trainable_summary(model) -> dict:
-    """Parameters that train, by part, and the total (4-bit weights counted at their logical size)."""
+    """Parameters that train, by part, and the frozen rest (a packed 4-bit weight counts its 2 values per byte)."""
     out = {"lora": 0, "projector": 0, "other_trainable": 0, "frozen": 0}
     for name, p in model.named_parameters():
-        n = p.numel() * (2 if p.dtype.itemsize == 1 and "language_model" in name and not p.requires_grad else 1)
+        n = p.numel() * (2 if getattr(p, "quant_state", None) is not None else 1)
         if not p.requires_grad:
             out["frozen"] += n
         elif "lora_" in name:

@@ -36,9 +36,10 @@ def model_device(model):
 def cpu_threads(device: str = "cpu") -> tuple[int, str]:
     """Threads for torch on this machine, and why.
 
-    On a CPU that other jobs keep busy (load average above the cores we may use), torch's OpenMP
-    threads keep waiting for each other, and the many small operations of a batch-1 training
-    step run several times slower than on one thread; then one thread it is.
+    When other jobs take cores away, torch's OpenMP threads keep waiting for each other and the many
+    small operations of a batch-1 step run 5-10 times slower than on one thread (seen on a shared
+    2-core machine). So: one thread on a machine of two cores or fewer, or on a busy one (load
+    average above the cores we may use); otherwise torch's default.
     """
     import os
 
@@ -48,9 +49,12 @@ def cpu_threads(device: str = "cpu") -> tuple[int, str]:
     if str(device) != "cpu":
         return torch.get_num_threads(), "GPU run: CPU threads left as they are"
     load = os.getloadavg()[0]
-    n = 1 if load > cores - 0.5 else cores
-    torch.set_num_threads(n)
-    why = "busy" if n == 1 else "idle enough"
+    if cores <= 2 or load > cores - 0.5:
+        torch.set_num_threads(1)
+        why = "two cores or fewer" if cores <= 2 else "busy"
+    else:
+        why = "idle enough"
+    n = torch.get_num_threads()
     return n, f"load average {load:.1f} on {cores} cores ({why}): torch runs on {n} thread{'s' * (n > 1)}"
 
 
