@@ -83,6 +83,61 @@ def check_02_tad_quantized_adapters(r):
     assert len(r["claims"]) == (10 if r["gpu_benchmark"] else 4)
 
 
+def check_03_qwen_sft(r):
+    assert r["profile"] == "cpu" and r["max_steps"] == 2
+    assert r["data"]["train"] > 1000 and r["data"]["validation"] > 0
+    modes = r["modes"]
+    assert set(modes) == {"full", "lora", "qlora-4bit", "qlora-8bit"}
+    assert modes["full"]["trainable_percent"] == 100.0
+    for name in ("lora", "qlora-4bit", "qlora-8bit"):
+        assert 0 < modes[name]["trainable_params"] < modes["full"]["trainable_params"] / 10
+    for m in modes.values():
+        assert math.isfinite(m["eval_loss_before"]) and math.isfinite(m["eval_loss_after"])
+        assert m["step_seconds"] > 0 and m["peak_memory_gib"] > 0
+    assert set(r["answers"]) >= {"questions", "base", "full", "lora", "qlora-4bit", "qlora-8bit"}
+    assert all(v == 0.0 for v in r["reload_logit_diff"].values())  # plain peft reload gives the same logits
+    merge = r["merge"]
+    assert merge["lora → fp32 base"]["max_abs_logit_diff"] < 1e-3 < merge["lora → bf16 base"]["max_abs_logit_diff"]
+    assert r["merge_logit_diff"] == merge["lora → bf16 base"]["max_abs_logit_diff"]
+
+
+def check_04_vlm_8gb(r):
+    assert r["profile"] == "cpu" and r["preset"]["name"] == "ultra_low_memory" and r["preset"]["budget_gb"] == 8
+    p = r["plan"]
+    assert p["model"] == "llava-1.5-7b" and p["lm_tokens"] == 512 + 576 and p["verdicts"]["8 GB"] == "fits"
+    assert set(p["groups_gib"]) == {"model", "adapter", "optimizer", "gradients", "activations"}
+    reg = r["registry"]
+    assert set(reg) == {"qwen2-vl-7b", "llava-1.5-7b", "instructblip-7b", "llava-1.5-13b"}
+    assert reg["llava-1.5-7b"]["verdicts"]["8 GB"] == "fits" and reg["qwen2-vl-7b"]["verdicts"]["8 GB"] == "no"
+    assert reg["llava-1.5-13b"]["verdicts"]["8 GB"] == "no" and reg["llava-1.5-13b"]["verdicts"]["12 GB"] == "fits"
+    assert {g["gpu"] for g in r["gpu_table"]} >= {"RTX 4060 8GB", "RTX 3060 12GB", "RTX 2060 Super 8GB"}
+    methods = {m["method"]: m for m in r["methods"]}
+    assert methods["qlora"]["with_knobs"]["verdicts"]["8 GB"] == "fits"
+    assert methods["lora"]["with_knobs"]["verdicts"]["8 GB"] == "no"
+    knobs = {k["knob"]: k["delta_gib"] for k in r["knobs_estimated"]}
+    assert knobs["no gradient checkpointing"] > 4 and knobs["16-bit base (LoRA, no 4-bit)"] > 8
+    assert knobs["224-px images instead of 336"] < 0 < knobs["no double quantisation"]
+    g = r["gpu_benchmark"]
+    assert g["present"], "benchmarks/results/vlm_8gb.json is committed: the notebook must find it"
+    for name in ("8gb-s512", "8gb-s1024"):
+        proof = g["proofs"][name]
+        assert proof["cap_gib"] == 7.5 and proof["status"] == "ok" and proof["steps_completed"] >= 10
+        assert proof["peak_reserved_gib"] <= 7.5 and abs(proof["estimate_gib"] / proof["peak_allocated_gib"] - 1) < 0.1
+    assert {k["knob"] for k in g["knobs_measured"]} >= {"no gradient checkpointing", "16-bit base (LoRA, no 4-bit)"}
+    t = r["training"]
+    assert t["steps"] == 2 and t["micro_batch"] == 1 and t["images_seen"] == 2 * t["grad_accum"]
+    assert t["quantized"]["linear_bytes_after"] * 4 == t["quantized"]["linear_bytes_before"]   # bf16 -> NF4
+    assert t["trainable"]["lora"] > 0 and t["trainable"]["projector"] > 0 and t["trainable"]["other_trainable"] == 0
+    assert "8-bit" in t["optimizer"] or t["optimizer"].startswith("fallback")
+    assert len(t["loss"]) == 2 and all(math.isfinite(x) for x in t["loss"])
+    assert t["tower"]["held_out_accuracy"] > 0.8 and t["held_out_images"] == 40
+    for acc in (t["accuracy_before"], t["accuracy_after"]):
+        assert set(acc) == {"face", "digit", "all"} and all(0 <= v <= 1 for v in acc.values())
+    assert t["accuracy_before"]["face"] <= 0.6 and t["accuracy_before"]["digit"] <= 0.3   # random projector
+    assert len(t["answers"]) == 4 and all({"expected", "before", "after"} <= set(a) for a in t["answers"])
+    assert all(c["ok"] for c in r["self_test"])
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
