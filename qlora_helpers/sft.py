@@ -100,6 +100,24 @@ class SFTConfig:
 
 KEYS = [f.name for f in fields(SFTConfig)]
 
+HELP = {
+    "model_name_or_path": "local folder or hub id (default: the cached SmolLM2-135M-Instruct)",
+    "data_path": "training JSONL, chat or instruction form (default: chatterbot train split)",
+    "eval_data_path": "validation JSONL (default: chatterbot validation when data_path is not given)",
+    "full_finetune": "train every weight (the default when no mode is given)",
+    "use_lora": "freeze the base, train LoRA adapters",
+    "use_qlora": "LoRA on a base quantised to quantization_bit bits",
+    "quantization_bit": "4 (NF4) or 8 (LLM.int8), with --use_qlora",
+    "lora_target_modules": "attention | mlp | all | null (every linear layer) | q_proj,v_proj,...",
+    "max_steps": "optimizer steps; > 0 overrides num_train_epochs",
+    "gradient_checkpointing": "recompute activations in backward: less memory, more time",
+    "optim": "adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit (paged: CUDA only)",
+    "bf16": "bf16 autocast (and bf16 frozen base for LoRA/QLoRA)",
+    "save_steps": "write a checkpoint every N steps (0: none)",
+    "resume": "continue from output_dir/checkpoints/latest",
+    "overwrite_output_dir": "allow a non-empty output_dir (its checkpoints are discarded)",
+}
+
 
 # --------------------------------------------------------------------------- building and checking a config
 def from_dict(values: dict, source: str = "config") -> SFTConfig:
@@ -231,16 +249,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     for f in fields(SFTConfig):
         value = getattr(defaults, f.name)
         flag = f"--{f.name}"
+        text = HELP.get(f.name, "")
         if isinstance(value, bool):
             parser.add_argument(flag, nargs="?", const=True, type=_bool, default=argparse.SUPPRESS,
-                                help=f"(default {str(value).lower()})")
+                                help=f"{text} (default {str(value).lower()})".strip())
         elif f.name == "quantization_bit":
-            parser.add_argument(flag, type=int, default=argparse.SUPPRESS, help="4 or 8, with --use_qlora")
+            parser.add_argument(flag, type=int, default=argparse.SUPPRESS, help=text)
         elif f.name == "lora_target_modules":
-            parser.add_argument(flag, type=_targets, default=argparse.SUPPRESS,
-                                help="attention | mlp | all | null (every linear layer) | q_proj,v_proj,...")
+            parser.add_argument(flag, type=_targets, default=argparse.SUPPRESS, help=f"{text} (default null)")
         else:
-            parser.add_argument(flag, type=type(value), default=argparse.SUPPRESS, help=f"(default {value!r})")
+            parser.add_argument(flag, type=type(value), default=argparse.SUPPRESS,
+                                help=text if "(default" in text else f"{text} (default {value!r})".strip())
 
 
 def config_from_args(args: argparse.Namespace) -> SFTConfig:
@@ -256,7 +275,7 @@ def config_from_args(args: argparse.Namespace) -> SFTConfig:
 def cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     summary = run_sft(cfg).summary
-    ev = summary["eval_loss"]
+    ev = {k: "n/a" if v is None else f"{v:.4f}" for k, v in summary["eval_loss"].items()}
     print(f"{cfg.mode}: {summary['steps']} steps, trainable {summary['params']['trainable']:,} "
           f"of {summary['params']['total']:,}; eval loss {ev['before']} -> {ev['after']}; "
           f"saved to {cfg.output_dir}")
@@ -349,7 +368,7 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     from qlora_helpers.measure import PeakMemory
     from qlora_helpers.models import count_parameters
     from qlora_helpers.modes import build_model, load_tokenizer, model_path, trainable_4bit_layers
-    from qlora_helpers.train import evaluate, train
+    from qlora_helpers.train import evaluate, tensor_bytes, train
 
     validate(cfg)
     device = resolve_device(cfg)
@@ -386,6 +405,9 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
         "steps": result["steps"], "resumed_from": result["resumed_from"],
         "step_seconds": result["step_seconds"], "tokens_per_second": result["tokens_per_second"],
         "load_seconds": round(load_seconds, 2), "peak_memory": mem.as_dict(),
+        # exact bytes of the tensors training keeps, whatever the allocator does
+        "tensor_memory_mib": {"weights": round(tensor_bytes(model) / 2**20, 1),
+                              **{k: round(v / 2**20, 1) for k, v in result["state_bytes"].items()}},
         "history": result["history"], "files": files,
         "torch_threads": torch.get_num_threads(),
     }

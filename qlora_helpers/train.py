@@ -58,6 +58,17 @@ def make_optimizer(model, cfg):
     return cls(groups, lr=cfg.learning_rate)
 
 
+def tensor_bytes(model) -> int:
+    """Bytes held by a model's parameters and buffers as stored (a 4-bit weight counts its packed bytes)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    for module in model.modules():  # 4-bit block scales live beside the weight, not in a parameter
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and hasattr(state, "absmax"):
+            total += state.absmax.numel() * state.absmax.element_size()
+    return total
+
+
 def total_steps(cfg, n_examples: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -300,7 +311,11 @@ def _train_loop(model, data, cfg, output_dir, pad_id, device, eval_data, resume,
         log({"step": steps, "eval_loss": final_eval})
     model.eval()
     timed = step_times[1:] or step_times  # the first step pays one-off warm-up costs
+    state_bytes = {"grads": sum(p.numel() * p.element_size() for p in trainable),
+                   "optimizer": sum(t.numel() * t.element_size() for st in optimizer.state.values()
+                                    for t in st.values() if torch.is_tensor(t))}
     return {"steps": steps, "resumed_from": start, "history": history, "eval_loss": final_eval,
+            "state_bytes": state_bytes,
             "step_seconds": sum(timed) / len(timed) if timed else None,
             "tokens_per_second": (sum(r["tokens"] for r in history["train"][-len(timed):]) / sum(timed))
             if timed else None}
