@@ -73,3 +73,12 @@ def test_no_import_time_work_in_the_package():
             + "print(','.join(heavy))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == ""
+
+
+def test_readme_course_time_is_the_measured_one():
+    """The README's course time is quoted from benchmarks/results/course_cpu.json, not typed by hand."""
+    measured = json.loads((ROOT / "benchmarks" / "results" / "course_cpu.json").read_text())
+    minutes = measured["figures"]["total_seconds"] / 60
+    match = re.search(r"Measured on a 2-core CPU: about (\d+) minutes", (ROOT / "README.md").read_text())
+    assert match and int(match.group(1)) == round(minutes)
+    assert set(measured["figures"]["notebooks"]) == {p.stem for p in NOTEBOOKS}, "re-run benchmarks/course_time.py"
