@@ -38,19 +38,11 @@ def video_tensor(frames: np.ndarray, device="cpu") -> torch.Tensor:
 
 def atomic_torch_save(obj, path: str | Path) -> Path:
     """``torch.save`` to a temporary file, then ``os.replace``: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from qlora_helpers.results import atomic_open
+
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
+    return Path(path)
 
 
 def _key(obj) -> str:
