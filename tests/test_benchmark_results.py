@@ -46,3 +46,42 @@ def test_memory_estimate_within_ten_percent_of_every_measured_peak():
     assert {r["config"]["model"] for r in rows} >= {"qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-32b"}
     for row in rows:
         assert abs(row["error_pct"]) <= 10, row
+
+
+def _record(name: str) -> dict:
+    record = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+    assert record["device"]["type"] == "cuda", f"{name}.json was not measured on a GPU"
+    return record
+
+
+def test_sft_modes_measured_all_four_modes_through_the_course_entry_point():
+    figures = _record("sft_modes")["figures"]
+    modes = figures["modes"]
+    assert set(modes) == {"full", "lora", "qlora-4bit", "qlora-8bit"} and not figures["failures"]
+    assert modes["full"]["trainable_percent"] == 100
+    lora_share = {modes[m]["trainable_percent"] for m in ("lora", "qlora-4bit", "qlora-8bit")}
+    assert len(lora_share) == 1 and 0 < lora_share.pop() < 20       # same adapters on the same shape
+    # full fine-tuning keeps fp32 weights, gradients and two AdamW moments: by far the largest
+    assert modes["full"]["peak_memory_gib"] > 2 * max(modes[m]["peak_memory_gib"] for m in ("lora", "qlora-4bit"))
+    for row in modes.values():
+        assert row["tokens_per_second"] > 0 and row["peak_reserved_gib"] >= row["peak_memory_gib"]
+        assert row["settings"]["bf16"] is True
+
+
+def test_tad_memory_has_every_strategy_with_checkpointing_on_and_off():
+    rows = _record("tad_memory")["figures"]["rows"]
+    by = {(r["strategy"], r["activation_checkpointing"]): r for r in rows}
+    assert len(rows) == 10 and len(by) == 10
+    for (strategy, ckpt), row in by.items():
+        if ckpt:   # activation checkpointing trades recomputation for memory, for every strategy
+            assert row["peak_allocated_gib"] < by[(strategy, False)]["peak_allocated_gib"]
+
+
+def test_qlora_32b_fits_a_v100_32gb_allocator_cap():
+    figures = _record("qlora_32b_v100")["figures"]
+    assert figures["cap_gib"] <= 31 and figures["fits_under_cap"]
+    for row in figures["rows"]:
+        assert not row["oom"] and row["lora_finite"] and len(row["steps"]) >= 10
+        assert row["peak_allocated_gib"] < row["cap_gib"]
+        assert row["precision"]["compute_dtype"] == "fp16" and row["precision"]["grad_scaling"]
+        assert row["steps"][-1]["loss"] < row["steps"][0]["loss"]
