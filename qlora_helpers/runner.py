@@ -9,8 +9,10 @@ named) into a run folder::
         summary.json, summary.md     one row per notebook: status, seconds, key figures
 
 ``-p name value`` sets a parameter in every notebook whose ``parameters`` cell declares it
-(values are read as YAML: ``2`` is an int, ``true`` a bool, ``cpu`` a string). A failing
-notebook is reported by name, cell and error, and the others still run.
+(values are read as YAML: ``2`` is an int, ``true`` a bool, ``cpu`` a string). From Python,
+``run_notebooks(..., notebook_parameters={"03_qwen_sft": {"model_id": path}})`` adds parameters
+for one notebook only, over the common ones (the tests give chapter 03 a tiny model this way).
+A failing notebook is reported by name, cell and error, and the others still run.
 """
 
 from __future__ import annotations
@@ -132,30 +134,46 @@ def summary_markdown(runs: list[NotebookRun]) -> str:
 
 def run_notebooks(names: list[str] | None = None, parameters: dict | None = None,
                   run_dir: str | Path | None = None, kernel: str = "python3",
-                  progress: bool = True) -> tuple[Path, list[NotebookRun]]:
-    """Execute notebooks in order into ``run_dir`` and write ``summary.json`` / ``summary.md`` there."""
+                  progress: bool = True, notebook_parameters: dict[str, dict] | None = None,
+                  ) -> tuple[Path, list[NotebookRun]]:
+    """Execute notebooks in order into ``run_dir`` and write ``summary.json`` / ``summary.md`` there.
+
+    ``parameters`` go to every notebook that declares them; ``notebook_parameters`` maps a notebook's
+    name (``03_qwen_sft``) to parameters for that notebook only, which win over ``parameters``.
+    """
     from tqdm.auto import tqdm
 
     from qlora_helpers.device import versions
 
     books = discover(names)
     parameters = dict(parameters or {})
-    unknown = set(parameters) - set().union(*(declared_parameters(b) for b in books))
+    notebook_parameters = {k: dict(v) for k, v in (notebook_parameters or {}).items()}
+    declared = {b.stem: declared_parameters(b) for b in books}
+    unknown = set(parameters) - set().union(*declared.values())
     if unknown:
         raise ValueError(f"no notebook declares parameter(s) {', '.join(sorted(unknown))}: "
                          f"check the parameters cell of the notebooks")
+    known = sorted({b.stem for b in discover()} | set(declared))
+    for stem, extra in notebook_parameters.items():
+        if stem not in known:
+            raise ValueError(f"notebook_parameters: no notebook {stem!r}: choose from {', '.join(known)}")
+        if stem in declared and (missing := set(extra) - set(declared[stem])):
+            raise ValueError(f"{stem} declares no parameter(s) {', '.join(sorted(missing))}: "
+                             f"check its parameters cell")
     run_dir = Path(run_dir or repo_root() / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     bar = tqdm(books, desc="notebooks", unit="nb", disable=not progress)
     for book in bar:
         bar.set_postfix_str(book.stem)
-        record = run_one(book, run_dir / book.stem, parameters, kernel=kernel, progress=progress)
+        params = {**parameters, **notebook_parameters.get(book.stem, {})}
+        record = run_one(book, run_dir / book.stem, params, kernel=kernel, progress=progress)
         runs.append(record)
         if record.status != "ok":
             tqdm.write(f"FAILED {book.name}: {record.error}\n       executed copy: {record.executed}")
     atomic_write_json(run_dir / "summary.json", {
         "created": datetime.now().isoformat(timespec="seconds"), "parameters": parameters,
+        "notebook_parameters": notebook_parameters,
         "versions": versions(), "notebooks": [asdict(r) for r in runs],
         "total_seconds": round(sum(r.seconds for r in runs), 1)})
     atomic_write_text(run_dir / "summary.md", summary_markdown(runs))

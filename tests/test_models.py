@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from qlora_helpers.configs import get_config, preset_names
-from qlora_helpers.models import build_random, build_tiny, count_parameters, tiny_llama, tiny_llava, tiny_qwen2
+from qlora_helpers.models import (build_random, build_tiny, count_parameters, tiny_llama, tiny_llava, tiny_qwen2,
+                                  write_tiny_model)
 
 
 @pytest.mark.parametrize("quantize,layer", [(None, "Linear"), ("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
@@ -61,3 +62,19 @@ def test_tiny_factories_run_a_training_step():
         x = torch.randint(0, 100, (2, 6))
         model(input_ids=x, labels=x).loss.backward()
         assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_write_tiny_model_is_a_from_pretrained_folder(cached_assets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = write_tiny_model(tmp_path / "tiny", family="llama")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no temp folder left behind
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert write_tiny_model(folder) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == len(tok) == 49_152
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], return_tensors="pt", return_dict=True)
+    assert "<|im_start|>user" in tok.decode(ids["input_ids"][0])
+    assert torch.isfinite(model(**ids, labels=ids["input_ids"]).loss)
+    with pytest.raises(ValueError, match="unknown tiny model family"):
+        write_tiny_model(tmp_path / "other", family="gpt2")

@@ -63,3 +63,16 @@ def test_discover_finds_the_course_in_order():
     assert books and [b.name for b in books] == sorted(b.name for b in books)
     assert books[0].name == "00_setup.ipynb"
     assert runner.discover(["00"]) == [books[0]]
+
+
+def test_notebook_parameters_reach_only_their_notebook(tmp_path):
+    a, b = (_notebook(tmp_path / f"{name}.ipynb", [
+        "from qlora_helpers.results import save_results",
+        f"save_results('{name}', {{'max_steps': max_steps, 'profile': profile}})"]) for name in ("07_a", "08_b"))
+    _, runs = runner.run_notebooks([str(a), str(b)], {"max_steps": 2, "profile": "cpu"}, tmp_path / "run",
+                                   progress=False, notebook_parameters={"08_b": {"max_steps": 5}})
+    assert [r.results for r in runs] == [{"max_steps": 2, "profile": "cpu"}, {"max_steps": 5, "profile": "cpu"}]
+    with pytest.raises(ValueError, match="08_b declares no parameter.*lr"):
+        runner.run_notebooks([str(b)], {}, tmp_path / "run", progress=False, notebook_parameters={"08_b": {"lr": 1}})
+    with pytest.raises(ValueError, match="no notebook '99_nothing'"):
+        runner.run_notebooks([str(b)], {}, tmp_path / "run", progress=False, notebook_parameters={"99_nothing": {}})
