@@ -119,11 +119,11 @@ def build(config, device, dtype, upcast: bool, ckpt: bool):
 
 def micro_batches(examples, indices, packed: bool, tokens: int, pad_id: int):
     from qlora_helpers.data import collate
-    from qlora_helpers.recipe import collate_packed, pack_lengths
+    from qlora_helpers.recipe import packed_micro_batches
 
     chosen = [examples[i] for i in indices]
     if packed:
-        return [collate_packed([chosen[j] for j in row]) for row in pack_lengths([len(e.input_ids) for e in chosen], tokens)]
+        return packed_micro_batches(chosen, tokens, pad_id=pad_id)
     if tokens:   # the "no packing" ablation: as many conversations as fit ``tokens`` positions once padded
         groups, cur = [], []
         for e in chosen:
@@ -173,8 +173,9 @@ def run_loop(row: str, spec: dict, config, data, device) -> dict:
     for indices in plan:
         batches = micro_batches(train, indices, spec["packed"], spec["tokens"], pad_id)
         n_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        seen = sum(len(train[i].input_ids) for i in indices)   # real tokens, whatever the layout
         t0 = time.perf_counter()
-        loss_sum, seen = 0.0, 0
+        loss_sum = 0.0
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
             n = int((b["labels"][:, 1:] != -100).sum())
@@ -182,7 +183,6 @@ def run_loop(row: str, spec: dict, config, data, device) -> dict:
                 loss = causal_lm_loss(model, b, impl=spec["loss"])
             (loss * (n / n_step)).backward()
             loss_sum += float(loss.detach()) * n / n_step
-            seen += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -317,7 +317,7 @@ def worker(args) -> None:
     flops = peak_flops(name)
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.startswith("cuda") else 0
     emit = lambda key, value: print("ROW " + json.dumps({"row": key, **value}), flush=True)
-    hf_peak = None
+    hf_peak = args.hf_peak or None
     rows = [r for r in ROWS if r in args.rows]
     if "hf" in rows:
         rows.remove("hf")
@@ -396,7 +396,9 @@ def main() -> None:
     p.add_argument("--step-tokens", type=int, default=16384, help="about this many tokens per optimizer step")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="")
+    p.add_argument("--merge", default="", help="an earlier throughput.json whose other shapes are kept")
     p.add_argument("--shape", default="", help=argparse.SUPPRESS)   # internal: the worker's shape
+    p.add_argument("--hf-peak", type=float, default=0.0, help=argparse.SUPPRESS)   # internal: (a)'s peak, merged
     args = p.parse_args()
     if args.shape:
         worker(args)
@@ -404,17 +406,26 @@ def main() -> None:
 
     import torch
 
-    from qlora_helpers.bench import write_benchmark
-
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("train_throughput.py measures a GPU: run it on a CUDA machine (or --shapes tiny --device cpu)")
-    shapes = {}
+    previous = json.loads(Path(args.merge).read_text())["figures"]["shapes"] if args.merge else {}
+    shapes = {k: v for k, v in previous.items() if k not in args.shapes}   # an earlier run's other shapes
     for shape in args.shapes:
+        # rows of an earlier run of this shape that this one does not redo are kept (same --steps and
+        # --step-tokens, or the conversations per step differ: checked below)
+        rows = {k: v for k, v in previous.get(shape, {}).get("rows", {}).items() if k not in args.rows}
+        if rows and (previous[shape].get("steps"), previous[shape].get("step_tokens")) != (args.steps, args.step_tokens):
+            sys.exit(f"--merge: {shape} was run with --steps {previous[shape].get('steps')} --step-tokens "
+                     f"{previous[shape].get('step_tokens')}: use the same to add rows to it")
+        hf_peak = rows.get("hf", {}).get("peak_allocated_gib")
         cmd = [sys.executable, __file__, "--shape", shape, "--device", args.device, "--steps", str(args.steps),
-               "--skip", str(args.skip), "--step-tokens", str(args.step_tokens), "--rows", *args.rows]
+               "--skip", str(args.skip), "--step-tokens", str(args.step_tokens), "--rows", *args.rows,
+               *(["--hf-peak", str(hf_peak)] if hf_peak else [])]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        rows, meta = {}, {}
+        meta = {k: v for k, v in previous.get(shape, {}).items() if k in ("n_params", "peak_flops", "device_name",
+                                                                            "steps", "step_tokens",
+                                                                            "conversations_per_step")}
         for line in proc.stdout:
             if line.startswith("ROW "):
                 row = json.loads(line[4:])
@@ -425,19 +436,33 @@ def main() -> None:
                     f"MFU {row.get('mfu') or 0:.3f}  loss {row['steps'][-1]['loss']}"), flush=True)
             elif line.startswith("META "):
                 meta = json.loads(line[5:])
+            else:
+                continue
+            shapes[shape] = shape_entry(shape, rows, meta, None, t0)
+            write_figures(shapes, args)                  # after every row: a cut run keeps what it has
         proc.wait()
-        entry = {"rows": rows, **meta, "worker_exit": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
-        if "hf" in rows and "recipe" in rows and "steps" in rows["recipe"] and "steps" in rows["hf"]:
-            entry["loss_parity"] = parity(rows["hf"], rows["recipe"])
-        entry["targets"] = verdicts(shape, rows)
-        shapes[shape] = entry
-        figures = {"shapes": shapes, "lora": LORA, "learning_rate": LR, "hf_micro_batch": HF_BATCH,
+        shapes[shape] = shape_entry(shape, rows, meta, proc.returncode, t0)
+        write_figures(shapes, args)
+
+
+def shape_entry(shape, rows, meta, exit_code, t0) -> dict:
+    entry = {"rows": rows, **meta, "worker_exit": exit_code, "seconds": round(time.perf_counter() - t0, 1)}
+    if "hf" in rows and "recipe" in rows and "steps" in rows["recipe"] and "steps" in rows["hf"]:
+        entry["loss_parity"] = parity(rows["hf"], rows["recipe"])
+    entry["targets"] = verdicts(shape, rows)
+    return entry
+
+
+def write_figures(shapes, args) -> None:
+    from qlora_helpers.bench import write_benchmark
+
+    figures = {"shapes": shapes, "lora": LORA, "learning_rate": LR, "hf_micro_batch": HF_BATCH,
                    "max_length": MAX_LENGTH, "mfu_basis": "tokens/s x 4N / peak dense bf16 FLOP/s; N = decoder "
                    "linears + output layer (2N forward, 2N input gradients; no weight gradients for the frozen "
                    "base; attention scores and recomputation not counted)",
                    "data": "chatterbot SFT train split, Qwen2.5 tokenizer and chat template, <= 512 tokens",
                    "weights": "random at the real shape, 4-bit NF4 with double quantisation, bf16 compute"}
-        write_benchmark("throughput", figures, args.out or None)   # after every shape: a cut run keeps what it has
+    write_benchmark("throughput", figures, args.out or None)
 
 
 if __name__ == "__main__":
