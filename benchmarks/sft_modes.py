@@ -9,6 +9,8 @@ tokenizer and its chat template, bf16, r=64 on every linear layer, batch 4 x up 
 The weights are random (no checkpoint can reach the GPU machine): a Qwen2.5-0.5B-shaped model is
 written once as a bf16 safetensors folder beside the tokenizer and loaded from there by every mode,
 so quantisation on load, ``prepare_model_for_kbit_training`` and peft all run as with real weights.
+QLoRA runs with ``kbit_upcast=True`` (peft's fp32 upcast, as the seed does); the course recipe's
+default, without it, is measured against it in ``benchmarks/train_throughput.py``.
 Memory and speed depend on the shape, not the values. Each mode runs in its own process, so no
 allocation of one mode counts towards another's peak.
 
@@ -63,7 +65,8 @@ def run_mode(mode: str, model_dir: Path, work: Path, args) -> dict:
     values = load_config_file(ROOT / "data" / "configs" / f"{mode}.json")
     values.update(model_name_or_path=str(model_dir), output_dir=str(work / mode), overwrite_output_dir=True,
                   max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-                  bf16=True, device="cuda", save_steps=0, eval_before=False, max_eval_samples=64, warmup_steps=1)
+                  bf16=True, device="cuda", save_steps=0, eval_before=False, max_eval_samples=64, warmup_steps=1,
+                  kbit_upcast=True)   # QLoRA as the seed's table was made: peft's prepare_model_for_kbit_training
     if mode != "full":
         values.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha)
     cfg = from_dict(values, mode)

@@ -148,6 +148,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    position_ids: list[int] | None = None   # packed blocks: positions restart at each conversation
 
     @property
     def n_trained(self) -> int:
@@ -209,19 +210,24 @@ def show_mask(example: Example, tokenizer) -> str:
 
 
 def pack(examples: list[Example], block_size: int) -> list[Example]:
-    """Concatenate examples end to end and cut the stream into blocks of ``block_size`` tokens.
+    """Put whole conversations end to end into blocks of at most ``block_size`` tokens, padding-free.
 
-    Fewer padding tokens, so more learning per step; the price is that a block may start in the
-    middle of a conversation and attention can see the previous one (no cross-example mask).
-    The last, partial block is kept.
+    Each block keeps where its conversations start (``position_ids`` restart at 0), so attention
+    stays inside each conversation (``collate`` passes the positions and no mask, and transformers
+    builds a block-diagonal causal mask); the first token of each conversation is never a target.
+    Fewer, fuller rows and no padding: more learning per step for the same compute.
     """
-    ids, labels = [], []
-    for ex in examples:
-        ids += ex.input_ids
-        labels += ex.labels
+    from qlora_helpers.recipe import IGNORE_INDEX as IGNORE, pack_lengths
+
     blocks = []
-    for start in range(0, len(ids), block_size):
-        block = Example(ids[start:start + block_size], labels[start:start + block_size])
+    for row in pack_lengths([len(e.input_ids) for e in examples], block_size):
+        ids, labels, pos = [], [], []
+        for i in row:
+            ex = examples[i]
+            ids += ex.input_ids
+            labels += [IGNORE] + list(ex.labels[1:])
+            pos += list(range(len(ex.input_ids)))
+        block = Example(ids, labels, position_ids=pos)
         if block.n_trained:
             blocks.append(block)
     return blocks
@@ -271,10 +277,26 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int
 
 
 def collate(examples: list[Example], pad_id: int) -> dict:
-    """Right-pad a list of examples into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+    """Right-pad a list of examples into ``input_ids``, ``attention_mask`` and ``labels`` tensors.
+
+    Packed blocks (``position_ids`` set) get ``position_ids`` instead of a mask; a shorter block is
+    filled up with one unlabelled run of ``pad_id`` whose positions restart at 0, a conversation of
+    its own that nothing attends to.
+    """
     import torch
 
     width = max(len(e.input_ids) for e in examples)
+    if any(e.position_ids is not None for e in examples):
+        pos = torch.zeros((len(examples), width), dtype=torch.long)
+        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, ex in enumerate(examples):
+            n = len(ex.input_ids)
+            ids[row, :n] = torch.tensor(ex.input_ids)
+            labels[row, :n] = torch.tensor(ex.labels)
+            pos[row, :n] = torch.tensor(ex.position_ids if ex.position_ids is not None else range(n))
+            pos[row, n:] = torch.arange(width - n)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

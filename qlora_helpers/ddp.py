@@ -155,16 +155,16 @@ def save_adapter(model, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _loss_sum(model, batch, device, autocast):
-    """Summed cross-entropy over the answer tokens of a batch, and how many there were."""
-    import torch
+def _loss_sum(loss_fn, batch, device, autocast):
+    """Summed cross-entropy over the answer tokens of a batch, and how many there were.
 
+    ``loss_fn`` is ``recipe.loss_module(peft_model)`` (or DDP around it): only the answer rows reach
+    the output layer, in chunks, so the ``[tokens, vocab]`` logits never exist.
+    """
+    n = int((batch["labels"][:, 1:] != -100).sum())
     with autocast():
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    labels = batch["labels"][:, 1:].to(device)
-    keep = labels != -100                              # only answer tokens count: skip the prompt's rows
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
-    return loss, int(keep.sum())
+        mean = loss_fn(**{k: v.to(device) for k, v in batch.items()})
+    return mean * n, n
 
 
 def validation_loss(model, examples: list[dict], pad_id: int, device, autocast, batch_size: int, rank: int,
@@ -205,6 +205,7 @@ def train_worker(run: dict) -> None:
 
     from qlora_helpers import precision as P
     from qlora_helpers.precision import add_lora, load_model
+    from qlora_helpers.recipe import loss_module
     from qlora_helpers.reversal import collate, encode, training_set
     from qlora_helpers.schedule import PlateauSchedule
 
@@ -245,14 +246,15 @@ def train_worker(run: dict) -> None:
     identities = json.loads((Path(run["data_dir"]) / "identities.json").read_text())
     pad = tokenizer.pad_token_id
 
+    loss_fn = loss_module(model)   # forward = the course recipe's loss (no full logits)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        ddp = DDP(model, device_ids=[local] if gpu else None)
+        frozen = [n for n, p in loss_fn.named_parameters() if not p.requires_grad] + [n for n, _ in loss_fn.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(loss_fn, frozen)
+        ddp = DDP(loss_fn, device_ids=[local] if gpu else None)
     else:
-        ddp = model
+        ddp = loss_fn
     core = model   # the peft model itself: for evaluation, saving and generation
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(tr["learning_rate"]), weight_decay=float(tr.get("weight_decay", 0.0)))
@@ -311,7 +313,7 @@ def train_worker(run: dict) -> None:
             loss_sum, tok_sum, step = loss_sum + total_loss * n_global, tok_sum + n_global, step + 1
             if max_steps and step >= max_steps:
                 break
-        val_loss = validation_loss(core, val, pad, device, autocast, bs * 2, rank, world)
+        val_loss = validation_loss(loss_fn, val, pad, device, autocast, bs * 2, rank, world)
         lr_used = schedule.lr_at(step - 1)
         d = schedule.end_epoch(val_loss)
         if max_steps and step >= max_steps and not d.stop:

@@ -12,8 +12,11 @@ qlora-8  frozen int8 (``Linear8bitLt``)          the same LoRA matrices
 
 Quantised models are loaded the way the rest of the ecosystem does it:
 ``AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(...),
-device_map={"": device})`` then ``peft.prepare_model_for_kbit_training``. On the CPU the
-``device_map`` is what makes bitsandbytes quantise the weights as they load.
+device_map={"": device})``. On the CPU the ``device_map`` is what makes bitsandbytes quantise the
+weights as they load. Then, by default, ``recipe.prepare_model`` freezes the base and leaves its
+embeddings, norms and lm_head in the compute dtype; ``kbit_upcast=True`` calls peft's
+``prepare_model_for_kbit_training`` instead, which upcasts them to fp32 (the seed guide's way; it
+costs memory and speed for nothing, see ``benchmarks/results/throughput.json``).
 """
 
 from __future__ import annotations
@@ -151,8 +154,13 @@ def build_model(cfg, device: str):
         return model
     if cfg.use_qlora:
         model = load_base(cfg, device, quantization_bit=cfg.quantization_bit or 4, dtype=compute_dtype(cfg))
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
+        if cfg.kbit_upcast:   # the seed's way: frozen embeddings, norms and lm_head upcast to fp32
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs=gc_kwargs)
+        else:                 # the course recipe: they stay in the compute dtype (qlora_helpers.recipe)
+            from qlora_helpers.recipe import prepare_model
+
+            model = prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing)
     else:
         model = load_base(cfg, device, dtype=compute_dtype(cfg))
         model.requires_grad_(False)

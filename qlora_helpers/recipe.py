@@ -110,6 +110,9 @@ def linear_cross_entropy(hidden, weight, labels, impl: str = "auto", chunk_size:
     global _FN
     if impl not in LOSS_IMPLS[:3]:
         raise ValueError(f"loss impl must be one of {', '.join(LOSS_IMPLS[:3])}, not {impl!r}")
+    device_type = hidden.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        weight = weight.to(torch.get_autocast_dtype(device_type))   # fp32 master weights, 16-bit matmul (autograd casts back)
     keep = labels != IGNORE_INDEX
     hidden, labels = hidden[keep], labels[keep]
     if labels.numel() == 0:
@@ -153,6 +156,24 @@ def causal_lm_loss(model, batch: dict, impl: str = "auto", chunk_size: int | Non
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
     return linear_cross_entropy(h, base.get_output_embeddings().weight, y, impl, chunk_size)
+
+
+def loss_module(model, impl: str = "auto"):
+    """``model`` wrapped in an ``nn.Module`` whose forward is ``causal_lm_loss``: give *this* to
+    ``DistributedDataParallel``, so the forward DDP sees is the one that runs (its gradient hooks
+    depend on it) while the logits are still never materialised. Parameters are shared, not copied.
+    """
+    import torch
+
+    class CausalLMLoss(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, **batch):
+            return causal_lm_loss(self.model, batch, impl=impl)
+
+    return CausalLMLoss(model)
 
 
 # --------------------------------------------------------------------------- padding-free packing

@@ -73,6 +73,7 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = False
+    kbit_upcast: bool = False          # QLoRA: peft's prepare_model_for_kbit_training (fp32 upcast) instead of the recipe
     bf16: bool = False
     fp16: bool = False
     seed: int = 42
@@ -111,6 +112,7 @@ HELP = {
     "lora_target_modules": "attention | mlp | all | null (every linear layer) | q_proj,v_proj,...",
     "max_steps": "optimizer steps; > 0 overrides num_train_epochs",
     "gradient_checkpointing": "recompute activations in backward: less memory, more time",
+    "kbit_upcast": "QLoRA: upcast frozen embeddings/norms/lm_head to fp32 (peft's prepare_model_for_kbit_training)",
     "optim": "adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit (paged: CUDA only)",
     "bf16": "bf16 autocast (and bf16 frozen base for LoRA/QLoRA)",
     "save_steps": "write a checkpoint every N steps (0: none)",

@@ -3,7 +3,7 @@
 What one optimizer step does::
 
     for each of gradient_accumulation_steps micro-batches:
-        loss = model(input_ids, attention_mask, labels).loss / gradient_accumulation_steps
+        loss = causal_lm_loss(model, batch) / gradient_accumulation_steps   # = model(**batch).loss
         loss.backward()                     # gradients reach only trainable parameters
     clip_grad_norm_(trainable, max_grad_norm); optimizer.step(); scheduler.step(); zero_grad()
 
@@ -89,6 +89,8 @@ def evaluate(model, data: SFTData, batch_size: int, pad_id: int, device: str, cf
     """Mean cross-entropy over every assistant token of ``data`` (token-weighted, not batch-weighted)."""
     import torch
 
+    from qlora_helpers.recipe import causal_lm_loss
+
     was_training = model.training
     model.eval()
     order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i].input_ids))
@@ -99,7 +101,7 @@ def evaluate(model, data: SFTData, batch_size: int, pad_id: int, device: str, cf
             batch = {k: v.to(device) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
             if n:
-                total += float(model(**batch).loss) * n
+                total += float(causal_lm_loss(model, batch)) * n
                 count += n
     model.train(was_training)
     return total / max(count, 1)
@@ -222,6 +224,8 @@ def train(model, data: SFTData, cfg, output_dir, pad_id: int, device: str, eval_
 def _train_loop(model, data, cfg, output_dir, pad_id, device, eval_data, resume, callbacks, progress,
                 fingerprint, initial_eval) -> dict:
     import torch
+
+    from qlora_helpers.recipe import causal_lm_loss
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -253,8 +257,10 @@ def _train_loop(model, data, cfg, output_dir, pad_id, device, eval_data, resume,
         if epoch not in orders:
             orders.clear()
             orders[epoch] = batch_order(len(data.examples), cfg.per_device_train_batch_size, cfg.seed, epoch)
-        batch = collate([data.examples[i] for i in orders[epoch][j]], pad_id)
-        return {k: v.to(device) for k, v in batch.items()}
+        examples = [data.examples[i] for i in orders[epoch][j]]
+        batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+        batch["_tokens"] = sum(len(ex.input_ids) for ex in examples)   # real tokens, padding not counted
+        return batch
 
     def log(record: dict) -> None:
         for cb in callbacks:
@@ -270,11 +276,11 @@ def _train_loop(model, data, cfg, output_dir, pad_id, device, eval_data, resume,
         loss_sum, tokens = 0.0, 0
         for micro in range(cfg.gradient_accumulation_steps):
             batch = micro_batch(step * cfg.gradient_accumulation_steps + micro)
+            tokens += batch.pop("_tokens")
             with autocast(cfg, device):
-                loss = model(**batch).loss / cfg.gradient_accumulation_steps
+                loss = causal_lm_loss(model, batch) / cfg.gradient_accumulation_steps
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
         if scaler:
             scaler.unscale_(optimizer)
         if cfg.max_grad_norm > 0:

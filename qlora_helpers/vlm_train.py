@@ -3,7 +3,7 @@
 One optimizer step::
 
     for each of grad_accum micro-batches (one image + question + answer each):
-        loss = model(input_ids, pixel_values, labels).loss / grad_accum
+        loss = causal_lm_loss(model, batch) / grad_accum      # recipe: model(**batch).loss without full logits
         loss.backward()          # reaches the LoRA adapters and the projector only
     optimizer.step(); scheduler.step(); zero_grad()
 
@@ -82,6 +82,8 @@ def train(model, optimizer, examples: list, tokenizer, n_img: int, steps: int, g
     import torch
     from tqdm.auto import tqdm
 
+    from qlora_helpers.recipe import causal_lm_loss
+
     model.train()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     history = {"loss": [], "seconds": []}
@@ -92,7 +94,7 @@ def train(model, optimizer, examples: list, tokenizer, n_img: int, steps: int, g
         for _ in range(grad_accum):
             batch = collate([examples[i % len(examples)]], tokenizer, n_img, device=model_device(model))
             i += 1
-            loss = model(**batch).loss / grad_accum
+            loss = causal_lm_loss(model, batch) / grad_accum   # = model(**batch).loss, without full logits
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -85,3 +85,25 @@ def test_qlora_32b_fits_a_v100_32gb_allocator_cap():
         assert row["peak_allocated_gib"] < row["cap_gib"]
         assert row["precision"]["compute_dtype"] == "fp16" and row["precision"]["grad_scaling"]
         assert row["steps"][-1]["loss"] < row["steps"][0]["loss"]
+
+
+def test_throughput_compares_hf_trl_and_the_recipe_on_both_shapes():
+    record = _record("throughput")
+    shapes = record["figures"]["shapes"]
+    assert set(shapes) == {"qwen2.5-0.5b", "qwen2.5-7b"}
+    for shape, entry in shapes.items():
+        rows = entry["rows"]
+        for name in ("hf", "trl", "recipe", "recipe-max", "recipe-max-liger"):
+            assert rows[name]["tokens_per_second"] > 0 and rows[name]["peak_allocated_gib"] > 0, (shape, name)
+        assert rows["hf"]["spec"]["upcast"] and not rows["recipe"]["spec"]["upcast"]
+        assert rows["recipe"]["spec"]["loss"] == "chunked" and rows["recipe"]["spec"]["packed"]
+        # the same optimizer steps over the same conversations: the recipe learns what (a) learns
+        assert len(rows["recipe"]["steps"]) == len(rows["hf"]["steps"]) == entry["steps"]
+        parity = entry["loss_parity"]
+        assert parity["max_rel_diff"] < 0.02 and parity["eval_rel_diff"] < 0.02
+        assert {"speedup_vs_hf", "memory_vs_hf"} <= set(entry["targets"])
+    assert shapes["qwen2.5-7b"]["rows"]["recipe-max"]["spec"]["tokens"] >= 4096   # the MFU figure's micro-batch
+    assert "mfu" in shapes["qwen2.5-7b"]["targets"]
+    ablations = {n for n in shapes["qwen2.5-0.5b"]["rows"] if n.startswith("recipe-max-")}
+    assert ablations == {"recipe-max-liger", "recipe-max-upcast", "recipe-max-hf-loss", "recipe-max-padded",
+                         "recipe-max-ckpt-flipped"}

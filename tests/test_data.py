@@ -126,14 +126,22 @@ def test_truncation_is_counted_and_empty_examples_dropped(smol):
         d.encode_all([long_prompt], smol, max_length=limit)
 
 
-def test_packing_keeps_every_trained_token(smol):
+def test_packing_keeps_every_trained_token_and_whole_conversations(smol):
     convs = [CHAT, MULTI] * 5
-    plain = d.encode_all(convs, smol, max_length=64)
-    packed = d.encode_all(convs, smol, max_length=64, packing=True)
+    plain = d.encode_all(convs, smol, max_length=160)
+    packed = d.encode_all(convs, smol, max_length=160, packing=True)
     assert packed.packed and len(packed.examples) < len(plain.examples)
-    assert all(len(e.input_ids) <= 64 for e in packed.examples)
+    assert all(len(e.input_ids) <= 160 for e in packed.examples)
     assert packed.stats["trained_tokens"] == plain.stats["trained_tokens"]
     assert packed.stats["tokens"] == plain.stats["tokens"]
+    # positions restart at each conversation, which starts exactly where a plain example does
+    lengths = [len(e.input_ids) for e in plain.examples]
+    starts = [i for e in packed.examples for i, p in enumerate(e.position_ids) if p == 0]
+    assert len(starts) == len(plain.examples)
+    first = packed.examples[0]
+    assert first.position_ids[:lengths[0] + 1] == list(range(lengths[0])) + [0]
+    batch = d.collate(packed.examples[:2], pad_id=0)
+    assert "attention_mask" not in batch and batch["position_ids"].shape == batch["input_ids"].shape
 
 
 def test_batch_order_is_a_seeded_permutation():

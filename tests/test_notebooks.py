@@ -108,6 +108,9 @@ def check_03_qwen_sft(r):
     merge = r["merge"]
     assert merge["lora → fp32 base"]["max_abs_logit_diff"] < 1e-3 < merge["lora → bf16 base"]["max_abs_logit_diff"]
     assert r["merge_logit_diff"] == merge["lora → bf16 base"]["max_abs_logit_diff"]
+    assert isinstance(r["qlora_lora_share_qwen05b_r64"]["all linear layers"], float)
+    targets = r["throughput_targets"]   # benchmarks/results/throughput.json is committed: the notebook reads it
+    assert set(targets) == {"qwen2.5-0.5b", "qwen2.5-7b"} and "mfu" in targets["qwen2.5-7b"]
 
 
 def check_04_vlm_8gb(r):

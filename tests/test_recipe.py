@@ -1,0 +1,127 @@
+"""qlora_helpers.recipe: the lean loss and packing compute exactly what the plain HF path computes."""
+
+import pytest
+import torch
+
+from qlora_helpers import recipe
+from qlora_helpers.data import Example, collate, pack
+from qlora_helpers.models import build_tiny, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_tiny(tiny_llama(vocab_size=300), seed=0)
+
+
+def _batch(vocab=300, rows=3, width=14, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, width), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0                                     # a shorter conversation, right-padded
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, :4] = -100                                # the prompt is not trained on
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_cross_entropy_matches_torch_in_value_and_gradients(chunk):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (37,), generator=g)
+    y[::4] = -100
+    ours = recipe.linear_cross_entropy(h, w, y, impl="chunked", chunk_size=chunk)
+    ours.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), y)
+    ref.backward()
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+    assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, w.grad, atol=1e-6)
+
+
+def test_loss_without_labels_is_zero_with_a_gradient_path():
+    h = torch.randn(4, 8, requires_grad=True)
+    loss = recipe.linear_cross_entropy(h, torch.randn(10, 8), torch.full((4,), -100))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.count_nonzero(h.grad) == 0
+
+
+def test_causal_lm_loss_equals_the_models_own_loss_and_gradients(tiny):
+    batch = _batch()
+    tiny.zero_grad()
+    ref = tiny(**batch).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in tiny.named_parameters()}
+    tiny.zero_grad()
+    ours = recipe.causal_lm_loss(tiny, batch)
+    ours.backward()
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    worst = max(float((ref_grads[n] - p.grad).abs().max()) for n, p in tiny.named_parameters())
+    assert worst < 1e-5                                   # tied embeddings / lm_head included
+    tiny.zero_grad()
+
+
+def test_packed_rows_give_the_same_loss_as_padded_rows(tiny):
+    batch = _batch()
+    examples = [Example(batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist(),
+                        batch["labels"][i][batch["attention_mask"][i] == 1].tolist()) for i in range(3)]
+    with torch.no_grad():
+        padded = recipe.causal_lm_loss(tiny, batch)
+        one_row = recipe.causal_lm_loss(tiny, recipe.collate_packed(examples))
+        rows = recipe.packed_micro_batches(examples[1:], tokens=28, row_tokens=23, pad_id=0) + \
+            recipe.packed_micro_batches(examples, tokens=42, row_tokens=14, pad_id=0)
+        assert [r["input_ids"].shape for r in rows] == [(1, 23), (3, 14)]
+        both = recipe.causal_lm_loss(tiny, rows[1])
+        blocks = pack(examples, block_size=28)
+        via_data = recipe.causal_lm_loss(tiny, collate(blocks, pad_id=0))
+    # attention stays inside each conversation: packing changes nothing but the layout
+    for value in (one_row, both, via_data):
+        assert float(value) == pytest.approx(float(padded), rel=1e-5)
+
+
+def test_collate_packed_never_trains_across_conversations():
+    a, b = Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5])
+    row = recipe.collate_packed([a, b], width=7, pad_id=0)
+    assert row["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0, 0]]
+    assert row["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, -100]]
+    assert row["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    assert "attention_mask" not in row
+
+
+def test_pack_lengths_keeps_order_and_refuses_what_cannot_fit():
+    assert recipe.pack_lengths([5, 3, 4, 2, 8], 8) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="more than max_tokens=4"):
+        recipe.pack_lengths([3, 5], 4)
+
+
+def test_plan_micro_batch_checkpoints_only_when_memory_needs_it():
+    from qlora_helpers.configs import get_config
+
+    cfg = get_config("qwen2.5-7b")
+    roomy = recipe.plan_micro_batch(cfg, 47, lora_r=64, candidates=(4096, 8192, 16384))
+    tight = recipe.plan_micro_batch(cfg, 9, lora_r=64)
+    assert roomy["tokens"] >= 4096 and not roomy["gradient_checkpointing"]
+    assert tight["gradient_checkpointing"] and tight["estimate_gib"] <= 9
+    with pytest.raises(ValueError, match="no micro-batch"):
+        recipe.plan_micro_batch(cfg, 4, lora_r=64)
+
+
+def test_liger_is_refused_on_the_cpu():
+    with pytest.raises(ValueError, match="CUDA kernel"):
+        recipe.linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), impl="liger")
+
+
+def test_qlora_mode_keeps_frozen_weights_in_the_compute_dtype(tmp_path):
+    """The course default skips peft's fp32 upcast; ``kbit_upcast=True`` restores it."""
+    from qlora_helpers.models import write_tiny_model
+    from qlora_helpers.modes import build_model
+    from qlora_helpers.sft import SFTConfig
+
+    folder = write_tiny_model(tmp_path / "tiny")
+    kept = build_model(SFTConfig(model_name_or_path=str(folder), use_qlora=True, bf16=True), "cpu")
+    upcast = build_model(SFTConfig(model_name_or_path=str(folder), use_qlora=True, bf16=True, kbit_upcast=True), "cpu")
+    emb = lambda m: m.get_base_model().get_input_embeddings().weight.dtype
+    assert emb(kept) == torch.bfloat16 and emb(upcast) == torch.float32
