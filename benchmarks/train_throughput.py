@@ -108,8 +108,8 @@ def build(config, device, dtype, upcast: bool, ckpt: bool):
 
     model = build_random(config, quantize="4bit", device=device, dtype=dtype, seed=0, progress=False)
     if device == "cpu":
-        from qlora_helpers.precision import keep_cpu_weights_exact
-        keep_cpu_weights_exact(model)
+        from qlora_helpers.quant import keep_cpu_training_layout
+        keep_cpu_training_layout(model)
     if upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
     else:

@@ -109,6 +109,7 @@ def load_model(model_id: str, quantize: str, dtype, device):
 
     from qlora_helpers import assets
     from qlora_helpers.models import bnb_config, build_random, tiny_llama, tiny_qwen2
+    from qlora_helpers.quant import keep_cpu_training_layout
 
     if model_id.startswith(("random:", "tiny:")):
         kind, name = model_id.split(":", 1)
@@ -130,24 +131,8 @@ def load_model(model_id: str, quantize: str, dtype, device):
         tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    keep_cpu_weights_exact(model)
+    keep_cpu_training_layout(model)   # the CPU run is the tests' exact reference
     return model, tokenizer
-
-
-def keep_cpu_weights_exact(model) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights to bf16 on AVX512-BF16 CPUs.
-
-    The first time a ``Linear4bit`` runs on such a CPU in eval mode it converts its weight, for good, to a
-    bf16 layout that is faster to multiply; every later step, training included, then computes with
-    bf16-rounded weights (about 0.3 % off the fp32 gradients). The CPU run is the exact reference of the
-    tests, so the conversion is switched off (evaluation is ~25 % slower). Returns the layers changed.
-    """
-    import bitsandbytes as bnb
-
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for m in layers:
-        m.support_avx512bf16_for_cpu = False
-    return len(layers)
 
 
 def add_lora(model, lora: dict, gradient_checkpointing: bool, seed: int):

@@ -24,6 +24,25 @@ def backend() -> dict:
             "library": lib.rsplit("/", 1)[-1]}
 
 
+def keep_cpu_training_layout(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns the layers touched.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit`` converts its weight, in place and for
+    good, to a bf16 layout for a fast no-gradient kernel the first time it runs in eval mode without
+    gradients. A model evaluated before training (every chapter does: loss before, train, loss after)
+    would then train on bf16-rounded or misread weights: gradients ~0.3 % off, or a loss stuck near its
+    start. Switching the shortcut off keeps the one layout training uses (evaluation is a little slower).
+    ``modes.trainable_4bit_layers`` is the context-manager form that also undoes a conversion already made.
+    Works on a whole model or on one layer; layers of other kinds are left alone.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
 def _quantized(bits: int, reference, device: str):
     import bitsandbytes as bnb
     import torch

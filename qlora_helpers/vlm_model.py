@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import time
 
+from qlora_helpers.quant import keep_cpu_training_layout
+
 N_CLASSES = 12   # digits 0-9, face, not a face
 
 
@@ -162,24 +164,8 @@ def quantize_language_model(vlm, quantization, compute_dtype) -> dict:
             after += layer.weight.numel() * layer.weight.element_size()
             setattr(module, name, layer)
     vlm.is_loaded_in_4bit = True                       # tells peft to use its bitsandbytes LoRA layers
-    keep_training_layout(vlm)
+    keep_cpu_training_layout(vlm)
     return {"linear_bytes_before": before, "linear_bytes_after": after}
-
-
-def keep_training_layout(model) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layers touched.
-
-    On a CPU with AVX512-BF16, ``Linear4bit.forward`` in eval mode without gradients converts its
-    weight once into a CPU-only packed layout and never converts it back: a model evaluated and
-    then trained again (as here: before, train, after) would train on misread weights, its loss
-    stuck near its start. (bitsandbytes 0.50.2; the packed layout did not evaluate faster here.)
-    """
-    n = 0
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 def lora_config(cfg):
@@ -242,7 +228,7 @@ def prepare_for_training(vlm, cfg, lora_lr: float | None = None, projector_lr: f
     """
     from peft import get_peft_model
 
-    keep_training_layout(vlm)
+    keep_cpu_training_layout(vlm)
     if cfg.hardware.gradient_checkpointing:
         enable_checkpointing(vlm)
         for c in (vlm.config, vlm.config.get_text_config(), vlm.model.language_model.config):

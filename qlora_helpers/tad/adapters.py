@@ -30,6 +30,8 @@ import math
 import torch
 from torch import nn
 
+from qlora_helpers.quant import keep_cpu_training_layout
+
 BACKBONE_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
@@ -55,10 +57,8 @@ def quantized_linear(in_features: int, out_features: int, bits: int, bias: bool 
     if bits == 4:
         layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, quant_type=quant_type,
                                   compute_dtype=compute_dtype)
-        # On CPUs with AVX512-bf16, bitsandbytes 0.50 repacks a 4-bit weight in place the first time it
-        # runs without gradients (evaluation), which fails unless out_features % 32 == 0 and changes the
-        # stored bytes; keep the one format that training uses.
-        layer.support_avx512bf16_for_cpu = False
+        # bitsandbytes' CPU inference repacking would also fail here unless out_features % 32 == 0
+        keep_cpu_training_layout(layer)
         return layer
     if bits == 8:  # has_fp16_weights=False: the weight really is int8 (bitsandbytes' default keeps it float)
         return bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False, threshold=6.0)
