@@ -367,7 +367,7 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     import torch
     from transformers import set_seed
 
-    from qlora_helpers.measure import PeakMemory
+    from qlora_helpers.peak_memory import PeakMemory
     from qlora_helpers.models import count_parameters
     from qlora_helpers.modes import build_model, load_tokenizer, model_path, trainable_4bit_layers
     from qlora_helpers.train import evaluate, tensor_bytes, train
