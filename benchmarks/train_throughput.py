@@ -15,7 +15,9 @@ over the same conversations (about ``--step-tokens`` tokens a step):
     packing, micro-batch (tokens) and checkpointing planned by the chapter-01 estimator for a memory
     budget of 0.7 x the peak that (a) measured in this run.
 ``recipe-max`` plans for most of the GPU instead (micro-batches >= 4k tokens: the MFU figure), and the
-ablation rows change one lever of ``recipe-max`` each.
+ablation rows change one lever of ``recipe-max`` each: Liger's fused loss, the fp32 upcast back, the full-logits
+loss back, padding back, checkpointing flipped, and two candidate levers: bf16 adapters (``recipe.cast_adapters``,
+as TRL does) and ``torch.compile`` of the decoder.
 
 Reported per row: non-padding tokens per second (steps after the first two), peak allocated and
 reserved memory, MFU = tokens/s x 4N / peak bf16 FLOP/s, with N the parameters every token is
@@ -53,7 +55,7 @@ HF_BATCH = 4                                       # conversations per micro-bat
 MAX_LENGTH = 512
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165.2e12}
 ROWS = ("hf", "recipe", "recipe-max", "recipe-max-liger", "recipe-max-upcast", "recipe-max-hf-loss",
-        "recipe-max-padded", "recipe-max-ckpt-flipped", "trl")
+        "recipe-max-padded", "recipe-max-ckpt-flipped", "recipe-max-bf16-adapters", "recipe-max-compile", "trl")
 TARGETS = {"speedup_vs_hf": 1.5, "memory_vs_hf": 0.7, "mfu_7b": 0.30}
 
 
@@ -166,6 +168,12 @@ def run_loop(row: str, spec: dict, config, data, device) -> dict:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = build(config, device, torch.bfloat16 if device.startswith("cuda") else torch.float32,
                   spec["upcast"], spec["ckpt"])
+    if spec.get("adapter_dtype") == "bf16":   # as TRL does for QLoRA: adapters, their gradients and AdamW states in bf16
+        from qlora_helpers.recipe import cast_adapters
+        cast_adapters(model, torch.bfloat16)
+    if spec.get("compile"):                   # the decoder only: the chunked loss stays eager
+        base = model.get_base_model()
+        base.model = torch.compile(base.model, dynamic=True)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     cuda = device.startswith("cuda")
@@ -296,6 +304,9 @@ def specs_for(rows, config, device, budget_hf_gib: float | None, gpu_gib: float)
         specs["recipe-max-hf-loss"] = {**base, "loss": "hf"}
         specs["recipe-max-padded"] = {**base, "packed": False}
         specs["recipe-max-ckpt-flipped"] = {**base, "ckpt": not base["ckpt"]}
+        specs["recipe-max-bf16-adapters"] = {**base, "adapter_dtype": "bf16"}
+        if not tiny:                          # inductor on the CPU smoke test would only time the compiler
+            specs["recipe-max-compile"] = {**base, "compile": True}
     return {k: v for k, v in specs.items() if k in rows} | {k: {"error": p["error"]} for k, p in plans.items()
                                                              if "error" in p and k in rows}
 

@@ -254,6 +254,20 @@ def prepare_model(model, gradient_checkpointing: bool = False):
     return model
 
 
+def cast_adapters(model, dtype) -> int:
+    """Store the trainable (LoRA) weights in ``dtype``, so their gradients and AdamW states follow.
+
+    peft keeps adapters in fp32 on a 16-bit base (exact small updates); bf16 halves their weights and
+    gradients and the optimizer's states, as TRL does for QLoRA. Returns the tensors cast.
+    """
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
 def plan_micro_batch(config, budget_gib: float, method: str = "qlora4", lora_r: int = 16, targets="all-linear",
                      optimizer: str = "adamw", candidates=(512, 1024, 2048, 4096, 8192, 16384, 32768),
                      enough_tokens: int = 4096) -> dict:

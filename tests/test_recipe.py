@@ -125,3 +125,21 @@ def test_qlora_mode_keeps_frozen_weights_in_the_compute_dtype(tmp_path):
     upcast = build_model(SFTConfig(model_name_or_path=str(folder), use_qlora=True, bf16=True, kbit_upcast=True), "cpu")
     emb = lambda m: m.get_base_model().get_input_embeddings().weight.dtype
     assert emb(kept) == torch.bfloat16 and emb(upcast) == torch.float32
+
+
+def test_cast_adapters_moves_only_trainable_weights_and_training_still_steps(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    base = build_tiny(tiny_llama(vocab_size=300), seed=1)
+    model = get_peft_model(recipe.prepare_model(base), LoraConfig(r=4, target_modules="all-linear"))
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    assert recipe.cast_adapters(model, torch.bfloat16) > 0
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
+    assert {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad} == frozen
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = recipe.causal_lm_loss(model, _batch())
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, (p for p in model.parameters() if p.requires_grad)))
