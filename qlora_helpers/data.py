@@ -286,23 +286,19 @@ def collate(examples: list[Example], pad_id: int) -> dict:
     import torch
 
     width = max(len(e.input_ids) for e in examples)
-    if any(e.position_ids is not None for e in examples):
-        pos = torch.zeros((len(examples), width), dtype=torch.long)
-        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        for row, ex in enumerate(examples):
-            n = len(ex.input_ids)
-            ids[row, :n] = torch.tensor(ex.input_ids)
-            labels[row, :n] = torch.tensor(ex.labels)
-            pos[row, :n] = torch.tensor(ex.position_ids if ex.position_ids is not None else range(n))
-            pos[row, n:] = torch.arange(width - n)
-        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+    packed = any(e.position_ids is not None for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    extra = torch.zeros((len(examples), width), dtype=torch.long)   # attention mask, or positions when packed
     for row, ex in enumerate(examples):
         n = len(ex.input_ids)
         ids[row, :n] = torch.tensor(ex.input_ids)
         labels[row, :n] = torch.tensor(ex.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed:
+            extra[row, :n] = torch.tensor(ex.position_ids if ex.position_ids is not None else range(n))
+            extra[row, n:] = torch.arange(width - n)
+        else:
+            extra[row, :n] = 1
+    if packed:
+        return {"input_ids": ids, "labels": labels, "position_ids": extra}
+    return {"input_ids": ids, "attention_mask": extra, "labels": labels}

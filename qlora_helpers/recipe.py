@@ -194,49 +194,21 @@ def pack_lengths(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples, width: int | None = None, pad_id: int = 0) -> dict:
-    """One row holding ``examples`` end to end: ``input_ids``, ``labels``, ``position_ids`` (no mask).
-
-    Positions restart at 0 for each conversation; given ``position_ids`` and no ``attention_mask``,
-    transformers keeps attention inside each conversation (a block-diagonal causal mask). The label
-    of each conversation's first token is ``-100``, so no token learns to predict the next conversation.
-    ``width`` fills the row up with one more, unlabelled "conversation" of ``pad_id`` tokens, so rows
-    of a micro-batch line up without an attention mask.
-    """
-    import torch
-
-    ids, labels, pos = [], [], []
-    for ex in examples:
-        ids += ex.input_ids
-        labels += [IGNORE_INDEX] + list(ex.labels[1:])
-        pos += list(range(len(ex.input_ids)))
-    tail = (width or 0) - len(ids)
-    if tail > 0:
-        ids += [pad_id] * tail
-        labels += [IGNORE_INDEX] * tail
-        pos += list(range(tail))
-    t = lambda xs: torch.tensor([xs], dtype=torch.long)
-    return {"input_ids": t(ids), "labels": t(labels), "position_ids": t(pos)}
-
-
 def packed_micro_batches(examples, tokens: int, row_tokens: int = MAX_ROW_TOKENS, pad_id: int = 0) -> list[dict]:
     """Micro-batches of about ``tokens`` tokens: conversations packed into rows of at most ``row_tokens``.
 
-    Rows are capped because the block-diagonal mask takes ``row_tokens**2`` bytes a row (16k tokens in
-    one row: 256 MiB, plus temporaries of that size); a micro-batch stacks ``tokens // row_tokens`` rows.
+    Rows are ``data.pack`` blocks (positions restart at each conversation, which never learns to
+    predict the next) laid out by ``data.collate`` (no attention mask; a short row is filled with one
+    unlabelled run of ``pad_id``). Rows are capped because the block-diagonal mask takes
+    ``row_tokens**2`` bytes a row (16k tokens in one row: 256 MiB, plus temporaries of that size); a
+    micro-batch stacks ``tokens // row_tokens`` rows.
     """
-    import torch
+    from qlora_helpers.data import collate, pack
 
     row_tokens = min(tokens, row_tokens)
-    rows = pack_lengths([len(e.input_ids) for e in examples], row_tokens)
+    rows = pack(examples, row_tokens)
     per = max(1, tokens // row_tokens)
-    out = []
-    for i in range(0, len(rows), per):
-        group = [[examples[j] for j in row] for row in rows[i:i + per]]
-        width = max(sum(len(e.input_ids) for e in row) for row in group)
-        parts = [collate_packed(row, width, pad_id) for row in group]
-        out.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
-    return out
+    return [collate(rows[i:i + per], pad_id) for i in range(0, len(rows), per)]
 
 
 # --------------------------------------------------------------------------- model and micro-batch

@@ -70,25 +70,25 @@ def test_packed_rows_give_the_same_loss_as_padded_rows(tiny):
                         batch["labels"][i][batch["attention_mask"][i] == 1].tolist()) for i in range(3)]
     with torch.no_grad():
         padded = recipe.causal_lm_loss(tiny, batch)
-        one_row = recipe.causal_lm_loss(tiny, recipe.collate_packed(examples))
+        one_row = recipe.causal_lm_loss(tiny, collate(pack(examples, block_size=37), pad_id=0))
         rows = recipe.packed_micro_batches(examples[1:], tokens=28, row_tokens=23, pad_id=0) + \
             recipe.packed_micro_batches(examples, tokens=42, row_tokens=14, pad_id=0)
         assert [r["input_ids"].shape for r in rows] == [(1, 23), (3, 14)]
         both = recipe.causal_lm_loss(tiny, rows[1])
-        blocks = pack(examples, block_size=28)
-        via_data = recipe.causal_lm_loss(tiny, collate(blocks, pad_id=0))
+        two_blocks = recipe.causal_lm_loss(tiny, collate(pack(examples, block_size=28), pad_id=0))
     # attention stays inside each conversation: packing changes nothing but the layout
-    for value in (one_row, both, via_data):
+    for value in (one_row, both, two_blocks):
         assert float(value) == pytest.approx(float(padded), rel=1e-5)
 
 
-def test_collate_packed_never_trains_across_conversations():
-    a, b = Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5])
-    row = recipe.collate_packed([a, b], width=7, pad_id=0)
+def test_packed_rows_never_train_across_conversations():
+    a, b, c = Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5]), Example([6] * 7, [6] * 7)
+    batch = collate(pack([a, b, c], block_size=7), pad_id=0)   # rows [a b] and [c]: the first is filled up to 7
+    row = {k: v[:1] for k, v in batch.items()}
     assert row["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0, 0]]
     assert row["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, -100]]
     assert row["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
-    assert "attention_mask" not in row
+    assert "attention_mask" not in batch
 
 
 def test_pack_lengths_keeps_order_and_refuses_what_cannot_fit():
