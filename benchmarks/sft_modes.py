@@ -41,19 +41,17 @@ SEED_TABLE = {"full": {"memory_gb": 8.0, "trainable_percent": 100.0},   # seed 0
 def write_random_model(shape: str, folder: Path) -> Path:
     """A bf16 model folder of ``shape`` with random weights and the cached Qwen2.5 tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from qlora_helpers import assets
     from qlora_helpers.configs import get_config
+    from qlora_helpers.models import write_model_folder
 
-    if (folder / "config.json").is_file():
-        return folder
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(get_config(shape), dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(assets.verify("qwen-tokenizer", only=assets.TOKENIZER_FILES)).save_pretrained(folder)
-    return folder
+    def make_model(tokenizer):
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            return AutoModelForCausalLM.from_config(get_config(shape), dtype=torch.bfloat16)
+
+    return write_model_folder(folder, make_model, "qwen-tokenizer")
 
 
 def run_mode(mode: str, model_dir: Path, work: Path, args) -> dict:

