@@ -57,6 +57,7 @@ PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 3
 ROWS = ("hf", "recipe", "recipe-max", "recipe-max-liger", "recipe-max-upcast", "recipe-max-hf-loss",
         "recipe-max-padded", "recipe-max-ckpt-flipped", "recipe-max-bf16-adapters", "recipe-max-compile", "trl")
 TARGETS = {"speedup_vs_hf": 1.5, "memory_vs_hf": 0.7, "mfu_7b": 0.30}
+HF_SPEC = {"upcast": True, "ckpt": True, "packed": False, "tokens": 0, "loss": "hf"}   # (a): the seed's way
 
 
 # --------------------------------------------------------------------------- the shared workload
@@ -65,9 +66,10 @@ def load_data(tokenizer, n_eval: int = 64):
     from qlora_helpers.data import encode_all, read_jsonl
 
     paths = sft_paths()
-    train = encode_all(read_jsonl(paths["train"]), tokenizer, MAX_LENGTH).examples
+    conversations = read_jsonl(paths["train"])
+    train = encode_all(conversations, tokenizer, MAX_LENGTH).examples
     evald = encode_all(read_jsonl(paths["validation"]), tokenizer, MAX_LENGTH).examples[:n_eval]
-    return train, evald, read_jsonl(paths["train"])
+    return train, evald, conversations
 
 
 def step_plan(examples, step_tokens: int, steps: int, seed: int = 0) -> list[list[int]]:
@@ -130,44 +132,32 @@ def micro_batches(examples, indices, packed: bool, tokens: int, pad_id: int):
     if packed:
         return packed_micro_batches(chosen, tokens, pad_id=pad_id)
     if tokens:   # the "no packing" ablation: as many conversations as fit ``tokens`` positions once padded
-        groups, cur = [], []
+        groups, cur, longest = [], [], 0
         for e in chosen:
-            if cur and (len(cur) + 1) * max(len(e.input_ids), *(len(c.input_ids) for c in cur)) > tokens:
+            longest = max(longest, len(e.input_ids))
+            if cur and (len(cur) + 1) * longest > tokens:
                 groups.append(cur)
-                cur = []
+                cur, longest = [], len(e.input_ids)
             cur.append(e)
         return [collate(g, pad_id) for g in groups + [cur]]
     return [collate(chosen[i:i + HF_BATCH], pad_id) for i in range(0, len(chosen), HF_BATCH)]
 
 
-def eval_loss(model, examples, pad_id, device, dtype) -> float:
-    import torch
-
-    from qlora_helpers.data import collate
-
-    model.eval()
-    total = count = 0
-    with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=dtype):
-        for i in range(0, len(examples), 8):
-            batch = {k: v.to(device) for k, v in collate(examples[i:i + 8], pad_id).items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(model(**batch).loss) * n
-            count += n
-    model.train()
-    return total / max(count, 1)
-
-
-def run_loop(row: str, spec: dict, config, data, device) -> dict:
+def run_loop(spec: dict, config, data, device) -> dict:
     """(a), (c) and the ablations: one hand-written loop, the levers switched by ``spec``."""
+    import types
+
     import torch
 
+    from qlora_helpers.data import SFTData
     from qlora_helpers.recipe import causal_lm_loss
+    from qlora_helpers.train import evaluate
 
     train, evald, plan = data["train"], data["eval"], data["plan"]
     pad_id = data["pad_id"]
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = build(config, device, torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                  spec["upcast"], spec["ckpt"])
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = build(config, device, dtype, spec["upcast"], spec["ckpt"])
     if spec.get("adapter_dtype") == "bf16":   # as TRL does for QLoRA: adapters, their gradients and AdamW states in bf16
         from qlora_helpers.recipe import cast_adapters
         cast_adapters(model, torch.bfloat16)
@@ -176,20 +166,19 @@ def run_loop(row: str, spec: dict, config, data, device) -> dict:
         base.model = torch.compile(base.model, dynamic=True)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    steps, times = [], []
+    steps = []
     for indices in plan:
         batches = micro_batches(train, indices, spec["packed"], spec["tokens"], pad_id)
-        n_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]   # trained tokens per micro-batch
+        n_step = sum(counts)
         seen = sum(len(train[i].input_ids) for i in indices)   # real tokens, whatever the layout
         t0 = time.perf_counter()
         loss_sum = 0.0
-        for b in batches:
+        for b, n in zip(batches, counts):
             b = {k: v.to(device) for k, v in b.items()}
-            n = int((b["labels"][:, 1:] != -100).sum())
             with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=cuda):
                 loss = causal_lm_loss(model, b, impl=spec["loss"])
             (loss * (n / n_step)).backward()
@@ -199,14 +188,16 @@ def run_loop(row: str, spec: dict, config, data, device) -> dict:
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
         steps.append({"loss": round(loss_sum, 5), "tokens": seen, "micro_batches": len(batches),
-                      "positions": sum(b["input_ids"].numel() for b in batches), "seconds": round(times[-1], 4)})
+                      "positions": sum(b["input_ids"].numel() for b in batches),
+                      "seconds": round(time.perf_counter() - t0, 4)})
     out = {"steps": steps}
     if cuda:
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    out["eval_loss"] = round(eval_loss(model, evald, pad_id, device, dtype), 5)
+    # the same held-out loss for every row: train.evaluate, token-weighted, bf16 autocast on the GPU
+    out["eval_loss"] = round(evaluate(model, SFTData(evald, len(evald)), 8, pad_id, device,
+                                      types.SimpleNamespace(bf16=cuda, fp16=False)), 5)
     del model, opt
     return out
 
@@ -280,7 +271,7 @@ def specs_for(rows, config, device, budget_hf_gib: float | None, gpu_gib: float)
     from qlora_helpers.recipe import plan_micro_batch
 
     tiny = device == "cpu"
-    specs = {"hf": {"upcast": True, "ckpt": True, "packed": False, "tokens": 0, "loss": "hf"}}
+    specs = {"hf": HF_SPEC}
     if tiny:
         plans = {"recipe": {"tokens": 512, "gradient_checkpointing": False}, "recipe-max": {"tokens": 1024,
                                                                                            "gradient_checkpointing": False}}
@@ -294,9 +285,8 @@ def specs_for(rows, config, device, budget_hf_gib: float | None, gpu_gib: float)
                                    "over_budget": str(err)}
         plans["recipe-max"] = plan_micro_batch(config, 0.6 * gpu_gib, lora_r=LORA["r"], candidates=(4096, 8192, 16384))
     for name, plan in plans.items():
-        if "error" not in plan:
-            specs[name] = {"upcast": False, "ckpt": plan["gradient_checkpointing"], "packed": True,
-                           "tokens": plan["tokens"], "loss": "chunked", "plan": plan}
+        specs[name] = {"upcast": False, "ckpt": plan["gradient_checkpointing"], "packed": True,
+                       "tokens": plan["tokens"], "loss": "chunked", "plan": plan}
     base = specs.get("recipe-max")
     if base:
         specs["recipe-max-liger"] = {**base, "loss": "liger"}
@@ -307,8 +297,7 @@ def specs_for(rows, config, device, budget_hf_gib: float | None, gpu_gib: float)
         specs["recipe-max-bf16-adapters"] = {**base, "adapter_dtype": "bf16"}
         if not tiny:                          # inductor on the CPU smoke test would only time the compiler
             specs["recipe-max-compile"] = {**base, "compile": True}
-    return {k: v for k, v in specs.items() if k in rows} | {k: {"error": p["error"]} for k, p in plans.items()
-                                                             if "error" in p and k in rows}
+    return {k: v for k, v in specs.items() if k in rows}
 
 
 def worker(args) -> None:
@@ -335,21 +324,20 @@ def worker(args) -> None:
     rows = [r for r in ROWS if r in args.rows]
     if "hf" in rows:
         rows.remove("hf")
-        spec = specs_for(["hf"], config, device, None, gpu_gib)["hf"]
-        res = summarise(run_loop("hf", spec, config, data, device), n_params, flops, args.skip)
+        res = summarise(run_loop(HF_SPEC, config, data, device), n_params, flops, args.skip)
         hf_peak = res.get("peak_allocated_gib")
-        emit("hf", {"spec": spec, **res})
+        emit("hf", {"spec": HF_SPEC, **res})
         cleanup()
     specs = specs_for(rows, config, device, hf_peak, gpu_gib)
     for row in rows:
         if row == "trl":
             continue
         spec = specs.get(row)
-        if spec is None or "error" in (spec or {}):
-            emit(row, {"error": (spec or {}).get("error", "not planned")})
+        if spec is None:
+            emit(row, {"error": "not planned"})
             continue
         try:
-            res = summarise(run_loop(row, spec, config, data, device), n_params, flops, args.skip)
+            res = summarise(run_loop(spec, config, data, device), n_params, flops, args.skip)
             emit(row, {"spec": spec, **res})
         except Exception as err:  # one lever failing (a missing kernel, an OOM) must not lose the others
             emit(row, {"spec": spec, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
