@@ -252,15 +252,15 @@ def _train_loop(model, data, cfg, output_dir, pad_id, device, eval_data, resume,
     per_epoch = math.ceil(len(data.examples) / cfg.per_device_train_batch_size)
     orders: dict[int, list] = {}
 
-    def micro_batch(index: int) -> dict:
+    def micro_batch(index: int) -> tuple[dict, int]:
+        """The batch on ``device``, and its real tokens (padding not counted)."""
         epoch, j = divmod(index, per_epoch)
         if epoch not in orders:
             orders.clear()
             orders[epoch] = batch_order(len(data.examples), cfg.per_device_train_batch_size, cfg.seed, epoch)
         examples = [data.examples[i] for i in orders[epoch][j]]
         batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-        batch["_tokens"] = sum(len(ex.input_ids) for ex in examples)   # real tokens, padding not counted
-        return batch
+        return batch, sum(len(ex.input_ids) for ex in examples)
 
     def log(record: dict) -> None:
         for cb in callbacks:
@@ -275,8 +275,8 @@ def _train_loop(model, data, cfg, output_dir, pad_id, device, eval_data, resume,
         t0 = time.perf_counter()
         loss_sum, tokens = 0.0, 0
         for micro in range(cfg.gradient_accumulation_steps):
-            batch = micro_batch(step * cfg.gradient_accumulation_steps + micro)
-            tokens += batch.pop("_tokens")
+            batch, n_tokens = micro_batch(step * cfg.gradient_accumulation_steps + micro)
+            tokens += n_tokens
             with autocast(cfg, device):
                 loss = causal_lm_loss(model, batch) / cfg.gradient_accumulation_steps
             (scaler.scale(loss) if scaler else loss).backward()
