@@ -217,7 +217,7 @@ def pack(examples: list[Example], block_size: int) -> list[Example]:
     builds a block-diagonal causal mask); the first token of each conversation is never a target.
     Fewer, fuller rows and no padding: more learning per step for the same compute.
     """
-    from qlora_helpers.recipe import IGNORE_INDEX as IGNORE, pack_lengths
+    from qlora_helpers.recipe import pack_lengths
 
     blocks = []
     for row in pack_lengths([len(e.input_ids) for e in examples], block_size):
@@ -225,7 +225,7 @@ def pack(examples: list[Example], block_size: int) -> list[Example]:
         for i in row:
             ex = examples[i]
             ids += ex.input_ids
-            labels += [IGNORE] + list(ex.labels[1:])
+            labels += [IGNORE_INDEX] + list(ex.labels[1:])
             pos += list(range(len(ex.input_ids)))
         block = Example(ids, labels, position_ids=pos)
         if block.n_trained:

@@ -33,13 +33,17 @@ Example:
 
 from __future__ import annotations
 
-IGNORE_INDEX = -100
+import functools
+
+from qlora_helpers.data import IGNORE_INDEX
 MAX_ROW_TOKENS = 4096
 LOSS_IMPLS = ("auto", "chunked", "liger", "hf")
 
 
 # --------------------------------------------------------------------------- the loss
+@functools.cache
 def _chunked_ce_function():
+    """The autograd function, defined on first use so that importing this module needs no torch."""
     import torch
 
     class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -89,9 +93,6 @@ def _chunked_ce_function():
     return ChunkedLinearCrossEntropy
 
 
-_FN = None
-
-
 def default_chunk_size(vocab_size: int, budget_bytes: int = 256 * 2**20) -> int:
     """Rows per chunk so that one chunk's fp32 logits take about ``budget_bytes`` (256 MiB)."""
     return max(64, min(8192, budget_bytes // (4 * vocab_size)))
@@ -107,7 +108,6 @@ def linear_cross_entropy(hidden, weight, labels, impl: str = "auto", chunk_size:
     """
     import torch
 
-    global _FN
     if impl not in LOSS_IMPLS[:3]:
         raise ValueError(f"loss impl must be one of {', '.join(LOSS_IMPLS[:3])}, not {impl!r}")
     device_type = hidden.device.type
@@ -118,14 +118,12 @@ def linear_cross_entropy(hidden, weight, labels, impl: str = "auto", chunk_size:
     if labels.numel() == 0:
         return hidden.sum() * 0.0
     if impl == "liger":
-        if hidden.device.type != "cuda":
+        if device_type != "cuda":
             raise ValueError("loss impl 'liger' is a CUDA kernel: use 'chunked' (or 'auto') on the CPU")
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
         return LigerFusedLinearCrossEntropyLoss()(weight, hidden.to(weight.dtype), labels)
-    if _FN is None:
-        _FN = _chunked_ce_function()
-    return _FN.apply(hidden, weight, labels, chunk_size or default_chunk_size(weight.shape[0]))
+    return _chunked_ce_function().apply(hidden, weight, labels, chunk_size or default_chunk_size(weight.shape[0]))
 
 
 def _base_model(model):
@@ -136,8 +134,8 @@ def supports_fused_loss(model) -> bool:
     """True when the output layer is a plain frozen-or-trained ``nn.Linear`` (no adapter on it)."""
     import torch
 
-    head = _base_model(model).get_output_embeddings()
-    return type(head) is torch.nn.Linear and getattr(_base_model(model), "model", None) is not None
+    base = _base_model(model)
+    return type(base.get_output_embeddings()) is torch.nn.Linear and getattr(base, "model", None) is not None
 
 
 def causal_lm_loss(model, batch: dict, impl: str = "auto", chunk_size: int | None = None):
