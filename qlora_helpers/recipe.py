@@ -37,7 +37,8 @@ import functools
 
 from qlora_helpers.data import IGNORE_INDEX
 MAX_ROW_TOKENS = 4096
-LOSS_IMPLS = ("auto", "chunked", "liger", "hf")
+KERNELS = ("auto", "chunked", "liger")      # what linear_cross_entropy runs
+LOSS_IMPLS = (*KERNELS, "hf")               # causal_lm_loss: those, or the model's own loss
 
 
 # --------------------------------------------------------------------------- the loss
@@ -108,8 +109,8 @@ def linear_cross_entropy(hidden, weight, labels, impl: str = "auto", chunk_size:
     """
     import torch
 
-    if impl not in LOSS_IMPLS[:3]:
-        raise ValueError(f"loss impl must be one of {', '.join(LOSS_IMPLS[:3])}, not {impl!r}")
+    if impl not in KERNELS:
+        raise ValueError(f"loss impl must be one of {', '.join(KERNELS)}, not {impl!r}")
     device_type = hidden.device.type
     if weight.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
         weight = weight.to(torch.get_autocast_dtype(device_type))   # fp32 master weights, 16-bit matmul (autograd casts back)
