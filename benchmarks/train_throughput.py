@@ -12,12 +12,16 @@ over the same conversations (about ``--step-tokens`` tokens a step):
 (b) ``trl``: ``trl.SFTTrainer`` with a ``LoraConfig`` and its defaults otherwise (batch 4, the
     accumulation that gives the same conversations per step).
 (c) ``recipe``: ``qlora_helpers.recipe``: no upcast, loss on the trained positions in chunks, padding-free
-    packing, micro-batch (tokens) and checkpointing planned by the chapter-01 estimator for a memory
-    budget of 0.7 x the peak that (a) measured in this run.
+    packing, on the GPU varlen flash attention for the packed rows and Liger's RMSNorm/SwiGLU kernels
+    (``qlora_helpers.fast_kernels``), micro-batch (tokens) and checkpointing planned by the chapter-01
+    estimator for a memory budget of 0.7 x the peak that (a) measured in this run.
 ``recipe-max`` plans for most of the GPU instead (micro-batches >= 4k tokens: the MFU figure), and the
-ablation rows change one lever of ``recipe-max`` each: Liger's fused loss, the fp32 upcast back, the full-logits
-loss back, padding back, checkpointing flipped, and two candidate levers: bf16 adapters (``recipe.cast_adapters``,
-as TRL does) and ``torch.compile`` of the decoder.
+ablation rows change one lever of ``recipe-max`` each: block-masked SDPA attention instead of varlen
+(``-sdpa``), PyTorch's RMSNorm/SwiGLU instead of Liger's (``-no-liger``), Liger's fused linear
+cross-entropy instead of the chunked loss (``-liger-loss``), the fp32 upcast back, the full-logits loss
+back, padding back, checkpointing flipped, and three candidates: bf16 adapters (``recipe.cast_adapters``,
+as TRL does), LoRA dropout 0 instead of the seed's 0.1 (a change of hyperparameter, so not the
+recipe's default), and ``torch.compile`` of the decoder.
 
 Reported per row: non-padding tokens per second (steps after the first two), peak allocated and
 reserved memory, MFU = tokens/s x 4N / peak bf16 FLOP/s, with N the parameters every token is
@@ -54,10 +58,12 @@ LR = 2e-4
 HF_BATCH = 4                                       # conversations per micro-batch in (a) and (b)
 MAX_LENGTH = 512
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165.2e12}
-ROWS = ("hf", "recipe", "recipe-max", "recipe-max-liger", "recipe-max-upcast", "recipe-max-hf-loss",
-        "recipe-max-padded", "recipe-max-ckpt-flipped", "recipe-max-bf16-adapters", "recipe-max-compile", "trl")
+ROWS = ("hf", "recipe", "recipe-max", "recipe-max-sdpa", "recipe-max-no-liger", "recipe-max-liger-loss",
+        "recipe-max-upcast", "recipe-max-hf-loss", "recipe-max-padded", "recipe-max-ckpt-flipped",
+        "recipe-max-bf16-adapters", "recipe-max-no-dropout", "recipe-max-compile", "trl")
 TARGETS = {"speedup_vs_hf": 1.5, "memory_vs_hf": 0.7, "mfu_7b": 0.30}
 HF_SPEC = {"upcast": True, "ckpt": True, "packed": False, "tokens": 0, "loss": "hf"}   # (a): the seed's way
+RECIPE = {"upcast": False, "packed": True, "loss": "chunked", "attention": True, "liger": True}
 
 
 # --------------------------------------------------------------------------- the shared workload
@@ -81,12 +87,13 @@ def step_plan(examples, step_tokens: int, steps: int, seed: int = 0) -> list[lis
     plan, cur, used, k = [], [], 0, 0
     while len(plan) < steps:
         i = order[k % len(order)]
-        k += 1
-        cur.append(i)
-        used += len(examples[i].input_ids)
-        if used >= step_tokens:
+        n = len(examples[i].input_ids)
+        if cur and used + n > step_tokens:    # at most step_tokens: a packed step can be one micro-batch
             plan.append(cur)
             cur, used = [], 0
+        cur.append(i)
+        used += n
+        k += 1
     return plan
 
 
@@ -103,7 +110,7 @@ def peak_flops(device_name: str) -> float | None:
 
 
 # --------------------------------------------------------------------------- one row
-def build(config, device, dtype, upcast: bool, ckpt: bool):
+def build(config, device, dtype, upcast: bool, ckpt: bool, dropout: float = LORA["dropout"], kernels: dict | None = None):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -114,12 +121,15 @@ def build(config, device, dtype, upcast: bool, ckpt: bool):
     if device == "cpu":
         from qlora_helpers.quant import keep_cpu_training_layout
         keep_cpu_training_layout(model)
-    if upcast:
+    if upcast:     # (a), or the upcast ablation (which keeps the recipe's kernels)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
+        if kernels and any(kernels.values()):
+            from qlora_helpers.fast_kernels import enable
+            model.recipe_kernels = enable(model, **kernels)
     else:
-        model = prepare_model(model, gradient_checkpointing=ckpt)
+        model = prepare_model(model, gradient_checkpointing=ckpt, fast_kernels=kernels or False)
     torch.manual_seed(0)   # the same LoRA initialisation in every row
-    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
@@ -157,7 +167,9 @@ def run_loop(spec: dict, config, data, device) -> dict:
     pad_id = data["pad_id"]
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = build(config, device, dtype, spec["upcast"], spec["ckpt"])
+    model = build(config, device, dtype, spec["upcast"], spec["ckpt"], spec.get("dropout", LORA["dropout"]),
+                  {k: spec.get(k, False) for k in ("attention", "liger")})
+    kernels = getattr(model.get_base_model(), "recipe_kernels", None)   # what this machine switched on
     if spec.get("adapter_dtype") == "bf16":   # as TRL does for QLoRA: adapters, their gradients and AdamW states in bf16
         from qlora_helpers.recipe import cast_adapters
         cast_adapters(model, torch.bfloat16)
@@ -191,7 +203,7 @@ def run_loop(spec: dict, config, data, device) -> dict:
         steps.append({"loss": round(loss_sum, 5), "tokens": seen, "micro_batches": len(batches),
                       "positions": sum(b["input_ids"].numel() for b in batches),
                       "seconds": round(time.perf_counter() - t0, 4)})
-    out = {"steps": steps}
+    out = {"steps": steps, **({"kernels": kernels} if kernels else {})}
     if cuda:
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
@@ -285,18 +297,20 @@ def specs_for(rows, config, device, budget_hf_gib: float | None, gpu_gib: float)
                                    "over_budget": str(err)}
         plans["recipe-max"] = plan_micro_batch(config, 0.6 * gpu_gib, lora_r=LORA["r"], candidates=(4096, 8192, 16384))
     for name, plan in plans.items():
-        specs[name] = {"upcast": False, "ckpt": plan["gradient_checkpointing"], "packed": True,
-                       "tokens": plan["tokens"], "loss": "chunked", "plan": plan}
+        specs[name] = {**RECIPE, "ckpt": plan["gradient_checkpointing"], "tokens": plan["tokens"], "plan": plan}
     base = specs.get("recipe-max")
     if base:
-        specs["recipe-max-liger"] = {**base, "loss": "liger"}
+        specs["recipe-max-sdpa"] = {**base, "attention": False}
+        specs["recipe-max-no-liger"] = {**base, "liger": False}
+        specs["recipe-max-liger-loss"] = {**base, "loss": "liger"}
+        specs["recipe-max-no-dropout"] = {**base, "dropout": 0.0}
         specs["recipe-max-upcast"] = {**base, "upcast": True}
         specs["recipe-max-hf-loss"] = {**base, "loss": "hf"}
         specs["recipe-max-padded"] = {**base, "packed": False}
         specs["recipe-max-ckpt-flipped"] = {**base, "ckpt": not base["ckpt"]}
         specs["recipe-max-bf16-adapters"] = {**base, "adapter_dtype": "bf16"}
         if not tiny:                          # inductor on the CPU smoke test would only time the compiler
-            specs["recipe-max-compile"] = {**base, "compile": True}
+            specs["recipe-max-compile"] = {**base, "compile": True, "liger": False}   # inductor fuses instead
     return {k: v for k, v in specs.items() if k in rows}
 
 
@@ -372,6 +386,7 @@ def parity(hf: dict, recipe: dict) -> dict:
 
 
 def verdicts(shape: str, rows: dict) -> dict:
+    """Each target against the rows: value, wanted, met, and where missed what the rows say about why."""
     hf, rc = rows.get("hf", {}), rows.get("recipe", {})
     out = {}
     if hf.get("tokens_per_second") and rc.get("tokens_per_second"):
@@ -385,18 +400,40 @@ def verdicts(shape: str, rows: dict) -> dict:
         plan = rc.get("spec", {}).get("plan", {})
         if mem > TARGETS["memory_vs_hf"] and plan:
             out["memory_vs_hf"]["why"] = (
-                f"the plan for {plan.get('budget_gib', 0):.2f} GiB estimated {plan.get('estimate_gib', 0):.2f} GiB at "
-                f"{plan.get('tokens')} tokens, the run peaked at {rc['peak_allocated_gib']:.2f} GiB: the estimator "
-                "under-predicts the packed layout (block mask, recomputed layer), and the 4-bit base plus fp32 LoRA "
-                "weights, gradients and AdamW states leave little of the budget for activations")
+                f"over by {mem - TARGETS['memory_vs_hf']:.3f}: the plan for {plan.get('budget_gib', 0):.2f} GiB "
+                f"estimated {plan.get('estimate_gib', 0):.2f} GiB at {plan.get('tokens')} tokens, the run peaked at "
+                f"{rc['peak_allocated_gib']:.2f} GiB (the estimator's error at this point)")
     if "7b" in shape and rows.get("recipe-max", {}).get("mfu"):
         mfu = rows["recipe-max"]["mfu"]
         out["mfu"] = {"value": mfu, "target": TARGETS["mfu_7b"], "met": mfu >= TARGETS["mfu_7b"]}
         if mfu < TARGETS["mfu_7b"]:
-            out["mfu"]["why"] = ("each 4-bit weight is dequantised in the forward and again in the backward pass; "
-                                 "seven LoRA branches a layer (dropout copy, two thin matmuls); the packed block mask "
-                                 "runs attention in the memory-efficient kernel, not flash; no torch.compile")
+            better = sorted(((r["mfu"], n[len("recipe-max-"):]) for n, r in rows.items()
+                             if n.startswith("recipe-max-") and (r.get("mfu") or 0) > mfu), reverse=True)
+            out["mfu"]["why"] = (
+                f"short by {TARGETS['mfu_7b'] - mfu:.3f}. Besides the frozen base's matrix products, every step runs "
+                "seven LoRA branches per layer (a dropout copy, casts, two thin products, a scaled add), each a "
+                "handful of small kernels, and dequantises each 4-bit weight twice; with the matrix work this short, "
+                "the GPU also waits on kernel launches (recipe_profile.json: GPU busy share of one step). "
+                + ("Levers measured on their own that raise it: "
+                   + ", ".join(f"{name} {value:.3f}" for value, name in better) + "." if better else ""))
     return out
+
+
+def resummarise(path: Path) -> None:
+    """Recompute loss parity and targets from the rows of an existing file; the measurements are untouched."""
+    from qlora_helpers.bench import environment
+    from qlora_helpers.results import atomic_write_json
+
+    data = json.loads(path.read_text())
+    for shape, entry in data["figures"]["shapes"].items():
+        rows = entry["rows"]
+        if "hf" in rows and "recipe" in rows and "steps" in rows["recipe"] and "steps" in rows["hf"]:
+            entry["loss_parity"] = parity(rows["hf"], rows["recipe"])
+        entry["targets"] = verdicts(shape, rows)
+    env = environment()
+    data["figures"]["summarised"] = {"command": env["command"], "date": env["date"]}
+    atomic_write_json(path, data)
+    print(f"rewrote the parity and targets of {path}")
 
 
 def main() -> None:
@@ -409,19 +446,30 @@ def main() -> None:
     p.add_argument("--step-tokens", type=int, default=16384, help="about this many tokens per optimizer step")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="")
-    p.add_argument("--merge", default="", help="an earlier throughput.json whose other shapes are kept")
+    p.add_argument("--resummarise", default="", metavar="JSON",
+                   help="recompute parity and targets of an existing throughput.json from its rows (no GPU)")
+    p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                   help="earlier throughput.json files: their shapes, and the rows of this shape not redone, are kept")
     p.add_argument("--shape", default="", help=argparse.SUPPRESS)   # internal: the worker's shape
     p.add_argument("--hf-peak", type=float, default=0.0, help=argparse.SUPPRESS)   # internal: (a)'s peak, merged
     args = p.parse_args()
     if args.shape:
         worker(args)
         return
+    if args.resummarise:
+        resummarise(Path(args.resummarise))
+        return
 
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("train_throughput.py measures a GPU: run it on a CUDA machine (or --shapes tiny --device cpu)")
-    previous = json.loads(Path(args.merge).read_text())["figures"]["shapes"] if args.merge else {}
+    previous = {}
+    for path in reversed(args.merge):                  # the first file named wins a shape
+        earlier = json.loads(Path(path).read_text())
+        for name, entry in earlier["figures"]["shapes"].items():
+            runs = entry.get("runs") or [{"command": earlier["command"], "date": earlier["date"]}]
+            previous[name] = {**entry, "runs": runs}   # which commands measured the rows kept
     shapes = {k: v for k, v in previous.items() if k not in args.shapes}   # an earlier run's other shapes
     for shape in args.shapes:
         # rows of an earlier run of this shape that this one does not redo are kept (same --steps and
@@ -431,6 +479,7 @@ def main() -> None:
             sys.exit(f"--merge: {shape} was run with --steps {previous[shape].get('steps')} --step-tokens "
                      f"{previous[shape].get('step_tokens')}: use the same to add rows to it")
         hf_peak = rows.get("hf", {}).get("peak_allocated_gib")
+        runs = (previous.get(shape, {}).get("runs", []) if rows else []) + [environment_stamp()]
         cmd = [sys.executable, __file__, "--shape", shape, "--device", args.device, "--steps", str(args.steps),
                "--skip", str(args.skip), "--step-tokens", str(args.step_tokens), "--rows", *args.rows,
                *(["--hf-peak", str(hf_peak)] if hf_peak else [])]
@@ -451,15 +500,23 @@ def main() -> None:
                 meta = json.loads(line[5:])
             else:
                 continue
-            shapes[shape] = shape_entry(shape, rows, meta, None, t0)
+            shapes[shape] = shape_entry(shape, rows, meta, None, t0, runs)
             write_figures(shapes, args)                  # after every row: a cut run keeps what it has
         proc.wait()
-        shapes[shape] = shape_entry(shape, rows, meta, proc.returncode, t0)
+        shapes[shape] = shape_entry(shape, rows, meta, proc.returncode, t0, runs)
         write_figures(shapes, args)
 
 
-def shape_entry(shape, rows, meta, exit_code, t0) -> dict:
-    entry = {"rows": rows, **meta, "worker_exit": exit_code, "seconds": round(time.perf_counter() - t0, 1)}
+def environment_stamp() -> dict:
+    from qlora_helpers.bench import environment
+
+    env = environment()
+    return {"command": env["command"], "date": env["date"]}
+
+
+def shape_entry(shape, rows, meta, exit_code, t0, runs) -> dict:
+    entry = {"rows": rows, **meta, "worker_exit": exit_code, "seconds": round(time.perf_counter() - t0, 1),
+             "runs": runs}
     if "hf" in rows and "recipe" in rows and "steps" in rows["recipe"] and "steps" in rows["hf"]:
         entry["loss_parity"] = parity(rows["hf"], rows["recipe"])
     entry["targets"] = verdicts(shape, rows)

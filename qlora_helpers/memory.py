@@ -269,8 +269,13 @@ def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8,
 
 def estimate(config, method: str, batch_size: int, seq_len: int, lora_r: int = 8, targets="all-linear",
              grad_ckpt: bool = False, prepare_kbit: bool = False, optimizer: str = "adamw",
-             dtype: str = "bf16") -> MemoryEstimate:
-    """Predict peak ``torch.cuda.max_memory_allocated`` of steady-state training (see module doc)."""
+             dtype: str = "bf16", loss_chunk: int | None = None) -> MemoryEstimate:
+    """Predict peak ``torch.cuda.max_memory_allocated`` of steady-state training (see module doc).
+
+    ``loss_chunk``: ``None`` for ``model(**batch).loss`` (full ``[tokens, vocab]`` logits); a number of
+    rows for the chunked loss of ``qlora_helpers.recipe`` (one chunk's logits at a time, plus the
+    gradient with respect to the last hidden states it forms during the forward pass).
+    """
     for value, allowed, what in ((method, METHODS, "method"), (optimizer, OPTIMIZERS, "optimizer"),
                                  (dtype, DTYPES, "dtype")):
         if value not in allowed:
@@ -283,6 +288,8 @@ def estimate(config, method: str, batch_size: int, seq_len: int, lora_r: int = 8
     quant = {"qlora4": 4, "qlora8": 8}.get(method)
     if prepare_kbit and not quant:
         raise ValueError("prepare_kbit applies to quantized models only: use method qlora4 or qlora8, or drop it")
+    if loss_chunk is not None and (not isinstance(loss_chunk, int) or loss_chunk < 1):
+        raise ValueError(f"loss_chunk must be a whole number of rows >= 1 (or None for full logits), got {loss_chunk!r}")
     if isinstance(config, str):
         from qlora_helpers.configs import get_config
         config = get_config(config)
@@ -348,8 +355,13 @@ def estimate(config, method: str, batch_size: int, seq_len: int, lora_r: int = 8
         recompute = 0
     V = s.vocab
     lm_b = a if quant else w
-    logits_fwd = (lm_b * N * V if lm_b == 2 else 0) + 4 * N * V + 4 * N * V + labels
-    logits_bwd = 12 * N * V + labels                   # log-softmax out + its grad in + grad out, all fp32
+    if loss_chunk is None:
+        logits_fwd = (lm_b * N * V if lm_b == 2 else 0) + 4 * N * V + 4 * N * V + labels
+        logits_bwd = 12 * N * V + labels               # log-softmax out + its grad in + grad out, all fp32
+    else:                                              # one chunk: fp32 logits/softmax + its 16-bit copy;
+        C = min(loss_chunk, N)                         # the labelled rows' hidden states and their gradient
+        logits_fwd = 6 * C * V + 2 * w * N * s.hidden + labels
+        logits_bwd = 2 * w * N * s.hidden + labels     # the stored gradient and its scaled copy
 
     # ---- temporaries: dequantised weights, per-layer backward buffers, workspaces
     big = max(l.fan_in * l.fan_out for l in s.linears if l.part == "lm")
@@ -376,8 +388,8 @@ def estimate(config, method: str, batch_size: int, seq_len: int, lora_r: int = 8
         outside["paged optimizer states"] = opt_paged
     inputs = dict(method=method, batch_size=B, seq_len=S, lm_tokens_per_sample=S_lm, lora_r=r,
                   targets=sorted(lora), grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer,
-                  dtype=dtype)
-    detail = {"saved for backward": acts + 4 * N * V + labels, "rope": rope, "one layer saved": layer(True),
+                  dtype=dtype, loss_chunk=loss_chunk)
+    detail = {"saved for backward": acts + (4 * N * V if loss_chunk is None else 0) + labels, "rope": rope, "one layer saved": layer(True),
               "recomputed layer": recompute, "optimizer temporary": opt_temp, "dequantised weight": deq,
               "layer backward temporary": layer_tmp, "tokens": N}
     return MemoryEstimate(phases[peak], totals, peak, outside, params, inputs, detail)

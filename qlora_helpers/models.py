@@ -173,12 +173,15 @@ def build_random(config, quantize: str | None = None, device: str = "cuda", dtyp
     """
     import torch
     from accelerate import init_empty_weights
+    import copy
+
     from tqdm.auto import tqdm
 
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
     dtype = dtype or torch.bfloat16
     device = torch.device(device)
+    config = copy.deepcopy(config)   # the model's own: switching its attention must not touch the caller's
     with init_empty_weights(include_buffers=False):
         model = _model_class(config).from_config(config, dtype=dtype)
     qconfig = None

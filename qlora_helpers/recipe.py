@@ -211,17 +211,23 @@ def packed_micro_batches(examples, tokens: int, row_tokens: int = MAX_ROW_TOKENS
 
 
 # --------------------------------------------------------------------------- model and micro-batch
-def prepare_model(model, gradient_checkpointing: bool = False):
+def prepare_model(model, gradient_checkpointing: bool = False, fast_kernels: bool | dict = True):
     """Freeze a (quantised) base for LoRA *without* ``prepare_model_for_kbit_training``'s fp32 upcast.
 
     Embeddings, norms and the output layer stay in the dtype they were loaded in; checkpointing,
-    when asked, is the non-reentrant kind (no input-gradient hook needed).
+    when asked, is the non-reentrant kind (no input-gradient hook needed). ``fast_kernels``: on a
+    GPU, varlen flash attention for packed rows and Liger's RMSNorm/SwiGLU (``qlora_helpers.fast_kernels``;
+    a dict picks: ``{"attention": False}``); what was switched on is left in ``model.recipe_kernels``.
     """
+    from qlora_helpers import fast_kernels as kernels
+
     model.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
         model.config.use_cache = False
+    switches = fast_kernels if isinstance(fast_kernels, dict) else {"attention": fast_kernels, "liger": fast_kernels}
+    model.recipe_kernels = kernels.enable(model, **switches)
     return model
 
 
@@ -239,24 +245,30 @@ def cast_adapters(model, dtype) -> int:
     return n
 
 
+def estimate_gib(config, tokens: int, gradient_checkpointing: bool, method: str = "qlora4", lora_r: int = 16,
+                 targets="all-linear", optimizer: str = "adamw") -> float:
+    """Estimated peak (GiB) of one recipe micro-batch of ``tokens`` packed tokens:
+    ``qlora_helpers.memory.estimate`` without ``prepare_kbit``, for this module's chunked loss.
+    """
+    from qlora_helpers.memory import estimate
+
+    chunk = default_chunk_size(config.get_text_config().vocab_size)
+    return estimate(config, method, 1, tokens, lora_r, targets, grad_ckpt=gradient_checkpointing,
+                    optimizer=optimizer, loss_chunk=chunk).total_gib
+
+
 def plan_micro_batch(config, budget_gib: float, method: str = "qlora4", lora_r: int = 16, targets="all-linear",
                      optimizer: str = "adamw", candidates=(512, 1024, 2048, 4096, 8192, 16384, 32768),
                      enough_tokens: int = 4096) -> dict:
-    """The largest packed micro-batch (tokens) whose estimated peak fits ``budget_gib``, and whether
-    it needs activation checkpointing.
+    """The largest packed micro-batch (tokens) whose estimated peak (``estimate_gib``) fits
+    ``budget_gib``, and whether it needs activation checkpointing.
 
-    Uses ``qlora_helpers.memory.estimate`` without ``prepare_kbit`` and without its full-logits term
-    (this recipe's loss keeps one chunk). Checkpointing costs a second forward pass, so it is chosen
-    only when no micro-batch of ``enough_tokens`` (4k: enough to keep a GPU's matrix units busy) fits
-    without it, and it lets a larger one fit.
+    Checkpointing costs a second forward pass, so it is chosen only when no micro-batch of
+    ``enough_tokens`` (4k: enough to keep a GPU's matrix units busy) fits without it, and it lets a
+    larger one fit.
     """
-    from qlora_helpers.memory import GIB, estimate
-
     def need(tokens: int, ckpt: bool) -> float:
-        est = estimate(config, method, 1, tokens, lora_r, targets, grad_ckpt=ckpt, optimizer=optimizer)
-        vocab = config.get_text_config().vocab_size
-        chunk = 2 * 4 * default_chunk_size(vocab) * vocab          # one chunk's fp32 logits and softmax
-        return (est.total_bytes - est.components["logits and loss"] + chunk) / GIB
+        return estimate_gib(config, tokens, ckpt, method, lora_r, targets, optimizer)
 
     fits = {ckpt: [t for t in candidates if need(t, ckpt) <= budget_gib] for ckpt in (False, True)}
     if not fits[True]:

@@ -1,0 +1,111 @@
+"""qlora_helpers.fast_kernels: the varlen attention path computes what the block-masked SDPA path computes.
+
+The CUDA kernel is not on this machine, so a reference varlen kernel (SDPA run separately on each
+conversation) stands in for it: what is checked is the wiring (boundaries from the position ids,
+head layout, grouped key/value heads, the fall-back to SDPA outside packed training steps).
+"""
+
+import inspect
+
+import pytest
+import torch
+
+from qlora_helpers import fast_kernels, recipe
+from qlora_helpers.data import Example, collate, pack
+from qlora_helpers.models import build_tiny, tiny_qwen2
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    """torch.nn.attention.varlen.varlen_attn's signature (PyTorch 2.11, no grouped heads): [tokens, heads, d]
+    in and out, causal attention inside each [cu[i], cu[i+1])."""
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and tuple(window_size) == (-1, 0)
+    assert k.shape[1] == q.shape[1] and scale == q.shape[-1] ** -0.5
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        seg = lambda x: x[a:b].transpose(0, 1)[None]          # [1, heads, len, d]
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(seg(q), seg(k), seg(v), is_causal=True)[0].transpose(0, 1)
+    return out
+
+
+def _packed_batch(vocab=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for n in (5, 9, 3, 7, 6, 4):
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        examples.append(Example(ids, [-100] * 2 + ids[2:]))
+    return collate(pack(examples, 16), pad_id=0)
+
+
+def _model():
+    return build_tiny(tiny_qwen2(vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2), seed=3).to(torch.bfloat16)
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    loss = recipe.causal_lm_loss(model, batch)
+    loss.backward()
+    return loss.detach().float(), [p.grad.float() for p in model.parameters() if p.grad is not None]
+
+
+def test_boundaries_start_a_conversation_wherever_the_position_is_zero():
+    cu, longest = fast_kernels.boundaries(torch.tensor([[0, 1, 0, 1, 2], [0, 0, 1, 2, 3]]))
+    assert cu.tolist() == [0, 2, 5, 6, 10] and longest == 4
+    assert fast_kernels.boundaries(torch.tensor([[2, 3, 0, 1]])) is None   # left padding: not packed
+
+
+def test_varlen_path_matches_block_masked_sdpa_in_loss_and_gradients(monkeypatch):
+    batch = _packed_batch()
+    assert (batch["position_ids"] == 0).sum() > batch["input_ids"].shape[0]   # several conversations a row
+    model = _model().train()
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+
+    calls = []
+    kernel = lambda *a, **k: calls.append(1) or reference_varlen(*a, **k)
+    kernel.__signature__ = inspect.signature(reference_varlen)
+    monkeypatch.setattr(fast_kernels, "varlen_kernel", lambda: kernel)
+    fast_kernels.register()
+    model.set_attn_implementation(fast_kernels.ATTENTION)
+    loss, grads = _loss_and_grads(model, batch)
+    assert len(calls) == model.config.num_hidden_layers                  # every layer went through varlen
+    assert torch.allclose(loss, ref_loss, rtol=1e-2)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, rtol=5e-2, atol=5e-3)
+
+
+def test_outside_a_packed_training_step_it_answers_through_masked_sdpa(monkeypatch):
+    monkeypatch.setattr(fast_kernels, "varlen_kernel", lambda: pytest.fail("varlen must not run in eval mode"))
+    batch = _packed_batch(seed=1)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model = _model().eval()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        fast_kernels.register()
+        model.set_attn_implementation(fast_kernels.ATTENTION)
+        ours = model(**inputs).logits
+    assert torch.equal(ours, ref)
+
+
+def test_padded_training_batches_keep_the_masked_sdpa_path(monkeypatch):
+    monkeypatch.setattr(fast_kernels, "varlen_kernel", lambda: pytest.fail("a padded batch is not packed"))
+    batch = _packed_batch(seed=2)
+    ids = batch["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, -5:] = 0                                    # right padding, positions left to the model
+    padded = {"input_ids": ids, "attention_mask": mask, "labels": batch["labels"].masked_fill(mask == 0, -100)}
+    model = _model().train()
+    ref_loss, _ = _loss_and_grads(model, padded)
+    fast_kernels.register()
+    model.set_attn_implementation(fast_kernels.ATTENTION)
+    loss, _ = _loss_and_grads(model, padded)
+    assert torch.equal(loss, ref_loss)
+
+
+def test_enable_changes_nothing_on_the_cpu():
+    model = _model()
+    report = fast_kernels.enable(model)
+    assert report["attention"].startswith("sdpa") and "CUDA" in report["attention"]
+    assert report["norm_and_mlp"].startswith("off")
+    assert model.config._attn_implementation == "sdpa"
