@@ -29,7 +29,10 @@ multiplied by (decoder linears + output layer; 2N forward, 2N backward for the i
 the frozen base gets no weight gradient; attention scores and recomputation are not counted), and
 the loss per step. Loss parity compares (c) with (a) step by step and on held-out conversations.
 
-    python benchmarks/train_throughput.py                          # both shapes, all rows (~8 min on an H100)
+    # what benchmarks/results/throughput.json holds (each shape's "runs" lists the exact commands):
+    python benchmarks/train_throughput.py --shapes qwen2.5-7b --steps 4 --skip 1 --step-tokens 4096    # ~4 min, H100
+    python benchmarks/train_throughput.py --shapes qwen2.5-0.5b --steps 4 --skip 1 --step-tokens 8192 \
+        --merge benchmarks/results/throughput.json                                                    # ~6 min
     python benchmarks/train_throughput.py --shapes qwen2.5-0.5b --rows hf recipe --out /tmp/t.json
     python benchmarks/train_throughput.py --shapes tiny --device cpu --steps 3 --out /tmp/t.json   # smoke test
 

@@ -114,22 +114,21 @@ def register() -> None:
 
 
 def _text_model(model):
+    """``(base model, None)``, or ``(None, why these kernels do not apply)``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if config is None or getattr(config, "model_type", None) not in TEXT_MODELS:
-        return None
-    return base
+        return None, "not a Qwen2/Llama/Mistral text model"
+    if base.device.type != "cuda":
+        return None, "the kernels need CUDA"
+    return base, None
 
 
 def use_varlen_attention(model) -> str:
     """Switch a text decoder on CUDA to ``ATTENTION``; returns what it now uses, or why not."""
-    base = _text_model(model)
-    if base is None:
-        return "sdpa (not a Qwen2/Llama/Mistral text model)"
-    if base.device.type != "cuda":
-        return "sdpa (varlen flash attention needs CUDA)"
-    if varlen_kernel() is None:
-        return "sdpa (this PyTorch has no torch.nn.attention.varlen)"
+    base, why_not = _text_model(model)
+    if why_not or varlen_kernel() is None:
+        return f"sdpa ({why_not or 'this PyTorch has no torch.nn.attention.varlen'})"
     register()
     base.set_attn_implementation(ATTENTION)
     return "varlen"
@@ -137,11 +136,9 @@ def use_varlen_attention(model) -> str:
 
 def use_liger_kernels(model) -> str:
     """Patch Liger's RMSNorm and SwiGLU kernels into this model instance; returns what it did, or why not."""
-    base = _text_model(model)
-    if base is None:
-        return "off (not a Qwen2/Llama/Mistral text model)"
-    if base.device.type != "cuda":
-        return "off (Triton kernels need CUDA)"
+    base, why_not = _text_model(model)
+    if why_not:
+        return f"off ({why_not})"
     try:
         from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
         from liger_kernel.transformers.swiglu import LigerSwiGLUMLP

@@ -19,6 +19,9 @@ activation checkpointing    always on (``use_gradient_checkpointing=True``)   ``
                                                                               says the micro-batch needs it; non-reentrant
 micro-batch                 a fixed number of conversations                   a number of *tokens*, the largest that the
                                                                               chapter-01 estimator fits in a memory budget
+attention, RMSNorm, SwiGLU  SDPA with a block mask over each packed row;      on a GPU (``fast_kernels``): varlen flash
+                            PyTorch's element-wise ops                        attention inside each conversation only;
+                                                                              Liger's fused RMSNorm and SwiGLU kernels
 ==========================  ================================================  ===========================================
 
 The fused kernel of a maintained library (Liger's fused linear cross-entropy) is used on a GPU

@@ -104,6 +104,21 @@ def test_logits_and_loss_by_hand(qwen):
     assert bwd - fwd == (12 - 10) * 64 * V     # forward: bf16 logits + fp32 copy + log-softmax = 10 N V
 
 
+def test_chunked_loss_keeps_one_chunk_of_logits(qwen):
+    """loss_chunk=C: C x V fp32 logits and softmax plus their 16-bit copy (6 C V), and the labelled
+    rows' hidden states with their gradient (2 x 2 N h) instead of the 12 N V of full logits."""
+    full = estimate(qwen, "qlora4", 2, 32, grad_ckpt=True)
+    chunked = estimate(qwen, "qlora4", 2, 32, grad_ckpt=True, loss_chunk=8)
+    h = qwen.hidden_size
+    assert chunked.phases["forward (at the loss)"] - full.phases["forward (at the loss)"] == (
+        6 * 8 * V + 4 * 64 * h) - (2 * 64 * V + 8 * 64 * V)
+    assert chunked.phases["backward (top layer)"] == full.phases["backward (top layer)"]
+    assert chunked.total_bytes < full.total_bytes and chunked.inputs["loss_chunk"] == 8
+    assert estimate(qwen, "qlora4", 2, 32, loss_chunk=10_000).phases == estimate(qwen, "qlora4", 2, 32, loss_chunk=64).phases
+    with pytest.raises(ValueError, match="loss_chunk"):
+        estimate(qwen, "qlora4", 2, 32, loss_chunk=0)
+
+
 def test_parameter_inventory_matches_the_model():
     """Reference: count the parameters of each preset's real transformers model (on the meta device)."""
     from accelerate import init_empty_weights

@@ -109,6 +109,19 @@ def test_plan_micro_batch_checkpoints_only_when_memory_needs_it():
         recipe.plan_micro_batch(cfg, 4, lora_r=64)
 
 
+def test_recipe_estimate_is_the_largest_phase_once_the_logits_are_chunked():
+    """The recipe's peak is the estimator's own maximum over phases for the chunked loss, not the
+    full-logits peak phase with its logits taken out (which hid the recomputed layer under checkpointing)."""
+    from qlora_helpers.configs import get_config
+    from qlora_helpers.memory import GIB, estimate
+
+    cfg = get_config("qwen2.5-7b")
+    got = recipe.estimate_gib(cfg, 16384, True, lora_r=64)
+    est = estimate(cfg, "qlora4", 1, 16384, 64, grad_ckpt=True, loss_chunk=recipe.default_chunk_size(cfg.vocab_size))
+    assert got == est.total_gib == max(est.phases.values()) / GIB
+    assert est.peak_phase == "backward (top layer)"
+
+
 def test_liger_is_refused_on_the_cpu():
     with pytest.raises(ValueError, match="CUDA kernel"):
         recipe.linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), impl="liger")
