@@ -9,7 +9,7 @@
   the scores inside each conversation are computed. It is registered with transformers under
   ``ATTENTION`` together with the SDPA mask builder, and answers through plain SDPA (with that mask)
   whenever it is not a packed training step (position ids given for every row, each row starting at
-  0): evaluation, generation with a cache, padded batches, fp32.
+  0): evaluation, generation with a cache, padded batches, sliding-window layers, fp32.
 * **RMSNorm and SwiGLU.** Liger's fused Triton kernels (``liger-kernel``), patched into one model
   instance (the classes, and so other models, are left alone): fewer element-wise passes, and the
   SwiGLU product is recomputed in the backward pass instead of kept.
@@ -78,7 +78,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     packed_step = (module.training and position_ids is not None and position_ids.shape == query.shape[::2]
-                   and query.shape[2] == key.shape[2] and not dropout
+                   and query.shape[2] == key.shape[2] and not dropout and not kwargs.get("sliding_window")
                    and query.dtype in (torch.bfloat16, torch.float16))   # position ids given per row: packed
     kernel = varlen_kernel() if packed_step else None
     bounds = boundaries(position_ids) if kernel is not None else None
