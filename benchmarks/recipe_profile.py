@@ -55,35 +55,23 @@ def kind_of(name: str) -> str:
 
 def build_variant(config, device, variant: str, ckpt: bool):
     import torch
-    from train_throughput import build
+    from train_throughput import LORA, build
 
     from qlora_helpers.recipe import cast_adapters
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     kernels = {"attention": variant != "sdpa", "liger": variant != "no-liger"}
-    model = build(config, device, dtype, upcast=False, ckpt=ckpt, dropout=0.0 if variant == "no-dropout" else 0.1,
+    model = build(config, device, dtype, upcast=False, ckpt=ckpt, dropout=0.0 if variant == "no-dropout" else LORA["dropout"],
                   kernels=kernels)
     if variant == "bf16-adapters":
         cast_adapters(model, torch.bfloat16)
     return model
 
 
-def one_step(model, opt, batch, device):
-    import torch
+def one_step(model, opt, batch, device) -> float:
+    from train_throughput import optimizer_step, trained_tokens
 
-    from qlora_helpers.recipe import causal_lm_loss
-
-    cuda = device.startswith("cuda")
-    b = {k: v.to(device) for k, v in batch.items()}
-    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cuda):
-        loss = causal_lm_loss(model, b)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.synchronize()
-    return float(loss.detach())
+    return optimizer_step(model, opt, [batch], trained_tokens([batch]), device)
 
 
 def batch_of(train, tokens: int, pad_id: int, offset: int = 0):
@@ -103,6 +91,7 @@ def batch_of(train, tokens: int, pad_id: int, offset: int = 0):
 
 def memory_rows(config, device, train, pad_id, token_list, lora_r) -> list[dict]:
     import torch
+    from train_throughput import LR, cleanup
 
     from qlora_helpers.recipe import estimate_gib
 
@@ -110,7 +99,7 @@ def memory_rows(config, device, train, pad_id, token_list, lora_r) -> list[dict]
     for ckpt in (False, True):
         model = build_variant(config, device, "base", ckpt)
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
         for tokens in token_list:
             row = {"tokens": tokens, "gradient_checkpointing": ckpt,
                    "estimate_gib": round(estimate_gib(config, tokens, ckpt, lora_r=lora_r), 3)}
@@ -137,10 +126,11 @@ def memory_rows(config, device, train, pad_id, token_list, lora_r) -> list[dict]
 def time_row(config, device, train, pad_id, tokens: int, variant: str, n_params: int, flops) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
+    from train_throughput import LR, cleanup
 
     model = build_variant(config, device, variant, ckpt=variant == "ckpt")
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     batches = [batch_of(train, tokens, pad_id, offset=k * 40) for k in range(4)]
     real = batches[3][1]                                   # conversation tokens, the filler not counted
     batches = [b for b, _ in batches]
@@ -180,20 +170,9 @@ def time_row(config, device, train, pad_id, tokens: int, variant: str, n_params:
     return out
 
 
-def cleanup() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
 def worker(args) -> None:
     import torch
-    from train_throughput import LORA, load_data, matmul_params, peak_flops
+    from train_throughput import LORA, cleanup, load_data, matmul_params, peak_flops
     from transformers import AutoTokenizer
 
     from qlora_helpers import assets

@@ -156,6 +156,38 @@ def micro_batches(examples, indices, packed: bool, tokens: int, pad_id: int):
     return [collate(chosen[i:i + HF_BATCH], pad_id) for i in range(0, len(chosen), HF_BATCH)]
 
 
+def trained_tokens(batches) -> list[int]:
+    """Trained (labelled, shifted) tokens of each micro-batch: the weights of their losses in a step."""
+    from qlora_helpers.data import IGNORE_INDEX
+
+    return [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+
+
+def optimizer_step(model, opt, batches, counts, device, loss_impl: str = "chunked") -> float:
+    """One optimizer step over ``batches`` (token-weighted by ``counts``, bf16 autocast on the GPU),
+    clipped at 1.0, synchronised; returns the step's loss."""
+    import torch
+
+    from qlora_helpers.recipe import causal_lm_loss
+
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    n_step = sum(counts)
+    loss_sum = 0.0
+    for b, n in zip(batches, counts):
+        b = {k: v.to(device) for k, v in b.items()}
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=cuda):
+            loss = causal_lm_loss(model, b, impl=loss_impl)
+        (loss * (n / n_step)).backward()
+        loss_sum += float(loss.detach()) * n / n_step
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return loss_sum
+
+
 def run_loop(spec: dict, config, data, device) -> dict:
     """(a), (c) and the ablations: one hand-written loop, the levers switched by ``spec``."""
     import types
@@ -163,7 +195,6 @@ def run_loop(spec: dict, config, data, device) -> dict:
     import torch
 
     from qlora_helpers.data import SFTData
-    from qlora_helpers.recipe import causal_lm_loss
     from qlora_helpers.train import evaluate
 
     train, evald, plan = data["train"], data["eval"], data["plan"]
@@ -187,22 +218,10 @@ def run_loop(spec: dict, config, data, device) -> dict:
     steps = []
     for indices in plan:
         batches = micro_batches(train, indices, spec["packed"], spec["tokens"], pad_id)
-        counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]   # trained tokens per micro-batch
-        n_step = sum(counts)
+        counts = trained_tokens(batches)
         seen = sum(len(train[i].input_ids) for i in indices)   # real tokens, whatever the layout
         t0 = time.perf_counter()
-        loss_sum = 0.0
-        for b, n in zip(batches, counts):
-            b = {k: v.to(device) for k, v in b.items()}
-            with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=cuda):
-                loss = causal_lm_loss(model, b, impl=spec["loss"])
-            (loss * (n / n_step)).backward()
-            loss_sum += float(loss.detach()) * n / n_step
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        loss_sum = optimizer_step(model, opt, batches, counts, device, spec["loss"])
         steps.append({"loss": round(loss_sum, 5), "tokens": seen, "micro_batches": len(batches),
                       "positions": sum(b["input_ids"].numel() for b in batches),
                       "seconds": round(time.perf_counter() - t0, 4)})
@@ -371,11 +390,13 @@ def worker(args) -> None:
 
 
 def cleanup() -> None:
+    """Free the last row's model before the next: cached blocks and the peak counter included."""
     import torch
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 # --------------------------------------------------------------------------- parity, targets, the file
@@ -424,7 +445,6 @@ def verdicts(shape: str, rows: dict) -> dict:
 
 def resummarise(path: Path) -> None:
     """Recompute loss parity and targets from the rows of an existing file; the measurements are untouched."""
-    from qlora_helpers.bench import environment
     from qlora_helpers.results import atomic_write_json
 
     data = json.loads(path.read_text())
@@ -433,8 +453,7 @@ def resummarise(path: Path) -> None:
         if "hf" in rows and "recipe" in rows and "steps" in rows["recipe"] and "steps" in rows["hf"]:
             entry["loss_parity"] = parity(rows["hf"], rows["recipe"])
         entry["targets"] = verdicts(shape, rows)
-    env = environment()
-    data["figures"]["summarised"] = {"command": env["command"], "date": env["date"]}
+    data["figures"]["summarised"] = environment_stamp()
     atomic_write_json(path, data)
     print(f"rewrote the parity and targets of {path}")
 

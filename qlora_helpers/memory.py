@@ -389,8 +389,8 @@ def estimate(config, method: str, batch_size: int, seq_len: int, lora_r: int = 8
     inputs = dict(method=method, batch_size=B, seq_len=S, lm_tokens_per_sample=S_lm, lora_r=r,
                   targets=sorted(lora), grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer,
                   dtype=dtype, loss_chunk=loss_chunk)
-    detail = {"saved for backward": acts + (4 * N * V if loss_chunk is None else 0) + labels, "rope": rope, "one layer saved": layer(True),
-              "recomputed layer": recompute, "optimizer temporary": opt_temp, "dequantised weight": deq,
+    detail = {"saved for backward": acts + (4 * N * V if loss_chunk is None else 0) + labels, "rope": rope,
+              "one layer saved": layer(True), "recomputed layer": recompute, "optimizer temporary": opt_temp, "dequantised weight": deq,
               "layer backward temporary": layer_tmp, "tokens": N}
     return MemoryEstimate(phases[peak], totals, peak, outside, params, inputs, detail)
 

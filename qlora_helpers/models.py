@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -173,8 +174,6 @@ def build_random(config, quantize: str | None = None, device: str = "cuda", dtyp
     """
     import torch
     from accelerate import init_empty_weights
-    import copy
-
     from tqdm.auto import tqdm
 
     if quantize not in QUANTIZE:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 
 from qlora_helpers.data import IGNORE_INDEX
+
 MAX_ROW_TOKENS = 4096
 KERNELS = ("auto", "chunked", "liger")      # what linear_cross_entropy runs
 LOSS_IMPLS = (*KERNELS, "hf")               # causal_lm_loss: those, or the model's own loss
