@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 
 PROFILES = ("auto", "cpu", "gpu")
+# torch's CPU kernels come in levels; bf16 matrix products run in hardware only from AVX-512 on, and only
+# on CPUs with the AVX512-BF16 or AMX instructions. Elsewhere (AVX2 laptops) they are ~50x slower than fp32.
+NATIVE_BF16_LEVELS = ("AVX512",)
+CPU_DTYPE_ENV = "QLORA_CPU_DTYPE"   # "auto" (default), "bf16" or "fp32": force the CPU's compute dtype
 
 
 def resolve_profile(profile: str) -> str:
@@ -27,6 +32,44 @@ def resolve_profile(profile: str) -> str:
 
 def default_device(profile: str) -> str:
     return "cuda" if resolve_profile(profile) == "gpu" else "cpu"
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware, by torch's reported kernel level.
+
+    ``ATEN_CPU_CAPABILITY=avx2`` (with ``ONEDNN_MAX_CPU_ISA=AVX2``) makes a newer CPU answer as an
+    AVX2 laptop does.
+    """
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() not in NATIVE_BF16_LEVELS:
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def cpu_compute_dtype():
+    """The dtype the course computes in on the CPU: bf16 where the CPU computes it natively, else fp32.
+
+    The GPU settings (bf16 in the presets, the precision rule of chapter 05) are not this function's:
+    it answers only for the CPU. ``QLORA_CPU_DTYPE=fp32`` (or ``bf16``) forces the answer.
+    """
+    import torch
+
+    forced = os.environ.get(CPU_DTYPE_ENV, "auto")
+    if forced not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"{CPU_DTYPE_ENV}={forced!r}: use auto, bf16 or fp32")
+    if forced == "auto":
+        forced = "bf16" if cpu_native_bf16() else "fp32"
+    return torch.bfloat16 if forced == "bf16" else torch.float32
+
+
+def compute_dtype(device: str):
+    """bf16 on a CUDA device that has it (fp16 on one that has not), ``cpu_compute_dtype()`` on the CPU."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return cpu_compute_dtype()
 
 
 def versions(packages=("torch", "transformers", "peft", "bitsandbytes", "accelerate", "papermill",
@@ -56,6 +99,6 @@ def device_info() -> dict:
                 "memory_gib": round(props.total_memory / 2**30, 1),
                 "capability": f"{props.major}.{props.minor}", "bf16": torch.cuda.is_bf16_supported(),
                 "cuda": torch.version.cuda}
-    import os
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "count": os.cpu_count(),
-            "bf16": True}
+            "capability": torch.backends.cpu.get_cpu_capability(), "bf16": cpu_native_bf16(),
+            "compute_dtype": str(cpu_compute_dtype()).removeprefix("torch.")}

@@ -6,8 +6,9 @@ device                 compute dtype       loss scaling    why
 Ampere or newer (8.x+)  bf16                no              bf16 has fp32's exponent range
 Volta / Turing (7.x)    fp16                GradScaler      no bf16 units; fp16 gradients
                                                             underflow without scaling
-CPU                     fp32                no              exact, and the reference the
-                                                            multi-process test compares
+CPU with native bf16    bf16                no              AVX-512 BF16 / AMX: bf16 is fast
+CPU without (AVX2)      fp32                no              bf16 there is ~50x slower than
+                                                            fp32 (``device.cpu_compute_dtype``)
 =====================  ==================  ==============  ==============================
 
 The LoRA weights themselves stay fp32 in every case (peft upcasts adapters of a 16-bit model),
@@ -19,8 +20,8 @@ is refused with a line that says to use 4-bit. 4-bit NF4 runs on every CUDA GPU 
 Example:
     >>> choose((7, 0), bf16_supported=False).compute_dtype, choose((9, 0), True).compute_dtype
     ('fp16', 'bf16')
-    >>> choose(None, True).mixed_precision
-    'no'
+    >>> choose(None, False).compute_dtype, choose(None, True).compute_dtype
+    ('fp32', 'bf16')
 
 The same module builds what each rank trains, in those formats: ``load_model`` (a 4-bit or 8-bit
 model on one device) and ``add_lora``.
@@ -58,9 +59,11 @@ def choose(capability: tuple[int, int] | None, bf16_supported: bool, request: st
     if capability is None:
         if request == "fp16":
             raise ValueError("precision='fp16' is a GPU path (loss scaling for Volta/Turing): use 'auto' or 'fp32' on the CPU")
-        if request == "bf16":
-            return Precision("bf16", "bf16", False, "fp32", "bf16 on the CPU, as requested")
-        return Precision("fp32", "no", False, "fp32", "CPU: fp32 compute, exact and the reference for tests")
+        if request == "bf16" or (request == "auto" and bf16_supported):
+            why = "as requested" if request == "bf16" else "this CPU computes bf16 natively"
+            return Precision("bf16", "bf16", False, "fp32", f"bf16 on the CPU, {why}")
+        why = "as requested" if request == "fp32" else "this CPU has no native bf16 (it would run ~50x slower)"
+        return Precision("fp32", "no", False, "fp32", f"CPU: fp32 compute, {why}")
     bf16_ok = bf16_supported and tuple(capability) >= BF16_MIN_CAPABILITY
     if request == "bf16" and not bf16_ok:
         raise ValueError(f"precision='bf16' needs compute capability 8.0 or newer; this GPU has {_name(capability)}: "
@@ -83,11 +86,16 @@ def check_quantize(quantize: str, capability: tuple[int, int] | None, device_nam
 
 
 def detect(device_index: int | None = None) -> tuple[tuple[int, int] | None, bool, str]:
-    """(capability, bf16 supported, device name) of CUDA device ``device_index``, or the CPU's."""
+    """(capability, bf16 supported, device name) of CUDA device ``device_index``, or the CPU's.
+
+    On the CPU "bf16 supported" is ``device.cpu_compute_dtype()``'s answer: native bf16 (or forced).
+    """
     import torch
 
+    from qlora_helpers.device import cpu_compute_dtype
+
     if device_index is None or not torch.cuda.is_available():
-        return None, True, "CPU"
+        return None, cpu_compute_dtype() == torch.bfloat16, "CPU"
     cap = torch.cuda.get_device_capability(device_index)
     return cap, torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(device_index)
 

@@ -173,6 +173,10 @@ def resolve_device(cfg: SFTConfig) -> str:
 
 def validate(cfg: SFTConfig) -> SFTConfig:
     """Raise ``ValueError`` with one line for the first invalid or contradictory setting."""
+    import torch
+
+    from qlora_helpers.device import cpu_compute_dtype
+
     def bad(msg):
         raise ValueError(msg)
 
@@ -223,6 +227,9 @@ def validate(cfg: SFTConfig) -> SFTConfig:
     if device == "cuda" and cfg.bf16 and not has_bf16:
         bad(f"bf16 requested but {gpu} has no bfloat16 support "
             "(needs compute capability 8.0+): use --fp16 or drop --bf16")
+    if device == "cpu" and cfg.bf16 and cpu_compute_dtype() != torch.bfloat16:
+        bad("bf16 requested but this CPU has no native bf16 (torch reports "
+            f"{torch.backends.cpu.get_cpu_capability()}): it would run ~50x slower than fp32; drop --bf16")
     if device == "cpu" and cfg.fp16:
         bad("fp16 needs a CUDA GPU (no fp16 autocast and grad scaler on the CPU): use --bf16 or neither")
     if device == "cpu" and cfg.optim.startswith("paged_"):

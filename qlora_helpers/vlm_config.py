@@ -56,8 +56,17 @@ class QuantizationSettings:
     load_in_4bit: bool = True
     quant_type: str = "nf4"          # nf4 suits normally distributed weights better than fp4
     double_quant: bool = True        # quantise the block scales too: ~0.4 bit per weight saved
-    compute_dtype: str = "bfloat16"  # 4-bit weights are dequantised to this for each matmul
+    compute_dtype: str = "bfloat16"  # on the GPU, 4-bit weights are dequantised to this for each matmul;
+    #                                  the CPU uses device.cpu_compute_dtype() instead (fp32 without native bf16)
     prepare_kbit: bool = False       # peft's prepare_model_for_kbit_training (upcasts norms, embeddings, tower)
+
+    def torch_dtype(self, device: str):
+        """``compute_dtype`` on a GPU; on the CPU, bf16 only where it is native (``device.cpu_compute_dtype``)."""
+        import torch
+
+        from qlora_helpers.device import cpu_compute_dtype
+
+        return getattr(torch, self.compute_dtype) if str(device).startswith("cuda") else cpu_compute_dtype()
 
 
 @dataclass(frozen=True)

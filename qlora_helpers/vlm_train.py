@@ -157,6 +157,7 @@ def self_test(device: str = "cpu", preset: str = "ultra_low_memory") -> list[dic
 
     import torch
 
+    from qlora_helpers.device import cpu_compute_dtype
     from qlora_helpers.models import build_random, tiny_llava
     from qlora_helpers.vlm_config import preset as get_preset
     from qlora_helpers.vlm_model import prepare_for_training
@@ -169,7 +170,7 @@ def self_test(device: str = "cpu", preset: str = "ultra_low_memory") -> list[dic
     cfg = get_preset(preset)
     check("preset validates", True, cfg.summary())
     config = tiny_llava(image_size=28, patch_size=14)
-    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    dtype = torch.bfloat16 if device != "cpu" else cpu_compute_dtype()
     model = build_random(config, quantize="4bit", device=device, dtype=dtype, progress=False)
     n4 = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     check("language model in 4-bit", n4 > 0, f"{n4} Linear4bit layers")
