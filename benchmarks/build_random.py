@@ -1,6 +1,6 @@
 """How much GPU memory does it take to build a real-shape model with random weights?
 
-``qlora_helpers.models.build_random`` quantises each linear layer as soon as its random bf16
+``qlora_helpers.common.models.build_random`` quantises each linear layer as soon as its random bf16
 weight exists, so building a 32B-shape model in 4-bit should peak near the 4-bit model's size
 plus one weight matrix, never near the 61 GiB of its bf16 weights. This script measures that
 for each shape and quantisation and writes ``benchmarks/results/build_random.json``.
@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from qlora_helpers.bench import cuda_peak_gib, write_benchmark
-from qlora_helpers.configs import get_config
-from qlora_helpers.models import build_random, count_parameters
+from qlora_helpers.common.bench import cuda_peak_gib, write_benchmark
+from qlora_helpers.common.models import build_random, count_parameters
+from qlora_helpers.common.shapes import get_config
 
 
 def main() -> None:

@@ -22,10 +22,10 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qlora_helpers.bench import write_benchmark
-from qlora_helpers.device import device_info
-from qlora_helpers.results import repo_root
-from qlora_helpers.runner import run_notebooks
+from qlora_helpers.common.bench import write_benchmark
+from qlora_helpers.common.device import device_info
+from qlora_helpers.common.files import repo_root
+from qlora_helpers.common.runner import run_notebooks
 
 # how each CPU mode is run: extra environment of the notebook kernels
 MODES = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
@@ -33,7 +33,7 @@ MODES = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_I
 
 def cpu_facts(env: dict) -> dict:
     """What the notebook kernels will see of the CPU under ``env`` (a fresh interpreter reads it)."""
-    code = ("import json; from qlora_helpers.device import device_info; d = device_info(); "
+    code = ("import json; from qlora_helpers.common.device import device_info; d = device_info(); "
             "print(json.dumps({k: d[k] for k in ('capability', 'bf16', 'compute_dtype')}))")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
                          text=True, check=True)

@@ -46,8 +46,8 @@ QWEN25_72B = dict(model_type="qwen2", hidden_size=8192, intermediate_size=29568,
 def get_shape(preset: str):
     from transformers import CONFIG_MAPPING
 
-    from qlora_helpers.configs import get_config
-    from qlora_helpers.models import tiny_qwen2
+    from qlora_helpers.common.models import tiny_qwen2
+    from qlora_helpers.common.shapes import get_config
 
     if preset == "qwen2.5-72b":
         kw = dict(QWEN25_72B)
@@ -152,8 +152,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    from qlora_helpers.memory import model_shape, quantized_bytes
-    from qlora_helpers.models import bnb_config
+    from qlora_helpers.ch01_memory.estimator import model_shape, quantized_bytes
+    from qlora_helpers.common.models import bnb_config
 
     config = get_shape(args.preset)
     qconfig = bnb_config("4bit", dtype, quant_storage=dtype)          # the FSDP-QLoRA switch: 16-bit storage
@@ -226,7 +226,7 @@ def main() -> None:
                    "lora_finite": all(r["lora_finite"] for r in per_rank), "per_rank": per_rank}
         print({k: v for k, v in figures.items() if k != "per_rank"}, flush=True)
         if not args.cpu or args.out:
-            from qlora_helpers.bench import write_benchmark
+            from qlora_helpers.common.bench import write_benchmark
             write_benchmark("fsdp_qlora", figures, args.out)
     dist.barrier()
     dist.destroy_process_group()

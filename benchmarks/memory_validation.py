@@ -1,4 +1,4 @@
-"""Check ``qlora_helpers.memory.estimate`` against peaks measured on a GPU.
+"""Check ``qlora_helpers.ch01_memory.estimator.estimate`` against peaks measured on a GPU.
 
 Configurations of one model shape run one after another in a worker process, each measured from a
 clean allocator (everything of the previous one freed); the worker stops after an out-of-memory
@@ -63,13 +63,14 @@ QUICK = [k for k in CONFIGS if k.startswith("0.5b")]
 
 def predict_and_measure(name: str, steps: int) -> dict:
     """Predict, then measure one configuration (in the worker process)."""
-    from qlora_helpers.configs import get_config
-    from qlora_helpers.memory import GIB, estimate, measure
+    from qlora_helpers.ch01_memory.estimator import GIB, estimate
+    from qlora_helpers.ch01_memory.measurement import measure
+    from qlora_helpers.common.shapes import get_config
 
     preset, method, batch, seq, extra = CONFIGS[name]
     config = get_config(preset)
-    est = estimate(config, method, batch, seq, **extra)
-    got = measure(config, method, batch, seq, steps=steps, **extra)
+    est = estimate(config, method, batch_size=batch, seq_len=seq, **extra)
+    got = measure(config, method, batch_size=batch, seq_len=seq, steps=steps, **extra)
     row = {"predicted_gib": round(est.total_gib, 4), "predicted_phase": est.peak_phase,
            "predicted_components_gib": {k: round(v, 4) for k, v in est.components_gib().items()},
            "predicted_phases_gib": {k: round(v / GIB, 4) for k, v in est.phases.items()},
@@ -133,8 +134,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from qlora_helpers.bench import environment
-    from qlora_helpers.results import atomic_write_json
+    from qlora_helpers.common.bench import environment
+    from qlora_helpers.common.files import atomic_write_json
 
     if not torch.cuda.is_available():
         print("error: no CUDA GPU visible; this benchmark measures GPU memory (estimates alone: "

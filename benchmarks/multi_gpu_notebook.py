@@ -1,6 +1,6 @@
 """Chapter 05 executed by papermill on a multi-GPU machine: one process and one 4-bit model per GPU.
 
-The notebook launches ``qlora_helpers.ddp.train_worker`` on every visible GPU with accelerate's
+The notebook launches ``qlora_helpers.ch05_multi_gpu.worker.train_worker`` on every visible GPU with accelerate's
 ``notebook_launcher`` (NCCL between them). Real weights cannot reach the GPU machine, so the default
 model is ``random:qwen2.5-32b``: random weights at the real 32B shape, which makes memory, speed and
 the gradient exchange real and the accuracies meaningless. ``--precision fp16`` takes the V100 path
@@ -37,9 +37,9 @@ def main() -> None:
     parser.add_argument("--out", help="result file (default: benchmarks/results/multi_gpu_notebook.json)")
     args = parser.parse_args()
 
-    from qlora_helpers.bench import write_benchmark
-    from qlora_helpers.ddp import visible_gpus
-    from qlora_helpers.runner import run_notebooks
+    from qlora_helpers.ch05_multi_gpu.worker import visible_gpus
+    from qlora_helpers.common.bench import write_benchmark
+    from qlora_helpers.common.runner import run_notebooks
 
     if visible_gpus() < 2:
         raise SystemExit("error: this benchmark shows data parallelism across GPUs: run it where 2 or more are visible")

@@ -33,7 +33,7 @@ CLAIMED = {"model_gb": 18.0, "per_gpu_gb": 27.5}   # from the 8 x V100 write-up 
 def config_for(variant: str):
     from transformers import CONFIG_MAPPING
 
-    from qlora_helpers.configs import PRESETS, get_config
+    from qlora_helpers.common.shapes import PRESETS, get_config
 
     if variant == "text":
         return get_config("qwen2.5-32b")
@@ -74,9 +74,10 @@ def make_batch(config, seq_len: int, device):
 def measure(variant: str, steps: int, seq_len: int, cap_gib: float, r: int) -> dict:
     import torch
 
-    from qlora_helpers.bench import cuda_peak_gib
-    from qlora_helpers.models import build_random
-    from qlora_helpers.precision import add_lora, choose, detect
+    from qlora_helpers.ch05_multi_gpu.model import add_lora
+    from qlora_helpers.ch05_multi_gpu.precision import choose, detect
+    from qlora_helpers.common.bench import cuda_peak_gib
+    from qlora_helpers.common.models import build_random
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), 0)
@@ -140,9 +141,9 @@ def measure(variant: str, steps: int, seq_len: int, cap_gib: float, r: int) -> d
 
 
 def estimate_for(variant: str, seq_len: int, r: int) -> dict:
-    from qlora_helpers.memory import estimate
+    from qlora_helpers.ch01_memory.estimator import estimate
 
-    est = estimate(config_for(variant), "qlora4", 1, seq_len, lora_r=r, targets="q_proj,k_proj,v_proj,o_proj",
+    est = estimate(config_for(variant), "qlora4", batch_size=1, seq_len=seq_len, lora_r=r, targets="q_proj,k_proj,v_proj,o_proj",
                    grad_ckpt=True, optimizer="adamw", dtype="fp16")
     return {"total_gib": round(est.total_gib, 3), "components_gib": {k: round(v, 3) for k, v in est.components_gib().items()}}
 
@@ -184,7 +185,7 @@ def main() -> None:
                "model_gib": text.get("model_gib"), "peak_allocated_gib": text.get("peak_allocated_gib"),
                "peak_reserved_gib": text.get("peak_reserved_gib"), "claimed": CLAIMED,
                "note": "memory as on a V100-32GB (allocator capped); seconds are this GPU's", "rows": rows}
-    from qlora_helpers.bench import write_benchmark
+    from qlora_helpers.common.bench import write_benchmark
 
     write_benchmark("qlora_32b_v100", figures, args.out)
 

@@ -11,7 +11,7 @@ r=64 on every linear layer) and packed micro-batches of the chatterbot SFT data,
   GPU's busy share of the wall clock, and the top operators; with the MFU of that step.
 
 Each ``--variants`` entry changes one lever of the recipe's maximal configuration (``recipe-max`` in
-``train_throughput.py``, with ``qlora_helpers.fast_kernels`` on): ``base``, ``sdpa`` (block-masked SDPA
+``train_throughput.py``, with ``qlora_helpers.ch03_sft.fast_kernels`` on): ``base``, ``sdpa`` (block-masked SDPA
 instead of varlen attention), ``no-liger`` (PyTorch's RMSNorm and SwiGLU instead of Liger's),
 ``no-dropout`` (LoRA dropout 0 instead of the seed's 0.1), ``bf16-adapters`` (``recipe.cast_adapters``),
 ``ckpt`` (checkpointing on).
@@ -57,7 +57,7 @@ def build_variant(config, device, variant: str, ckpt: bool):
     import torch
     from train_throughput import LORA, build
 
-    from qlora_helpers.recipe import cast_adapters
+    from qlora_helpers.ch03_sft.recipe import cast_adapters
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     kernels = {"attention": variant != "sdpa", "liger": variant != "no-liger"}
@@ -76,7 +76,7 @@ def one_step(model, opt, batch, device) -> float:
 
 def batch_of(train, tokens: int, pad_id: int, offset: int = 0):
     """One packed micro-batch of ``tokens`` tokens (conversations taken in order from ``offset``)."""
-    from qlora_helpers.recipe import packed_micro_batches
+    from qlora_helpers.ch03_sft.recipe import packed_micro_batches
 
     chosen, used, i = [], 0, offset
     while used < tokens:
@@ -93,7 +93,7 @@ def memory_rows(config, device, train, pad_id, token_list, lora_r) -> list[dict]
     import torch
     from train_throughput import LR, cleanup
 
-    from qlora_helpers.recipe import estimate_gib
+    from qlora_helpers.ch03_sft.recipe import estimate_gib
 
     rows = []
     for ckpt in (False, True):
@@ -175,9 +175,9 @@ def worker(args) -> None:
     from train_throughput import LORA, cleanup, load_data, matmul_params, peak_flops
     from transformers import AutoTokenizer
 
-    from qlora_helpers import assets
-    from qlora_helpers.configs import get_config
-    from qlora_helpers.models import tiny_qwen2
+    from qlora_helpers.common import assets
+    from qlora_helpers.common.models import tiny_qwen2
+    from qlora_helpers.common.shapes import get_config
 
     tokenizer = AutoTokenizer.from_pretrained(assets.verify("qwen-tokenizer", only=assets.TOKENIZER_FILES))
     config = tiny_qwen2(vocab_size=len(tokenizer)) if args.shape == "tiny" else get_config(args.shape)
@@ -215,7 +215,7 @@ def main() -> None:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("recipe_profile.py profiles a GPU: run it on a CUDA machine (or --shapes tiny --device cpu)")
-    from qlora_helpers.bench import write_benchmark
+    from qlora_helpers.common.bench import write_benchmark
 
     shapes = {}
     for shape in args.shapes:

@@ -2,7 +2,7 @@
 
 The seed guide's table says full fine-tuning of Qwen2.5-0.5B takes ~8 GB, LoRA (r=64) ~6 GB,
 QLoRA-4 ~3 GB and QLoRA-8 ~4 GB. This script measures those four rows the way a learner runs them:
-the shipped configs in ``data/configs/`` through ``qlora_helpers.sft.run_sft`` (the same code path as
+the shipped configs in ``data/configs/`` through ``qlora_helpers.ch03_sft.command.run_sft`` (the same code path as
 ``python -m qlora_helpers sft``), on the chatterbot SFT data tokenized with the real Qwen2.5
 tokenizer and its chat template, bf16, r=64 on every linear layer, batch 4 x up to 512 tokens.
 
@@ -43,8 +43,8 @@ def write_random_model(shape: str, folder: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_helpers.configs import get_config
-    from qlora_helpers.models import write_model_folder
+    from qlora_helpers.common.models import write_model_folder
+    from qlora_helpers.common.shapes import get_config
 
     def make_model(tokenizer):
         torch.manual_seed(0)
@@ -58,7 +58,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, args) -> dict:
     """Train one mode with the shipped config and return what the table needs (runs in its own process)."""
     import torch
 
-    from qlora_helpers.sft import from_dict, load_config_file, run_sft
+    from qlora_helpers.ch03_sft.command import from_dict, load_config_file, run_sft
 
     values = load_config_file(ROOT / "data" / "configs" / f"{mode}.json")
     values.update(model_name_or_path=str(model_dir), output_dir=str(work / mode), overwrite_output_dir=True,
@@ -107,7 +107,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_mode(args.one, model_dir, work, args)))
         return
 
-    from qlora_helpers.bench import write_benchmark
+    from qlora_helpers.common.bench import write_benchmark
 
     write_random_model(args.shape, model_dir)
     rows, failures = {}, {}

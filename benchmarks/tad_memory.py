@@ -15,7 +15,7 @@ crash loses that row only, and the JSON is rewritten atomically after every row.
     python benchmarks/tad_memory.py --quick    # the 4 strategies, checkpointing on, 2 steps (~1.5 min)
     python benchmarks/tad_memory.py --only adapter-cp seed_qlora4-cp --out /tmp/tad.json
 
-Writes ``benchmarks/results/tad_memory.json`` through ``qlora_helpers.bench.write_benchmark``.
+Writes ``benchmarks/results/tad_memory.json`` through ``qlora_helpers.common.bench.write_benchmark``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STRATEGIES = {  # name -> (strategy of qlora_helpers.tad.config.strategy_config, extra arguments)
+STRATEGIES = {  # name -> (strategy of qlora_helpers.ch02_tad.config.strategy_config, extra arguments)
     "full_ft": ("full_ft", {}),
     "adapter": ("adapter", {}),
     "seed_qlora4": ("seed_qlora", {"quantize_bits": 4}),
@@ -51,9 +51,9 @@ def worker(name: str, steps: int, batch_size: int, frames: int) -> dict:
     import numpy as np
     import torch
 
-    from qlora_helpers.bench import cuda_peak_gib
-    from qlora_helpers.tad.adapters import parameter_report
-    from qlora_helpers.tad.config import VIDEOMAE_S, build_model, param_groups, strategy_config
+    from qlora_helpers.ch02_tad.adapters import parameter_report
+    from qlora_helpers.ch02_tad.config import VIDEOMAE_S, build_model, param_groups, strategy_config
+    from qlora_helpers.common.bench import cuda_peak_gib
 
     strategy, cp = CONFIGS[name]
     kind, extra = STRATEGIES[strategy]
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from qlora_helpers.bench import write_benchmark
+    from qlora_helpers.common.bench import write_benchmark
 
     if not torch.cuda.is_available():
         print("error: no CUDA GPU visible; this benchmark measures GPU memory (the notebook counts bytes on a CPU)",

@@ -11,9 +11,9 @@ over the same conversations (about ``--step-tokens`` tokens a step):
     right-padded to the longest, ``model(**batch).loss`` (token-weighted over the accumulation).
 (b) ``trl``: ``trl.SFTTrainer`` with a ``LoraConfig`` and its defaults otherwise (batch 4, the
     accumulation that gives the same conversations per step).
-(c) ``recipe``: ``qlora_helpers.recipe``: no upcast, loss on the trained positions in chunks, padding-free
+(c) ``recipe``: ``qlora_helpers.ch03_sft.recipe``: no upcast, loss on the trained positions in chunks, padding-free
     packing, on the GPU varlen flash attention for the packed rows and Liger's RMSNorm/SwiGLU kernels
-    (``qlora_helpers.fast_kernels``), micro-batch (tokens) and checkpointing planned by the chapter-01
+    (``qlora_helpers.ch03_sft.fast_kernels``), micro-batch (tokens) and checkpointing planned by the chapter-01
     estimator for a memory budget of 0.7 x the peak that (a) measured in this run.
 ``recipe-max`` plans for most of the GPU instead (micro-batches >= 4k tokens: the MFU figure), and the
 ablation rows change one lever of ``recipe-max`` each: block-masked SDPA attention instead of varlen
@@ -71,8 +71,8 @@ RECIPE = {"upcast": False, "packed": True, "loss": "chunked", "attention": True,
 
 # --------------------------------------------------------------------------- the shared workload
 def load_data(tokenizer, n_eval: int = 64):
-    from qlora_helpers.assets import sft_paths
-    from qlora_helpers.data import encode_all, read_jsonl
+    from qlora_helpers.ch03_sft.data import encode_all, read_jsonl
+    from qlora_helpers.common.assets import sft_paths
 
     paths = sft_paths()
     conversations = read_jsonl(paths["train"])
@@ -102,7 +102,7 @@ def step_plan(examples, step_tokens: int, steps: int, seed: int = 0) -> list[lis
 
 def matmul_params(config) -> int:
     """N: parameters each token is multiplied by (decoder linears + output layer)."""
-    from qlora_helpers.memory import model_shape
+    from qlora_helpers.ch01_memory.estimator import model_shape
 
     s = model_shape(config)
     return sum(l.count * l.fan_in * l.fan_out for l in s.linears) + s.vocab * s.hidden
@@ -117,17 +117,17 @@ def build(config, device, dtype, upcast: bool, ckpt: bool, dropout: float = LORA
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from qlora_helpers.models import build_random
-    from qlora_helpers.recipe import prepare_model
+    from qlora_helpers.ch03_sft.recipe import prepare_model
+    from qlora_helpers.common.models import build_random
 
     model = build_random(config, quantize="4bit", device=device, dtype=dtype, seed=0, progress=False)
     if device == "cpu":
-        from qlora_helpers.quant import keep_cpu_training_layout
+        from qlora_helpers.common.quant import keep_cpu_training_layout
         keep_cpu_training_layout(model)
     if upcast:     # (a), or the upcast ablation (which keeps the recipe's kernels)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
         if kernels and any(kernels.values()):
-            from qlora_helpers.fast_kernels import enable
+            from qlora_helpers.ch03_sft.fast_kernels import enable
             model.recipe_kernels = enable(model, **kernels)
     else:
         model = prepare_model(model, gradient_checkpointing=ckpt, fast_kernels=kernels or False)
@@ -138,8 +138,8 @@ def build(config, device, dtype, upcast: bool, ckpt: bool, dropout: float = LORA
 
 
 def micro_batches(examples, indices, packed: bool, tokens: int, pad_id: int):
-    from qlora_helpers.data import collate
-    from qlora_helpers.recipe import packed_micro_batches
+    from qlora_helpers.ch03_sft.data import collate
+    from qlora_helpers.ch03_sft.recipe import packed_micro_batches
 
     chosen = [examples[i] for i in indices]
     if packed:
@@ -158,7 +158,7 @@ def micro_batches(examples, indices, packed: bool, tokens: int, pad_id: int):
 
 def trained_tokens(batches) -> list[int]:
     """Trained (labelled, shifted) tokens of each micro-batch: the weights of their losses in a step."""
-    from qlora_helpers.data import IGNORE_INDEX
+    from qlora_helpers.ch03_sft.data import IGNORE_INDEX
 
     return [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
 
@@ -168,7 +168,7 @@ def optimizer_step(model, opt, batches, counts, device, loss_impl: str = "chunke
     clipped at 1.0, synchronised; returns the step's loss."""
     import torch
 
-    from qlora_helpers.recipe import causal_lm_loss
+    from qlora_helpers.ch03_sft.recipe import causal_lm_loss
 
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -194,8 +194,8 @@ def run_loop(spec: dict, config, data, device) -> dict:
 
     import torch
 
-    from qlora_helpers.data import SFTData
-    from qlora_helpers.train import evaluate
+    from qlora_helpers.ch03_sft.data import SFTData
+    from qlora_helpers.ch03_sft.loop import evaluate
 
     train, evald, plan = data["train"], data["eval"], data["plan"]
     pad_id = data["pad_id"]
@@ -205,7 +205,7 @@ def run_loop(spec: dict, config, data, device) -> dict:
                   {k: spec.get(k, False) for k in ("attention", "liger")})
     kernels = getattr(model.get_base_model(), "recipe_kernels", None)   # what this machine switched on
     if spec.get("adapter_dtype") == "bf16":   # as TRL does for QLoRA: adapters, their gradients and AdamW states in bf16
-        from qlora_helpers.recipe import cast_adapters
+        from qlora_helpers.ch03_sft.recipe import cast_adapters
         cast_adapters(model, torch.bfloat16)
     if spec.get("compile"):                   # the decoder only: the chunked loss stays eager
         base = model.get_base_model()
@@ -244,7 +244,7 @@ def run_trl(config, data, device, tmp: Path) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from qlora_helpers.models import build_random
+    from qlora_helpers.common.models import build_random
 
     plan = data["plan"]
     per_step = len(plan[0])
@@ -302,7 +302,7 @@ def summarise(result: dict, n_params: int, flops: float | None, skip: int) -> di
 
 # --------------------------------------------------------------------------- one shape, in a worker process
 def specs_for(rows, config, device, budget_hf_gib: float | None, gpu_gib: float) -> dict:
-    from qlora_helpers.recipe import plan_micro_batch
+    from qlora_helpers.ch03_sft.recipe import plan_micro_batch
 
     tiny = device == "cpu"
     specs = {"hf": HF_SPEC}
@@ -340,9 +340,9 @@ def worker(args) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from qlora_helpers import assets
-    from qlora_helpers.configs import get_config
-    from qlora_helpers.models import tiny_qwen2
+    from qlora_helpers.common import assets
+    from qlora_helpers.common.models import tiny_qwen2
+    from qlora_helpers.common.shapes import get_config
 
     device = args.device
     tokenizer = AutoTokenizer.from_pretrained(assets.verify("qwen-tokenizer", only=assets.TOKENIZER_FILES))
@@ -445,7 +445,7 @@ def verdicts(shape: str, rows: dict) -> dict:
 
 def resummarise(path: Path) -> None:
     """Recompute loss parity and targets from the rows of an existing file; the measurements are untouched."""
-    from qlora_helpers.results import atomic_write_json
+    from qlora_helpers.common.files import atomic_write_json
 
     data = json.loads(path.read_text())
     for shape, entry in data["figures"]["shapes"].items():
@@ -461,7 +461,7 @@ def resummarise(path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-7b"],
-                   help="presets of qlora_helpers.configs, or 'tiny' (CPU smoke test)")
+                   help="presets of qlora_helpers.common.shapes, or 'tiny' (CPU smoke test)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per row")
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the timing (warm-up)")
@@ -530,7 +530,7 @@ def main() -> None:
 
 
 def environment_stamp() -> dict:
-    from qlora_helpers.bench import environment
+    from qlora_helpers.common.bench import environment
 
     env = environment()
     return {"command": env["command"], "date": env["date"]}
@@ -546,7 +546,7 @@ def shape_entry(shape, rows, meta, exit_code, t0, runs) -> dict:
 
 
 def write_figures(shapes, args) -> None:
-    from qlora_helpers.bench import write_benchmark
+    from qlora_helpers.common.bench import write_benchmark
 
     figures = {"shapes": shapes, "lora": LORA, "learning_rate": LR, "hf_micro_batch": HF_BATCH,
                    "max_length": MAX_LENGTH, "mfu_basis": "tokens/s x 4N / peak dense bf16 FLOP/s; N = decoder "

@@ -16,7 +16,7 @@ card. Three kinds of runs, each in a fresh process so an out-of-memory error spo
   (``balanced``, rank 16) at 512 and 1024 capped at 11.5 GiB, and rank 16 at 512 under the 8 GB cap;
 - a search, for each proof that runs out of memory: shorter text, then rank 4, then 224-px images,
   until one fits;
-- knobs: the 8 GB preset with one knob flipped at a time (``qlora_helpers.vlm.KNOBS``), uncapped,
+- knobs: the 8 GB preset with one knob flipped at a time (``qlora_helpers.ch04_vlm.vram.KNOBS``), uncapped,
   3 optimizer steps: the measured saving of each knob.
 
     python benchmarks/vlm_8gb.py            # everything: 12 runs, 3 at a time on one GPU
@@ -25,7 +25,7 @@ card. Three kinds of runs, each in a fresh process so an out-of-memory error spo
 
 The record holds each run's own seconds and the whole benchmark's wall time (``wall_seconds``).
 
-Writes ``benchmarks/results/vlm_8gb.json`` (``qlora_helpers.bench.write_benchmark``) after every run.
+Writes ``benchmarks/results/vlm_8gb.json`` (``qlora_helpers.common.bench.write_benchmark``) after every run.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def merge(a: dict, b: dict) -> dict:
 
 
 def knob_runs() -> dict:
-    from qlora_helpers.vlm import KNOBS
+    from qlora_helpers.ch04_vlm.vram import KNOBS
 
     return {f"knob: {name}": ("ultra_low_memory", changes, None) for name, changes in KNOBS.items()
             if "1024 text tokens" not in name}          # that one is the 8gb-s1024 proof
@@ -106,12 +106,12 @@ def run_one(preset: str, changes: dict, cap_gib, steps: int, accum: int, device:
 
     import torch
 
-    from qlora_helpers.configs import get_config
-    from qlora_helpers.models import build_random, tiny_llava
-    from qlora_helpers.vlm import estimate_vlm, with_changes
-    from qlora_helpers.vlm_config import preset as get_preset
-    from qlora_helpers.vlm_data import photos_336
-    from qlora_helpers.vlm_model import prepare_for_training
+    from qlora_helpers.ch04_vlm.config import preset as get_preset
+    from qlora_helpers.ch04_vlm.data import photos_336
+    from qlora_helpers.ch04_vlm.model import prepare_for_training
+    from qlora_helpers.ch04_vlm.vram import estimate_vlm, with_changes
+    from qlora_helpers.common.models import build_random, tiny_llava
+    from qlora_helpers.common.shapes import get_config
 
     cfg = with_changes(get_preset(preset), changes)
     cuda = device.startswith("cuda")
@@ -261,11 +261,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from qlora_helpers.bench import write_benchmark
+    from qlora_helpers.common.bench import write_benchmark
 
     if not torch.cuda.is_available():
         print("error: no CUDA GPU visible; this benchmark measures GPU memory (the plan alone: "
-              "qlora_helpers.vlm.plan('ultra_low_memory', 'llava-1.5-7b'))", file=sys.stderr)
+              "qlora_helpers.ch04_vlm.vram.plan('ultra_low_memory', 'llava-1.5-7b'))", file=sys.stderr)
         return 2
     runs = {n: PROOFS[n] for n in (QUICK if args.quick else PROOFS)}
     if not args.quick:

@@ -1,6 +1,6 @@
 import pytest
 
-from qlora_helpers import assets
+from qlora_helpers.common import assets
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +14,6 @@ def cached_assets():
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A 2-layer random Llama (hidden 64) saved with SmolLM2's tokenizer: a stand-in for SmolLM2 by path."""
-    from qlora_helpers.models import write_tiny_model
+    from qlora_helpers.common.models import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", family="llama")

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from qlora_helpers import assets
+from qlora_helpers.common import assets
 
 
 def test_smollm2_is_the_real_pretrained_model(cached_assets):

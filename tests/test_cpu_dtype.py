@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from qlora_helpers import device
-from qlora_helpers.precision import choose, detect
-from qlora_helpers.sft import SFTConfig, validate
-from qlora_helpers.vlm_config import preset
+from qlora_helpers.ch03_sft.command import SFTConfig, validate
+from qlora_helpers.ch04_vlm.config import preset
+from qlora_helpers.ch05_multi_gpu.precision import choose, detect
+from qlora_helpers.common import device
 
 ANSWERS = {True: torch.bfloat16, False: torch.float32}
 
@@ -65,7 +65,7 @@ def test_an_avx2_kernel_level_means_fp32():
     """torch limited to its AVX2 kernels (as on most laptops) is read as having no native bf16."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     env.pop(device.CPU_DTYPE_ENV, None)
-    code = ("import torch; from qlora_helpers.device import cpu_compute_dtype, device_info; "
+    code = ("import torch; from qlora_helpers.common.device import cpu_compute_dtype, device_info; "
             "print(torch.backends.cpu.get_cpu_capability(), cpu_compute_dtype(), device_info()['bf16'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["AVX2", "torch.float32", "False"]

@@ -1,11 +1,11 @@
-"""qlora_helpers.data: reading and checking JSONL, the assistant-only loss mask, truncation, packing."""
+"""qlora_helpers.ch03_sft.data: reading and checking JSONL, the assistant-only loss mask, truncation, packing."""
 
 import json
 
 import pytest
 
-from qlora_helpers import data as d
-from qlora_helpers.data import IGNORE_INDEX
+from qlora_helpers.ch03_sft import data as d
+from qlora_helpers.ch03_sft.data import IGNORE_INDEX
 
 CHAT = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
 MULTI = [{"role": "system", "content": "Be brief."},
@@ -17,14 +17,14 @@ MULTI = [{"role": "system", "content": "Be brief."},
 def smol():
     from transformers import AutoTokenizer
 
-    from qlora_helpers.assets import smollm2_path
+    from qlora_helpers.common.assets import smollm2_path
 
     return AutoTokenizer.from_pretrained(smollm2_path())
 
 
 @pytest.fixture(scope="module")
 def qwen():
-    from qlora_helpers.assets import load_qwen_tokenizer
+    from qlora_helpers.common.assets import load_qwen_tokenizer
 
     return load_qwen_tokenizer()
 
@@ -159,7 +159,7 @@ def test_collate_pads_right_and_masks_padding():
 
 
 def test_the_course_data_is_valid():
-    from qlora_helpers.assets import sft_paths
+    from qlora_helpers.common.assets import sft_paths
 
     for split, path in sft_paths().items():
         assert len(d.read_jsonl(path)) > 100, split

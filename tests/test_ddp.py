@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_helpers.ddp import global_batches, resolve_launch
+from qlora_helpers.ch05_multi_gpu.worker import global_batches, resolve_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 LAUNCH = textwrap.dedent("""
     import json, sys
     from accelerate import notebook_launcher
-    from qlora_helpers import ddp
+    from qlora_helpers.ch05_multi_gpu import worker as ddp
     run = json.loads(sys.argv[1])
     notebook_launcher(ddp.train_worker, (run,), num_processes=int(sys.argv[2]), use_port=ddp.free_port())
     print("heavy modules in the launching process:", [m for m in ("bitsandbytes", "peft") if m in sys.modules])
@@ -46,7 +46,7 @@ def launch(tmp: Path, data_dir: Path, processes: int, batch_size: int, accum: in
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cached_assets):
-    from qlora_helpers.reversal import generate_data
+    from qlora_helpers.ch05_multi_gpu.reversal import generate_data
 
     tmp = tmp_path_factory.mktemp("ddp")
     data = generate_data(tmp / "data", num_identities=3, seed=0, pool_size=20)
@@ -106,7 +106,7 @@ def test_outputs_are_peft_adapters_and_a_history(runs):
 
 
 def test_precision_by_device():
-    from qlora_helpers.precision import check_quantize, choose
+    from qlora_helpers.ch05_multi_gpu.precision import check_quantize, choose
 
     v100, h100 = choose((7, 0), bf16_supported=True), choose((9, 0), bf16_supported=True)
     assert (v100.compute_dtype, v100.grad_scaling, v100.lora_dtype, v100.mixed_precision) == ("fp16", True, "fp32", "fp16")
@@ -128,8 +128,8 @@ def test_qlora_gradients_on_cpu_are_exact(cached_assets):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_helpers.precision import add_lora, load_model
-    from qlora_helpers.reversal import collate, encode, make_identities, task_records
+    from qlora_helpers.ch05_multi_gpu.model import add_lora, load_model
+    from qlora_helpers.ch05_multi_gpu.reversal import collate, encode, make_identities, task_records
 
     q4, tok = load_model("tiny:llama", "4bit", torch.float32, "cpu")
     config = copy.deepcopy(q4.config)

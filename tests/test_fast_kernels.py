@@ -1,4 +1,4 @@
-"""qlora_helpers.fast_kernels: the varlen attention path computes what the block-masked SDPA path computes.
+"""qlora_helpers.ch03_sft.fast_kernels: the varlen attention path computes what the block-masked SDPA path computes.
 
 The CUDA kernel is not on this machine, so a reference varlen kernel (SDPA run separately on each
 conversation) stands in for it: what is checked is the wiring (boundaries from the position ids,
@@ -10,9 +10,9 @@ import inspect
 import pytest
 import torch
 
-from qlora_helpers import fast_kernels, recipe
-from qlora_helpers.data import Example, collate, pack
-from qlora_helpers.models import build_tiny, tiny_qwen2
+from qlora_helpers.ch03_sft import fast_kernels, recipe
+from qlora_helpers.ch03_sft.data import Example, collate, pack
+from qlora_helpers.common.models import build_tiny, tiny_qwen2
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):

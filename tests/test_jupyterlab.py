@@ -72,7 +72,7 @@ def test_kernel_starts_and_imports_the_helpers(lab):
     base, session, port = lab
     kernel = session.post(f"{base}/api/kernels", json={"name": "python3"}, timeout=30).json()
     msg_id = uuid.uuid4().hex
-    code = "import qlora_helpers, qlora_helpers.assets\nprint('helpers', qlora_helpers.__version__)"
+    code = "import qlora_helpers, qlora_helpers.common.assets\nprint('helpers', qlora_helpers.__version__)"
 
     async def execute() -> str:
         url = f"ws://127.0.0.1:{port}/api/kernels/{kernel['id']}/channels"

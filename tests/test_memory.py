@@ -13,11 +13,18 @@ import pytest
 import torch
 
 from qlora_helpers import cli
-from qlora_helpers.configs import get_config
-from qlora_helpers.gpus import fits, which_gpus
-from qlora_helpers.memory import (CUBLAS_WORKSPACE, GIB, TARGET_PRESETS, estimate, measure, model_shape,
-                                  quantized_bytes)
-from qlora_helpers.models import build_random, tiny_llama, tiny_qwen2
+from qlora_helpers.ch01_memory.estimator import (
+    CUBLAS_WORKSPACE,
+    GIB,
+    TARGET_PRESETS,
+    estimate,
+    model_shape,
+    quantized_bytes,
+)
+from qlora_helpers.ch01_memory.gpus import fits, which_gpus
+from qlora_helpers.ch01_memory.measurement import measure
+from qlora_helpers.common.models import build_random, tiny_llama, tiny_qwen2
+from qlora_helpers.common.shapes import get_config
 
 V = 1024
 TINY = dict(vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -56,18 +63,18 @@ def test_4bit_bytes_match_bitsandbytes(double_quant):
 
 def test_weights_by_hand(qwen):
     """QLoRA 4-bit: 14 decoder linears quantised; embeddings (tied), 5 norms and q/k/v biases in bf16."""
-    est = estimate(qwen, "qlora4", 2, 32, targets="q_proj")
+    est = estimate(qwen, "qlora4", batch_size=2, seq_len=32, targets="q_proj")
     per_layer = [64 * 64, 64 * 32, 64 * 32, 64 * 64, 64 * 256, 64 * 256, 256 * 64]
     assert est.components["quantized weights"] == 2 * sum(quantized_bytes(n) for n in per_layer)
     biases = 2 * (r512(2 * 64) + 2 * r512(2 * 32))
     assert est.components["unquantized weights"] == r512(2 * V * 64) + r512(2 * 5 * 64) + biases
-    kbit = estimate(qwen, "qlora4", 2, 32, targets="q_proj", prepare_kbit=True)     # upcast to fp32
+    kbit = estimate(qwen, "qlora4", batch_size=2, seq_len=32, targets="q_proj", prepare_kbit=True)     # upcast to fp32
     assert kbit.components["unquantized weights"] == r512(4 * V * 64) + r512(4 * 5 * 64) + 2 * (512 + 2 * 512)
 
 
 def test_lora_gradients_and_adamw_by_hand(qwen):
     """r=8 on q_proj: A is 8 x 64 and B is 64 x 8 per layer, fp32 (peft's default), 2 layers."""
-    est = estimate(qwen, "lora", 2, 32, lora_r=8, targets="q_proj")
+    est = estimate(qwen, "lora", batch_size=2, seq_len=32, lora_r=8, targets="q_proj")
     assert est.params["lora"] == 2 * (8 * 64 + 64 * 8) == 2048
     assert est.components["LoRA weights"] == 2048 * 4
     assert est.components["optimizer states"] == 2 * 2048 * 4          # exp_avg + exp_avg_sq, fp32
@@ -77,7 +84,7 @@ def test_lora_gradients_and_adamw_by_hand(qwen):
 
 
 def test_full_finetune_states_follow_the_param_dtype(qwen):
-    est = estimate(qwen, "full", 2, 32)
+    est = estimate(qwen, "full", batch_size=2, seq_len=32)
     n = est.params["trainable"]
     assert n == est.params["total"] == V * 64 + 5 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 256) + 2 * 128
     assert est.phases["optimizer step"] >= 2 * n * 4       # bf16 weights, grads, two bf16 states, sqrt temp
@@ -85,20 +92,20 @@ def test_full_finetune_states_follow_the_param_dtype(qwen):
 
 def test_8bit_adamw_keeps_small_tensors_in_fp32(qwen):
     """bnb: tensors under 4096 values keep fp32 states; larger ones 1 byte x 2 + fp32 absmax per 256."""
-    small = estimate(qwen, "lora", 2, 32, targets="q_proj", optimizer="adamw_8bit")   # 512-value tensors
+    small = estimate(qwen, "lora", batch_size=2, seq_len=32, targets="q_proj", optimizer="adamw_8bit")   # 512-value tensors
     assert small.components["optimizer states"] == 4 * 2 * r512(4 * 512)
-    big = estimate(get_config("qwen2.5-7b"), "qlora4", 1, 64, targets="down_proj", optimizer="adamw_8bit")
+    big = estimate(get_config("qwen2.5-7b"), "qlora4", batch_size=1, seq_len=64, targets="down_proj", optimizer="adamw_8bit")
     n = 8 * 18944                                                     # down_proj lora_A, 151,552 values
     state8 = lambda k: 2 * k + 2 * r512(4 * math.ceil(k / 256)) + 512    # 2 x uint8 + absmax + unorm
     assert big.components["optimizer states"] == 28 * (state8(n) + state8(3584 * 8))   # lora_A, lora_B
-    paged = estimate(get_config("qwen2.5-7b"), "qlora4", 1, 64, targets="down_proj", optimizer="paged_adamw_8bit")
+    paged = estimate(get_config("qwen2.5-7b"), "qlora4", batch_size=1, seq_len=64, targets="down_proj", optimizer="paged_adamw_8bit")
     assert paged.outside["paged optimizer states"] == 28 * 2 * n      # >= 100k values: outside PyTorch
 
 
 def test_logits_and_loss_by_hand(qwen):
     """N = 64 tokens, V = 1024: at the start of backward, log-softmax output, its incoming grad and
     its input grad are N x V fp32 each (12 N V bytes), plus the int64 shifted labels."""
-    est = estimate(qwen, "lora", 2, 32)
+    est = estimate(qwen, "lora", batch_size=2, seq_len=32)
     fwd, bwd = est.phases["forward (at the loss)"], est.phases["backward (at the loss)"]
     assert est.components["logits and loss"] == 12 * 64 * V + 8 * 64 and est.peak_phase == "backward (at the loss)"
     assert bwd - fwd == (12 - 10) * 64 * V     # forward: bf16 logits + fp32 copy + log-softmax = 10 N V
@@ -107,16 +114,16 @@ def test_logits_and_loss_by_hand(qwen):
 def test_chunked_loss_keeps_one_chunk_of_logits(qwen):
     """loss_chunk=C: C x V fp32 logits and softmax plus their 16-bit copy (6 C V), and the labelled
     rows' hidden states with their gradient (2 x 2 N h) instead of the 12 N V of full logits."""
-    full = estimate(qwen, "qlora4", 2, 32, grad_ckpt=True)
-    chunked = estimate(qwen, "qlora4", 2, 32, grad_ckpt=True, loss_chunk=8)
+    full = estimate(qwen, "qlora4", batch_size=2, seq_len=32, grad_ckpt=True)
+    chunked = estimate(qwen, "qlora4", batch_size=2, seq_len=32, grad_ckpt=True, loss_chunk=8)
     h = qwen.hidden_size
     assert chunked.phases["forward (at the loss)"] - full.phases["forward (at the loss)"] == (
         6 * 8 * V + 4 * 64 * h) - (2 * 64 * V + 8 * 64 * V)
     assert chunked.phases["backward (top layer)"] == full.phases["backward (top layer)"]
     assert chunked.total_bytes < full.total_bytes and chunked.inputs["loss_chunk"] == 8
-    assert estimate(qwen, "qlora4", 2, 32, loss_chunk=10_000).phases == estimate(qwen, "qlora4", 2, 32, loss_chunk=64).phases
+    assert estimate(qwen, "qlora4", batch_size=2, seq_len=32, loss_chunk=10_000).phases == estimate(qwen, "qlora4", batch_size=2, seq_len=32, loss_chunk=64).phases
     with pytest.raises(ValueError, match="loss_chunk"):
-        estimate(qwen, "qlora4", 2, 32, loss_chunk=0)
+        estimate(qwen, "qlora4", batch_size=2, seq_len=32, loss_chunk=0)
 
 
 def test_parameter_inventory_matches_the_model():
@@ -130,7 +137,7 @@ def test_parameter_inventory_matches_the_model():
         with init_empty_weights():
             model = cls.from_config(config)
         real = sum(p.numel() for n, p in model.named_parameters() if not (model_shape(config).tied and "lm_head" in n))
-        assert estimate(config, "full", 1, 8).params["total"] == real, name
+        assert estimate(config, "full", batch_size=1, seq_len=8).params["total"] == real, name
 
 
 # ---- activations: compare with the tensors autograd really saves ---------------------------
@@ -183,15 +190,15 @@ def test_saved_activations_match_autograd(arch, method, targets, ckpt, kbit):
     build = tiny_qwen2 if arch.startswith("qwen") else tiny_llama
     config = build(**TINY, **({"num_key_value_heads": 4} if arch.endswith("mha") else {}))
     got = saved_bytes(config, method, targets, ckpt, kbit)
-    est = estimate(config, method, 2, 32, targets=targets, grad_ckpt=ckpt, prepare_kbit=kbit)
+    est = estimate(config, method, batch_size=2, seq_len=32, targets=targets, grad_ckpt=ckpt, prepare_kbit=kbit)
     expected = est.detail["saved for backward"] - (est.detail["rope"] if ckpt else 0)
     assert expected == pytest.approx(got, rel=1e-3)
 
 
 def test_checkpointing_and_quantisation_shrink_the_estimate():
     cfg = get_config("qwen2.5-7b")
-    lora, ckpt = estimate(cfg, "lora", 2, 1024), estimate(cfg, "lora", 2, 1024, grad_ckpt=True)
-    q4, q8 = estimate(cfg, "qlora4", 2, 1024), estimate(cfg, "qlora8", 2, 1024)
+    lora, ckpt = estimate(cfg, "lora", batch_size=2, seq_len=1024), estimate(cfg, "lora", batch_size=2, seq_len=1024, grad_ckpt=True)
+    q4, q8 = estimate(cfg, "qlora4", batch_size=2, seq_len=1024), estimate(cfg, "qlora8", batch_size=2, seq_len=1024)
     assert ckpt.components["activations"] < lora.components["activations"] / 5
     assert q4.components["quantized weights"] < q8.components["quantized weights"] < lora.components[
         "unquantized weights"]
@@ -208,7 +215,7 @@ def test_measure_refuses_without_cuda(qwen):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="CUDA"):
-        measure(qwen, "lora", 1, 8)
+        measure(qwen, "lora", batch_size=1, seq_len=8)
 
 
 def run_cli(capsys, *args):
@@ -243,4 +250,4 @@ def test_cli_as_a_command():
                            "qlora4", "--batch-size", "1", "--seq-len", "512"], capture_output=True, text=True)
     assert done.returncode == 0 and "total (peak allocated)" in done.stdout and "GiB" in done.stdout
     total = float(done.stdout.split("total (peak allocated)")[1].split()[0])
-    assert total == pytest.approx(estimate(get_config("llama-7b"), "qlora4", 1, 512).total_bytes / GIB, abs=1e-3)
+    assert total == pytest.approx(estimate(get_config("llama-7b"), "qlora4", batch_size=1, seq_len=512).total_bytes / GIB, abs=1e-3)

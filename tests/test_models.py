@@ -3,15 +3,22 @@
 import pytest
 import torch
 
-from qlora_helpers.configs import get_config, preset_names
-from qlora_helpers.models import (build_random, build_tiny, count_parameters, tiny_llama, tiny_llava, tiny_qwen2,
-                                  write_tiny_model)
+from qlora_helpers.common.models import (
+    build_random,
+    build_tiny,
+    count_parameters,
+    tiny_llama,
+    tiny_llava,
+    tiny_qwen2,
+    write_tiny_model,
+)
+from qlora_helpers.common.shapes import get_config, preset_names
 
 
 @pytest.mark.parametrize("quantize,layer", [(None, "Linear"), ("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
 def test_build_random_quantises_every_decoder_linear(quantize, layer):
     model = build_random(tiny_qwen2(), quantize=quantize, device="cpu", progress=False)
-    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("_proj"))}
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith("_proj")}
     assert kinds == {layer}
     assert type(model.lm_head).__name__ == "Linear"
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied like the real Qwen2.5-0.5B

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from qlora_helpers import runner
+from qlora_helpers.common import runner
 
 TEST_PARAMETERS = {"profile": "cpu", "max_steps": 2}
 NOTEBOOKS = [p.stem for p in runner.discover()]

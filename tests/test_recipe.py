@@ -1,11 +1,11 @@
-"""qlora_helpers.recipe: the lean loss and packing compute exactly what the plain HF path computes."""
+"""qlora_helpers.ch03_sft.recipe: the lean loss and packing compute exactly what the plain HF path computes."""
 
 import pytest
 import torch
 
-from qlora_helpers import recipe
-from qlora_helpers.data import Example, collate, pack
-from qlora_helpers.models import build_tiny, tiny_llama
+from qlora_helpers.ch03_sft import recipe
+from qlora_helpers.ch03_sft.data import Example, collate, pack
+from qlora_helpers.common.models import build_tiny, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_pack_lengths_keeps_order_and_refuses_what_cannot_fit():
 
 
 def test_plan_micro_batch_checkpoints_only_when_memory_needs_it():
-    from qlora_helpers.configs import get_config
+    from qlora_helpers.common.shapes import get_config
 
     cfg = get_config("qwen2.5-7b")
     roomy = recipe.plan_micro_batch(cfg, 47, lora_r=64, candidates=(4096, 8192, 16384))
@@ -112,12 +112,12 @@ def test_plan_micro_batch_checkpoints_only_when_memory_needs_it():
 def test_recipe_estimate_is_the_largest_phase_once_the_logits_are_chunked():
     """The recipe's peak is the estimator's own maximum over phases for the chunked loss, not the
     full-logits peak phase with its logits taken out (which hid the recomputed layer under checkpointing)."""
-    from qlora_helpers.configs import get_config
-    from qlora_helpers.memory import GIB, estimate
+    from qlora_helpers.ch01_memory.estimator import GIB, estimate
+    from qlora_helpers.common.shapes import get_config
 
     cfg = get_config("qwen2.5-7b")
     got = recipe.estimate_gib(cfg, 16384, True, lora_r=64)
-    est = estimate(cfg, "qlora4", 1, 16384, 64, grad_ckpt=True, loss_chunk=recipe.default_chunk_size(cfg.vocab_size))
+    est = estimate(cfg, "qlora4", batch_size=1, seq_len=16384, lora_r=64, grad_ckpt=True, loss_chunk=recipe.default_chunk_size(cfg.vocab_size))
     assert got == est.total_gib == max(est.phases.values()) / GIB
     assert est.peak_phase == "backward (top layer)"
 
@@ -129,9 +129,9 @@ def test_liger_is_refused_on_the_cpu():
 
 def test_qlora_mode_keeps_frozen_weights_in_the_compute_dtype(tmp_path):
     """The course default skips peft's fp32 upcast; ``kbit_upcast=True`` restores it."""
-    from qlora_helpers.models import write_tiny_model
-    from qlora_helpers.modes import build_model
-    from qlora_helpers.sft import SFTConfig
+    from qlora_helpers.ch03_sft.command import SFTConfig
+    from qlora_helpers.ch03_sft.modes import build_model
+    from qlora_helpers.common.models import write_tiny_model
 
     folder = write_tiny_model(tmp_path / "tiny")
     kept = build_model(SFTConfig(model_name_or_path=str(folder), use_qlora=True, bf16=True), "cpu")

@@ -3,10 +3,10 @@
 import ast
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,19 +60,6 @@ def test_readme_lists_every_notebook_in_order():
     readme = (ROOT / "README.md").read_text()
     positions = [readme.find(p.name) for p in NOTEBOOKS]
     assert -1 not in positions and positions == sorted(positions)
-
-
-def test_no_import_time_work_in_the_package():
-    """Importing any helper module must not import torch, transformers or bitsandbytes."""
-    import subprocess
-    import sys
-
-    modules = [p.stem for p in (ROOT / "qlora_helpers").glob("*.py") if p.stem != "__main__"]
-    code = ("import sys\n" + "".join(f"import qlora_helpers.{m}\n" for m in modules)
-            + "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes', 'peft') if m in sys.modules]\n"
-            + "print(','.join(heavy))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == ""
 
 
 def test_readme_course_time_is_the_measured_one():

@@ -5,7 +5,7 @@ import json
 import nbformat
 import pytest
 
-from qlora_helpers import runner
+from qlora_helpers.common import runner
 
 
 def _notebook(path, cells):
@@ -26,7 +26,7 @@ def test_parse_value(text, value):
 
 def test_runs_into_run_folder_with_parameters_and_summary(tmp_path):
     book = _notebook(tmp_path / "07_demo.ipynb", [
-        "from qlora_helpers.results import save_results",
+        "from qlora_helpers.common.files import save_results",
         "save_results('07_demo', {'steps_seen': max_steps * 10, 'profile': profile})"])
     run_dir, runs = runner.run_notebooks([str(book)], {"max_steps": 3}, tmp_path / "run", progress=False)
     assert [r.status for r in runs] == ["ok"]
@@ -67,7 +67,7 @@ def test_discover_finds_the_course_in_order():
 
 def test_notebook_parameters_reach_only_their_notebook(tmp_path):
     a, b = (_notebook(tmp_path / f"{name}.ipynb", [
-        "from qlora_helpers.results import save_results",
+        "from qlora_helpers.common.files import save_results",
         f"save_results('{name}', {{'max_steps': max_steps, 'profile': profile}})"]) for name in ("07_a", "08_b"))
     _, runs = runner.run_notebooks([str(a), str(b)], {"max_steps": 2, "profile": "cpu"}, tmp_path / "run",
                                    progress=False, notebook_parameters={"08_b": {"max_steps": 5}})

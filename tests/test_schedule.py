@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_helpers.schedule import PlateauSchedule, warmup_steps
+from qlora_helpers.ch05_multi_gpu.schedule import PlateauSchedule, warmup_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = dict(learning_rate=1e-4, min_lr=6e-5, lr_reduction_factor=0.5, lr_patience=1,

@@ -1,4 +1,4 @@
-"""qlora_helpers.sft / train / chat on a tiny random Llama with SmolLM2's real tokenizer.
+"""qlora_helpers.ch03_sft.command / train / chat on a tiny random Llama with SmolLM2's real tokenizer.
 
 Covers the four modes, the one-line errors for bad settings and bad data, atomic checkpoints
 and --resume after ``kill -9``, a reload in a fresh process with plain peft, and merging.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qlora_helpers import cli
-from qlora_helpers.sft import SFTConfig, from_dict, load_config_file, run_sft, validate
+from qlora_helpers.ch03_sft.command import SFTConfig, from_dict, load_config_file, run_sft, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "data" / "configs"
@@ -37,8 +37,8 @@ def tiny(tmp_path_factory):
     """A 2-layer Llama (hidden 64) saved with SmolLM2's tokenizer, plus 48 train / 16 eval records."""
     from transformers import AutoTokenizer
 
-    from qlora_helpers.assets import load_sft, smollm2_path
-    from qlora_helpers.models import build_tiny, tiny_llama
+    from qlora_helpers.common.assets import load_sft, smollm2_path
+    from qlora_helpers.common.models import build_tiny, tiny_llama
 
     root = tmp_path_factory.mktemp("tiny")
     build_tiny(tiny_llama(), seed=0).save_pretrained(root / "model")
@@ -83,7 +83,7 @@ def test_bad_settings_stop_with_one_line(args, expected, capsys, tmp_path):
 
 
 def test_bf16_on_a_gpu_without_it(monkeypatch):
-    from qlora_helpers import sft
+    from qlora_helpers.ch03_sft import command as sft
 
     monkeypatch.setattr(sft, "_cuda", lambda: (True, False, "Tesla T4"))
     with pytest.raises(ValueError, match="bf16 requested but Tesla T4 has no bfloat16 support"):
@@ -125,15 +125,15 @@ def test_flags_override_the_config_file():
     args = cli.build_parser("sft").parse_args(["sft", "--config_file", str(CONFIGS / "lora.json"), "--lora_r", "64",
                                                "--lora_alpha", "16", "--use_lora", "false", "--use_qlora",
                                                "--lora_target_modules", "null"])
-    from qlora_helpers.sft import config_from_args
+    from qlora_helpers.ch03_sft.command import config_from_args
 
     cfg = config_from_args(args)
     assert (cfg.lora_r, cfg.lora_alpha, cfg.mode, cfg.lora_target_modules) == (64, 16.0, "qlora-4bit", None)
 
 
 def test_target_modules_presets_and_discovery():
-    from qlora_helpers.models import build_tiny, tiny_llama
-    from qlora_helpers.modes import resolve_target_modules
+    from qlora_helpers.ch03_sft.modes import resolve_target_modules
+    from qlora_helpers.common.models import build_tiny, tiny_llama
 
     model = build_tiny(tiny_llama())
     assert resolve_target_modules(None, model) == sorted(["q_proj", "k_proj", "v_proj", "o_proj",
@@ -196,8 +196,8 @@ def test_training_after_an_eval_pass_gets_the_same_gradients(tiny, tmp_path):
     trainable_4bit_layers must undo that, or QLoRA silently trains with wrong gradients."""
     import torch
 
-    from qlora_helpers.data import collate, encode_all, read_jsonl
-    from qlora_helpers.modes import build_model, load_tokenizer, trainable_4bit_layers
+    from qlora_helpers.ch03_sft.data import collate, encode_all, read_jsonl
+    from qlora_helpers.ch03_sft.modes import build_model, load_tokenizer, trainable_4bit_layers
 
     cfg = tiny_cfg(tiny, tmp_path / "out", use_qlora=True, lora_dropout=0.0)
     tok = load_tokenizer(cfg.model_name_or_path)
@@ -330,7 +330,7 @@ def test_fresh_process_reload_with_plain_peft_gives_the_same_logits(mode, bits, 
 
 
 def test_chat_and_merge(trained, tmp_path):
-    from qlora_helpers.chat import chat, load_for_inference, logit_difference, merge_adapter, prompt_logits
+    from qlora_helpers.ch03_sft.chat import chat, load_for_inference, logit_difference, merge_adapter, prompt_logits
 
     cfg, result = trained["lora"]
     reply = chat(result.model, result.tokenizer, "Hello?", max_new_tokens=5)

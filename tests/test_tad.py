@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from qlora_helpers.tad.evaluate import average_precision, mean_ap, nms_1d, random_detections, soft_nms_1d, tiou
+from qlora_helpers.ch02_tad.evaluate import average_precision, mean_ap, nms_1d, random_detections, soft_nms_1d, tiou
 
 
 # --------------------------------------------------------------------------- evaluation (numpy only)
@@ -68,7 +68,7 @@ def test_chance_detections_are_deterministic_and_poor():
 
 
 def test_light_modules_import_without_torch():
-    code = ("import sys, qlora_helpers.tad, qlora_helpers.tad.data, qlora_helpers.tad.evaluate, qlora_helpers.tad.config\n"
+    code = ("import sys, qlora_helpers.ch02_tad, qlora_helpers.ch02_tad.data, qlora_helpers.ch02_tad.evaluate, qlora_helpers.ch02_tad.config\n"
             "print([m for m in ('torch', 'bitsandbytes', 'transformers', 'peft') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -76,7 +76,7 @@ def test_light_modules_import_without_torch():
 
 # --------------------------------------------------------------------------- data
 def test_data_is_deterministic_thumos_shaped_and_split(cached_assets, tmp_path, monkeypatch):
-    from qlora_helpers.tad import data as tad_data
+    from qlora_helpers.ch02_tad import data as tad_data
 
     monkeypatch.setenv("QLORA_CACHE_DIR", str(cached_assets.cache_dir()))
     spec = tad_data.VideoSpec(n_train=3, n_val=2, frames=64, max_len=24, seed=5)
@@ -118,7 +118,7 @@ def one_thread():
 
 
 def test_temporal_adapter_shapes_identity_and_conv_equivalence():
-    from qlora_helpers.tad.adapters import PlainAdapter, TemporalAdapter, _TemporalMixer
+    from qlora_helpers.ch02_tad.adapters import PlainAdapter, TemporalAdapter, _TemporalMixer
 
     x = torch.randn(2 * 3, 8 * 4, 32)                 # 2 videos x 3 chunks, 8 steps x 2x2 patches, 32 dims
     for adapter in (TemporalAdapter(32), PlainAdapter(32)):
@@ -134,7 +134,7 @@ def test_temporal_adapter_shapes_identity_and_conv_equivalence():
 
 
 def test_tubelet_embedding_equals_conv3d():
-    from qlora_helpers.tad.vit import VideoViT
+    from qlora_helpers.ch02_tad.vit import VideoViT
 
     vit = VideoViT(img_size=32, patch_size=16, embed_dims=32, depth=1, num_heads=2)
     clip = torch.randn(3, 1, 16, 32, 32)
@@ -146,7 +146,7 @@ SMALL = {"embed_dims": 32, "depth": 2, "num_heads": 2, "patch_size": 16}
 
 
 def _model(strategy, **kw):
-    from qlora_helpers.tad.config import build_model, strategy_config
+    from qlora_helpers.ch02_tad.config import build_model, strategy_config
 
     torch.manual_seed(0)
     cfg = strategy_config(strategy, SMALL, lora_r=4, lora_alpha=8, head={"dims": 16}, **kw)
@@ -155,7 +155,7 @@ def _model(strategy, **kw):
 
 @pytest.mark.parametrize("strategy,bits", [("seed_qlora", 4), ("seed_qlora", 8), ("qlora_backbone", 4)])
 def test_quantized_weights_never_require_grad(strategy, bits):
-    from qlora_helpers.tad.adapters import is_quantized, parameter_report
+    from qlora_helpers.ch02_tad.adapters import is_quantized, parameter_report
 
     cfg, model = _model(strategy, quantize_bits=bits)
     quantized = [(n, p) for n, p in model.named_parameters() if is_quantized(p)]
@@ -179,7 +179,7 @@ def test_quantized_weights_never_require_grad(strategy, bits):
 
 def test_seed_parameter_counts_at_videomae_s_shape():
     """Seed 001's log: ViT 21,879,936, QLoRA adapters 1,185,420 (5.4 %); of those only 300,684 train."""
-    from qlora_helpers.tad.claims import check_claims, seed_shape_counts
+    from qlora_helpers.ch02_tad.claims import check_claims, seed_shape_counts
 
     counts = seed_shape_counts()
     q = counts["seed_qlora"]
@@ -192,7 +192,7 @@ def test_seed_parameter_counts_at_videomae_s_shape():
 
 
 def test_trainable_parameter_report():
-    from qlora_helpers.tad.adapters import parameter_report
+    from qlora_helpers.ch02_tad.adapters import parameter_report
 
     _, model = _model("seed_qlora")
     r = parameter_report(model)
@@ -205,7 +205,7 @@ def test_trainable_parameter_report():
 
 
 def test_paramwise_optimizer_groups():
-    from qlora_helpers.tad.config import ConfigError, param_groups
+    from qlora_helpers.ch02_tad.config import ConfigError, param_groups
 
     cfg, model = _model("seed_qlora")
     groups = {g["name"]: g for g in param_groups(model, cfg["optimizer"])}
@@ -228,7 +228,7 @@ def test_paramwise_optimizer_groups():
     ("lora_dropout", 1.5, "lora_dropout=1.5"), ("use_plain_adapter", "yes", "use_plain_adapter='yes'"),
     ("lora_rank", 8, "did you mean 'lora_r'"), ("type", "ViTQLoRA", "use one of")])
 def test_bad_config_gives_one_clear_line(field, value, message):
-    from qlora_helpers.tad.config import ConfigError, strategy_config, validate
+    from qlora_helpers.ch02_tad.config import ConfigError, strategy_config, validate
 
     cfg = strategy_config("seed_qlora", SMALL, lora_r=4)
     cfg["model"]["backbone"][field] = value
@@ -238,7 +238,7 @@ def test_bad_config_gives_one_clear_line(field, value, message):
 
 
 def test_head_targets_and_losses():
-    from qlora_helpers.tad.head import TADHead, diou_loss_1d
+    from qlora_helpers.ch02_tad.head import TADHead, diou_loss_1d
 
     head = TADHead(16, 3, dims=8)
     cls_t, reg_t, pos = head.assign(16, torch.tensor([[4.0, 10.0]]), torch.tensor([2]))
@@ -251,8 +251,8 @@ def test_head_targets_and_losses():
 
 
 def test_resume_continues_exactly(cached_assets, tmp_path, monkeypatch):
-    from qlora_helpers.tad.data import VideoSpec, make_dataset
-    from qlora_helpers.tad.train import train_detector
+    from qlora_helpers.ch02_tad.data import VideoSpec, make_dataset
+    from qlora_helpers.ch02_tad.train import train_detector
 
     monkeypatch.setenv("QLORA_CACHE_DIR", str(cached_assets.cache_dir()))
     data = make_dataset(VideoSpec(n_train=4, n_val=1, frames=32, min_len=6, max_len=14, seed=9), write_json=False)
@@ -274,7 +274,7 @@ def test_resume_continues_exactly(cached_assets, tmp_path, monkeypatch):
 
 
 def test_memory_claims_verdicts_from_a_benchmark_file():
-    from qlora_helpers.tad.claims import check_claims
+    from qlora_helpers.ch02_tad.claims import check_claims
 
     counts = {"seed_qlora": {"vit_params": 1, "adapter_params": 1, "adapter_trainable": 1, "adapter_ratio_pct": 5.4,
                              "trainable_ratio_pct": 1.4, "quantized_params": 0},

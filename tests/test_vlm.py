@@ -2,14 +2,23 @@
 
 import importlib.util
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from qlora_helpers import vlm_config as vc
-from qlora_helpers.vlm import (CARDS_GB, KNOBS, MODELS, estimate_vlm, gpu_table, image_tokens, knob_table, plan,
-                               registry_table, with_changes)
+from qlora_helpers.ch04_vlm import config as vc
+from qlora_helpers.ch04_vlm.vram import (
+    CARDS_GB,
+    KNOBS,
+    MODELS,
+    estimate_vlm,
+    gpu_table,
+    image_tokens,
+    knob_table,
+    plan,
+    registry_table,
+    with_changes,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,11 +133,11 @@ def test_registry_plans_and_verdicts(capsys):
 def test_vlm_estimate_builds_on_the_memory_estimator():
     """For Qwen2-VL (no layer name shared between tower and LM) the estimator's own VLM path and this
     one differ only by the trained projector."""
-    from qlora_helpers.memory import estimate
+    from qlora_helpers.ch01_memory.estimator import estimate
 
     cfg = vc.preset("ultra_low_memory")
     ours = estimate_vlm("qwen2-vl-7b", cfg, gradient_accumulation_steps=1)
-    native = estimate(MODELS["qwen2-vl-7b"].key, "qlora4", 1, 512, 8, ",".join(cfg.lora.targets), grad_ckpt=True,
+    native = estimate(MODELS["qwen2-vl-7b"].key, "qlora4", batch_size=1, seq_len=512, lora_r=8, targets=",".join(cfg.lora.targets), grad_ckpt=True,
                       optimizer="paged_adamw_8bit")
     assert 0 < ours.total_gib - native.total_gib < 0.25
 
@@ -144,7 +153,7 @@ def test_knobs_move_memory_the_right_way():
 
 
 def test_method_table_against_the_seed():
-    from qlora_helpers.vlm import method_table
+    from qlora_helpers.ch04_vlm.vram import method_table
 
     rows = {r["method"]: r for r in method_table("llava-1.5-7b")}
     assert rows["qlora"]["with_knobs"]["verdicts"]["8 GB"] == "fits"
@@ -163,7 +172,7 @@ def test_gpu_table_of_the_seed():
 
 # --------------------------------------------------------------------------- data and one training step
 def test_examples_hold_out_images_and_answer_from_labels(cached_assets):
-    from qlora_helpers.vlm_data import make_examples
+    from qlora_helpers.ch04_vlm.data import make_examples
 
     ex = make_examples(size=24, max_digits=200)
     train, test = ex["train"], ex["test"]
@@ -180,11 +189,10 @@ def test_examples_hold_out_images_and_answer_from_labels(cached_assets):
 @pytest.fixture(scope="module")
 def tiny_vlm(cached_assets):
     import torch
-
-    from qlora_helpers.assets import load_causal_lm
-    from qlora_helpers.vlm_model import build_vlm, quantize_language_model
     from transformers import CLIPVisionModel
-    from qlora_helpers.vlm_model import tower_config
+
+    from qlora_helpers.ch04_vlm.model import build_vlm, quantize_language_model, tower_config
+    from qlora_helpers.common.assets import load_causal_lm
 
     torch.manual_seed(0)
     lm, tok = load_causal_lm("tiny:llama", dtype=torch.float32)
@@ -197,9 +205,9 @@ def tiny_vlm(cached_assets):
 def test_one_training_step_moves_only_adapters_and_projector(tiny_vlm):
     import torch
 
-    from qlora_helpers.vlm_data import encode, make_examples
-    from qlora_helpers.vlm_model import prepare_for_training, trainable_summary
-    from qlora_helpers.vlm_train import evaluate, train
+    from qlora_helpers.ch04_vlm.data import encode, make_examples
+    from qlora_helpers.ch04_vlm.loop import evaluate, train
+    from qlora_helpers.ch04_vlm.model import prepare_for_training, trainable_summary
 
     vlm, tok, sizes = tiny_vlm
     assert sizes["linear_bytes_after"] * 8 == sizes["linear_bytes_before"]   # fp32 -> 4 bits

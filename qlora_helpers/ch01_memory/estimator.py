@@ -1,0 +1,484 @@
+"""GPU memory of a training step: estimated from the config, and measured on random weights.
+
+``estimate`` predicts ``torch.cuda.max_memory_allocated()`` in steady-state training (optimizer
+states already exist) under one convention: transformers 5.x, SDPA attention, ``labels=input_ids``,
+no autocast (the model runs in its ``dtype``), peft defaults (``LoraConfig(r, target_modules)``),
+torch AdamW or bitsandbytes' 8-bit AdamW, and ``batch_size * seq_len`` tokens per micro-step.
+``measure`` runs exactly that on a GPU. The CUDA context and paged optimizer states live outside
+PyTorch's allocator: they are reported, but not in ``total_gib``.
+
+Example (Qwen2.5-0.5B, QLoRA 4-bit, r=8 on all linear layers, 1 x 512 tokens):
+    >>> from qlora_helpers.common.shapes import get_config
+    >>> est = estimate(get_config("qwen2.5-0.5b"), "qlora4", batch_size=1, seq_len=512)
+    >>> list(est.components)[:3]
+    ['quantized weights', 'unquantized weights', 'LoRA weights']
+    >>> est.params["lora"]    # 24 layers x r * (in + out) summed over the 7 projections
+    4399104
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from qlora_helpers.ch01_memory.gpus import CONTEXT_GIB, verdict
+from qlora_helpers.common.shapes import get_config
+
+METHODS = ("full", "lora", "qlora4", "qlora8")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+DTYPES = ("bf16", "fp16")
+TARGET_PRESETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+GIB = 2**30
+BLOCK_4BIT, BLOCK_ABSMAX, BLOCK_OPT8 = 64, 256, 256   # bitsandbytes block sizes
+MIN_8BIT, MIN_PAGED = 4096, 100_000                   # bnb: smaller tensors keep fp32 / non-paged states
+CUBLAS_WORKSPACE = 80 * 2**20                         # cuBLAS(Lt) workspaces (seen on an H100, torch 2.11)
+COMPONENTS = ("quantized weights", "unquantized weights", "LoRA weights", "gradients", "optimizer states",
+              "activations", "logits and loss", "temporary buffers")
+
+
+def _r512(nbytes: float) -> int:
+    """PyTorch's CUDA allocator hands out blocks in multiples of 512 bytes."""
+    return int(math.ceil(nbytes / 512) * 512) if nbytes > 0 else 0
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str       # module name suffix, the one peft matches: "q_proj", "fc1", ...
+    part: str       # "lm", "vision" or "projector"
+    fan_in: int
+    fan_out: int
+    bias: bool
+    count: int      # how many modules of this kind (usually = number of layers)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the memory depends on, read from a transformers config (see ``model_shape``)."""
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    linears: tuple             # Linear, lm_head excluded
+    other: dict                # name -> parameter count (embeddings, norms, lm_head, vision extras)
+    vision: dict | None = None  # hidden, inter, layers, heads, tokens (in the tower), lm_tokens (per image)
+
+
+def model_shape(config) -> Shape:
+    """Parameter inventory of a Qwen2 / Llama / Mistral decoder, or a LLaVA / Qwen2-VL VLM.
+
+    Example:
+        >>> from qlora_helpers.common.shapes import get_config
+        >>> s = model_shape(get_config("qwen2.5-0.5b"))
+        >>> s.hidden, s.kv_heads * s.head_dim, s.tied, sum(l.fan_in * l.fan_out * l.count for l in s.linears)
+        (896, 128, True, 357826560)
+    """
+    text = config.get_text_config()
+    kind = text.model_type
+    if kind not in ("qwen2", "qwen2_vl_text", "llama", "mistral"):
+        raise ValueError(f"model_type {kind!r} is not covered by the estimator: use a Qwen2, Llama or Mistral "
+                         "decoder, or LLaVA / Qwen2-VL")
+    h, inter, n = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    d = getattr(text, "head_dim", None) or h // heads
+    qkv_bias = kind.startswith("qwen2") or bool(getattr(text, "attention_bias", False))
+    o_bias = bool(getattr(text, "attention_bias", False))
+    mlp_bias = bool(getattr(text, "mlp_bias", False))
+    lin = [Linear("q_proj", "lm", h, heads * d, qkv_bias, n), Linear("k_proj", "lm", h, kv * d, qkv_bias, n),
+           Linear("v_proj", "lm", h, kv * d, qkv_bias, n), Linear("o_proj", "lm", heads * d, h, o_bias, n),
+           Linear("gate_proj", "lm", h, inter, mlp_bias, n), Linear("up_proj", "lm", h, inter, mlp_bias, n),
+           Linear("down_proj", "lm", inter, h, mlp_bias, n)]
+    tied = bool(getattr(text, "tie_word_embeddings", False))
+    other = {"embed_tokens": text.vocab_size * h, "norms": (2 * n + 1) * h}
+    if not tied:
+        other["lm_head"] = text.vocab_size * h
+    vision = None
+    vc = getattr(config, "vision_config", None)
+    if vc is not None and config.model_type == "llava":
+        hv, iv, lv, p = vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers, vc.patch_size
+        grid = (vc.image_size // p) ** 2
+        lin += [Linear(nm, "vision", hv, hv, True, lv) for nm in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        lin += [Linear("fc1", "vision", hv, iv, True, lv), Linear("fc2", "vision", iv, hv, True, lv),
+                Linear("linear_1", "projector", hv, h, True, 1), Linear("linear_2", "projector", h, h, True, 1)]
+        other.update(vision_embeddings=3 * p * p * hv + hv + (grid + 1) * hv, vision_norms=(4 * lv + 4) * hv)
+        drop_cls = getattr(config, "vision_feature_select_strategy", "default") == "default"
+        vision = dict(hidden=hv, inter=iv, layers=lv, heads=vc.num_attention_heads, tokens=grid + 1,
+                      lm_tokens=grid if drop_cls else grid + 1, names=CLIP_NAMES)
+    elif vc is not None and config.model_type == "qwen2_vl":
+        hv, lv, p, m = vc.embed_dim, vc.depth, vc.patch_size, vc.spatial_merge_size
+        iv = int(hv * vc.mlp_ratio)
+        grid = (336 // p) ** 2   # one 336 x 336 image per sample
+        lin += [Linear("qkv", "vision", hv, 3 * hv, True, lv), Linear("proj", "vision", hv, hv, True, lv),
+                Linear("fc1", "vision", hv, iv, True, lv), Linear("fc2", "vision", iv, hv, True, lv),
+                Linear("0", "projector", hv * m * m, hv * m * m, True, 1),
+                Linear("2", "projector", hv * m * m, vc.hidden_size, True, 1)]
+        other.update(vision_embeddings=3 * vc.temporal_patch_size * p * p * hv, vision_norms=(4 * lv + 2) * hv)
+        vision = dict(hidden=hv, inter=iv, layers=lv, heads=vc.num_heads, tokens=grid, lm_tokens=grid // (m * m),
+                      names=QWEN2VL_NAMES)
+    elif vc is not None:
+        raise ValueError(f"VLM type {config.model_type!r} is not covered: use llava or qwen2_vl")
+    return Shape(h, inter, n, heads, kv, d, text.vocab_size, tied, tuple(lin), other, vision)
+
+
+def resolve_targets(shape: Shape, targets) -> set[str]:
+    """Module-name suffixes LoRA wraps: ``"all-linear"`` (peft: every linear but lm_head, vision tower
+    and projector of a VLM included), ``"attention"``, ``"mlp"`` or a comma-separated list."""
+    names = {l.name for l in shape.linears}
+    if targets == "all-linear":
+        return names
+    wanted = TARGET_PRESETS.get(targets) if isinstance(targets, str) else None
+    if wanted is None:
+        wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    bad = [t for t in wanted if t not in names]
+    if bad or not wanted:
+        raise ValueError(f"unknown LoRA target {(bad or [targets])[0]!r}: use all-linear, attention, mlp or names from "
+                         f"{', '.join(sorted(names))}")
+    return set(wanted)
+
+
+def quantized_bytes(numel: int, bits: int = 4, rows: int = 1, double_quant: bool = True) -> int:
+    """Bytes of one bitsandbytes weight of ``numel`` values (``rows`` = out_features for 8-bit).
+
+    4-bit NF4: half a byte per value plus one absmax per block of 64, stored as fp32 or, with double
+    quantisation, as 8-bit codes with one fp32 absmax per 256 of them (and a 16-value code table).
+    8-bit LLM.int8: one byte per value plus one fp32 scale per output row.
+        >>> quantized_bytes(4096 * 4096)    # 8388608 codes + 262144 absmax + 4096 second level + 1024
+        8655872
+        >>> quantized_bytes(4096 * 4096, double_quant=False)    # 8388608 + 512 + 4 * 262144
+        9437696
+        >>> quantized_bytes(4096 * 4096, bits=8, rows=4096)
+        16793600
+    """
+    if bits == 8:
+        return _r512(numel) + _r512(4 * rows)
+    blocks = math.ceil(numel / BLOCK_4BIT)
+    packed = _r512(numel / 2) + _r512(16 * 4)                     # codes + NF4 table
+    if not double_quant:
+        return packed + _r512(4 * blocks)
+    return packed + _r512(blocks) + _r512(4 * math.ceil(blocks / BLOCK_ABSMAX)) + _r512(4)   # + offset
+
+
+def _state_bytes(numel: int, param_bytes: int, optimizer: str) -> tuple[int, int]:
+    """AdamW state bytes of one tensor: (in PyTorch's allocator, paged outside it)."""
+    if optimizer == "adamw":                                       # exp_avg, exp_avg_sq in the param dtype
+        return 2 * _r512(numel * param_bytes), 0
+    if numel < MIN_8BIT:                                           # bnb keeps small tensors in fp32
+        return 2 * _r512(4 * numel), 0
+    states = 2 * _r512(numel)
+    extra = 2 * _r512(4 * math.ceil(numel / BLOCK_OPT8)) + _r512(4)
+    if optimizer == "paged_adamw_8bit" and numel >= MIN_PAGED:
+        return extra, states
+    return states + extra, 0
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak, split into named components (bytes), plus what lies outside PyTorch's count."""
+    components: dict                   # name -> bytes at the peak, in COMPONENTS order; sums to total
+    phases: dict                       # phase -> total bytes; the peak is the largest
+    peak_phase: str
+    outside: dict                      # name -> bytes not in max_memory_allocated
+    params: dict                       # parameter counts
+    inputs: dict = field(default_factory=dict)
+    detail: dict = field(default_factory=dict)   # intermediate terms in bytes, for tests and the notebook
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    def components_gib(self) -> dict:
+        return {k: v / GIB for k, v in self.components.items()}
+
+    def as_dict(self) -> dict:
+        return {"total_gib": round(self.total_gib, 4),
+                "components": {k: round(v, 4) for k, v in self.components_gib().items()},
+                "components_bytes": dict(self.components), "peak_phase": self.peak_phase,
+                "phases_gib": {k: round(v / GIB, 4) for k, v in self.phases.items()},
+                "not_in_total_gib": {k: round(v / GIB, 4) for k, v in self.outside.items()},
+                "params": dict(self.params), "inputs": dict(self.inputs), "verdict": verdict(self.total_gib)}
+
+    def table(self) -> str:
+        rows = [f"{k:<22}{v / GIB:>9.3f} GiB" for k, v in self.components.items()]
+        rows += ["-" * 35, f"{'total (peak allocated)':<22}{self.total_gib:>9.3f} GiB   at: {self.peak_phase}"]
+        rows += [f"{'+ ' + k:<22}{v / GIB:>9.3f} GiB   (not in total)" for k, v in self.outside.items()]
+        return "\n".join(rows + [verdict(self.total_gib)])
+
+    __str__ = table
+
+
+LM_NAMES = (("q_proj", "k_proj", "v_proj"), "o_proj", ("gate_proj", "up_proj"), "down_proj")
+CLIP_NAMES = (("q_proj", "k_proj", "v_proj"), "out_proj", ("fc1",), "fc2")
+QWEN2VL_NAMES = (("qkv",), "proj", ("fc1",), "fc2")
+
+
+def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8, names=LM_NAMES):
+    """Bytes one transformer block keeps for backward without checkpointing: ``(all, kept by bnb)``.
+
+    ``a``: bytes per activation value (2 = bf16; 4 when prepare_model_for_kbit_training upcast the
+    norms and embeddings, which makes the whole residual stream fp32). ``g_in``: whether the block's
+    input requires grad. ``lora``: set of wrapped module names. A LoRA module casts its input to
+    fp32 (its weights are fp32), so with ``a == 2`` every wrapped module keeps its own fp32 copy.
+    bitsandbytes' 8-bit matmul keeps its input on ``ctx`` rather than through autograd, so those
+    tensors survive gradient checkpointing: they are also returned separately.
+    """
+    saved, pinned = {}, set()
+
+    def readers(key, width, names, x_req):
+        for m in names:                               # LoRA A saves its (fp32) input, B saves A's output
+            if m in lora:
+                saved[key if a == 4 else f"{key}>{m}"] = 4 * N * width
+                saved[f"{m}.A"] = 4 * N * r
+        if full or (q8 and x_req):                    # full: for weight grads; 8-bit: bnb keeps its input
+            saved[key] = a * N * width
+            pinned.update([key] if q8 else [])
+
+    def norm(key, req):
+        if req:                                       # RMSNorm keeps an fp32 copy + 1/rms per token
+            saved[key + ".in"] = 4 * N * h
+            saved[key + ".rms"] = 4 * N
+            if full:
+                saved[key + ".cast"] = a * N * h
+        return req or full
+
+    qkv, o, mlp_in, mlp_out = names
+    x1 = norm("norm1", g_in)
+    readers("x1", h, qkv, x1)
+    att = x1 or full or bool(set(qkv) & lora)
+    if att and a == 4 and kv < q:                     # fp32 + grouped KV heads: only the math kernel runs;
+        saved.update(q=4 * N * q, k=4 * N * q, v=4 * N * q, probs=4 * B * heads * S * S)   # keeps S x S probs
+    elif att:                                         # flash / cuDNN / mem-efficient: q, k, v, out + logsumexp
+        saved.update(q=a * N * q, k=a * N * kv, v=a * N * kv, out=a * N * q, lse=4 * B * heads * S)
+    readers("out", q, (o,), att)
+    x2 = norm("norm2", g_in or att or o in lora)
+    readers("x2", h, mlp_in, x2)
+    g = x2 or full or bool(set(mlp_in) & lora)
+    if g and len(mlp_in) == 2:                        # silu(gate) * up keeps gate, silu(gate), up
+        saved.update(gate=a * N * inter, act=a * N * inter, up=a * N * inter)
+    elif g:                                           # gelu keeps its input; fc2 reads gelu's output
+        saved.update(fc1=a * N * inter)
+    readers("p", inter, (mlp_out,), g)
+    return sum(saved.values()), sum(saved[k] for k in pinned)
+
+
+def _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk) -> None:
+    """One line for the first input ``estimate`` cannot take."""
+    for value, allowed, what in ((method, METHODS, "method"), (optimizer, OPTIMIZERS, "optimizer"),
+                                 (dtype, DTYPES, "dtype")):
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+    for value, what in ((batch_size, "batch size"), (seq_len, "sequence length")):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
+    if method != "full" and (not isinstance(lora_r, int) or lora_r < 1):
+        raise ValueError(f"LoRA rank must be a whole number >= 1, got {lora_r!r}: try 8, 16 or 64")
+    if prepare_kbit and method not in ("qlora4", "qlora8"):
+        raise ValueError("prepare_kbit applies to quantized models only: use method qlora4 or qlora8, or drop it")
+    if loss_chunk is not None and (not isinstance(loss_chunk, int) or loss_chunk < 1):
+        raise ValueError(f"loss_chunk must be a whole number of rows >= 1 (or None for full logits), "
+                         f"got {loss_chunk!r}")
+
+
+@dataclass
+class _Run:
+    """The quantities the terms below share. Legend: B batch, S sequence length (text + image tokens),
+    N = B * S tokens, h hidden size, r LoRA rank, V vocabulary."""
+    shape: Shape
+    full: bool                 # full fine-tuning: every weight trains
+    quant: int | None          # 4 or 8 bits for the decoder's linear layers, None for 16-bit
+    lora: set                  # names of the LoRA-wrapped modules
+    r: int
+    weight_bytes: int          # bytes per 16-bit weight (bf16 / fp16)
+    act_bytes: int             # bytes per activation value: 4 after prepare_kbit's fp32 upcast, else 2
+    B: int
+    S: int                     # tokens per sample seen by the language model
+    grad_ckpt: bool
+    prepare_kbit: bool
+
+    @property
+    def N(self) -> int:
+        return self.B * self.S
+
+
+def _weights(run: _Run) -> tuple[int, int, int, list]:
+    """(quantized bytes, unquantized bytes, LoRA bytes, LoRA tensors as (count, numel))."""
+    s, a, w, quant = run.shape, run.act_bytes, run.weight_bytes, run.quant
+    qbytes = unq = 0
+    for l in s.linears:
+        wn = l.fan_in * l.fan_out
+        if quant and l.part == "lm":
+            qbytes += l.count * quantized_bytes(wn, quant, rows=l.fan_out)
+        else:
+            unq += l.count * _r512(wn * (a if quant else w))
+        unq += l.count * _r512(l.fan_out * (a if quant else w)) if l.bias else 0
+    unq += sum(_r512(n * (a if quant else w)) for n in s.other.values())
+    lora_tensors = [(l.count, run.r * l.fan_in) for l in s.linears if l.name in run.lora]
+    lora_tensors += [(l.count, run.r * l.fan_out) for l in s.linears if l.name in run.lora]
+    lora_w = sum(c * _r512(4 * n) for c, n in lora_tensors)            # peft keeps LoRA weights in fp32
+    return qbytes, unq, lora_w, lora_tensors
+
+
+def _optimizer(run: _Run, lora_tensors, optimizer: str) -> dict:
+    """Gradients, optimizer states (on the device and paged out) and the step's temporary, in bytes."""
+    s = run.shape
+    if run.full:
+        trainable = [(l.count, l.fan_in * l.fan_out) for l in s.linears]
+        trainable += [(l.count, l.fan_out) for l in s.linears if l.bias] + [(1, n) for n in s.other.values()]
+        pbytes = run.weight_bytes
+    else:
+        trainable, pbytes = lora_tensors, 4
+    states = [(c, _state_bytes(n, pbytes, optimizer)) for c, n in trainable]
+    temp = 0                                       # foreach AdamW: sqrt(exp_avg_sq) as one temporary
+    if optimizer == "adamw":
+        temp = sum(c * _r512(n * pbytes) for c, n in trainable)
+    return {"grads": sum(c * _r512(n * pbytes) for c, n in trainable), "trainable": trainable,
+            "on_device": sum(c * d for c, (d, _) in states), "paged": sum(c * p for c, (_, p) in states),
+            "temporary": temp}
+
+
+def _activations(run: _Run) -> dict:
+    """Bytes saved for backward (``saved``), one layer recomputed under checkpointing, and parts."""
+    s, a, N = run.shape, run.act_bytes, run.N
+    blk = dict(full=run.full, lora=run.lora, a=a, q8=run.quant == 8)
+    qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    layer = lambda g_in: _block_saved(N, run.B, run.S, s.hidden, qd, kvd, s.inter, s.heads, run.r, g_in=g_in,
+                                      **blk)[0]
+    pinned = _block_saved(N, run.B, run.S, s.hidden, qd, kvd, s.inter, s.heads, run.r, g_in=True, **blk)[1]
+    first_g = run.full or (run.prepare_kbit and run.grad_ckpt)   # peft's input-grad hook: kbit + checkpointing
+    rope = 2 * run.S * s.head_dim * a                             # cos / sin, shared by all layers
+    head = 4 * N * s.hidden + 4 * N + (2 * a * N * s.hidden if run.full else 0)   # final norm (+ lm_head input)
+    vision = _vision_activations(run)
+    if run.grad_ckpt:
+        saved = s.layers * (_r512(a * N * s.hidden) + pinned) + head + rope + vision
+        recompute = layer(True)
+    else:
+        saved = layer(first_g) + (s.layers - 1) * layer(True) + head + rope + vision
+        recompute = 0
+    return {"saved": saved, "recompute": recompute, "rope": rope, "one_layer": layer(True)}
+
+
+def _vision_activations(run: _Run) -> int:
+    """What the vision tower keeps for backward when any of it trains (one image per sample)."""
+    s, vis = run.shape, run.shape.vision
+    if not vis or not (run.full or run.lora & {l.name for l in s.linears if l.part != "lm"}):
+        return 0
+    Nv = run.B * vis["tokens"]
+    if run.grad_ckpt:
+        return vis["layers"] * _r512(run.act_bytes * Nv * vis["hidden"])
+    one = _block_saved(Nv, run.B, vis["tokens"], vis["hidden"], vis["hidden"], vis["hidden"], vis["inter"],
+                       vis["heads"], run.r, full=run.full, lora=run.lora, a=run.act_bytes, g_in=True, q8=False,
+                       names=vis["names"])[0]
+    return vis["layers"] * one
+
+
+def _loss(run: _Run, loss_chunk: int | None) -> tuple[int, int, int]:
+    """(bytes at the loss in the forward pass, in the backward pass, label tensors)."""
+    s, N, V, w = run.shape, run.N, run.shape.vocab, run.weight_bytes
+    labels = 8 * N + (8 * N if run.full else 0)
+    lm_b = run.act_bytes if run.quant else w
+    if loss_chunk is None:
+        forward = (lm_b * N * V if lm_b == 2 else 0) + 4 * N * V + 4 * N * V + labels
+        backward = 12 * N * V + labels             # log-softmax out + its grad in + grad out, all fp32
+    else:                                          # one chunk: fp32 logits/softmax + its 16-bit copy;
+        C = min(loss_chunk, N)                     # the labelled rows' hidden states and their gradient
+        forward = 6 * C * V + 2 * w * N * s.hidden + labels
+        backward = 2 * w * N * s.hidden + labels   # the stored gradient and its scaled copy
+    return forward, backward, labels
+
+
+def _temporaries(run: _Run) -> tuple[int, int, int]:
+    """(a dequantised weight, one layer's backward buffers, the lm_head gradient of full training)."""
+    s, a = run.shape, run.act_bytes
+    big = max(l.fan_in * l.fan_out for l in s.linears if l.part == "lm")
+    deq = 2 * big if run.quant else 0
+    layer_tmp = run.N * s.inter * (2 * a + (4 if "down_proj" in run.lora and a == 2 else 0)) + deq
+    head_grad = _r512(s.vocab * s.hidden * run.weight_bytes) if run.full else 0
+    return deq, layer_tmp, head_grad
+
+
+def _params(run: _Run, lora_tensors, trainable) -> dict:
+    s = run.shape
+    n_quant = sum(l.count * l.fan_in * l.fan_out for l in s.linears if l.part == "lm") if run.quant else 0
+    n_all = sum(l.count * (l.fan_in * l.fan_out + (l.fan_out if l.bias else 0)) for l in s.linears)
+    return {"total": n_all + sum(s.other.values()), "quantized": n_quant,
+            "lora": sum(c * n for c, n in lora_tensors), "trainable": sum(c * n for c, n in trainable)}
+
+
+def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int = 8, targets="all-linear",
+             grad_ckpt: bool = False, prepare_kbit: bool = False, optimizer: str = "adamw",
+             dtype: str = "bf16", loss_chunk: int | None = None) -> MemoryEstimate:
+    """Predict peak ``torch.cuda.max_memory_allocated`` of steady-state training (see module doc).
+
+    The peak is the largest of four phases: the forward pass at the loss, the backward pass at the
+    loss, the backward pass through the top layer, and the optimizer step.
+    ``loss_chunk``: ``None`` for ``model(**batch).loss`` (full ``[tokens, vocab]`` logits); a number of
+    rows for the chunked loss of ``qlora_helpers.ch03_sft.recipe`` (one chunk's logits at a time, plus the
+    gradient with respect to the last hidden states it forms during the forward pass).
+    """
+    _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk)
+    s = model_shape(get_config(config) if isinstance(config, str) else config)
+    full, quant = method == "full", {"qlora4": 4, "qlora8": 8}.get(method)
+    run = _Run(shape=s, full=full, quant=quant, lora=set() if full else resolve_targets(s, targets),
+               r=0 if full else lora_r, weight_bytes=2, act_bytes=4 if prepare_kbit else 2, B=batch_size,
+               S=seq_len + (s.vision["lm_tokens"] if s.vision else 0), grad_ckpt=grad_ckpt,
+               prepare_kbit=prepare_kbit)
+    qbytes, unq, lora_w, lora_tensors = _weights(run)
+    opt = _optimizer(run, lora_tensors, optimizer)
+    act = _activations(run)
+    loss_fwd, loss_bwd, labels = _loss(run, loss_chunk)
+    deq, layer_tmp, head_grad = _temporaries(run)
+    comp = lambda g, acts, lg, tmp: dict(zip(COMPONENTS, (qbytes, unq, lora_w, g, opt["on_device"], acts, lg,
+                                                          tmp + CUBLAS_WORKSPACE)))
+    phases = {"forward (at the loss)": comp(0, act["saved"], loss_fwd, deq),
+              "backward (at the loss)": comp(0, act["saved"], loss_bwd, 0),
+              "backward (top layer)": comp(head_grad, act["saved"] + act["recompute"], 0, layer_tmp),
+              "optimizer step": comp(opt["grads"], 0, 0, max(opt["temporary"], head_grad if full and s.tied else 0))}
+    totals = {k: sum(v.values()) for k, v in phases.items()}
+    peak = max(totals, key=totals.get)
+    outside = {"CUDA context": int(CONTEXT_GIB * GIB)} | (
+        {"paged optimizer states": opt["paged"]} if opt["paged"] else {})
+    inputs = dict(method=method, batch_size=batch_size, seq_len=seq_len, lm_tokens_per_sample=run.S, lora_r=run.r,
+                  targets=sorted(run.lora), grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer,
+                  dtype=dtype, loss_chunk=loss_chunk)
+    detail = {"saved for backward": act["saved"] + (4 * run.N * s.vocab if loss_chunk is None else 0) + labels,
+              "rope": act["rope"], "one layer saved": act["one_layer"], "recomputed layer": act["recompute"],
+              "optimizer temporary": opt["temporary"], "dequantised weight": deq,
+              "layer backward temporary": layer_tmp, "tokens": run.N}
+    return MemoryEstimate(phases[peak], totals, peak, outside, _params(run, lora_tensors, opt["trainable"]),
+                          inputs, detail)
+
+
+def configure_parser(parser) -> None:
+    """Arguments of ``python -m qlora_helpers estimate``."""
+    parser.add_argument("--model", required=True, metavar="CONFIG", help="preset name or path to a config.json")
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--batch-size", required=True, type=int, metavar="B")
+    parser.add_argument("--seq-len", required=True, type=int, metavar="S", help="text tokens per sample")
+    parser.add_argument("--lora-r", type=int, default=8, metavar="R")
+    parser.add_argument("--targets", default="all-linear", help="all-linear | attention | mlp | comma,separated,names")
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (use_reentrant=False)")
+    parser.add_argument("--prepare-kbit", action="store_true", help="peft's prepare_model_for_kbit_training")
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cli(args) -> int:
+
+
+    est = estimate(get_config(args.model), args.method, batch_size=args.batch_size, seq_len=args.seq_len, lora_r=args.lora_r, targets=args.targets,
+                   grad_ckpt=args.grad_ckpt, prepare_kbit=args.prepare_kbit, optimizer=args.optimizer, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(est.as_dict()))
+    else:
+        print(f"{args.model}, {args.method}, {args.batch_size} x {args.seq_len} tokens (estimate)")
+        print(est.table())
+    return 0

@@ -1,0 +1,148 @@
+
+import gc
+import inspect
+import time
+
+import bitsandbytes as bnb
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import Qwen2VLForConditionalGeneration
+
+from qlora_helpers.ch01_memory.estimator import GIB, estimate, model_shape
+from qlora_helpers.common.models import build_random
+from qlora_helpers.common.shapes import get_config
+
+
+def _batch(config, batch_size: int, seq_len: int, device, dtype, generator):
+    """Random token ids (labels = input ids); for a VLM one random 336 x 336 image per sample, whose
+    tokens come on top of ``seq_len`` text tokens (as ``estimate`` counts them)."""
+
+
+
+    text = config.get_text_config()
+    vocab = text.vocab_size
+    kw = {}
+    if config.model_type == "llava":
+        n_img = model_shape(config).vision["lm_tokens"]
+        ids = torch.randint(0, config.image_token_index, (batch_size, seq_len + n_img), generator=generator)
+        ids[:, 1:1 + n_img] = config.image_token_index
+        size = config.vision_config.image_size
+        kw["pixel_values"] = torch.randn(batch_size, 3, size, size, generator=generator).to(device, dtype)
+    elif config.model_type == "qwen2_vl":
+        vc, n_img = config.vision_config, model_shape(config).vision["lm_tokens"]
+        grid = 336 // vc.patch_size
+        ids = torch.randint(0, 151_000, (batch_size, seq_len + n_img), generator=generator)
+        ids[:, 1] = config.vision_start_token_id
+        ids[:, 2:2 + n_img] = config.image_token_id
+        ids[:, 2 + n_img] = config.vision_end_token_id
+        patch = 3 * vc.temporal_patch_size * vc.patch_size ** 2
+        kw["pixel_values"] = torch.randn(batch_size * grid * grid, patch, generator=generator).to(device, dtype)
+        kw["image_grid_thw"] = torch.tensor([[1, grid, grid]] * batch_size, device=device)
+        if "mm_token_type_ids" in inspect.signature(Qwen2VLForConditionalGeneration.forward).parameters:
+            kw["mm_token_type_ids"] = (ids == config.image_token_id).int().to(device)   # transformers >= 5.2x
+    else:
+        ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
+    ids = ids.to(device)
+    return dict(input_ids=ids, labels=ids, **kw)
+
+
+def _make_optimizer(name: str, params, lr: float = 1e-4):
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+
+    return (bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit)(params, lr=lr)
+
+
+def measure(config, method: str, *, batch_size: int, seq_len: int, lora_r: int = 8, targets="all-linear",
+            grad_ckpt: bool = False, prepare_kbit: bool = False, optimizer: str = "adamw", dtype: str = "bf16",
+            steps: int = 3, device: str = "cuda", seed: int = 0) -> dict:
+    """Train ``steps`` steps on random weights at real shape and return the measured memory (GiB).
+
+    Step 1 is a warm-up (optimizer states appear during it); ``peak_allocated_gib`` is the largest
+    ``max_memory_allocated`` of the later steps, the quantity ``estimate`` predicts. Each step is
+    split into forward / backward / optimizer phases whose peaks are reported too, along with the
+    allocated memory after build, after the peft wrap and after each phase. Run it in a fresh
+    process, or after everything of an earlier run was freed (``checkpoints_gib["start"]`` shows
+    what was still allocated), so that no earlier allocation counts towards the peak.
+    """
+
+
+    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+        raise RuntimeError("measure() needs a CUDA GPU and torch sees none here: use estimate() on this machine")
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 (the first is a warm-up), got {steps}")
+    if isinstance(config, str):
+        config = get_config(config)
+
+    est = estimate(config, method, batch_size=batch_size, seq_len=seq_len, lora_r=lora_r, targets=targets, grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer, dtype=dtype)
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    quant = {"qlora4": "4bit", "qlora8": "8bit"}.get(method)
+    gc.collect()
+    torch.cuda.empty_cache()
+    gib = lambda b: round(b / GIB, 4)                  # absolute: the cuBLAS workspace counts, as in estimate()
+    out = {"inputs": est.inputs, "checkpoints_gib": {"start": gib(torch.cuda.memory_allocated(device))},
+           "steps": [], "oom": False}
+    mark = lambda key: out["checkpoints_gib"].__setitem__(key, gib(torch.cuda.memory_allocated(device)))
+    model = opt = None
+    t0 = time.perf_counter()
+    try:
+        model = build_random(config, quantize=quant, device=device, dtype=torch_dtype, seed=seed, progress=False)
+        mark("after build")
+        ckpt_kwargs = {"use_reentrant": False}
+        if prepare_kbit:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt,
+                                                    gradient_checkpointing_kwargs=ckpt_kwargs)
+        elif grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        if method == "full":
+            model.requires_grad_(True)
+        else:
+            tm = "all-linear" if targets == "all-linear" else est.inputs["targets"]
+            model = get_peft_model(model, LoraConfig(r=lora_r, target_modules=tm, task_type="CAUSAL_LM"))
+        model.train()
+        mark("after wrap")
+        opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
+        gen = torch.Generator().manual_seed(seed)
+        batch = _batch(config, batch_size, seq_len, device, torch_dtype, gen)
+        mark("after batch")
+        out["setup_s"] = round(time.perf_counter() - t0, 1)
+
+        def phase(fn):
+            torch.cuda.reset_peak_memory_stats(device)
+            result = fn()
+            return result, gib(torch.cuda.max_memory_allocated(device)), torch.cuda.max_memory_reserved(device) / GIB
+
+        for _ in range(steps):
+            t = time.perf_counter()
+            rec = {}
+            loss, rec["forward"], r1 = phase(lambda: model(**batch).loss)
+            rec["after forward"] = gib(torch.cuda.memory_allocated(device))
+            _, rec["backward"], r2 = phase(loss.backward)
+            del loss
+            rec["after backward"] = gib(torch.cuda.memory_allocated(device))
+            _, rec["optimizer"], r3 = phase(opt.step)
+            opt.zero_grad(set_to_none=True)
+            rec["reserved"] = round(max(r1, r2, r3), 4)
+            rec["seconds"] = round(time.perf_counter() - t, 3)
+            out["steps"].append(rec)
+        steady = out["steps"][1:]
+        peaks = {k: max(s[k] for s in steady) for k in ("forward", "backward", "optimizer")}
+        out["phases_gib"] = peaks
+        out["peak_allocated_gib"] = max(peaks.values())
+        out["peak_phase"] = max(peaks, key=peaks.get)
+        out["peak_reserved_gib"] = max(s["reserved"] for s in steady)
+        out["first_step_peak_gib"] = max(out["steps"][0][k] for k in ("forward", "backward", "optimizer"))
+        free, total = torch.cuda.mem_get_info(device)
+        out["device_used_gib"] = round((total - free) / GIB, 4)   # + CUDA context + paged states
+        out["reserved_now_gib"] = round(torch.cuda.memory_reserved(device) / GIB, 4)
+    except torch.OutOfMemoryError as err:
+        out["oom"] = True
+        out["error"] = str(err).splitlines()[0][:300]
+    finally:
+        del model, opt
+        gc.collect()
+        torch.cuda.empty_cache()
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out

@@ -1,0 +1,111 @@
+"""The seeds' numbers next to what this course measures, each with a verdict.
+
+Parameter claims are checked by building the seed's backbone at ViT-S/16 shape on the CPU
+(``seed_shape_counts``); memory claims need ``benchmarks/results/tad_memory.json`` from
+``benchmarks/tad_memory.py`` on a GPU. The seeds write "GB"; the benchmark measures GiB (2**30 bytes),
+a 7 % difference that no verdict below depends on. Verdicts use the peak *allocated* memory; the
+reserved figure (what the caching allocator holds, closer to what ``nvidia-smi`` shows, which also adds
+the CUDA context) is printed beside it, since the seeds do not say how they measured.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qlora_helpers.ch02_tad.config import VIDEOMAE_S, build_backbone, validate
+from qlora_helpers.ch02_tad.vit import count_parameters
+
+
+def seed_shape_counts() -> dict:
+    """Parameter counts of the AdaTAD and seed-QLoRA backbones at ViT-S/16 shape (built on the meta
+    device, adapters not quantized, so every weight counts at its logical size, as in OpenTAD's log line)."""
+
+
+    out = {}
+    for name, kind, extra in (("adapter", "VisionTransformerAdapter", {}),
+                              ("seed_qlora", "VisionTransformerQLoRA", {"lora_r": 16, "lora_alpha": 32})):
+        bcfg = validate({"model": {"backbone": {"type": kind, **VIDEOMAE_S, **extra}}})["model"]["backbone"]
+        with torch.device("meta"):   # shapes only: no memory, no time spent on initialisation
+            vit = build_backbone(bcfg)
+        adapters = [b.adapter for b in vit.blocks if b.adapter is not None]
+        adapter = sum(count_parameters(a) for a in adapters)
+        frozen = sum(p.numel() for a in adapters for n, p in a.named_parameters() if n in ("down_proj.weight", "up_proj.weight")) \
+            if kind == "VisionTransformerQLoRA" else 0
+        vit_params = count_parameters(vit) - adapter
+        out[name] = {"vit_params": vit_params, "adapter_params": adapter, "adapter_trainable": adapter - frozen,
+                     "adapter_ratio_pct": round(100 * adapter / vit_params, 2),
+                     "trainable_ratio_pct": round(100 * (adapter - frozen) / vit_params, 2),
+                     "quantized_params": frozen}
+    return out
+
+
+def _rows(benchmark: dict) -> dict:
+    return {r["name"]: r for r in benchmark.get("figures", {}).get("rows", []) if r.get("status") == "ok"}
+
+
+def _peak(rows: dict, name: str):
+    return rows[name]["peak_allocated_gib"] if name in rows else None
+
+
+def _where(rows: dict, name: str, label: str) -> str:
+    if name not in rows:
+        return f"{label}: not measured"
+    r = rows[name]
+    return f"{label}: peak {r['peak_allocated_gib']:.2f} GiB allocated, {r['peak_reserved_gib']:.2f} GiB reserved"
+
+
+def _range_verdict(value, lo, hi, unit="GiB") -> str:
+    if value is None:
+        return "not measured"
+    if lo <= value <= hi:
+        return f"holds ({value:.2f} {unit})"
+    return f"does not hold ({value:.2f} {unit})"
+
+
+def check_claims(counts: dict, benchmark: dict | None = None) -> list[dict]:
+    """One row per seed claim: ``claim``, ``seed``, ``measured`` and ``verdict``."""
+    q, a = counts["seed_qlora"], counts["adapter"]
+    rows = [
+        {"seed": "001", "claim": "ViT 21,879,936 params, QLoRA adapters 1,185,420, ratio 5.4 %",
+         "measured": f"{q['vit_params']:,} / {q['adapter_params']:,} = {q['adapter_ratio_pct']} %",
+         "verdict": "holds as counted, but it counts the frozen quantized projections"
+         if (q["vit_params"], q["adapter_params"]) == (21_879_936, 1_185_420) else "does not reproduce"},
+        {"seed": "000", "claim": "QLoRA trains < 1 % of the parameters",
+         "measured": f"{q['adapter_trainable']:,} trainable = {q['trainable_ratio_pct']} % of the ViT",
+         "verdict": "holds" if q["trainable_ratio_pct"] < 1 else f"does not hold ({q['trainable_ratio_pct']} %)"},
+        {"seed": "001", "claim": "original AdaTAD adapters: about 2-3 M trainable params",
+         "measured": f"{a['adapter_params']:,} (all trainable)",
+         "verdict": "holds" if 2e6 <= a["adapter_params"] <= 3e6 else f"does not hold ({a['adapter_params'] / 1e6:.2f} M)"},
+        {"seed": "001", "claim": "4-bit storage saves 75 % of the memory",
+         "measured": f"{q['quantized_params']:,} quantized weights: {q['quantized_params'] * 2 / 2**20:.2f} MiB in bf16 "
+                     f"-> {q['quantized_params'] / 2 / 2**20:.2f} MiB in 4 bits",
+         "verdict": f"holds for those weights only: {q['quantized_params'] * 1.5 / 2**20:.2f} MiB saved in all"},
+    ]
+    if benchmark is None:
+        return rows
+    m = _rows(benchmark)
+    full, adapter, q4, q8 = (_peak(m, f"{s}-cp") for s in ("full_ft", "adapter", "seed_qlora4", "seed_qlora8"))
+    q4_nocp = _peak(m, "seed_qlora4-nocp")
+
+    def saving(x, base):
+        return None if x is None or not base else 100 * (1 - x / base)
+
+    s_adapter, s_full = saving(q4, adapter), saving(q4, full)
+    rows += [
+        {"seed": "000", "claim": "original adapter: about 12 GB", "measured": _where(m, "adapter-cp", "adapter, checkpointing on"),
+         "verdict": _range_verdict(adapter, 10, 14)},
+        {"seed": "000", "claim": "QLoRA 4-bit: 6-8 GB", "measured": _where(m, "seed_qlora4-cp", "seed QLoRA 4-bit, checkpointing on"),
+         "verdict": _range_verdict(q4, 6, 8)},
+        {"seed": "000", "claim": "QLoRA 8-bit: 8-10 GB", "measured": _where(m, "seed_qlora8-cp", "seed QLoRA 8-bit, checkpointing on"),
+         "verdict": _range_verdict(q8, 8, 10)},
+        {"seed": "000", "claim": "QLoRA needs 50-75 % less memory than the original adapter",
+         "measured": "1 - seed QLoRA 4-bit / adapter (checkpointing on)",
+         "verdict": _range_verdict(s_adapter, 50, 75, "%")},
+        {"seed": "001", "claim": "QLoRA training takes about 16 GB",
+         "measured": f"seed QLoRA 4-bit: {q4 if q4 is not None else '-'} GiB with, {q4_nocp if q4_nocp is not None else '-'} without checkpointing",
+         "verdict": _range_verdict(q4, 13, 19) if q4 is not None else "not measured"},
+        {"seed": "001", "claim": "50-60 % less memory than full fine-tuning",
+         "measured": "1 - seed QLoRA 4-bit / full fine-tuning (checkpointing on)",
+         "verdict": _range_verdict(s_full, 50, 60, "%")},
+    ]
+    return rows

@@ -1,0 +1,221 @@
+"""Configs in the shape of the seed's OpenTAD files, their validation, the builder, and optimizer groups.
+
+A config is a plain dict, as in OpenTAD::
+
+    model = dict(
+        backbone=dict(type="VisionTransformerQLoRA", embed_dims=64, depth=4, ...,
+                      lora_r=8, lora_alpha=16, lora_dropout=0.1, quantize_bits=4, use_plain_adapter=False),
+        head=dict(dims=64, levels=4))
+    optimizer = dict(type="AdamW", lr=1e-4, weight_decay=0.05, paramwise=True,
+                     backbone=dict(lr=0, weight_decay=0, custom=[dict(name="adapter", lr=2e-4, weight_decay=0.05),
+                                                                 dict(name="lora", lr=2e-4, weight_decay=0.05)]))
+
+Backbone types:
+
+============================  ===========================================================================
+type                          what trains
+============================  ===========================================================================
+VisionTransformer             everything (full fine-tuning; give ``optimizer.backbone.lr`` > 0)
+VisionTransformerAdapter      AdaTAD adapters (``use_plain_adapter``); ``backbone_quantize_bits=4`` stores
+                              the frozen backbone's linears in NF4: the textbook QLoRA alternative
+VisionTransformerQLoRA        the seed: LoRA pairs, temporal conv and gamma of quantized adapters
+============================  ===========================================================================
+
+Bad values are refused with one line that names the field and the fix, e.g.
+``model.backbone.quantize_bits=3: use 4 (Linear4bit) or 8 (Linear8bitLt)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+
+from qlora_helpers.ch02_tad.adapters import (
+    QLoRAAdapter,
+    TemporalAdapter,
+    freeze_for_adapters,
+    quantize_backbone,
+)
+from qlora_helpers.ch02_tad.head import Detector, TADHead
+from qlora_helpers.ch02_tad.vit import VideoViT
+
+GEOMETRY = {"img_size": 32, "patch_size": 8, "in_chans": 1, "embed_dims": 64, "depth": 4, "num_heads": 4,
+            "mlp_ratio": 4.0, "num_frames": 16, "tubelet_size": 2, "adapter_index": None, "with_cp": False}
+ADAPTER_KEYS = {"use_plain_adapter": False, "adapter_mlp_ratio": 0.25}
+KEYS = {
+    "VisionTransformer": {},
+    "VisionTransformerAdapter": {**ADAPTER_KEYS, "backbone_quantize_bits": None, "backbone_quant_type": "nf4"},
+    "VisionTransformerQLoRA": {**ADAPTER_KEYS, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.1,
+                               "quantize_bits": 4, "quant_type": "fp4"},
+}
+HEAD = {"dims": 64, "levels": 4, "regression_ranges": ((0, 4), (4, 8), (8, 16), (16, 10_000)), "center_radius": 1.5}
+# ViT-S/16 as VideoMAE-S in the seed config (e2e_thumos_videomae_s_768x1_160_adapter_qlora): 768 frames, 160 px
+VIDEOMAE_S = {"img_size": 160, "patch_size": 16, "in_chans": 3, "embed_dims": 384, "depth": 12, "num_heads": 6,
+              "mlp_ratio": 4.0, "num_frames": 16, "tubelet_size": 2}
+
+
+class ConfigError(ValueError):
+    """A config field is wrong; the message names it and says what to use."""
+
+
+def _check(ok: bool, field: str, value, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}={value!r}: {fix}")
+
+
+def validate(cfg: dict) -> dict:
+    """Return ``cfg`` with defaults filled in, or raise ``ConfigError`` naming the first bad field."""
+    cfg = copy.deepcopy(cfg)
+    backbone = cfg.get("model", {}).get("backbone")
+    _check(isinstance(backbone, dict), "model.backbone", backbone, "give a dict with a 'type'")
+    kind = backbone.get("type")
+    _check(kind in KEYS, "model.backbone.type", kind, f"use one of {', '.join(KEYS)}")
+    allowed = {**GEOMETRY, **KEYS[kind]}
+    for key in backbone:
+        if key != "type" and key not in allowed:
+            near = difflib.get_close_matches(key, list(allowed), n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"{kind} takes {', '.join(sorted(allowed))}"
+            raise ConfigError(f"model.backbone.{key}: not a key of {kind}; {hint}")
+    backbone = cfg["model"]["backbone"] = {"type": kind, **allowed, **backbone}
+    f = "model.backbone."
+    for key in ("img_size", "patch_size", "in_chans", "embed_dims", "depth", "num_heads", "num_frames", "tubelet_size"):
+        _check(isinstance(backbone[key], int) and backbone[key] > 0, f + key, backbone[key], "must be a positive integer")
+    _check(backbone["embed_dims"] % backbone["num_heads"] == 0, f + "num_heads", backbone["num_heads"],
+           f"must divide embed_dims={backbone['embed_dims']}")
+    _check(backbone["img_size"] % backbone["patch_size"] == 0, f + "img_size", backbone["img_size"],
+           f"must be a multiple of patch_size={backbone['patch_size']}")
+    _check(isinstance(backbone["with_cp"], bool), f + "with_cp", backbone["with_cp"], "use True or False")
+    if kind != "VisionTransformer":
+        _check(isinstance(backbone["use_plain_adapter"], bool), f + "use_plain_adapter", backbone["use_plain_adapter"],
+               "use False (with temporal conv) or True (plain adapter)")
+        hidden = int(backbone["embed_dims"] * backbone["adapter_mlp_ratio"])
+        _check(hidden >= 1, f + "adapter_mlp_ratio", backbone["adapter_mlp_ratio"], "gives no hidden units; use 0.25")
+    if kind == "VisionTransformerAdapter":
+        _check(backbone["backbone_quantize_bits"] in (None, 4, 8), f + "backbone_quantize_bits",
+               backbone["backbone_quantize_bits"], "use None (full precision), 4 (NF4) or 8 (LLM.int8)")
+        _check(backbone["backbone_quant_type"] in ("nf4", "fp4"), f + "backbone_quant_type",
+               backbone["backbone_quant_type"], "use 'nf4' or 'fp4'")
+    if kind == "VisionTransformerQLoRA":
+        r = backbone["lora_r"]
+        _check(isinstance(r, int) and not isinstance(r, bool) and r >= 1, f + "lora_r", r,
+               "must be a positive integer (the seed recommends 8-32)")
+        _check(r <= hidden, f + "lora_r", r, f"is above the adapter's hidden size {hidden}: use at most {hidden}")
+        _check(isinstance(backbone["lora_alpha"], (int, float)) and backbone["lora_alpha"] > 0, f + "lora_alpha",
+               backbone["lora_alpha"], "must be > 0 (usually 2 * lora_r)")
+        _check(isinstance(backbone["lora_dropout"], (int, float)) and 0 <= backbone["lora_dropout"] < 1,
+               f + "lora_dropout", backbone["lora_dropout"], "must be in [0, 1), e.g. 0.1")
+        _check(backbone["quantize_bits"] in (4, 8), f + "quantize_bits", backbone["quantize_bits"],
+               "use 4 (Linear4bit) or 8 (Linear8bitLt)")
+        _check(backbone["quant_type"] in ("nf4", "fp4"), f + "quant_type", backbone["quant_type"], "use 'fp4' or 'nf4'")
+    cfg["model"]["head"] = {**HEAD, **cfg["model"].get("head", {})}
+    _validate_optimizer(cfg.setdefault("optimizer", {}), kind)
+    return cfg
+
+
+def _validate_optimizer(opt: dict, kind: str) -> None:
+    _check(opt.setdefault("type", "AdamW") == "AdamW", "optimizer.type", opt["type"], "only 'AdamW' is supported")
+    for key, default in (("lr", 1e-4), ("weight_decay", 0.05)):
+        _check(isinstance(opt.setdefault(key, default), (int, float)) and opt[key] >= 0, f"optimizer.{key}", opt[key], "must be >= 0")
+    bb = opt.setdefault("backbone", {"lr": 0, "weight_decay": 0, "custom": []})
+    for i, group in enumerate(bb.setdefault("custom", [])):
+        _check(isinstance(group, dict) and isinstance(group.get("name"), str) and group["name"],
+               f"optimizer.backbone.custom[{i}]", group, "give dict(name=..., lr=..., weight_decay=...)")
+        _check(isinstance(group.get("lr"), (int, float)) and group["lr"] >= 0, f"optimizer.backbone.custom[{i}].lr",
+               group.get("lr"), "must be >= 0")
+    _check(isinstance(bb.setdefault("lr", 0), (int, float)) and bb["lr"] >= 0, "optimizer.backbone.lr", bb["lr"], "must be >= 0")
+    if kind == "VisionTransformer":
+        _check(bb["lr"] > 0, "optimizer.backbone.lr", bb["lr"],
+               "full fine-tuning (type='VisionTransformer') needs a backbone lr > 0, e.g. 1e-4")
+
+
+def strategy_config(strategy: str, geometry: dict | None = None, lr: float = 1e-4, adapter_lr: float = 2e-4,
+                    lora_r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.1, quantize_bits: int = 4,
+                    use_plain_adapter: bool = False, head: dict | None = None) -> dict:
+    """The config of one of the four compared strategies, in the seed's shape.
+
+    ``full_ft`` | ``adapter`` | ``seed_qlora`` | ``qlora_backbone`` (NF4 backbone + full-precision adapter).
+    """
+    geometry = {**GEOMETRY, **(geometry or {})}
+    custom = [dict(name="adapter", lr=adapter_lr, weight_decay=0.05)]
+    if strategy == "full_ft":
+        backbone, bb_opt = {"type": "VisionTransformer"}, dict(lr=lr, weight_decay=0.05, custom=[])
+    elif strategy in ("adapter", "qlora_backbone"):
+        backbone = {"type": "VisionTransformerAdapter", "use_plain_adapter": use_plain_adapter}
+        if strategy == "qlora_backbone":
+            backbone["backbone_quantize_bits"] = 4
+        bb_opt = dict(lr=0, weight_decay=0, custom=custom)
+    elif strategy == "seed_qlora":
+        backbone = {"type": "VisionTransformerQLoRA", "lora_r": lora_r, "lora_alpha": lora_alpha,
+                    "lora_dropout": lora_dropout, "quantize_bits": quantize_bits, "use_plain_adapter": use_plain_adapter}
+        bb_opt = dict(lr=0, weight_decay=0, custom=custom + [dict(name="lora", lr=adapter_lr, weight_decay=0.05)])
+    else:
+        raise ConfigError(f"strategy={strategy!r}: use one of {', '.join(STRATEGIES)}")
+    cfg = {"model": {"backbone": {**backbone, **geometry}, "head": {**HEAD, **(head or {})}},
+           "optimizer": {"type": "AdamW", "lr": lr, "weight_decay": 0.05, "paramwise": True, "backbone": bb_opt}}
+    return validate(cfg)
+
+
+STRATEGIES = ("full_ft", "adapter", "seed_qlora", "qlora_backbone")
+
+
+def build_backbone(bcfg: dict, pretrained: dict | None = None, compute_dtype=None):
+    """The ViT of a validated backbone config, pretrained weights loaded before anything is quantized."""
+
+    kind = bcfg["type"]
+    if kind == "VisionTransformerAdapter":
+        def adapter(dims):
+            return TemporalAdapter(dims, bcfg["adapter_mlp_ratio"], plain=bcfg["use_plain_adapter"])
+    elif kind == "VisionTransformerQLoRA":
+        def adapter(dims):
+            return QLoRAAdapter(dims, bcfg["adapter_mlp_ratio"], bcfg["lora_r"], bcfg["lora_alpha"], bcfg["lora_dropout"],
+                                bcfg["quantize_bits"], bcfg["use_plain_adapter"], bcfg["quant_type"])
+    else:
+        adapter = None
+    vit = VideoViT(**{k: bcfg[k] for k in GEOMETRY}, adapter=adapter)
+    if pretrained is not None:
+        missing, unexpected = vit.load_state_dict(pretrained, strict=False)
+        bad = [k for k in missing if "adapter" not in k] + list(unexpected)
+        if bad:
+            raise ConfigError(f"pretrained weights do not fit this backbone (first mismatch: {bad[0]}): "
+                              "pre-train with the same geometry")
+    if kind == "VisionTransformerAdapter" and bcfg["backbone_quantize_bits"]:
+        quantize_backbone(vit, bcfg["backbone_quantize_bits"], bcfg["backbone_quant_type"], compute_dtype)
+    return vit
+
+
+def build_model(cfg: dict, num_classes: int, pretrained: dict | None = None, device: str = "cpu", compute_dtype=None):
+    """Validated config -> ``Detector`` on ``device`` (moving it there quantizes), frozen as its type says."""
+
+    cfg = validate(cfg)
+    bcfg, hcfg = cfg["model"]["backbone"], cfg["model"]["head"]
+    head = TADHead(bcfg["embed_dims"], num_classes, **hcfg)
+    model = Detector(build_backbone(bcfg, pretrained, compute_dtype), head).to(device)
+    if bcfg["type"] != "VisionTransformer":
+        freeze_for_adapters(model)
+    return model
+
+
+def param_groups(model, opt_cfg: dict) -> list[dict]:
+    """OpenTAD-style paramwise groups: ``head`` (base lr), ``backbone`` (backbone lr) and one per custom name.
+
+    A backbone parameter joins the custom group whose name appears *last* in its dotted name, so
+    ``blocks.0.adapter.down_lora_a.weight`` is ``lora`` and ``blocks.0.adapter.dwconv.weight`` is
+    ``adapter``. Frozen parameters join no group; a trainable one that would get lr 0 is an error.
+    """
+    bb = opt_cfg["backbone"]
+    groups = {"head": {"name": "head", "lr": opt_cfg["lr"], "weight_decay": opt_cfg["weight_decay"], "params": []},
+              "backbone": {"name": "backbone", "lr": bb["lr"], "weight_decay": bb.get("weight_decay", 0), "params": []}}
+    for c in bb["custom"]:
+        groups[c["name"]] = {"name": c["name"], "lr": c["lr"], "weight_decay": c.get("weight_decay", 0), "params": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if not name.startswith("backbone."):
+            key = "head"
+        else:
+            hits = [(name.rfind(c["name"]), c["name"]) for c in bb["custom"] if c["name"] in name]
+            key = max(hits)[1] if hits else "backbone"
+        if groups[key]["lr"] == 0:
+            raise ConfigError(f"{name} trains but its optimizer group '{key}' has lr 0: freeze it or give the group an lr")
+        groups[key]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]

@@ -1,0 +1,261 @@
+"""Pre-training (cached), detector training with atomic checkpoints and exact resume, evaluation, costs.
+
+- ``pretrained_backbone`` trains the small ViT once on 16-frame clips (what VideoMAE-S's Kinetics
+  training is to AdaTAD) and caches the weights in ``<cache>/tad/``, written atomically.
+- ``train_detector`` runs AdamW with the config's paramwise groups, linear warm-up and cosine decay,
+  gradient clipping at 1 (the seed's ``clip_grad_norm=1``). Batches and dropout are seeded by the
+  step number, so a run resumed from a checkpoint continues exactly as if never stopped.
+- ``evaluate_detector`` gives THUMOS-protocol mAP on a split; ``cost_breakdown`` counts the bytes a
+  training step holds on the CPU (what can be counted exactly there: weights, gradients, AdamW state
+  and the tensors autograd saves for backward) or reads the CUDA peak on a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qlora_helpers.ch02_tad.adapters import is_quantized
+from qlora_helpers.ch02_tad.config import GEOMETRY, param_groups
+from qlora_helpers.ch02_tad.data import make_pretrain_clips
+from qlora_helpers.ch02_tad.evaluate import mean_ap
+from qlora_helpers.ch02_tad.vit import VideoViT
+from qlora_helpers.common.assets import cache_dir
+from qlora_helpers.common.bench import cuda_peak_gib
+from qlora_helpers.common.files import atomic_open
+
+MEAN, STD = 0.45, 0.25
+
+
+def video_tensor(frames: np.ndarray, device="cpu") -> torch.Tensor:
+    """uint8 ``(batch, frames, h, w)`` -> normalised float ``(batch, 1, frames, h, w)``."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device=device, dtype=torch.float32)
+    return ((x / 255.0 - MEAN) / STD).unsqueeze(1)
+
+
+def atomic_torch_save(obj, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file, then ``os.replace``: a crash never leaves half a checkpoint."""
+
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
+    return Path(path)
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- pre-training
+def pretrained_backbone(geometry: dict, spec, steps: int = 800, batch_size: int = 32, lr: float = 3e-3,
+                        seed: int = 0, device: str = "cpu", progress: bool = True) -> tuple[dict, dict]:
+    """Weights of the ViT (``geometry``) pre-trained on 15-way clip classification, and a summary.
+
+    The result is cached as ``<cache>/tad/pretrain-<key>.pt`` where the key covers every argument
+    that changes the weights; a second call loads it in a second.
+    """
+
+    geometry = {k: v for k, v in {**GEOMETRY, **geometry}.items() if k not in ("with_cp", "adapter_index")}
+    key = _key({"geometry": geometry, "spec": spec.key(), "steps": steps, "batch": batch_size, "lr": lr, "seed": seed, "v": 1})
+    path = cache_dir() / "tad" / f"pretrain-{key}.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["state_dict"], {**saved["info"], "cached": True, "path": str(path)}
+
+    torch.manual_seed(seed)
+    vit = VideoViT(**geometry).to(device)
+    classifier = torch.nn.Linear(vit.embed_dims, 15).to(device)
+    params = list(vit.parameters()) + list(classifier.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    clips, labels = make_pretrain_clips(min(steps * batch_size, 4096) if steps else 0, spec, seed=1 + seed)
+    held_clips, held_labels = make_pretrain_clips(512, spec, seed=1000 + seed)
+    rng = np.random.default_rng(seed)
+    losses, t0 = [], time.perf_counter()
+    bar = _bar(steps, "pre-train ViT", progress)
+    for step in range(steps):
+        idx = rng.integers(len(clips), size=batch_size)
+        _set_lr(opt, [lr], step, steps)
+        logits = classifier(vit.clip_features(video_tensor(clips[idx], device)))
+        loss = F.cross_entropy(logits, torch.from_numpy(labels[idx]).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(round(loss.item(), 4))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    vit.eval()
+    with torch.no_grad():
+        pred = torch.cat([classifier(vit.clip_features(video_tensor(held_clips[i:i + 64], device))).argmax(1).cpu()
+                          for i in range(0, len(held_clips), 64)])
+    info = {"steps": steps, "batch_size": batch_size, "seconds": round(time.perf_counter() - t0, 1),
+            "loss_first": losses[0] if losses else None, "loss_last": float(np.mean(losses[-20:])) if losses else None,
+            "heldout_accuracy": round(float((pred.numpy() == held_labels).mean()), 4), "chance_accuracy": round(1 / 15, 4),
+            "params": sum(p.numel() for p in vit.parameters()), "device": device}
+    state = {k: v.detach().cpu() for k, v in vit.state_dict().items()}
+    atomic_torch_save({"state_dict": state, "info": info}, path)
+    return state, {**info, "cached": False, "path": str(path)}
+
+
+def checkpoint_path(name: str, **settings) -> Path:
+    """``<cache>/tad/runs/<key>/<name>.pt``, the key covering every setting that changes the run."""
+
+    return cache_dir() / "tad" / "runs" / _key(settings) / f"{name}.pt"
+
+
+def _bar(total: int, desc: str, enabled: bool):
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def _set_lr(opt, base_lrs, step: int, steps: int, warmup: float = 0.1) -> None:
+    """Linear warm-up over the first ``warmup`` of the steps, then cosine decay to zero."""
+    w = max(1, int(warmup * steps))
+    factor = (step + 1) / w if step < w else 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
+    for group, base in zip(opt.param_groups, base_lrs):
+        group["lr"] = base * factor
+
+
+# --------------------------------------------------------------------------- detector training
+def frozen_digest(model) -> str:
+    """sha256 over every frozen parameter and buffer (quantized bytes included): a resumed run must
+    rebuild exactly the same frozen model, or its trainable weights would sit on different numbers."""
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not t.requires_grad:
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def train_detector(model, cfg: dict, data, steps: int, batch_size: int = 4, seed: int = 0, device: str = "cpu",
+                   checkpoint: str | Path | None = None, checkpoint_every: int = 50, resume: bool = True,
+                   progress: bool = True, desc: str = "train", autocast_dtype=None) -> dict:
+    """Train ``model`` for ``steps`` steps on ``data``'s training split.
+
+    With ``checkpoint`` the trainable weights, optimizer, step and history are written atomically every
+    ``checkpoint_every`` steps and at the end; with ``resume`` an existing checkpoint of the same config
+    and frozen weights is loaded and training continues from its step. Returns ``{"history": [...],
+    "step_seconds": [...], "resumed_from": step}``.
+    """
+    groups = param_groups(model, cfg["optimizer"])
+    base_lrs = [g["lr"] for g in groups]
+    opt = torch.optim.AdamW(groups)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    digest, cfg_key = frozen_digest(model), _key(cfg)
+    history, step_seconds, start = [], [], 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt and resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        if state["config_key"] != cfg_key or state["frozen_digest"] != digest:
+            raise ValueError(f"{ckpt} was written by a different config or frozen model: delete it or pass resume=False")
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(state["trainable"][n])
+        opt.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["step"]
+    segments = data.segments("train")
+    videos = data.videos["train"]
+    model.train()
+    bar = _bar(steps, desc, progress)
+    bar.update(min(start, steps))
+
+    def save(step):
+        if ckpt:
+            atomic_torch_save({"step": step, "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
+                               "optimizer": opt.state_dict(), "history": history, "config_key": cfg_key,
+                               "frozen_digest": digest}, ckpt)
+
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        idx = np.random.default_rng([seed, step]).integers(len(videos), size=batch_size)
+        torch.manual_seed(seed * 1_000_003 + step)            # dropout masks depend on the step only
+        _set_lr(opt, base_lrs, step, steps)
+        video = video_tensor(videos[idx], device)
+        with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model.loss(video, [segments[i][0] for i in idx], [segments[i][1] for i in idx])
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
+        opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        step_seconds.append(time.perf_counter() - t0)
+        history.append({"step": step + 1, "loss": round(out["loss"].item(), 4), "cls_loss": round(out["cls_loss"].item(), 4),
+                        "reg_loss": round(out["reg_loss"].item(), 4), "seconds": round(step_seconds[-1], 4)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+        if ckpt and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            save(step + 1)
+    bar.close()
+    return {"history": history, "step_seconds": step_seconds, "resumed_from": start}
+
+
+@torch.no_grad()
+def detections(model, data, split: str = "val", batch_size: int = 8, device: str = "cpu") -> list[dict]:
+    """The model's detections on a split, in seconds, in the evaluator's format."""
+    model.eval()
+    videos, ids, fps = data.videos[split], data.video_ids[split], data.spec.fps
+    out = []
+    for i in range(0, len(videos), batch_size):
+        for vid, det in zip(ids[i:i + batch_size], model.detect(video_tensor(videos[i:i + batch_size], device))):
+            for seg, score, label in zip(det["segments"], det["scores"], det["labels"]):
+                out.append({"video_id": vid, "label_id": int(label), "score": float(score),
+                            "segment": [float(seg[0]) / fps, float(seg[1]) / fps]})
+    model.train()
+    return out
+
+
+def evaluate_detector(model, data, split: str = "val", device: str = "cpu") -> dict:
+    """THUMOS-protocol mAP of ``model`` on ``split`` (see ``evaluate.mean_ap``)."""
+
+    return mean_ap(detections(model, data, split, device=device), data.ground_truth(split))
+
+
+# --------------------------------------------------------------------------- costs
+def cost_breakdown(model, cfg: dict, data, batch_size: int = 4, device: str = "cpu", autocast_dtype=None) -> dict:
+    """Bytes of one training step, by kind.
+
+    On the CPU (no allocator peak to read) it counts tensors exactly: ``weights`` as stored (quantized
+    ones at their packed size), ``gradients`` and ``optimizer_state`` (AdamW's two moments) of the
+    trainable parameters, and ``activations``: every tensor autograd saves for the backward pass,
+    parameters excluded, each storage once. On CUDA it adds the allocator's peak (``cuda_peak``).
+    """
+    params = {p.data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in params and t.device.type != "meta":
+            storage = t.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    segments = data.segments("train")[:batch_size]
+    video = video_tensor(data.videos["train"][:batch_size], device)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model.loss(video, [s for s, _ in segments], [l for _, l in segments])
+    out["loss"].backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    result = {"weights": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())),
+              "quantized_weights": sum(p.numel() * p.element_size() for p in model.parameters() if is_quantized(p)),
+              "gradients": sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None),
+              "optimizer_state": 2 * sum(p.numel() * 4 for p in trainable),   # AdamW: two fp32 moments each
+              "activations": sum(saved.values()), "batch_size": batch_size}
+    if device.startswith("cuda"):
+
+        result["cuda_peak"] = cuda_peak_gib()
+    model.zero_grad(set_to_none=True)
+    return result

@@ -1,0 +1,256 @@
+"""Use a fine-tuned model: reload it, chat with it, merge the adapter, and measure what merging changes.
+
+Reloading is plain peft, nothing of this course in between::
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+
+Merging folds ``W + (alpha / r) * B @ A`` into each target weight with ``merge_and_unload()``.
+The pitfall with QLoRA: the adapter was trained against the *dequantised 4-bit* weights
+``Q(W)``, not ``W``. Merging into the 4-bit layers re-quantises ``Q(W) + BA`` and part of the
+small update rounds away; merging onto the original bf16 ``W`` gives ``W + BA``, a model that
+was never trained (it also drops the quantisation error the adapter learned around).
+``merge_adapter(..., base="dequantized")`` merges onto ``Q(W)`` held in bf16, which is the
+trained model; ``logit_difference`` measures each choice.
+
+From the command line (the seed's ``inference_lora.py``)::
+
+    python -m qlora_helpers.ch03_sft.chat --lora_model outputs/sft-lora --prompt "What is AI?"
+    python -m qlora_helpers.ch03_sft.chat --lora_model outputs/sft-qlora-4bit --load_in_4bit --chat
+    python -m qlora_helpers.ch03_sft.chat --lora_model outputs/sft-lora --merge_to outputs/sft-lora-merged
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from peft import PeftModel
+from peft.utils.integrations import dequantize_bnb_weight
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
+
+PROBE_PROMPTS = ["What is AI?", "Tell me a joke.", "Do you like music?"]
+
+
+def _dtype(name):
+
+    if not isinstance(name, str):
+        return name
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+            "fp16": torch.float16, "float16": torch.float16}[name]
+
+
+def base_of(adapter_dir: str | Path) -> str:
+    """The base model an adapter was trained on, as recorded in its ``adapter_config.json``."""
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return cfg["base_model_name_or_path"]
+
+
+def load_for_inference(model_dir: str | Path, base_model: str | None = None, load_in_4bit: bool = False,
+                       load_in_8bit: bool = False, dtype="fp32", device: str = "cpu"):
+    """A trained output folder ready to generate: adapter on its base (optionally quantised), or a full model."""
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model folder; train one with `python -m qlora_helpers sft`")
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit contradict: choose one")
+    dtype = _dtype(dtype)
+    kwargs = {"dtype": dtype}
+    if load_in_4bit or load_in_8bit:
+        q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=dtype) if load_in_4bit else BitsAndBytesConfig(load_in_8bit=True))
+        kwargs.update(quantization_config=q, device_map={"": device})
+    if (model_dir / "adapter_config.json").is_file():
+        base = AutoModelForCausalLM.from_pretrained(base_model or base_of(model_dir), **kwargs)
+        model = PeftModel.from_pretrained(base, model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if "device_map" not in kwargs:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model.eval(), tokenizer
+
+
+def chat(model, tokenizer, message: str | list[dict], history: list[dict] | None = None,
+         max_new_tokens: int = 48, system: str | None = None) -> str:
+    """One greedy answer to ``message`` (after ``history``), formatted with the tokenizer's chat template."""
+
+    messages = ([{"role": "system", "content": system}] if system else []) + list(history or [])
+    messages += [{"role": "user", "content": message}] if isinstance(message, str) else list(message)
+    device = next(model.parameters()).device
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True).to(device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def prompt_logits(model, tokenizer, prompts=PROBE_PROMPTS):
+    """Float32 logits of every position of each prompt (chat-formatted), concatenated: ``[tokens, vocab]``."""
+
+    device = next(model.parameters()).device
+    rows = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)["input_ids"].to(device)
+            rows.append(model(input_ids=ids).logits[0].float().cpu())
+    return torch.cat(rows)
+
+
+def logit_difference(a, b) -> dict:
+    """Compare two logit tensors: largest and mean absolute difference, and how often the top token agrees."""
+    diff = (a - b).abs()
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+            "top1_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+            "logit_scale": float(a.abs().mean())}
+
+
+def dequantize_model(model, dtype="bf16"):
+    """Replace every bitsandbytes layer by a plain ``nn.Linear`` holding its dequantised weight.
+
+    The result is the exact base a QLoRA adapter was trained against, as an ordinary model.
+    """
+
+
+    dtype = _dtype(dtype)
+    with trainable_4bit_layers(model):  # undo bitsandbytes' CPU inference packing, if a forward pass did it
+        pass
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            continue
+        weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(dtype)
+        plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                dtype=dtype, device=weight.device)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if module.bias is not None:
+                plain.bias.copy_(module.bias.to(dtype))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if hasattr(model, attr):
+            setattr(model, attr, False)
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.quantization_method = None
+    return model.to(dtype)
+
+
+def _training_quantization(adapter_dir: Path):
+
+    cfg_path = Path(adapter_dir) / "sft_config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{adapter_dir}: no sft_config.json, so the training quantisation is unknown; "
+                         "merge onto the original base instead")
+    cfg = json.loads(cfg_path.read_text())
+    if not cfg.get("use_qlora"):
+        raise ValueError(f"{adapter_dir} was trained without quantisation: merge onto the original base")
+    if (cfg.get("quantization_bit") or 4) == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.get("bnb_4bit_quant_type", "nf4"),
+                              bnb_4bit_use_double_quant=cfg.get("bnb_4bit_use_double_quant", True),
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype="bf16", base: str = "original",
+                  save_to: str | Path | None = None, overwrite: bool = False):
+    """Fold the adapter into a plain (never quantised) base with ``merge_and_unload``.
+
+    ``base="original"`` loads the base checkpoint in ``dtype`` (what the usual recipe does);
+    ``base="dequantized"`` loads it the way QLoRA training saw it (4- or 8-bit, from
+    ``sft_config.json``) and dequantises it first, so the merged model is the trained one.
+    With ``save_to`` the merged model and tokenizer go to a temporary folder renamed into
+    place when complete; an existing non-empty folder needs ``overwrite``.
+    """
+
+    dtype = _dtype(dtype)
+    path = base_model or base_of(adapter_dir)
+    if base == "original":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    elif base == "dequantized":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"},
+                                                     quantization_config=_training_quantization(adapter_dir))
+        model = dequantize_model(model, dtype)
+    else:
+        raise ValueError(f"base must be 'original' or 'dequantized', not {base!r}")
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
+    if save_to is not None:
+        save_to = Path(save_to)
+        if save_to.exists() and any(save_to.iterdir()) and not overwrite:
+            raise ValueError(f"{save_to} already holds files: pass --overwrite or choose another folder")
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{save_to.name}.tmp-", dir=save_to.parent))
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+        old = None
+        if save_to.exists():
+            old = save_to.parent / f".{save_to.name}.old-{os.getpid()}"
+            os.replace(save_to, old)
+        os.replace(tmp, save_to)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return merged
+
+
+# --------------------------------------------------------------------------- command line
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qlora_helpers.ch03_sft.chat",
+                                description="Chat with, or merge, a model trained by `python -m qlora_helpers sft`.")
+    p.add_argument("--lora_model", required=True, help="the sft output folder (adapter or full model)")
+    p.add_argument("--base_model", help="base model folder or hub id (default: the one in adapter_config.json)")
+    p.add_argument("--load_in_4bit", action="store_true", help="load the base in NF4 for inference")
+    p.add_argument("--load_in_8bit", action="store_true", help="load the base in LLM.int8 for inference")
+    p.add_argument("--prompt", action="append", help="answer this prompt (repeatable)")
+    p.add_argument("--chat", action="store_true", help="interactive chat; an empty line ends it")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--merge_to", help="merge the adapter into a bf16 base and save it here")
+    p.add_argument("--merge_base", choices=["original", "dequantized"], default="original",
+                   help="QLoRA: merge onto the original bf16 weights or onto the dequantised ones it trained with")
+    p.add_argument("--overwrite", action="store_true", help="let --merge_to replace a non-empty folder")
+    p.add_argument("--logits_out", help="save the logits of the probe prompts (torch.save) for comparisons")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the base's weights")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        if args.merge_to:
+            merge_adapter(args.lora_model, args.base_model, "bf16", args.merge_base, args.merge_to, args.overwrite)
+            print(f"merged into the {args.merge_base} base in bf16 and saved to {args.merge_to}")
+            return 0
+        model, tok = load_for_inference(args.lora_model, args.base_model, args.load_in_4bit, args.load_in_8bit,
+                                        dtype=args.dtype, device=args.device)
+        if args.logits_out:
+
+            torch.save(prompt_logits(model, tok), args.logits_out)
+        for prompt in args.prompt or []:
+            print(f"user: {prompt}\nassistant: {chat(model, tok, prompt, max_new_tokens=args.max_new_tokens)}")
+        history: list[dict] = []
+        while args.chat:
+            line = input("user: ").strip()
+            if not line:
+                break
+            reply = chat(model, tok, line, history, max_new_tokens=args.max_new_tokens)
+            print(f"assistant: {reply}")
+            history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

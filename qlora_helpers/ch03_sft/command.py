@@ -1,0 +1,432 @@
+"""Supervised fine-tuning in four modes from one entry point: full, LoRA, QLoRA 4-bit, QLoRA 8-bit.
+
+The same keys work in a JSON config file and as command-line flags; flags given on the command
+line override the file::
+
+    python -m qlora_helpers sft --config_file data/configs/qlora-4bit.json --max_steps 20
+    python -m qlora_helpers sft --use_lora --lora_r 16 --lora_alpha 32 --data_path my.jsonl \\
+        --output_dir outputs/my-lora --learning_rate 2e-4
+
+No mode flag means full fine-tuning (``--full_finetune`` says so explicitly). ``--use_qlora``
+trains LoRA on a base quantised to ``--quantization_bit`` 4 (default) or 8. Contradictory or
+invalid settings stop before anything loads, with one line naming the key and the fix.
+
+The output folder receives, at the end, the adapter (``adapter_config.json``,
+``adapter_model.safetensors``) or the full model, the tokenizer, ``sft_config.json`` and
+``sft_summary.json``; every ``save_steps`` steps a checkpoint goes to ``checkpoints/`` (see
+``qlora_helpers.ch03_sft.loop``). An output folder that already holds files is refused unless
+``--resume`` (continue from ``checkpoints/latest``) or ``--overwrite_output_dir`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from qlora_helpers.ch03_sft import data as d
+from qlora_helpers.ch03_sft.loop import (
+    CHECKPOINTS,
+    evaluate,
+    latest_checkpoint,
+    tensor_bytes,
+    train,
+)
+from qlora_helpers.ch03_sft.modes import (
+    build_model,
+    load_tokenizer,
+    model_path,
+    trainable_4bit_layers,
+)
+from qlora_helpers.ch03_sft.peak_memory import PeakMemory
+from qlora_helpers.common.assets import sft_paths
+from qlora_helpers.common.device import cpu_compute_dtype
+from qlora_helpers.common.files import atomic_write_json
+from qlora_helpers.common.models import count_parameters
+
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# Keys that must match between an interrupted run and its --resume.
+RESUME_KEYS = ("mode", "model_name_or_path", "data_path", "lora_r", "lora_alpha", "lora_dropout",
+               "lora_target_modules", "learning_rate", "per_device_train_batch_size",
+               "gradient_accumulation_steps", "max_length", "packing", "seed", "optim", "max_train_samples")
+
+
+@dataclass
+class SFTConfig:
+    # what to train
+    model_name_or_path: str = ""       # empty: the cached SmolLM2-135M-Instruct
+    data_path: str = ""                # empty: the chatterbot SFT train split
+    eval_data_path: str = ""           # empty: chatterbot validation when data_path is empty, else no eval
+    output_dir: str = "outputs/sft"
+    # the mode
+    full_finetune: bool = False
+    use_lora: bool = False
+    use_qlora: bool = False
+    quantization_bit: int | None = None  # 4 or 8, only with use_qlora (default 4)
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_target_modules: str | list | None = None  # null: every linear layer; "attention" | "mlp" | "all" | "q_proj,v_proj"
+    # optimisation
+    learning_rate: float = 2e-4
+    num_train_epochs: float = 1.0
+    max_steps: int = -1                # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int = 256
+    packing: bool = False
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    kbit_upcast: bool = False          # QLoRA: peft's prepare_model_for_kbit_training (fp32 upcast) instead of the recipe
+    bf16: bool = False
+    fp16: bool = False
+    seed: int = 42
+    # bookkeeping
+    max_train_samples: int = 0         # 0: all
+    max_eval_samples: int = 0
+    eval_before: bool = True           # eval loss of the untrained model too
+    eval_steps: int = 0                # 0: only at the end
+    save_steps: int = 100              # 0: no intermediate checkpoints
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    device: str = "auto"               # "auto" | "cpu" | "cuda"
+    overwrite_output_dir: bool = False
+    resume: bool = False
+
+    @property
+    def mode(self) -> str:
+        if self.use_qlora:
+            return f"qlora-{self.quantization_bit or 4}bit"
+        return "lora" if self.use_lora else "full"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+KEYS = [f.name for f in fields(SFTConfig)]
+
+HELP = {
+    "model_name_or_path": "local folder or hub id (default: the cached SmolLM2-135M-Instruct)",
+    "data_path": "training JSONL, chat or instruction form (default: chatterbot train split)",
+    "eval_data_path": "validation JSONL (default: chatterbot validation when data_path is not given)",
+    "full_finetune": "train every weight (the default when no mode is given)",
+    "use_lora": "freeze the base, train LoRA adapters",
+    "use_qlora": "LoRA on a base quantised to quantization_bit bits",
+    "quantization_bit": "4 (NF4) or 8 (LLM.int8), with --use_qlora",
+    "lora_target_modules": "attention | mlp | all | null (every linear layer) | q_proj,v_proj,...",
+    "max_steps": "optimizer steps; > 0 overrides num_train_epochs",
+    "gradient_checkpointing": "recompute activations in backward: less memory, more time",
+    "kbit_upcast": "QLoRA: upcast frozen embeddings/norms/lm_head to fp32 (peft's prepare_model_for_kbit_training)",
+    "optim": "adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit (paged: CUDA only)",
+    "bf16": "bf16 autocast (and bf16 frozen base for LoRA/QLoRA)",
+    "save_steps": "write a checkpoint every N steps (0: none)",
+    "resume": "continue from output_dir/checkpoints/latest",
+    "overwrite_output_dir": "allow a non-empty output_dir (its checkpoints are discarded)",
+}
+
+
+# --------------------------------------------------------------------------- building and checking a config
+def from_dict(values: dict, source: str = "config") -> SFTConfig:
+    unknown = [k for k in values if k not in KEYS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], KEYS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "see `python -m qlora_helpers sft --help`"
+        raise ValueError(f"{source}: unknown key '{unknown[0]}': {hint}")
+    defaults = SFTConfig()
+    for key, value in values.items():
+        want = type(getattr(defaults, key))
+        if want is type(None) or key == "lora_target_modules":
+            continue
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ValueError(f"{source}: key '{key}' must be {want.__name__}, not {value!r}")
+    return SFTConfig(**values)
+
+
+def load_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: must hold one JSON object of settings")
+    return values
+
+
+def _cuda() -> tuple[bool, bool, str]:
+    """(CUDA visible, bf16 supported, device name)."""
+
+    if not torch.cuda.is_available():
+        return False, False, ""
+    return True, torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(0)
+
+
+def resolve_device(cfg: SFTConfig) -> str:
+    has_cuda = _cuda()[0]
+    if cfg.device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if cfg.device == "cuda" and not has_cuda:
+        raise ValueError("device='cuda' but torch sees no CUDA device: use --device cpu or auto")
+    return cfg.device
+
+
+def validate(cfg: SFTConfig) -> SFTConfig:
+    """Raise ``ValueError`` with one line for the first invalid or contradictory setting."""
+
+
+    def bad(msg):
+        raise ValueError(msg)
+
+    if cfg.full_finetune and (cfg.use_lora or cfg.use_qlora):
+        other = "use_qlora" if cfg.use_qlora else "use_lora"
+        bad(f"full_finetune and {other} contradict: full fine-tuning trains every weight, "
+            f"{other} freezes the base and trains an adapter; keep one of them")
+    if cfg.quantization_bit is not None:
+        if cfg.quantization_bit not in (4, 8):
+            bad(f"quantization_bit must be 4 or 8, not {cfg.quantization_bit!r} "
+                "(bitsandbytes stores NF4/FP4 in 4 bits or LLM.int8 in 8)")
+        if not cfg.use_qlora:
+            bad(f"quantization_bit={cfg.quantization_bit} needs use_qlora: add --use_qlora or drop quantization_bit")
+    if cfg.use_qlora and cfg.quantization_bit is None:
+        cfg.quantization_bit = 4
+    if cfg.use_lora or cfg.use_qlora:
+        if not isinstance(cfg.lora_r, int) or isinstance(cfg.lora_r, bool) or cfg.lora_r <= 0:
+            bad(f"lora_r must be a positive integer (8-64 is typical for models under 1B), not {cfg.lora_r!r}")
+        if not cfg.lora_alpha > 0:
+            bad(f"lora_alpha must be > 0 (often r/2 to 2r), not {cfg.lora_alpha!r}")
+        if not 0 <= cfg.lora_dropout < 1:
+            bad(f"lora_dropout must be in [0, 1), not {cfg.lora_dropout!r}")
+        if isinstance(cfg.lora_target_modules, list) and not cfg.lora_target_modules:
+            bad("lora_target_modules is an empty list: give names, a preset (attention, mlp, all) or null for all")
+    if cfg.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        bad(f"bnb_4bit_quant_type must be nf4 or fp4, not {cfg.bnb_4bit_quant_type!r}")
+    if not cfg.learning_rate > 0:
+        bad(f"learning_rate must be > 0, not {cfg.learning_rate!r}")
+    if cfg.max_steps <= 0 and not cfg.num_train_epochs > 0:
+        bad("nothing to train: set max_steps > 0 or num_train_epochs > 0")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(cfg, key) < 1:
+            bad(f"{key} must be >= 1, not {getattr(cfg, key)!r}")
+    if cfg.max_length < 8:
+        bad(f"max_length must be >= 8 tokens, not {cfg.max_length!r}")
+    if cfg.optim not in OPTIMIZERS:
+        bad(f"optim must be one of {', '.join(OPTIMIZERS)}, not {cfg.optim!r}")
+    if cfg.lr_scheduler_type not in SCHEDULERS:
+        bad(f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, not {cfg.lr_scheduler_type!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        bad(f"device must be auto, cpu or cuda, not {cfg.device!r}")
+    if cfg.bf16 and cfg.fp16:
+        bad("bf16 and fp16 both set: choose one mixed-precision type")
+    if cfg.resume and cfg.overwrite_output_dir:
+        bad("resume and overwrite_output_dir contradict: resume keeps the checkpoints, overwrite discards them")
+    device = resolve_device(cfg)
+    _, has_bf16, gpu = _cuda()
+    if device == "cuda" and cfg.bf16 and not has_bf16:
+        bad(f"bf16 requested but {gpu} has no bfloat16 support "
+            "(needs compute capability 8.0+): use --fp16 or drop --bf16")
+    if device == "cpu" and cfg.bf16 and cpu_compute_dtype() != torch.bfloat16:
+        bad("bf16 requested but this CPU has no native bf16 (torch reports "
+            f"{torch.backends.cpu.get_cpu_capability()}): it would run ~50x slower than fp32; drop --bf16")
+    if device == "cpu" and cfg.fp16:
+        bad("fp16 needs a CUDA GPU (no fp16 autocast and grad scaler on the CPU): use --bf16 or neither")
+    if device == "cpu" and cfg.optim.startswith("paged_"):
+        bad(f"optim={cfg.optim} pages optimizer state between GPU and CPU memory and needs CUDA: "
+            "use adamw_torch on the CPU")
+    return cfg
+
+
+# --------------------------------------------------------------------------- the command line
+def _bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _targets(text: str):
+    return None if text.lower() in ("null", "none", "auto") else text
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config_file", help="JSON file of settings; flags given here override it")
+    defaults = SFTConfig()
+    for f in fields(SFTConfig):
+        value = getattr(defaults, f.name)
+        flag = f"--{f.name}"
+        text = HELP.get(f.name, "")
+        if isinstance(value, bool):
+            parser.add_argument(flag, nargs="?", const=True, type=_bool, default=argparse.SUPPRESS,
+                                help=f"{text} (default {str(value).lower()})".strip())
+        elif f.name == "quantization_bit":
+            parser.add_argument(flag, type=int, default=argparse.SUPPRESS, help=text)
+        elif f.name == "lora_target_modules":
+            parser.add_argument(flag, type=_targets, default=argparse.SUPPRESS, help=f"{text} (default null)")
+        else:
+            parser.add_argument(flag, type=type(value), default=argparse.SUPPRESS,
+                                help=text if "(default" in text else f"{text} (default {value!r})".strip())
+
+
+def config_from_args(args: argparse.Namespace) -> SFTConfig:
+    values = load_config_file(args.config_file) if getattr(args, "config_file", None) else {}
+    source = args.config_file or "config"
+    cfg = from_dict(values, source)
+    for key in KEYS:
+        if hasattr(args, key):
+            setattr(cfg, key, getattr(args, key))
+    return validate(cfg)
+
+
+def cli(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    summary = run_sft(cfg).summary
+    ev = {k: "n/a" if v is None else f"{v:.4f}" for k, v in summary["eval_loss"].items()}
+    print(f"{cfg.mode}: {summary['steps']} steps, trainable {summary['params']['trainable']:,} "
+          f"of {summary['params']['total']:,}; eval loss {ev['before']} -> {ev['after']}; "
+          f"saved to {cfg.output_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- running it
+def prepare_output_dir(cfg: SFTConfig) -> Path:
+    """Refuse to clobber earlier work: a non-empty output_dir needs --resume or --overwrite_output_dir."""
+
+    out = Path(cfg.output_dir)
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file: choose a folder")
+    if cfg.resume:
+        if latest_checkpoint(out) is None:
+            raise ValueError(f"nothing to resume in {out}: no {CHECKPOINTS}/latest; run without --resume")
+    elif existing:
+        if not cfg.overwrite_output_dir:
+            shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+            raise ValueError(f"output_dir {out} already holds {shown}: pass --resume to continue it, "
+                             "--overwrite_output_dir to replace it, or choose another --output_dir")
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # stale checkpoints must not be resumed
+        (out / "sft_summary.json").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_data(cfg: SFTConfig, tokenizer, train_conversations=None, eval_conversations=None):
+    """Encoded train and eval data: given conversations, the files of cfg, or the chatterbot splits."""
+
+    if train_conversations is None:
+        if cfg.data_path:
+            train_conversations = d.read_jsonl(cfg.data_path)
+        else:
+
+            train_conversations = d.read_jsonl(sft_paths()["train"])
+    if eval_conversations is None:
+        if cfg.eval_data_path:
+            eval_conversations = d.read_jsonl(cfg.eval_data_path)
+        elif not cfg.data_path:
+
+            eval_conversations = d.read_jsonl(sft_paths()["validation"])
+    if cfg.max_train_samples > 0:
+        train_conversations = train_conversations[:cfg.max_train_samples]
+    if eval_conversations is not None and cfg.max_eval_samples > 0:
+        eval_conversations = eval_conversations[:cfg.max_eval_samples]
+    train = d.encode_all(train_conversations, tokenizer, cfg.max_length, packing=cfg.packing)
+    evald = d.encode_all(eval_conversations, tokenizer, cfg.max_length) if eval_conversations else None
+    return train, evald
+
+
+def save_final(model, tokenizer, out: Path) -> list[str]:
+    """Save the adapter (or full model) and tokenizer into a temp folder, then move each file into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=out))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        for name in names:
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return names
+
+
+@dataclass
+class SFTResult:
+    summary: dict          # also written to output_dir/sft_summary.json
+    model: object          # the trained model, in eval mode, still on its device
+    tokenizer: object
+
+
+def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, callbacks=(),
+            progress: bool = True) -> SFTResult:
+    """Validate, load, train, evaluate and save one mode.
+
+    ``train_conversations``/``eval_conversations`` (lists of message lists) replace the data
+    files, as the notebook does to train on the English records only.
+    """
+
+
+    validate(cfg)
+    device = resolve_device(cfg)
+    out = prepare_output_dir(cfg)
+    base = model_path(cfg)
+    tokenizer = load_tokenizer(base)
+    train_data, eval_data = load_data(cfg, tokenizer, train_conversations, eval_conversations)
+    atomic_write_json(out / "sft_config.json", {**cfg.to_dict(), "model_name_or_path": base, "mode": cfg.mode})
+    fingerprint = {k: (cfg.mode if k == "mode" else getattr(cfg, k)) for k in RESUME_KEYS}
+    fingerprint["model_name_or_path"] = base
+
+    set_seed(cfg.seed)
+    t0 = time.perf_counter()
+    with PeakMemory(device) as mem:
+        model = build_model(cfg, device)
+        load_seconds = time.perf_counter() - t0
+        params = count_parameters(model)
+        before = None
+        with trainable_4bit_layers(model):  # eval before, training and eval after all take the same path
+            if eval_data is not None and cfg.eval_before and not cfg.resume:
+                before = evaluate(model, eval_data, cfg.per_device_eval_batch_size, tokenizer.pad_token_id,
+                                  device, cfg)
+            result = train(model, train_data, cfg, out, tokenizer.pad_token_id, device, eval_data=eval_data,
+                           resume=cfg.resume, callbacks=callbacks, progress=progress, fingerprint=fingerprint,
+                           initial_eval=before)
+    before = next((e["eval_loss"] for e in result["history"]["eval"] if e["step"] == 0), None)
+    files = save_final(model, tokenizer, out)
+    summary = {
+        "mode": cfg.mode, "model": base, "device": device,
+        "params": {**params, "trainable_percent": round(100 * params["trainable"] / params["total"], 4)},
+        "data": {"train": train_data.summary(), "eval": eval_data.summary() if eval_data else None,
+                 "train_truncated": train_data.n_truncated, "train_dropped": train_data.n_dropped},
+        "eval_loss": {"before": before, "after": result["eval_loss"]},
+        "steps": result["steps"], "resumed_from": result["resumed_from"],
+        "step_seconds": result["step_seconds"], "tokens_per_second": result["tokens_per_second"],
+        "load_seconds": round(load_seconds, 2), "peak_memory": mem.as_dict(),
+        # exact bytes of the tensors training keeps, whatever the allocator does
+        "tensor_memory_mib": {"weights": round(tensor_bytes(model) / 2**20, 1),
+                              **{k: round(v / 2**20, 1) for k, v in result["state_bytes"].items()}},
+        "history": result["history"], "files": files,
+        "torch_threads": torch.get_num_threads(),
+    }
+    atomic_write_json(out / "sft_summary.json", summary)
+    return SFTResult(summary, model, tokenizer)

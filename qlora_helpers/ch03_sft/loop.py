@@ -1,0 +1,361 @@
+"""A small training loop you can read in one sitting, with checkpoints that survive ``kill -9``.
+
+What one optimizer step does::
+
+    for each of gradient_accumulation_steps micro-batches:
+        loss = causal_lm_loss(model, batch) / gradient_accumulation_steps   # = model(**batch).loss
+        loss.backward()                     # gradients reach only trainable parameters
+    clip_grad_norm_(trainable, max_grad_norm); optimizer.step(); scheduler.step(); zero_grad()
+
+Checkpoints (``output_dir/checkpoints/step-000040/``) hold the trainable weights, the optimizer
+and scheduler state, the random-number generators and the loss history. Each is written into a
+temporary folder first, renamed into place with ``os.replace`` and only *then* named in the
+``checkpoints/latest`` file (itself replaced atomically). A run killed at any instant leaves
+``latest`` pointing at a complete checkpoint, and ``resume=True`` continues from it with the
+same data order and dropout masks, so the result matches an uninterrupted run.
+
+``cfg`` is any object with the training fields of ``qlora_helpers.ch03_sft.command.SFTConfig``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import bitsandbytes as bnb
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from IPython.display import display
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from qlora_helpers.ch03_sft.data import SFTData, batch_order, collate
+from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
+from qlora_helpers.ch03_sft.recipe import causal_lm_loss
+from qlora_helpers.common.files import atomic_write_json, atomic_write_text
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+# --------------------------------------------------------------------------- pieces of a step
+def trainable_parameters(model) -> dict:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(model, cfg):
+    """AdamW over the trainable parameters; weight decay only on matrices (not biases or norms)."""
+
+    params = list(trainable_parameters(model).values())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optim == "adamw_torch":
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.optim]
+    return cls(groups, lr=cfg.learning_rate)
+
+
+def tensor_bytes(model) -> int:
+    """Bytes held by a model's parameters and buffers as stored (a 4-bit weight counts its packed bytes)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    for module in model.modules():  # 4-bit block scales live beside the weight, not in a parameter
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and hasattr(state, "absmax"):
+            total += state.absmax.numel() * state.absmax.element_size()
+    return total
+
+
+def total_steps(cfg, n_examples: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = math.ceil(n_examples / cfg.per_device_train_batch_size)
+    return max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))
+
+
+def autocast(cfg, device: str):
+
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def evaluate(model, data: SFTData, batch_size: int, pad_id: int, device: str, cfg=None) -> float:
+    """Mean cross-entropy over every assistant token of ``data`` (token-weighted, not batch-weighted)."""
+
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i].input_ids))
+    total, count = 0.0, 0
+    with torch.no_grad(), (autocast(cfg, device) if cfg else nullcontext()):
+        for start in range(0, len(order), batch_size):
+            batch = collate([data.examples[i] for i in order[start:start + batch_size]], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            if n:
+                total += float(causal_lm_loss(model, batch)) * n
+                count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint ``checkpoints/latest`` names, or ``None``."""
+    pointer = Path(output_dir) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+    """Write a complete checkpoint, then point ``latest`` at it, then prune old ones (never the latest)."""
+
+    root = Path(output_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    weights = {k: p.detach().to("cpu").contiguous() for k, p in trainable_parameters(model).items()}
+    save_file(weights, tmp / "trainable.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+               tmp / "optimizer.pt")
+    atomic_write_json(tmp / "state.json", {**state, "step": step})
+    for f in tmp.iterdir():  # flush file contents before the rename makes them visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / LATEST, name + "\n")
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict | None = None) -> dict:
+    """Restore a checkpoint into model, optimizer, scheduler and RNGs; refuses one written with other settings."""
+
+    state = json.loads((path / "state.json").read_text())
+    for key, value in (fingerprint or {}).items():
+        old = state.get("fingerprint", {}).get(key)
+        if old != value:
+            raise ValueError(f"{path} was written with {key}={old!r}, this run has {key}={value!r}: "
+                             "resume with the settings of the interrupted run")
+    weights = load_file(path / "trainable.safetensors")
+    params = trainable_parameters(model)
+    missing = sorted(set(params) - set(weights))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (first: {missing[0]}); "
+                         "resume with the same mode and LoRA settings it was written with")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name].to(p.device, p.dtype))
+    blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    _set_rng_state(blob["rng"])
+    return state
+
+
+def clean_partial_checkpoints(output_dir) -> int:
+    """Remove ``.tmp-*`` folders a killed run left behind; they were never named ``latest``."""
+    root = Path(output_dir) / CHECKPOINTS
+    leftovers = list(root.glob(".tmp-*")) if root.is_dir() else []
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(leftovers)
+
+
+# --------------------------------------------------------------------------- the loop
+def train(model, data: SFTData, cfg, output_dir, pad_id: int, device: str, eval_data: SFTData | None = None,
+          resume: bool = False, callbacks=(), progress: bool = True, fingerprint: dict | None = None,
+          initial_eval: float | None = None) -> dict:
+    """Train ``model`` in place; returns the loss history, step times and the final eval loss.
+
+    ``callbacks`` are called with each log record (``{"step", "loss", "lr"}`` and, at eval
+    points, ``"eval_loss"``); ``LiveLossPlot`` is one. ``fingerprint`` (the settings that must
+    not change across a resume) is stored in each checkpoint and checked on resume.
+    ``initial_eval``, the eval loss before training, is kept in the history as step 0.
+    """
+
+    with trainable_4bit_layers(model):
+        return _train_loop(model, data, cfg, output_dir, pad_id, device, eval_data, resume, callbacks, progress,
+                           fingerprint, initial_eval)
+
+
+def _train_loop(model, data, cfg, output_dir, pad_id, device, eval_data, resume, callbacks, progress,
+                fingerprint, initial_eval) -> dict:
+
+
+    steps = total_steps(cfg, len(data.examples))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=steps)
+    scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
+    history, start = {"train": [], "eval": []}, 0
+    if resume:
+        clean_partial_checkpoints(output_dir)
+        ckpt = latest_checkpoint(output_dir)
+        if ckpt is None:
+            raise ValueError(f"nothing to resume in {output_dir}: no {CHECKPOINTS}/{LATEST}; drop --resume")
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint)
+        start, history = state["step"], state["history"]
+    else:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if initial_eval is not None:
+            history["eval"].append({"step": 0, "eval_loss": initial_eval})
+
+    trainable = list(trainable_parameters(model).values())
+    per_epoch = math.ceil(len(data.examples) / cfg.per_device_train_batch_size)
+    orders: dict[int, list] = {}
+
+    def micro_batch(index: int) -> tuple[dict, int]:
+        """The batch on ``device``, and its real tokens (padding not counted)."""
+        epoch, j = divmod(index, per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = batch_order(len(data.examples), cfg.per_device_train_batch_size, cfg.seed, epoch)
+        examples = [data.examples[i] for i in orders[epoch][j]]
+        batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+        return batch, sum(len(ex.input_ids) for ex in examples)
+
+    def log(record: dict) -> None:
+        for cb in callbacks:
+            cb(record)
+
+    if not resume and initial_eval is not None:
+        log({"step": 0, "eval_loss": initial_eval})
+    model.train()
+    step_times = []
+    bar = tqdm(total=steps, initial=start, desc="train", disable=not progress, leave=True)
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for micro in range(cfg.gradient_accumulation_steps):
+            batch, n_tokens = micro_batch(step * cfg.gradient_accumulation_steps + micro)
+            tokens += n_tokens
+            with autocast(cfg, device):
+                loss = causal_lm_loss(model, batch) / cfg.gradient_accumulation_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += float(loss.detach())
+        if scaler:
+            scaler.unscale_(optimizer)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
+        record = {"step": step + 1, "loss": round(loss_sum, 5), "lr": scheduler.get_last_lr()[0],
+                  "tokens": tokens, "seconds": round(step_times[-1], 4)}
+        history["train"].append(record)
+        done = step + 1
+        if eval_data is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done < steps:
+            record["eval_loss"] = evaluate(model, eval_data, cfg.per_device_eval_batch_size, pad_id, device, cfg)
+            history["eval"].append({"step": done, "eval_loss": record["eval_loss"]})
+        bar.set_postfix(loss=f"{loss_sum:.3f}")
+        bar.update(1)
+        if done % max(cfg.logging_steps, 1) == 0 or "eval_loss" in record or done == steps:
+            log(record)
+        if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < steps:
+            save_checkpoint(output_dir, done, model, optimizer, scheduler,
+                            {"history": history, "fingerprint": fingerprint or {}}, keep=cfg.save_total_limit)
+    bar.close()
+    final_eval = None
+    if eval_data is not None:
+        final_eval = evaluate(model, eval_data, cfg.per_device_eval_batch_size, pad_id, device, cfg)
+        history["eval"].append({"step": steps, "eval_loss": final_eval})
+        log({"step": steps, "eval_loss": final_eval})
+    model.eval()
+    timed = step_times[1:] or step_times  # the first step pays one-off warm-up costs
+    state_bytes = {"grads": sum(p.numel() * p.element_size() for p in trainable),
+                   "optimizer": sum(t.numel() * t.element_size() for st in optimizer.state.values()
+                                    for t in st.values() if torch.is_tensor(t))}
+    return {"steps": steps, "resumed_from": start, "history": history, "eval_loss": final_eval,
+            "state_bytes": state_bytes,
+            "step_seconds": sum(timed) / len(timed) if timed else None,
+            "tokens_per_second": (sum(r["tokens"] for r in history["train"][-len(timed):]) / sum(timed))
+            if timed else None}
+
+
+class LiveLossPlot:
+    """A callback that redraws the training and eval loss in the notebook as steps finish.
+
+    Example:
+        >>> plot = LiveLossPlot("LoRA")                      # doctest: +SKIP
+        >>> run_sft(cfg, callbacks=[plot])                   # doctest: +SKIP
+    """
+
+    def __init__(self, title: str = "", every: int = 1):
+        self.title, self.every = title, every
+        self.steps, self.losses, self.eval_steps, self.eval_losses = [], [], [], []
+        self._handle = None
+
+    def __call__(self, record: dict) -> None:
+        if "loss" in record:
+            self.steps.append(record["step"])
+            self.losses.append(record["loss"])
+        if "eval_loss" in record:
+            self.eval_steps.append(record["step"])
+            self.eval_losses.append(record["eval_loss"])
+        if len(self.steps) % self.every == 0 or "eval_loss" in record:
+            self.draw()
+
+    def draw(self):
+
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot(self.steps, self.losses, label="train loss (batch)")
+        if self.eval_steps:
+            ax.plot(self.eval_steps, self.eval_losses, "o-", label="eval loss (validation)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy")
+        ax.set_title(self.title)
+        ax.legend()
+        fig.tight_layout()
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+        plt.close(fig)

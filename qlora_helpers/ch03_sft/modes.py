@@ -1,0 +1,207 @@
+"""The four fine-tuning modes: which weights load how, and which of them train.
+
+======== ======================================= ==================================================
+mode     base weights                            trained
+======== ======================================= ==================================================
+full     fp32 (bf16 autocast when asked)         every weight
+lora     frozen, fp32 on CPU / bf16 with bf16    LoRA matrices A, B beside the target layers
+qlora-4  frozen NF4 (``Linear4bit``) via         the same LoRA matrices; the 4-bit weights are
+         ``BitsAndBytesConfig(load_in_4bit)``    dequantised on the fly and get no gradient
+qlora-8  frozen int8 (``Linear8bitLt``)          the same LoRA matrices
+======== ======================================= ==================================================
+
+Quantised models are loaded the way the rest of the ecosystem does it:
+``AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(...),
+device_map={"": device})``. On the CPU the ``device_map`` is what makes bitsandbytes quantise the
+weights as they load. Then, by default, ``recipe.prepare_model`` freezes the base and leaves its
+embeddings, norms and lm_head in the compute dtype; ``kbit_upcast=True`` calls peft's
+``prepare_model_for_kbit_training`` instead, which upcasts them to fp32 (the seed guide's way; it
+costs memory and speed for nothing, see ``benchmarks/results/throughput.json``).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from qlora_helpers.ch03_sft.recipe import prepare_model
+from qlora_helpers.common.assets import smollm2_path
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+TARGET_PRESETS = {"attention": ATTENTION, "mlp": MLP, "all": ATTENTION + MLP}
+
+
+def model_path(cfg) -> str:
+    """``cfg.model_name_or_path`` or, when empty, the cached SmolLM2-135M-Instruct folder."""
+    if cfg.model_name_or_path:
+        return str(cfg.model_name_or_path)
+
+    return str(smollm2_path())
+
+
+def linear_layer_names(model) -> list[str]:
+    """Short names of every linear layer (plain or bitsandbytes), ``lm_head`` excluded.
+
+    This is what ``lora_target_modules: null`` trains: all of them.
+    """
+
+    names = set()
+    for full, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in full:
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def resolve_target_modules(spec, model) -> list[str]:
+    """``None``/"auto" -> every linear layer; "attention"/"mlp"/"all" -> presets; else names or "a,b,c"."""
+    available = linear_layer_names(model)
+    if spec is None or spec in ("auto", "null", ""):
+        return available
+    if isinstance(spec, str):
+        spec = TARGET_PRESETS.get(spec) or [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in spec if s not in available]
+    if unknown:
+        raise ValueError(f"lora_target_modules: {', '.join(unknown)} not found in {type(model).__name__}; "
+                         f"its linear layers are {', '.join(available)} (or use attention, mlp, all, null)")
+    return list(spec)
+
+
+def compute_dtype(cfg):
+
+    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+
+
+class _OnceFilter(logging.Filter):
+    """Let a repeated bitsandbytes warning through once (8-bit layers log it on every call on the CPU)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record) -> bool:
+        if record.getMessage().startswith(self.prefix):
+            if self.seen:
+                return False
+            self.seen = True
+        return True
+
+
+def _quiet_int8_cast_warning() -> None:
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in log.filters):
+        log.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
+
+
+def bnb_quantization_config(cfg):
+    """The ``BitsAndBytesConfig`` of a QLoRA mode (4-bit NF4 + double quantisation, or LLM.int8)."""
+
+    if cfg.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype(cfg))
+
+
+def load_tokenizer(path: str):
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(f"model_name_or_path {path!r}: cannot load a tokenizer ({str(err).splitlines()[0]}); "
+                         "give a local model folder or a hub id this machine can reach") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg, device: str, quantization_bit: int | None = None, dtype=None):
+    """The base model for ``cfg``'s mode on ``device`` (quantised when ``quantization_bit`` is 4 or 8)."""
+
+    path = model_path(cfg)
+    kwargs = {"dtype": dtype or torch.float32}
+    if quantization_bit:
+        if quantization_bit == 8:
+            _quiet_int8_cast_warning()
+        kwargs.update(quantization_config=bnb_quantization_config(cfg), device_map={"": device})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ValueError(f"model_name_or_path {path!r}: cannot load ({str(err).splitlines()[0]}); "
+                         "give a local model folder or a hub id this machine can reach") from None
+    if not quantization_bit:
+        model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def build_model(cfg, device: str):
+    """Load and wrap the model for ``cfg.mode``: returns the model ready to train."""
+
+    gc_kwargs = {"use_reentrant": False}
+    if cfg.mode == "full":
+        model = load_base(cfg, device, dtype=torch.float32)  # fp32 master weights; bf16/fp16 via autocast
+        model.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        return model
+    if cfg.use_qlora:
+        model = load_base(cfg, device, quantization_bit=cfg.quantization_bit or 4, dtype=compute_dtype(cfg))
+        if cfg.kbit_upcast:   # the seed's way: frozen embeddings, norms and lm_head upcast to fp32
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs=gc_kwargs)
+        else:                 # the course recipe: they stay in the compute dtype (qlora_helpers.ch03_sft.recipe)
+
+            model = prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing)
+    else:
+        model = load_base(cfg, device, dtype=compute_dtype(cfg))
+        model.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            model.enable_input_require_grads()
+    targets = resolve_target_modules(cfg.lora_target_modules, model)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+@contextmanager
+def trainable_4bit_layers(model):
+    """Keep bitsandbytes' CPU inference shortcut off while a 4-bit model trains.
+
+    On a CPU with AVX512-BF16, the first forward of a ``Linear4bit`` in eval mode without
+    gradients repacks its weight for a fused bf16 kernel that has *no backward*; a model
+    evaluated before training would then train with wrong gradients (torch only warns). Inside
+    this block packed weights are unpacked and the shortcut is disabled; on exit it is
+    restored, so generation afterwards is as fast as in a freshly loaded model. Merging an
+    adapter into 4-bit layers (``merge_and_unload``) after an inference pass needs the same
+    unpacking, or the merged weights are garbage.
+    """
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:
+        yield model
+        return
+    changed = []
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            weight = module.weight
+            if getattr(weight.quant_state, "packing_format_for_cpu", False):
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            module.support_avx512bf16_for_cpu = False
+            changed.append(module)
+    try:
+        yield model
+    finally:
+        for module in changed:
+            module.support_avx512bf16_for_cpu = True
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()

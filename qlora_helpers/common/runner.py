@@ -1,0 +1,203 @@
+"""Execute the course notebooks with papermill, the way CI and ``make course`` do.
+
+``python -m qlora_helpers run`` executes every ``notebooks/NN_*.ipynb`` in order (or the ones
+named) into a run folder::
+
+    runs/20261123-101500/
+        00_setup/00_setup.ipynb      the executed copy, outputs included
+        00_setup/00_setup.json       the notebook's results (written by ``save_results``)
+        summary.json, summary.md     one row per notebook: status, seconds, key figures
+
+``-p name value`` sets a parameter in every notebook whose ``parameters`` cell declares it
+(values are read as YAML: ``2`` is an int, ``true`` a bool, ``cpu`` a string). From Python,
+``run_notebooks(..., notebook_parameters={"03_qwen_sft": {"model_id": path}})`` adds parameters
+for one notebook only, over the common ones (the tests give chapter 03 a tiny model this way).
+A failing notebook is reported by name, cell and error, and the others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import papermill
+import yaml
+from papermill.exceptions import PapermillExecutionError
+from tqdm.auto import tqdm
+
+from qlora_helpers.common.device import versions
+from qlora_helpers.common.files import (
+    RESULTS_ENV,
+    atomic_write_json,
+    atomic_write_text,
+    repo_root,
+)
+
+
+@dataclass
+class NotebookRun:
+    notebook: str
+    status: str = "pending"          # ok | failed
+    seconds: float = 0.0
+    executed: str = ""
+    results: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def notebooks_dir() -> Path:
+    return repo_root() / "notebooks"
+
+
+def discover(names: list[str] | None = None) -> list[Path]:
+    """The course notebooks in order, or the named ones (``00_setup``, ``00_setup.ipynb`` or a path)."""
+    all_books = sorted(notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+    if not names:
+        return all_books
+    chosen = []
+    for name in names:
+        path = Path(name)
+        if path.suffix == ".ipynb" and path.is_file():
+            chosen.append(path.resolve())
+            continue
+        match = [p for p in all_books if p.stem == path.stem or p.stem.startswith(path.stem + "_")
+                 or p.name.split("_")[0] == path.stem]
+        if not match:
+            known = ", ".join(p.stem for p in all_books)
+            raise ValueError(f"no notebook {name!r} in {notebooks_dir()}: choose from {known}")
+        chosen.extend(match)
+    return chosen
+
+
+def declared_parameters(notebook: Path) -> dict:
+
+    return papermill.inspect_notebook(str(notebook))
+
+
+def parse_value(text: str):
+    """``"2"`` -> 2, ``"0.5"`` -> 0.5, ``"true"`` -> True, anything else stays a string."""
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, bool, list, dict)) else text
+
+
+def _failure(err: Exception) -> str:
+
+    if isinstance(err, PapermillExecutionError):
+        return f"cell {err.cell_index} (execution count {err.exec_count}): {err.ename}: {err.evalue}".strip()
+    return f"{type(err).__name__}: {err}"
+
+
+def run_one(notebook: Path, out_dir: Path, parameters: dict, kernel: str = "python3",
+            progress: bool = True) -> NotebookRun:
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    declared = declared_parameters(notebook)
+    params = {k: v for k, v in parameters.items() if k in declared}
+    record = NotebookRun(notebook=notebook.stem, executed=str(out_dir / notebook.name))
+    old = os.environ.get(RESULTS_ENV)
+    os.environ[RESULTS_ENV] = str(out_dir)  # the kernel inherits it: save_results writes here
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebook), record.executed, parameters=params, kernel_name=kernel,
+                                   cwd=str(notebook.parent), progress_bar=progress, log_output=False)
+        record.status = "ok"
+    except Exception as err:  # a failing notebook must not stop the others
+        record.status, record.error = "failed", _failure(err)
+    finally:
+        record.seconds = round(time.perf_counter() - start, 1)
+        if old is None:
+            os.environ.pop(RESULTS_ENV, None)
+        else:
+            os.environ[RESULTS_ENV] = old
+    results = out_dir / f"{notebook.stem}.json"
+    if results.is_file():
+        record.results = json.loads(results.read_text())
+    elif record.status == "ok":
+        record.status, record.error = "failed", f"ran, but wrote no {results.name} (end it with save_results)"
+    return record
+
+
+def _figures(results: dict, limit: int = 4) -> str:
+    flat = [(k, v) for k, v in results.items() if isinstance(v, (int, float, str, bool)) and len(str(v)) < 40]
+    return ", ".join(f"{k}={v}" for k, v in flat[:limit])
+
+
+def summary_markdown(runs: list[NotebookRun]) -> str:
+    lines = ["| notebook | status | seconds | key figures |", "|---|---|---:|---|"]
+    for r in runs:
+        detail = r.error if r.status != "ok" else _figures(r.results)
+        lines.append(f"| {r.notebook} | {r.status} | {r.seconds:.1f} | {detail} |")
+    total = sum(r.seconds for r in runs)
+    lines.append(f"\n{sum(r.status == 'ok' for r in runs)} of {len(runs)} notebooks ok in {total:.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+def run_notebooks(names: list[str] | None = None, parameters: dict | None = None,
+                  run_dir: str | Path | None = None, kernel: str = "python3",
+                  progress: bool = True, notebook_parameters: dict[str, dict] | None = None,
+                  ) -> tuple[Path, list[NotebookRun]]:
+    """Execute notebooks in order into ``run_dir`` and write ``summary.json`` / ``summary.md`` there.
+
+    ``parameters`` go to every notebook that declares them; ``notebook_parameters`` maps a notebook's
+    name (``03_qwen_sft``) to parameters for that notebook only, which win over ``parameters``.
+    """
+
+
+    books = discover(names)
+    parameters = dict(parameters or {})
+    notebook_parameters = {k: dict(v) for k, v in (notebook_parameters or {}).items()}
+    declared = {b.stem: declared_parameters(b) for b in books}
+    unknown = set(parameters) - set().union(*declared.values())
+    if unknown:
+        raise ValueError(f"no notebook declares parameter(s) {', '.join(sorted(unknown))}: "
+                         f"check the parameters cell of the notebooks")
+    known = sorted({b.stem for b in discover()} | set(declared))
+    for stem, extra in notebook_parameters.items():
+        if stem not in known:
+            raise ValueError(f"notebook_parameters: no notebook {stem!r}: choose from {', '.join(known)}")
+        if stem in declared and (missing := set(extra) - set(declared[stem])):
+            raise ValueError(f"{stem} declares no parameter(s) {', '.join(sorted(missing))}: "
+                             f"check its parameters cell")
+    run_dir = Path(run_dir or repo_root() / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    bar = tqdm(books, desc="notebooks", unit="nb", disable=not progress)
+    for book in bar:
+        bar.set_postfix_str(book.stem)
+        params = {**parameters, **notebook_parameters.get(book.stem, {})}
+        record = run_one(book, run_dir / book.stem, params, kernel=kernel, progress=progress)
+        runs.append(record)
+        if record.status != "ok":
+            tqdm.write(f"FAILED {book.name}: {record.error}\n       executed copy: {record.executed}")
+    atomic_write_json(run_dir / "summary.json", {
+        "created": datetime.now().isoformat(timespec="seconds"), "parameters": parameters,
+        "notebook_parameters": notebook_parameters,
+        "versions": versions(), "notebooks": [asdict(r) for r in runs],
+        "total_seconds": round(sum(r.seconds for r in runs), 1)})
+    atomic_write_text(run_dir / "summary.md", summary_markdown(runs))
+    return run_dir, runs
+
+
+def configure_parser(parser) -> None:
+    parser.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
+                        help="notebooks to run, e.g. 00_setup or 00 (default: all, in order)")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="set a parameter in every notebook that declares it (repeatable)")
+    parser.add_argument("--run-dir", help="where to write executed notebooks and results (default: runs/<time>)")
+    parser.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cli(args) -> int:
+    params = {name: parse_value(value) for name, value in args.parameter}
+    run_dir, runs = run_notebooks(args.notebooks, params, args.run_dir, args.kernel, not args.no_progress)
+    print(summary_markdown(runs))
+    print(f"run folder: {run_dir}")
+    return 0 if all(r.status == "ok" for r in runs) else 1

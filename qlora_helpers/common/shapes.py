@@ -1,0 +1,116 @@
+"""Named model shapes used throughout the course.
+
+The presets carry the real architecture hyper-parameters of public checkpoints (copied from
+their ``config.json``), so memory and speed can be measured at real shape with random weights.
+
+Example:
+    >>> cfg = get_config("qwen2.5-0.5b")
+    >>> cfg.hidden_size, cfg.num_hidden_layers
+    (896, 24)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import CONFIG_MAPPING, AutoConfig
+
+_QWEN25_COMMON = dict(
+    model_type="qwen2", hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0, attention_dropout=0.0, bos_token_id=151643, eos_token_id=151645,
+)
+_LLAMA7B = dict(
+    model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, hidden_act="silu",
+    max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+)
+
+# name -> (kwargs of the transformers config, source checkpoint)
+PRESETS: dict[str, tuple[dict, str]] = {
+    "qwen2.5-0.5b": (dict(_QWEN25_COMMON, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                          tie_word_embeddings=True), "Qwen/Qwen2.5-0.5B-Instruct"),
+    "qwen2.5-1.5b": (dict(_QWEN25_COMMON, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                          tie_word_embeddings=True), "Qwen/Qwen2.5-1.5B-Instruct"),
+    "qwen2.5-3b": (dict(_QWEN25_COMMON, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                        num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+                        tie_word_embeddings=True), "Qwen/Qwen2.5-3B-Instruct"),
+    "qwen2.5-7b": (dict(_QWEN25_COMMON, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                        tie_word_embeddings=False), "Qwen/Qwen2.5-7B-Instruct"),
+    "qwen2.5-14b": (dict(_QWEN25_COMMON, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                         num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
+                         tie_word_embeddings=False), "Qwen/Qwen2.5-14B-Instruct"),
+    "qwen2.5-32b": (dict(_QWEN25_COMMON, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                         num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
+                         tie_word_embeddings=False), "Qwen/Qwen2.5-32B-Instruct"),
+    "llama-7b": (dict(_LLAMA7B), "meta-llama/Llama-2-7b-hf"),
+    "smollm2-135m": (dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, hidden_act="silu",
+                          max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                          tie_word_embeddings=True, head_dim=64), "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "llava-1.5-7b": (dict(model_type="llava", vision="clip-vit-l-336",
+                          text=dict(_LLAMA7B, vocab_size=32064), image_token_index=32000,
+                          projector_hidden_act="gelu", vision_feature_layer=-2,
+                          vision_feature_select_strategy="default"), "llava-hf/llava-1.5-7b-hf"),
+    "llava-1.5-13b": (dict(model_type="llava", vision="clip-vit-l-336",
+                           text=dict(_LLAMA7B, hidden_size=5120, intermediate_size=13824,
+                                     num_hidden_layers=40, num_attention_heads=40,
+                                     num_key_value_heads=40, vocab_size=32064),
+                           image_token_index=32000, projector_hidden_act="gelu",
+                           vision_feature_layer=-2, vision_feature_select_strategy="default"),
+                      "llava-hf/llava-1.5-13b-hf"),
+    "qwen2-vl-7b": (dict(model_type="qwen2_vl",
+                         text=dict(_QWEN25_COMMON, hidden_size=3584, intermediate_size=18944,
+                                   num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                   vocab_size=152064, tie_word_embeddings=False),
+                         vision=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_chans=3,
+                                     hidden_size=3584, patch_size=14, spatial_merge_size=2,
+                                     temporal_patch_size=2)), "Qwen/Qwen2-VL-7B-Instruct"),
+}
+
+_VISION = {
+    "clip-vit-l-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                           num_attention_heads=16, image_size=336, patch_size=14,
+                           projection_dim=768, hidden_act="quick_gelu"),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_config(name_or_path: str | Path):
+    """Return a transformers config for a preset name or a path to a ``config.json`` (or its folder)."""
+
+    key = str(name_or_path).lower()
+    if key in PRESETS:
+        kwargs, _source = PRESETS[key]
+        kwargs = dict(kwargs)
+        model_type = kwargs.pop("model_type")
+        if model_type == "llava":
+            vision = CONFIG_MAPPING["clip_vision_model"](**_VISION[kwargs.pop("vision")])
+            text_kwargs = dict(kwargs.pop("text"))
+            text = CONFIG_MAPPING[text_kwargs.pop("model_type")](**text_kwargs)
+            return CONFIG_MAPPING["llava"](vision_config=vision.to_dict(), text_config=text.to_dict(), **kwargs)
+        if model_type == "qwen2_vl":
+            text_kwargs = dict(kwargs.pop("text"))
+            text_kwargs.pop("model_type")
+            return CONFIG_MAPPING["qwen2_vl"](text_config=text_kwargs, vision_config=kwargs.pop("vision"),
+                                             image_token_id=151655, video_token_id=151656, **kwargs)
+        return CONFIG_MAPPING[model_type](**kwargs)
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"unknown model {name_or_path!r}: give a path to a config.json or one of "
+                         f"{', '.join(preset_names())}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno}); fix or re-download it") from None
+    if "model_type" not in data:
+        raise ValueError(f"{path}: no 'model_type' field; is this a transformers config.json?")
+    return AutoConfig.for_model(**data)

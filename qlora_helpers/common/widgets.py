@@ -1,0 +1,75 @@
+"""An ipywidgets panel bound to a notebook's parameters, for tweaking and re-running a step.
+
+The panel is built from the same names and defaults as the ``parameters`` cell, so what a
+learner changes by hand is what papermill changes with ``-p``. Building and displaying it
+never blocks: the step runs only when the button is pressed, so papermill runs pass straight
+through.
+
+Example:
+    >>> panel = parameter_panel({"lora_r": 8, "learning_rate": 2e-4, "use_qlora": True},
+    ...                         run=lambda values: print(values),
+    ...                         choices={"lora_r": [4, 8, 16, 32]})
+    >>> [w.description for w in panel.children[0].children]
+    ['lora_r', 'learning_rate', 'use_qlora']
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import ipywidgets as w
+
+
+def _widget_for(name: str, value, choices: dict, ranges: dict):
+
+    style = {"description_width": "initial"}
+    layout = w.Layout(width="420px")
+    if name in choices:
+        return w.Dropdown(options=list(choices[name]), value=value, description=name, style=style, layout=layout)
+    if isinstance(value, bool):
+        return w.Checkbox(value=value, description=name, style=style)
+    if isinstance(value, int):
+        lo, hi, step = ranges.get(name, (0 if value == 0 else 1, max(4 * value, 10), 1))
+        return w.IntSlider(value=value, min=lo, max=hi, step=step, description=name, style=style, layout=layout)
+    if isinstance(value, float):
+        if name in ranges:
+            lo, hi, step = ranges[name]
+            return w.FloatSlider(value=value, min=lo, max=hi, step=step, description=name, style=style,
+                                 layout=layout, readout_format=".3g")
+        if 0 < value < 0.01:  # learning rates and the like: a log scale
+            exp = math.floor(math.log10(value))
+            return w.FloatLogSlider(value=value, base=10, min=exp - 2, max=exp + 2, step=0.1, description=name,
+                                    style=style, layout=layout, readout_format=".1e")
+        return w.FloatSlider(value=value, min=0.0, max=max(1.0, 4 * value), step=0.01, description=name,
+                             style=style, layout=layout)
+    return w.Text(value=str(value), description=name, style=style, layout=layout)
+
+
+def parameter_panel(params: dict, run: Callable[[dict], object], choices: dict | None = None,
+                    ranges: dict | None = None, button: str = "Run"):
+    """A VBox of one control per parameter, a button that calls ``run(values)``, and its output area.
+
+    ``choices`` maps a name to the options of a dropdown; ``ranges`` maps a number to
+    ``(min, max, step)``. Returns the panel; ``panel.values()`` reads the current values.
+    """
+
+    choices, ranges = choices or {}, ranges or {}
+    controls = {name: _widget_for(name, value, choices, ranges) for name, value in params.items()}
+    go = w.Button(description=button, button_style="primary", icon="play")
+    out = w.Output()
+
+    def values() -> dict:
+        return {name: type(params[name])(c.value) if params[name] is not None else c.value
+                for name, c in controls.items()}
+
+    def on_click(_):
+        out.clear_output()
+        with out:
+            run(values())
+
+    go.on_click(on_click)
+    panel = w.VBox([w.VBox(list(controls.values())), go, out])
+    panel.values = values
+    panel.click = lambda: on_click(None)
+    return panel
