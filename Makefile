@@ -31,6 +31,7 @@ course: assets
 	$(PY) -m qlora_helpers run $(PARAMS)
 
 test: assets
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lab: assets

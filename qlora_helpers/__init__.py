@@ -1,9 +1,17 @@
-"""Helpers shared by the QLoRA course notebooks.
+"""Helpers of the QLoRA course: ``common`` for what every chapter shares, and one package per chapter.
 
-Every module is small and named by what it does (``assets``, ``models``, ``runner`` ...).
-Nothing happens at import time: heavy libraries (torch, transformers, bitsandbytes) are
-imported inside the functions that need them, so ``import qlora_helpers`` is instant and
-safe before ``accelerate.notebook_launcher``.
+==================  ================================================================================
+package             chapter
+==================  ================================================================================
+``common``          assets, device and dtype, result files, the papermill runner, widgets, model shapes
+``ch01_memory``     01 memory math: the estimator, the GPU table, measuring on a GPU
+``ch02_tad``        02 quantized adapters for temporal action detection
+``ch03_sft``        03 supervised fine-tuning: data, the four modes, the loop, the ``sft`` command, the recipe
+``ch04_vlm``        04 a vision-language model within 8 GB: configs, VRAM plans, data, model, training
+``ch05_multi_gpu``  05 data-parallel QLoRA from a notebook: the per-rank worker, precision, schedule
+==================  ================================================================================
+
+A notebook imports from its own chapter's package; a chapter imports only ``common`` and earlier chapters.
 """
 
 __version__ = "0.1.0"

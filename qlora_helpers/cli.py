@@ -16,7 +16,8 @@ COMMANDS = {
     "assets": ("qlora_helpers.common.assets", "fetch, convert and verify the offline assets (model, tokenizer, data)"),
     "run": ("qlora_helpers.common.runner", "execute notebooks with papermill into a run folder, with a summary"),
     "estimate": ("qlora_helpers.ch01_memory.estimator", "estimate GPU training memory for a model, method and batch"),
-    "sft": ("qlora_helpers.ch03_sft.command", "supervised fine-tuning: full, LoRA, QLoRA 4-bit or 8-bit, from a config file or flags"),
+    "sft": ("qlora_helpers.ch03_sft.command",
+            "supervised fine-tuning: full, LoRA, QLoRA 4-bit or 8-bit, from a config file or flags"),
 }
 
 

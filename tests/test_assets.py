@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qlora_helpers.common import assets
+from qlora_helpers.common.models import load_causal_lm
 
 
 def test_smollm2_is_the_real_pretrained_model(cached_assets):
@@ -97,7 +98,7 @@ def test_wheel_pins_are_checked(private_cache, monkeypatch):
 
 @pytest.mark.parametrize("model_id,vocab", [("tiny:qwen2", 151_665), ("tiny:llama", 49_152)])
 def test_tiny_models_come_with_the_real_tokenizer(cached_assets, model_id, vocab):
-    model, tok = assets.load_causal_lm(model_id)
+    model, tok = load_causal_lm(model_id)
     assert len(tok) == vocab == model.config.vocab_size
     ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], return_tensors="pt", return_dict=True)
     assert torch.isfinite(model(**ids, labels=ids["input_ids"]).loss)

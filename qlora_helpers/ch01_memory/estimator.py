@@ -141,7 +141,7 @@ def resolve_targets(shape: Shape, targets) -> set[str]:
     return set(wanted)
 
 
-def quantized_bytes(numel: int, bits: int = 4, rows: int = 1, double_quant: bool = True) -> int:
+def quantized_bytes(numel: int, bits: int = 4, *, rows: int = 1, double_quant: bool = True) -> int:
     """Bytes of one bitsandbytes weight of ``numel`` values (``rows`` = out_features for 8-bit).
 
     4-bit NF4: half a byte per value plus one absmax per block of 64, stored as fp32 or, with double
@@ -472,10 +472,9 @@ def configure_parser(parser) -> None:
 
 
 def cli(args) -> int:
-
-
-    est = estimate(get_config(args.model), args.method, batch_size=args.batch_size, seq_len=args.seq_len, lora_r=args.lora_r, targets=args.targets,
-                   grad_ckpt=args.grad_ckpt, prepare_kbit=args.prepare_kbit, optimizer=args.optimizer, dtype=args.dtype)
+    est = estimate(get_config(args.model), args.method, batch_size=args.batch_size, seq_len=args.seq_len,
+                   lora_r=args.lora_r, targets=args.targets, grad_ckpt=args.grad_ckpt,
+                   prepare_kbit=args.prepare_kbit, optimizer=args.optimizer, dtype=args.dtype)
     if args.json:
         print(json.dumps(est.as_dict()))
     else:

@@ -45,7 +45,7 @@ def needed_gib(total_gib: float, context_gib: float = CONTEXT_GIB, slack: float 
     return total_gib * (1 + slack) + context_gib
 
 
-def fits(total_gib, gpu_gib: float, context_gib: float = CONTEXT_GIB, slack: float = SLACK) -> str:
+def fits(total_gib, gpu_gib: float, *, context_gib: float = CONTEXT_GIB, slack: float = SLACK) -> str:
     """``"fits"``, ``"tight"`` (fits only without allocator slack) or ``"no"``.
 
     ``total_gib`` is a number or anything with a ``total_gib`` attribute (a ``MemoryEstimate``).

@@ -1,3 +1,12 @@
+"""Measuring what ``estimate`` predicts: training steps on random weights at real shape, on a GPU.
+
+``measure`` builds the model layer by layer (quantised as it is built), wraps it as the method does
+(LoRA, optional ``prepare_model_for_kbit_training`` and gradient checkpointing), trains a few steps
+and reports the peak allocated and reserved memory of each phase (forward, backward, optimizer).
+``benchmarks/memory_validation.py`` runs it for each configuration in a fresh process.
+"""
+
+from __future__ import annotations
 
 import gc
 import inspect
@@ -16,9 +25,6 @@ from qlora_helpers.common.shapes import get_config
 def _batch(config, batch_size: int, seq_len: int, device, dtype, generator):
     """Random token ids (labels = input ids); for a VLM one random 336 x 336 image per sample, whose
     tokens come on top of ``seq_len`` text tokens (as ``estimate`` counts them)."""
-
-
-
     text = config.get_text_config()
     vocab = text.vocab_size
     kw = {}
@@ -47,11 +53,63 @@ def _batch(config, batch_size: int, seq_len: int, device, dtype, generator):
 
 
 def _make_optimizer(name: str, params, lr: float = 1e-4):
-
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr)
-
     return (bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit)(params, lr=lr)
+
+
+def _wrap(model, method: str, *, lora_r: int, targets, grad_ckpt: bool, prepare_kbit: bool):
+    """The model as the method trains it: everything trainable (full), or frozen with LoRA on ``targets``."""
+    ckpt_kwargs = {"use_reentrant": False}
+    if prepare_kbit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    if method == "full":
+        model.requires_grad_(True)
+    else:
+        model = get_peft_model(model, LoraConfig(r=lora_r, target_modules=targets, task_type="CAUSAL_LM"))
+    model.train()
+    return model
+
+
+def _gib(nbytes) -> float:
+    return round(nbytes / GIB, 4)       # absolute: the cuBLAS workspace counts, as in estimate()
+
+
+def _phase(fn, device):
+    """Run ``fn`` with the peak counter reset: (its result, peak allocated GiB, peak reserved GiB)."""
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    return result, _gib(torch.cuda.max_memory_allocated(device)), torch.cuda.max_memory_reserved(device) / GIB
+
+
+def _step(model, opt, batch, device) -> dict:
+    """One training step, split into forward, backward and optimizer phases."""
+    t, rec = time.perf_counter(), {}
+    loss, rec["forward"], r1 = _phase(lambda: model(**batch).loss, device)
+    rec["after forward"] = _gib(torch.cuda.memory_allocated(device))
+    _, rec["backward"], r2 = _phase(loss.backward, device)
+    del loss
+    rec["after backward"] = _gib(torch.cuda.memory_allocated(device))
+    _, rec["optimizer"], r3 = _phase(opt.step, device)
+    opt.zero_grad(set_to_none=True)
+    rec["reserved"] = round(max(r1, r2, r3), 4)
+    rec["seconds"] = round(time.perf_counter() - t, 3)
+    return rec
+
+
+def _summary(steps: list[dict], device) -> dict:
+    """Peaks over the steps after the warm-up one, and what the device holds now."""
+    steady = steps[1:]
+    peaks = {k: max(s[k] for s in steady) for k in ("forward", "backward", "optimizer")}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"phases_gib": peaks, "peak_allocated_gib": max(peaks.values()), "peak_phase": max(peaks, key=peaks.get),
+            "peak_reserved_gib": max(s["reserved"] for s in steady),
+            "first_step_peak_gib": max(steps[0][k] for k in ("forward", "backward", "optimizer")),
+            "device_used_gib": _gib(total - free),            # + CUDA context + paged states
+            "reserved_now_gib": _gib(torch.cuda.memory_reserved(device))}
 
 
 def measure(config, method: str, *, batch_size: int, seq_len: int, lora_r: int = 8, targets="all-linear",
@@ -66,77 +124,34 @@ def measure(config, method: str, *, batch_size: int, seq_len: int, lora_r: int =
     process, or after everything of an earlier run was freed (``checkpoints_gib["start"]`` shows
     what was still allocated), so that no earlier allocation counts towards the peak.
     """
-
-
     if not torch.cuda.is_available() or not str(device).startswith("cuda"):
         raise RuntimeError("measure() needs a CUDA GPU and torch sees none here: use estimate() on this machine")
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (the first is a warm-up), got {steps}")
-    if isinstance(config, str):
-        config = get_config(config)
-
-    est = estimate(config, method, batch_size=batch_size, seq_len=seq_len, lora_r=lora_r, targets=targets, grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer, dtype=dtype)
-
+    config = get_config(config) if isinstance(config, str) else config
+    est = estimate(config, method, batch_size=batch_size, seq_len=seq_len, lora_r=lora_r, targets=targets,
+                   grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer, dtype=dtype)
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    quant = {"qlora4": "4bit", "qlora8": "8bit"}.get(method)
     gc.collect()
     torch.cuda.empty_cache()
-    gib = lambda b: round(b / GIB, 4)                  # absolute: the cuBLAS workspace counts, as in estimate()
-    out = {"inputs": est.inputs, "checkpoints_gib": {"start": gib(torch.cuda.memory_allocated(device))},
+    out = {"inputs": est.inputs, "checkpoints_gib": {"start": _gib(torch.cuda.memory_allocated(device))},
            "steps": [], "oom": False}
-    mark = lambda key: out["checkpoints_gib"].__setitem__(key, gib(torch.cuda.memory_allocated(device)))
+    mark = lambda key: out["checkpoints_gib"].__setitem__(key, _gib(torch.cuda.memory_allocated(device)))
     model = opt = None
     t0 = time.perf_counter()
     try:
-        model = build_random(config, quantize=quant, device=device, dtype=torch_dtype, seed=seed, progress=False)
+        model = build_random(config, quantize={"qlora4": "4bit", "qlora8": "8bit"}.get(method), device=device,
+                             dtype=torch_dtype, seed=seed, progress=False)
         mark("after build")
-        ckpt_kwargs = {"use_reentrant": False}
-        if prepare_kbit:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt,
-                                                    gradient_checkpointing_kwargs=ckpt_kwargs)
-        elif grad_ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-        if method == "full":
-            model.requires_grad_(True)
-        else:
-            tm = "all-linear" if targets == "all-linear" else est.inputs["targets"]
-            model = get_peft_model(model, LoraConfig(r=lora_r, target_modules=tm, task_type="CAUSAL_LM"))
-        model.train()
+        model = _wrap(model, method, lora_r=lora_r, grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit,
+                      targets="all-linear" if targets == "all-linear" else est.inputs["targets"])
         mark("after wrap")
         opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
-        gen = torch.Generator().manual_seed(seed)
-        batch = _batch(config, batch_size, seq_len, device, torch_dtype, gen)
+        batch = _batch(config, batch_size, seq_len, device, torch_dtype, torch.Generator().manual_seed(seed))
         mark("after batch")
         out["setup_s"] = round(time.perf_counter() - t0, 1)
-
-        def phase(fn):
-            torch.cuda.reset_peak_memory_stats(device)
-            result = fn()
-            return result, gib(torch.cuda.max_memory_allocated(device)), torch.cuda.max_memory_reserved(device) / GIB
-
-        for _ in range(steps):
-            t = time.perf_counter()
-            rec = {}
-            loss, rec["forward"], r1 = phase(lambda: model(**batch).loss)
-            rec["after forward"] = gib(torch.cuda.memory_allocated(device))
-            _, rec["backward"], r2 = phase(loss.backward)
-            del loss
-            rec["after backward"] = gib(torch.cuda.memory_allocated(device))
-            _, rec["optimizer"], r3 = phase(opt.step)
-            opt.zero_grad(set_to_none=True)
-            rec["reserved"] = round(max(r1, r2, r3), 4)
-            rec["seconds"] = round(time.perf_counter() - t, 3)
-            out["steps"].append(rec)
-        steady = out["steps"][1:]
-        peaks = {k: max(s[k] for s in steady) for k in ("forward", "backward", "optimizer")}
-        out["phases_gib"] = peaks
-        out["peak_allocated_gib"] = max(peaks.values())
-        out["peak_phase"] = max(peaks, key=peaks.get)
-        out["peak_reserved_gib"] = max(s["reserved"] for s in steady)
-        out["first_step_peak_gib"] = max(out["steps"][0][k] for k in ("forward", "backward", "optimizer"))
-        free, total = torch.cuda.mem_get_info(device)
-        out["device_used_gib"] = round((total - free) / GIB, 4)   # + CUDA context + paged states
-        out["reserved_now_gib"] = round(torch.cuda.memory_reserved(device) / GIB, 4)
+        out["steps"] = [_step(model, opt, batch, device) for _ in range(steps)]
+        out.update(_summary(out["steps"], device))
     except torch.OutOfMemoryError as err:
         out["oom"] = True
         out["error"] = str(err).splitlines()[0][:300]

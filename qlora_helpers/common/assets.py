@@ -294,8 +294,7 @@ def smollm2_path() -> Path:
 
 
 def load_smollm2(**kwargs):
-    """SmolLM2-135M-Instruct and its tokenizer; ``kwargs`` go to ``from_pretrained`` (dtype, quantization_config ...)."""
-
+    """SmolLM2-135M-Instruct and its tokenizer; ``kwargs`` (dtype, quantization_config ...) go to from_pretrained."""
     folder = smollm2_path()
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
 
@@ -325,7 +324,6 @@ def load_sft(split: str = "train", languages: tuple[str, ...] = ("en", "zh")) ->
 
 def load_images() -> dict:
     """A dict of numpy arrays: ``lfw`` (200x25x25, first 100 faces), ``digits``, photos."""
-
     with np.load(path("images") / "images.npz") as npz:
         return {k: npz[k] for k in npz.files}
 

@@ -66,7 +66,6 @@ def cpu_compute_dtype():
 
 def compute_dtype(device: str):
     """bf16 on a CUDA device that has it (fp16 on one that has not), ``cpu_compute_dtype()`` on the CPU."""
-
     if str(device).startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return cpu_compute_dtype()
@@ -75,7 +74,6 @@ def compute_dtype(device: str):
 def versions(packages=("torch", "transformers", "peft", "bitsandbytes", "accelerate", "papermill",
                        "ipywidgets", "matplotlib", "qlora-helpers")) -> dict[str, str]:
     """Installed versions of the packages the course depends on (``"missing"`` if not installed)."""
-
     out = {"python": platform.python_version()}
     for name in packages:
         if name == "qlora-helpers":  # also right when run from a checkout that is not installed
@@ -90,7 +88,6 @@ def versions(packages=("torch", "transformers", "peft", "bitsandbytes", "acceler
 
 def device_info() -> dict:
     """Name, memory and capability of the CUDA device, or the CPU description."""
-
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return {"type": "cuda", "name": props.name, "count": torch.cuda.device_count(),

@@ -43,7 +43,6 @@ QUANTIZE = (None, "4bit", "8bit")
 
 def tiny_qwen2(vocab_size: int = 151_665, hidden_size: int = 64, layers: int = 2, **overrides):
     """A 2-layer Qwen2 config whose vocabulary matches the real Qwen2.5 tokenizer (151,665 ids)."""
-
     kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=151643,
@@ -53,7 +52,6 @@ def tiny_qwen2(vocab_size: int = 151_665, hidden_size: int = 64, layers: int = 2
 
 def tiny_llama(vocab_size: int = 49_152, hidden_size: int = 64, layers: int = 2, **overrides):
     """A 2-layer Llama config with SmolLM2's vocabulary size."""
-
     kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
@@ -85,7 +83,6 @@ def _model_class(config):
 
 def build_tiny(config, seed: int = 0, dtype=None):
     """Instantiate a (tiny) config with transformers' own random initialisation on the CPU."""
-
     torch.manual_seed(seed)
     model = _model_class(config).from_config(config, dtype=dtype or torch.float32)
     return model.eval()
@@ -139,17 +136,16 @@ def write_tiny_model(folder, family: str = "llama", seed: int = 0) -> Path:
 def _keep_unquantized(model) -> list[str]:
     """Module names that stay in full precision: lm_head and, for VLMs, vision tower and projector."""
     keep = ["lm_head"]
-    for name, module in model.named_modules():
+    for name, _ in model.named_modules():
         short = name.rsplit(".", 1)[-1]
         if short in ("vision_tower", "visual", "multi_modal_projector", "vision_model"):
             keep.append(name)
     return keep
 
 
-def bnb_config(quantize: str, compute_dtype, double_quant: bool = True, quant_type: str = "nf4",
+def bnb_config(quantize: str, compute_dtype, *, double_quant: bool = True, quant_type: str = "nf4",
                quant_storage=None):
     """The ``BitsAndBytesConfig`` that ``from_pretrained`` would use for the same setting."""
-
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if quantize == "4bit":
@@ -171,7 +167,7 @@ def _init_tensor(name: str, shape, std: float, device, dtype, generator):
     return t.normal_(0.0, std, generator=generator)
 
 
-def build_random(config, quantize: str | None = None, device: str = "cuda", dtype=None, seed: int = 0,
+def build_random(config, quantize: str | None = None, *, device: str = "cuda", dtype=None, seed: int = 0,
                  double_quant: bool = True, quant_type: str = "nf4", quant_storage=None,
                  progress: bool = True):
     """Materialise a model of ``config``'s shape with random weights, layer by layer, on ``device``.
@@ -193,7 +189,7 @@ def build_random(config, quantize: str | None = None, device: str = "cuda", dtyp
     qconfig = None
     if quantize:
 
-        qconfig = bnb_config(quantize, dtype, double_quant, quant_type, quant_storage)
+        qconfig = bnb_config(quantize, dtype, double_quant=double_quant, quant_type=quant_type, quant_storage=quant_storage)
         model = replace_with_bnb_linear(model, modules_to_not_convert=_keep_unquantized(model),
                                         quantization_config=qconfig)
     std = getattr(config, "initializer_range", None) or getattr(

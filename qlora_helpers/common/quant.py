@@ -21,7 +21,6 @@ from peft import LoraConfig, inject_adapter_in_model
 
 def backend() -> dict:
     """The bitsandbytes version and the native library it loaded (CPU, CUDA, ...)."""
-
     lib = getattr(getattr(cextension.lib, "_lib", None), "_name", "") or ""
     return {"version": bnb.__version__, "backend": getattr(cextension, "BNB_BACKEND", "unknown"),
             "library": lib.rsplit("/", 1)[-1]}
@@ -60,10 +59,9 @@ def _quantized(bits: int, reference, device: str):
     return layer.to(device)  # moving the layer is what quantises it
 
 
-def check_bnb(device: str = "cpu", steps: int = 3, in_features: int = 256, out_features: int = 128,
+def check_bnb(device: str = "cpu", *, steps: int = 3, in_features: int = 256, out_features: int = 128,
               seed: int = 0) -> list[dict]:
     """Quantise a bf16 linear layer to 4 and 8 bits on ``device`` and train a LoRA adapter on it."""
-
     rows = []
     for bits in (4, 8):
         torch.manual_seed(seed)

@@ -79,7 +79,6 @@ def declared_parameters(notebook: Path) -> dict:
 
 def parse_value(text: str):
     """``"2"`` -> 2, ``"0.5"`` -> 0.5, ``"true"`` -> True, anything else stays a string."""
-
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -94,7 +93,7 @@ def _failure(err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def run_one(notebook: Path, out_dir: Path, parameters: dict, kernel: str = "python3",
+def run_one(notebook: Path, out_dir: Path, parameters: dict, *, kernel: str = "python3",
             progress: bool = True) -> NotebookRun:
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +139,7 @@ def summary_markdown(runs: list[NotebookRun]) -> str:
 
 
 def run_notebooks(names: list[str] | None = None, parameters: dict | None = None,
-                  run_dir: str | Path | None = None, kernel: str = "python3",
+                  run_dir: str | Path | None = None, *, kernel: str = "python3",
                   progress: bool = True, notebook_parameters: dict[str, dict] | None = None,
                   ) -> tuple[Path, list[NotebookRun]]:
     """Execute notebooks in order into ``run_dir`` and write ``summary.json`` / ``summary.md`` there.
@@ -148,7 +147,6 @@ def run_notebooks(names: list[str] | None = None, parameters: dict | None = None
     ``parameters`` go to every notebook that declares them; ``notebook_parameters`` maps a notebook's
     name (``03_qwen_sft``) to parameters for that notebook only, which win over ``parameters``.
     """
-
 
     books = discover(names)
     parameters = dict(parameters or {})
@@ -197,7 +195,7 @@ def configure_parser(parser) -> None:
 
 def cli(args) -> int:
     params = {name: parse_value(value) for name, value in args.parameter}
-    run_dir, runs = run_notebooks(args.notebooks, params, args.run_dir, args.kernel, not args.no_progress)
+    run_dir, runs = run_notebooks(args.notebooks, params, args.run_dir, kernel=args.kernel, progress=not args.no_progress)
     print(summary_markdown(runs))
     print(f"run folder: {run_dir}")
     return 0 if all(r.status == "ok" for r in runs) else 1

@@ -84,7 +84,6 @@ def preset_names() -> list[str]:
 
 def get_config(name_or_path: str | Path):
     """Return a transformers config for a preset name or a path to a ``config.json`` (or its folder)."""
-
     key = str(name_or_path).lower()
     if key in PRESETS:
         kwargs, _source = PRESETS[key]

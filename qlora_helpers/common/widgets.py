@@ -46,7 +46,7 @@ def _widget_for(name: str, value, choices: dict, ranges: dict):
     return w.Text(value=str(value), description=name, style=style, layout=layout)
 
 
-def parameter_panel(params: dict, run: Callable[[dict], object], choices: dict | None = None,
+def parameter_panel(params: dict, run: Callable[[dict], object], *, choices: dict | None = None,
                     ranges: dict | None = None, button: str = "Run"):
     """A VBox of one control per parameter, a button that calls ``run(values)``, and its output area.
 
