@@ -69,3 +69,13 @@ def test_readme_course_time_is_the_measured_one():
     match = re.search(r"Measured on a 2-core CPU: about (\d+) minutes", (ROOT / "README.md").read_text())
     assert match and int(match.group(1)) == round(minutes)
     assert set(measured["figures"]["notebooks"]) == {p.stem for p in NOTEBOOKS}, "re-run benchmarks/course_time.py"
+
+
+def test_repo_root_is_found_from_any_folder(tmp_path):
+    """Notebooks run from notebooks/, commands from anywhere: the checkout is found from the package's place."""
+    import subprocess
+    import sys
+
+    code = "from qlora_helpers.common.files import repo_root; print(repo_root())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert Path(done.stdout.strip()) == ROOT

@@ -19,7 +19,7 @@ RESULTS_ENV = "QLORA_RESULTS_DIR"
 
 def repo_root() -> Path:
     """The course checkout: the folder holding ``pyproject.toml`` above this package."""
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]          # qlora_helpers/common/files.py -> the checkout
     if (here / "pyproject.toml").is_file():
         return here
     return Path.cwd()
