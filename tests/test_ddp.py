@@ -109,12 +109,14 @@ def test_precision_by_device():
     from qlora_helpers.ch05_multi_gpu.precision import check_quantize, choose
 
     v100, h100 = choose((7, 0), bf16_supported=True), choose((9, 0), bf16_supported=True)
-    assert (v100.compute_dtype, v100.grad_scaling, v100.lora_dtype, v100.mixed_precision) == ("fp16", True, "fp32", "fp16")
+    assert (v100.compute_dtype, v100.grad_scaling, v100.lora_dtype, v100.mixed_precision) == \
+        ("fp16", True, "fp32", "fp16")
     assert (h100.compute_dtype, h100.grad_scaling) == ("bf16", False)
     assert choose((9, 0), True, "fp16").grad_scaling            # the V100 path, run on a newer GPU
     with pytest.raises(ValueError, match="needs compute capability 8.0"):
         choose((7, 0), True, "bf16")
-    with pytest.raises(ValueError, match="8-bit weights need int8 tensor cores .* Tesla V100 has compute capability 7.0: use quantize='4bit'"):
+    with pytest.raises(ValueError, match="8-bit weights need int8 tensor cores .* "
+                                         "Tesla V100 has compute capability 7.0: use quantize='4bit'"):
         check_quantize("8bit", (7, 0), "Tesla V100")
     check_quantize("8bit", (7, 5))
     check_quantize("4bit", (7, 0))
@@ -131,7 +133,7 @@ def test_qlora_gradients_on_cpu_are_exact(cached_assets):
     from qlora_helpers.ch05_multi_gpu.model import add_lora, load_model
     from qlora_helpers.ch05_multi_gpu.reversal import collate, encode, make_identities, task_records
 
-    q4, tok = load_model("tiny:llama", "4bit", torch.float32, "cpu")
+    q4, tok = load_model("tiny:llama", "4bit", dtype=torch.float32, device="cpu")
     config = copy.deepcopy(q4.config)
     del config.quantization_config
     ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -8,13 +8,14 @@ precision  bf16, fp16 with loss scaling, or fp32, decided per device
 model      what each rank trains: the 4-bit or 8-bit model and LoRA on it
 schedule   warm-up, the plateau learning-rate rule and early stopping; live history plot
 reversal   the reversal-curse data (LFW identities) and its scoring
+tables     the notebook's finished tables: the V100 plan against the write-up, the GPU benchmark runs
 =========  ===========================================================================================
 
 Importing this package loads neither peft nor bitsandbytes: the notebook's kernel must not have them
 before ``notebook_launcher`` starts the ranks. ``model`` (which loads them) is not imported here.
 """
 
-from qlora_helpers.ch05_multi_gpu import reversal, worker
+from qlora_helpers.ch05_multi_gpu import reversal, tables, worker
 from qlora_helpers.ch05_multi_gpu.schedule import LiveHistory, PlateauSchedule
 
-__all__ = ["LiveHistory", "PlateauSchedule", "reversal", "worker"]
+__all__ = ["LiveHistory", "PlateauSchedule", "reversal", "tables", "worker"]

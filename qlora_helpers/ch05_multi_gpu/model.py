@@ -17,7 +17,7 @@ from qlora_helpers.common.shapes import get_config
 
 
 # --------------------------------------------------------------------------- the model each rank trains
-def load_model(model_id: str, quantize: str, dtype, device):
+def load_model(model_id: str, quantize: str, *, dtype, device):
     """A 4-bit (or 8-bit) model on ``device`` and its tokenizer.
 
     ``""``: the cached SmolLM2-135M-Instruct; ``random:<preset>`` / ``tiny:llama`` / ``tiny:qwen2``: random

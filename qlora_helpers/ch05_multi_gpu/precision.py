@@ -61,7 +61,8 @@ def choose(capability: tuple[int, int] | None, bf16_supported: bool, request: st
         raise ValueError(f"precision must be one of {', '.join(REQUESTS)}, not {request!r}")
     if capability is None:
         if request == "fp16":
-            raise ValueError("precision='fp16' is a GPU path (loss scaling for Volta/Turing): use 'auto' or 'fp32' on the CPU")
+            raise ValueError("precision='fp16' is a GPU path (loss scaling for Volta/Turing): "
+                             "use 'auto' or 'fp32' on the CPU")
         if request == "bf16" or (request == "auto" and bf16_supported):
             why = "as requested" if request == "bf16" else "this CPU computes bf16 natively"
             return Precision("bf16", "bf16", False, "fp32", f"bf16 on the CPU, {why}")

@@ -76,7 +76,7 @@ def face_codes(faces, components: int = 4) -> list[str]:
     return codes
 
 
-def make_identities(n: int, seed: int = 0, faces=None) -> list[dict]:
+def make_identities(n: int, seed: int = 0, *, faces=None) -> list[dict]:
     """``n`` LFW faces whose codes share as few syllables as possible, each with a made-up name and fact."""
     if faces is None:
 
@@ -125,7 +125,8 @@ def task_records(identities: list[dict], direction: str, split: str) -> list[dic
         raise ValueError(f"task must be one of {', '.join(TASKS)}, not {direction!r}")
     n_q = len(TEMPLATES[direction][0])
     templates = range(n_q - 1) if split == "train" else [n_q - 1]
-    return [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question(direction, ident, t)},
+    return [{"messages": [{"role": "system", "content": SYSTEM},
+                          {"role": "user", "content": question(direction, ident, t)},
                           {"role": "assistant", "content": answer(direction, ident)}],
              "kind": direction, "identity": ident["id"]}
             for t in templates for ident in identities]
@@ -140,7 +141,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def generate_data(data_dir: str | Path, num_identities: int = 4, seed: int = 0, pool_size: int = 200) -> Path:
+def generate_data(data_dir: str | Path, num_identities: int = 4, seed: int = 0, *, pool_size: int = 200) -> Path:
     """Write the experiment's data, every file atomically:
 
     ``identities.json``; ``forward_train/val.jsonl``, ``reverse_train/val.jsonl``; and
@@ -161,7 +162,7 @@ def generate_data(data_dir: str | Path, num_identities: int = 4, seed: int = 0, 
     return data_dir
 
 
-def training_set(data_dir: str | Path, task: str, retention_ratio: float = 0.0, seed: int = 0):
+def training_set(data_dir: str | Path, task: str, retention_ratio: float = 0.0, *, seed: int = 0):
     """(train, val) records of ``task``; retention records make up ``retention_ratio`` of train.
 
     With 12 task records and ratio 0.3: round(12 * 0.3 / 0.7) = 5 retention records (29 %).
@@ -172,7 +173,8 @@ def training_set(data_dir: str | Path, task: str, retention_ratio: float = 0.0, 
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
     if not (data_dir / "identities.json").is_file():
-        raise FileNotFoundError(f"{data_dir} holds no generated data: run reversal.generate_data({str(data_dir)!r}) first")
+        raise FileNotFoundError(f"{data_dir} holds no generated data: "
+                                f"run reversal.generate_data({str(data_dir)!r}) first")
     train = read_jsonl(data_dir / f"{task}_train.jsonl")
     n_keep = round(len(train) * retention_ratio / (1 - retention_ratio))
     pool = read_jsonl(data_dir / "retention_pool.jsonl")
@@ -197,7 +199,7 @@ def encode(messages: list[dict], tokenizer, max_length: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def collate(examples: list[dict], pad_id: int, left: bool = False) -> dict:
+def collate(examples: list[dict], pad_id: int, *, left: bool = False) -> dict:
     """Pad to the longest example (right for training, left for generation) with an attention mask."""
 
     width = max(len(e["input_ids"]) for e in examples)
@@ -226,11 +228,12 @@ def eval_items(identities: list[dict]) -> list[dict]:
             for ident in identities]
 
 
-def evaluate_items(model, tokenizer, identities: list[dict], items: list[dict], device, max_new_tokens: int = 20,
+def evaluate_items(model, tokenizer, items: list[dict], *, identities: list[dict], device, max_new_tokens: int = 20,
                    generate: bool = True, batch_size: int = 32) -> list[dict]:
-    """Score ``items`` (from ``eval_items``): multiple choice among every identity's answer, and (with
-    ``generate``) whether the greedy answer contains the name / code. Sequences are batched: on a CPU each
-    forward pass dequantises every 4-bit weight once, so few large passes are much cheaper than many small."""
+    """Score ``items`` (from ``eval_items``) about ``identities``: multiple choice among every identity's
+    answer, and (with ``generate``) whether the greedy answer contains the name / code. Sequences are batched:
+    on a CPU each forward pass dequantises every 4-bit weight once, so few large passes are much cheaper than
+    many small."""
 
     by_id = {i["id"]: i for i in identities}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -255,7 +258,8 @@ def evaluate_items(model, tokenizer, identities: list[dict], items: list[dict], 
             scores += per_row.index_add_(0, keep.nonzero()[:, 0], logp).tolist()
         for start in range(0, len(items) if generate else 0, batch_size):
             batch = collate([{"input_ids": p} for p in prompts[start:start + batch_size]], pad, left=True)
-            gen = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            gen = model.generate(input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             texts[start:start + batch_size] = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:],
                                                                      skip_special_tokens=True)
@@ -278,8 +282,9 @@ def accuracy(rows: list[dict], n_identities: int) -> dict:
         for w in WORDINGS:
             mine = [r for r in rows if r["direction"] == d and r.get("wording", "new") == w]
             if mine:
-                generated = None in {r["correct"] for r in mine}
-                out.setdefault(d, {})[w] = {"generation": None if generated else sum(r["correct"] for r in mine) / len(mine),
+                not_generated = None in {r["correct"] for r in mine}
+                generation = None if not_generated else sum(r["correct"] for r in mine) / len(mine)
+                out.setdefault(d, {})[w] = {"generation": generation,
                                             "choice": sum(r["choice_correct"] for r in mine) / len(mine),
                                             "chance": 1 / n_identities, "n": len(mine)}
     return out

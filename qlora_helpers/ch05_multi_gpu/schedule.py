@@ -73,7 +73,8 @@ class PlateauSchedule:
                   ("lr_patience", isinstance(self.lr_patience, int) and self.lr_patience >= 1, "a whole number >= 1"),
                   ("improvement_threshold", 0 <= self.improvement_threshold < 1, "a fraction in [0, 1), e.g. 0.05"),
                   ("min_val_loss", self.min_val_loss >= 0, "0 or more (0 never stops)"),
-                  ("warmup_steps", isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "a whole number >= 0")]
+                  ("warmup_steps", isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+                   "a whole number >= 0")]
         for name, ok, fix in checks:
             if not ok:
                 raise ValueError(f"training.{name} = {getattr(self, name)!r} is not valid: use {fix}")
@@ -84,7 +85,8 @@ class PlateauSchedule:
         """From the ``training:`` section of the YAML config; warmup is ``warmup_ratio`` of ``total_steps``."""
         missing = [k for k in KEYS if k not in training]
         if missing:
-            raise ValueError(f"training section lacks {', '.join(missing)}: add them (see data/configs/multi_gpu_32b.yaml)")
+            raise ValueError(f"training section lacks {', '.join(missing)}: "
+                             "add them (see data/configs/multi_gpu_32b.yaml)")
         values = {k: number(training[k], f"training.{k}") for k in KEYS}
         values["lr_patience"] = int(values["lr_patience"])
         ratio = number(training.get("warmup_ratio", 0.0), "training.warmup_ratio")

@@ -15,6 +15,9 @@ imported bitsandbytes cannot fork workers: the launcher refuses). Each rank then
 5. at each epoch end computes the validation loss over all ranks (so every rank takes the same
    schedule decision), and rank 0 writes ``training_history.json`` and the ``best/`` adapter.
 
+In code: ``setup_rank`` (steps 1-3), ``run_epoch`` and ``end_epoch`` (steps 4-5), ``finish_run``
+(evaluation, the ``final/`` adapter, ``run.json``); ``train_worker`` calls them in that order.
+
 On a CPU the same code runs with the gloo backend and 2 processes, which is how the tests check that
 gradients really synchronise.
 """
@@ -32,13 +35,16 @@ import socket
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import yaml
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers.utils import logging as hf_logging
 
 from qlora_helpers.ch05_multi_gpu import precision as P
 from qlora_helpers.ch05_multi_gpu.reversal import (
@@ -71,7 +77,7 @@ def visible_gpus() -> int:
             os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = old
 
 
-def resolve_launch(profile: str, num_processes: int = 0, gpus: int | None = None) -> tuple[str, int]:
+def resolve_launch(profile: str, num_processes: int = 0, *, gpus: int | None = None) -> tuple[str, int]:
     """(profile, processes): ``auto`` is ``gpu`` when a GPU is visible; 0 processes = one per GPU, 2 on a CPU.
 
     >>> resolve_launch("auto", 0, gpus=8), resolve_launch("auto", 0, gpus=0), resolve_launch("cpu", 3, gpus=2)
@@ -98,7 +104,7 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def global_batches(n_examples: int, epoch: int, seed: int, world: int, rank: int, batch_size: int,
+def global_batches(n_examples: int, epoch: int, seed: int, *, world: int, rank: int, batch_size: int,
                    accum: int) -> list[list[list[int]]]:
     """This rank's micro-batches for each optimizer step of one epoch (lists of example indices).
 
@@ -122,7 +128,7 @@ def global_batches(n_examples: int, epoch: int, seed: int, world: int, rank: int
     return steps
 
 
-# --------------------------------------------------------------------------- inside each rank
+# --------------------------------------------------------------------------- collectives (identity with one process)
 def _dist():
 
     return dist if dist.is_available() and dist.is_initialized() else None
@@ -138,6 +144,7 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` with one process)."""
     if not _dist():
         return [obj]
     out = [None] * _dist().get_world_size()
@@ -145,6 +152,7 @@ def gather_objects(obj) -> list:
     return out
 
 
+# --------------------------------------------------------------------------- weights and adapters
 def lora_state(model) -> dict:
     """The trainable tensors by name, as float32 CPU copies."""
     return {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -171,6 +179,163 @@ def save_adapter(model, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- setting up one rank
+@dataclass
+class Rank:
+    """One process of the run: where it computes, in which precision, and what it trains."""
+
+    rank: int
+    world: int
+    device: torch.device
+    device_name: str
+    capability: tuple[int, int] | None
+    precision: P.Precision
+    model: Any                 # the peft model: evaluation, saving and generation
+    tokenizer: Any
+    loss_fn: Any               # recipe.loss_module(model): the recipe's loss, never the [tokens, vocab] logits
+    ddp: Any                   # loss_fn in DistributedDataParallel (loss_fn itself with one process)
+    params: list               # the LoRA tensors, the only ones trained
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    started: float             # time.perf_counter() once the libraries were imported: the run's clock starts here
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        """The compute dtype's autocast context; none for fp32."""
+        if self.precision.compute_dtype == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=P.torch_dtype(self.precision.compute_dtype))
+
+
+def _quiet_libraries() -> None:
+    """Silence what every rank would print alike: transformers' progress bars and two known warnings."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # bitsandbytes' CPU 4-bit op warns that it has no autograd kernel; LoRA gradients through the layer equal
+    # those through the dequantised fp32 weights (tests/test_ddp.py::test_qlora_gradients_on_cpu_are_exact)
+    warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
+
+
+def _join(profile: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from the launcher's environment; joins the process group when world > 1."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    gpu = profile == "gpu"
+    if gpu:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if world > 1 and not _dist():
+        dist.init_process_group("nccl" if gpu else "gloo", **({"device_id": device} if gpu else {}))
+    return rank, world, device
+
+
+def _wrap_ddp(loss_fn, world: int, device: torch.device):
+    """``loss_fn`` in DDP told to skip the frozen 4-bit weights: only LoRA gradients travel (none with one rank)."""
+    if world == 1:
+        return loss_fn
+    frozen = [n for n, p in loss_fn.named_parameters() if not p.requires_grad] + [n for n, _ in loss_fn.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(loss_fn, frozen)
+    return DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def setup_rank(run: dict) -> Rank:
+    """This rank's device and precision, its 4-bit model with LoRA, DDP around the loss, optimizer and scaler."""
+
+    # lazy: these load transformers' models, peft and bitsandbytes, which must be imported in each rank,
+    # after notebook_launcher has forked it, never in the notebook's kernel (the launcher refuses then)
+    from qlora_helpers.ch03_sft.recipe import loss_module
+    from qlora_helpers.ch05_multi_gpu.model import add_lora, load_model
+
+    started = time.perf_counter()
+    rank, world, device = _join(run["profile"])
+    cap, bf16_ok, device_name = P.detect(device.index if device.type == "cuda" else None)
+    prec = P.choose(cap, bf16_ok, run.get("precision", "auto"))
+    quantize = run.get("quantize", "4bit")
+    P.check_quantize(quantize, cap, device_name)
+    lora, tr = run["config"]["lora"], run["config"]["training"]
+    model, tokenizer = load_model(run["model_id"], quantize, dtype=P.torch_dtype(prec.compute_dtype),
+                                  device=device.index if device.type == "cuda" else "cpu")
+    model = add_lora(model, lora, bool(tr.get("gradient_checkpointing", False)), int(tr.get("seed", 0)))
+    loss_fn = loss_module(model)   # forward = the course recipe's loss (no full logits)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=float(tr["learning_rate"]),
+                                  weight_decay=float(tr.get("weight_decay", 0.0)))
+    scaler = torch.amp.GradScaler(device.type, init_scale=float(tr.get("init_loss_scale", 2 ** 12)),
+                                  enabled=prec.grad_scaling)
+    return Rank(rank=rank, world=world, device=device, device_name=device_name, capability=cap, precision=prec,
+                model=model, tokenizer=tokenizer, loss_fn=loss_fn, ddp=_wrap_ddp(loss_fn, world, device),
+                params=params, optimizer=optimizer, scaler=scaler, started=started)
+
+
+def load_examples(run: dict, tokenizer, *, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation) token ids of the run's task, and the identities the evaluation asks about."""
+    train_recs, val_recs = training_set(run["data_dir"], run["task"], float(run.get("retention_ratio", 0.0)), seed=seed)
+    max_len = int(run["config"]["training"]["max_length"])
+    train = [encode(r["messages"], tokenizer, max_len) for r in train_recs]
+    val = [encode(r["messages"], tokenizer, max_len) for r in val_recs]
+    identities = json.loads((Path(run["data_dir"]) / "identities.json").read_text())
+    return train, val, identities
+
+
+# --------------------------------------------------------------------------- the run's plan and its history
+@dataclass
+class Progress:
+    """The plan of the run (batches, limits, schedule) and what it has done so far; rank 0 writes ``history``."""
+
+    out: Path
+    seed: int
+    batch_size: int
+    accum: int
+    epochs: int
+    max_steps: int             # 0: no limit but the schedule's
+    max_grad_norm: float | None
+    schedule: PlateauSchedule
+    history: dict
+    step: int = 0
+    skipped: int = 0           # optimizer steps the fp16 loss scaler skipped (inf/nan gradients)
+    stop_reason: str | None = None
+    clock: dict = field(default_factory=dict)   # time.perf_counter() at the run's milestones
+
+    @property
+    def at_max_steps(self) -> bool:
+        return bool(self.max_steps) and self.step >= self.max_steps
+
+
+def plan_run(run: dict, r: Rank, n_train: int) -> Progress:
+    """Batches per step and epoch, the schedule over the run's length, and an empty history."""
+    tr = run["config"]["training"]
+    seed, bs, accum = int(tr.get("seed", 0)), int(tr["batch_size"]), int(tr["gradient_accumulation_steps"])
+    epochs, max_steps = int(tr["num_epochs"]), int(run.get("max_steps") or 0)
+    per_epoch = len(global_batches(n_train, 0, seed, world=r.world, rank=r.rank, batch_size=bs, accum=accum))
+    total = min(per_epoch * epochs, max_steps) if max_steps > 0 else per_epoch * epochs
+    schedule = PlateauSchedule.from_config(tr, total)
+    history = {"task": run["task"], "name": run["name"], "model_id": run["model_id"] or "SmolLM2-135M-Instruct",
+               "world_size": r.world, "precision": r.precision.as_dict(), "global_batch": r.world * bs * accum,
+               "steps_per_epoch": per_epoch, "warmup_steps": schedule.warmup_steps, "status": "running",
+               "epochs": [], "steps": []}
+    return Progress(out=Path(run["output_dir"]) / f"{run['name']}_{run['task']}", seed=seed, batch_size=bs,
+                    accum=accum, epochs=epochs, max_steps=max_steps, max_grad_norm=tr.get("max_grad_norm"),
+                    schedule=schedule, history=history)
+
+
+def _announce(r: Rank, p: Progress, *, n_train: int, n_val: int) -> None:
+    """Rank 0: write the empty history (the notebook starts drawing it) and say what the run is."""
+    p.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(p.out / "training_history.json", p.history)
+    load_seconds = p.clock["loaded"] - p.clock["start"]
+    print(f"{r.world} rank(s) on {r.device_name}, {r.precision.compute_dtype} compute ({r.precision.reason}); "
+          f"{n_train} training / {n_val} validation examples, global batch {p.history['global_batch']}, "
+          f"{p.history['steps_per_epoch']} step(s) per epoch, model ready in {load_seconds:.0f} s", flush=True)
+
+
+# --------------------------------------------------------------------------- training
 def _loss_sum(loss_fn, batch, device, autocast):
     """Summed cross-entropy over the answer tokens of a batch, and how many there were.
 
@@ -183,10 +348,57 @@ def _loss_sum(loss_fn, batch, device, autocast):
     return mean * n, n
 
 
-def validation_loss(model, examples: list[dict], pad_id: int, device, autocast, batch_size: int, rank: int,
+def optimizer_step(r: Rank, batches: list[dict], *, lr: float,
+                   max_grad_norm: float | None) -> tuple[float, float, bool]:
+    """One step over this rank's micro-batches: (token-mean loss over all ranks, global answer tokens, skipped).
+
+    The summed loss is divided by the answer tokens of the *global* batch and multiplied by the world size
+    (DDP averages over ranks), so the gradient equals one process's on the whole batch. Gradients are
+    all-reduced once, on the last micro-batch (``no_sync`` before it).
+    """
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    n_global = all_reduce_sum([local_tokens], r.device)[0]
+    step_loss = 0.0
+    for j, batch in enumerate(batches):
+        sync = r.ddp.no_sync() if (r.world > 1 and j < len(batches) - 1) else nullcontext()
+        with sync:
+            loss, _ = _loss_sum(r.ddp, batch, r.device, r.autocast)
+            r.scaler.scale(loss * r.world / n_global).backward()   # DDP averages over ranks: * world
+        step_loss += float(loss.detach())
+    for group in r.optimizer.param_groups:
+        group["lr"] = lr
+    r.scaler.unscale_(r.optimizer)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(r.params, float(max_grad_norm))
+    scale = r.scaler.get_scale()
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    skipped = r.precision.grad_scaling and r.scaler.get_scale() < scale   # inf/nan found: step skipped
+    r.optimizer.zero_grad(set_to_none=True)
+    return all_reduce_sum([step_loss], r.device)[0] / n_global, n_global, skipped
+
+
+def run_epoch(r: Rank, p: Progress, train: list[dict], epoch: int) -> float:
+    """Train one epoch (or up to ``max_steps``); returns its token-mean training loss."""
+    pad = r.tokenizer.pad_token_id
+    loss_sum, tok_sum = 0.0, 0
+    steps = global_batches(len(train), epoch, p.seed, world=r.world, rank=r.rank, batch_size=p.batch_size,
+                           accum=p.accum)
+    for micro in steps:
+        batches = [collate([train[i] for i in ids], pad) for ids in micro]
+        lr = p.schedule.lr_at(p.step)
+        loss, n_global, skipped = optimizer_step(r, batches, lr=lr, max_grad_norm=p.max_grad_norm)
+        p.skipped += int(skipped)
+        p.history["steps"].append({"step": p.step + 1, "epoch": epoch, "loss": loss, "lr": lr})
+        loss_sum, tok_sum, p.step = loss_sum + loss * n_global, tok_sum + n_global, p.step + 1
+        if p.at_max_steps:
+            break
+    return loss_sum / max(tok_sum, 1)
+
+
+def validation_loss(model, examples: list[dict], *, pad_id: int, device, autocast, batch_size: int, rank: int,
                     world: int) -> float:
     """Token-mean loss over all of ``examples``, each rank scoring its share."""
-
 
     mine = examples[rank::world]
     total = count = 0.0
@@ -200,173 +412,101 @@ def validation_loss(model, examples: list[dict], pad_id: int, device, autocast, 
     return total / max(count, 1)
 
 
-def _accuracy(model, tokenizer, identities, device, rank, world, max_new_tokens, generate=True) -> dict:
+def end_epoch(r: Rank, p: Progress, val: list[dict], *, epoch: int, train_loss: float,
+              epoch_started: float) -> bool:
+    """Validation loss over all ranks, the schedule's decision; rank 0 saves ``best/`` and the history.
 
-    items = eval_items(identities)[rank::world]
-    rows = evaluate_items(model, tokenizer, identities, items, device, max_new_tokens, generate) if items else []
-    everyone = [r for part in gather_objects(rows) for r in part]
-    order = lambda r: (r["direction"], r["wording"], r["identity"])
+    Returns whether training stops here.
+    """
+    val_loss = validation_loss(r.loss_fn, val, pad_id=r.tokenizer.pad_token_id, device=r.device,
+                               autocast=r.autocast, batch_size=p.batch_size * 2, rank=r.rank, world=r.world)
+    lr_used = p.schedule.lr_at(p.step - 1)
+    d = p.schedule.end_epoch(val_loss)
+    if p.at_max_steps and not d.stop:
+        p.stop_reason = "max_steps"
+    p.stop_reason = d.reason or p.stop_reason
+    if r.rank == 0:
+        if d.new_best:
+            save_adapter(r.model, p.out / "best")
+        rec = {"epoch": epoch, "step": p.step, "train_loss": train_loss, "lr": lr_used,
+               "seconds": round(time.perf_counter() - epoch_started, 2), **d.as_dict(), "next_lr": d.lr,
+               "stop_reason": p.stop_reason}
+        p.history["epochs"].append(rec)
+        atomic_write_json(p.out / "training_history.json", p.history)
+        s = p.schedule
+        note = ("improved" if d.improved else f"no {s.improvement_threshold:.0%} gain") + \
+            (f", lr x{s.lr_reduction_factor}" if d.reduced else "") + \
+            (f", stop: {p.stop_reason}" if p.stop_reason else "")
+        print(f"epoch {epoch:2d}  step {p.step:3d}  train {train_loss:.4f}  val {val_loss:.4f}  "
+              f"lr {lr_used:.2e}  ({note})  {rec['seconds']:.1f} s", flush=True)
+    return bool(p.stop_reason)
+
+
+# --------------------------------------------------------------------------- evaluation and outputs
+def _accuracy(r: Rank, identities: list[dict], *, max_new_tokens: int, generate: bool = True) -> dict:
+    """Both directions' accuracy, each rank asking its share of the questions; the answers of all ranks."""
+    items = eval_items(identities)[r.rank::r.world]
+    rows = evaluate_items(r.model, r.tokenizer, items, identities=identities, device=r.device,
+                          max_new_tokens=max_new_tokens, generate=generate) if items else []
+    everyone = [row for part in gather_objects(rows) for row in part]
+    order = lambda row: (row["direction"], row["wording"], row["identity"])
     return {**accuracy(everyone, len(identities)), "answers": sorted(everyone, key=order)}
 
 
-def train_worker(run: dict) -> None:
-    """The function each rank runs (give it to ``notebook_launcher``); ``run`` is a plain dict (see notebook 05)."""
-
-    # lazy: these load transformers' models, peft and bitsandbytes, which must be imported in each rank,
-    # after notebook_launcher has forked it, never in the notebook's kernel (the launcher refuses then)
-    from transformers.utils import logging as hf_logging
-
-    from qlora_helpers.ch03_sft.recipe import loss_module
-    from qlora_helpers.ch05_multi_gpu.model import add_lora, load_model
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    # bitsandbytes' CPU 4-bit op warns that it has no autograd kernel; LoRA gradients through the layer equal
-    # those through the dequantised fp32 weights (tests/test_ddp.py::test_qlora_gradients_on_cpu_are_exact)
-    warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
-    t_start = time.perf_counter()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    gpu = run["profile"] == "gpu"
-    if gpu:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    if world > 1 and not _dist():
-        dist.init_process_group("nccl" if gpu else "gloo", **({"device_id": device} if gpu else {}))
-    cap, bf16_ok, device_name = P.detect(local if gpu else None)
-    prec = P.choose(cap, bf16_ok, run.get("precision", "auto"))
-    P.check_quantize(run.get("quantize", "4bit"), cap, device_name)
-    dtype = P.torch_dtype(prec.compute_dtype)
-    lora, tr = run["config"]["lora"], run["config"]["training"]
-    seed = int(tr.get("seed", 0))
-
-    model, tokenizer = load_model(run["model_id"], run.get("quantize", "4bit"), dtype, local if gpu else "cpu")
-    model = add_lora(model, lora, bool(tr.get("gradient_checkpointing", False)), seed)
-    t_loaded = time.perf_counter()
-    train_recs, val_recs = training_set(run["data_dir"], run["task"], float(run.get("retention_ratio", 0.0)), seed)
-    max_len = int(tr["max_length"])
-    train = [encode(r["messages"], tokenizer, max_len) for r in train_recs]
-    val = [encode(r["messages"], tokenizer, max_len) for r in val_recs]
-    identities = json.loads((Path(run["data_dir"]) / "identities.json").read_text())
-    pad = tokenizer.pad_token_id
-
-    loss_fn = loss_module(model)   # forward = the course recipe's loss (no full logits)
-    if world > 1:
-
-        frozen = [n for n, p in loss_fn.named_parameters() if not p.requires_grad] + [n for n, _ in loss_fn.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(loss_fn, frozen)
-        ddp = DDP(loss_fn, device_ids=[local] if gpu else None)
-    else:
-        ddp = loss_fn
-    core = model   # the peft model itself: for evaluation, saving and generation
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(tr["learning_rate"]), weight_decay=float(tr.get("weight_decay", 0.0)))
-    use_autocast = prec.compute_dtype != "fp32"
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if use_autocast else nullcontext
-    scaler = torch.amp.GradScaler(device.type, init_scale=float(tr.get("init_loss_scale", 2 ** 12)),
-                                  enabled=prec.grad_scaling)
-
-    bs, accum, epochs = int(tr["batch_size"]), int(tr["gradient_accumulation_steps"]), int(tr["num_epochs"])
-    per_epoch = len(global_batches(len(train), 0, seed, world, rank, bs, accum))
-    max_steps = int(run.get("max_steps") or 0)
-    total = min(per_epoch * epochs, max_steps) if max_steps > 0 else per_epoch * epochs
-    schedule = PlateauSchedule.from_config(tr, total)
-    out = Path(run["output_dir"]) / f"{run['name']}_{run['task']}"
-    history = {"task": run["task"], "name": run["name"], "model_id": run["model_id"] or "SmolLM2-135M-Instruct",
-               "world_size": world, "precision": prec.as_dict(), "global_batch": world * bs * accum,
-               "steps_per_epoch": per_epoch, "warmup_steps": schedule.warmup_steps, "status": "running",
-               "epochs": [], "steps": []}
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "training_history.json", history)
-        print(f"{world} rank(s) on {device_name}, {prec.compute_dtype} compute ({prec.reason}); "
-              f"{len(train)} training / {len(val)} validation examples, global batch {world * bs * accum}, "
-              f"{per_epoch} step(s) per epoch, model ready in {t_loaded - t_start:.0f} s", flush=True)
-    t_eval = time.perf_counter()
-    before = _accuracy(core, tokenizer, identities, device, rank, world, 0, generate=False) \
-        if run.get("eval_before", True) else None   # multiple choice only: nothing to generate before training
-    step, skipped, stop_reason = 0, 0, None
-    ddp.train()
-    t_train = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        t_epoch, loss_sum, tok_sum = time.perf_counter(), 0.0, 0
-        for micro in global_batches(len(train), epoch, seed, world, rank, bs, accum):
-            batches = [collate([train[i] for i in ids], pad) for ids in micro]
-            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            n_global = all_reduce_sum([local_tokens], device)[0]
-            step_loss = 0.0
-            for j, batch in enumerate(batches):
-                sync = ddp.no_sync() if (world > 1 and j < len(batches) - 1) else nullcontext()
-                with sync:
-                    loss, _ = _loss_sum(ddp, batch, device, autocast)
-                    scaler.scale(loss * world / n_global).backward()   # DDP averages over ranks: * world
-                step_loss += float(loss.detach())
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr_at(step)
-            scaler.unscale_(optimizer)
-            if tr.get("max_grad_norm"):
-                torch.nn.utils.clip_grad_norm_(params, float(tr["max_grad_norm"]))
-            scale = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            skipped += int(prec.grad_scaling and scaler.get_scale() < scale)   # inf/nan found: step skipped
-            optimizer.zero_grad(set_to_none=True)
-            total_loss = all_reduce_sum([step_loss], device)[0] / n_global
-            history["steps"].append({"step": step + 1, "epoch": epoch, "loss": total_loss, "lr": schedule.lr_at(step)})
-            loss_sum, tok_sum, step = loss_sum + total_loss * n_global, tok_sum + n_global, step + 1
-            if max_steps and step >= max_steps:
-                break
-        val_loss = validation_loss(loss_fn, val, pad, device, autocast, bs * 2, rank, world)
-        lr_used = schedule.lr_at(step - 1)
-        d = schedule.end_epoch(val_loss)
-        if max_steps and step >= max_steps and not d.stop:
-            stop_reason = "max_steps"
-        stop_reason = d.reason or stop_reason
-        if rank == 0:
-            if d.new_best:
-                save_adapter(core, out / "best")
-            rec = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(tok_sum, 1), "lr": lr_used,
-                   "seconds": round(time.perf_counter() - t_epoch, 2), **d.as_dict(), "next_lr": d.lr,
-                   "stop_reason": stop_reason}
-            history["epochs"].append(rec)
-            atomic_write_json(out / "training_history.json", history)
-            note = ("improved" if d.improved else f"no {schedule.improvement_threshold:.0%} gain") + \
-                (f", lr x{schedule.lr_reduction_factor}" if d.reduced else "") + (f", stop: {stop_reason}" if stop_reason else "")
-            print(f"epoch {epoch:2d}  step {step:3d}  train {rec['train_loss']:.4f}  val {val_loss:.4f}  "
-                  f"lr {lr_used:.2e}  ({note})  {rec['seconds']:.1f} s", flush=True)
-        if stop_reason:
-            break
-    t_trained = time.perf_counter()
-    eval_seconds = t_train - t_eval
-    state = lora_state(core)
+def finish_run(run: dict, r: Rank, p: Progress, identities: list[dict], *, before: dict | None) -> None:
+    """Digests of every rank's LoRA weights, accuracy after training; rank 0 writes ``final/`` and ``run.json``."""
+    clock = p.clock
+    clock["trained"] = time.perf_counter()
+    state = lora_state(r.model)
     digests = gather_objects(state_digest(state))
     if run.get("save_rank_states"):
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(out / f"rank{rank}_lora.safetensors"))
-    after = _accuracy(core, tokenizer, identities, device, rank, world, run.get("max_new_tokens", 20)) \
+        p.out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(p.out / f"rank{r.rank}_lora.safetensors"))
+    after = _accuracy(r, identities, max_new_tokens=run.get("max_new_tokens", 20)) \
         if run.get("eval_after", True) else None
-    eval_seconds += time.perf_counter() - t_trained
-    peaks = gather_objects(torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None)
-    devices = gather_objects({"rank": rank, "device": str(device), "name": device_name,
-                              "capability": ".".join(map(str, cap)) if cap else None})
-    if rank == 0:
-        save_adapter(core, out / "final")
-        history.update(status="done", stop_reason=stop_reason or "num_epochs", skipped_steps=skipped)
-        atomic_write_json(out / "training_history.json", history)
-        atomic_write_json(out / "run.json", {
-            "world_size": world, "devices": devices, "precision": prec.as_dict(), "quantize": run.get("quantize", "4bit"),
-            "steps": step, "epochs": len(history["epochs"]), "stop_reason": history["stop_reason"],
-            "skipped_steps": skipped, "rank_digests": digests, "ranks_identical": len(set(digests)) == 1,
-            "lora_parameters": sum(t.numel() for t in state.values()), "peak_allocated_gib": peaks,
-            "seconds": {"load": round(t_loaded - t_start, 1), "train": round(t_trained - t_train, 1),
-                        "evaluation": round(eval_seconds, 1),
-                        "total": round(time.perf_counter() - t_start, 1)},
-            "accuracy_before": before, "accuracy": after, "best_val_loss": schedule.best,
-            "output_dir": str(out)})
+    eval_seconds = clock["train"] - clock["eval"] + time.perf_counter() - clock["trained"]
+    peaks = gather_objects(torch.cuda.max_memory_allocated(r.device) / 2**30 if r.gpu else None)
+    devices = gather_objects({"rank": r.rank, "device": str(r.device), "name": r.device_name,
+                              "capability": ".".join(map(str, r.capability)) if r.capability else None})
+    if r.rank != 0:
+        return
+    save_adapter(r.model, p.out / "final")
+    p.history.update(status="done", stop_reason=p.stop_reason or "num_epochs", skipped_steps=p.skipped)
+    atomic_write_json(p.out / "training_history.json", p.history)
+    atomic_write_json(p.out / "run.json", {
+        "world_size": r.world, "devices": devices, "precision": r.precision.as_dict(),
+        "quantize": run.get("quantize", "4bit"), "steps": p.step, "epochs": len(p.history["epochs"]),
+        "stop_reason": p.history["stop_reason"], "skipped_steps": p.skipped, "rank_digests": digests,
+        "ranks_identical": len(set(digests)) == 1, "lora_parameters": sum(t.numel() for t in state.values()),
+        "peak_allocated_gib": peaks,
+        "seconds": {"load": round(clock["loaded"] - clock["start"], 1),
+                    "train": round(clock["trained"] - clock["train"], 1),
+                    "evaluation": round(eval_seconds, 1), "total": round(time.perf_counter() - clock["start"], 1)},
+        "accuracy_before": before, "accuracy": after, "best_val_loss": p.schedule.best, "output_dir": str(p.out)})
+
+
+# --------------------------------------------------------------------------- the function each rank runs
+def train_worker(run: dict) -> None:
+    """The function each rank runs (give it to ``notebook_launcher``); ``run`` is a plain dict (see notebook 05)."""
+    _quiet_libraries()
+    r = setup_rank(run)
+    loaded = time.perf_counter()
+    train, val, identities = load_examples(run, r.tokenizer, seed=int(run["config"]["training"].get("seed", 0)))
+    p = plan_run(run, r, len(train))
+    p.clock.update(start=r.started, loaded=loaded)
+    if r.rank == 0:
+        _announce(r, p, n_train=len(train), n_val=len(val))
+    p.clock["eval"] = time.perf_counter()
+    before = _accuracy(r, identities, max_new_tokens=0, generate=False) \
+        if run.get("eval_before", True) else None   # multiple choice only: nothing to generate before training
+    r.ddp.train()
+    p.clock["train"] = time.perf_counter()
+    for epoch in range(1, p.epochs + 1):
+        epoch_started = time.perf_counter()
+        train_loss = run_epoch(r, p, train, epoch)
+        if end_epoch(r, p, val, epoch=epoch, train_loss=train_loss, epoch_started=epoch_started):
+            break
+    finish_run(run, r, p, identities, before=before)
     if _dist():
         _dist().barrier()
         _dist().destroy_process_group()
@@ -381,9 +521,8 @@ def main(argv=None) -> None:
             --config data/configs/multi_gpu_32b.yaml --model-id Qwen/Qwen2.5-32B-Instruct --task forward
     """
 
-
-
-    p = argparse.ArgumentParser(prog="python -m qlora_helpers.ch05_multi_gpu.worker", description="data-parallel QLoRA, reversal-curse task")
+    p = argparse.ArgumentParser(prog="python -m qlora_helpers.ch05_multi_gpu.worker",
+                                description="data-parallel QLoRA, reversal-curse task")
     p.add_argument("--config", default="data/configs/multi_gpu_32b.yaml")
     p.add_argument("--profile", choices=("cpu", "gpu"), default="gpu")
     p.add_argument("--model-id", default="", help="empty: cached SmolLM2; a hub id, a folder, random:PRESET")

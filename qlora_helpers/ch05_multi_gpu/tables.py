@@ -1,0 +1,86 @@
+"""The finished tables of notebook 05: the V100 memory plan beside the write-up's budget, and the GPU runs.
+
+Both return printable text (and ``gpu_summary`` the figures the notebook's results file keeps), so the
+notebook prints tables without digging through estimator components or benchmark files by key.
+
+Example:
+    >>> runs = load_gpu_runs()                          # doctest: +SKIP
+    >>> print(gpu_report(runs).splitlines()[0])         # doctest: +SKIP
+    qlora_32b_v100 on 1 x NVIDIA H100 80GB HBM3 (2026-11-23):
+"""
+
+from __future__ import annotations
+
+from qlora_helpers.ch01_memory.gpus import fits
+from qlora_helpers.common.files import load_benchmark
+
+# What the 8 x V100 write-up this chapter follows budgeted per GPU, in GB: claimed, not measured here.
+WRITEUP_GB = {"4-bit base model": 18.0, "LoRA weights (fp32)": 0.5, "optimizer states": 1.0,
+              "gradients + activations + rest": 8.0}
+WRITEUP_TOTAL_GB = 27.5
+V100_GB = 32
+GPU_BENCHMARKS = ("qlora_32b_v100", "multi_gpu_notebook", "fsdp_qlora")   # scripts in benchmarks/
+
+
+def plan_rows(plan) -> dict[str, float]:
+    """The estimate of ``plan`` (``ch01_memory.estimate``) in GiB, grouped as the write-up groups its budget."""
+    gib = plan.components_gib()
+    base = gib["quantized weights"] + gib["unquantized weights"]
+    rest = plan.total_gib - sum(gib[k] for k in ("quantized weights", "unquantized weights", "LoRA weights",
+                                                 "optimizer states"))
+    return {"4-bit base model": base, "LoRA weights (fp32)": gib["LoRA weights"],
+            "optimizer states": gib["optimizer states"], "gradients + activations + rest": rest}
+
+
+def plan_against_writeup(plan) -> str:
+    """Per-GPU table: the estimate of ``plan`` beside the write-up's budget, and whether it fits a V100-32GB."""
+    lines = [f"{'per GPU':<32}{'estimate':>10}{'write-up':>10}"]
+    for row, est in plan_rows(plan).items():
+        lines.append(f"{row:<32}{est:>8.2f} G{WRITEUP_GB[row]:>9.1f} G")
+    verdict = fits(plan.total_gib, V100_GB)
+    lines.append(f"{'total':<32}{plan.total_gib:>8.2f} G{WRITEUP_TOTAL_GB:>9.1f} G   V100-{V100_GB}GB: {verdict}")
+    return "\n".join(lines)
+
+
+def load_gpu_runs(names: tuple[str, ...] = GPU_BENCHMARKS) -> dict[str, dict | None]:
+    """Each GPU benchmark's result file (``benchmarks/results/NAME.json``); ``None`` where none exists yet."""
+    runs = {}
+    for name in names:
+        try:
+            runs[name] = load_benchmark(name)
+        except FileNotFoundError:
+            runs[name] = None
+    return runs
+
+
+def gpu_summary(runs: dict[str, dict | None]) -> dict[str, dict]:
+    """Per benchmark found: the device name and the figures that are single values (lists and tables left out)."""
+    return {name: {"device": record["device"].get("name"),
+                   **{k: v for k, v in record["figures"].items() if not isinstance(v, (list, dict))}}
+            for name, record in runs.items() if record is not None}
+
+
+def _v100_rows(figures: dict) -> list[str]:
+    """One line per ``qlora_32b_v100`` variant: measured memory beside the write-up's claims."""
+    claim = figures["claimed"]
+    return [f"{row['variant']:>6}: 4-bit model {row['model_gib']:.1f} GiB (claimed ~{claim['model_gb']:g} GB); "
+            f"training peak {row['peak_allocated_gib']:.1f} GiB allocated, {row['peak_reserved_gib']:.1f} GiB reserved "
+            f"over {len(row['steps'])} steps under a {row['cap_gib']:g} GiB cap "
+            f"(claimed ~{claim['per_gpu_gb']:g} GB per GPU); {row['skipped_steps']} steps skipped by the loss scaler"
+            for row in figures["rows"]]
+
+
+def gpu_report(runs: dict[str, dict | None]) -> str:
+    """What each GPU benchmark measured, on which device and when; a line saying how to make a missing one."""
+    summary = gpu_summary(runs)
+    lines = []
+    for name, record in runs.items():
+        if record is None:
+            lines.append(f"{name}: no GPU result yet (run benchmarks/{name}.py on a GPU machine)")
+            continue
+        device = record["device"]
+        lines.append(f"{name} on {device.get('count', 1)} x {device.get('name')} ({record['date'][:10]}):")
+        lines += [f"    {k}: {v}" for k, v in summary[name].items()]
+    if runs.get("qlora_32b_v100"):      # the 8 x V100 write-up's budget, against what was measured
+        lines += _v100_rows(runs["qlora_32b_v100"]["figures"])
+    return "\n".join(lines)
