@@ -91,6 +91,7 @@ def check_02_tad_quantized_adapters(r):
     verdicts = {c["claim"]: c["verdict"] for c in r["claims"]}
     assert verdicts["QLoRA trains < 1 % of the parameters"].startswith("does not hold")
     assert len(r["claims"]) == (10 if r["gpu_benchmark"] else 4)
+    assert r["written_out_adapter_max_abs_diff"] == 0.0       # the seed's adapter written out == QLoRAAdapter
 
 
 def check_03_qwen_sft(r):
@@ -151,6 +152,11 @@ def check_04_vlm_8gb(r):
     assert t["accuracy_before"]["face"] <= 0.6 and t["accuracy_before"]["digit"] <= 0.3   # random projector
     assert len(t["answers"]) == 4 and all({"expected", "before", "after"} <= set(a) for a in t["answers"])
     assert all(c["ok"] for c in r["self_test"])
+    p = r["plain_recipe"]          # from_pretrained + BitsAndBytesConfig, LoRA on the language model, one step
+    assert p["linear_layers"] == {"vision_tower: Linear": 12, "multi_modal_projector: Linear": 2,
+                                  "language_model: Linear4bit": 14, "lm_head: Linear": 1}
+    assert 0 < p["trainable_params"] < p["all_params"] / 100 and math.isfinite(p["loss"])
+    assert p["lora_b_moved"] == p["lora_b"] > 0 and p["compute_dtype"] == str(cpu_compute_dtype())
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}

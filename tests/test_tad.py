@@ -17,11 +17,11 @@ def test_tiou_hand_computed():
 
 def test_nms_keeps_the_best_of_overlapping_segments():
     segs, scores = [[0, 10], [1, 10], [20, 30], [21, 31]], [0.9, 0.8, 0.7, 0.95]
-    keep = nms_1d(segs, scores, 0.5)
+    keep = nms_1d(segs, scores, iou_threshold=0.5)
     assert keep.tolist() == [3, 0]                     # [1,10] (tIoU 0.9 with [0,10]) and [20,30] (0.82) go
-    assert nms_1d(segs, scores, 0.95).tolist() == [3, 0, 1, 2]
-    assert nms_1d(segs, scores, 0.5, labels=[0, 1, 0, 1]).tolist() == [3, 0, 1, 2]  # other class: kept
-    assert nms_1d(segs, scores, 0.5, max_keep=1).tolist() == [3]
+    assert nms_1d(segs, scores, iou_threshold=0.95).tolist() == [3, 0, 1, 2]
+    assert nms_1d(segs, scores, iou_threshold=0.5, labels=[0, 1, 0, 1]).tolist() == [3, 0, 1, 2]  # other class
+    assert nms_1d(segs, scores, iou_threshold=0.5, max_keep=1).tolist() == [3]
 
 
 def test_soft_nms_decays_instead_of_dropping():
@@ -62,13 +62,13 @@ def test_mean_ap_averages_classes_with_ground_truth_and_thresholds():
 
 def test_chance_detections_are_deterministic_and_poor():
     gt = _gt((0, 2), (5, 7), video="a") + _gt((1, 3), video="b", label=1)
-    a = random_detections(gt, ["a", "b"], 16.0, 4, per_video=20, seed=3)
-    assert a == random_detections(gt, ["a", "b"], 16.0, 4, per_video=20, seed=3)
+    a = random_detections(gt, ["a", "b"], duration=16.0, num_classes=4, per_video=20, seed=3)
+    assert a == random_detections(gt, ["a", "b"], duration=16.0, num_classes=4, per_video=20, seed=3)
     assert len(a) == 40 and mean_ap(a, gt)["average"] < 0.5
 
 
-def test_light_modules_import_without_torch():
-    code = ("import sys, qlora_helpers.ch02_tad, qlora_helpers.ch02_tad.data, qlora_helpers.ch02_tad.evaluate, qlora_helpers.ch02_tad.config\n"
+def test_the_package_and_the_evaluator_import_without_torch():
+    code = ("import sys, qlora_helpers.ch02_tad, qlora_helpers.ch02_tad.evaluate\n"
             "print([m for m in ('torch', 'bitsandbytes', 'transformers', 'peft') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -289,3 +289,53 @@ def test_memory_claims_verdicts_from_a_benchmark_file():
     assert verdicts["QLoRA needs 50-75 % less memory than the original adapter"] == "does not hold (41.67 %)"
     assert verdicts["50-60 % less memory than full fine-tuning"] == "does not hold (65.00 %)"
     assert verdicts["original AdaTAD adapters: about 2-3 M trainable params"] == "holds"
+
+
+def test_memory_tables_and_figure_from_a_benchmark_file():
+    from qlora_helpers.ch02_tad.claims import benchmark_record, checkpointing_table, memory_figure, memory_table
+
+    def row(name, gib):
+        strategy, cp = name.rsplit("-", 1)
+        return {"name": name, "strategy": strategy, "activation_checkpointing": cp == "cp", "status": "ok",
+                "peak_allocated_gib": gib, "peak_reserved_gib": gib + 1, "step_seconds": 0.5}
+
+    rows = [row("adapter-cp", 12.0), row("adapter-nocp", 20.0), row("seed_qlora4-cp", 9.0),
+            {"name": "full_ft-cp", "status": "oom"}]
+    bench = {"device": {"name": "GPU X"}, "date": "2025-01-01", "versions": {"torch": "2", "bitsandbytes": "0.5"},
+             "figures": {"rows": rows}}
+    table = memory_table(bench).splitlines()
+    assert table[0] == "GPU X, 2025-01-01, torch 2, bitsandbytes 0.5" and len(table) == 5
+    assert table[-1].split() == ["full_ft-cp", "oom"] and "12.00 GiB allocated" in table[1]
+    lines = {line.split()[0]: line for line in checkpointing_table(bench).splitlines()}
+    assert "checkpointing saves 8.00 GiB (40%)" in lines["adapter"]
+    assert lines["seed_qlora4"].endswith("vs adapter -3.00 GiB") and "on: - GiB" in lines["full_ft"]
+    fig = memory_figure(bench)
+    assert [len(c.patches) for c in fig.axes[0].containers] == [2, 1]      # on: adapter, seed_qlora4; off: adapter
+    assert benchmark_record(bench) == {"device": {"name": "GPU X"}, "date": "2025-01-01", "rows": rows}
+    assert benchmark_record(None) is None
+
+
+def test_the_seed_adapter_is_its_written_out_forward():
+    """QLoRAAdapter (plain) == x + gamma * (up4(gelu(down4(x) + s*B(A(x)))) + s*B'(A'(.))), on Linear4bit layers."""
+    import bitsandbytes as bnb
+    import torch.nn.functional as F
+
+    from qlora_helpers.ch02_tad.adapters import QLoRAAdapter
+
+    torch.manual_seed(0)
+    w = {"down_proj.weight": 0.1 * torch.randn(16, 64), "up_proj.weight": 0.1 * torch.randn(64, 16),
+         "down_lora_a.weight": 0.1 * torch.randn(4, 64), "down_lora_b.weight": 0.1 * torch.randn(16, 4),
+         "up_lora_a.weight": 0.1 * torch.randn(4, 16), "up_lora_b.weight": 0.1 * torch.randn(64, 4)}
+    module = QLoRAAdapter(64, lora_r=4, lora_alpha=8, lora_dropout=0.0, use_plain_adapter=True)
+    module.load_state_dict({**module.state_dict(), **w})
+    module = module.to("cpu")                           # moving a Linear4bit is what quantises it
+    down, up = bnb.nn.Linear4bit(64, 16, bias=False), bnb.nn.Linear4bit(16, 64, bias=False)
+    down.load_state_dict({"weight": w["down_proj.weight"]})
+    up.load_state_dict({"weight": w["up_proj.weight"]})
+    down, up = down.to("cpu"), up.to("cpu")
+    x = torch.randn(2, 8, 64)
+    lora = lambda v, a, b: F.linear(F.linear(v, w[a]), w[b]) * 2.0
+    h = F.gelu(down(x) + lora(x, "down_lora_a.weight", "down_lora_b.weight"))
+    y = x + module.gamma * (up(h) + lora(h, "up_lora_a.weight", "up_lora_b.weight"))
+    assert torch.equal(module(x, 8, 1, 1), y)
+    assert not torch.allclose(y, x)

@@ -137,8 +137,8 @@ def test_vlm_estimate_builds_on_the_memory_estimator():
 
     cfg = vc.preset("ultra_low_memory")
     ours = estimate_vlm("qwen2-vl-7b", cfg, gradient_accumulation_steps=1)
-    native = estimate(MODELS["qwen2-vl-7b"].key, "qlora4", batch_size=1, seq_len=512, lora_r=8, targets=",".join(cfg.lora.targets), grad_ckpt=True,
-                      optimizer="paged_adamw_8bit")
+    native = estimate(MODELS["qwen2-vl-7b"].key, "qlora4", batch_size=1, seq_len=512, lora_r=8,
+                      targets=",".join(cfg.lora.targets), grad_ckpt=True, optimizer="paged_adamw_8bit")
     assert 0 < ours.total_gib - native.total_gib < 0.25
 
 
@@ -192,7 +192,7 @@ def tiny_vlm(cached_assets):
     from transformers import CLIPVisionModel
 
     from qlora_helpers.ch04_vlm.model import build_vlm, quantize_language_model, tower_config
-    from qlora_helpers.common.assets import load_causal_lm
+    from qlora_helpers.common.models import load_causal_lm
 
     torch.manual_seed(0)
     lm, tok = load_causal_lm("tiny:llama", dtype=torch.float32)
@@ -222,12 +222,12 @@ def test_one_training_step_moves_only_adapters_and_projector(tiny_vlm):
     parts = trainable_summary(model)
     assert parts["lora"] > 0 and parts["projector"] > 0 and parts["other_trainable"] == 0
     snap = {n: p.detach().clone() for n, p in model.named_parameters()}
-    hist = train(model, opt, ex["train"], tok, n_img=9, steps=1, grad_accum=2, progress=False)
+    hist = train(model, opt, ex["train"], tokenizer=tok, n_img=9, steps=1, grad_accum=2, progress=False)
     assert len(hist["loss"]) == 1 and torch.isfinite(torch.tensor(hist["loss"])).all()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), snap[n])}
     assert any("lora_B" in n for n in changed) and any("multi_modal_projector" in n for n in changed)
     assert not any("vision_tower" in n or ("language_model" in n and "lora_" not in n) for n in changed)
-    graded = evaluate(model, ex["test"][:12], tok, n_img=9, max_new_tokens=2)
+    graded = evaluate(model, ex["test"][:12], tokenizer=tok, n_img=9, max_new_tokens=2)
     acc = graded["accuracy"]
     assert 0 <= acc["all"] <= 1 and set(acc) <= {"face", "digit", "all"}
     assert len(graded["choices"]) == len(graded["texts"]) == 12
@@ -243,3 +243,23 @@ def test_gpu_benchmark_runs_end_to_end_on_a_tiny_model(cached_assets):
                         device="cpu", tiny=True)
     assert row["status"] == "ok" and row["steps_completed"] == 2 and row["losses_finite"]
     assert row["estimate"]["lm_tokens"] == 32 + 4
+
+
+def test_gpu_measurements_are_read_from_the_benchmark_file():
+    from qlora_helpers.ch04_vlm.measured import gpu_benchmark_summary, measured_knobs, measured_methods, proof_table
+    from qlora_helpers.common.files import load_benchmark
+
+    assert measured_methods(None) == {"qlora": None, "lora": None} and measured_knobs(None) == {}
+    assert gpu_benchmark_summary(None) == {"present": False, "proofs": {}, "knobs_measured": []}
+    assert proof_table(None).startswith("no GPU measurement yet")
+    bench = load_benchmark("vlm_8gb")
+    methods = measured_methods(bench)
+    assert 0 < methods["qlora"] < 7.5 < methods["lora"]
+    knobs = measured_knobs(bench)
+    assert knobs["no gradient checkpointing"]["delta_gib"] > 0
+    summary = gpu_benchmark_summary(bench)
+    assert summary["present"] and summary["proofs"]["8gb-s512"]["status"] == "ok"
+    assert summary["knobs_measured"] == list(knobs.values())
+    table = proof_table(bench).splitlines()
+    assert table[0].startswith("measured on ") and table[2].startswith("8gb-s512")
+    assert any(line.startswith("8gb-s512: ") and "cap to spare" in line for line in table)

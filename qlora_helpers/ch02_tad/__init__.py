@@ -13,9 +13,10 @@ adapters    the AdaTAD temporal adapter and its plain variant, the seed's QLoRA 
 head        an ActionFormer-style pyramid head: focal classification loss, DIoU regression loss
 config      configs in OpenTAD's shape, their validation, the model builder and paramwise optimizer groups
 train       pre-training (cached), training with atomic checkpoints and resume, evaluation, costs
-claims      the seeds' parameter and memory numbers next to what is counted and measured, with verdicts
+claims      the seeds' parameter and memory numbers next to what is counted and measured, with verdicts;
+            the GPU memory table and figure of ``benchmarks/tad_memory.py``
 ==========  ==========================================================================================
 
-``data``, ``evaluate`` and ``config`` import numpy or nothing heavy; the other modules import torch when imported themselves,
-and bitsandbytes only inside the functions that build quantized layers.
+This package itself and ``evaluate`` import numpy at most; the other modules import torch, and
+bitsandbytes only inside the function that builds quantized layers (``adapters.bnb_module``).
 """

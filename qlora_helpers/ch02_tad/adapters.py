@@ -50,7 +50,7 @@ def bnb_module():
     return bitsandbytes
 
 
-def quantized_linear(in_features: int, out_features: int, bits: int, bias: bool = False,
+def quantized_linear(in_features: int, out_features: int, bits: int, *, bias: bool = False,
                      quant_type: str = "fp4", compute_dtype=None) -> nn.Module:
     """An (as yet unquantized) bitsandbytes linear layer; it quantizes when moved to a device."""
     bnb = bnb_module()
@@ -135,7 +135,7 @@ class QLoRAAdapter(nn.Module):
     """The seed's adapter: frozen quantized ``down_proj``/``up_proj``, trainable LoRA pairs beside them
     (``down_lora_a/b``, ``up_lora_a/b``, the seed's names), the temporal convolution and ``gamma``."""
 
-    def __init__(self, embed_dims: int, mlp_ratio: float = 0.25, lora_r: int = 16, lora_alpha: float = 32,
+    def __init__(self, embed_dims: int, mlp_ratio: float = 0.25, *, lora_r: int = 16, lora_alpha: float = 32,
                  lora_dropout: float = 0.1, quantize_bits: int = 4, use_plain_adapter: bool = False,
                  quant_type: str = "fp4"):
         super().__init__()
@@ -161,7 +161,7 @@ class QLoRAAdapter(nn.Module):
 
 
 # --------------------------------------------------------------------------- quantized backbone
-def quantize_backbone(vit: nn.Module, bits: int = 4, quant_type: str = "nf4", compute_dtype=None) -> int:
+def quantize_backbone(vit: nn.Module, bits: int = 4, *, quant_type: str = "nf4", compute_dtype=None) -> int:
     """Swap every block's qkv/proj/fc1/fc2 for a bitsandbytes layer holding the *same* (pretrained)
     weights; they quantize when the model is moved to a device. Adapters are left alone.
     Returns how many layers were swapped."""

@@ -1,4 +1,4 @@
-"""The seeds' numbers next to what this course measures, each with a verdict.
+"""The seeds' numbers next to what this course measures, each with a verdict, and the GPU memory table.
 
 Parameter claims are checked by building the seed's backbone at ViT-S/16 shape on the CPU
 (``seed_shape_counts``); memory claims need ``benchmarks/results/tad_memory.json`` from
@@ -6,10 +6,15 @@ Parameter claims are checked by building the seed's backbone at ViT-S/16 shape o
 a 7 % difference that no verdict below depends on. Verdicts use the peak *allocated* memory; the
 reserved figure (what the caching allocator holds, closer to what ``nvidia-smi`` shows, which also adds
 the CUDA context) is printed beside it, since the seeds do not say how they measured.
+
+``memory_table``, ``memory_figure`` and ``checkpointing_table`` show that benchmark file, and
+``benchmark_record`` is the part of it a notebook's results keep.
 """
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 from qlora_helpers.ch02_tad.config import VIDEOMAE_S, build_backbone, validate
@@ -19,8 +24,6 @@ from qlora_helpers.ch02_tad.vit import count_parameters
 def seed_shape_counts() -> dict:
     """Parameter counts of the AdaTAD and seed-QLoRA backbones at ViT-S/16 shape (built on the meta
     device, adapters not quantized, so every weight counts at its logical size, as in OpenTAD's log line)."""
-
-
     out = {}
     for name, kind, extra in (("adapter", "VisionTransformerAdapter", {}),
                               ("seed_qlora", "VisionTransformerQLoRA", {"lora_r": 16, "lora_alpha": 32})):
@@ -29,7 +32,8 @@ def seed_shape_counts() -> dict:
             vit = build_backbone(bcfg)
         adapters = [b.adapter for b in vit.blocks if b.adapter is not None]
         adapter = sum(count_parameters(a) for a in adapters)
-        frozen = sum(p.numel() for a in adapters for n, p in a.named_parameters() if n in ("down_proj.weight", "up_proj.weight")) \
+        projections = ("down_proj.weight", "up_proj.weight")
+        frozen = sum(p.numel() for a in adapters for n, p in a.named_parameters() if n in projections) \
             if kind == "VisionTransformerQLoRA" else 0
         vit_params = count_parameters(vit) - adapter
         out[name] = {"vit_params": vit_params, "adapter_params": adapter, "adapter_trainable": adapter - frozen,
@@ -39,8 +43,13 @@ def seed_shape_counts() -> dict:
     return out
 
 
+def memory_rows(benchmark: dict | None) -> list[dict]:
+    """Every configuration of ``benchmarks/results/tad_memory.json`` (``[]`` without one), failed ones included."""
+    return (benchmark or {}).get("figures", {}).get("rows", [])
+
+
 def _rows(benchmark: dict) -> dict:
-    return {r["name"]: r for r in benchmark.get("figures", {}).get("rows", []) if r.get("status") == "ok"}
+    return {r["name"]: r for r in memory_rows(benchmark) if r.get("status") == "ok"}
 
 
 def _peak(rows: dict, name: str):
@@ -75,9 +84,11 @@ def check_claims(counts: dict, benchmark: dict | None = None) -> list[dict]:
          "verdict": "holds" if q["trainable_ratio_pct"] < 1 else f"does not hold ({q['trainable_ratio_pct']} %)"},
         {"seed": "001", "claim": "original AdaTAD adapters: about 2-3 M trainable params",
          "measured": f"{a['adapter_params']:,} (all trainable)",
-         "verdict": "holds" if 2e6 <= a["adapter_params"] <= 3e6 else f"does not hold ({a['adapter_params'] / 1e6:.2f} M)"},
+         "verdict": "holds" if 2e6 <= a["adapter_params"] <= 3e6
+         else f"does not hold ({a['adapter_params'] / 1e6:.2f} M)"},
         {"seed": "001", "claim": "4-bit storage saves 75 % of the memory",
-         "measured": f"{q['quantized_params']:,} quantized weights: {q['quantized_params'] * 2 / 2**20:.2f} MiB in bf16 "
+         "measured": f"{q['quantized_params']:,} quantized weights: "
+                     f"{q['quantized_params'] * 2 / 2**20:.2f} MiB in bf16 "
                      f"-> {q['quantized_params'] / 2 / 2**20:.2f} MiB in 4 bits",
          "verdict": f"holds for those weights only: {q['quantized_params'] * 1.5 / 2**20:.2f} MiB saved in all"},
     ]
@@ -92,20 +103,76 @@ def check_claims(counts: dict, benchmark: dict | None = None) -> list[dict]:
 
     s_adapter, s_full = saving(q4, adapter), saving(q4, full)
     rows += [
-        {"seed": "000", "claim": "original adapter: about 12 GB", "measured": _where(m, "adapter-cp", "adapter, checkpointing on"),
+        {"seed": "000", "claim": "original adapter: about 12 GB",
+         "measured": _where(m, "adapter-cp", "adapter, checkpointing on"),
          "verdict": _range_verdict(adapter, 10, 14)},
-        {"seed": "000", "claim": "QLoRA 4-bit: 6-8 GB", "measured": _where(m, "seed_qlora4-cp", "seed QLoRA 4-bit, checkpointing on"),
+        {"seed": "000", "claim": "QLoRA 4-bit: 6-8 GB",
+         "measured": _where(m, "seed_qlora4-cp", "seed QLoRA 4-bit, checkpointing on"),
          "verdict": _range_verdict(q4, 6, 8)},
-        {"seed": "000", "claim": "QLoRA 8-bit: 8-10 GB", "measured": _where(m, "seed_qlora8-cp", "seed QLoRA 8-bit, checkpointing on"),
+        {"seed": "000", "claim": "QLoRA 8-bit: 8-10 GB",
+         "measured": _where(m, "seed_qlora8-cp", "seed QLoRA 8-bit, checkpointing on"),
          "verdict": _range_verdict(q8, 8, 10)},
         {"seed": "000", "claim": "QLoRA needs 50-75 % less memory than the original adapter",
          "measured": "1 - seed QLoRA 4-bit / adapter (checkpointing on)",
          "verdict": _range_verdict(s_adapter, 50, 75, "%")},
         {"seed": "001", "claim": "QLoRA training takes about 16 GB",
-         "measured": f"seed QLoRA 4-bit: {q4 if q4 is not None else '-'} GiB with, {q4_nocp if q4_nocp is not None else '-'} without checkpointing",
+         "measured": f"seed QLoRA 4-bit: {q4 if q4 is not None else '-'} GiB with, "
+                     f"{q4_nocp if q4_nocp is not None else '-'} without checkpointing",
          "verdict": _range_verdict(q4, 13, 19) if q4 is not None else "not measured"},
         {"seed": "001", "claim": "50-60 % less memory than full fine-tuning",
          "measured": "1 - seed QLoRA 4-bit / full fine-tuning (checkpointing on)",
          "verdict": _range_verdict(s_full, 50, 60, "%")},
     ]
     return rows
+
+
+# --------------------------------------------------------------------------- the GPU memory table
+def memory_table(benchmark: dict) -> str:
+    """Where and with what the benchmark ran, then per configuration its peak GiB (allocated, reserved)
+    and step time, or why it has none (``oom``, ``error``)."""
+    v = benchmark["versions"]
+    lines = [f"{benchmark['device'].get('name')}, {benchmark['date']}, torch {v.get('torch')}, "
+             f"bitsandbytes {v.get('bitsandbytes')}"]
+    for r in memory_rows(benchmark):
+        got = (f"{r['peak_allocated_gib']:6.2f} GiB allocated, {r['peak_reserved_gib']:6.2f} reserved, "
+               f"{r['step_seconds']:.3f} s/step" if r["status"] == "ok" else r["status"])
+        lines.append(f"  {r['name']:<22} {got}")
+    return "\n".join(lines)
+
+
+def memory_figure(benchmark: dict):
+    """Bars of the peak allocated GiB per strategy, activation checkpointing on and off; the figure."""
+    ok = list(_rows(benchmark).values())
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    for offset, cp in ((-0.2, True), (0.2, False)):
+        sel = [r for r in ok if r["activation_checkpointing"] == cp]
+        ax.bar(np.arange(len(sel)) + offset, [r["peak_allocated_gib"] for r in sel], width=0.4,
+               label=f"checkpointing {'on' if cp else 'off'}")
+        ax.set_xticks(np.arange(len(sel)), [r["strategy"] for r in sel], fontsize=8)
+    ax.set(ylabel="peak allocated, GiB", title="ViT-S/16, 768 frames x 160 px, batch 2 (seed config shape)")
+    ax.legend()
+    return fig
+
+
+def checkpointing_table(benchmark: dict) -> str:
+    """Per strategy: peak GiB with and without activation checkpointing, what checkpointing saves, and the
+    difference to the plain adapter (both with checkpointing)."""
+    peak = {name: r["peak_allocated_gib"] for name, r in _rows(benchmark).items()}
+    lines = []
+    for strategy in ("full_ft", "adapter", "seed_qlora4", "seed_qlora8", "qlora_backbone"):
+        on, off = peak.get(f"{strategy}-cp"), peak.get(f"{strategy}-nocp")
+        line = (f"{strategy:<15} checkpointing on: {on if on is not None else '-'} GiB, "
+                f"off: {off if off is not None else '-'} GiB")
+        if on is not None and off is not None:
+            line += f"; checkpointing saves {off - on:.2f} GiB ({1 - on / off:.0%})"
+        if on is not None and "adapter-cp" in peak and strategy != "adapter":
+            line += f"; vs adapter {on - peak['adapter-cp']:+.2f} GiB"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def benchmark_record(benchmark: dict | None) -> dict | None:
+    """What a notebook's results keep of the benchmark file: device, date and every row."""
+    if benchmark is None:
+        return None
+    return {"device": benchmark["device"], "date": benchmark["date"], "rows": memory_rows(benchmark)}

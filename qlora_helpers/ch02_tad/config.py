@@ -79,7 +79,8 @@ def validate(cfg: dict) -> dict:
     backbone = cfg["model"]["backbone"] = {"type": kind, **allowed, **backbone}
     f = "model.backbone."
     for key in ("img_size", "patch_size", "in_chans", "embed_dims", "depth", "num_heads", "num_frames", "tubelet_size"):
-        _check(isinstance(backbone[key], int) and backbone[key] > 0, f + key, backbone[key], "must be a positive integer")
+        _check(isinstance(backbone[key], int) and backbone[key] > 0, f + key, backbone[key],
+               "must be a positive integer")
     _check(backbone["embed_dims"] % backbone["num_heads"] == 0, f + "num_heads", backbone["num_heads"],
            f"must divide embed_dims={backbone['embed_dims']}")
     _check(backbone["img_size"] % backbone["patch_size"] == 0, f + "img_size", backbone["img_size"],
@@ -115,14 +116,16 @@ def validate(cfg: dict) -> dict:
 def _validate_optimizer(opt: dict, kind: str) -> None:
     _check(opt.setdefault("type", "AdamW") == "AdamW", "optimizer.type", opt["type"], "only 'AdamW' is supported")
     for key, default in (("lr", 1e-4), ("weight_decay", 0.05)):
-        _check(isinstance(opt.setdefault(key, default), (int, float)) and opt[key] >= 0, f"optimizer.{key}", opt[key], "must be >= 0")
+        _check(isinstance(opt.setdefault(key, default), (int, float)) and opt[key] >= 0, f"optimizer.{key}", opt[key],
+               "must be >= 0")
     bb = opt.setdefault("backbone", {"lr": 0, "weight_decay": 0, "custom": []})
     for i, group in enumerate(bb.setdefault("custom", [])):
         _check(isinstance(group, dict) and isinstance(group.get("name"), str) and group["name"],
                f"optimizer.backbone.custom[{i}]", group, "give dict(name=..., lr=..., weight_decay=...)")
         _check(isinstance(group.get("lr"), (int, float)) and group["lr"] >= 0, f"optimizer.backbone.custom[{i}].lr",
                group.get("lr"), "must be >= 0")
-    _check(isinstance(bb.setdefault("lr", 0), (int, float)) and bb["lr"] >= 0, "optimizer.backbone.lr", bb["lr"], "must be >= 0")
+    _check(isinstance(bb.setdefault("lr", 0), (int, float)) and bb["lr"] >= 0, "optimizer.backbone.lr", bb["lr"],
+           "must be >= 0")
     if kind == "VisionTransformer":
         _check(bb["lr"] > 0, "optimizer.backbone.lr", bb["lr"],
                "full fine-tuning (type='VisionTransformer') needs a backbone lr > 0, e.g. 1e-4")
@@ -146,7 +149,8 @@ def strategy_config(strategy: str, geometry: dict | None = None, lr: float = 1e-
         bb_opt = dict(lr=0, weight_decay=0, custom=custom)
     elif strategy == "seed_qlora":
         backbone = {"type": "VisionTransformerQLoRA", "lora_r": lora_r, "lora_alpha": lora_alpha,
-                    "lora_dropout": lora_dropout, "quantize_bits": quantize_bits, "use_plain_adapter": use_plain_adapter}
+                    "lora_dropout": lora_dropout, "quantize_bits": quantize_bits,
+                    "use_plain_adapter": use_plain_adapter}
         bb_opt = dict(lr=0, weight_decay=0, custom=custom + [dict(name="lora", lr=adapter_lr, weight_decay=0.05)])
     else:
         raise ConfigError(f"strategy={strategy!r}: use one of {', '.join(STRATEGIES)}")
@@ -167,8 +171,9 @@ def build_backbone(bcfg: dict, pretrained: dict | None = None, compute_dtype=Non
             return TemporalAdapter(dims, bcfg["adapter_mlp_ratio"], plain=bcfg["use_plain_adapter"])
     elif kind == "VisionTransformerQLoRA":
         def adapter(dims):
-            return QLoRAAdapter(dims, bcfg["adapter_mlp_ratio"], bcfg["lora_r"], bcfg["lora_alpha"], bcfg["lora_dropout"],
-                                bcfg["quantize_bits"], bcfg["use_plain_adapter"], bcfg["quant_type"])
+            return QLoRAAdapter(dims, bcfg["adapter_mlp_ratio"], lora_r=bcfg["lora_r"], lora_alpha=bcfg["lora_alpha"],
+                                lora_dropout=bcfg["lora_dropout"], quantize_bits=bcfg["quantize_bits"],
+                                use_plain_adapter=bcfg["use_plain_adapter"], quant_type=bcfg["quant_type"])
     else:
         adapter = None
     vit = VideoViT(**{k: bcfg[k] for k in GEOMETRY}, adapter=adapter)
@@ -179,7 +184,8 @@ def build_backbone(bcfg: dict, pretrained: dict | None = None, compute_dtype=Non
             raise ConfigError(f"pretrained weights do not fit this backbone (first mismatch: {bad[0]}): "
                               "pre-train with the same geometry")
     if kind == "VisionTransformerAdapter" and bcfg["backbone_quantize_bits"]:
-        quantize_backbone(vit, bcfg["backbone_quantize_bits"], bcfg["backbone_quant_type"], compute_dtype)
+        quantize_backbone(vit, bcfg["backbone_quantize_bits"], quant_type=bcfg["backbone_quant_type"],
+                          compute_dtype=compute_dtype)
     return vit
 
 
@@ -216,6 +222,7 @@ def param_groups(model, opt_cfg: dict) -> list[dict]:
             hits = [(name.rfind(c["name"]), c["name"]) for c in bb["custom"] if c["name"] in name]
             key = max(hits)[1] if hits else "backbone"
         if groups[key]["lr"] == 0:
-            raise ConfigError(f"{name} trains but its optimizer group '{key}' has lr 0: freeze it or give the group an lr")
+            raise ConfigError(f"{name} trains but its optimizer group '{key}' has lr 0: "
+                              "freeze it or give the group an lr")
         groups[key]["params"].append(p)
     return [g for g in groups.values() if g["params"]]

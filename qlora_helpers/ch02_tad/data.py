@@ -69,7 +69,8 @@ class VideoSpec:
 
     def validate(self) -> None:
         if self.frames % 16:
-            raise ValueError(f"VideoSpec.frames={self.frames}: use a multiple of 16 (the ViT attends over 16-frame chunks)")
+            raise ValueError(f"VideoSpec.frames={self.frames}: use a multiple of 16 "
+                             "(the ViT attends over 16-frame chunks)")
         if not 8 <= self.sprite <= self.size // 2:
             raise ValueError(f"VideoSpec.sprite={self.sprite}: use 8 .. size/2 = {self.size // 2} pixels")
         if not 4 <= self.min_len <= self.max_len <= self.frames // 2:
@@ -207,7 +208,7 @@ def _to_uint8(video: np.ndarray) -> np.ndarray:
     return np.round(np.clip(video, 0, 1) * 255).astype(np.uint8)
 
 
-def render_video(spec: VideoSpec, pools: dict, split: str, index: int) -> tuple[np.ndarray, list]:
+def render_video(spec: VideoSpec, pools: dict, *, split: str, index: int) -> tuple[np.ndarray, list]:
     """One untrimmed video (uint8, frames x size x size) and its (start, end, class) segments."""
     rng = np.random.default_rng([spec.seed, SPLITS.index(split), index])
     video = _background(rng, pools["backgrounds"], spec.frames, spec.size)
@@ -251,11 +252,13 @@ def make_dataset(spec: VideoSpec = VideoSpec(), write_json: bool = True) -> TADD
     for split in SPLITS:
         count = spec.n_train if split == "train" else spec.n_val
         ids[split] = [f"video_{split}_{i:04d}" for i in range(count)]
-        rendered = [render_video(spec, pools, split, i) for i in range(count)]
-        videos[split] = np.stack([v for v, _ in rendered]) if rendered else np.zeros((0, spec.frames, spec.size, spec.size), np.uint8)
+        rendered = [render_video(spec, pools, split=split, index=i) for i in range(count)]
+        empty = np.zeros((0, spec.frames, spec.size, spec.size), np.uint8)
+        videos[split] = np.stack([v for v, _ in rendered]) if rendered else empty
         for vid, (_, segments) in zip(ids[split], rendered):
             database[vid] = _annotation(spec, split, segments)
-    doc = {"version": f"synthetic-tad-{spec.key()}", "classes": list(CLASSES), "spec": asdict(spec), "database": database}
+    doc = {"version": f"synthetic-tad-{spec.key()}", "classes": list(CLASSES), "spec": asdict(spec),
+           "database": database}
     data = TADData(spec, videos, ids, doc)
     if write_json:
 

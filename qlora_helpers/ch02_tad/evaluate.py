@@ -34,7 +34,7 @@ def tiou(segment, candidates) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
-def nms_1d(segments, scores, iou_threshold: float = 0.5, labels=None, max_keep: int | None = None) -> np.ndarray:
+def nms_1d(segments, scores, *, iou_threshold: float = 0.5, labels=None, max_keep: int | None = None) -> np.ndarray:
     """Greedy hard NMS: indices of the kept segments, highest score first.
 
     A segment is dropped when it overlaps an already kept one (of the same label, when ``labels`` is
@@ -61,7 +61,7 @@ def nms_1d(segments, scores, iou_threshold: float = 0.5, labels=None, max_keep: 
     return np.array(keep, dtype=np.int64)
 
 
-def soft_nms_1d(segments, scores, sigma: float = 0.5, min_score: float = 1e-3, labels=None,
+def soft_nms_1d(segments, scores, *, sigma: float = 0.5, min_score: float = 1e-3, labels=None,
                 max_keep: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian soft-NMS (what ActionFormer uses on THUMOS): instead of dropping an overlapping segment,
     multiply its score by ``exp(-tIoU^2 / sigma)``. Returns (indices, decayed scores), best first."""
@@ -143,13 +143,14 @@ def mean_ap(detections: list[dict], ground_truth: list[dict], thresholds=TIOU_TH
     return out
 
 
-def random_detections(ground_truth: list[dict], video_ids: list[str], duration: float, num_classes: int,
+def random_detections(ground_truth: list[dict], video_ids: list[str], *, duration: float, num_classes: int,
                       per_video: int = 30, seed: int = 0) -> list[dict]:
     """Chance level: ``per_video`` random segments per video with lengths drawn from the ground truth's,
     random classes and random scores. Evaluating them gives the mAP of a detector that knows only how
     long actions are."""
     rng = np.random.default_rng(seed)
-    lengths = np.array([g["segment"][1] - g["segment"][0] for g in ground_truth]) if ground_truth else np.array([duration / 8])
+    lengths = (np.array([g["segment"][1] - g["segment"][0] for g in ground_truth]) if ground_truth
+               else np.array([duration / 8]))
     out = []
     for vid in video_ids:
         length = rng.choice(lengths, per_video)

@@ -53,7 +53,7 @@ class ConvNorm(nn.Module):
 
 
 class TADHead(nn.Module):
-    def __init__(self, in_dims: int, num_classes: int, dims: int = 64, levels: int = 4,
+    def __init__(self, in_dims: int, num_classes: int, *, dims: int = 64, levels: int = 4,
                  regression_ranges=((0, 4), (4, 8), (8, 16), (16, 10_000)), center_radius: float = 1.5,
                  prior: float = 0.01):
         super().__init__()
@@ -106,7 +106,8 @@ class TADHead(nn.Module):
         left, right = c - segments[None, :, 0], segments[None, :, 1] - c
         mid = segments.mean(1)[None]
         radius = self.center_radius * strides[:, None]
-        near = (c >= torch.maximum(mid - radius, segments[None, :, 0])) & (c <= torch.minimum(mid + radius, segments[None, :, 1]))
+        near = ((c >= torch.maximum(mid - radius, segments[None, :, 0]))
+                & (c <= torch.minimum(mid + radius, segments[None, :, 1])))
         reach = torch.maximum(left, right)
         fits = (reach >= ranges[:, :1]) & (reach <= ranges[:, 1:])
         length = (segments[:, 1] - segments[:, 0])[None].expand_as(left)
@@ -114,10 +115,11 @@ class TADHead(nn.Module):
         best_cost, best = cost.min(1)
         positive = torch.isfinite(best_cost)
         cls_t[positive, labels[best[positive]]] = 1.0
-        reg_t[positive] = torch.stack([left[positive, best[positive]], right[positive, best[positive]]], 1) / strides[positive, None]
+        reg_t[positive] = (torch.stack([left[positive, best[positive]], right[positive, best[positive]]], 1)
+                           / strides[positive, None])
         return cls_t, reg_t, positive
 
-    def loss(self, outputs, segments: list[torch.Tensor], labels: list[torch.Tensor], steps: int) -> dict:
+    def loss(self, outputs, segments: list[torch.Tensor], labels: list[torch.Tensor], *, steps: int) -> dict:
         """Focal classification + DIoU regression loss of a batch (segments in feature steps)."""
         logits = torch.cat([o[0] for o in outputs], 1)   # [b, points, classes]
         dist = torch.cat([o[1] for o in outputs], 1)     # [b, points, 2]
@@ -132,7 +134,7 @@ class TADHead(nn.Module):
                 "positives": int(pos.sum())}
 
     @torch.no_grad()
-    def decode(self, outputs, steps: int, topk: int = 200, min_score: float = 1e-3) -> list[dict]:
+    def decode(self, outputs, steps: int, *, topk: int = 200, min_score: float = 1e-3) -> list[dict]:
         """Per video: candidate segments (feature steps), scores and labels, before NMS."""
         centres, strides, _ = self.points(steps, outputs[0][0].device)
         logits = torch.cat([o[0] for o in outputs], 1).float()
@@ -152,7 +154,8 @@ class TADHead(nn.Module):
         return out
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, *, alpha: float = 0.25,
+                       gamma: float = 2.0) -> torch.Tensor:
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = p * targets + (1 - p) * (1 - targets)
@@ -186,10 +189,10 @@ class Detector(nn.Module):
         steps = video.shape[2] // tubelet
         seg = [torch.as_tensor(s, dtype=torch.float32) / tubelet for s in segments]
         lab = [torch.as_tensor(l, dtype=torch.long) for l in labels]
-        return self.head.loss(outputs, seg, lab, steps)
+        return self.head.loss(outputs, seg, lab, steps=steps)
 
     @torch.no_grad()
-    def detect(self, video: torch.Tensor, sigma: float = 0.5, max_keep: int = 100) -> list[dict]:
+    def detect(self, video: torch.Tensor, *, sigma: float = 0.5, max_keep: int = 100) -> list[dict]:
         """Per video: segments in frames, scores and labels after class-wise Gaussian soft-NMS."""
 
         tubelet = self.backbone.tubelet_size

@@ -54,7 +54,7 @@ def _key(obj) -> str:
 
 
 # --------------------------------------------------------------------------- pre-training
-def pretrained_backbone(geometry: dict, spec, steps: int = 800, batch_size: int = 32, lr: float = 3e-3,
+def pretrained_backbone(geometry: dict, spec, *, steps: int = 800, batch_size: int = 32, lr: float = 3e-3,
                         seed: int = 0, device: str = "cpu", progress: bool = True) -> tuple[dict, dict]:
     """Weights of the ViT (``geometry``) pre-trained on 15-way clip classification, and a summary.
 
@@ -63,7 +63,8 @@ def pretrained_backbone(geometry: dict, spec, steps: int = 800, batch_size: int 
     """
 
     geometry = {k: v for k, v in {**GEOMETRY, **geometry}.items() if k not in ("with_cp", "adapter_index")}
-    key = _key({"geometry": geometry, "spec": spec.key(), "steps": steps, "batch": batch_size, "lr": lr, "seed": seed, "v": 1})
+    key = _key({"geometry": geometry, "spec": spec.key(), "steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
+                "v": 1})
     path = cache_dir() / "tad" / f"pretrain-{key}.pt"
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -98,7 +99,8 @@ def pretrained_backbone(geometry: dict, spec, steps: int = 800, batch_size: int 
                           for i in range(0, len(held_clips), 64)])
     info = {"steps": steps, "batch_size": batch_size, "seconds": round(time.perf_counter() - t0, 1),
             "loss_first": losses[0] if losses else None, "loss_last": float(np.mean(losses[-20:])) if losses else None,
-            "heldout_accuracy": round(float((pred.numpy() == held_labels).mean()), 4), "chance_accuracy": round(1 / 15, 4),
+            "heldout_accuracy": round(float((pred.numpy() == held_labels).mean()), 4),
+            "chance_accuracy": round(1 / 15, 4),
             "params": sum(p.numel() for p in vit.parameters()), "device": device}
     state = {k: v.detach().cpu() for k, v in vit.state_dict().items()}
     atomic_torch_save({"state_dict": state, "info": info}, path)
@@ -136,7 +138,38 @@ def frozen_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def train_detector(model, cfg: dict, data, steps: int, batch_size: int = 4, seed: int = 0, device: str = "cpu",
+def _resume(ckpt: Path, trainable: dict, opt, *, run_id: dict, device: str) -> tuple[list, int]:
+    """Load a checkpoint of the same config and frozen model into ``trainable`` and ``opt``: (history, step)."""
+    state = torch.load(ckpt, map_location=device, weights_only=False)
+    if any(state[k] != v for k, v in run_id.items()):
+        raise ValueError(f"{ckpt} was written by a different config or frozen model: "
+                         "delete it or pass resume=False")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(state["trainable"][n])
+    opt.load_state_dict(state["optimizer"])
+    return state["history"], state["step"]
+
+
+def _save(ckpt: Path, step: int, trainable: dict, opt, *, history: list, run_id: dict) -> None:
+    atomic_torch_save({"step": step, "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
+                       "optimizer": opt.state_dict(), "history": history, **run_id}, ckpt)
+
+
+def _step(model, opt, params: list, video: torch.Tensor, targets: list, *, device: str, autocast_dtype) -> dict:
+    """One optimizer step on a batch; the rounded losses."""
+    with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model.loss(video, [s for s, _ in targets], [l for _, l in targets])
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return {k: round(out[k].item(), 4) for k in ("loss", "cls_loss", "reg_loss")}
+
+
+def train_detector(model, cfg: dict, data, *, steps: int, batch_size: int = 4, seed: int = 0, device: str = "cpu",
                    checkpoint: str | Path | None = None, checkpoint_every: int = 50, resume: bool = True,
                    progress: bool = True, desc: str = "train", autocast_dtype=None) -> dict:
     """Train ``model`` for ``steps`` steps on ``data``'s training split.
@@ -150,57 +183,34 @@ def train_detector(model, cfg: dict, data, steps: int, batch_size: int = 4, seed
     base_lrs = [g["lr"] for g in groups]
     opt = torch.optim.AdamW(groups)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    digest, cfg_key = frozen_digest(model), _key(cfg)
-    history, step_seconds, start = [], [], 0
+    run_id = {"config_key": _key(cfg), "frozen_digest": frozen_digest(model)}
     ckpt = Path(checkpoint) if checkpoint else None
+    history, step_seconds, start = [], [], 0
     if ckpt and resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        if state["config_key"] != cfg_key or state["frozen_digest"] != digest:
-            raise ValueError(f"{ckpt} was written by a different config or frozen model: delete it or pass resume=False")
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(state["trainable"][n])
-        opt.load_state_dict(state["optimizer"])
-        history, start = state["history"], state["step"]
-    segments = data.segments("train")
-    videos = data.videos["train"]
+        history, start = _resume(ckpt, trainable, opt, run_id=run_id, device=device)
+    segments, videos = data.segments("train"), data.videos["train"]
     model.train()
     bar = _bar(steps, desc, progress)
     bar.update(min(start, steps))
-
-    def save(step):
-        if ckpt:
-            atomic_torch_save({"step": step, "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
-                               "optimizer": opt.state_dict(), "history": history, "config_key": cfg_key,
-                               "frozen_digest": digest}, ckpt)
-
     for step in range(start, steps):
         t0 = time.perf_counter()
         idx = np.random.default_rng([seed, step]).integers(len(videos), size=batch_size)
         torch.manual_seed(seed * 1_000_003 + step)            # dropout masks depend on the step only
         _set_lr(opt, base_lrs, step, steps)
-        video = video_tensor(videos[idx], device)
-        with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model.loss(video, [segments[i][0] for i in idx], [segments[i][1] for i in idx])
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
-        opt.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        losses = _step(model, opt, list(trainable.values()), video_tensor(videos[idx], device),
+                       [segments[i] for i in idx], device=device, autocast_dtype=autocast_dtype)
         step_seconds.append(time.perf_counter() - t0)
-        history.append({"step": step + 1, "loss": round(out["loss"].item(), 4), "cls_loss": round(out["cls_loss"].item(), 4),
-                        "reg_loss": round(out["reg_loss"].item(), 4), "seconds": round(step_seconds[-1], 4)})
+        history.append({"step": step + 1, **losses, "seconds": round(step_seconds[-1], 4)})
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         if ckpt and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            save(step + 1)
+            _save(ckpt, step + 1, trainable, opt, history=history, run_id=run_id)
     bar.close()
     return {"history": history, "step_seconds": step_seconds, "resumed_from": start}
 
 
 @torch.no_grad()
-def detections(model, data, split: str = "val", batch_size: int = 8, device: str = "cpu") -> list[dict]:
+def detections(model, data, split: str = "val", *, batch_size: int = 8, device: str = "cpu") -> list[dict]:
     """The model's detections on a split, in seconds, in the evaluator's format."""
     model.eval()
     videos, ids, fps = data.videos[split], data.video_ids[split], data.spec.fps
@@ -214,14 +224,14 @@ def detections(model, data, split: str = "val", batch_size: int = 8, device: str
     return out
 
 
-def evaluate_detector(model, data, split: str = "val", device: str = "cpu") -> dict:
+def evaluate_detector(model, data, split: str = "val", *, device: str = "cpu") -> dict:
     """THUMOS-protocol mAP of ``model`` on ``split`` (see ``evaluate.mean_ap``)."""
 
     return mean_ap(detections(model, data, split, device=device), data.ground_truth(split))
 
 
 # --------------------------------------------------------------------------- costs
-def cost_breakdown(model, cfg: dict, data, batch_size: int = 4, device: str = "cpu", autocast_dtype=None) -> dict:
+def cost_breakdown(model, cfg: dict, data, *, batch_size: int = 4, device: str = "cpu", autocast_dtype=None) -> dict:
     """Bytes of one training step, by kind.
 
     On the CPU (no allocator peak to read) it counts tensors exactly: ``weights`` as stored (quantized

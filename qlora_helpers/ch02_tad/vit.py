@@ -74,7 +74,7 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block, then (optionally) an adapter that sees the whole video."""
 
-    def __init__(self, dims: int, num_heads: int, mlp_ratio: float, adapter: nn.Module | None = None):
+    def __init__(self, dims: int, num_heads: int, mlp_ratio: float, *, adapter: nn.Module | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dims, eps=1e-6)
         self.attn = Attention(dims, num_heads)
@@ -99,7 +99,7 @@ class VideoViT(nn.Module):
     spatially averaged features ``(batch, embed_dims, frames / tubelet_size)``.
     """
 
-    def __init__(self, img_size: int = 32, patch_size: int = 8, in_chans: int = 1, embed_dims: int = 64,
+    def __init__(self, img_size: int = 32, patch_size: int = 8, in_chans: int = 1, *, embed_dims: int = 64,
                  depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, num_frames: int = 16,
                  tubelet_size: int = 2, adapter: Callable[[int], nn.Module] | None = None,
                  adapter_index: list[int] | None = None, with_cp: bool = False):
@@ -116,7 +116,7 @@ class VideoViT(nn.Module):
                              persistent=False)
         where = set(range(depth)) if adapter_index is None else set(adapter_index)
         self.blocks = nn.ModuleList(
-            Block(embed_dims, num_heads, mlp_ratio, adapter(embed_dims) if adapter and i in where else None)
+            Block(embed_dims, num_heads, mlp_ratio, adapter=adapter(embed_dims) if adapter and i in where else None)
             for i in range(depth))
         self.fc_norm = nn.LayerNorm(embed_dims, eps=1e-6)
         self.apply(self._init)

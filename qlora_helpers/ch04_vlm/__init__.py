@@ -1,42 +1,44 @@
 """Chapter 04, a vision-language model trained with QLoRA within 8 GB.
 
-======  ==============================================================================================
-module  what it holds
-======  ==============================================================================================
-config  the VLM training config and its presets (ultra_low_memory, balanced, quality), validated
-vram    the VLM registry and VRAM plans: what each model, preset and knob needs, which GPU fits
-data    image-question examples from real offline images, held-out split, balanced sampling
-model   the small LLaVA (CLIP tower + projector + SmolLM2), its 4-bit language model and LoRA
-loop    training and evaluation on the CPU, and a self-test of the recipe on a tiny model
-======  ==============================================================================================
+========  ============================================================================================
+module    what it holds
+========  ============================================================================================
+config    the VLM training config and its presets (ultra_low_memory, balanced, quality), validated
+vram      the VLM registry and VRAM plans: what each model, preset and knob needs, which GPU fits
+measured  what ``benchmarks/vlm_8gb.py`` measured on a GPU: the capped proofs and the knob runs
+data      image-question examples from real offline images, held-out split, balanced sampling
+model     the small LLaVA (CLIP tower + projector + SmolLM2), its 4-bit language model and LoRA
+loop      training and evaluation on the CPU, and a self-test of the recipe on a tiny model
+========  ============================================================================================
 """
 
 from qlora_helpers.ch04_vlm import config
-from qlora_helpers.ch04_vlm.data import balanced, make_examples, training_mix
+from qlora_helpers.ch04_vlm.data import balanced, make_examples, photos_336, training_mix
 from qlora_helpers.ch04_vlm.loop import cpu_threads, evaluate, linear_schedule, self_test, train
+from qlora_helpers.ch04_vlm.measured import gpu_benchmark_summary, measured_knobs, measured_methods, proof_table
 from qlora_helpers.ch04_vlm.model import (
-                                          build_vlm,
-                                          match_projector_scale,
-                                          prepare_for_training,
-                                          pretrain_tower,
-                                          probe_accuracy,
-                                          quantize_language_model,
-                                          trainable_summary,
+    build_vlm,
+    match_projector_scale,
+    prepare_for_training,
+    pretrain_tower,
+    probe_accuracy,
+    quantize_language_model,
+    trainable_summary,
 )
 from qlora_helpers.ch04_vlm.vram import (
-                                          MODELS,
-                                          SEED_BREAKDOWN,
-                                          estimate_vlm,
-                                          gpu_table,
-                                          knob_table,
-                                          method_table,
-                                          plan,
-                                          registry_table,
-                                          with_changes,
+    MODELS,
+    SEED_BREAKDOWN,
+    estimate_vlm,
+    gpu_table,
+    knob_table,
+    method_table,
+    plan,
+    registry_table,
+    with_changes,
 )
 
 __all__ = ["MODELS", "SEED_BREAKDOWN", "balanced", "build_vlm", "config", "cpu_threads", "estimate_vlm",
-           "evaluate", "gpu_table", "knob_table", "linear_schedule", "make_examples", "match_projector_scale",
-           "method_table", "plan", "prepare_for_training", "pretrain_tower", "probe_accuracy",
-           "quantize_language_model", "registry_table", "self_test", "train", "trainable_summary",
-           "training_mix", "with_changes"]
+           "evaluate", "gpu_benchmark_summary", "gpu_table", "knob_table", "linear_schedule", "make_examples",
+           "match_projector_scale", "measured_knobs", "measured_methods", "method_table", "photos_336", "plan",
+           "prepare_for_training", "pretrain_tower", "probe_accuracy", "proof_table", "quantize_language_model",
+           "registry_table", "self_test", "train", "trainable_summary", "training_mix", "with_changes"]

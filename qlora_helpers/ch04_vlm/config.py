@@ -115,7 +115,8 @@ class VLMTrainConfig:
         t = self.training
         return (f"{self.name} ({self.budget_gb} GB): {self.method}, LoRA r={self.lora.rank} alpha={self.lora.alpha}, "
                 f"{quant}, {self.data.max_length} text tokens, {self.data.image_size}px images, "
-                f"grad ckpt {'on' if self.hardware.gradient_checkpointing else 'off'}, {self.hardware.mixed_precision}, "
+                f"grad ckpt {'on' if self.hardware.gradient_checkpointing else 'off'}, "
+                f"{self.hardware.mixed_precision}, "
                 f"batch {t.batch_size} x {t.gradient_accumulation_steps} accumulation, {t.optimizer}")
 
 

@@ -50,7 +50,7 @@ def _resize(images, size: int):
     return (x.clamp(0, 1) * 2 - 1).repeat(1, 3, 1, 1).numpy()
 
 
-def make_examples(size: int = 24, held_out: float = 0.2, seed: int = 0, max_digits: int | None = None) -> dict:
+def make_examples(size: int = 24, *, held_out: float = 0.2, seed: int = 0, max_digits: int | None = None) -> dict:
     """``{"train": [...], "test": [...]}`` of ``Example``; faces and digits shuffled together."""
 
 
@@ -108,7 +108,7 @@ def prompt_text(question: str, n_image_tokens: int) -> str:
             f"<|im_start|>assistant\n")
 
 
-def encode(example: Example, tokenizer, n_image_tokens: int, with_answer: bool = True) -> dict:
+def encode(example: Example, tokenizer, n_image_tokens: int, *, with_answer: bool = True) -> dict:
     """Token ids and labels for one example: only the answer and its end marker are learned (-100 elsewhere)."""
     prompt = tokenizer(prompt_text(example.question, n_image_tokens), add_special_tokens=False)["input_ids"]
     if not with_answer:
@@ -117,10 +117,10 @@ def encode(example: Example, tokenizer, n_image_tokens: int, with_answer: bool =
     return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
 
 
-def collate(examples: list, tokenizer, n_image_tokens: int, with_answer: bool = True) -> dict:
+def collate(examples: list, tokenizer, n_image_tokens: int, *, with_answer: bool = True) -> dict:
     """A batch of examples whose prompts have the same length (one question kind): no padding needed."""
 
-    enc = [encode(e, tokenizer, n_image_tokens, with_answer) for e in examples]
+    enc = [encode(e, tokenizer, n_image_tokens, with_answer=with_answer) for e in examples]
     lengths = {len(e["input_ids"]) for e in enc}
     if len(lengths) != 1:
         raise ValueError(f"collate needs equal lengths (one question kind per batch), got {sorted(lengths)}")

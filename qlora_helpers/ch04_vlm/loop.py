@@ -12,7 +12,7 @@ One optimizer step::
 what the model actually says.
 
 Example:
-    >>> history = train(model, opt, examples, tokenizer, n_img=9, steps=30, grad_accum=4)   # doctest: +SKIP
+    >>> history = train(model, opt, examples, tokenizer=tok, n_img=9, steps=30, grad_accum=4)  # doctest: +SKIP
     >>> history["loss"][0] > history["loss"][-1]                                           # doctest: +SKIP
     True
 """
@@ -35,8 +35,8 @@ from qlora_helpers.common.device import cpu_compute_dtype
 from qlora_helpers.common.models import build_random, tiny_llava
 
 
-def collate(examples, tokenizer, n_img, with_answer=True, device=None) -> dict:
-    batch = _collate(examples, tokenizer, n_img, with_answer)
+def collate(examples, tokenizer, n_img, *, with_answer=True, device=None) -> dict:
+    batch = _collate(examples, tokenizer, n_img, with_answer=with_answer)
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
@@ -67,7 +67,7 @@ def cpu_threads(device: str = "cpu") -> tuple[int, str]:
     return n, f"load average {load:.1f} on {cores} cores ({why}): torch runs on {n} thread{'s' * (n > 1)}"
 
 
-def linear_schedule(optimizer, steps: int, warmup: float = 0.1, final: float = 0.1):
+def linear_schedule(optimizer, steps: int, *, warmup: float = 0.1, final: float = 0.1):
     """Learning rates rise over the first ``warmup`` share of ``steps``, then fall linearly to ``final`` x:
     with a few dozen batch-1 steps, the last ones must not undo what the first learned.
 
@@ -84,7 +84,7 @@ def linear_schedule(optimizer, steps: int, warmup: float = 0.1, final: float = 0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train(model, optimizer, examples: list, tokenizer, n_img: int, steps: int, grad_accum: int,
+def train(model, optimizer, examples: list, *, tokenizer, n_img: int, steps: int, grad_accum: int,
           progress: bool = True, start: int = 0, scheduler=None) -> dict:
     """``steps`` optimizer steps over ``examples`` (cycled from index ``start``); the loss of each step."""
 
@@ -114,7 +114,7 @@ def train(model, optimizer, examples: list, tokenizer, n_img: int, steps: int, g
     return history
 
 
-def evaluate(model, examples: list, tokenizer, n_img: int, max_new_tokens: int = 3,
+def evaluate(model, examples: list, *, tokenizer, n_img: int, max_new_tokens: int = 3,
              batch_size: int = 40) -> dict:
     """Grade ``examples`` and say what the model answers, in one greedy generation per batch.
 

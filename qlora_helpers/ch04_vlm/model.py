@@ -39,7 +39,7 @@ from qlora_helpers.common.quant import keep_cpu_training_layout
 N_CLASSES = 12   # digits 0-9, face, not a face
 
 
-def tower_config(image_size: int = 24, patch_size: int = 8, hidden: int = 64, layers: int = 2):
+def tower_config(image_size: int = 24, patch_size: int = 8, *, hidden: int = 64, layers: int = 2):
     """A CLIP vision config: ``(image_size / patch_size)^2`` patch tokens reach the language model."""
 
     return CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -52,7 +52,7 @@ def tower_features(tower, pixel_values):
     return tower(pixel_values, output_hidden_states=True).hidden_states[-1][:, 1:]
 
 
-def pretrain_tower(examples: list, image_size: int = 24, patch_size: int = 8, epochs: int = 6,
+def pretrain_tower(examples: list, *, image_size: int = 24, patch_size: int = 8, epochs: int = 6,
                    batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> tuple:
     """Train a fresh CLIP tower to classify the training images (12 classes) through a linear head
     on its mean patch feature. Returns ``(tower, head, info)``, the tower frozen; the VLM never uses
@@ -94,7 +94,7 @@ def probe_accuracy(tower, head, examples: list) -> float:
     return float((pred == torch.tensor([e.label for e in examples])).float().mean())
 
 
-def build_vlm(tower, language_model, tokenizer, seed: int = 0):
+def build_vlm(tower, language_model, tokenizer, *, seed: int = 0):
     """Assemble ``LlavaForConditionalGeneration`` from a vision tower and a causal LM (modules are shared).
 
     Adds an ``<image>`` token to the tokenizer (its embedding row is never read: image features

@@ -14,7 +14,7 @@ beside it:
 
 The estimator's own LLaVA path assumes peft matches target names everywhere, so ``q_proj``
 would also wrap the CLIP tower's attention; here LoRA stays in the language model (a regex
-target, see ``vlm_model.lora_config``), hence the language model is estimated on its own.
+target, see ``model.lora_config``), hence the language model is estimated on its own.
 
 Example:
     >>> from qlora_helpers.ch04_vlm.config import preset
@@ -192,8 +192,9 @@ def estimate_vlm(key: str, cfg, max_length: int | None = None, image_size: int |
     method = method_name(cfg)
     q, hw, t = cfg.quantization, cfg.hardware, cfg.training
     dtype = hw.mixed_precision
-    est = estimate(text, method, batch_size=t.batch_size, seq_len=text_len + n_img, lora_r=cfg.lora.rank, targets=",".join(cfg.lora.targets),
-                   grad_ckpt=hw.gradient_checkpointing, prepare_kbit=q.prepare_kbit and q.load_in_4bit, optimizer=t.optimizer, dtype=dtype)
+    est = estimate(text, method, batch_size=t.batch_size, seq_len=text_len + n_img, lora_r=cfg.lora.rank,
+                   targets=",".join(cfg.lora.targets), grad_ckpt=hw.gradient_checkpointing,
+                   prepare_kbit=q.prepare_kbit and q.load_in_4bit, optimizer=t.optimizer, dtype=dtype)
     comp = dict(est.components)
     outside = dict(est.outside)
     groups = parameter_groups(key)
@@ -221,18 +222,18 @@ def estimate_vlm(key: str, cfg, max_length: int | None = None, image_size: int |
     return VLMEstimate(key, cfg.name, text_len + n_img, n_img, comp, outside, params, phase, inputs)
 
 
-def plan(preset: str = "ultra_low_memory", model: str = "llava-1.5-7b", max_length: int | None = None,
+def plan(preset: str = "ultra_low_memory", model: str = "llava-1.5-7b", *, max_length: int | None = None,
          show: bool = True) -> VLMEstimate:
     """Print the VRAM plan of training ``model`` with ``preset`` and return the estimate."""
 
     cfg = get_preset(preset)
     est = estimate_vlm(model, cfg, max_length=max_length)
     if show:
-        print(format_plan(est, cfg, MODELS[model], PRESET_NOTES[preset]))
+        print(format_plan(est, cfg, MODELS[model], note=PRESET_NOTES[preset]))
     return est
 
 
-def format_plan(est: VLMEstimate, cfg, spec: VLMSpec, note: str = "") -> str:
+def format_plan(est: VLMEstimate, cfg, spec: VLMSpec, *, note: str = "") -> str:
     p = est.params
     lines = [f"VRAM plan (estimate) - {spec.title}, preset {cfg.name}: {note}",
              f"  {cfg.summary()}",
@@ -250,7 +251,7 @@ def format_plan(est: VLMEstimate, cfg, spec: VLMSpec, note: str = "") -> str:
     return "\n".join(lines)
 
 
-def longest_text_that_fits(key: str, cfg, gpu_gb: float, step: int = 128, limit: int = 16384) -> int:
+def longest_text_that_fits(key: str, cfg, gpu_gb: float, *, step: int = 128, limit: int = 16384) -> int:
     """The largest ``max_length`` (a multiple of ``step``, at most ``limit``) whose estimate ``fits`` the card.
 
     Returns 0 when not even ``step`` text tokens fit.
