@@ -23,8 +23,8 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scal
     assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
     out = torch.empty_like(q)
     for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-        seg = lambda x: x[a:b].transpose(0, 1)[None]          # [1, heads, len, d]
-        out[a:b] = torch.nn.functional.scaled_dot_product_attention(seg(q), seg(k), seg(v), is_causal=True)[0].transpose(0, 1)
+        qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))   # [1, heads, len, d]
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1)
     return out
 
 
@@ -38,7 +38,8 @@ def _packed_batch(vocab=300, seed=0):
 
 
 def _model():
-    return build_tiny(tiny_qwen2(vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2), seed=3).to(torch.bfloat16)
+    config = tiny_qwen2(vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return build_tiny(config, seed=3).to(torch.bfloat16)
 
 
 def _loss_and_grads(model, batch):

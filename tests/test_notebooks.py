@@ -115,6 +115,12 @@ def check_03_qwen_sft(r):
     assert isinstance(r["qlora_lora_share_qwen05b_r64"]["all linear layers"], float)
     targets = r["throughput_targets"]   # benchmarks/results/throughput.json is committed: the notebook reads it
     assert set(targets) == {"qwen2.5-0.5b", "qwen2.5-7b"} and "mfu" in targets["qwen2.5-7b"]
+    plain = r["plain_qlora"]   # QLoRA in plain transformers + peft + bitsandbytes, then the course's step
+    assert plain["trainable_params"] == plain["course_trainable_params"] == adapter
+    assert plain["loss"] == pytest.approx(plain["course_loss"], rel=1e-4)
+    t = r["trl"]
+    assert t["steps"] == 2 and len(t["losses"]) == 2 and all(math.isfinite(x) for x in t["losses"])
+    assert t["trainable_params"] == adapter and t["same_labels_as_plain"]
 
 
 def check_04_vlm_8gb(r):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qlora_helpers.ch03_sft import recipe
-from qlora_helpers.ch03_sft.data import Example, collate, pack
+from qlora_helpers.ch03_sft.data import Example, collate, pack, pack_lengths
 from qlora_helpers.common.models import build_tiny, tiny_llama
 
 
@@ -92,9 +92,9 @@ def test_packed_rows_never_train_across_conversations():
 
 
 def test_pack_lengths_keeps_order_and_refuses_what_cannot_fit():
-    assert recipe.pack_lengths([5, 3, 4, 2, 8], 8) == [[0, 1], [2, 3], [4]]
+    assert pack_lengths([5, 3, 4, 2, 8], 8) == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError, match="more than max_tokens=4"):
-        recipe.pack_lengths([3, 5], 4)
+        pack_lengths([3, 5], 4)
 
 
 def test_plan_micro_batch_checkpoints_only_when_memory_needs_it():
@@ -117,7 +117,8 @@ def test_recipe_estimate_is_the_largest_phase_once_the_logits_are_chunked():
 
     cfg = get_config("qwen2.5-7b")
     got = recipe.estimate_gib(cfg, 16384, True, lora_r=64)
-    est = estimate(cfg, "qlora4", batch_size=1, seq_len=16384, lora_r=64, grad_ckpt=True, loss_chunk=recipe.default_chunk_size(cfg.vocab_size))
+    est = estimate(cfg, "qlora4", batch_size=1, seq_len=16384, lora_r=64, grad_ckpt=True,
+                   loss_chunk=recipe.default_chunk_size(cfg.vocab_size))
     assert got == est.total_gib == max(est.phases.values()) / GIB
     assert est.peak_phase == "backward (top layer)"
 

@@ -5,38 +5,62 @@ module        what it holds
 ============  ========================================================================================
 data          chat / instruction JSONL with per-line checks, assistant-only masks, batching and packing
 modes         the four modes: how each loads the base (``BitsAndBytesConfig``) and wraps it (LoRA)
-loop          the training loop: optimizer, schedule, evaluation, atomic checkpoints and resume
+loop          the training loop: one optimizer step, evaluation, atomic checkpoints and resume
 command       the ``sft`` command: its config, validation and ``run_sft``
 chat          reload with plain peft, chat, merge (and the QLoRA merge pitfall)
 peak_memory   peak memory of a block of code (CPU RSS or CUDA peak)
 recipe        the lean recipe: loss without full logits, packing, no fp32 upcast, planned micro-batch
 fast_kernels  on a GPU: varlen flash attention for packed rows, Liger's RMSNorm and SwiGLU
+report        the four runs side by side and the merges compared: tables, figures, results entries
+gpu_results   the GPU benchmark results the notebook shows, as finished tables, lines and figures
 ============  ========================================================================================
 """
 
 from qlora_helpers.ch03_sft.chat import (
-                                         PROBE_PROMPTS,
-                                         chat,
-                                         load_for_inference,
-                                         logit_difference,
-                                         merge_adapter,
-                                         prompt_logits,
+    PROBE_PROMPTS,
+    chat,
+    load_for_inference,
+    logit_difference,
+    merge_adapter,
+    prompt_logits,
 )
 from qlora_helpers.ch03_sft.command import SFTConfig, from_dict, load_config_file, run_sft
 from qlora_helpers.ch03_sft.data import (
-                                         DataError,
-                                         batch_order,
-                                         collate,
-                                         encode_all,
-                                         encode_chat,
-                                         read_jsonl,
-                                         records_to_conversations,
-                                         show_mask,
+    DataError,
+    batch_order,
+    collate,
+    encode_all,
+    encode_chat,
+    read_jsonl,
+    records_to_conversations,
+    show_mask,
 )
-from qlora_helpers.ch03_sft.loop import LiveLossPlot, evaluate
-from qlora_helpers.ch03_sft.modes import load_tokenizer, trainable_4bit_layers
+from qlora_helpers.ch03_sft.gpu_results import (
+    ablation_lines,
+    missed_targets,
+    optional_benchmark,
+    plan_lines,
+    sft_modes_vs_seed,
+    step_profiles,
+    targets_table,
+    throughput_figure,
+    throughput_targets,
+)
+from qlora_helpers.ch03_sft.loop import LiveLossPlot, evaluate, make_optimizer, optimizer_step
+from qlora_helpers.ch03_sft.modes import build_model, load_tokenizer, trainable_4bit_layers
+from qlora_helpers.ch03_sft.report import (
+    merge_results,
+    merge_table,
+    mode_results,
+    modes_figure,
+    modes_table,
+    run_line,
+)
 
-__all__ = ["PROBE_PROMPTS", "DataError", "LiveLossPlot", "SFTConfig", "batch_order", "chat", "collate", "encode_all",
-           "encode_chat", "evaluate", "from_dict", "load_config_file", "load_for_inference", "load_tokenizer",
-           "logit_difference", "merge_adapter", "prompt_logits", "read_jsonl", "records_to_conversations",
-           "run_sft", "show_mask", "trainable_4bit_layers"]
+__all__ = ["PROBE_PROMPTS", "DataError", "LiveLossPlot", "SFTConfig", "ablation_lines", "batch_order", "build_model",
+           "chat", "collate", "encode_all", "encode_chat", "evaluate", "from_dict", "load_config_file",
+           "load_for_inference", "load_tokenizer", "logit_difference", "make_optimizer", "merge_adapter",
+           "merge_results", "merge_table", "missed_targets", "mode_results", "modes_figure", "modes_table",
+           "optimizer_step", "optional_benchmark", "plan_lines", "prompt_logits", "read_jsonl",
+           "records_to_conversations", "run_line", "run_sft", "sft_modes_vs_seed", "show_mask", "step_profiles",
+           "targets_table", "throughput_figure", "throughput_targets", "trainable_4bit_layers"]

@@ -42,7 +42,6 @@ PROBE_PROMPTS = ["What is AI?", "Tell me a joke.", "Do you like music?"]
 
 
 def _dtype(name):
-
     if not isinstance(name, str):
         return name
     return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -55,7 +54,7 @@ def base_of(adapter_dir: str | Path) -> str:
     return cfg["base_model_name_or_path"]
 
 
-def load_for_inference(model_dir: str | Path, base_model: str | None = None, load_in_4bit: bool = False,
+def load_for_inference(model_dir: str | Path, base_model: str | None = None, *, load_in_4bit: bool = False,
                        load_in_8bit: bool = False, dtype="fp32", device: str = "cpu"):
     """A trained output folder ready to generate: adapter on its base (optionally quantised), or a full model."""
 
@@ -67,8 +66,10 @@ def load_for_inference(model_dir: str | Path, base_model: str | None = None, loa
     dtype = _dtype(dtype)
     kwargs = {"dtype": dtype}
     if load_in_4bit or load_in_8bit:
-        q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=dtype) if load_in_4bit else BitsAndBytesConfig(load_in_8bit=True))
+        q = BitsAndBytesConfig(load_in_8bit=True)
+        if load_in_4bit:
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
         kwargs.update(quantization_config=q, device_map={"": device})
     if (model_dir / "adapter_config.json").is_file():
         base = AutoModelForCausalLM.from_pretrained(base_model or base_of(model_dir), **kwargs)
@@ -81,7 +82,7 @@ def load_for_inference(model_dir: str | Path, base_model: str | None = None, loa
     return model.eval(), tokenizer
 
 
-def chat(model, tokenizer, message: str | list[dict], history: list[dict] | None = None,
+def chat(model, tokenizer, message: str | list[dict], *, history: list[dict] | None = None,
          max_new_tokens: int = 48, system: str | None = None) -> str:
     """One greedy answer to ``message`` (after ``history``), formatted with the tokenizer's chat template."""
 
@@ -123,7 +124,6 @@ def dequantize_model(model, dtype="bf16"):
     The result is the exact base a QLoRA adapter was trained against, as an ordinary model.
     """
 
-
     dtype = _dtype(dtype)
     with trainable_4bit_layers(model):  # undo bitsandbytes' CPU inference packing, if a forward pass did it
         pass
@@ -152,7 +152,6 @@ def dequantize_model(model, dtype="bf16"):
 
 
 def _training_quantization(adapter_dir: Path):
-
     cfg_path = Path(adapter_dir) / "sft_config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{adapter_dir}: no sft_config.json, so the training quantisation is unknown; "
@@ -167,7 +166,7 @@ def _training_quantization(adapter_dir: Path):
                               bnb_4bit_compute_dtype=torch.float32)
 
 
-def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype="bf16", base: str = "original",
+def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, *, dtype="bf16", base: str = "original",
                   save_to: str | Path | None = None, overwrite: bool = False):
     """Fold the adapter into a plain (never quantised) base with ``merge_and_unload``.
 
@@ -228,13 +227,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.merge_to:
-            merge_adapter(args.lora_model, args.base_model, "bf16", args.merge_base, args.merge_to, args.overwrite)
+            merge_adapter(args.lora_model, args.base_model, dtype="bf16", base=args.merge_base, save_to=args.merge_to,
+                          overwrite=args.overwrite)
             print(f"merged into the {args.merge_base} base in bf16 and saved to {args.merge_to}")
             return 0
-        model, tok = load_for_inference(args.lora_model, args.base_model, args.load_in_4bit, args.load_in_8bit,
-                                        dtype=args.dtype, device=args.device)
+        model, tok = load_for_inference(args.lora_model, args.base_model, load_in_4bit=args.load_in_4bit,
+                                        load_in_8bit=args.load_in_8bit, dtype=args.dtype, device=args.device)
         if args.logits_out:
-
             torch.save(prompt_logits(model, tok), args.logits_out)
         for prompt in args.prompt or []:
             print(f"user: {prompt}\nassistant: {chat(model, tok, prompt, max_new_tokens=args.max_new_tokens)}")
@@ -243,7 +242,7 @@ def main(argv=None) -> int:
             line = input("user: ").strip()
             if not line:
                 break
-            reply = chat(model, tok, line, history, max_new_tokens=args.max_new_tokens)
+            reply = chat(model, tok, line, history=history, max_new_tokens=args.max_new_tokens)
             print(f"assistant: {reply}")
             history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
     except (ValueError, FileNotFoundError) as err:

@@ -78,7 +78,7 @@ class SFTConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    lora_target_modules: str | list | None = None  # null: every linear layer; "attention" | "mlp" | "all" | "q_proj,v_proj"
+    lora_target_modules: str | list | None = None  # null: every linear layer; attention | mlp | all | "q_proj,v_proj"
     # optimisation
     learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
@@ -94,7 +94,7 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = False
-    kbit_upcast: bool = False          # QLoRA: peft's prepare_model_for_kbit_training (fp32 upcast) instead of the recipe
+    kbit_upcast: bool = False          # QLoRA: peft's prepare_model_for_kbit_training (fp32 upcast), not the recipe
     bf16: bool = False
     fp16: bool = False
     seed: int = 42
@@ -192,68 +192,92 @@ def resolve_device(cfg: SFTConfig) -> str:
 
 
 def validate(cfg: SFTConfig) -> SFTConfig:
-    """Raise ``ValueError`` with one line for the first invalid or contradictory setting."""
+    """Raise ``ValueError`` with one line for the first invalid or contradictory setting.
 
-
-    def bad(msg):
-        raise ValueError(msg)
-
-    if cfg.full_finetune and (cfg.use_lora or cfg.use_qlora):
-        other = "use_qlora" if cfg.use_qlora else "use_lora"
-        bad(f"full_finetune and {other} contradict: full fine-tuning trains every weight, "
-            f"{other} freezes the base and trains an adapter; keep one of them")
-    if cfg.quantization_bit is not None:
-        if cfg.quantization_bit not in (4, 8):
-            bad(f"quantization_bit must be 4 or 8, not {cfg.quantization_bit!r} "
-                "(bitsandbytes stores NF4/FP4 in 4 bits or LLM.int8 in 8)")
-        if not cfg.use_qlora:
-            bad(f"quantization_bit={cfg.quantization_bit} needs use_qlora: add --use_qlora or drop quantization_bit")
+    Checked in this order: the mode, the LoRA settings, the optimisation, the choices that exclude
+    each other, what the device supports. A QLoRA mode without ``quantization_bit`` gets 4 on the way.
+    """
+    _check_mode(cfg)
     if cfg.use_qlora and cfg.quantization_bit is None:
         cfg.quantization_bit = 4
     if cfg.use_lora or cfg.use_qlora:
-        if not isinstance(cfg.lora_r, int) or isinstance(cfg.lora_r, bool) or cfg.lora_r <= 0:
-            bad(f"lora_r must be a positive integer (8-64 is typical for models under 1B), not {cfg.lora_r!r}")
-        if not cfg.lora_alpha > 0:
-            bad(f"lora_alpha must be > 0 (often r/2 to 2r), not {cfg.lora_alpha!r}")
-        if not 0 <= cfg.lora_dropout < 1:
-            bad(f"lora_dropout must be in [0, 1), not {cfg.lora_dropout!r}")
-        if isinstance(cfg.lora_target_modules, list) and not cfg.lora_target_modules:
-            bad("lora_target_modules is an empty list: give names, a preset (attention, mlp, all) or null for all")
+        _check_lora(cfg)
+    _check_optimisation(cfg)
+    _check_choices(cfg)
+    _check_device(cfg)
+    return cfg
+
+
+def _check_mode(cfg: SFTConfig) -> None:
+    if cfg.full_finetune and (cfg.use_lora or cfg.use_qlora):
+        other = "use_qlora" if cfg.use_qlora else "use_lora"
+        raise ValueError(f"full_finetune and {other} contradict: full fine-tuning trains every weight, "
+                         f"{other} freezes the base and trains an adapter; keep one of them")
+    if cfg.quantization_bit is not None:
+        if cfg.quantization_bit not in (4, 8):
+            raise ValueError(f"quantization_bit must be 4 or 8, not {cfg.quantization_bit!r} "
+                             "(bitsandbytes stores NF4/FP4 in 4 bits or LLM.int8 in 8)")
+        if not cfg.use_qlora:
+            raise ValueError(f"quantization_bit={cfg.quantization_bit} needs use_qlora: "
+                             "add --use_qlora or drop quantization_bit")
+
+
+def _check_lora(cfg: SFTConfig) -> None:
+    if not isinstance(cfg.lora_r, int) or isinstance(cfg.lora_r, bool) or cfg.lora_r <= 0:
+        raise ValueError(f"lora_r must be a positive integer (8-64 is typical for models under 1B), "
+                         f"not {cfg.lora_r!r}")
+    if not cfg.lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be > 0 (often r/2 to 2r), not {cfg.lora_alpha!r}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), not {cfg.lora_dropout!r}")
+    if isinstance(cfg.lora_target_modules, list) and not cfg.lora_target_modules:
+        raise ValueError("lora_target_modules is an empty list: give names, a preset (attention, mlp, all) "
+                         "or null for all")
+
+
+def _check_optimisation(cfg: SFTConfig) -> None:
     if cfg.bnb_4bit_quant_type not in ("nf4", "fp4"):
-        bad(f"bnb_4bit_quant_type must be nf4 or fp4, not {cfg.bnb_4bit_quant_type!r}")
+        raise ValueError(f"bnb_4bit_quant_type must be nf4 or fp4, not {cfg.bnb_4bit_quant_type!r}")
     if not cfg.learning_rate > 0:
-        bad(f"learning_rate must be > 0, not {cfg.learning_rate!r}")
+        raise ValueError(f"learning_rate must be > 0, not {cfg.learning_rate!r}")
     if cfg.max_steps <= 0 and not cfg.num_train_epochs > 0:
-        bad("nothing to train: set max_steps > 0 or num_train_epochs > 0")
+        raise ValueError("nothing to train: set max_steps > 0 or num_train_epochs > 0")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(cfg, key) < 1:
-            bad(f"{key} must be >= 1, not {getattr(cfg, key)!r}")
+            raise ValueError(f"{key} must be >= 1, not {getattr(cfg, key)!r}")
     if cfg.max_length < 8:
-        bad(f"max_length must be >= 8 tokens, not {cfg.max_length!r}")
+        raise ValueError(f"max_length must be >= 8 tokens, not {cfg.max_length!r}")
     if cfg.optim not in OPTIMIZERS:
-        bad(f"optim must be one of {', '.join(OPTIMIZERS)}, not {cfg.optim!r}")
+        raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, not {cfg.optim!r}")
     if cfg.lr_scheduler_type not in SCHEDULERS:
-        bad(f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, not {cfg.lr_scheduler_type!r}")
+        raise ValueError(f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, not {cfg.lr_scheduler_type!r}")
+
+
+def _check_choices(cfg: SFTConfig) -> None:
     if cfg.device not in ("auto", "cpu", "cuda"):
-        bad(f"device must be auto, cpu or cuda, not {cfg.device!r}")
+        raise ValueError(f"device must be auto, cpu or cuda, not {cfg.device!r}")
     if cfg.bf16 and cfg.fp16:
-        bad("bf16 and fp16 both set: choose one mixed-precision type")
+        raise ValueError("bf16 and fp16 both set: choose one mixed-precision type")
     if cfg.resume and cfg.overwrite_output_dir:
-        bad("resume and overwrite_output_dir contradict: resume keeps the checkpoints, overwrite discards them")
+        raise ValueError("resume and overwrite_output_dir contradict: resume keeps the checkpoints, "
+                         "overwrite discards them")
+
+
+def _check_device(cfg: SFTConfig) -> None:
+    """What the device this run resolves to can do: bf16, fp16, paged optimizers."""
     device = resolve_device(cfg)
     _, has_bf16, gpu = _cuda()
     if device == "cuda" and cfg.bf16 and not has_bf16:
-        bad(f"bf16 requested but {gpu} has no bfloat16 support "
-            "(needs compute capability 8.0+): use --fp16 or drop --bf16")
+        raise ValueError(f"bf16 requested but {gpu} has no bfloat16 support "
+                         "(needs compute capability 8.0+): use --fp16 or drop --bf16")
     if device == "cpu" and cfg.bf16 and cpu_compute_dtype() != torch.bfloat16:
-        bad("bf16 requested but this CPU has no native bf16 (torch reports "
-            f"{torch.backends.cpu.get_cpu_capability()}): it would run ~50x slower than fp32; drop --bf16")
+        raise ValueError("bf16 requested but this CPU has no native bf16 (torch reports "
+                         f"{torch.backends.cpu.get_cpu_capability()}): it would run ~50x slower than fp32; drop --bf16")
     if device == "cpu" and cfg.fp16:
-        bad("fp16 needs a CUDA GPU (no fp16 autocast and grad scaler on the CPU): use --bf16 or neither")
+        raise ValueError("fp16 needs a CUDA GPU (no fp16 autocast and grad scaler on the CPU): use --bf16 or neither")
     if device == "cpu" and cfg.optim.startswith("paged_"):
-        bad(f"optim={cfg.optim} pages optimizer state between GPU and CPU memory and needs CUDA: "
-            "use adamw_torch on the CPU")
-    return cfg
+        raise ValueError(f"optim={cfg.optim} pages optimizer state between GPU and CPU memory and needs CUDA: "
+                         "use adamw_torch on the CPU")
 
 
 # --------------------------------------------------------------------------- the command line
@@ -331,20 +355,18 @@ def prepare_output_dir(cfg: SFTConfig) -> Path:
     return out
 
 
-def load_data(cfg: SFTConfig, tokenizer, train_conversations=None, eval_conversations=None):
+def load_data(cfg: SFTConfig, tokenizer, *, train_conversations=None, eval_conversations=None):
     """Encoded train and eval data: given conversations, the files of cfg, or the chatterbot splits."""
 
     if train_conversations is None:
         if cfg.data_path:
             train_conversations = d.read_jsonl(cfg.data_path)
         else:
-
             train_conversations = d.read_jsonl(sft_paths()["train"])
     if eval_conversations is None:
         if cfg.eval_data_path:
             eval_conversations = d.read_jsonl(cfg.eval_data_path)
         elif not cfg.data_path:
-
             eval_conversations = d.read_jsonl(sft_paths()["validation"])
     if cfg.max_train_samples > 0:
         train_conversations = train_conversations[:cfg.max_train_samples]
@@ -386,13 +408,13 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     files, as the notebook does to train on the English records only.
     """
 
-
     validate(cfg)
     device = resolve_device(cfg)
     out = prepare_output_dir(cfg)
     base = model_path(cfg)
     tokenizer = load_tokenizer(base)
-    train_data, eval_data = load_data(cfg, tokenizer, train_conversations, eval_conversations)
+    train_data, eval_data = load_data(cfg, tokenizer, train_conversations=train_conversations,
+                                      eval_conversations=eval_conversations)
     atomic_write_json(out / "sft_config.json", {**cfg.to_dict(), "model_name_or_path": base, "mode": cfg.mode})
     fingerprint = {k: (cfg.mode if k == "mode" else getattr(cfg, k)) for k in RESUME_KEYS}
     fingerprint["model_name_or_path"] = base
@@ -408,9 +430,9 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
             if eval_data is not None and cfg.eval_before and not cfg.resume:
                 before = evaluate(model, eval_data, cfg.per_device_eval_batch_size, tokenizer.pad_token_id,
                                   device, cfg)
-            result = train(model, train_data, cfg, out, tokenizer.pad_token_id, device, eval_data=eval_data,
-                           resume=cfg.resume, callbacks=callbacks, progress=progress, fingerprint=fingerprint,
-                           initial_eval=before)
+            result = train(model, train_data, cfg, output_dir=out, pad_id=tokenizer.pad_token_id, device=device,
+                           eval_data=eval_data, resume=cfg.resume, callbacks=callbacks, progress=progress,
+                           fingerprint=fingerprint, initial_eval=before)
     before = next((e["eval_loss"] for e in result["history"]["eval"] if e["step"] == 0), None)
     files = save_final(model, tokenizer, out)
     summary = {

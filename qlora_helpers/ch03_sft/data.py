@@ -261,8 +261,8 @@ def encode_all(conversations: list[list[dict]], tokenizer, max_length: int, pack
     if packing:
         data.examples, data.packed = pack(kept, max_length), True
     if not data.examples:
-        raise DataError([f"all {len(conversations)} conversations lost every assistant token to max_length={max_length}"],
-                        hint="raise --max_length")
+        lost = f"all {len(conversations)} conversations lost every assistant token to max_length={max_length}"
+        raise DataError([lost], hint="raise --max_length")
     data.stats = {"tokens": sum(len(e.input_ids) for e in data.examples),
                   "trained_tokens": sum(e.n_trained for e in data.examples),
                   "max_len": max(len(e.input_ids) for e in data.examples)}
@@ -270,7 +270,7 @@ def encode_all(conversations: list[list[dict]], tokenizer, max_length: int, pack
 
 
 # --------------------------------------------------------------------------- batching
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def batch_order(n: int, batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
     """Shuffled index batches of one epoch; a pure function of (seed, epoch), so a resumed run sees the same order."""
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)

@@ -1,6 +1,6 @@
 """A small training loop you can read in one sitting, with checkpoints that survive ``kill -9``.
 
-What one optimizer step does::
+What one optimizer step does (``optimizer_step``)::
 
     for each of gradient_accumulation_steps micro-batches:
         loss = causal_lm_loss(model, batch) / gradient_accumulation_steps   # = model(**batch).loss
@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -86,7 +87,6 @@ def total_steps(cfg, n_examples: int) -> int:
 
 
 def autocast(cfg, device: str):
-
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     if dtype is None:
         return nullcontext()
@@ -95,7 +95,6 @@ def autocast(cfg, device: str):
 
 def evaluate(model, data: SFTData, batch_size: int, pad_id: int, device: str, cfg=None) -> float:
     """Mean cross-entropy over every assistant token of ``data`` (token-weighted, not batch-weighted)."""
-
 
     was_training = model.training
     model.eval()
@@ -115,7 +114,6 @@ def evaluate(model, data: SFTData, batch_size: int, pad_id: int, device: str, cf
 
 # --------------------------------------------------------------------------- checkpoints
 def _rng_state() -> dict:
-
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -123,7 +121,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -140,7 +137,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(output_dir, step: int, model, *, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
     """Write a complete checkpoint, then point ``latest`` at it, then prune old ones (never the latest)."""
 
     root = Path(output_dir) / CHECKPOINTS
@@ -167,7 +164,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, state: d
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict | None = None) -> dict:
+def load_checkpoint(path: Path, model, *, optimizer, scheduler, fingerprint: dict | None = None) -> dict:
     """Restore a checkpoint into model, optimizer, scheduler and RNGs; refuses one written with other settings."""
 
     state = json.loads((path / "state.json").read_text())
@@ -201,8 +198,99 @@ def clean_partial_checkpoints(output_dir) -> int:
     return len(leftovers)
 
 
+# --------------------------------------------------------------------------- one optimizer step
+def optimizer_step(model, micro_batches, cfg, *, optimizer, device: str, scheduler=None, scaler=None) -> tuple:
+    """One optimizer step over ``micro_batches``, an iterable of ``(batch, real tokens)`` pairs.
+
+    Each micro-batch's loss is divided by ``cfg.gradient_accumulation_steps`` before ``backward``, so the
+    gradients add up to those of one batch that large. Returns the step's loss (the sum of those divided
+    losses) and the real tokens it saw. ``scaler``: fp16's ``GradScaler``; ``scheduler``: stepped after.
+    """
+    loss_sum, tokens = 0.0, 0
+    for batch, n_tokens in micro_batches:
+        tokens += n_tokens
+        with autocast(cfg, device):
+            loss = causal_lm_loss(model, batch) / cfg.gradient_accumulation_steps
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += float(loss.detach())
+    if scaler:
+        scaler.unscale_(optimizer)
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(list(trainable_parameters(model).values()), cfg.max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return loss_sum, tokens
+
+
+class MicroBatches:
+    """The micro-batches of a run, on ``device``: epoch after epoch, each in ``batch_order``'s shuffle.
+
+    Micro-batch ``i`` depends only on ``(cfg.seed, i)``, so a resumed run sees what the interrupted one would have.
+    """
+
+    def __init__(self, data: SFTData, cfg, pad_id: int, device: str):
+        self.data, self.cfg, self.pad_id, self.device = data, cfg, pad_id, device
+        self.per_epoch = math.ceil(len(data.examples) / cfg.per_device_train_batch_size)
+        self.orders: dict[int, list] = {}
+
+    def __getitem__(self, index: int) -> tuple[dict, int]:
+        """The batch on ``device``, and its real tokens (padding not counted)."""
+        epoch, j = divmod(index, self.per_epoch)
+        if epoch not in self.orders:
+            self.orders.clear()
+            self.orders[epoch] = batch_order(len(self.data.examples), self.cfg.per_device_train_batch_size,
+                                             seed=self.cfg.seed, epoch=epoch)
+        examples = [self.data.examples[i] for i in self.orders[epoch][j]]
+        batch = {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
+        return batch, sum(len(ex.input_ids) for ex in examples)
+
+    def of_step(self, step: int):
+        """The micro-batches of optimizer step ``step``, loaded one at a time as they are used."""
+        accum = self.cfg.gradient_accumulation_steps
+        return (self[step * accum + micro] for micro in range(accum))
+
+
 # --------------------------------------------------------------------------- the loop
-def train(model, data: SFTData, cfg, output_dir, pad_id: int, device: str, eval_data: SFTData | None = None,
+@dataclass
+class _Run:
+    """What one training run carries from step to step."""
+
+    model: object
+    cfg: object
+    output_dir: object
+    pad_id: int
+    device: str
+    steps: int
+    optimizer: object
+    scheduler: object
+    scaler: object = None
+    eval_data: SFTData | None = None
+    callbacks: tuple = ()
+    fingerprint: dict | None = None
+    history: dict = field(default_factory=lambda: {"train": [], "eval": []})
+    step_times: list = field(default_factory=list)
+
+    def log(self, record: dict) -> None:
+        for cb in self.callbacks:
+            cb(record)
+
+    def eval_loss(self, step: int) -> float:
+        """The eval loss now, kept in the history at ``step``."""
+        loss = evaluate(self.model, self.eval_data, self.cfg.per_device_eval_batch_size, self.pad_id, self.device,
+                        self.cfg)
+        self.history["eval"].append({"step": step, "eval_loss": loss})
+        return loss
+
+
+def train(model, data: SFTData, cfg, *, output_dir, pad_id: int, device: str, eval_data: SFTData | None = None,
           resume: bool = False, callbacks=(), progress: bool = True, fingerprint: dict | None = None,
           initial_eval: float | None = None) -> dict:
     """Train ``model`` in place; returns the loss history, step times and the final eval loss.
@@ -212,108 +300,80 @@ def train(model, data: SFTData, cfg, output_dir, pad_id: int, device: str, eval_
     not change across a resume) is stored in each checkpoint and checked on resume.
     ``initial_eval``, the eval loss before training, is kept in the history as step 0.
     """
-
     with trainable_4bit_layers(model):
-        return _train_loop(model, data, cfg, output_dir, pad_id, device, eval_data, resume, callbacks, progress,
-                           fingerprint, initial_eval)
+        steps = total_steps(cfg, len(data.examples))
+        optimizer = make_optimizer(model, cfg)
+        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                  num_training_steps=steps)
+        run = _Run(model, cfg, output_dir, pad_id, device, steps, optimizer, scheduler,
+                   scaler=torch.amp.GradScaler("cuda") if cfg.fp16 else None, eval_data=eval_data,
+                   callbacks=callbacks, fingerprint=fingerprint)
+        start = _resume_or_seed(run, resume=resume, initial_eval=initial_eval)
+        model.train()
+        batches = MicroBatches(data, cfg, pad_id, device)
+        bar = tqdm(total=steps, initial=start, desc="train", disable=not progress, leave=True)
+        for step in range(start, steps):
+            _train_step(run, batches, step, bar)
+        bar.close()
+        final_eval = None
+        if eval_data is not None:
+            final_eval = run.eval_loss(steps)
+            run.log({"step": steps, "eval_loss": final_eval})
+        model.eval()
+        return _result(run, start, final_eval)
 
 
-def _train_loop(model, data, cfg, output_dir, pad_id, device, eval_data, resume, callbacks, progress,
-                fingerprint, initial_eval) -> dict:
-
-
-    steps = total_steps(cfg, len(data.examples))
-    optimizer = make_optimizer(model, cfg)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=steps)
-    scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
-    history, start = {"train": [], "eval": []}, 0
+def _resume_or_seed(run: _Run, *, resume: bool, initial_eval: float | None) -> int:
+    """The first step: the one ``checkpoints/latest`` reached (its weights, optimizer, RNGs and history
+    restored) when resuming, else 0, with the seeds set and ``initial_eval`` kept and logged as step 0."""
     if resume:
-        clean_partial_checkpoints(output_dir)
-        ckpt = latest_checkpoint(output_dir)
+        clean_partial_checkpoints(run.output_dir)
+        ckpt = latest_checkpoint(run.output_dir)
         if ckpt is None:
-            raise ValueError(f"nothing to resume in {output_dir}: no {CHECKPOINTS}/{LATEST}; drop --resume")
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint)
-        start, history = state["step"], state["history"]
-    else:
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        if initial_eval is not None:
-            history["eval"].append({"step": 0, "eval_loss": initial_eval})
+            raise ValueError(f"nothing to resume in {run.output_dir}: no {CHECKPOINTS}/{LATEST}; drop --resume")
+        state = load_checkpoint(ckpt, run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                                fingerprint=run.fingerprint)
+        run.history = state["history"]
+        return state["step"]
+    torch.manual_seed(run.cfg.seed)
+    random.seed(run.cfg.seed)
+    if initial_eval is not None:
+        run.history["eval"].append({"step": 0, "eval_loss": initial_eval})
+        run.log({"step": 0, "eval_loss": initial_eval})
+    return 0
 
-    trainable = list(trainable_parameters(model).values())
-    per_epoch = math.ceil(len(data.examples) / cfg.per_device_train_batch_size)
-    orders: dict[int, list] = {}
 
-    def micro_batch(index: int) -> tuple[dict, int]:
-        """The batch on ``device``, and its real tokens (padding not counted)."""
-        epoch, j = divmod(index, per_epoch)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = batch_order(len(data.examples), cfg.per_device_train_batch_size, cfg.seed, epoch)
-        examples = [data.examples[i] for i in orders[epoch][j]]
-        batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-        return batch, sum(len(ex.input_ids) for ex in examples)
+def _train_step(run: _Run, batches: MicroBatches, step: int, bar) -> None:
+    """Optimizer step ``step``, then its record: history, eval loss and checkpoint when due, callbacks."""
+    cfg, done = run.cfg, step + 1
+    t0 = time.perf_counter()
+    loss, tokens = optimizer_step(run.model, batches.of_step(step), cfg, optimizer=run.optimizer, device=run.device,
+                                  scheduler=run.scheduler, scaler=run.scaler)
+    run.step_times.append(time.perf_counter() - t0)
+    record = {"step": done, "loss": round(loss, 5), "lr": run.scheduler.get_last_lr()[0], "tokens": tokens,
+              "seconds": round(run.step_times[-1], 4)}
+    run.history["train"].append(record)
+    if run.eval_data is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done < run.steps:
+        record["eval_loss"] = run.eval_loss(done)
+    bar.set_postfix(loss=f"{loss:.3f}")
+    bar.update(1)
+    if done % max(cfg.logging_steps, 1) == 0 or "eval_loss" in record or done == run.steps:
+        run.log(record)
+    if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < run.steps:
+        save_checkpoint(run.output_dir, done, run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                        state={"history": run.history, "fingerprint": run.fingerprint or {}},
+                        keep=cfg.save_total_limit)
 
-    def log(record: dict) -> None:
-        for cb in callbacks:
-            cb(record)
 
-    if not resume and initial_eval is not None:
-        log({"step": 0, "eval_loss": initial_eval})
-    model.train()
-    step_times = []
-    bar = tqdm(total=steps, initial=start, desc="train", disable=not progress, leave=True)
-    for step in range(start, steps):
-        t0 = time.perf_counter()
-        loss_sum, tokens = 0.0, 0
-        for micro in range(cfg.gradient_accumulation_steps):
-            batch, n_tokens = micro_batch(step * cfg.gradient_accumulation_steps + micro)
-            tokens += n_tokens
-            with autocast(cfg, device):
-                loss = causal_lm_loss(model, batch) / cfg.gradient_accumulation_steps
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += float(loss.detach())
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        step_times.append(time.perf_counter() - t0)
-        record = {"step": step + 1, "loss": round(loss_sum, 5), "lr": scheduler.get_last_lr()[0],
-                  "tokens": tokens, "seconds": round(step_times[-1], 4)}
-        history["train"].append(record)
-        done = step + 1
-        if eval_data is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done < steps:
-            record["eval_loss"] = evaluate(model, eval_data, cfg.per_device_eval_batch_size, pad_id, device, cfg)
-            history["eval"].append({"step": done, "eval_loss": record["eval_loss"]})
-        bar.set_postfix(loss=f"{loss_sum:.3f}")
-        bar.update(1)
-        if done % max(cfg.logging_steps, 1) == 0 or "eval_loss" in record or done == steps:
-            log(record)
-        if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < steps:
-            save_checkpoint(output_dir, done, model, optimizer, scheduler,
-                            {"history": history, "fingerprint": fingerprint or {}}, keep=cfg.save_total_limit)
-    bar.close()
-    final_eval = None
-    if eval_data is not None:
-        final_eval = evaluate(model, eval_data, cfg.per_device_eval_batch_size, pad_id, device, cfg)
-        history["eval"].append({"step": steps, "eval_loss": final_eval})
-        log({"step": steps, "eval_loss": final_eval})
-    model.eval()
-    timed = step_times[1:] or step_times  # the first step pays one-off warm-up costs
+def _result(run: _Run, start: int, final_eval: float | None) -> dict:
+    """What ``train`` returns: steps, history, final eval loss, bytes of gradients and AdamW state, speed."""
+    timed = run.step_times[1:] or run.step_times  # the first step pays one-off warm-up costs
+    trainable = trainable_parameters(run.model).values()
     state_bytes = {"grads": sum(p.numel() * p.element_size() for p in trainable),
-                   "optimizer": sum(t.numel() * t.element_size() for st in optimizer.state.values()
+                   "optimizer": sum(t.numel() * t.element_size() for st in run.optimizer.state.values()
                                     for t in st.values() if torch.is_tensor(t))}
-    return {"steps": steps, "resumed_from": start, "history": history, "eval_loss": final_eval,
+    history = run.history
+    return {"steps": run.steps, "resumed_from": start, "history": history, "eval_loss": final_eval,
             "state_bytes": state_bytes,
             "step_seconds": sum(timed) / len(timed) if timed else None,
             "tokens_per_second": (sum(r["tokens"] for r in history["train"][-len(timed):]) / sum(timed))
@@ -344,7 +404,6 @@ class LiveLossPlot:
             self.draw()
 
     def draw(self):
-
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.plot(self.steps, self.losses, label="train loss (batch)")
         if self.eval_steps:

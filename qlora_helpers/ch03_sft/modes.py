@@ -73,7 +73,6 @@ def resolve_target_modules(spec, model) -> list[str]:
 
 
 def compute_dtype(cfg):
-
     return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
 
 
@@ -109,7 +108,6 @@ def bnb_quantization_config(cfg):
 
 
 def load_tokenizer(path: str):
-
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as err:
@@ -120,7 +118,7 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_base(cfg, device: str, quantization_bit: int | None = None, dtype=None):
+def load_base(cfg, device: str, *, quantization_bit: int | None = None, dtype=None):
     """The base model for ``cfg``'s mode on ``device`` (quantised when ``quantization_bit`` is 4 or 8)."""
 
     path = model_path(cfg)
@@ -156,7 +154,6 @@ def build_model(cfg, device: str):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                     gradient_checkpointing_kwargs=gc_kwargs)
         else:                 # the course recipe: they stay in the compute dtype (qlora_helpers.ch03_sft.recipe)
-
             model = prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing)
     else:
         model = load_base(cfg, device, dtype=compute_dtype(cfg))
@@ -193,7 +190,8 @@ def trainable_4bit_layers(model):
         if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
             weight = module.weight
             if getattr(weight.quant_state, "packing_format_for_cpu", False):
-                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data,
+                                                                                         weight.quant_state)
             module.support_avx512bf16_for_cpu = False
             changed.append(module)
     try:

@@ -31,7 +31,6 @@ def rss_bytes() -> int:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
-
         return psutil.Process().memory_info().rss
 
 
@@ -39,7 +38,6 @@ def _release_freed_memory() -> None:
     """Hand freed heap pages back to the OS so the RSS baseline is not inflated by an earlier run."""
     gc.collect()
     try:
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -59,7 +57,6 @@ class PeakMemory:
     def __enter__(self):
         _release_freed_memory()
         if self.device.startswith("cuda"):
-
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
@@ -79,7 +76,6 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device.startswith("cuda"):
-
             torch.cuda.synchronize()
             self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
         else:

@@ -4,33 +4,36 @@ What plain ``prepare_model_for_kbit_training`` + ``model(**batch).loss`` spends 
 and what this module does instead (each lever is measured on its own in
 ``benchmarks/train_throughput.py``; ``benchmarks/results/throughput.json`` holds the numbers):
 
-==========================  ================================================  ===========================================
-lever                       plain HF                                          here
-==========================  ================================================  ===========================================
-frozen embeddings, norms,   upcast to fp32 (``prepare_model_for_kbit_...``):  kept in the compute dtype (bf16): they are
-lm_head                     twice the bytes, fp32 activations stream          frozen, nothing needs fp32 there
-loss                        full ``[tokens, vocab]`` logits, upcast to fp32,  ``linear_cross_entropy``: only the trained
-                            kept for backward (vocab 152k: 0.6 MB a token)    (assistant) positions, in chunks; each chunk's
-                                                                              gradient is formed at once and its logits freed
-batches                     right-padded to the longest member                ``pack``: conversations end to end in one row,
-                                                                              positions restart per conversation, attention
-                                                                              kept inside each (no padding at all)
-activation checkpointing    always on (``use_gradient_checkpointing=True``)   ``plan_micro_batch``: only when the estimate
-                                                                              says the micro-batch needs it; non-reentrant
-micro-batch                 a fixed number of conversations                   a number of *tokens*, the largest that the
-                                                                              chapter-01 estimator fits in a memory budget
-attention, RMSNorm, SwiGLU  SDPA with a block mask over each packed row;      on a GPU (``fast_kernels``): varlen flash
-                            PyTorch's element-wise ops                        attention inside each conversation only;
-                                                                              Liger's fused RMSNorm and SwiGLU kernels
-==========================  ================================================  ===========================================
+==========================  ==============================================  ============================================
+lever                       plain HF                                        here
+==========================  ==============================================  ============================================
+frozen embeddings, norms,   upcast to fp32                                  kept in the compute dtype (bf16): they are
+lm_head                     (``prepare_model_for_kbit_...``): twice the     frozen, nothing needs fp32 there
+                            bytes, fp32 activations stream
+loss                        full ``[tokens, vocab]`` logits, upcast to      ``linear_cross_entropy``: only the trained
+                            fp32, kept for backward (vocab 152k: 0.6 MB a   (assistant) positions, in chunks; each
+                            token)                                          chunk's gradient is formed at once and its
+                                                                            logits freed
+batches                     right-padded to the longest member              ``pack``: conversations end to end in one
+                                                                            row, positions restart per conversation,
+                                                                            attention kept inside each (no padding at
+                                                                            all)
+activation checkpointing    always on                                       ``plan_micro_batch``: only when the estimate
+                            (``use_gradient_checkpointing=True``)           says the micro-batch needs it; non-reentrant
+micro-batch                 a fixed number of conversations                 a number of *tokens*, the largest that the
+                                                                            chapter-01 estimator fits in a memory budget
+attention, RMSNorm, SwiGLU  SDPA with a block mask over each packed row;    on a GPU (``fast_kernels``): varlen flash
+                            PyTorch's element-wise ops                      attention inside each conversation only;
+                                                                            Liger's fused RMSNorm and SwiGLU kernels
+==========================  ==============================================  ============================================
 
 The fused kernel of a maintained library (Liger's fused linear cross-entropy) is used on a GPU
 when installed and asked for; everywhere else the chunked PyTorch version here runs (CPU included),
 and both give the loss ``model(**batch).loss`` gives, to rounding (``tests/test_recipe.py``).
 
-Example:
-    >>> rows = pack_lengths([5, 3, 4, 2], max_tokens=8)
-    >>> rows
+Example (how ``data.pack`` groups conversations of 5, 3, 4 and 2 tokens into rows of at most 8):
+    >>> from qlora_helpers.ch03_sft.data import pack_lengths
+    >>> pack_lengths([5, 3, 4, 2], max_tokens=8)
     [[0, 1], [2, 3]]
 """
 
@@ -106,7 +109,7 @@ def default_chunk_size(vocab_size: int, budget_bytes: int = 256 * 2**20) -> int:
     return max(64, min(8192, budget_bytes // (4 * vocab_size)))
 
 
-def linear_cross_entropy(hidden, weight, labels, impl: str = "auto", chunk_size: int | None = None):
+def linear_cross_entropy(hidden, weight, labels, *, impl: str = "auto", chunk_size: int | None = None):
     """Mean cross-entropy of ``hidden @ weight.T`` at the rows whose label is not ``-100``.
 
     ``hidden`` is ``[rows, hidden_size]`` already aligned with ``labels`` ``[rows]`` (shifted by the
@@ -119,7 +122,8 @@ def linear_cross_entropy(hidden, weight, labels, impl: str = "auto", chunk_size:
         raise ValueError(f"loss impl must be one of {', '.join(KERNELS)}, not {impl!r}")
     device_type = hidden.device.type
     if weight.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
-        weight = weight.to(torch.get_autocast_dtype(device_type))   # fp32 master weights, 16-bit matmul (autograd casts back)
+        # fp32 master weights, 16-bit matmul (autograd casts the gradient back)
+        weight = weight.to(torch.get_autocast_dtype(device_type))
     keep = labels != IGNORE_INDEX
     hidden, labels = hidden[keep], labels[keep]
     if labels.numel() == 0:
@@ -161,7 +165,7 @@ def causal_lm_loss(model, batch: dict, impl: str = "auto", chunk_size: int | Non
     labels = batch["labels"]
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
-    return linear_cross_entropy(h, base.get_output_embeddings().weight, y, impl, chunk_size)
+    return linear_cross_entropy(h, base.get_output_embeddings().weight, y, impl=impl, chunk_size=chunk_size)
 
 
 def loss_module(model, impl: str = "auto"):
@@ -238,8 +242,8 @@ def estimate_gib(config, tokens: int, gradient_checkpointing: bool, method: str 
     """
 
     chunk = default_chunk_size(config.get_text_config().vocab_size)
-    return estimate(config, method, batch_size=1, seq_len=tokens, lora_r=lora_r, targets=targets, grad_ckpt=gradient_checkpointing,
-                    optimizer=optimizer, loss_chunk=chunk).total_gib
+    return estimate(config, method, batch_size=1, seq_len=tokens, lora_r=lora_r, targets=targets,
+                    grad_ckpt=gradient_checkpointing, optimizer=optimizer, loss_chunk=chunk).total_gib
 
 
 def plan_micro_batch(config, budget_gib: float, method: str = "qlora4", lora_r: int = 16, targets="all-linear",

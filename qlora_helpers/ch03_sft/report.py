@@ -1,0 +1,102 @@
+"""The four runs side by side, and the merges compared: finished tables, figures and results entries.
+
+``runs`` maps a mode name (``full``, ``lora``, ``qlora-4bit``, ``qlora-8bit``) to the summary
+``run_sft`` returned for it (``SFTResult.summary``, also in ``output_dir/sft_summary.json``).
+
+Example:
+    >>> table, note = modes_table(runs, device="cpu")      # doctest: +SKIP
+    >>> display(Markdown(table)); print(note)               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+from qlora_helpers.common.device import device_info
+
+MODE_COLORS = ["#555555", "#1f77b4", "#2ca02c", "#ff7f0e"]
+MEMORY_PARTS = (("weights", "#999999"), ("grads", "#d62728"), ("optimizer", "#9467bd"))
+
+
+def mode_results(summary: dict) -> dict:
+    """The figures of one run that the notebook's results file keeps."""
+    return {"trainable_params": summary["params"]["trainable"],
+            "total_params": summary["params"]["total"],
+            "trainable_percent": summary["params"]["trainable_percent"],
+            "eval_loss_before": summary["eval_loss"]["before"],
+            "eval_loss_after": summary["eval_loss"]["after"],
+            "step_seconds": summary["step_seconds"],
+            "tokens_per_second": summary["tokens_per_second"],
+            "peak_memory_gib": summary["peak_memory"]["peak_gib"],
+            "tensor_memory_mib": summary["tensor_memory_mib"],
+            "peak_memory_measured": summary["peak_memory"]["measured"]}
+
+
+def run_line(name: str, summary: dict) -> str:
+    """One line on a finished run: eval loss before -> after, time per step, peak memory."""
+    return (f"{name}: eval loss {summary['eval_loss']['before']:.3f} -> {summary['eval_loss']['after']:.3f}, "
+            f"{summary['step_seconds']:.2f} s/step, peak {summary['peak_memory']['peak_gib']:.2f} GiB")
+
+
+def modes_table(runs: dict, *, device: str) -> tuple[str, str]:
+    """(a markdown table of the runs: parameters, memory, speed, eval loss; a line saying how it was measured)."""
+    rows = ["| mode | trainable params | % of model | weights (MiB) | grads + AdamW (MiB) | peak memory (GiB) "
+            "| s / step | tokens / s | eval loss before | after |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in runs.items():
+        t = r["tensor_memory_mib"]
+        rows.append(f"| {name} | {r['params']['trainable']:,} | {r['params']['trainable_percent']:.2f} | "
+                    f"{t['weights']:.0f} | {t['grads'] + t['optimizer']:.0f} | {r['peak_memory']['peak_gib']:.2f} | "
+                    f"{r['step_seconds']:.2f} | {r['tokens_per_second']:.0f} | {r['eval_loss']['before']:.3f} | "
+                    f"{r['eval_loss']['after']:.3f} |")
+    first = next(iter(runs.values()))
+    note = (f"measured on {device_info()['name']} ({device}), {first['torch_threads']} torch thread(s); "
+            f"tokens/s counts non-padding tokens; peak memory: {first['peak_memory']['measured']}")
+    return "\n".join(rows), note
+
+
+def modes_figure(runs: dict, *, title: str) -> Figure:
+    """Four panels: trainable parameters (log), tensor memory by part, seconds per step, eval loss
+    after training (the loss before as a black tick)."""
+    modes = list(runs)
+    fig = Figure(figsize=(15, 3.2))
+    axes = fig.subplots(1, 4)
+    axes[0].bar(modes, [runs[m]["params"]["trainable"] for m in modes], color=MODE_COLORS)
+    axes[0].set_yscale("log")
+    axes[0].set_ylim(bottom=1e5)
+    axes[0].set_title("trainable parameters (log)")
+    bottom = [0.0] * len(modes)
+    for part, shade in MEMORY_PARTS:
+        values = [runs[m]["tensor_memory_mib"][part] / 1024 for m in modes]
+        axes[1].bar(modes, values, bottom=bottom, color=shade, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    axes[1].set_title("tensor memory (GiB)")
+    axes[1].legend(fontsize=8)
+    axes[2].bar(modes, [runs[m]["step_seconds"] for m in modes], color=MODE_COLORS)
+    axes[2].set_title("seconds per step")
+    axes[3].bar(modes, [runs[m]["eval_loss"]["after"] for m in modes], color=MODE_COLORS)
+    axes[3].scatter(modes, [runs[m]["eval_loss"]["before"] for m in modes], color="k", marker="_", s=400,
+                    label="before", zorder=3)
+    axes[3].set_title("eval loss after training")
+    axes[3].legend()
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def merge_table(merge_rows: dict) -> str:
+    """A markdown table of merged models: ``{label: (logit_difference(...), eval loss or None)}``."""
+    rows = ["| merged model | max \\|Δlogit\\| | mean \\|Δlogit\\| | top-1 agrees | eval loss |",
+            "|---|---:|---:|---:|---:|"]
+    for label, (d, loss) in merge_rows.items():
+        rows.append(f"| {label} | {d['max_abs']:.3g} | {d['mean_abs']:.3g} | {d['top1_agree']:.0%} | "
+                    + (f"{loss:.3f} |" if loss is not None else "– |"))
+    return "\n".join(rows)
+
+
+def merge_results(merge_rows: dict) -> dict:
+    """The merge comparisons as the notebook's results file keeps them."""
+    return {label: {"max_abs_logit_diff": d["max_abs"], "mean_abs_logit_diff": d["mean_abs"],
+                    "top1_agree": d["top1_agree"], "eval_loss": loss} for label, (d, loss) in merge_rows.items()}
