@@ -5,8 +5,8 @@ weight exists, so building a 32B-shape model in 4-bit should peak near the 4-bit
 plus one weight matrix, never near the 61 GiB of its bf16 weights. This script measures that
 for each shape and quantisation and writes ``benchmarks/results/build_random.json``.
 
-    python benchmarks/build_random.py                      # 0.5B, 7B, 32B; 4-bit and 8-bit
-    python benchmarks/build_random.py --shapes qwen2.5-0.5b --quantize 4bit
+    python -m benchmarks.build_random                      # 0.5B, 7B, 32B; 4-bit and 8-bit
+    python -m benchmarks.build_random --shapes qwen2.5-0.5b --quantize 4bit
 """
 
 import argparse
@@ -21,7 +21,7 @@ from qlora_helpers.common.shapes import get_config
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.build_random", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-32b"])
     parser.add_argument("--quantize", nargs="+", default=["4bit", "8bit"])
     parser.add_argument("--out", help="result file (default: benchmarks/results/build_random.json)")

@@ -10,19 +10,17 @@ Writes ``benchmarks/results/course_cpu.json`` (or ``course_gpu.json`` on a GPU, 
 re-times some notebooks and keeps the other entries of an existing file (each says when it was
 measured).
 
-    python benchmarks/course_time.py
-    python benchmarks/course_time.py --only 03_qwen_sft --modes avx2
+    python -m benchmarks.course_time
+    python -m benchmarks.course_time --only 03_qwen_sft --modes avx2
 """
 
 import argparse
 import json
 import os
-import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qlora_helpers.common.bench import write_benchmark
+from qlora_helpers.common.bench import emit, run_worker, write_benchmark
 from qlora_helpers.common.device import device_info
 from qlora_helpers.common.files import repo_root
 from qlora_helpers.common.runner import run_notebooks
@@ -33,11 +31,8 @@ MODES = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_I
 
 def cpu_facts(env: dict) -> dict:
     """What the notebook kernels will see of the CPU under ``env`` (a fresh interpreter reads it)."""
-    code = ("import json; from qlora_helpers.common.device import device_info; d = device_info(); "
-            "print(json.dumps({k: d[k] for k in ('capability', 'bf16', 'compute_dtype')}))")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
-                         text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker("benchmarks.course_time", ["--cpu-facts"], label=f"CPU facts under {env or 'no change'}",
+                      env=env, timeout=120)[0]
 
 
 def time_notebooks(only, env: dict, entries: dict) -> dict:
@@ -58,12 +53,17 @@ def time_notebooks(only, env: dict, entries: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.course_time", description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="re-time these, keep the other entries")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=sorted(MODES),
                         help="CPU modes to time (default: both)")
     parser.add_argument("--out", help="result file (default: benchmarks/results/course_<cpu|gpu>.json)")
+    parser.add_argument("--cpu-facts", action="store_true", help=argparse.SUPPRESS)   # internal: cpu_facts' worker
     args = parser.parse_args()
+    if args.cpu_facts:
+        facts = device_info()
+        emit({k: facts[k] for k in ("capability", "bf16", "compute_dtype")})
+        return
     kind = "gpu" if device_info()["type"] == "cuda" else "cpu"
     out = Path(args.out or repo_root() / "benchmarks" / "results" / f"course_{kind}.json")
     old = json.loads(out.read_text())["figures"].get("modes", {}) if args.only and out.is_file() else {}

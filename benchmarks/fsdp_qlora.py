@@ -17,9 +17,9 @@ What this script does, on every rank (start it with torchrun, one process per GP
 4. trains ``--steps`` steps (fp16 compute with a sharded gradient scaler, LoRA weights fp32) on random
    tokens and records per-rank peak memory and step time.
 
-    torchrun --nproc_per_node 2 benchmarks/fsdp_qlora.py                   # Qwen2.5-72B shape, 31 GiB cap
-    torchrun --nproc_per_node 2 benchmarks/fsdp_qlora.py --preset qwen2.5-32b --steps 4
-    torchrun --nproc_per_node 2 benchmarks/fsdp_qlora.py --cpu --preset tiny   # the logic on 2 CPU processes
+    torchrun --nproc_per_node 2 -m benchmarks.fsdp_qlora                   # Qwen2.5-72B shape, 31 GiB cap
+    torchrun --nproc_per_node 2 -m benchmarks.fsdp_qlora --preset qwen2.5-32b --steps 4
+    torchrun --nproc_per_node 2 -m benchmarks.fsdp_qlora --cpu --preset tiny   # the logic on 2 CPU processes
 
 Writes ``benchmarks/results/fsdp_qlora.json`` (rank 0) unless ``--out`` says otherwise.
 """
@@ -29,26 +29,35 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import math
 import os
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import bitsandbytes as bnb
+import torch
+import torch.distributed as dist
+from accelerate import init_empty_weights
+from peft import LoraConfig, get_peft_model
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+from qlora_helpers.ch01_memory.estimator import model_shape, quantized_bytes
+from qlora_helpers.common.bench import write_benchmark
+from qlora_helpers.common.models import bnb_config, tiny_qwen2
+from qlora_helpers.common.shapes import get_config
+
 GIB = 2**30
 QWEN25_72B = dict(model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                   num_attention_heads=64, num_key_value_heads=8, vocab_size=152064, hidden_act="silu",
                   max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=False,
                   bos_token_id=151643, eos_token_id=151645)   # Qwen/Qwen2.5-72B-Instruct config.json
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def get_shape(preset: str):
-    from transformers import CONFIG_MAPPING
-
-    from qlora_helpers.common.models import tiny_qwen2
-    from qlora_helpers.common.shapes import get_config
-
     if preset == "qwen2.5-72b":
         kw = dict(QWEN25_72B)
         return CONFIG_MAPPING[kw.pop("model_type")](**kw)
@@ -58,19 +67,12 @@ def get_shape(preset: str):
 
 
 def _seeded(name: str, device):
-    import torch
-
     seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")   # same tensor on every rank
     return torch.Generator(device=device).manual_seed(seed)
 
 
 def make_param_init_fn(model, device, dtype, quant_storage, std: float = 0.02):
     """FSDP calls the returned function on every still-meta module of a unit just before sharding it."""
-    import math
-
-    import bitsandbytes as bnb
-    import torch
-
     names = {id(m): n for n, m in model.named_modules()}
 
     def init(module):
@@ -81,7 +83,8 @@ def make_param_init_fn(model, device, dtype, quant_storage, std: float = 0.02):
             full = f"{prefix}.{p_name}"
             g = _seeded(full, device)
             if isinstance(module, bnb.nn.Linear4bit) and p_name == "weight":
-                data = torch.empty(module.out_features, module.in_features, device=device, dtype=dtype).normal_(0, std, generator=g)
+                data = torch.empty(module.out_features, module.in_features, device=device, dtype=dtype)
+                data.normal_(0, std, generator=g)
                 module.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_type="nf4", compress_statistics=True,
                                                   quant_storage=quant_storage, module=module).to(device)
                 continue
@@ -105,9 +108,6 @@ def make_param_init_fn(model, device, dtype, quant_storage, std: float = 0.02):
 
 def wrap_policy(model):
     """Decoder layers, embeddings and head as units; each trainable LoRA matrix as its own fp32 unit."""
-    import torch
-    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
-
     layer_cls = {type(m) for n, m in model.named_modules() if n.endswith("layers.0")}
     head = model.get_output_embeddings()
     lora_or_head = lambda m: m is head or (len(list(m.children())) == 0 and getattr(m, "weight", None) is not None
@@ -117,45 +117,35 @@ def wrap_policy(model):
         functools.partial(lambda_auto_wrap_policy, lambda_fn=lora_or_head)])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="qwen2.5-72b", help="qwen2.5-72b, a qlora_helpers preset, or tiny")
-    parser.add_argument("--cap-gib", type=float, default=31.0)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="compute and quant-storage dtype")
-    parser.add_argument("--cpu", action="store_true", help="gloo on CPU processes (logic check, small presets)")
-    parser.add_argument("--out", help="result file (default: benchmarks/results/fsdp_qlora.json)")
-    args = parser.parse_args()
+def base_4bit_gib(config) -> float:
+    """The whole 4-bit base (linears in NF4, embeddings, head and norms in 16 bits): what one GPU would hold."""
+    shape = model_shape(config)
+    linears = sum(l.count * quantized_bytes(l.fan_in * l.fan_out) for l in shape.linears)
+    return (linears + sum(n * 2 for n in shape.other.values())) / GIB
 
-    import torch
-    import torch.distributed as dist
 
+def start(args) -> tuple[int, int, torch.device]:
+    """This rank's process group and device, the allocator capped first; (rank, world size, device)."""
+    if "RANK" not in os.environ:
+        raise SystemExit("error: start it with torchrun, one process per GPU: "
+                         "torchrun --nproc_per_node 2 -m benchmarks.fsdp_qlora (add --cpu --preset tiny without GPUs)")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if args.cpu:
-        device = torch.device("cpu")
         dist.init_process_group("gloo")
-    else:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        total = torch.cuda.get_device_properties(local).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), local)
-        dist.init_process_group("nccl", device_id=device)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    t0 = time.perf_counter()
+        return rank, world, torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA GPU visible; run it on GPUs, or check the logic with --cpu --preset tiny")
+    torch.cuda.set_device(local)
+    device = torch.device("cuda", local)
+    total = torch.cuda.get_device_properties(local).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), local)
+    dist.init_process_group("nccl", device_id=device)
+    return rank, world, device
 
-    from accelerate import init_empty_weights
-    from peft import LoraConfig, get_peft_model
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    from qlora_helpers.ch01_memory.estimator import model_shape, quantized_bytes
-    from qlora_helpers.common.models import bnb_config
-
-    config = get_shape(args.preset)
+def build_sharded(config, args, device, dtype):
+    """The model on ``meta``, its linears swapped for bnb ``Linear4bit`` with 16-bit storage, LoRA, then FSDP,
+    which materialises, quantises and shards one unit at a time (``make_param_init_fn``)."""
     qconfig = bnb_config("4bit", dtype, quant_storage=dtype)          # the FSDP-QLoRA switch: 16-bit storage
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -165,26 +155,24 @@ def main() -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"),
+                                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM"),
                            autocast_adapter_dtype=False)
-    shape = model_shape(config)
-    base_4bit_gib = sum(l.count * quantized_bytes(l.fan_in * l.fan_out) for l in shape.linears) / GIB
-    base_4bit_gib += sum(n * 2 for n in shape.other.values()) / GIB      # embeddings, head, norms in 16 bits
-    model = FSDP(model, auto_wrap_policy=wrap_policy(model), param_init_fn=make_param_init_fn(model, device, dtype, dtype),
-                 device_id=device, use_orig_params=False, sync_module_states=False, limit_all_gathers=True)
-    built = time.perf_counter() - t0
-    import bitsandbytes as bnb
+    init = make_param_init_fn(model, device, dtype, dtype)
+    return FSDP(model, auto_wrap_policy=wrap_policy(model), param_init_fn=init, device_id=device,
+                use_orig_params=False, sync_module_states=False, limit_all_gathers=True)
 
-    layout = {"fsdp_units": len(FSDP.fsdp_modules(model)),
-              "linear4bit_modules": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
-              "local_numel": sum(p.numel() for p in model.parameters()),
-              "flat_param_dtypes": sorted({str(p.dtype) for p in model.parameters()})}
-    after_wrap = torch.cuda.memory_allocated(device) / GIB if not args.cpu else None
-    params = [p for p in model.parameters() if p.requires_grad]
+
+def layout_of(model) -> dict:
+    return {"fsdp_units": len(FSDP.fsdp_modules(model)),
+            "linear4bit_modules": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
+            "local_numel": sum(p.numel() for p in model.parameters()),
+            "flat_param_dtypes": sorted({str(p.dtype) for p in model.parameters()})}
+
+
+def train(model, params, ids, args, device, dtype, rank: int) -> list[dict]:
+    """``--steps`` steps on ``ids`` (fp16 with a sharded gradient scaler on GPUs); one record per step."""
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     scaler = ShardedGradScaler(init_scale=2.0**12, enabled=args.dtype == "fp16" and not args.cpu)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=g).to(device)
     steps = []
     model.train()
     for i in range(args.steps):
@@ -209,24 +197,60 @@ def main() -> None:
         steps.append(rec)
         if rank == 0:
             print(rec, flush=True)
+    return steps
+
+
+def figures_of(args, per_rank: list[dict], base_gib: float, built: float) -> dict:
+    """What rank 0 writes: the steady-state peaks and step time over all ranks (step 1 is a warm-up)."""
+    steady = [s for r in per_rank for s in r["steps"][1:]] or [s for r in per_rank for s in r["steps"]]
+    steps = per_rank[0]["steps"]
+    return {"model": f"{args.preset} (random weights, real shape)", "world_size": len(per_rank),
+            "cap_gib": args.cap_gib, "dtype": args.dtype, "quant_storage": args.dtype, "seq_len": args.seq_len,
+            "lora_r": args.lora_r, "base_4bit_gib_estimate": round(base_gib, 2),
+            "base_exceeds_cap": base_gib > args.cap_gib,
+            "build_and_shard_seconds": round(built, 1),
+            "peak_allocated_gib": max((s.get("peak_allocated_gib") or 0) for s in steady),
+            "peak_reserved_gib": max((s.get("peak_reserved_gib") or 0) for s in steady),
+            "seconds_per_step": sorted(s["seconds"] for s in steady)[len(steady) // 2],
+            "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"],
+            "lora_finite": all(r["lora_finite"] for r in per_rank), "per_rank": per_rank}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m benchmarks.fsdp_qlora",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="qwen2.5-72b", help="qwen2.5-72b, a qlora_helpers preset, or tiny")
+    parser.add_argument("--cap-gib", type=float, default=31.0)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="compute and quant-storage dtype")
+    parser.add_argument("--cpu", action="store_true", help="gloo on CPU processes (logic check, small presets)")
+    parser.add_argument("--out", help="result file (default: benchmarks/results/fsdp_qlora.json)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    rank, world, device = start(args)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    t0 = time.perf_counter()
+    config = get_shape(args.preset)
+    model = build_sharded(config, args, device, dtype)
+    built = time.perf_counter() - t0
+    layout = layout_of(model)
+    after_wrap = torch.cuda.memory_allocated(device) / GIB if not args.cpu else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=g).to(device)
+    steps = train(model, params, ids, args, device, dtype, rank)
     per_rank = [None] * world
     dist.all_gather_object(per_rank, {"rank": rank, "after_wrap_gib": after_wrap, "steps": steps, **layout,
                                       "lora_finite": all(bool(torch.isfinite(p).all()) for p in params)})
     if rank == 0:
-        steady = [s for r in per_rank for s in r["steps"][1:]] or [s for r in per_rank for s in r["steps"]]
-        figures = {"model": f"{args.preset} (random weights, real shape)", "world_size": world, "cap_gib": args.cap_gib,
-                   "dtype": args.dtype, "quant_storage": args.dtype, "seq_len": args.seq_len, "lora_r": args.lora_r,
-                   "base_4bit_gib_estimate": round(base_4bit_gib, 2),
-                   "base_exceeds_cap": base_4bit_gib > args.cap_gib,
-                   "build_and_shard_seconds": round(built, 1),
-                   "peak_allocated_gib": max((s.get("peak_allocated_gib") or 0) for s in steady),
-                   "peak_reserved_gib": max((s.get("peak_reserved_gib") or 0) for s in steady),
-                   "seconds_per_step": sorted(s["seconds"] for s in steady)[len(steady) // 2],
-                   "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"],
-                   "lora_finite": all(r["lora_finite"] for r in per_rank), "per_rank": per_rank}
+        figures = figures_of(args, per_rank, base_4bit_gib(config), built)
         print({k: v for k, v in figures.items() if k != "per_rank"}, flush=True)
         if not args.cpu or args.out:
-            from qlora_helpers.common.bench import write_benchmark
             write_benchmark("fsdp_qlora", figures, args.out)
     dist.barrier()
     dist.destroy_process_group()

@@ -6,9 +6,9 @@ error or a crash, and the configurations it did not finish are retried, each in 
 So no peak leaks from one row into another and one failure loses only its own row. The JSON is
 rewritten atomically after every row: a run cut short still leaves every finished row.
 
-    python benchmarks/memory_validation.py            # all configurations (~6 min on one H100 80GB)
-    python benchmarks/memory_validation.py --quick    # the 0.5B rows only (~1 min)
-    python benchmarks/memory_validation.py --only 7b-qlora4 32b-qlora4-ckpt --out /tmp/mem.json
+    python -m benchmarks.memory_validation            # all configurations (~6 min on one H100 80GB)
+    python -m benchmarks.memory_validation --quick    # the 0.5B rows only (~1 min)
+    python -m benchmarks.memory_validation --only 7b-qlora4 32b-qlora4-ckpt --out /tmp/mem.json
 
 Writes ``benchmarks/results/memory_validation.json``: device, versions, command, date and one row
 per configuration with the prediction, the measurement and the error in percent of measured peak
@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+
+from qlora_helpers.ch01_memory.estimator import GIB, estimate
+from qlora_helpers.ch01_memory.measurement import measure
+from qlora_helpers.common.bench import WorkerError, emit, environment, run_worker
+from qlora_helpers.common.files import atomic_write_json, repo_root
+from qlora_helpers.common.shapes import get_config
 
 M05, M7, M32 = "qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-32b"
 # name -> (preset, method, batch, seq, extra estimate/measure arguments)
@@ -63,10 +65,6 @@ QUICK = [k for k in CONFIGS if k.startswith("0.5b")]
 
 def predict_and_measure(name: str, steps: int) -> dict:
     """Predict, then measure one configuration (in the worker process)."""
-    from qlora_helpers.ch01_memory.estimator import GIB, estimate
-    from qlora_helpers.ch01_memory.measurement import measure
-    from qlora_helpers.common.shapes import get_config
-
     preset, method, batch, seq, extra = CONFIGS[name]
     config = get_config(preset)
     est = estimate(config, method, batch_size=batch, seq_len=seq, **extra)
@@ -82,33 +80,27 @@ def predict_and_measure(name: str, steps: int) -> dict:
 
 
 def worker(names: list[str], steps: int) -> int:
-    """Measure ``names`` one after another; stop after an out-of-memory error (exit status 3)."""
+    """Measure ``names`` one after another; stop after the first row that is not ``ok`` (the parent runs the
+    names left in a fresh process)."""
     for name in names:
         try:
             row = predict_and_measure(name, steps)
         except Exception as err:  # one broken configuration must not take the others with it
             row = {"status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-        print("ROW " + json.dumps({"name": name, **row}), flush=True)
+        emit({"name": name, **row})
         if row["status"] != "ok":
-            return 3
+            break
     return 0
 
 
 def run_group(names: list[str], steps: int, timeout: int) -> list[dict]:
     """Run ``names`` in one worker process; return one row per name that finished there."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, __file__, "--steps", str(steps), "--worker", *names]
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout * len(names))
-        stdout, err = proc.stdout, (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-    except subprocess.TimeoutExpired as exc:
-        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        err = f"timed out after {timeout * len(names)} s"
-    rows = [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")]
-    if len(names) == 1 and not rows:
-        rows = [{"name": names[0], "status": "error", "error": err[:400]}]
-    return rows
+        return run_worker("benchmarks.memory_validation", ["--steps", steps, "--worker", *names],
+                          label=", ".join(names), timeout=timeout * len(names),
+                          env={"TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"})
+    except WorkerError as err:     # the rows before the crash count; a lone name that crashed gets an error row
+        return err.rows or ([{"name": names[0], "status": "error", "error": str(err)[:400]}] if len(names) == 1 else [])
 
 
 def summary(rows: list[dict]) -> dict:
@@ -120,9 +112,16 @@ def summary(rows: list[dict]) -> dict:
             "within_10pct": sum(e <= 10 for e in errs)}
 
 
+def outcome(row: dict) -> str:
+    m = row.get("measured", {})
+    got = f"{m['peak_allocated_gib']:7.2f}" if row["status"] == "ok" else f"{row['status']:>7}"
+    err = f"{row['error_pct']:+6.1f}%" if "error_pct" in row else row.get("error", "")[:70]
+    return f"{row['name']:<26} predicted {row.get('predicted_gib', float('nan')):7.2f} GiB  measured {got} GiB  {err}"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_validation.json"))
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_validation", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(repo_root() / "benchmarks" / "results" / "memory_validation.json"))
     parser.add_argument("--quick", action="store_true", help="only the 0.5B configurations")
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"some of: {', '.join(CONFIGS)}")
     parser.add_argument("--steps", type=int, default=3, help="training steps per configuration (first = warm-up)")
@@ -131,12 +130,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args.worker, args.steps)
-
-    import torch
-
-    from qlora_helpers.common.bench import environment
-    from qlora_helpers.common.files import atomic_write_json
-
     if not torch.cuda.is_available():
         print("error: no CUDA GPU visible; this benchmark measures GPU memory (estimates alone: "
               "python -m qlora_helpers estimate ...)", file=sys.stderr)
@@ -168,12 +161,8 @@ def main(argv=None) -> int:
                 figures["rows"].append(row)
                 figures["summary"] = summary(figures["rows"])
                 atomic_write_json(args.out, result)
-                m = row.get("measured", {})
-                got = f"{m['peak_allocated_gib']:7.2f}" if row["status"] == "ok" else f"{row['status']:>7}"
-                err = f"{row['error_pct']:+6.1f}%" if "error_pct" in row else row.get("error", "")[:70]
-                print(f"[{len(figures['rows']):2d}/{len(names)}] {row['name']:<26} predicted "
-                      f"{row.get('predicted_gib', float('nan')):7.2f} GiB  measured {got} GiB  {err}  "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(f"[{len(figures['rows']):2d}/{len(names)}] {outcome(row)}  ({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
     print(json.dumps(figures["summary"]))
     print(f"wrote {args.out}")
     return 0

@@ -6,8 +6,8 @@ model is ``random:qwen2.5-32b``: random weights at the real 32B shape, which mak
 the gradient exchange real and the accuracies meaningless. ``--precision fp16`` takes the V100 path
 (fp16 compute, loss scaling, fp32 LoRA weights) on any GPU.
 
-    python benchmarks/multi_gpu_notebook.py                                  # all visible GPUs, V100 precision path
-    python benchmarks/multi_gpu_notebook.py --run-dir $OUT/run --out $OUT/multi_gpu_notebook.json
+    python -m benchmarks.multi_gpu_notebook                                  # all visible GPUs, V100 precision path
+    python -m benchmarks.multi_gpu_notebook --run-dir $OUT/run --out $OUT/multi_gpu_notebook.json
 
 Writes the run folder (executed notebook, its results JSON, summary) and
 ``benchmarks/results/multi_gpu_notebook.json`` with the figures the chapter reads back.
@@ -16,11 +16,14 @@ Writes the run folder (executed notebook, its results JSON, summary) and
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from qlora_helpers.ch05_multi_gpu.worker import visible_gpus
+from qlora_helpers.common.bench import write_benchmark
+from qlora_helpers.common.files import repo_root
+from qlora_helpers.common.runner import run_notebooks
+
+ROOT = repo_root()
 
 KEEP = ("profile", "num_processes", "model", "config", "task", "world_size", "precision", "ranks_identical",
         "rank_digests", "steps", "stop_reason", "best_val_loss", "seconds", "bitsandbytes_in_kernel_before_launch",
@@ -28,7 +31,8 @@ KEEP = ("profile", "num_processes", "model", "config", "task", "world_size", "pr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.multi_gpu_notebook",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--model-id", default="random:qwen2.5-32b")
     parser.add_argument("--precision", default="fp16", choices=("auto", "bf16", "fp16"))
     parser.add_argument("--num-processes", type=int, default=0, help="0: one per visible GPU")
@@ -36,11 +40,6 @@ def main() -> None:
     parser.add_argument("--run-dir", default=str(ROOT / "benchmarks" / "results" / "multi_gpu_notebook"))
     parser.add_argument("--out", help="result file (default: benchmarks/results/multi_gpu_notebook.json)")
     args = parser.parse_args()
-
-    from qlora_helpers.ch05_multi_gpu.worker import visible_gpus
-    from qlora_helpers.common.bench import write_benchmark
-    from qlora_helpers.common.runner import run_notebooks
-
     if visible_gpus() < 2:
         raise SystemExit("error: this benchmark shows data parallelism across GPUs: run it where 2 or more are visible")
     params = {"profile": "gpu", "model_id": args.model_id, "precision": args.precision,

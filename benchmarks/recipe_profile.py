@@ -16,11 +16,11 @@ instead of varlen attention), ``no-liger`` (PyTorch's RMSNorm and SwiGLU instead
 ``no-dropout`` (LoRA dropout 0 instead of the seed's 0.1), ``bf16-adapters`` (``recipe.cast_adapters``),
 ``ckpt`` (checkpointing on).
 
-    python benchmarks/recipe_profile.py --shapes qwen2.5-0.5b qwen2.5-7b          # ~4 min on an H100
-    python benchmarks/recipe_profile.py --shapes tiny --device cpu --memory-tokens 256 --tokens 256 --out /tmp/p.json
+    python -m benchmarks.recipe_profile --shapes qwen2.5-0.5b qwen2.5-7b          # ~4 min on an H100
+    python -m benchmarks.recipe_profile --shapes tiny --device cpu --memory-tokens 256 --tokens 256 --out /tmp/p.json
 
-Writes ``benchmarks/results/recipe_profile.json``. Needs the same carried packages as
-``train_throughput.py`` (``liger-kernel`` for that variant).
+Writes ``benchmarks/results/recipe_profile.json``. Needs the same packages as ``benchmarks.train_throughput``
+(``liger-kernel`` for the recipe's RMSNorm/SwiGLU kernels: ``pip install -e ".[gpu]"``).
 """
 
 from __future__ import annotations
@@ -28,14 +28,29 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoTokenizer
+
+from benchmarks.train_throughput import (
+    LORA,
+    LR,
+    build,
+    cleanup,
+    load_data,
+    matmul_params,
+    optimizer_step,
+    peak_flops,
+    trained_tokens,
+)
+from qlora_helpers.ch03_sft.recipe import cast_adapters, estimate_gib, packed_micro_batches
+from qlora_helpers.common import assets
+from qlora_helpers.common.bench import WorkerError, emit, run_worker, write_benchmark
+from qlora_helpers.common.models import tiny_qwen2
+from qlora_helpers.common.shapes import get_config
 
 VARIANTS = ("base", "sdpa", "no-liger", "no-dropout", "bf16-adapters", "ckpt")
 # operator name -> kind of work (the first pattern that matches wins)
@@ -54,30 +69,21 @@ def kind_of(name: str) -> str:
 
 
 def build_variant(config, device, variant: str, ckpt: bool):
-    import torch
-    from train_throughput import LORA, build
-
-    from qlora_helpers.ch03_sft.recipe import cast_adapters
-
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     kernels = {"attention": variant != "sdpa", "liger": variant != "no-liger"}
-    model = build(config, device, dtype, upcast=False, ckpt=ckpt, dropout=0.0 if variant == "no-dropout" else LORA["dropout"],
-                  kernels=kernels)
+    dropout = 0.0 if variant == "no-dropout" else LORA["dropout"]
+    model = build(config, device, dtype, upcast=False, ckpt=ckpt, dropout=dropout, kernels=kernels)
     if variant == "bf16-adapters":
         cast_adapters(model, torch.bfloat16)
     return model
 
 
 def one_step(model, opt, batch, device) -> float:
-    from train_throughput import optimizer_step, trained_tokens
-
     return optimizer_step(model, opt, [batch], trained_tokens([batch]), device)
 
 
 def batch_of(train, tokens: int, pad_id: int, offset: int = 0):
     """One packed micro-batch of ``tokens`` tokens (conversations taken in order from ``offset``)."""
-    from qlora_helpers.ch03_sft.recipe import packed_micro_batches
-
     chosen, used, i = [], 0, offset
     while used < tokens:
         e = train[i % len(train)]
@@ -90,11 +96,6 @@ def batch_of(train, tokens: int, pad_id: int, offset: int = 0):
 
 
 def memory_rows(config, device, train, pad_id, token_list, lora_r) -> list[dict]:
-    import torch
-    from train_throughput import LR, cleanup
-
-    from qlora_helpers.ch03_sft.recipe import estimate_gib
-
     rows = []
     for ckpt in (False, True):
         model = build_variant(config, device, "base", ckpt)
@@ -117,17 +118,13 @@ def memory_rows(config, device, train, pad_id, token_list, lora_r) -> list[dict]
                 row["error"] = "out of memory"
                 opt.zero_grad(set_to_none=True)
             rows.append(row)
-            print("MEM " + json.dumps(row), flush=True)
+            emit({"memory": row})
         del model, opt
         cleanup()
     return rows
 
 
 def time_row(config, device, train, pad_id, tokens: int, variant: str, n_params: int, flops) -> dict:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    from train_throughput import LR, cleanup
-
     model = build_variant(config, device, variant, ckpt=variant == "ckpt")
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -157,7 +154,8 @@ def time_row(config, device, train, pad_id, tokens: int, variant: str, n_params:
     ops.sort(reverse=True)
     tps = real / wall_plain
     kernels = getattr(model.get_base_model(), "recipe_kernels", {})
-    out = {"variant": variant, "kernels": kernels, "tokens": tokens, "real_tokens": real, "step_seconds": round(wall_plain, 4),
+    out = {"variant": variant, "kernels": kernels, "tokens": tokens, "real_tokens": real,
+           "step_seconds": round(wall_plain, 4),
            "profiled_step_seconds": round(wall_prof, 4), "tokens_per_second": round(tps, 1),
            "mfu": round(tps * 4 * n_params / flops, 4) if flops else None,
            "device_busy_ms": round(busy, 1), "device_busy_share": round(busy / 1e3 / wall_prof, 3),
@@ -171,14 +169,6 @@ def time_row(config, device, train, pad_id, tokens: int, variant: str, n_params:
 
 
 def worker(args) -> None:
-    import torch
-    from train_throughput import LORA, cleanup, load_data, matmul_params, peak_flops
-    from transformers import AutoTokenizer
-
-    from qlora_helpers.common import assets
-    from qlora_helpers.common.models import tiny_qwen2
-    from qlora_helpers.common.shapes import get_config
-
     tokenizer = AutoTokenizer.from_pretrained(assets.verify("qwen-tokenizer", only=assets.TOKENIZER_FILES))
     config = tiny_qwen2(vocab_size=len(tokenizer)) if args.shape == "tiny" else get_config(args.shape)
     train, _, _ = load_data(tokenizer)
@@ -186,7 +176,7 @@ def worker(args) -> None:
     n_params = matmul_params(config)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     flops = peak_flops(name)
-    print("META " + json.dumps({"n_params": n_params, "peak_flops": flops, "device_name": name}), flush=True)
+    emit({"meta": {"n_params": n_params, "peak_flops": flops, "device_name": name}})
     if args.memory_tokens:
         memory_rows(config, args.device, train, pad_id, args.memory_tokens, LORA["r"])
     for variant in [v for v in VARIANTS if v in args.variants]:
@@ -195,11 +185,38 @@ def worker(args) -> None:
         except Exception as err:  # one lever failing must not lose the others
             row = {"variant": variant, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
             cleanup()
-        print("TIME " + json.dumps(row), flush=True)
+        emit({"time": row})
+
+
+def profile_shape(shape: str, args, shapes: dict) -> dict:
+    """One shape in a worker process; the file is rewritten after every row it sends."""
+    entry = {"memory": [], "time": [], "tokens": args.tokens}
+
+    def on_row(row: dict) -> None:
+        if "meta" in row:
+            entry.update(row["meta"])
+        else:
+            kind, value = next(iter(row.items()))          # "memory" or "time"
+            entry[kind].append(value)
+            print(shape, kind, json.dumps(value)[:400], flush=True)
+        shapes[shape] = entry
+        write_benchmark("recipe_profile", {"shapes": shapes}, args.out or None)
+
+    worker_args = ["--shape", shape, "--device", args.device, "--tokens", args.tokens, "--variants", *args.variants,
+                   "--memory-tokens", *args.memory_tokens]
+    try:
+        run_worker("benchmarks.recipe_profile", worker_args, label=shape, on_row=on_row)
+        entry["worker_exit"] = 0
+    except WorkerError as err:
+        print(err, flush=True)
+        entry["worker_exit"] = err.returncode
+    shapes[shape] = entry
+    write_benchmark("recipe_profile", {"shapes": shapes}, args.out or None)
+    return entry
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.recipe_profile", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-7b"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the profiled micro-batch")
@@ -211,33 +228,12 @@ def main() -> None:
     if args.shape:
         worker(args)
         return
-    import torch
-
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("recipe_profile.py profiles a GPU: run it on a CUDA machine (or --shapes tiny --device cpu)")
-    from qlora_helpers.common.bench import write_benchmark
-
+        sys.exit("error: benchmarks.recipe_profile profiles a GPU: run it on a CUDA machine "
+                 "(or --shapes tiny --device cpu)")
     shapes = {}
     for shape in args.shapes:
-        entry = {"memory": [], "time": [], "tokens": args.tokens}
-        cmd = [sys.executable, __file__, "--shape", shape, "--device", args.device, "--tokens", str(args.tokens),
-               "--variants", *args.variants, "--memory-tokens", *map(str, args.memory_tokens)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        for line in proc.stdout:
-            tag, _, body = line.partition(" ")
-            if tag == "META":
-                entry.update(json.loads(body))
-            elif tag in ("MEM", "TIME"):
-                row = json.loads(body)
-                entry["memory" if tag == "MEM" else "time"].append(row)
-                print(shape, tag, body.strip()[:400], flush=True)
-            else:
-                continue
-            shapes[shape] = entry
-            write_benchmark("recipe_profile", {"shapes": shapes}, args.out or None)
-        entry["worker_exit"] = proc.wait()
-        shapes[shape] = entry
-        write_benchmark("recipe_profile", {"shapes": shapes}, args.out or None)
+        shapes[shape] = profile_shape(shape, args, shapes)
 
 
 if __name__ == "__main__":

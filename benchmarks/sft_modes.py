@@ -14,8 +14,8 @@ default, without it, is measured against it in ``benchmarks/train_throughput.py`
 Memory and speed depend on the shape, not the values. Each mode runs in its own process, so no
 allocation of one mode counts towards another's peak.
 
-    python benchmarks/sft_modes.py                       # four modes, 12 optimizer steps each (~2 min on an H100)
-    python benchmarks/sft_modes.py --modes lora qlora-4bit --steps 4 --out /tmp/sft_modes.json
+    python -m benchmarks.sft_modes                       # four modes, 12 optimizer steps each (~2 min on an H100)
+    python -m benchmarks.sft_modes --modes lora qlora-4bit --steps 4 --out /tmp/sft_modes.json
 
 Writes ``benchmarks/results/sft_modes.json``; chapter 03 shows it next to the seed's table.
 """
@@ -23,14 +23,20 @@ Writes ``benchmarks/results/sft_modes.json``; chapter 03 shows it next to the se
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+from transformers import AutoModelForCausalLM
+
+from qlora_helpers.ch03_sft.command import from_dict, load_config_file, run_sft
+from qlora_helpers.common.bench import WorkerError, emit, run_worker, write_benchmark
+from qlora_helpers.common.files import repo_root
+from qlora_helpers.common.models import write_model_folder
+from qlora_helpers.common.shapes import get_config
+
+ROOT = repo_root()
 MODES = ("full", "lora", "qlora-4bit", "qlora-8bit")
 SEED_TABLE = {"full": {"memory_gb": 8.0, "trainable_percent": 100.0},   # seed 002, "显存对比", Qwen2.5-0.5B, r=64
               "lora": {"memory_gb": 6.0, "trainable_percent": 3.0},
@@ -40,12 +46,6 @@ SEED_TABLE = {"full": {"memory_gb": 8.0, "trainable_percent": 100.0},   # seed 0
 
 def write_random_model(shape: str, folder: Path) -> Path:
     """A bf16 model folder of ``shape`` with random weights and the cached Qwen2.5 tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from qlora_helpers.common.models import write_model_folder
-    from qlora_helpers.common.shapes import get_config
-
     def make_model(tokenizer):
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -56,10 +56,6 @@ def write_random_model(shape: str, folder: Path) -> Path:
 
 def run_mode(mode: str, model_dir: Path, work: Path, args) -> dict:
     """Train one mode with the shipped config and return what the table needs (runs in its own process)."""
-    import torch
-
-    from qlora_helpers.ch03_sft.command import from_dict, load_config_file, run_sft
-
     values = load_config_file(ROOT / "data" / "configs" / f"{mode}.json")
     values.update(model_name_or_path=str(model_dir), output_dir=str(work / mode), overwrite_output_dir=True,
                   max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
@@ -84,7 +80,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sft_modes", description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="qwen2.5-0.5b")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per mode (the first is not timed)")
@@ -94,32 +90,26 @@ def main() -> None:
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--work", default="", help="folder for the random model and the adapters (default: a temp dir)")
     p.add_argument("--out", default="")
-    p.add_argument("--one", default="", help=argparse.SUPPRESS)   # internal: run one mode, print its JSON
+    p.add_argument("--one", default="", help=argparse.SUPPRESS)   # internal: the worker of one mode
     args = p.parse_args()
-
-    import torch
-
     if not torch.cuda.is_available():
-        sys.exit("sft_modes.py measures GPU memory: run it on a CUDA machine (chapter 03 shows the CPU numbers)")
+        sys.exit("error: benchmarks.sft_modes measures GPU memory: run it on a CUDA machine "
+                 "(chapter 03 shows the CPU numbers)")
     work = Path(args.work or tempfile.mkdtemp(prefix="sft_modes-"))
     model_dir = work / "model"
     if args.one:
-        print("RESULT " + json.dumps(run_mode(args.one, model_dir, work, args)))
+        emit(run_mode(args.one, model_dir, work, args))
         return
-
-    from qlora_helpers.common.bench import write_benchmark
-
     write_random_model(args.shape, model_dir)
     rows, failures = {}, {}
     for mode in args.modes:
-        cmd = [sys.executable, __file__, "--one", mode, "--work", str(work)] + sys.argv[1:]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            failures[mode] = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        try:
+            rows[mode] = run_worker("benchmarks.sft_modes", ["--one", mode, "--work", work, *sys.argv[1:]],
+                                    label=mode)[0]
+        except WorkerError as err:
+            failures[mode] = str(err)
             print(f"{mode}: failed: {failures[mode]}")
             continue
-        rows[mode] = json.loads(line[len("RESULT "):])
         r = rows[mode]
         print(f"{mode:>11}: peak {r['peak_memory_gib']:.2f} GiB, trainable {r['trainable_percent']:.2f} %, "
               f"{r['tokens_per_second']:.0f} tokens/s")

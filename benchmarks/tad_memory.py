@@ -11,9 +11,9 @@ and the textbook alternative (NF4 backbone + full-precision adapter); each with 
 checkpointing on and off. Every configuration runs in its own Python process, so an out-of-memory or a
 crash loses that row only, and the JSON is rewritten atomically after every row.
 
-    python benchmarks/tad_memory.py            # 10 configurations, about 3-4 min on one H100 80GB
-    python benchmarks/tad_memory.py --quick    # the 4 strategies, checkpointing on, 2 steps (~1.5 min)
-    python benchmarks/tad_memory.py --only adapter-cp seed_qlora4-cp --out /tmp/tad.json
+    python -m benchmarks.tad_memory            # 10 configurations, about 3-4 min on one H100 80GB
+    python -m benchmarks.tad_memory --quick    # the 4 strategies, checkpointing on, 2 steps (~1.5 min)
+    python -m benchmarks.tad_memory --only adapter-cp seed_qlora4-cp --out /tmp/tad.json
 
 Writes ``benchmarks/results/tad_memory.json`` through ``qlora_helpers.common.bench.write_benchmark``.
 """
@@ -21,15 +21,15 @@ Writes ``benchmarks/results/tad_memory.json`` through ``qlora_helpers.common.ben
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+
+from qlora_helpers.ch02_tad.adapters import parameter_report
+from qlora_helpers.ch02_tad.config import VIDEOMAE_S, build_model, param_groups, strategy_config
+from qlora_helpers.common.bench import WorkerError, cuda_peak_gib, emit, run_worker, write_benchmark
 
 STRATEGIES = {  # name -> (strategy of qlora_helpers.ch02_tad.config.strategy_config, extra arguments)
     "full_ft": ("full_ft", {}),
@@ -48,13 +48,6 @@ CONVENTION = ("peak torch.cuda.max_memory_allocated / max_memory_reserved over t
 
 def worker(name: str, steps: int, batch_size: int, frames: int) -> dict:
     """Runs in its own process: build one configuration on the GPU and train it for ``steps`` steps."""
-    import numpy as np
-    import torch
-
-    from qlora_helpers.ch02_tad.adapters import parameter_report
-    from qlora_helpers.ch02_tad.config import VIDEOMAE_S, build_model, param_groups, strategy_config
-    from qlora_helpers.common.bench import cuda_peak_gib
-
     strategy, cp = CONFIGS[name]
     kind, extra = STRATEGIES[strategy]
     torch.manual_seed(0)
@@ -90,30 +83,31 @@ def worker(name: str, steps: int, batch_size: int, frames: int) -> dict:
 
 
 def run_one(name: str, args) -> dict:
+    """Measure one configuration in a worker process; a crash or a timeout becomes a row with ``status: error``."""
     strategy, cp = CONFIGS[name]
     row = {"name": name, "strategy": strategy, "activation_checkpointing": cp, "batch_size": args.batch_size,
            "frames": args.frames}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--batch-size",
-           str(args.batch_size), "--frames", str(args.frames)]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        if proc.returncode == 0 and lines:
-            row.update(json.loads(lines[-1][4:]))
-            row["status"] = "oom" if row["oom"] else "ok"
-        else:
-            row.update(status="error", error=(proc.stderr.strip().splitlines() or ["no output"])[-1][:400])
-    except subprocess.TimeoutExpired:
-        row.update(status="error", error=f"timed out after {args.timeout} s")
+        row.update(run_worker("benchmarks.tad_memory", ["--worker", name, "--steps", args.steps, "--batch-size",
+                                                        args.batch_size, "--frames", args.frames],
+                              label=name, timeout=args.timeout, env={"PYTHONWARNINGS": "ignore"})[-1])
+        row["status"] = "oom" if row["oom"] else "ok"
+    except WorkerError as err:
+        row.update(status="error", error=str(err)[:400])
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
 
+def outcome(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['status']}: {row.get('error', '')[:80]}"
+    return (f"peak {row['peak_allocated_gib']:6.2f} GiB allocated, {row['peak_reserved_gib']:6.2f} reserved, "
+            f"{row['step_seconds']:.3f} s/step")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tad_memory", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="default: benchmarks/results/tad_memory.json")
     parser.add_argument("--quick", action="store_true", help="4 strategies with checkpointing, 2 steps")
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"some of: {', '.join(CONFIGS)}")
@@ -125,16 +119,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 3)
     if args.worker:
-        print("ROW " + json.dumps(worker(args.worker, args.steps, args.batch_size, args.frames)), flush=True)
+        emit(worker(args.worker, args.steps, args.batch_size, args.frames))
         return 0
     if args.frames % 16 or args.steps < 2:
         print("error: --frames must be a multiple of 16 and --steps at least 2 (step 1 is a warm-up)", file=sys.stderr)
         return 2
-
-    import torch
-
-    from qlora_helpers.common.bench import write_benchmark
-
     if not torch.cuda.is_available():
         print("error: no CUDA GPU visible; this benchmark measures GPU memory (the notebook counts bytes on a CPU)",
               file=sys.stderr)
@@ -151,9 +140,7 @@ def main(argv=None) -> int:
         row = run_one(name, args)
         figures["rows"].append(row)
         write_benchmark("tad_memory", figures, out=args.out)
-        got = (f"peak {row['peak_allocated_gib']:6.2f} GiB allocated, {row['peak_reserved_gib']:6.2f} reserved, "
-               f"{row['step_seconds']:.3f} s/step") if row["status"] == "ok" else f"{row['status']}: {row.get('error', '')[:80]}"
-        print(f"[{i:2d}/{len(names)}] {name:<20} {got}  ({row['seconds']:.0f} s)", flush=True)
+        print(f"[{i:2d}/{len(names)}] {name:<20} {outcome(row)}  ({row['seconds']:.0f} s)", flush=True)
     return 0
 
 

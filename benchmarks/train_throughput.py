@@ -30,16 +30,15 @@ the frozen base gets no weight gradient; attention scores and recomputation are 
 the loss per step. Loss parity compares (c) with (a) step by step and on held-out conversations.
 
     # what benchmarks/results/throughput.json holds (each shape's "runs" lists the exact commands):
-    python benchmarks/train_throughput.py --shapes qwen2.5-7b --steps 4 --skip 1 --step-tokens 4096    # ~4 min, H100
-    python benchmarks/train_throughput.py --shapes qwen2.5-0.5b --steps 4 --skip 1 --step-tokens 8192 \
+    python -m benchmarks.train_throughput --shapes qwen2.5-7b --steps 4 --skip 1 --step-tokens 4096    # ~4 min, H100
+    python -m benchmarks.train_throughput --shapes qwen2.5-0.5b --steps 4 --skip 1 --step-tokens 8192 \
         --merge benchmarks/results/throughput.json                                                    # ~6 min
-    python benchmarks/train_throughput.py --shapes qwen2.5-0.5b --rows hf recipe --out /tmp/t.json
-    python benchmarks/train_throughput.py --shapes tiny --device cpu --steps 3 --out /tmp/t.json   # smoke test
+    python -m benchmarks.train_throughput --shapes qwen2.5-0.5b --rows hf recipe --out /tmp/t.json
+    python -m benchmarks.train_throughput --shapes tiny --device cpu --steps 3 --out /tmp/t.json   # smoke test
 
 Writes ``benchmarks/results/throughput.json``; chapter 03 plots it. Needs ``trl`` and ``datasets`` (and
-``liger-kernel`` for the Liger row); for a GPU machine without them, build the carried package folder with
-``../shared/device/make-gpu-site.sh .gpu-site trl==1.16.0 datasets==5.2.0 liger-kernel==0.8.5 dill==0.4.1
-multiprocess==0.70.19``.
+``liger-kernel`` for the Liger row): ``pip install -e ".[gpu]"`` (measured with trl 1.16.0, datasets 5.2.0
+and liger-kernel 0.8.5).
 """
 
 from __future__ import annotations
@@ -47,14 +46,40 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
+import random
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoTokenizer, TrainerCallback
+
+from qlora_helpers.ch01_memory.estimator import model_shape
+from qlora_helpers.ch03_sft.data import IGNORE_INDEX, SFTData, collate, encode_all, read_jsonl
+from qlora_helpers.ch03_sft.fast_kernels import enable
+from qlora_helpers.ch03_sft.loop import evaluate
+from qlora_helpers.ch03_sft.recipe import (
+    cast_adapters,
+    causal_lm_loss,
+    packed_micro_batches,
+    plan_micro_batch,
+    prepare_model,
+)
+from qlora_helpers.common import assets
+from qlora_helpers.common.bench import WorkerError, emit, environment, run_worker, write_benchmark
+from qlora_helpers.common.files import atomic_write_json
+from qlora_helpers.common.models import build_random, tiny_qwen2
+from qlora_helpers.common.quant import keep_cpu_training_layout
+from qlora_helpers.common.shapes import get_config
+
+try:                    # row (b) only: the GPU extra (pip install -e ".[gpu]")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+except ImportError:
+    Dataset = SFTConfig = SFTTrainer = None
 
 LORA = {"r": 64, "alpha": 16, "dropout": 0.1}       # seed 002's example configuration
 LR = 2e-4
@@ -71,10 +96,7 @@ RECIPE = {"upcast": False, "packed": True, "loss": "chunked", "attention": True,
 
 # --------------------------------------------------------------------------- the shared workload
 def load_data(tokenizer, n_eval: int = 64):
-    from qlora_helpers.ch03_sft.data import encode_all, read_jsonl
-    from qlora_helpers.common.assets import sft_paths
-
-    paths = sft_paths()
+    paths = assets.sft_paths()
     conversations = read_jsonl(paths["train"])
     train = encode_all(conversations, tokenizer, MAX_LENGTH).examples
     evald = encode_all(read_jsonl(paths["validation"]), tokenizer, MAX_LENGTH).examples[:n_eval]
@@ -83,8 +105,6 @@ def load_data(tokenizer, n_eval: int = 64):
 
 def step_plan(examples, step_tokens: int, steps: int, seed: int = 0) -> list[list[int]]:
     """Indices of the conversations of each optimizer step: a fixed shuffle, cut every ~step_tokens tokens."""
-    import random
-
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     plan, cur, used, k = [], [], 0, 0
@@ -102,8 +122,6 @@ def step_plan(examples, step_tokens: int, steps: int, seed: int = 0) -> list[lis
 
 def matmul_params(config) -> int:
     """N: parameters each token is multiplied by (decoder linears + output layer)."""
-    from qlora_helpers.ch01_memory.estimator import model_shape
-
     s = model_shape(config)
     return sum(l.count * l.fan_in * l.fan_out for l in s.linears) + s.vocab * s.hidden
 
@@ -113,21 +131,14 @@ def peak_flops(device_name: str) -> float | None:
 
 
 # --------------------------------------------------------------------------- one row
-def build(config, device, dtype, upcast: bool, ckpt: bool, dropout: float = LORA["dropout"], kernels: dict | None = None):
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from qlora_helpers.ch03_sft.recipe import prepare_model
-    from qlora_helpers.common.models import build_random
-
+def build(config, device, dtype, upcast: bool, ckpt: bool, dropout: float = LORA["dropout"],
+          kernels: dict | None = None):
     model = build_random(config, quantize="4bit", device=device, dtype=dtype, seed=0, progress=False)
     if device == "cpu":
-        from qlora_helpers.common.quant import keep_cpu_training_layout
         keep_cpu_training_layout(model)
     if upcast:     # (a), or the upcast ablation (which keeps the recipe's kernels)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
         if kernels and any(kernels.values()):
-            from qlora_helpers.ch03_sft.fast_kernels import enable
             model.recipe_kernels = enable(model, **kernels)
     else:
         model = prepare_model(model, gradient_checkpointing=ckpt, fast_kernels=kernels or False)
@@ -138,9 +149,6 @@ def build(config, device, dtype, upcast: bool, ckpt: bool, dropout: float = LORA
 
 
 def micro_batches(examples, indices, packed: bool, tokens: int, pad_id: int):
-    from qlora_helpers.ch03_sft.data import collate
-    from qlora_helpers.ch03_sft.recipe import packed_micro_batches
-
     chosen = [examples[i] for i in indices]
     if packed:
         return packed_micro_batches(chosen, tokens, pad_id=pad_id)
@@ -158,18 +166,12 @@ def micro_batches(examples, indices, packed: bool, tokens: int, pad_id: int):
 
 def trained_tokens(batches) -> list[int]:
     """Trained (labelled, shifted) tokens of each micro-batch: the weights of their losses in a step."""
-    from qlora_helpers.ch03_sft.data import IGNORE_INDEX
-
     return [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
 
 
 def optimizer_step(model, opt, batches, counts, device, loss_impl: str = "chunked") -> float:
     """One optimizer step over ``batches`` (token-weighted by ``counts``, bf16 autocast on the GPU),
     clipped at 1.0, synchronised; returns the step's loss."""
-    import torch
-
-    from qlora_helpers.ch03_sft.recipe import causal_lm_loss
-
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     n_step = sum(counts)
@@ -190,13 +192,6 @@ def optimizer_step(model, opt, batches, counts, device, loss_impl: str = "chunke
 
 def run_loop(spec: dict, config, data, device) -> dict:
     """(a), (c) and the ablations: one hand-written loop, the levers switched by ``spec``."""
-    import types
-
-    import torch
-
-    from qlora_helpers.ch03_sft.data import SFTData
-    from qlora_helpers.ch03_sft.loop import evaluate
-
     train, evald, plan = data["train"], data["eval"], data["plan"]
     pad_id = data["pad_id"]
     cuda = device.startswith("cuda")
@@ -204,8 +199,7 @@ def run_loop(spec: dict, config, data, device) -> dict:
     model = build(config, device, dtype, spec["upcast"], spec["ckpt"], spec.get("dropout", LORA["dropout"]),
                   {k: spec.get(k, False) for k in ("attention", "liger")})
     kernels = getattr(model.get_base_model(), "recipe_kernels", None)   # what this machine switched on
-    if spec.get("adapter_dtype") == "bf16":   # as TRL does for QLoRA: adapters, their gradients and AdamW states in bf16
-        from qlora_helpers.ch03_sft.recipe import cast_adapters
+    if spec.get("adapter_dtype") == "bf16":   # as TRL does for QLoRA: adapters, gradients and AdamW states in bf16
         cast_adapters(model, torch.bfloat16)
     if spec.get("compile"):                   # the decoder only: the chunked loss stays eager
         base = model.get_base_model()
@@ -238,14 +232,8 @@ def run_loop(spec: dict, config, data, device) -> dict:
 
 def run_trl(config, data, device, tmp: Path) -> dict:
     """(b): TRL's SFTTrainer with a peft LoraConfig, its defaults otherwise."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    from qlora_helpers.common.models import build_random
-
+    if SFTTrainer is None:
+        raise ModuleNotFoundError('row "trl" needs trl and datasets: pip install -e ".[gpu]"')
     plan = data["plan"]
     per_step = len(plan[0])
     convs = [data["conversations"][i] for step in plan for i in step]
@@ -302,13 +290,11 @@ def summarise(result: dict, n_params: int, flops: float | None, skip: int) -> di
 
 # --------------------------------------------------------------------------- one shape, in a worker process
 def specs_for(rows, config, device, budget_hf_gib: float | None, gpu_gib: float) -> dict:
-    from qlora_helpers.ch03_sft.recipe import plan_micro_batch
-
     tiny = device == "cpu"
     specs = {"hf": HF_SPEC}
     if tiny:
-        plans = {"recipe": {"tokens": 512, "gradient_checkpointing": False}, "recipe-max": {"tokens": 1024,
-                                                                                           "gradient_checkpointing": False}}
+        plans = {"recipe": {"tokens": 512, "gradient_checkpointing": False},
+                 "recipe-max": {"tokens": 1024, "gradient_checkpointing": False}}
     else:
         plans = {}
         if budget_hf_gib:
@@ -336,14 +322,42 @@ def specs_for(rows, config, device, budget_hf_gib: float | None, gpu_gib: float)
     return {k: v for k, v in specs.items() if k in rows}
 
 
+def measure_rows(rows: list[str], config, data, device, args, n_params: int, flops) -> None:
+    """Run each row of ``rows`` (``hf`` first: the recipe's budget is a share of its peak) and emit it."""
+    send = lambda key, value: emit({"row": key, **value})
+    failed = lambda err: f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.startswith("cuda") else 0
+    hf_peak = args.hf_peak or None
+    rows = list(rows)
+    if "hf" in rows:
+        rows.remove("hf")
+        res = summarise(run_loop(HF_SPEC, config, data, device), n_params, flops, args.skip)
+        hf_peak = res.get("peak_allocated_gib")
+        send("hf", {"spec": HF_SPEC, **res})
+        cleanup()
+    specs = specs_for(rows, config, device, hf_peak, gpu_gib)
+    for row in rows:
+        if row == "trl":
+            continue
+        spec = specs.get(row)
+        if spec is None:
+            send(row, {"error": "not planned"})
+            continue
+        try:
+            send(row, {"spec": spec, **summarise(run_loop(spec, config, data, device), n_params, flops, args.skip)})
+        except Exception as err:  # one lever failing (a missing kernel, an OOM) must not lose the others
+            send(row, {"spec": spec, "error": failed(err)})
+        cleanup()
+    if "trl" in rows:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                send("trl", summarise(run_trl(config, data, device, Path(tmp)), n_params, flops, args.skip))
+        except Exception as err:
+            send("trl", {"error": failed(err)})
+
+
 def worker(args) -> None:
-    import torch
-    from transformers import AutoTokenizer
-
-    from qlora_helpers.common import assets
-    from qlora_helpers.common.models import tiny_qwen2
-    from qlora_helpers.common.shapes import get_config
-
+    """One shape, in its own process: the shared workload, every row, then the shape's facts (``meta``)."""
     device = args.device
     tokenizer = AutoTokenizer.from_pretrained(assets.verify("qwen-tokenizer", only=assets.TOKENIZER_FILES))
     config = tiny_qwen2(vocab_size=len(tokenizer)) if args.shape == "tiny" else get_config(args.shape)
@@ -354,45 +368,13 @@ def worker(args) -> None:
     n_params = matmul_params(config)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     flops = peak_flops(name)
-    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.startswith("cuda") else 0
-    emit = lambda key, value: print("ROW " + json.dumps({"row": key, **value}), flush=True)
-    hf_peak = args.hf_peak or None
-    rows = [r for r in ROWS if r in args.rows]
-    if "hf" in rows:
-        rows.remove("hf")
-        res = summarise(run_loop(HF_SPEC, config, data, device), n_params, flops, args.skip)
-        hf_peak = res.get("peak_allocated_gib")
-        emit("hf", {"spec": HF_SPEC, **res})
-        cleanup()
-    specs = specs_for(rows, config, device, hf_peak, gpu_gib)
-    for row in rows:
-        if row == "trl":
-            continue
-        spec = specs.get(row)
-        if spec is None:
-            emit(row, {"error": "not planned"})
-            continue
-        try:
-            res = summarise(run_loop(spec, config, data, device), n_params, flops, args.skip)
-            emit(row, {"spec": spec, **res})
-        except Exception as err:  # one lever failing (a missing kernel, an OOM) must not lose the others
-            emit(row, {"spec": spec, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
-        cleanup()
-    if "trl" in rows:
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                emit("trl", summarise(run_trl(config, data, device, Path(tmp)), n_params, flops, args.skip))
-        except Exception as err:
-            emit("trl", {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
-    print("META " + json.dumps({"n_params": n_params, "peak_flops": flops, "device_name": name,
-                                "steps": len(plan), "step_tokens": args.step_tokens,
-                                "conversations_per_step": [len(s) for s in plan]}), flush=True)
+    measure_rows([r for r in ROWS if r in args.rows], config, data, device, args, n_params, flops)
+    emit({"meta": {"n_params": n_params, "peak_flops": flops, "device_name": name, "steps": len(plan),
+                   "step_tokens": args.step_tokens, "conversations_per_step": [len(s) for s in plan]}})
 
 
 def cleanup() -> None:
     """Free the last row's model before the next: cached blocks and the peak counter included."""
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -445,8 +427,6 @@ def verdicts(shape: str, rows: dict) -> dict:
 
 def resummarise(path: Path) -> None:
     """Recompute loss parity and targets from the rows of an existing file; the measurements are untouched."""
-    from qlora_helpers.common.files import atomic_write_json
-
     data = json.loads(path.read_text())
     for shape, entry in data["figures"]["shapes"].items():
         rows = entry["rows"]
@@ -458,8 +438,8 @@ def resummarise(path: Path) -> None:
     print(f"rewrote the parity and targets of {path}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args():
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-7b"],
                    help="presets of qlora_helpers.common.shapes, or 'tiny' (CPU smoke test)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
@@ -474,64 +454,85 @@ def main() -> None:
                    help="earlier throughput.json files: their shapes, and the rows of this shape not redone, are kept")
     p.add_argument("--shape", default="", help=argparse.SUPPRESS)   # internal: the worker's shape
     p.add_argument("--hf-peak", type=float, default=0.0, help=argparse.SUPPRESS)   # internal: (a)'s peak, merged
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def load_previous(paths: list[str]) -> dict:
+    """shape -> entry of earlier throughput.json files, each with the commands that measured it."""
+    previous = {}
+    for path in reversed(paths):                       # the first file named wins a shape
+        earlier = json.loads(Path(path).read_text())
+        for name, entry in earlier["figures"]["shapes"].items():
+            runs = entry.get("runs") or [{"command": earlier["command"], "date": earlier["date"]}]
+            previous[name] = {**entry, "runs": runs}   # which commands measured the rows kept
+    return previous
+
+
+def progress(shape: str, name: str, row: dict) -> str:
+    if "error" in row:
+        return f"{shape:>13} {name:<24} error: {row['error']}"
+    return (f"{shape:>13} {name:<24} {row.get('tokens_per_second') or 0:>9.0f} tok/s  "
+            f"peak {row.get('peak_allocated_gib', 0):6.2f} GiB  MFU {row.get('mfu') or 0:.3f}  "
+            f"loss {row['steps'][-1]['loss']}")
+
+
+def run_shape(shape: str, args, previous: dict, shapes: dict) -> None:
+    """Measure one shape in a worker process, rewriting the file after every row (a cut run keeps what it has)."""
+    old = previous.get(shape, {})
+    # rows of an earlier run of this shape that this one does not redo are kept (same --steps and
+    # --step-tokens, or the conversations per step differ)
+    rows = {k: v for k, v in old.get("rows", {}).items() if k not in args.rows}
+    if rows and (old.get("steps"), old.get("step_tokens")) != (args.steps, args.step_tokens):
+        sys.exit(f"--merge: {shape} was run with --steps {old.get('steps')} --step-tokens "
+                 f"{old.get('step_tokens')}: use the same to add rows to it")
+    hf_peak = rows.get("hf", {}).get("peak_allocated_gib")
+    runs = (old.get("runs", []) if rows else []) + [environment_stamp()]
+    meta = {k: v for k, v in old.items() if k in ("n_params", "peak_flops", "device_name", "steps", "step_tokens",
+                                                  "conversations_per_step")}
+    t0 = time.perf_counter()
+
+    def on_row(row: dict) -> None:
+        if "row" in row:
+            name = row.pop("row")
+            rows[name] = row
+            print(progress(shape, name, row), flush=True)
+        else:
+            meta.clear()
+            meta.update(row["meta"])
+        shapes[shape] = shape_entry(shape, rows, meta, None, t0, runs)
+        write_figures(shapes, args)
+
+    worker_args = ["--shape", shape, "--device", args.device, "--steps", args.steps, "--skip", args.skip,
+                   "--step-tokens", args.step_tokens, "--rows", *args.rows]
+    worker_args += ["--hf-peak", hf_peak] if hf_peak else []
+    try:
+        run_worker("benchmarks.train_throughput", worker_args, label=shape, on_row=on_row)
+        code = 0
+    except WorkerError as err:
+        print(err, flush=True)
+        code = err.returncode
+    shapes[shape] = shape_entry(shape, rows, meta, code, t0, runs)
+    write_figures(shapes, args)
+
+
+def main() -> None:
+    args = parse_args()
     if args.shape:
         worker(args)
         return
     if args.resummarise:
         resummarise(Path(args.resummarise))
         return
-
-    import torch
-
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("train_throughput.py measures a GPU: run it on a CUDA machine (or --shapes tiny --device cpu)")
-    previous = {}
-    for path in reversed(args.merge):                  # the first file named wins a shape
-        earlier = json.loads(Path(path).read_text())
-        for name, entry in earlier["figures"]["shapes"].items():
-            runs = entry.get("runs") or [{"command": earlier["command"], "date": earlier["date"]}]
-            previous[name] = {**entry, "runs": runs}   # which commands measured the rows kept
+        sys.exit("error: benchmarks.train_throughput measures a GPU: run it on a CUDA machine "
+                 "(or --shapes tiny --device cpu)")
+    previous = load_previous(args.merge)
     shapes = {k: v for k, v in previous.items() if k not in args.shapes}   # an earlier run's other shapes
     for shape in args.shapes:
-        # rows of an earlier run of this shape that this one does not redo are kept (same --steps and
-        # --step-tokens, or the conversations per step differ: checked below)
-        rows = {k: v for k, v in previous.get(shape, {}).get("rows", {}).items() if k not in args.rows}
-        if rows and (previous[shape].get("steps"), previous[shape].get("step_tokens")) != (args.steps, args.step_tokens):
-            sys.exit(f"--merge: {shape} was run with --steps {previous[shape].get('steps')} --step-tokens "
-                     f"{previous[shape].get('step_tokens')}: use the same to add rows to it")
-        hf_peak = rows.get("hf", {}).get("peak_allocated_gib")
-        runs = (previous.get(shape, {}).get("runs", []) if rows else []) + [environment_stamp()]
-        cmd = [sys.executable, __file__, "--shape", shape, "--device", args.device, "--steps", str(args.steps),
-               "--skip", str(args.skip), "--step-tokens", str(args.step_tokens), "--rows", *args.rows,
-               *(["--hf-peak", str(hf_peak)] if hf_peak else [])]
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        meta = {k: v for k, v in previous.get(shape, {}).items() if k in ("n_params", "peak_flops", "device_name",
-                                                                            "steps", "step_tokens",
-                                                                            "conversations_per_step")}
-        for line in proc.stdout:
-            if line.startswith("ROW "):
-                row = json.loads(line[4:])
-                rows[row.pop("row")] = row
-                print(f"{shape:>13} {list(rows)[-1]:<24} " + (
-                    f"error: {row['error']}" if "error" in row else
-                    f"{row.get('tokens_per_second') or 0:>9.0f} tok/s  peak {row.get('peak_allocated_gib', 0):6.2f} GiB  "
-                    f"MFU {row.get('mfu') or 0:.3f}  loss {row['steps'][-1]['loss']}"), flush=True)
-            elif line.startswith("META "):
-                meta = json.loads(line[5:])
-            else:
-                continue
-            shapes[shape] = shape_entry(shape, rows, meta, None, t0, runs)
-            write_figures(shapes, args)                  # after every row: a cut run keeps what it has
-        proc.wait()
-        shapes[shape] = shape_entry(shape, rows, meta, proc.returncode, t0, runs)
-        write_figures(shapes, args)
+        run_shape(shape, args, previous, shapes)
 
 
 def environment_stamp() -> dict:
-    from qlora_helpers.common.bench import environment
-
     env = environment()
     return {"command": env["command"], "date": env["date"]}
 
@@ -546,14 +547,12 @@ def shape_entry(shape, rows, meta, exit_code, t0, runs) -> dict:
 
 
 def write_figures(shapes, args) -> None:
-    from qlora_helpers.common.bench import write_benchmark
-
     figures = {"shapes": shapes, "lora": LORA, "learning_rate": LR, "hf_micro_batch": HF_BATCH,
-                   "max_length": MAX_LENGTH, "mfu_basis": "tokens/s x 4N / peak dense bf16 FLOP/s; N = decoder "
-                   "linears + output layer (2N forward, 2N input gradients; no weight gradients for the frozen "
-                   "base; attention scores and recomputation not counted)",
-                   "data": "chatterbot SFT train split, Qwen2.5 tokenizer and chat template, <= 512 tokens",
-                   "weights": "random at the real shape, 4-bit NF4 with double quantisation, bf16 compute"}
+               "max_length": MAX_LENGTH, "mfu_basis": "tokens/s x 4N / peak dense bf16 FLOP/s; N = decoder "
+               "linears + output layer (2N forward, 2N input gradients; no weight gradients for the frozen "
+               "base; attention scores and recomputation not counted)",
+               "data": "chatterbot SFT train split, Qwen2.5 tokenizer and chat template, <= 512 tokens",
+               "weights": "random at the real shape, 4-bit NF4 with double quantisation, bf16 compute"}
     write_benchmark("throughput", figures, args.out or None)
 
 

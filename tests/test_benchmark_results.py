@@ -1,12 +1,26 @@
-"""GPU result files are complete records written by their scripts, and say what they claim."""
+"""GPU result files are complete records written by their scripts, and say what they claim; the scripts are
+modules of the ``benchmarks`` package and hand rows from worker processes through one protocol."""
 
+import ast
+import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from qlora_helpers.common.bench import WorkerError, run_worker
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if p.name != "__init__.py")
+
+
+def script_of(command: str) -> str:
+    """The script a recorded command ran: ``python -m benchmarks.x ...`` (or, in older records,
+    ``python benchmarks/x.py ...``) -> ``benchmarks/x.py``."""
+    words = command.split()
+    return words[2].replace(".", "/") + ".py" if words[1] == "-m" else words[1]
 
 
 @pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.stem)
@@ -14,8 +28,74 @@ def test_result_file_is_a_full_record(path):
     record = json.loads(path.read_text())
     assert {"benchmark", "device", "versions", "command", "date", "figures"} <= set(record)
     assert record["benchmark"] == path.stem
-    script = record["command"].split()[1]
+    script = script_of(record["command"])
     assert (ROOT / script).is_file(), f"{path.name} names a script that is not in the repo: {script}"
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)
+def test_benchmark_runs_as_a_module_of_the_package(path):
+    text = path.read_text()
+    usage = ast.get_docstring(ast.parse(text)) or ""
+    assert f"-m benchmarks.{path.stem}" in usage, f"{path.name}: its docstring shows python -m benchmarks.{path.stem}"
+    assert not re.search(r"python3? benchmarks/", text), f"{path.name}: run it as python -m benchmarks.{path.stem}"
+    assert "sys.path" not in text, f"{path.name}: the package needs no sys.path edits"
+    assert callable(importlib.import_module(f"benchmarks.{path.stem}").main)   # every name it imports exists
+
+
+# --------------------------------------------------------------------------- the worker protocol
+TINY_WORKER = """
+import sys
+import time
+
+from qlora_helpers.common.bench import command_line, emit
+
+mode = sys.argv[1]
+if mode != "silent":
+    emit({"name": "a", "loss": 1.0})
+    emit({"name": "b", "loss": 0.5, "command": command_line()})
+print("a progress line, not a row")
+if mode == "fail":
+    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+if mode == "hang":
+    time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_worker(tmp_path_factory):
+    """``env`` that makes ``python -m tiny_worker MODE`` importable from the repository root."""
+    folder = tmp_path_factory.mktemp("worker")
+    (folder / "tiny_worker.py").write_text(TINY_WORKER)
+    return {"PYTHONPATH": str(folder)}
+
+
+def test_a_worker_hands_its_rows_to_the_parent(tiny_worker):
+    seen = []
+    rows = run_worker("tiny_worker", ["ok"], label="tiny", env=tiny_worker, on_row=seen.append)
+    assert [r["name"] for r in rows] == ["a", "b"] and seen == rows
+    assert rows[1]["loss"] == 0.5
+    assert rows[1]["command"].split()[1:] == ["-m", "tiny_worker", "ok"]     # what a result file records
+
+
+def test_a_failing_worker_raises_one_line_naming_the_row_and_its_last_error(tiny_worker):
+    with pytest.raises(WorkerError) as caught:
+        run_worker("tiny_worker", ["fail"], label="7b-qlora4", env=tiny_worker)
+    err = caught.value
+    assert "\n" not in str(err)
+    assert str(err).startswith("7b-qlora4: python -m tiny_worker exited with status 1 (after 2 row(s)): ")
+    assert str(err).endswith("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert [r["name"] for r in err.rows] == ["a", "b"] and err.returncode == 1 and err.out_of_memory
+
+
+def test_a_worker_that_emits_nothing_is_an_error(tiny_worker):
+    with pytest.raises(WorkerError, match="^silent: python -m tiny_worker exited without a row"):
+        run_worker("tiny_worker", ["silent"], label="silent", env=tiny_worker)
+
+
+def test_a_worker_past_its_timeout_is_killed(tiny_worker):
+    with pytest.raises(WorkerError, match="^hang: python -m tiny_worker timed out after 5 s") as caught:
+        run_worker("tiny_worker", ["hang"], label="hang", env=tiny_worker, timeout=5)
+    assert caught.value.returncode < 0                  # killed by a signal
 
 
 def test_build_random_never_holds_bf16_weights():
@@ -93,7 +173,7 @@ def test_throughput_compares_hf_trl_and_the_recipe_on_both_shapes():
     assert set(shapes) == {"qwen2.5-0.5b", "qwen2.5-7b"}
     for shape, entry in shapes.items():
         rows = entry["rows"]
-        assert entry["runs"] and all(r["command"].startswith("python benchmarks/train_throughput.py") for r in entry["runs"])
+        assert entry["runs"] and all(script_of(r["command"]) == "benchmarks/train_throughput.py" for r in entry["runs"])
         for name in ("hf", "trl", "recipe", "recipe-max", "recipe-max-sdpa", "recipe-max-no-liger",
                      "recipe-max-liger-loss", "recipe-max-upcast", "recipe-max-ckpt-flipped",
                      "recipe-max-bf16-adapters", "recipe-max-no-dropout"):
@@ -113,7 +193,8 @@ def test_throughput_compares_hf_trl_and_the_recipe_on_both_shapes():
         targets = entry["targets"]
         assert {"speedup_vs_hf", "memory_vs_hf"} <= set(targets)
         for t in targets.values():       # a missed target says by how much and why
-            assert t["met"] == (t["value"] <= t["target"] if t is targets["memory_vs_hf"] else t["value"] >= t["target"])
+            lower_is_better = t is targets["memory_vs_hf"]
+            assert t["met"] == (t["value"] <= t["target"] if lower_is_better else t["value"] >= t["target"])
             assert t["met"] or "why" in t
         plan = rows["recipe"]["spec"]["plan"]   # the estimator sized the budgeted micro-batch to within 15 %
         assert abs(rows["recipe"]["peak_allocated_gib"] / plan["estimate_gib"] - 1) < 0.15

@@ -1,13 +1,29 @@
-"""What every GPU result file records, so that anyone can re-run it and compare.
+"""What every GPU result file records, and how a benchmark hands rows from a worker process to its parent.
 
 ``write_benchmark("memory_validation", {...})`` writes ``benchmarks/results/memory_validation.json``
 with the device, library versions, the exact command, the date, and the figures.
+
+Benchmarks measure each configuration in a fresh worker process, so that no memory of one row counts
+towards the next and a crash loses one row only. The worker calls ``emit(row)`` for each result (one
+``ROW {json}`` line on its stdout); the parent calls ``run_worker(module, args, label=...)``, which runs
+``python -m module args`` from the repository root and returns the rows. A worker that exits non-zero,
+runs past its timeout or emits no row raises ``WorkerError``: one line naming the row and the last line
+of the worker's stderr (``adapter-cp: python -m benchmarks.tad_memory exited with status 1: RuntimeError: ...``),
+with the rows it did emit in ``.rows``::
+
+    rows = run_worker("benchmarks.tad_memory", ["--worker", "adapter-cp"], label="adapter-cp", timeout=150)
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
+import subprocess
 import sys
+import tempfile
+import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,10 +32,18 @@ import torch
 from qlora_helpers.common.device import device_info, versions
 from qlora_helpers.common.files import atomic_write_json, repo_root
 
+ROW = "ROW "   # the prefix of a result line on a worker's stdout
+
+
+def command_line() -> str:
+    """This process's command as one would type it again: ``python -m benchmarks.tad_memory --quick``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["-m", spec.name.removesuffix(".__main__")] if spec else sys.argv[:1]
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *head, *sys.argv[1:]])
+
 
 def environment() -> dict:
-    return {"device": device_info(), "versions": versions(),
-            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+    return {"device": device_info(), "versions": versions(), "command": command_line(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -33,10 +57,76 @@ def write_benchmark(name: str, figures: dict, out: str | Path | None = None) -> 
 
 def cuda_peak_gib(reset: bool = False) -> dict:
     """Peak allocated and reserved CUDA memory since the last reset, in GiB."""
-
     torch.cuda.synchronize()
     peak = {"allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
             "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
     if reset:
         torch.cuda.reset_peak_memory_stats()
     return peak
+
+
+# --------------------------------------------------------------------------- worker processes
+def emit(row: dict) -> None:
+    """In a worker process: hand one result row (a JSON-able dict) to the parent."""
+    print(ROW + json.dumps(row), flush=True)
+
+
+class WorkerError(RuntimeError):
+    """A worker failed. ``str(err)`` is one line; ``rows`` are the rows it emitted first, ``stderr`` all it wrote,
+    ``returncode`` its exit status (negative: killed by that signal, as after a timeout)."""
+
+    def __init__(self, message: str, rows: list[dict], stderr: str, returncode: int):
+        super().__init__(message)
+        self.rows, self.stderr, self.returncode = rows, stderr, returncode
+
+    @property
+    def out_of_memory(self) -> bool:
+        return "out of memory" in self.stderr.lower()
+
+
+def run_worker(module: str, args: list, *, label: str, timeout: float | None = None, env: dict | None = None,
+               on_row: Callable[[dict], None] | None = None, echo: bool = False) -> list[dict]:
+    """Run ``python -m module *args`` in the repository root and return the rows it emitted.
+
+    ``label`` names the row(s) in errors; ``timeout`` (seconds) kills the worker; ``env`` adds environment
+    variables; ``on_row(row)`` sees each row as it arrives (to save after
+    every row); ``echo`` prints the worker's other stdout lines. Raises ``WorkerError``.
+    """
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    rows: list[dict] = []
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=repo_root(), env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+        timed_out = threading.Event()
+
+        def expire():
+            if proc.poll() is None:
+                timed_out.set()
+                proc.kill()
+
+        timer = threading.Timer(timeout or 0, expire)
+        if timeout:
+            timer.start()
+        try:
+            for line in proc.stdout:
+                if line.startswith(ROW):
+                    rows.append(json.loads(line[len(ROW):]))
+                    if on_row:
+                        on_row(rows[-1])
+                elif echo:
+                    print(line, end="", flush=True)
+            code = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:    # the parent stopped reading (Ctrl-C, a failing on_row): stop the worker
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        stderr = err.read()
+    problem = (f"timed out after {timeout:g} s" if timed_out.is_set() else f"exited with status {code}" if code
+               else "exited without a row" if not rows else "")
+    if problem:
+        tail = next((ln.strip()[:300] for ln in reversed(stderr.splitlines()) if ln.strip()), "")
+        message = f"{label}: python -m {module} {problem}" + (f" (after {len(rows)} row(s))" if rows else "")
+        raise WorkerError(message + (f": {tail}" if tail else ""), rows, stderr, code)
+    return rows
