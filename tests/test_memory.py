@@ -58,7 +58,8 @@ def test_4bit_bytes_match_bitsandbytes(double_quant):
     p = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=double_quant)._quantize("cpu")
     qs = p.quant_state
     parts = [p.data, qs.absmax, qs.code] + ([qs.state2.absmax, qs.offset] if qs.nested else [])
-    assert sum(r512(t.numel() * t.element_size()) for t in parts) == quantized_bytes(w.numel(), 4, double_quant=double_quant)
+    stored = sum(r512(t.numel() * t.element_size()) for t in parts)
+    assert stored == quantized_bytes(w.numel(), 4, double_quant=double_quant)
 
 
 def test_weights_by_hand(qwen):
@@ -92,13 +93,16 @@ def test_full_finetune_states_follow_the_param_dtype(qwen):
 
 def test_8bit_adamw_keeps_small_tensors_in_fp32(qwen):
     """bnb: tensors under 4096 values keep fp32 states; larger ones 1 byte x 2 + fp32 absmax per 256."""
-    small = estimate(qwen, "lora", batch_size=2, seq_len=32, targets="q_proj", optimizer="adamw_8bit")   # 512-value tensors
+    small = estimate(qwen, "lora", batch_size=2, seq_len=32, targets="q_proj",
+                     optimizer="adamw_8bit")   # 512-value tensors
     assert small.components["optimizer states"] == 4 * 2 * r512(4 * 512)
-    big = estimate(get_config("qwen2.5-7b"), "qlora4", batch_size=1, seq_len=64, targets="down_proj", optimizer="adamw_8bit")
+    big = estimate(get_config("qwen2.5-7b"), "qlora4", batch_size=1, seq_len=64, targets="down_proj",
+                   optimizer="adamw_8bit")
     n = 8 * 18944                                                     # down_proj lora_A, 151,552 values
     state8 = lambda k: 2 * k + 2 * r512(4 * math.ceil(k / 256)) + 512    # 2 x uint8 + absmax + unorm
     assert big.components["optimizer states"] == 28 * (state8(n) + state8(3584 * 8))   # lora_A, lora_B
-    paged = estimate(get_config("qwen2.5-7b"), "qlora4", batch_size=1, seq_len=64, targets="down_proj", optimizer="paged_adamw_8bit")
+    paged = estimate(get_config("qwen2.5-7b"), "qlora4", batch_size=1, seq_len=64, targets="down_proj",
+                     optimizer="paged_adamw_8bit")
     assert paged.outside["paged optimizer states"] == 28 * 2 * n      # >= 100k values: outside PyTorch
 
 
@@ -121,7 +125,8 @@ def test_chunked_loss_keeps_one_chunk_of_logits(qwen):
         6 * 8 * V + 4 * 64 * h) - (2 * 64 * V + 8 * 64 * V)
     assert chunked.phases["backward (top layer)"] == full.phases["backward (top layer)"]
     assert chunked.total_bytes < full.total_bytes and chunked.inputs["loss_chunk"] == 8
-    assert estimate(qwen, "qlora4", batch_size=2, seq_len=32, loss_chunk=10_000).phases == estimate(qwen, "qlora4", batch_size=2, seq_len=32, loss_chunk=64).phases
+    chunk = lambda rows: estimate(qwen, "qlora4", batch_size=2, seq_len=32, loss_chunk=rows).phases
+    assert chunk(10_000) == chunk(64)
     with pytest.raises(ValueError, match="loss_chunk"):
         estimate(qwen, "qlora4", batch_size=2, seq_len=32, loss_chunk=0)
 
@@ -197,7 +202,8 @@ def test_saved_activations_match_autograd(arch, method, targets, ckpt, kbit):
 
 def test_checkpointing_and_quantisation_shrink_the_estimate():
     cfg = get_config("qwen2.5-7b")
-    lora, ckpt = estimate(cfg, "lora", batch_size=2, seq_len=1024), estimate(cfg, "lora", batch_size=2, seq_len=1024, grad_ckpt=True)
+    lora = estimate(cfg, "lora", batch_size=2, seq_len=1024)
+    ckpt = estimate(cfg, "lora", batch_size=2, seq_len=1024, grad_ckpt=True)
     q4, q8 = estimate(cfg, "qlora4", batch_size=2, seq_len=1024), estimate(cfg, "qlora8", batch_size=2, seq_len=1024)
     assert ckpt.components["activations"] < lora.components["activations"] / 5
     assert q4.components["quantized weights"] < q8.components["quantized weights"] < lora.components[
@@ -250,4 +256,5 @@ def test_cli_as_a_command():
                            "qlora4", "--batch-size", "1", "--seq-len", "512"], capture_output=True, text=True)
     assert done.returncode == 0 and "total (peak allocated)" in done.stdout and "GiB" in done.stdout
     total = float(done.stdout.split("total (peak allocated)")[1].split()[0])
-    assert total == pytest.approx(estimate(get_config("llama-7b"), "qlora4", batch_size=1, seq_len=512).total_bytes / GIB, abs=1e-3)
+    est = estimate(get_config("llama-7b"), "qlora4", batch_size=1, seq_len=512)
+    assert total == pytest.approx(est.total_bytes / GIB, abs=1e-3)

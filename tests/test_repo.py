@@ -68,7 +68,7 @@ def test_readme_course_time_is_the_measured_one():
     minutes = measured["figures"]["total_seconds"] / 60
     match = re.search(r"Measured on a 2-core CPU: about (\d+) minutes", (ROOT / "README.md").read_text())
     assert match and int(match.group(1)) == round(minutes)
-    assert set(measured["figures"]["notebooks"]) == {p.stem for p in NOTEBOOKS}, "re-run benchmarks/course_time.py"
+    assert set(measured["figures"]["notebooks"]) == {p.stem for p in NOTEBOOKS}, "re-run python -m benchmarks.course_time"
 
 
 def test_repo_root_is_found_from_any_folder(tmp_path):

@@ -34,8 +34,13 @@ def optional_benchmark(name: str) -> dict | None:
         return None
 
 
+SCRIPTS = {"throughput": "train_throughput"}   # result files whose script has another name
+
+
 def _missing(name: str) -> str:
-    return f"no GPU measurement yet (benchmarks/results/{name}.json is missing: run benchmarks/{name}.py on a GPU)"
+    script = SCRIPTS.get(name, name)
+    return (f"no GPU measurement yet (benchmarks/results/{name}.json is missing: "
+            f"run python -m benchmarks.{script} on a GPU)")
 
 
 def _stamp(result: dict) -> str:

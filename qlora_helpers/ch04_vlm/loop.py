@@ -155,7 +155,7 @@ def self_test(device: str = "cpu", preset: str = "ultra_low_memory") -> list[dic
     Builds it with the language model in 4-bit, wraps it exactly as the chapter does (LoRA in the
     language model, projector trained, tower frozen, checkpointing, the preset's optimizer) and
     trains 2 steps of batch 1 x 2. Returns one row per check: ``{"check", "ok", "detail"}``.
-    On a GPU, ``python benchmarks/vlm_8gb.py --quick`` is the real-shape version.
+    On a GPU, ``python -m benchmarks.vlm_8gb --quick`` is the real-shape version.
     """
 
 

@@ -12,7 +12,7 @@ Example:
     >>> measured_methods(None)
     {'qlora': None, 'lora': None}
     >>> proof_table(None)
-    'no GPU measurement yet: run python benchmarks/vlm_8gb.py on a CUDA machine'
+    'no GPU measurement yet: run python -m benchmarks.vlm_8gb on a CUDA machine'
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def proof_table(bench: dict | None) -> str:
     """Where it ran, one line per capped run, then for each that succeeded the room left under its cap
     and how far the estimate was off; the seed's rank-16 row if it ran."""
     if not bench:
-        return "no GPU measurement yet: run python benchmarks/vlm_8gb.py on a CUDA machine"
+        return "no GPU measurement yet: run python -m benchmarks.vlm_8gb on a CUDA machine"
     d, v, runs = bench["device"], bench["versions"], proofs(bench)
     lines = [f"measured on {d['name']} ({bench['date']}), torch {v['torch']}, bitsandbytes {v['bitsandbytes']}",
              f"{'run':<16}{'cap':>6}{'tokens':>8}{'steps':>7}{'peak alloc':>12}{'reserved':>10}{'estimate':>10}"

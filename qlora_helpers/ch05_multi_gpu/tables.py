@@ -76,7 +76,7 @@ def gpu_report(runs: dict[str, dict | None]) -> str:
     lines = []
     for name, record in runs.items():
         if record is None:
-            lines.append(f"{name}: no GPU result yet (run benchmarks/{name}.py on a GPU machine)")
+            lines.append(f"{name}: no GPU result yet (run python -m benchmarks.{name} on a GPU machine)")
             continue
         device = record["device"]
         lines.append(f"{name} on {device.get('count', 1)} x {device.get('name')} ({record['date'][:10]}):")

@@ -189,7 +189,8 @@ def build_random(config, quantize: str | None = None, *, device: str = "cuda", d
     qconfig = None
     if quantize:
 
-        qconfig = bnb_config(quantize, dtype, double_quant=double_quant, quant_type=quant_type, quant_storage=quant_storage)
+        qconfig = bnb_config(quantize, dtype, double_quant=double_quant, quant_type=quant_type,
+                             quant_storage=quant_storage)
         model = replace_with_bnb_linear(model, modules_to_not_convert=_keep_unquantized(model),
                                         quantization_config=qconfig)
     std = getattr(config, "initializer_range", None) or getattr(

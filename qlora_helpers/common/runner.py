@@ -195,7 +195,8 @@ def configure_parser(parser) -> None:
 
 def cli(args) -> int:
     params = {name: parse_value(value) for name, value in args.parameter}
-    run_dir, runs = run_notebooks(args.notebooks, params, args.run_dir, kernel=args.kernel, progress=not args.no_progress)
+    run_dir, runs = run_notebooks(args.notebooks, params, args.run_dir, kernel=args.kernel,
+                                  progress=not args.no_progress)
     print(summary_markdown(runs))
     print(f"run folder: {run_dir}")
     return 0 if all(r.status == "ok" for r in runs) else 1
