@@ -63,12 +63,18 @@ def test_readme_lists_every_notebook_in_order():
 
 
 def test_readme_course_time_is_the_measured_one():
-    """The README's course time is quoted from benchmarks/results/course_cpu.json, not typed by hand."""
-    measured = json.loads((ROOT / "benchmarks" / "results" / "course_cpu.json").read_text())
-    minutes = measured["figures"]["total_seconds"] / 60
+    """The README quotes the slower of the two CPU timings in benchmarks/results/course_cpu.json: this CPU with
+    native bf16 allowed, and the same CPU held to AVX2 kernels as most laptops are (fp32 compute)."""
+    figures = json.loads((ROOT / "benchmarks" / "results" / "course_cpu.json").read_text())["figures"]
+    modes = figures["modes"]
+    assert set(modes) == {"native", "avx2"}
+    assert modes["avx2"]["cpu"] == {"capability": "AVX2", "bf16": False, "compute_dtype": "float32"}
+    for mode in modes.values():
+        assert set(mode["notebooks"]) == {p.stem for p in NOTEBOOKS}, "re-run python -m benchmarks.course_time"
+    assert figures["total_seconds"] == max(m["total_seconds"] for m in modes.values())
+    assert figures["total_seconds"] < 30 * 60, "the course must stay under 30 minutes on a laptop CPU"
     match = re.search(r"Measured on a 2-core CPU: about (\d+) minutes", (ROOT / "README.md").read_text())
-    assert match and int(match.group(1)) == round(minutes)
-    assert set(measured["figures"]["notebooks"]) == {p.stem for p in NOTEBOOKS}, "re-run python -m benchmarks.course_time"
+    assert match and int(match.group(1)) == round(figures["total_seconds"] / 60)
 
 
 def test_repo_root_is_found_from_any_folder(tmp_path):
