@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-from qlora_helpers.common.files import load_benchmark
+from qlora_helpers.common.files import optional_benchmark
 
 NAME = "memory_validation"
 
@@ -21,9 +21,8 @@ def validation() -> dict | None:
     ``slack``: the (min, max) share by which reserved exceeded the peak allocated; ``outside``: the
     (min, max) GiB the device held beyond PyTorch's reserve (CUDA context, paged optimizer states).
     """
-    try:
-        bench = load_benchmark(NAME)
-    except FileNotFoundError:
+    bench = optional_benchmark(NAME)
+    if bench is None:
         return None
     ok = [r for r in bench["figures"]["rows"] if r["status"] == "ok"]
     rows = [{"name": r["name"], "predicted_gib": r["predicted_gib"],

@@ -38,7 +38,6 @@ from qlora_helpers.ch03_sft.data import (
 from qlora_helpers.ch03_sft.gpu_results import (
     ablation_lines,
     missed_targets,
-    optional_benchmark,
     plan_lines,
     sft_modes_vs_seed,
     step_profiles,
@@ -61,6 +60,6 @@ __all__ = ["PROBE_PROMPTS", "DataError", "LiveLossPlot", "SFTConfig", "ablation_
            "chat", "collate", "encode_all", "encode_chat", "evaluate", "from_dict", "load_config_file",
            "load_for_inference", "load_tokenizer", "logit_difference", "make_optimizer", "merge_adapter",
            "merge_results", "merge_table", "missed_targets", "mode_results", "modes_figure", "modes_table",
-           "optimizer_step", "optional_benchmark", "plan_lines", "prompt_logits", "read_jsonl",
+           "optimizer_step", "plan_lines", "prompt_logits", "read_jsonl",
            "records_to_conversations", "run_line", "run_sft", "sft_modes_vs_seed", "show_mask", "step_profiles",
            "targets_table", "throughput_figure", "throughput_targets", "trainable_4bit_layers"]

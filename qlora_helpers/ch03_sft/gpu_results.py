@@ -3,7 +3,7 @@
 Three result files of ``benchmarks/`` (written on a GPU, committed): ``sft_modes.json`` (the four
 modes at Qwen2.5-0.5B shape, the seed guide's way), ``throughput.json`` (plain peft + bitsandbytes,
 TRL and the recipe, with one lever switched at a time) and ``recipe_profile.json`` (where the time
-of one recipe step goes). Each function takes a file as ``optional_benchmark`` returns it, ``None``
+of one recipe step goes). Each function takes a file as ``common.optional_benchmark`` returns it, ``None``
 when it is missing, and says so instead of failing.
 
 Example:
@@ -16,22 +16,12 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from qlora_helpers.common.files import load_benchmark
-
 # The seed guide's claims for Qwen2.5-0.5B: memory (GB) and trainable share (%) of each mode.
 SEED_TABLE = {"full": (8.0, 100.0), "lora": (6.0, 3.0), "qlora-4bit": (3.0, 3.0), "qlora-8bit": (4.0, 3.0)}
 # The rows of throughput.json that the figure compares, and their labels.
 THROUGHPUT_LABELS = {"hf": "(a) peft + bnb, the seed's way", "trl": "(b) TRL SFTTrainer, defaults",
                      "recipe": "(c) recipe, budget 0.7 x (a)", "recipe-max": "(c) recipe, large micro-batch"}
 ABLATION = "recipe-max-"   # rows of throughput.json that switch one lever of the large-micro-batch recipe
-
-
-def optional_benchmark(name: str) -> dict | None:
-    """``benchmarks/results/<name>.json``, or ``None`` when no GPU run has written it yet."""
-    try:
-        return load_benchmark(name)
-    except FileNotFoundError:
-        return None
 
 
 SCRIPTS = {"throughput": "train_throughput"}   # result files whose script has another name

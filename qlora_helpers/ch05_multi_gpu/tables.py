@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 from qlora_helpers.ch01_memory.gpus import fits
-from qlora_helpers.common.files import load_benchmark
+from qlora_helpers.common.files import optional_benchmark
 
 # What the 8 x V100 write-up this chapter follows budgeted per GPU, in GB: claimed, not measured here.
 WRITEUP_GB = {"4-bit base model": 18.0, "LoRA weights (fp32)": 0.5, "optimizer states": 1.0,
@@ -44,13 +44,7 @@ def plan_against_writeup(plan) -> str:
 
 def load_gpu_runs(names: tuple[str, ...] = GPU_BENCHMARKS) -> dict[str, dict | None]:
     """Each GPU benchmark's result file (``benchmarks/results/NAME.json``); ``None`` where none exists yet."""
-    runs = {}
-    for name in names:
-        try:
-            runs[name] = load_benchmark(name)
-        except FileNotFoundError:
-            runs[name] = None
-    return runs
+    return {name: optional_benchmark(name) for name in names}
 
 
 def gpu_summary(runs: dict[str, dict | None]) -> dict[str, dict]:

@@ -19,7 +19,7 @@ module.
 """
 
 from qlora_helpers.common.device import compute_dtype, default_device, device_info, resolve_profile, versions
-from qlora_helpers.common.files import load_benchmark, repo_root, results_dir, save_results
+from qlora_helpers.common.files import load_benchmark, optional_benchmark, repo_root, results_dir, save_results
 
-__all__ = ["compute_dtype", "default_device", "device_info", "load_benchmark", "repo_root", "resolve_profile",
-           "results_dir", "save_results", "versions"]
+__all__ = ["compute_dtype", "default_device", "device_info", "load_benchmark", "optional_benchmark", "repo_root",
+           "resolve_profile", "results_dir", "save_results", "versions"]

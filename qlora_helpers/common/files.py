@@ -73,3 +73,11 @@ def load_benchmark(name: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the matching script in benchmarks/ on a GPU to create it")
     return json.loads(path.read_text())
+
+
+def optional_benchmark(name: str) -> dict | None:
+    """``load_benchmark(name)``, or ``None`` when no GPU run has written the file yet."""
+    try:
+        return load_benchmark(name)
+    except FileNotFoundError:
+        return None
