@@ -9,17 +9,26 @@ import pytest
 import tomllib
 import yaml
 
+from qlora_helpers.common import outputs
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_is_stripped(path):
+def test_committed_outputs_belong_to_their_cells(path):
+    """The notebooks carry the canonical CPU run's outputs; a cell edited (or added) since then is stale."""
     nb = json.loads(path.read_text())
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            assert cell["outputs"] == [] and cell["execution_count"] is None, f"{path.name}: strip outputs"
-    assert "widgets" not in nb["metadata"], f"{path.name}: widget state is committed"
+    fix = f"run: python -m qlora_helpers run --write-back {path.stem}"
+    stale = outputs.stale_cells(nb)
+    assert not stale, f"{path.name}: " + "; ".join(stale[:3]) + f" ({len(stale)} stale cells): {fix}"
+    assert not outputs.widget_state(nb), f"{path.name}: widget state is committed: {fix}"
+    assert nb["metadata"][outputs.KEY]["outputs"]["device"]["type"] == "cpu"
+
+
+def test_committed_notebooks_stay_small():
+    total = sum(p.stat().st_size for p in NOTEBOOKS)
+    assert total < 5 * 2**20, f"the notebooks hold {total / 2**20:.1f} MB with outputs: lower the plots' dpi"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -8,6 +8,7 @@ device      profile, device, versions, and the CPU's compute dtype (bf16 only wh
 files       the repository root, atomic writers, notebook results and benchmark result files
 bench       what every GPU result file records (device, versions, command, date)
 runner      the papermill harness behind ``python -m qlora_helpers run``
+outputs     the committed notebook outputs: written back from a run, stale cells found
 widgets     the parameter panel of the training chapters
 shapes      named real model shapes (Qwen2.5 0.5B-32B, Llama, Mistral, SmolLM2, LLaVA-1.5, Qwen2-VL)
 models      tiny random models for tests, random weights at real shapes, ``load_causal_lm``

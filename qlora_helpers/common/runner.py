@@ -29,7 +29,8 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
-from qlora_helpers.common.device import versions
+from qlora_helpers.common import outputs
+from qlora_helpers.common.device import device_info, versions
 from qlora_helpers.common.files import (
     RESULTS_ENV,
     atomic_write_json,
@@ -70,6 +71,16 @@ def discover(names: list[str] | None = None) -> list[Path]:
             raise ValueError(f"no notebook {name!r} in {notebooks_dir()}: choose from {known}")
         chosen.extend(match)
     return chosen
+
+
+def parameter_set(name: str) -> dict[str, dict]:
+    """A named set of per-notebook parameters, ``data/parameter_sets/<name>.yaml`` (notebook stem -> overrides)."""
+    folder = repo_root() / "data" / "parameter_sets"
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none"
+        raise ValueError(f"no parameter set {name!r} in {folder}: choose from {known}")
+    return {stem: dict(values or {}) for stem, values in (yaml.safe_load(path.read_text()) or {}).items()}
 
 
 def declared_parameters(notebook: Path) -> dict:
@@ -191,12 +202,38 @@ def configure_parser(parser) -> None:
     parser.add_argument("--run-dir", help="where to write executed notebooks and results (default: runs/<time>)")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--set", dest="parameter_set", metavar="NAME",
+                        help="a named parameter set from data/parameter_sets/ (course: the learning test's run)")
+    parser.add_argument("--write-back", action="store_true",
+                        help="copy each executed notebook, outputs included, into notebooks/ (the committed "
+                             "canonical CPU run: default parameters only)")
+
+
+def write_back_run(runs: list[NotebookRun]) -> list[Path]:
+    """Copy the executed notebooks of a run at default parameters into ``notebooks/`` (see ``outputs``)."""
+    if device_info()["type"] != "cpu":
+        raise ValueError("the committed outputs are the CPU run: hide the GPU (CUDA_VISIBLE_DEVICES=) and run again")
+    info = {"command": "python -m qlora_helpers run --write-back", "device": device_info()}
+    written = []
+    for record in runs:
+        if record.status != "ok":
+            raise ValueError(f"{record.notebook} failed ({record.error}): nothing of it was written back")
+        notebook = notebooks_dir() / f"{record.notebook}.ipynb"
+        run_info = {**info, "date": datetime.now().isoformat(timespec="seconds"), "seconds": record.seconds}
+        written.append(outputs.write_back(Path(record.executed), notebook, run_info=run_info))
+    return written
 
 
 def cli(args) -> int:
     params = {name: parse_value(value) for name, value in args.parameter}
+    if args.write_back and (params or args.parameter_set):
+        raise ValueError("--write-back commits the run at the notebooks' default parameters: drop -p and --set")
+    per_notebook = parameter_set(args.parameter_set) if args.parameter_set else None
     run_dir, runs = run_notebooks(args.notebooks, params, args.run_dir, kernel=args.kernel,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, notebook_parameters=per_notebook)
     print(summary_markdown(runs))
     print(f"run folder: {run_dir}")
+    if args.write_back:
+        for path in write_back_run([r for r in runs if r.status == "ok"]):
+            print(f"outputs written back to {path}")
     return 0 if all(r.status == "ok" for r in runs) else 1
