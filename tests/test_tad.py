@@ -315,6 +315,47 @@ def test_memory_tables_and_figure_from_a_benchmark_file():
     assert benchmark_record(None) is None
 
 
+def test_learning_metrics_and_the_one_point_verdict_hand_computed():
+    from qlora_helpers.ch02_tad.claims import learning_metrics, within_one_point
+
+    map05 = {"full_ft": 0.5, "adapter": 0.6, "seed_qlora": 0.595, "qlora_backbone": 0.7,
+             "adapter_random_backbone": 0.15}
+    assert learning_metrics(map05, 0.05) == {
+        "map05_over_chance_full_ft": 10.0, "map05_over_chance_adapter": 12.0, "map05_over_chance_seed_qlora": 11.9,
+        "map05_over_chance_qlora_backbone": 14.0, "adapter_over_random_backbone": 4.0}
+    assert within_one_point(map05)["verdict"] == "holds (-0.005 mAP@0.5, tolerance 0.01)"
+    worse = within_one_point({**map05, "seed_qlora": 0.583})
+    assert worse["seed_qlora_minus_adapter_map05"] == -0.017 and worse["verdict"].startswith("refuted (-0.017")
+    control_below_chance = learning_metrics({**map05, "adapter_random_backbone": 0.0}, 0.05)
+    assert control_below_chance["adapter_over_random_backbone"] == 12.0          # the control counted at chance
+    with pytest.raises(ValueError, match="chance mAP@0.5 is 0.0"):
+        learning_metrics(map05, 0.0)
+
+
+def test_eight_bit_advice_and_memory_levers_from_a_benchmark_file():
+    from qlora_helpers.ch02_tad.claims import eight_bit_advice, memory_levers
+
+    def row(name, gib, quantized=0):
+        return {"name": name, "status": "ok", "peak_allocated_gib": gib,
+                "params": {"quantized_params": 2 * quantized, "quantized_bytes": quantized}}
+
+    rows = [row("adapter-cp", 3.0), row("adapter-nocp", 10.0), row("seed_qlora4-cp", 3.5, 2**20),
+            row("seed_qlora4-nocp", 12.0, 2**20), row("seed_qlora8-cp", 5.5, 2**21),
+            row("seed_qlora8-nocp", 15.0, 2**21)]
+    advice = eight_bit_advice({"figures": {"rows": rows}})
+    assert advice["verdict"] == "contradicted: 8-bit needs more memory than 4-bit"
+    assert advice["peak_gib_8bit_vs_4bit"] == {"checkpointing on": [5.5, 3.5], "checkpointing off": [15.0, 12.0]}
+    assert advice["quantized_weights_mib_8bit_vs_4bit"] == [2.0, 1.0]
+    swapped = [dict(r, peak_allocated_gib=20 - r["peak_allocated_gib"]) for r in rows]
+    assert eight_bit_advice({"figures": {"rows": swapped}})["verdict"] == "holds against 4-bit"
+    assert eight_bit_advice(None)["verdict"] == "not measured"
+    lines = memory_levers({"figures": {"rows": rows}})
+    assert lines[0] == "activation checkpointing (with_cp=True), adapter: 10.00 -> 3.00 GiB (7.00 GiB saved)"
+    assert lines[2] == "quantize_bits 8 -> 4, checkpointing on: 5.50 -> 3.50 GiB (2.00 GiB saved)"
+    assert lines[3].startswith("seed_qlora4-cp: 2,097,152 quantized weights take 1.00 MiB instead of 8.00 MiB")
+    assert memory_levers(None) == ["no GPU measurement: run benchmarks/tad_memory.py on a GPU"]
+
+
 def test_the_seed_adapter_is_its_written_out_forward():
     """QLoRAAdapter (plain) == x + gamma * (up4(gelu(down4(x) + s*B(A(x)))) + s*B'(A'(.))), on Linear4bit layers."""
     import bitsandbytes as bnb

@@ -14,7 +14,8 @@ head        an ActionFormer-style pyramid head: focal classification loss, DIoU 
 config      configs in OpenTAD's shape, their validation, the model builder and paramwise optimizer groups
 train       pre-training (cached), training with atomic checkpoints and resume, evaluation, costs
 claims      the seeds' parameter and memory numbers next to what is counted and measured, with verdicts;
-            the GPU memory table and figure of ``benchmarks/tad_memory.py``
+            the GPU memory table and figure of ``benchmarks/tad_memory.py``; the learning figures the
+            tests assert on (mAP@0.5 over chance and over a random backbone) and the 1 % mAP verdict
 ==========  ==========================================================================================
 
 This package itself and ``evaluate`` import numpy at most; the other modules import torch, and

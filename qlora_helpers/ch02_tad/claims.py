@@ -8,7 +8,10 @@ reserved figure (what the caching allocator holds, closer to what ``nvidia-smi``
 the CUDA context) is printed beside it, since the seeds do not say how they measured.
 
 ``memory_table``, ``memory_figure`` and ``checkpointing_table`` show that benchmark file, and
-``benchmark_record`` is the part of it a notebook's results keep.
+``benchmark_record`` is the part of it a notebook's results keep. ``eight_bit_advice`` and
+``memory_levers`` read the same file for seed 000's "use 8-bit when out of memory" and for what does
+help. ``learning_metrics`` and ``within_one_point`` turn the notebook's mAP table into the learning
+figures the tests assert on and into the verdict on seed 000's "within 1 % mAP of the plain adapter".
 """
 
 from __future__ import annotations
@@ -176,3 +179,79 @@ def benchmark_record(benchmark: dict | None) -> dict | None:
     if benchmark is None:
         return None
     return {"device": benchmark["device"], "date": benchmark["date"], "rows": memory_rows(benchmark)}
+
+
+# --------------------------------------------------------------------------- learning and the 1 % claim
+TRAINED = ("full_ft", "adapter", "seed_qlora", "qlora_backbone")
+
+
+def learning_metrics(map05: dict, chance05: float) -> dict:
+    """Higher-is-better learning figures from mAP@0.5 per run (``TRAINED`` plus ``adapter_random_backbone``).
+
+    ``map05_over_chance_<strategy>`` is the strategy's mAP@0.5 over the chance mAP@0.5;
+    ``adapter_over_random_backbone`` the adapter's over the same adapter's on a random frozen backbone,
+    that control counted at chance when it falls below (as after the tests' two steps: below chance is chance).
+    Example: ``learning_metrics({"adapter": 0.6, "adapter_random_backbone": 0.15, ...}, 0.04)``
+    -> ``{"map05_over_chance_adapter": 15.0, ..., "adapter_over_random_backbone": 4.0}``.
+    """
+    if chance05 <= 0:
+        raise ValueError(f"chance mAP@0.5 is {chance05}: nothing to divide by; evaluate on more validation videos")
+    out = {f"map05_over_chance_{s}": round(map05[s] / chance05, 4) for s in TRAINED}
+    out["adapter_over_random_backbone"] = round(map05["adapter"] / max(map05["adapter_random_backbone"], chance05), 4)
+    return out
+
+
+def within_one_point(map05: dict, *, tolerance: float = 0.01) -> dict:
+    """Seed 000's "QLoRA adapter within 1 % mAP of the plain adapter", read as 1 point of mAP@0.5.
+
+    Example: ``{"seed_qlora": 0.617, "adapter": 0.634}`` -> difference -0.017, verdict "refuted (-0.017 mAP)".
+    """
+    diff = round(map05["seed_qlora"] - map05["adapter"], 4)
+    verdict = "holds" if abs(diff) <= tolerance else "refuted"
+    return {"claim": "QLoRA adapter within 1 % mAP of the plain adapter", "seed": "000",
+            "seed_qlora_minus_adapter_map05": diff, "tolerance": tolerance,
+            "verdict": f"{verdict} ({diff:+.3f} mAP@0.5, tolerance {tolerance:.2f})"}
+
+
+# --------------------------------------------------------------------------- what helps when memory runs out
+def eight_bit_advice(benchmark: dict | None) -> dict:
+    """Seed 000's advice for CUDA out of memory, "use 8-bit quantization (quantize_bits=8)", against the
+    measured peaks of the seed's adapter at 8 and at 4 bits (checkpointing on and off)."""
+    m = _rows(benchmark) if benchmark else {}
+    pairs = {cp: (_peak(m, f"seed_qlora8-{cp}"), _peak(m, f"seed_qlora4-{cp}")) for cp in ("cp", "nocp")}
+    measured = {cp: p for cp, p in pairs.items() if None not in p}
+    if not measured:
+        verdict = "not measured"
+    elif all(q8 > q4 for q8, q4 in measured.values()):
+        verdict = "contradicted: 8-bit needs more memory than 4-bit"
+    elif all(q8 < q4 for q8, q4 in measured.values()):
+        verdict = "holds against 4-bit"
+    else:
+        verdict = "mixed"
+    weights = [m[f"seed_qlora{b}-cp"]["params"]["quantized_bytes"] / 2**20 if f"seed_qlora{b}-cp" in m else None
+               for b in (8, 4)]
+    return {"claim": "out of memory: use 8-bit quantization (quantize_bits=8)", "seed": "000",
+            "peak_gib_8bit_vs_4bit": {("checkpointing on" if cp == "cp" else "checkpointing off"): list(p)
+                                      for cp, p in measured.items()},
+            "quantized_weights_mib_8bit_vs_4bit": weights, "verdict": verdict}
+
+
+def memory_levers(benchmark: dict | None) -> list[str]:
+    """What each lever of the seed's config changes at the real shape, one line each, from the benchmark."""
+    m = _rows(benchmark) if benchmark else {}
+    lines = []
+    for strategy in ("adapter", "seed_qlora4"):
+        on, off = _peak(m, f"{strategy}-cp"), _peak(m, f"{strategy}-nocp")
+        if on is not None and off is not None:
+            lines.append(f"activation checkpointing (with_cp=True), {strategy}: {off:.2f} -> {on:.2f} GiB "
+                         f"({off - on:.2f} GiB saved)")
+    q8, q4 = _peak(m, "seed_qlora8-cp"), _peak(m, "seed_qlora4-cp")
+    if q8 is not None and q4 is not None:
+        lines.append(f"quantize_bits 8 -> 4, checkpointing on: {q8:.2f} -> {q4:.2f} GiB ({q8 - q4:.2f} GiB saved)")
+    for name in ("seed_qlora4-cp", "qlora_backbone-cp"):
+        if name in m:
+            p = m[name]["params"]
+            lines.append(f"{name}: {p['quantized_params']:,} quantized weights take "
+                         f"{p['quantized_bytes'] / 2**20:.2f} MiB instead of {p['quantized_params'] * 4 / 2**20:.2f} "
+                         f"MiB in fp32, against a peak of {m[name]['peak_allocated_gib']:.2f} GiB")
+    return lines or ["no GPU measurement: run benchmarks/tad_memory.py on a GPU"]
