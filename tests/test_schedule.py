@@ -1,12 +1,17 @@
-"""The plateau learning-rate rule of chapter 05 on scripted validation-loss sequences, one per branch."""
+"""The plateau learning-rate rule of chapter 05 on scripted validation-loss sequences, one per branch; the
+reversal verdict on scripted scores; the adapter size counted on the meta device."""
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import yaml
 
+from qlora_helpers.ch05_multi_gpu.adapter_size import adapter_size
+from qlora_helpers.ch05_multi_gpu.learning import chance_band, learning_metrics, reversal_verdict, seed_spread
 from qlora_helpers.ch05_multi_gpu.schedule import PlateauSchedule, warmup_steps
+from qlora_helpers.ch05_multi_gpu.tables import adapter_verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = dict(learning_rate=1e-4, min_lr=6e-5, lr_reduction_factor=0.5, lr_patience=1,
@@ -114,3 +119,55 @@ def test_config_files_build_a_schedule(name):
         PlateauSchedule.from_config({k: v for k, v in cfg["training"].items() if k != "min_lr"}, 100)
     with pytest.raises(ValueError, match="training.min_lr = 'six' is not a number"):
         PlateauSchedule.from_config({**cfg["training"], "min_lr": "six"}, 100)
+
+
+# --------------------------------------------------------------------------- the reversal verdict (learning.py)
+def scores(forward: float, reverse: float, new: float | None = None) -> dict:
+    """An accuracy dict with the seen wording at ``forward`` / ``reverse`` and the new one at ``new`` (or the same)."""
+    return {"forward": {"seen": {"choice": forward}, "new": {"choice": forward if new is None else new}},
+            "reverse": {"seen": {"choice": reverse}, "new": {"choice": reverse}}}
+
+
+def test_chance_band_is_the_binomial_spread_over_the_identities():
+    p, low, high = chance_band(12)
+    sd = math.sqrt((1 / 12) * (11 / 12) / 12)           # 0.0798
+    assert p == pytest.approx(1 / 12) and high == pytest.approx(1 / 12 + 2 * sd) and low == 0.0
+
+
+def test_learning_metrics_average_the_wordings_and_point_up():
+    m = learning_metrics(scores(1.0, 0.25, new=0.5), "forward", 4)
+    assert m == {"trained_choice_accuracy": 0.75, "trained_over_chance": 3.0, "trained_minus_other": 0.5}
+    assert learning_metrics(scores(0.25, 1.0), "reverse", 4)["trained_minus_other"] == 0.75
+
+
+@pytest.mark.parametrize("forward,reverse,verdict", [
+    (0.9, 1 / 12, "shown"),            # trained far above the band, the other at chance
+    (0.9, 0.0, "shown"),               # below the band is not "learned" either
+    (0.9, 0.6, "not shown"),           # the other direction learned too
+    (0.15, 1 / 12, "not learned"),     # the trained direction inside the band: no verdict on reversal
+])
+def test_reversal_verdict_cases(forward, reverse, verdict):
+    v = reversal_verdict(scores(forward, reverse), "forward", 12)
+    assert v["verdict"] == verdict and v["text"]
+    assert reversal_verdict(scores(reverse, forward), "reverse", 12)["verdict"] == verdict
+
+
+def test_seed_spread_reads_the_recorded_file(tmp_path):
+    assert "no seed spread" in seed_spread(path=tmp_path / "missing.json")
+    entry = {"seeds": [0, 1, 2], "parameters": {}, "date": "2026-12-01T00:00:00",
+             "metrics": {"trained_choice_accuracy": {"values": [0.9, 1.0, 0.8], "min": 0.8, "max": 1.0}}}
+    (tmp_path / "s.json").write_text(json.dumps({"notebooks": {"05_multi_gpu_32b": entry}}))
+    text = seed_spread(path=tmp_path / "s.json")
+    assert "0.900, 1.000, 0.800" in text and "min 0.800" in text
+
+
+def test_adapter_size_is_counted_exactly_at_a_real_shape():
+    lora = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    size = adapter_size("smollm2-135m", lora)           # 30 layers, hidden 576, 9 heads / 3 kv heads of 64
+    per_layer = 8 * ((576 + 576) + (576 + 192) + (576 + 192) + (576 + 576))
+    assert size["parameters"] == 30 * per_layer and size["tensors"] == 30 * 4 * 2
+    data = 4 * size["parameters"]
+    assert data < size["bytes"] < data + 100_000                       # the safetensors header on top
+    assert 2 * size["parameters"] < size["bytes_fp16"] < 2 * size["parameters"] + 100_000
+    v = adapter_verdict({**size, "bytes": 153e6}, claim_mb=153)
+    assert v["verdict"] == "holds" and adapter_verdict(size, claim_mb=153)["verdict"] == "refuted"

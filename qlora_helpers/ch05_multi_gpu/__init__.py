@@ -1,21 +1,24 @@
 """Chapter 05, data-parallel QLoRA from a notebook with accelerate's ``notebook_launcher``.
 
-=========  ===========================================================================================
-module     what it holds
-=========  ===========================================================================================
-worker     the per-rank training function the launcher starts, and ``python -m ...worker``
-precision  bf16, fp16 with loss scaling, or fp32, decided per device
-model      what each rank trains: the 4-bit or 8-bit model and LoRA on it
-schedule   warm-up, the plateau learning-rate rule and early stopping; live history plot
-reversal   the reversal-curse data (LFW identities) and its scoring
-tables     the notebook's finished tables: the V100 plan against the write-up, the GPU benchmark runs
-=========  ===========================================================================================
+============  ============================================================================================
+module        what it holds
+============  ============================================================================================
+worker        the per-rank training function the launcher starts, and ``python -m ...worker``
+precision     bf16, fp16 with loss scaling, or fp32, decided per device
+model         what each rank trains: the 4-bit or 8-bit model and LoRA on it
+schedule      warm-up, the plateau learning-rate rule and early stopping; live history plot
+reversal      the reversal-curse data (LFW identities) and its scoring
+learning      the learning metrics and the reversal-curse verdict computed from the scores
+tables        the notebook's finished tables: the V100 plan against the write-up, the GPU benchmark runs,
+              the adapter's size at the 32B shape against the write-up's
+adapter_size  that size, counted on the meta device (imports peft: run in a child process)
+============  ============================================================================================
 
 Importing this package loads neither peft nor bitsandbytes: the notebook's kernel must not have them
-before ``notebook_launcher`` starts the ranks. ``model`` (which loads them) is not imported here.
+before ``notebook_launcher`` starts the ranks. ``model`` and ``adapter_size`` (which load them) are not imported here.
 """
 
-from qlora_helpers.ch05_multi_gpu import reversal, tables, worker
+from qlora_helpers.ch05_multi_gpu import learning, reversal, tables, worker
 from qlora_helpers.ch05_multi_gpu.schedule import LiveHistory, PlateauSchedule
 
-__all__ = ["LiveHistory", "PlateauSchedule", "reversal", "tables", "worker"]
+__all__ = ["LiveHistory", "PlateauSchedule", "learning", "reversal", "tables", "worker"]

@@ -11,13 +11,18 @@ Example:
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 from qlora_helpers.ch01_memory.gpus import fits
-from qlora_helpers.common.files import optional_benchmark
+from qlora_helpers.common.files import optional_benchmark, repo_root
 
 # What the 8 x V100 write-up this chapter follows budgeted per GPU, in GB: claimed, not measured here.
 WRITEUP_GB = {"4-bit base model": 18.0, "LoRA weights (fp32)": 0.5, "optimizer states": 1.0,
               "gradients + activations + rest": 8.0}
 WRITEUP_TOTAL_GB = 27.5
+WRITEUP_ADAPTER_MB = 153      # its best/adapter_model.safetensors, "153MB" (Qwen3-VL-32B, r=8 on q/k/v/o)
 V100_GB = 32
 GPU_BENCHMARKS = ("qlora_32b_v100", "multi_gpu_notebook", "fsdp_qlora")   # scripts in benchmarks/
 
@@ -35,11 +40,41 @@ def plan_rows(plan) -> dict[str, float]:
 def plan_against_writeup(plan) -> str:
     """Per-GPU table: the estimate of ``plan`` beside the write-up's budget, and whether it fits a V100-32GB."""
     lines = [f"{'per GPU':<32}{'estimate':>10}{'write-up':>10}"]
-    for row, est in plan_rows(plan).items():
+    rows = plan_rows(plan)
+    for row, est in rows.items():
         lines.append(f"{row:<32}{est:>8.2f} G{WRITEUP_GB[row]:>9.1f} G")
     verdict = fits(plan.total_gib, V100_GB)
     lines.append(f"{'total':<32}{plan.total_gib:>8.2f} G{WRITEUP_TOTAL_GB:>9.1f} G   V100-{V100_GB}GB: {verdict}")
+    gap = {row: WRITEUP_GB[row] - est * 2**30 / 1e9 for row, est in rows.items()}   # write-up GB vs GiB
+    widest = max(gap, key=lambda row: abs(gap[row]))
+    lines.append(f"estimate {'below' if plan.total_gib * 2**30 / 1e9 < WRITEUP_TOTAL_GB else 'above'} the write-up "
+                 f"by {abs(WRITEUP_TOTAL_GB - plan.total_gib * 2**30 / 1e9):.1f} GB in all; "
+                 f"the widest gap: {widest} ({gap[widest]:+.1f} GB in the write-up)")
     return "\n".join(lines)
+
+
+def adapter_size(config: str = "data/configs/multi_gpu_32b.yaml", preset: str = "qwen2.5-32b",
+                 dtype: str = "fp32") -> dict:
+    """``adapter_size.adapter_size`` run in a child process: it imports peft, which this kernel must not."""
+    cmd = [sys.executable, "-m", "qlora_helpers.ch05_multi_gpu.adapter_size", "--config", str(config),
+           "--preset", preset, "--dtype", dtype]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=repo_root())
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"adapter size count failed: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def adapter_verdict(size: dict, claim_mb: float = WRITEUP_ADAPTER_MB, tolerance: float = 0.1) -> dict:
+    """The write-up's adapter size against the one counted: ``holds`` within ``tolerance`` (10 %), else ``refuted``."""
+    mb, share = size["bytes"] / 1e6, size["parameters"] / size["base_parameters"]
+    verdict = "holds" if abs(mb - claim_mb) <= tolerance * claim_mb else "refuted"
+    text = (f"claim: {claim_mb:g} MB adapter checkpoint; counted at {size['preset']} (r={size['r']}, "
+            f"{'/'.join(t.removesuffix('_proj') for t in size['targets'])}, {size['dtype']}): "
+            f"{size['parameters']:,} parameters, {size['bytes']:,} bytes = {mb:.1f} MB "
+            f"({share:.3%} of {size['base_parameters'] / 1e9:.1f} B) -> {verdict}")
+    return {"claim_mb": claim_mb, "counted_mb": round(mb, 3), "ratio": round(claim_mb / mb, 3),
+            "verdict": verdict, "text": text}
 
 
 def load_gpu_runs(names: tuple[str, ...] = GPU_BENCHMARKS) -> dict[str, dict | None]:

@@ -530,12 +530,15 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="lfw_reversal")
     p.add_argument("--data-dir", default="outputs/data", help="generated here (the same files on every rank)")
     p.add_argument("--output-dir", default="outputs")
-    p.add_argument("--num-identities", type=int, default=4)
+    p.add_argument("--num-identities", type=int, default=12)
+    p.add_argument("--seed", type=int, default=None, help="default: the config's training.seed")
     p.add_argument("--retention-ratio", type=float, default=0.3)
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--max-steps", type=int, default=0, help="0: no limit but the schedule's")
     a = p.parse_args(argv)
     cfg = yaml.safe_load(Path(a.config).read_text())
+    if a.seed is not None:
+        cfg["training"]["seed"] = a.seed
     generate_data(a.data_dir, a.num_identities, int(cfg["training"].get("seed", 0)))   # atomic, identical per rank
     train_worker(dict(profile=a.profile, model_id=a.model_id, quantize="4bit", precision=a.precision, config=cfg,
                       data_dir=a.data_dir, task=a.task, name=a.name, output_dir=a.output_dir,
