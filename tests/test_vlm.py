@@ -263,3 +263,83 @@ def test_gpu_measurements_are_read_from_the_benchmark_file():
     table = proof_table(bench).splitlines()
     assert table[0].startswith("measured on ") and table[2].startswith("8gb-s512")
     assert any(line.startswith("8gb-s512: ") and "cap to spare" in line for line in table)
+
+
+def test_a_quantized_tower_copy_leaves_the_tower_alone(cached_assets):
+    import torch
+    from transformers import CLIPVisionModel
+
+    from qlora_helpers.ch04_vlm.data import make_examples
+    from qlora_helpers.ch04_vlm.model import N_CLASSES, tower_config, tower_in_4bit
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(tower_config(hidden=64)).eval().requires_grad_(False)
+    head = torch.nn.Linear(64, N_CLASSES)
+    out = tower_in_4bit(tower, head, make_examples(size=24, max_digits=50)["test"],
+                        vc.preset("ultra_low_memory").quantization)
+    assert 0 <= out["accuracy_4bit"] <= 1 and 0 <= out["accuracy_16bit"] <= 1
+    assert out["linear_bytes_after"] * 8 == out["linear_bytes_before"]          # fp32 -> 4 bits
+    assert any(type(m) is torch.nn.Linear for m in tower.modules())             # the original is not swapped
+
+
+def test_prose_figures_come_from_the_configs():
+    from qlora_helpers.ch04_vlm.vram import model_facts, quantization_arithmetic
+
+    qa = quantization_arithmetic("llava-1.5-7b")       # Llama-7B: 32 layers of 4 x 4096^2 + 3 x 4096 x 11008
+    assert qa["weights"] == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert qa["bf16_gib"] == pytest.approx(2 * qa["weights"] / 2**30)
+    assert 0.25 < qa["nf4_gib"] / qa["bf16_gib"] < 0.27                           # half a byte + block scales
+    assert 0.3 < qa["double_quant_bits_per_weight"] < 0.45                        # 32/64 - (8/64 + 32/(64*256))
+    qwen = model_facts("qwen2-vl-7b")
+    assert qwen["vocab"] > 150_000 and not qwen["tied"] and qwen["embeddings_gib"] > 2
+    assert qwen["params"] == qwen["language"] + qwen["vision"] + qwen["projector"]
+    assert model_facts("instructblip-7b")["image_tokens"] == 32
+
+
+def test_remedies_of_the_seed():
+    from qlora_helpers.ch04_vlm.vram import REMEDIES, remedy_table
+
+    rows = {r["remedy"]: r for r in remedy_table()}
+    assert list(rows) == list(REMEDIES) and rows["the 8 GB preset as is"]["delta_gib"] == 0
+    for name in ("seed: 256 text tokens, not 512", "seed: LoRA rank 4, not 8", "seed: 224-px images, not 336"):
+        assert rows[name]["delta_gib"] < 0 and rows[name]["verdict_8gb"] == "fits"
+    assert rows["seed: a smaller model (Qwen-VL)"]["delta_gib"] > 0        # Qwen2-VL-7B is the larger one
+    assert all(rows[n]["verdict_8gb"] == "no" for n in rows if n.startswith("don't"))
+
+
+def test_speed_verdict_from_step_seconds():
+    from qlora_helpers.ch04_vlm.measured import LORA_ROW, speed_report, speed_verdict
+
+    def row(name, seconds):
+        return {"name": name, "status": "ok", "steps": [{"seconds": s} for s in seconds]}
+
+    def bench(*rows):
+        return {"device": {"name": "GPU"}, "figures": {"jobs_at_a_time": 1, "rows": list(rows)}}
+
+    v = speed_verdict(bench(row(LORA_ROW, [9.0, 1.0, 1.0]), row("8gb-s512", [9.0, 1.3, 1.4])))
+    assert v["runs"][0]["slowdown_pct"] == pytest.approx(35.0) and v["verdict"] == "holds"
+    v = speed_verdict(bench(row(LORA_ROW, [9.0, 1.0]), row("8gb-s512", [9.0, 1.1]),
+                            row("knob: torch AdamW (32-bit states)", [9.0, 1.35])))
+    assert [r["slowdown_pct"] for r in v["runs"]] == [pytest.approx(10.0), pytest.approx(35.0)]
+    assert v["verdict"] == "mixed"
+    v = speed_verdict(bench(row("8gb-s512", [9.0, 1.1])))
+    assert v["verdict"] == "no verdict" and "no 16-bit LoRA baseline" in v["missing"]
+    assert "no verdict" in speed_report(v) and speed_verdict(None)["verdict"] == "no verdict"
+
+
+def test_speed_verdict_of_the_committed_benchmark():
+    from qlora_helpers.ch04_vlm.measured import speed_report, speed_verdict
+    from qlora_helpers.common.files import load_benchmark
+
+    v = speed_verdict(load_benchmark("vlm_8gb"))
+    assert v["verdict"] in ("holds", "refuted", "mixed") and v["lora_s"] > 0 and v["runs"]
+    assert f"the seed's 30-40 % slower: {v['verdict']}" in speed_report(v)
+
+
+def test_matmul_timing_per_dtype():
+    import torch
+
+    from qlora_helpers.ch04_vlm.loop import matmul_seconds
+
+    out = matmul_seconds((torch.float32, torch.bfloat16), rows=8, inner=64, cols=32, repeats=2)
+    assert set(out) == {"torch.float32", "torch.bfloat16"} and all(v > 0 for v in out.values())

@@ -4,8 +4,8 @@
 module    what it holds
 ========  ============================================================================================
 config    the VLM training config and its presets (ultra_low_memory, balanced, quality), validated
-vram      the VLM registry and VRAM plans: what each model, preset and knob needs, which GPU fits
-measured  what ``benchmarks/vlm_8gb.py`` measured on a GPU: the capped proofs and the knob runs
+vram      VLM registry and VRAM plans: what each model, preset, knob and remedy needs; which GPU fits
+measured  what ``benchmarks/vlm_8gb.py`` measured on a GPU: capped proofs, knobs, QLoRA-vs-LoRA speed
 data      image-question examples from real offline images, held-out split, balanced sampling
 model     the small LLaVA (CLIP tower + projector + SmolLM2), its 4-bit language model and LoRA
 loop      training and evaluation on the CPU, and a self-test of the recipe on a tiny model
@@ -14,8 +14,15 @@ loop      training and evaluation on the CPU, and a self-test of the recipe on a
 
 from qlora_helpers.ch04_vlm import config
 from qlora_helpers.ch04_vlm.data import balanced, make_examples, photos_336, training_mix
-from qlora_helpers.ch04_vlm.loop import cpu_threads, evaluate, linear_schedule, self_test, train
-from qlora_helpers.ch04_vlm.measured import gpu_benchmark_summary, measured_knobs, measured_methods, proof_table
+from qlora_helpers.ch04_vlm.loop import cpu_threads, evaluate, linear_schedule, matmul_seconds, self_test, train
+from qlora_helpers.ch04_vlm.measured import (
+    gpu_benchmark_summary,
+    measured_knobs,
+    measured_methods,
+    proof_table,
+    speed_report,
+    speed_verdict,
+)
 from qlora_helpers.ch04_vlm.model import (
     build_vlm,
     match_projector_scale,
@@ -23,6 +30,7 @@ from qlora_helpers.ch04_vlm.model import (
     pretrain_tower,
     probe_accuracy,
     quantize_language_model,
+    tower_in_4bit,
     trainable_summary,
 )
 from qlora_helpers.ch04_vlm.vram import (
@@ -32,13 +40,18 @@ from qlora_helpers.ch04_vlm.vram import (
     gpu_table,
     knob_table,
     method_table,
+    model_facts,
     plan,
+    quantization_arithmetic,
     registry_table,
+    remedy_table,
     with_changes,
 )
 
 __all__ = ["MODELS", "SEED_BREAKDOWN", "balanced", "build_vlm", "config", "cpu_threads", "estimate_vlm",
            "evaluate", "gpu_benchmark_summary", "gpu_table", "knob_table", "linear_schedule", "make_examples",
-           "match_projector_scale", "measured_knobs", "measured_methods", "method_table", "photos_336", "plan",
-           "prepare_for_training", "pretrain_tower", "probe_accuracy", "proof_table", "quantize_language_model",
-           "registry_table", "self_test", "train", "trainable_summary", "training_mix", "with_changes"]
+           "match_projector_scale", "matmul_seconds", "measured_knobs", "measured_methods", "method_table",
+           "model_facts", "photos_336", "plan", "prepare_for_training", "pretrain_tower", "probe_accuracy",
+           "proof_table", "quantization_arithmetic", "quantize_language_model", "registry_table", "remedy_table",
+           "self_test", "speed_report", "speed_verdict", "tower_in_4bit", "train", "trainable_summary",
+           "training_mix", "with_changes"]

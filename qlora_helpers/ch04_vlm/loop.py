@@ -121,7 +121,8 @@ def evaluate(model, examples: list, *, tokenizer, n_img: int, max_new_tokens: in
     The grade looks at the first generated position only, at the scores of the valid answers
     (``Yes``/``No`` or ``0``-``9``): the highest is the model's choice. The text is the free greedy
     answer. Returns ``{"accuracy": {"face", "digit", "all"}, "choices": [...], "texts": [...]}``
-    with one choice and one text per example, in the order given.
+    with one choice and one text per example, in the order given. ``max_new_tokens`` is the number of
+    forward passes per batch (one prefill, then one per further token).
     """
 
     model.eval()
@@ -198,3 +199,25 @@ def self_test(device: str = "cpu", preset: str = "ultra_low_memory") -> list[dic
     check("loss finite", all(math.isfinite(v) for v in losses), f"{losses[0]:.3f} ... {losses[-1]:.3f}")
     check("adapters learn", any(not torch.equal(a, b.detach()) for a, b in zip(before, lora_b)))
     return rows
+
+
+def matmul_seconds(dtypes, *, rows: int, inner: int, cols: int, repeats: int = 20) -> dict:
+    """Best-of-``repeats`` seconds of one ``(rows x inner) @ (inner x cols)`` product in each dtype, on the CPU.
+
+    Example: ``matmul_seconds((torch.float32, torch.bfloat16), rows=25, inner=576, cols=1536)``
+    -> ``{"torch.float32": 4e-05, "torch.bfloat16": ...}`` (seconds; they vary by machine and load).
+    """
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(rows, inner, generator=gen), torch.randn(inner, cols, generator=gen)
+    out = {}
+    for dtype in dtypes:
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y                                      # warm-up: the first call picks a kernel
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            x @ y
+            best = min(best, time.perf_counter() - t0)
+        out[str(dtype)] = best
+    return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from copy import deepcopy
 
 import bitsandbytes as bnb
 import numpy as np
@@ -142,16 +143,11 @@ def match_projector_scale(vlm, examples: list) -> dict:
             "factor": round(factor, 3)}
 
 
-def quantize_language_model(vlm, quantization, compute_dtype) -> dict:
-    """Swap every ``nn.Linear`` inside the language model's decoder layers for a bitsandbytes 4-bit layer.
-
-    This is what ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))``
-    does; embeddings, norms, ``lm_head``, the vision tower and the projector stay as they are.
-    Returns the weight bytes before and after.
-    """
+def quantize_linears(root, quantization, compute_dtype) -> dict:
+    """Swap every ``nn.Linear`` under ``root`` for a bitsandbytes 4-bit layer; the weight bytes before and after."""
 
     before = after = 0
-    for module in vlm.model.language_model.layers.modules():
+    for module in root.modules():
         for name, child in list(module.named_children()):
             if type(child) is not torch.nn.Linear:
                 continue
@@ -163,9 +159,33 @@ def quantize_language_model(vlm, quantization, compute_dtype) -> dict:
             before += child.weight.numel() * child.weight.element_size()
             after += layer.weight.numel() * layer.weight.element_size()
             setattr(module, name, layer)
-    vlm.is_loaded_in_4bit = True                       # tells peft to use its bitsandbytes LoRA layers
-    keep_cpu_training_layout(vlm)
+    keep_cpu_training_layout(root)
     return {"linear_bytes_before": before, "linear_bytes_after": after}
+
+
+def quantize_language_model(vlm, quantization, compute_dtype) -> dict:
+    """Swap every ``nn.Linear`` inside the language model's decoder layers for a bitsandbytes 4-bit layer.
+
+    This is what ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))``
+    does; embeddings, norms, ``lm_head``, the vision tower and the projector stay as they are.
+    Returns the weight bytes before and after.
+    """
+
+    sizes = quantize_linears(vlm.model.language_model.layers, quantization, compute_dtype)
+    vlm.is_loaded_in_4bit = True                       # tells peft to use its bitsandbytes LoRA layers
+    return sizes
+
+
+def tower_in_4bit(tower, head, examples: list, quantization) -> dict:
+    """What NF4 does to a frozen vision tower: its own head's accuracy on ``examples`` before and after.
+
+    Quantises a copy (the tower itself is left as it is), computing in the tower's own dtype.
+    """
+
+    copy = deepcopy(tower)
+    sizes = quantize_linears(copy, quantization, compute_dtype=next(tower.parameters()).dtype)
+    return {"accuracy_16bit": probe_accuracy(tower, head, examples),
+            "accuracy_4bit": probe_accuracy(copy.eval(), head, examples), **sizes}
 
 
 def lora_config(cfg):

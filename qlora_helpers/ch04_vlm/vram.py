@@ -368,3 +368,61 @@ def gpu_table(preset: str = "ultra_low_memory", models=("qwen2-vl-7b", "llava-1.
             row[m] = fits(est[m].total_gib, mem)
         rows.append(row)
     return rows
+
+
+def model_facts(key: str, preset: str = "ultra_low_memory") -> dict:
+    """The counts behind the chapter's sentences about a registry model, from its config (nothing is built).
+
+    Parameters in all and by part, the vocabulary, whether input and output embeddings are tied,
+    their bf16 size, the image tokens, the 16-bit weights a QLoRA run keeps (tower, projector,
+    embeddings, ``lm_head``) and the estimated logits-and-loss memory under ``preset``.
+    """
+
+    groups = parameter_groups(key)
+    text = model_config(key).get_text_config()
+    tied = bool(getattr(text, "tie_word_embeddings", False))
+    est = estimate_vlm(key, get_preset(preset))
+    return {"params": sum(groups.values()), **groups, "vocab": text.vocab_size, "tied": tied,
+            "embeddings_gib": text.vocab_size * text.hidden_size * (1 if tied else 2) * 2 / GIB,
+            "image_tokens": est.image_tokens, "lm_tokens": est.lm_tokens,
+            "unquantized_gib": est.components["unquantized weights"] / GIB,
+            "logits_gib": est.components["logits and loss"] / GIB}
+
+
+def quantization_arithmetic(key: str = "llava-1.5-7b") -> dict:
+    """Bytes of the language model's linear layers in bf16, in NF4, and in NF4 without double quantisation.
+
+    Example (Llama-7B): 6.5 B weights, 12.1 GiB in bf16, 3.1 GiB in NF4 with double quantisation.
+    """
+
+    linears = [lin for lin in model_shape(model_config(key).get_text_config()).linears if lin.part == "lm"]
+    n = sum(lin.fan_in * lin.fan_out * lin.count for lin in linears)
+    nf4 = sum(lin.count * quantized_bytes(lin.fan_in * lin.fan_out) for lin in linears)
+    plain = sum(lin.count * quantized_bytes(lin.fan_in * lin.fan_out, double_quant=False) for lin in linears)
+    return {"weights": n, "bf16_gib": 2 * n / GIB, "nf4_gib": nf4 / GIB, "nf4_no_double_quant_gib": plain / GIB,
+            "double_quant_saves_gib": (plain - nf4) / GIB, "double_quant_bits_per_weight": 8 * (plain - nf4) / n}
+
+
+# The seed's answers to an out-of-memory error on 8 GB, and two of its don'ts: name -> (model, changes)
+REMEDIES = {
+    "the 8 GB preset as is": (None, {}),
+    "seed: a smaller model (Qwen-VL)": ("qwen2-vl-7b", {}),
+    "seed: 256 text tokens, not 512": (None, {"data": {"max_length": 256}}),
+    "seed: LoRA rank 4, not 8": (None, {"lora": {"rank": 4, "alpha": 8}}),
+    "seed: 224-px images, not 336": (None, {"data": {"image_size": 224}}),
+    "don't: LoRA on a 16-bit base": (None, KNOBS["16-bit base (LoRA, no 4-bit)"]),
+    "don't: gradient checkpointing off": (None, KNOBS["no gradient checkpointing"]),
+}
+
+
+def remedy_table(model: str = "llava-1.5-7b", preset: str = "ultra_low_memory") -> list[dict]:
+    """Estimated peak of each of ``REMEDIES`` against the preset on ``model``, and its 8 GB verdict."""
+
+    cfg = get_preset(preset)
+    base = estimate_vlm(model, cfg).total_gib
+    rows = []
+    for name, (other, changes) in REMEDIES.items():
+        est = estimate_vlm(other or model, with_changes(cfg, changes))
+        rows.append({"remedy": name, "model": MODELS[other or model].title, "total_gib": round(est.total_gib, 3),
+                     "delta_gib": round(est.total_gib - base, 3), "verdict_8gb": est.verdicts[8]})
+    return rows
