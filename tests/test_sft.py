@@ -345,7 +345,10 @@ def test_chat_and_merge(trained, tmp_path):
     qcfg, _ = trained["qlora-4bit"]
     q, tok = load_for_inference(qcfg.output_dir, load_in_4bit=True)
     want = prompt_logits(q, tok)
+    by_default = logit_difference(want, prompt_logits(merge_adapter(qcfg.output_dir, dtype="fp32"), tok))
     onto_dequantized = logit_difference(want, prompt_logits(merge_adapter(qcfg.output_dir, base="dequantized",
                                                                           dtype="fp32"), tok))
-    onto_original = logit_difference(want, prompt_logits(merge_adapter(qcfg.output_dir, dtype="fp32"), tok))
+    onto_original = logit_difference(want, prompt_logits(merge_adapter(qcfg.output_dir, base="original",
+                                                                       dtype="fp32"), tok))
+    assert by_default == onto_dequantized            # QLoRA merges onto what it trained with unless asked
     assert onto_dequantized["mean_abs"] < onto_original["mean_abs"]

@@ -48,18 +48,23 @@ from qlora_helpers.ch03_sft.gpu_results import (
 from qlora_helpers.ch03_sft.loop import LiveLossPlot, evaluate, make_optimizer, optimizer_step
 from qlora_helpers.ch03_sft.modes import build_model, load_tokenizer, trainable_4bit_layers
 from qlora_helpers.ch03_sft.report import (
+    answer_scores,
+    learning_metrics,
     merge_results,
     merge_table,
     mode_results,
     modes_figure,
     modes_table,
+    quality_claims,
+    quality_ratios,
     run_line,
 )
 
-__all__ = ["PROBE_PROMPTS", "DataError", "LiveLossPlot", "SFTConfig", "ablation_lines", "batch_order", "build_model",
-           "chat", "collate", "encode_all", "encode_chat", "evaluate", "from_dict", "load_config_file",
-           "load_for_inference", "load_tokenizer", "logit_difference", "make_optimizer", "merge_adapter",
-           "merge_results", "merge_table", "missed_targets", "mode_results", "modes_figure", "modes_table",
-           "optimizer_step", "plan_lines", "prompt_logits", "read_jsonl",
-           "records_to_conversations", "run_line", "run_sft", "sft_modes_vs_seed", "show_mask", "step_profiles",
-           "targets_table", "throughput_figure", "throughput_targets", "trainable_4bit_layers"]
+__all__ = ["PROBE_PROMPTS", "ablation_lines", "answer_scores", "batch_order", "build_model", "chat", "collate",
+           "DataError", "encode_all", "encode_chat", "evaluate", "from_dict", "learning_metrics", "LiveLossPlot",
+           "load_config_file", "load_for_inference", "load_tokenizer", "logit_difference", "make_optimizer",
+           "merge_adapter", "merge_results", "merge_table", "missed_targets", "mode_results", "modes_figure",
+           "modes_table", "optimizer_step", "plan_lines", "prompt_logits", "quality_claims", "quality_ratios",
+           "read_jsonl", "records_to_conversations", "run_line", "run_sft", "sft_modes_vs_seed", "SFTConfig",
+           "show_mask", "step_profiles", "targets_table", "throughput_figure", "throughput_targets",
+           "trainable_4bit_layers"]

@@ -166,19 +166,29 @@ def _training_quantization(adapter_dir: Path):
                               bnb_4bit_compute_dtype=torch.float32)
 
 
-def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, *, dtype="bf16", base: str = "original",
+def trained_quantized(adapter_dir: str | Path) -> bool:
+    """Whether ``sft_config.json`` says the adapter was trained on a quantised base (QLoRA)."""
+    cfg_path = Path(adapter_dir) / "sft_config.json"
+    return cfg_path.is_file() and bool(json.loads(cfg_path.read_text()).get("use_qlora"))
+
+
+def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, *, dtype="bf16", base: str = "auto",
                   save_to: str | Path | None = None, overwrite: bool = False):
     """Fold the adapter into a plain (never quantised) base with ``merge_and_unload``.
 
-    ``base="original"`` loads the base checkpoint in ``dtype`` (what the usual recipe does);
-    ``base="dequantized"`` loads it the way QLoRA training saw it (4- or 8-bit, from
-    ``sft_config.json``) and dequantises it first, so the merged model is the trained one.
+    ``base="auto"`` (the default) merges the model that was trained: ``"dequantized"`` for a QLoRA
+    adapter, ``"original"`` otherwise. ``base="original"`` loads the base checkpoint in ``dtype``
+    (the usual recipe, and for QLoRA the pitfall chapter 03 measures); ``base="dequantized"`` loads
+    it the way QLoRA training saw it (4- or 8-bit, from ``sft_config.json``) and dequantises it
+    first, so the merged model is the trained one.
     With ``save_to`` the merged model and tokenizer go to a temporary folder renamed into
     place when complete; an existing non-empty folder needs ``overwrite``.
     """
 
     dtype = _dtype(dtype)
     path = base_model or base_of(adapter_dir)
+    if base == "auto":
+        base = "dequantized" if trained_quantized(adapter_dir) else "original"
     if base == "original":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     elif base == "dequantized":
@@ -186,7 +196,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, *, dty
                                                      quantization_config=_training_quantization(adapter_dir))
         model = dequantize_model(model, dtype)
     else:
-        raise ValueError(f"base must be 'original' or 'dequantized', not {base!r}")
+        raise ValueError(f"base must be 'auto', 'original' or 'dequantized', not {base!r}")
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
     if save_to is not None:
         save_to = Path(save_to)
@@ -218,8 +228,10 @@ def main(argv=None) -> int:
     p.add_argument("--chat", action="store_true", help="interactive chat; an empty line ends it")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--merge_to", help="merge the adapter into a bf16 base and save it here")
-    p.add_argument("--merge_base", choices=["original", "dequantized"], default="original",
-                   help="QLoRA: merge onto the original bf16 weights or onto the dequantised ones it trained with")
+    p.add_argument("--merge_base", choices=["auto", "original", "dequantized"], default="auto",
+                   help="auto (default): the model that was trained, i.e. a QLoRA adapter onto the dequantised "
+                        "weights it trained with; original: onto the original weights (for QLoRA the pitfall "
+                        "chapter 03 measures)")
     p.add_argument("--overwrite", action="store_true", help="let --merge_to replace a non-empty folder")
     p.add_argument("--logits_out", help="save the logits of the probe prompts (torch.save) for comparisons")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the base's weights")
@@ -227,9 +239,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.merge_to:
-            merge_adapter(args.lora_model, args.base_model, dtype="bf16", base=args.merge_base, save_to=args.merge_to,
+            base = args.merge_base
+            if base == "auto":
+                base = "dequantized" if trained_quantized(args.lora_model) else "original"
+            merge_adapter(args.lora_model, args.base_model, dtype="bf16", base=base, save_to=args.merge_to,
                           overwrite=args.overwrite)
-            print(f"merged into the {args.merge_base} base in bf16 and saved to {args.merge_to}")
+            print(f"merged into the {base} base in bf16 and saved to {args.merge_to}")
             return 0
         model, tok = load_for_inference(args.lora_model, args.base_model, load_in_4bit=args.load_in_4bit,
                                         load_in_8bit=args.load_in_8bit, dtype=args.dtype, device=args.device)

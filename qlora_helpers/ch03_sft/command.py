@@ -36,6 +36,7 @@ from transformers import set_seed
 from qlora_helpers.ch03_sft import data as d
 from qlora_helpers.ch03_sft.loop import (
     CHECKPOINTS,
+    check_fingerprint,
     evaluate,
     latest_checkpoint,
     tensor_bytes,
@@ -415,9 +416,11 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     tokenizer = load_tokenizer(base)
     train_data, eval_data = load_data(cfg, tokenizer, train_conversations=train_conversations,
                                       eval_conversations=eval_conversations)
-    atomic_write_json(out / "sft_config.json", {**cfg.to_dict(), "model_name_or_path": base, "mode": cfg.mode})
     fingerprint = {k: (cfg.mode if k == "mode" else getattr(cfg, k)) for k in RESUME_KEYS}
     fingerprint["model_name_or_path"] = base
+    if cfg.resume:  # before anything of the interrupted run is rewritten
+        check_fingerprint(latest_checkpoint(out), fingerprint)
+    atomic_write_json(out / "sft_config.json", {**cfg.to_dict(), "model_name_or_path": base, "mode": cfg.mode})
 
     set_seed(cfg.seed)
     t0 = time.perf_counter()

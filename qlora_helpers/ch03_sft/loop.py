@@ -164,15 +164,21 @@ def save_checkpoint(output_dir, step: int, model, *, optimizer, scheduler, state
     return final
 
 
-def load_checkpoint(path: Path, model, *, optimizer, scheduler, fingerprint: dict | None = None) -> dict:
-    """Restore a checkpoint into model, optimizer, scheduler and RNGs; refuses one written with other settings."""
-
-    state = json.loads((path / "state.json").read_text())
+def check_fingerprint(path: Path, fingerprint: dict | None) -> dict:
+    """The checkpoint's state; refuses one written with other settings than ``fingerprint``."""
+    state = json.loads((Path(path) / "state.json").read_text())
     for key, value in (fingerprint or {}).items():
         old = state.get("fingerprint", {}).get(key)
         if old != value:
             raise ValueError(f"{path} was written with {key}={old!r}, this run has {key}={value!r}: "
                              "resume with the settings of the interrupted run")
+    return state
+
+
+def load_checkpoint(path: Path, model, *, optimizer, scheduler, fingerprint: dict | None = None) -> dict:
+    """Restore a checkpoint into model, optimizer, scheduler and RNGs; refuses one written with other settings."""
+
+    state = check_fingerprint(path, fingerprint)
     weights = load_file(path / "trainable.safetensors")
     params = trainable_parameters(model)
     missing = sorted(set(params) - set(weights))

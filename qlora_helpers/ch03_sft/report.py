@@ -10,6 +10,9 @@ Example:
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 from matplotlib.figure import Figure
 
 from qlora_helpers.common.device import device_info
@@ -100,3 +103,57 @@ def merge_results(merge_rows: dict) -> dict:
     """The merge comparisons as the notebook's results file keeps them."""
     return {label: {"max_abs_logit_diff": d["max_abs"], "mean_abs_logit_diff": d["mean_abs"],
                     "top1_agree": d["top1_agree"], "eval_loss": loss} for label, (d, loss) in merge_rows.items()}
+
+
+def token_f1(answer: str, reference: str) -> float:
+    """Word-overlap F1 of an answer against the reference answer (lower-cased words, punctuation dropped)."""
+    def words(text: str) -> list[str]:
+        return re.findall(r"[a-z0-9']+", text.lower())
+    a, r = Counter(words(answer)), Counter(words(reference))
+    common = sum((a & r).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(a.values()), common / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_scores(answers: dict[str, list[str]], references: list[str]) -> dict[str, float]:
+    """Mean ``token_f1`` of each model's greedy answers against the corpus answers, per model."""
+    return {name: sum(token_f1(a, ref) for a, ref in zip(said, references)) / len(references)
+            for name, said in answers.items()}
+
+
+def quality_ratios(runs: dict) -> dict[str, float]:
+    """Held-out loss after training of each mode over full fine-tuning's (1.0: as good; above: worse)."""
+    full = runs["full"]["eval_loss"]["after"]
+    return {name: r["eval_loss"]["after"] / full for name, r in runs.items()}
+
+
+def learning_metrics(runs: dict, scores: dict[str, float]) -> dict[str, float]:
+    """What the learning test asserts, each oriented so that higher is better: the held-out loss drop of
+    every mode, LoRA's loss over QLoRA-4's (1.0: QLoRA-4 as good as LoRA), and how much closer to the corpus
+    the answers moved (token F1 of the trained modes, averaged, minus the base model's)."""
+    metrics = {f"eval_loss_drop_{name}": r["eval_loss"]["before"] - r["eval_loss"]["after"] for name, r in runs.items()}
+    metrics["lora_over_qlora4_loss"] = runs["lora"]["eval_loss"]["after"] / runs["qlora-4bit"]["eval_loss"]["after"]
+    trained = [scores[name] for name in runs]
+    metrics["answer_f1_gain"] = sum(trained) / len(trained) - scores["base"]
+    return {k: round(v, 6) for k, v in metrics.items()}
+
+
+def quality_claims(runs: dict, *, close: float = 0.05) -> list[tuple[str, str, str]]:
+    """Seed 002's ranking of the modes, judged on held-out loss after training: (claim, verdict, numbers).
+
+    "Close" means within ``close`` (5 %) of the other mode's loss."""
+    ratio = quality_ratios(runs)
+    best = min(ratio, key=ratio.get)
+    q4_vs_lora = ratio["qlora-4bit"] / ratio["lora"]
+    shown = ", ".join(f"{name} {r:.3f}" for name, r in ratio.items())
+    return [
+        ("full fine-tuning: usually the best", "holds" if best == "full" else "refuted",
+         f"lowest held-out loss: {best} (loss over full's: {shown})"),
+        ("LoRA: close to full fine-tuning", "holds" if abs(ratio["lora"] - 1) <= close else "refuted",
+         f"LoRA's loss is {ratio['lora']:.3f} × full's (close: within {close:.0%})"),
+        ("QLoRA: slightly below LoRA, still good",
+         "holds" if 1 <= q4_vs_lora <= 1 + close else ("refuted: better than LoRA" if q4_vs_lora < 1 else "refuted"),
+         f"QLoRA-4's loss is {q4_vs_lora:.3f} × LoRA's, QLoRA-8's {ratio['qlora-8bit'] / ratio['lora']:.3f} ×"),
+    ]
