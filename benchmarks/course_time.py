@@ -8,10 +8,12 @@ the time the README tells a learner to expect.
 
 Writes ``benchmarks/results/course_cpu.json`` (or ``course_gpu.json`` on a GPU, one run). ``--only``
 re-times some notebooks and keeps the other entries of an existing file (each says when it was
-measured).
+measured); a mode not timed now keeps its entry. ``--write-back`` also writes the native run's
+executed notebooks into ``notebooks/``: the committed outputs and the timing come from one run.
 
     python -m benchmarks.course_time
     python -m benchmarks.course_time --only 03_qwen_sft --modes avx2
+    python -m benchmarks.course_time --modes native --write-back
 """
 
 import argparse
@@ -23,7 +25,7 @@ from pathlib import Path
 from qlora_helpers.common.bench import emit, run_worker, write_benchmark
 from qlora_helpers.common.device import device_info
 from qlora_helpers.common.files import repo_root
-from qlora_helpers.common.runner import run_notebooks
+from qlora_helpers.common.runner import run_notebooks, write_back_run
 
 # how each CPU mode is run: extra environment of the notebook kernels
 MODES = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
@@ -35,8 +37,8 @@ def cpu_facts(env: dict) -> dict:
                       env=env, timeout=120)[0]
 
 
-def time_notebooks(only, env: dict, entries: dict) -> dict:
-    """Run the notebooks with ``env`` added; return ``entries`` updated with their seconds."""
+def time_notebooks(only, env: dict, entries: dict) -> tuple[dict, list]:
+    """Run the notebooks with ``env`` added; return ``entries`` updated with their seconds, and the runs."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)                      # the papermill kernels inherit the environment
     try:
@@ -49,7 +51,7 @@ def time_notebooks(only, env: dict, entries: dict) -> dict:
         raise SystemExit(f"error: {', '.join(failed)} failed; see {run_dir}/summary.md")
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     entries.update({r.notebook: {"seconds": r.seconds, "measured": now} for r in runs})
-    return dict(sorted(entries.items()))
+    return dict(sorted(entries.items())), runs
 
 
 def main() -> None:
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=sorted(MODES),
                         help="CPU modes to time (default: both)")
     parser.add_argument("--out", help="result file (default: benchmarks/results/course_<cpu|gpu>.json)")
+    parser.add_argument("--write-back", action="store_true",
+                        help="also write the native run's outputs back into notebooks/ (the committed outputs)")
     parser.add_argument("--cpu-facts", action="store_true", help=argparse.SUPPRESS)   # internal: cpu_facts' worker
     args = parser.parse_args()
     if args.cpu_facts:
@@ -66,11 +70,17 @@ def main() -> None:
         return
     kind = "gpu" if device_info()["type"] == "cuda" else "cpu"
     out = Path(args.out or repo_root() / "benchmarks" / "results" / f"course_{kind}.json")
-    old = json.loads(out.read_text())["figures"].get("modes", {}) if args.only and out.is_file() else {}
+    old = json.loads(out.read_text())["figures"].get("modes", {}) if out.is_file() else {}
     modes = {"native": {}} if kind == "gpu" else {m: MODES[m] for m in args.modes}
-    results = {m: old[m] for m in old if m not in modes}
+    if args.write_back and (kind != "cpu" or "native" not in modes):
+        raise SystemExit("error: --write-back takes the native CPU run: run on a CPU with --modes native")
+    results = {m: old[m] for m in old if m not in modes}     # modes not timed now keep their entries
     for mode, env in modes.items():
-        entries = time_notebooks(args.only, env, dict(old.get(mode, {}).get("notebooks", {})))
+        kept = dict(old.get(mode, {}).get("notebooks", {})) if args.only else {}
+        entries, runs = time_notebooks(args.only, env, kept)
+        if args.write_back and mode == "native":
+            for path in write_back_run(runs):
+                print(f"outputs written back to {path}")
         results[mode] = {"environment": env, "cpu": cpu_facts(env),
                          "total_seconds": round(sum(e["seconds"] for e in entries.values()), 1),
                          "notebooks": entries}

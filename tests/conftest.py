@@ -17,3 +17,15 @@ def tiny_llama_dir(tmp_path_factory):
     from qlora_helpers.common.models import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", family="llama")
+
+
+@pytest.fixture(scope="session")
+def course_run(tmp_path_factory, cached_assets):
+    """Every notebook executed once on the CPU under the ``course`` parameter set
+    (``data/parameter_sets/course.yaml``): {notebook: NotebookRun}. test_notebooks.py checks what each
+    one computed, test_learning.py what each one learned."""
+    from qlora_helpers.common import runner
+
+    run_dir, runs = runner.run_notebooks(None, {"profile": "cpu"}, tmp_path_factory.mktemp("course"), progress=False,
+                                         notebook_parameters=runner.parameter_set("course"))
+    return {r.notebook: r for r in runs}

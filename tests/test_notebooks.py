@@ -1,6 +1,8 @@
-"""Every course notebook runs end to end under papermill with the test parameters, and its
-results file holds the values the chapter promises (values, not just "it ran")."""
+"""Every course notebook runs end to end under papermill (once, with the ``course`` parameter set: the
+``course_run`` fixture of conftest.py), and its results file holds the values the chapter promises
+(values, not just "it ran"). What the models learned is asserted by test_learning.py on the same runs."""
 
+import ast
 import math
 
 import pytest
@@ -9,15 +11,16 @@ import torch
 from qlora_helpers.common import runner
 from qlora_helpers.common.device import cpu_compute_dtype
 
-TEST_PARAMETERS = {"profile": "cpu", "max_steps": 2}
 NOTEBOOKS = [p.stem for p in runner.discover()]
+COURSE = runner.parameter_set("course")
 
 
-def notebook_parameters(tiny_llama_dir) -> dict:
-    """Per notebook, over TEST_PARAMETERS. Chapter 03 trains four modes, reloads, merges and generates:
-    on a 2-layer random Llama with SmolLM2's tokenizer (by path, so every load in it is unchanged)
-    that takes seconds instead of minutes on SmolLM2-135M."""
-    return {"03_qwen_sft": {"model_id": str(tiny_llama_dir)}}
+def course_value(notebook: str, name: str):
+    """The value of a parameter in the course run: the course set's, else the notebook's default."""
+    if name in COURSE.get(notebook, {}):
+        return COURSE[notebook][name]
+    declared = runner.declared_parameters(runner.discover([notebook])[0])[name]
+    return ast.literal_eval(declared["default"])
 
 
 def check_00_setup(r):
@@ -95,8 +98,8 @@ def check_02_tad_quantized_adapters(r):
 
 
 def check_03_qwen_sft(r):
-    assert r["profile"] == "cpu" and r["max_steps"] == 2
-    assert r["model"].endswith("tiny-llama") and r["data"]["languages"] == ["en", "zh"]  # notebook_parameters
+    assert r["profile"] == "cpu" and r["max_steps"] == course_value("03_qwen_sft", "max_steps")
+    assert r["model"] == "SmolLM2-135M-Instruct (cached)" and r["data"]["languages"] == ["en"]
     assert r["data"]["train"] > 1000 and r["data"]["validation"] > 0
     modes = r["modes"]
     assert set(modes) == {"full", "lora", "qlora-4bit", "qlora-8bit"}
@@ -121,6 +124,11 @@ def check_03_qwen_sft(r):
     t = r["trl"]
     assert t["steps"] == 2 and len(t["losses"]) == 2 and all(math.isfinite(x) for x in t["losses"])
     assert t["trainable_params"] == adapter and t["same_labels_as_plain"]
+    resume = r["resume"]           # interrupted after the checkpoint, resumed: the uninterrupted curve, exactly
+    assert resume["steps"] == r["max_steps"] and resume["max_abs_loss_diff"] < 1e-6
+    assert set(r["answer_f1"]) == {"base", *modes} and all(0 <= v <= 1 for v in r["answer_f1"].values())
+    assert r["quality_vs_full"]["full"] == 1.0 and len(r["quality_claims"]) == 3
+    assert all(c["verdict"].split(":")[0] in {"holds", "refuted"} for c in r["quality_claims"])
 
 
 def check_04_vlm_8gb(r):
@@ -166,13 +174,6 @@ def check_04_vlm_8gb(r):
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
-
-
-@pytest.fixture(scope="module")
-def course_run(tmp_path_factory, cached_assets, tiny_llama_dir):
-    run_dir, runs = runner.run_notebooks(None, TEST_PARAMETERS, tmp_path_factory.mktemp("course"), progress=False,
-                                         notebook_parameters=notebook_parameters(tiny_llama_dir))
-    return {r.notebook: r for r in runs}
 
 
 @pytest.mark.slow
