@@ -56,7 +56,8 @@ def check_05_multi_gpu_32b(r):
     cpu = {torch.bfloat16: "bf16", torch.float32: "fp32"}[cpu_compute_dtype()]   # bf16 only where native
     assert r["precision"]["compute_dtype"] == cpu and r["precision"]["lora_dtype"] == "fp32"
     assert r["ranks_identical"] and len(r["rank_digests"]) == 2 and len(set(r["rank_digests"])) == 1
-    assert r["steps"] == 2 and r["stop_reason"] == "max_steps" and len(r["epochs"]) == 1
+    assert 0 < r["steps"] <= course_value("05_multi_gpu_32b", "max_steps") and len(r["epochs"]) >= 1
+    assert r["stop_reason"] in {"max_steps", "lr < min_lr", "val_loss < min_val_loss"}
     e = r["epochs"][0]
     assert math.isfinite(e["train_loss"]) and math.isfinite(e["val_loss"]) and e["lr"] > 0 and e["new_best"]
     assert {"best", "final", "training_history.json", "run.json"} <= set(r["outputs"])
@@ -64,6 +65,7 @@ def check_05_multi_gpu_32b(r):
     base = plan["components_gib"]["quantized weights"] + plan["components_gib"]["unquantized weights"]
     assert 17 < base < 19 and base < plan["total_gib"] < 27.5 and plan["fits_32gb"] == "fits"
     n = r["identities"]
+    assert n == course_value("05_multi_gpu_32b", "num_identities")
     assert r["retention_records"] == round(3 * n * 0.3 / 0.7) and r["train_records"] == 3 * n + r["retention_records"]
     for when in ("accuracy_before", "accuracy"):
         for d in ("forward", "reverse"):
@@ -74,13 +76,15 @@ def check_05_multi_gpu_32b(r):
 
 
 def check_02_tad_quantized_adapters(r):
-    assert r["profile"] == "cpu" and r["max_steps"] == 2 and r["pretrain"]["steps"] == 8
+    nb = "02_tad_quantized_adapters"
+    assert r["profile"] == "cpu" and r["max_steps"] == course_value(nb, "max_steps")
+    assert r["pretrain"]["steps"] == course_value(nb, "pretrain_steps")
     assert r["data"]["train_videos"] == 192 and r["data"]["val_videos"] == 64 and len(r["data"]["classes"]) == 4
     assert 0.03 < r["chance_map"]["average"] < 0.06           # 0.0442 at seed 0
     s = r["strategies"]
     assert set(s) == {"full_ft", "adapter", "seed_qlora", "qlora_backbone", "adapter_random_backbone"}
     for v in s.values():
-        assert v["steps"] == 2 and 0 <= v["map"]["average"] <= 1 and v["quantized_requiring_grad"] == 0
+        assert v["steps"] == r["max_steps"] and 0 <= v["map"]["average"] <= 1 and v["quantized_requiring_grad"] == 0
         assert v["loss_last"] < v["loss_first"] and v["bytes"]["activations"] > v["bytes"]["weights"] > 0
     assert s["full_ft"]["trainable_params"] == s["full_ft"]["vit_params"] + s["full_ft"]["head_params"]
     assert s["adapter"]["quantized_params"] == 0 and s["adapter"]["adapter_trainable"] == s["adapter"]["adapter_params"]
@@ -155,11 +159,12 @@ def check_04_vlm_8gb(r):
         assert proof["peak_reserved_gib"] <= 7.5 and abs(proof["estimate_gib"] / proof["peak_allocated_gib"] - 1) < 0.1
     assert {k["knob"] for k in g["knobs_measured"]} >= {"no gradient checkpointing", "16-bit base (LoRA, no 4-bit)"}
     t = r["training"]
-    assert t["steps"] == 2 and t["micro_batch"] == 1 and t["images_seen"] == 2 * t["grad_accum"]
+    steps = course_value("04_vlm_8gb", "max_steps")
+    assert t["steps"] == steps and t["micro_batch"] == 1 and t["images_seen"] == steps * t["grad_accum"]
     assert t["quantized"]["linear_bytes_after"] * 4 == t["quantized"]["linear_bytes_before"]   # bf16 -> NF4
     assert t["trainable"]["lora"] > 0 and t["trainable"]["projector"] > 0 and t["trainable"]["other_trainable"] == 0
     assert "8-bit" in t["optimizer"] or t["optimizer"].startswith("fallback")
-    assert len(t["loss"]) == 2 and all(math.isfinite(x) for x in t["loss"])
+    assert len(t["loss"]) == steps and all(math.isfinite(x) for x in t["loss"])
     assert t["tower"]["held_out_accuracy"] > 0.8 and t["held_out_images"] == 40
     for acc in (t["accuracy_before"], t["accuracy_after"]):
         assert set(acc) == {"face", "digit", "all"} and all(0 <= v <= 1 for v in acc.values())
