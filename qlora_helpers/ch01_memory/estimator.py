@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from qlora_helpers.ch01_memory.gpus import CONTEXT_GIB, verdict
+from qlora_helpers.ch01_memory.architectures import ArchitectureError, Linear, Shape, text_shape
+from qlora_helpers.ch01_memory.gpus import CONTEXT_GIB, reserved_gib, verdict
 from qlora_helpers.common.shapes import get_config
 
 METHODS = ("full", "lora", "qlora4", "qlora8")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 DTYPES = ("bf16", "fp16")
 TARGET_PRESETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+# (the Llama names; resolve_targets takes a model's own names from its block layout)
 GIB = 2**30
 BLOCK_4BIT, BLOCK_ABSMAX, BLOCK_OPT8 = 64, 256, 256   # bitsandbytes block sizes
 MIN_8BIT, MIN_PAGED = 4096, 100_000                   # bnb: smaller tensors keep fp32 / non-paged states
@@ -42,34 +44,9 @@ def _r512(nbytes: float) -> int:
     return int(math.ceil(nbytes / 512) * 512) if nbytes > 0 else 0
 
 
-@dataclass(frozen=True)
-class Linear:
-    name: str       # module name suffix, the one peft matches: "q_proj", "fc1", ...
-    part: str       # "lm", "vision" or "projector"
-    fan_in: int
-    fan_out: int
-    bias: bool
-    count: int      # how many modules of this kind (usually = number of layers)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What the memory depends on, read from a transformers config (see ``model_shape``)."""
-    hidden: int
-    inter: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    linears: tuple             # Linear, lm_head excluded
-    other: dict                # name -> parameter count (embeddings, norms, lm_head, vision extras)
-    vision: dict | None = None  # hidden, inter, layers, heads, tokens (in the tower), lm_tokens (per image)
-
-
 def model_shape(config) -> Shape:
-    """Parameter inventory of a Qwen2 / Llama / Mistral decoder, or a LLaVA / Qwen2-VL VLM.
+    """Parameter inventory and block layout of a decoder (``architectures.text_shape``), or a LLaVA /
+    Qwen2-VL VLM (vision tower and projector added).
 
     Example:
         >>> from qlora_helpers.common.shapes import get_config
@@ -78,25 +55,8 @@ def model_shape(config) -> Shape:
         (896, 128, True, 357826560)
     """
     text = config.get_text_config()
-    kind = text.model_type
-    if kind not in ("qwen2", "qwen2_vl_text", "llama", "mistral"):
-        raise ValueError(f"model_type {kind!r} is not covered by the estimator: use a Qwen2, Llama or Mistral "
-                         "decoder, or LLaVA / Qwen2-VL")
-    h, inter, n = text.hidden_size, text.intermediate_size, text.num_hidden_layers
-    heads = text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    d = getattr(text, "head_dim", None) or h // heads
-    qkv_bias = kind.startswith("qwen2") or bool(getattr(text, "attention_bias", False))
-    o_bias = bool(getattr(text, "attention_bias", False))
-    mlp_bias = bool(getattr(text, "mlp_bias", False))
-    lin = [Linear("q_proj", "lm", h, heads * d, qkv_bias, n), Linear("k_proj", "lm", h, kv * d, qkv_bias, n),
-           Linear("v_proj", "lm", h, kv * d, qkv_bias, n), Linear("o_proj", "lm", heads * d, h, o_bias, n),
-           Linear("gate_proj", "lm", h, inter, mlp_bias, n), Linear("up_proj", "lm", h, inter, mlp_bias, n),
-           Linear("down_proj", "lm", inter, h, mlp_bias, n)]
-    tied = bool(getattr(text, "tie_word_embeddings", False))
-    other = {"embed_tokens": text.vocab_size * h, "norms": (2 * n + 1) * h}
-    if not tied:
-        other["lm_head"] = text.vocab_size * h
+    base = text_shape(text)
+    h, lin, other = base.hidden, list(base.linears), dict(base.other)
     vision = None
     vc = getattr(config, "vision_config", None)
     if vc is not None and config.model_type == "llava":
@@ -121,8 +81,9 @@ def model_shape(config) -> Shape:
         vision = dict(hidden=hv, inter=iv, layers=lv, heads=vc.num_heads, tokens=grid, lm_tokens=grid // (m * m),
                       names=QWEN2VL_NAMES)
     elif vc is not None:
-        raise ValueError(f"VLM type {config.model_type!r} is not covered: use llava or qwen2_vl")
-    return Shape(h, inter, n, heads, kv, d, text.vocab_size, tied, tuple(lin), other, vision)
+        raise ArchitectureError(f"field 'model_type' is {config.model_type!r}, a vision-language model the "
+                                "estimator does not know; it reads llava and qwen2_vl")
+    return replace(base, linears=tuple(lin), other=other, vision=vision)
 
 
 def resolve_targets(shape: Shape, targets) -> set[str]:
@@ -131,7 +92,9 @@ def resolve_targets(shape: Shape, targets) -> set[str]:
     names = {l.name for l in shape.linears}
     if targets == "all-linear":
         return names
-    wanted = TARGET_PRESETS.get(targets) if isinstance(targets, str) else None
+    blk = shape.block
+    presets = {"attention": (*blk.qkv, blk.o), "mlp": (*blk.mlp_in, blk.mlp_out)}
+    wanted = presets.get(targets) if isinstance(targets, str) else None
     if wanted is None:
         wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
     bad = [t for t in wanted if t not in names]
@@ -194,6 +157,16 @@ class MemoryEstimate:
     @property
     def total_gib(self) -> float:
         return self.total_bytes / GIB
+
+    @property
+    def reserved_gib(self) -> float:
+        """Predicted peak ``max_memory_reserved``: the peak allocated plus the allocator's slack."""
+        return reserved_gib(self.total_gib, self.detail.get("largest block", 0) / GIB)
+
+    @property
+    def device_gib(self) -> float:
+        """What the card must hold: reserved memory, the CUDA context and paged optimizer states."""
+        return self.reserved_gib + sum(self.outside.values()) / GIB
 
     def components_gib(self) -> dict:
         return {k: v / GIB for k, v in self.components.items()}

@@ -40,6 +40,11 @@ GPUS = (
 )
 
 
+def reserved_gib(total_gib: float, largest_block_gib: float = 0.0) -> float:
+    """Peak reserved memory predicted from the peak allocated (see ``SLACK``)."""
+    return total_gib * (1 + SLACK) + 0 * largest_block_gib
+
+
 def needed_gib(total_gib: float, context_gib: float = CONTEXT_GIB, slack: float = SLACK) -> float:
     """Card memory a run needs: predicted peak allocated, plus allocator slack and the CUDA context."""
     return total_gib * (1 + slack) + context_gib
