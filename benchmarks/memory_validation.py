@@ -89,10 +89,10 @@ def folder_of(name: str) -> Path:
     return folder
 
 
-def prediction(name: str) -> dict:
-    """The estimate of one row: peak allocated, reserved and on the device, with its parts (GiB)."""
+def prediction(name: str, attention: str | None = None) -> dict:
+    """The estimate of one row (for the attention that ran): peak allocated, reserved and on the device (GiB)."""
     _, _, method, batch, seq, extra = CONFIGS[name]
-    est = estimate(config_of(name), method, batch_size=batch, seq_len=seq, **extra)
+    est = estimate(config_of(name), method, batch_size=batch, seq_len=seq, attention=attention, **extra)
     return {"predicted_gib": round(est.total_gib, 4), "predicted_reserved_gib": round(est.reserved_gib, 4),
             "predicted_device_gib": round(est.device_gib, 4), "predicted_phase": est.peak_phase,
             "predicted_components_gib": {k: round(v, 4) for k, v in est.components_gib().items()},
@@ -103,7 +103,7 @@ def prediction(name: str) -> dict:
 def score(row: dict) -> dict:
     """The row with the current estimate and its errors in percent of the measured peaks."""
     try:
-        row.update(prediction(row["name"]), predict_error=None)
+        row.update(prediction(row["name"], row.get("measured", {}).get("attention")), predict_error=None)
     except Exception as err:                   # a measurement is kept even where the estimate fails
         row.update(predict_error=str(err))
         return row

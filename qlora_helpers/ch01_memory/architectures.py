@@ -20,7 +20,11 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import importlib.util
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 # The block layouts known, by model_type. Keys not given take the Llama value.
 LLAMA = dict(qkv=("q_proj", "k_proj", "v_proj"), o="o_proj", mlp_in=("gate_proj", "up_proj"), mlp_out="down_proj",
@@ -29,11 +33,12 @@ LAYOUTS = {
     "llama": {}, "mistral": {}, "granite": {},
     "qwen2": {"qkv_bias": True}, "qwen2_vl_text": {"qkv_bias": True},
     "gemma": {"norm": "gemma"},
-    "gemma2": {"norm": "gemma", "post_norms": True, "attention": "eager"},   # transformers: no SDPA (soft-capping)
+    "gemma2": {"norm": "gemma", "post_norms": True},
     "phi3": {"qkv": ("qkv_proj",), "mlp_in": ("gate_up_proj",)},
     "olmo": {"norm": "layer_no_weight"},
     "starcoder2": {"mlp_in": ("c_fc",), "mlp_out": "c_proj", "gated": False, "norm": "layer"},
 }
+LLM_INT8_THRESHOLD = 6.0    # bitsandbytes: input columns holding a larger value run in 16-bit
 # fields whose value changes the memory in ways not modelled: (field, value that is fine)
 NOT_MODELLED = {"num_local_experts": (None, 0, 1), "num_experts": (None, 0, 1), "n_routed_experts": (None, 0),
                 "moe_intermediate_size": (None, 0), "kv_lora_rank": (None,), "q_lora_rank": (None,)}
@@ -66,6 +71,7 @@ class Block:
     post_norms: bool = False            # Gemma-2: norms after attention and after the MLP too
     attention: str = "sdpa"             # sdpa | eager (keeps S x S scores)
     attn_softcap: float | None = None   # Gemma-2: tanh-capped scores (one more S x S copy, eager only)
+    attn_softcap_field: float | None = None   # the config's value, whichever attention runs
     logit_softcap: float | None = None  # Gemma-2: tanh-capped logits (one more N x V copy)
     clip_qkv: float | None = None       # OLMo: q, k, v clamped in place
     masks: int = 0                      # distinct [B, 1, S, S] masks built per forward (eager or sliding window)
@@ -88,6 +94,7 @@ class Shape:
     block: Block = field(default_factory=Block)
     sliding_window: int | None = None
     sliding_layers: int = 0
+    init_std: float = 0.02     # initializer_range: the scale of random weights
 
 
 def _field(text, name: str, kind: str):
@@ -121,13 +128,36 @@ def _sliding(text) -> tuple[int | None, int]:
     return window, n
 
 
+@functools.cache
+def default_attention(kind: str) -> str:
+    """``"sdpa"``, or ``"eager"`` where the installed transformers has no SDPA path for ``kind`` (Gemma-2 in
+    recent releases: SDPA cannot soft-cap the scores). Read from the modeling file's source rather than
+    by importing it, which would import torch and slow the command line down by seconds."""
+    spec = importlib.util.find_spec(f"transformers.models.{kind}.modeling_{kind}")
+    if spec is None or not spec.origin:
+        return "sdpa"
+    return "eager" if "_supports_sdpa = False" in Path(spec.origin).read_text() else "sdpa"
+
+
+def with_attention(shape: Shape, attention: str) -> Shape:
+    """``shape`` with its attention run by ``attention`` (``"sdpa"`` or ``"eager"``)."""
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"unknown attention {attention!r}: use sdpa or eager")
+    b = shape.block
+    masks = (1 + (0 < shape.sliding_layers < shape.layers)) if attention == "eager" else int(shape.sliding_layers > 0)
+    return replace(shape, block=replace(b, attention=attention, masks=masks,
+                                        attn_softcap=b.attn_softcap_field if attention == "eager" else None))
+
+
 def _block(text, kind: str, lay: dict) -> Block:
-    eager = lay["attention"] == "eager" or getattr(text, "_attn_implementation", None) == "eager"
+    chosen = getattr(text, "_attn_implementation", None)
+    eager = (chosen or default_attention(kind)) == "eager"
     window, n_sliding = _sliding(text)
     masks = (1 + (0 < n_sliding < text.num_hidden_layers)) if eager else int(n_sliding > 0)
     return Block(qkv=lay["qkv"], o=lay["o"], mlp_in=lay["mlp_in"], mlp_out=lay["mlp_out"], gated=lay["gated"],
                  norm=lay["norm"], post_norms=lay["post_norms"], attention="eager" if eager else "sdpa",
                  attn_softcap=getattr(text, "attn_logit_softcapping", None) if eager else None,
+                 attn_softcap_field=getattr(text, "attn_logit_softcapping", None),
                  logit_softcap=getattr(text, "final_logit_softcapping", None),
                  clip_qkv=getattr(text, "clip_qkv", None), masks=masks)
 
@@ -162,4 +192,37 @@ def text_shape(text) -> Shape:
         other["lm_head"] = vocab * h
     window, n_sliding = _sliding(text)
     return Shape(h, inter, n, heads, kv, d, vocab, tied, tuple(lin), other, block=_block(text, kind, lay),
-                 sliding_window=window, sliding_layers=n_sliding)
+                 sliding_window=window, sliding_layers=n_sliding, init_std=getattr(text, "initializer_range", 0.02))
+
+
+def int8_outlier_share(shape: Shape, tokens: int) -> tuple[float, float]:
+    """Shares of input columns holding a value above LLM.int8's threshold, ``(normed inputs, MLP output
+    projection's input)``, for random weights drawn with the config's ``initializer_range`` (as the
+    course measures them).
+
+    A normed input value is normal with unit variance (times 2 for Gemma's ``1 + weight`` norm with
+    weights of one); each gate and up value is normal with variance ``hidden * (gain * std)**2``. A
+    column is an outlier column when any of the ``tokens`` rows exceeds the threshold. Trained
+    checkpoints differ: pass ``estimate(int8_outliers=...)`` (1.0 is the upper bound).
+
+    Example:
+        >>> from qlora_helpers.common.shapes import get_config
+        >>> from qlora_helpers.ch01_memory.estimator import model_shape
+        >>> [round(x, 3) for x in int8_outlier_share(model_shape(get_config("qwen2.5-0.5b")), 2048)]
+        [0.0, 0.0]
+    """
+    gain = 2.0 if shape.block.norm == "gemma" else 1.0
+    sigma = gain * shape.init_std * math.sqrt(shape.hidden)
+    t = LLM_INT8_THRESHOLD
+    tail = lambda z: math.erfc(z / math.sqrt(2))        # P(|x| > z) for a standard normal x
+    if not shape.block.gated:
+        p = tail(t / sigma) / 2
+    else:                                                  # |act(g) * u| > t, integrated over g (act ~ silu)
+        p, step = 0.0, 0.01
+        for i in range(1, 1200):
+            for x in (i * step * sigma, -i * step * sigma):
+                act = abs(x / (1 + math.exp(-x)))
+                density = math.exp(-(i * step) ** 2 / 2) / math.sqrt(2 * math.pi) * step
+                p += density * tail(t / (act * sigma)) if act else 0.0
+    column = lambda q: 1 - (1 - min(q, 1.0)) ** tokens
+    return column(tail(t / gain)), column(p)

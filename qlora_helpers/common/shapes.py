@@ -173,4 +173,8 @@ def get_config(name_or_path: str | Path, **overrides):
         raise ValueError(f"{path}: no 'model_type' field; is this a transformers config.json?")
     if overrides:
         data = {k: v for k, v in data.items() if k != "layer_types"} | overrides
-    return AutoConfig.for_model(**data)
+    try:
+        return AutoConfig.for_model(**data)
+    except Exception as err:    # transformers and huggingface_hub check fields with several error types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: {first.rstrip(':')} ({str(err).strip().splitlines()[-1].strip()})") from None
