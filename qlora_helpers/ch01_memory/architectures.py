@@ -133,7 +133,10 @@ def default_attention(kind: str) -> str:
     """``"sdpa"``, or ``"eager"`` where the installed transformers has no SDPA path for ``kind`` (Gemma-2 in
     recent releases: SDPA cannot soft-cap the scores). Read from the modeling file's source rather than
     by importing it, which would import torch and slow the command line down by seconds."""
-    spec = importlib.util.find_spec(f"transformers.models.{kind}.modeling_{kind}")
+    try:
+        spec = importlib.util.find_spec(f"transformers.models.{kind}.modeling_{kind}")
+    except ModuleNotFoundError:        # a text config living inside another model's package (qwen2_vl_text)
+        spec = None
     if spec is None or not spec.origin:
         return "sdpa"
     return "eager" if "_supports_sdpa = False" in Path(spec.origin).read_text() else "sdpa"
