@@ -485,7 +485,8 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
         {"paged optimizer states": opt["paged"]} if opt["paged"] else {})
     inputs = dict(method=method, batch_size=batch_size, seq_len=seq_len, lm_tokens_per_sample=run.S, lora_r=run.r,
                   targets=sorted(run.lora), grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer,
-                  dtype=dtype, loss_chunk=loss_chunk, attention=s.block.attention, int8_outliers=run.outliers)
+                  dtype=dtype, loss_chunk=loss_chunk, attention=s.block.attention,
+                  int8_outliers=list(run.outliers) if quant == 8 else None)
     kept = (4 + (run.act_bytes if run.quant else 2) * bool(s.block.logit_softcap)) * run.N * s.vocab
     detail = {"saved for backward": act["saved"] + (kept if loss_chunk is None else 0) + labels,
               "rope": act["rope"], "one layer saved": act["one_layer"], "recomputed layer": act["recompute"],

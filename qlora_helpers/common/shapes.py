@@ -136,8 +136,23 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".json")
+
+
+def _hub_config(hub_id: str, overrides: dict):
+    """The config of a hub model (needs the network, or the hub cache)."""
+    try:
+        return AutoConfig.from_pretrained(hub_id, **overrides)
+    except Exception as err:    # offline, unknown id, gated model: one line either way
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"could not read the config of hub id {hub_id!r} ({first}): online, check the id; "
+                         "offline, give a path to its config.json") from None
+
+
 def get_config(name_or_path: str | Path, **overrides):
-    """Return a transformers config for a preset name or a path to a ``config.json`` (or its folder).
+    """Return a transformers config for a preset name, a path to a ``config.json`` (or its folder), or a
+    hub id such as ``google/gemma-2-2b`` where the machine is online (or the hub cache holds it).
 
     ``overrides`` replace fields of a text model's config before it is built, e.g.
     ``num_hidden_layers=4`` for a model of real width but fewer layers (derived fields such as
@@ -162,8 +177,10 @@ def get_config(name_or_path: str | Path, **overrides):
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "config.json"
+    if not path.is_file() and _looks_like_hub_id(str(name_or_path)):
+        return _hub_config(str(name_or_path), overrides)
     if not path.is_file():
-        raise ValueError(f"unknown model {name_or_path!r}: give a path to a config.json or one of "
+        raise ValueError(f"unknown model {name_or_path!r}: give a path to a config.json, a hub id (online) or one of "
                          f"{', '.join(preset_names())}")
     try:
         data = json.loads(path.read_text())
