@@ -1,18 +1,22 @@
 """Check ``qlora_helpers.ch01_memory.estimator.estimate`` against peaks measured on a GPU.
 
-Configurations of one model shape run one after another in a worker process, each measured from a
-clean allocator (everything of the previous one freed); the worker stops after an out-of-memory
-error or a crash, and the configurations it did not finish are retried, each in a fresh process.
-So no peak leaks from one row into another and one failure loses only its own row. The JSON is
-rewritten atomically after every row: a run cut short still leaves every finished row.
+Each model shape is saved once with random weights (``save_pretrained``) and every row loads it as a
+user does: ``from_pretrained`` with ``BitsAndBytesConfig`` for 4-bit and 8-bit, plain bf16 for LoRA and
+full training, then ``model.train()``. Real widths and vocabularies; the larger shapes keep fewer
+layers (the row's ``layers`` against ``real_layers``). Rows of one shape run one after another in a
+worker process, each measured from a clean allocator (everything of the previous one freed); the
+worker stops after an out-of-memory error or a crash, and the rows it did not finish are retried,
+each in a fresh process. The JSON is rewritten atomically after every row: a run cut short still
+leaves every finished row.
 
-    python -m benchmarks.memory_validation            # all configurations (~6 min on one H100 80GB)
-    python -m benchmarks.memory_validation --quick    # the 0.5B rows only (~1 min)
-    python -m benchmarks.memory_validation --only 7b-qlora4 32b-qlora4-ckpt --out /tmp/mem.json
+    python -m benchmarks.memory_validation            # all rows (about 5 min on one H200)
+    python -m benchmarks.memory_validation --quick    # the Qwen2.5-0.5B and SmolLM2-135M rows
+    python -m benchmarks.memory_validation --only gemma2b-qlora4 phi3mini-qlora8 --out /tmp/mem.json
+    python -m benchmarks.memory_validation --rescore  # estimates again against the recorded peaks (CPU)
 
 Writes ``benchmarks/results/memory_validation.json``: device, versions, command, date and one row
-per configuration with the prediction, the measurement and the error in percent of measured peak
-allocated (the quantity the estimator predicts).
+per configuration with the prediction (peak allocated, reserved and on the device), the measurement
+and the errors in percent of the measured peaks allocated and reserved.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 CONTEXT_GIB = 0.95  # CUDA context + kernels, outside max_memory_reserved (0.75-0.93 GiB seen on an H200, CUDA 13,
                     # the most once bitsandbytes' 8-bit kernels had loaded)
-SLACK = 0.20        # for a bare number of GiB: reserved was 2-31 % above peak allocated in memory_validation
+SLACK = 0.20        # for a bare number of GiB, which carries no logits or layer sizes to model the slack from
 LOGITS_SLACK = 1.0      # reserved above allocated: x the fp32 logits block, when the lm_head is 16-bit
 RECOMPUTE_SLACK = 0.57  # ... plus x the layer recomputed under gradient checkpointing
 MARGIN = 0.10       # "fits" keeps this share of headroom: the worst error of the reserved estimate measured
