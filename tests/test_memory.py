@@ -14,6 +14,7 @@ import torch
 
 from qlora_helpers import cli
 from qlora_helpers.ch01_memory.architectures import ArchitectureError
+from qlora_helpers.ch01_memory.calculator import calculator, card_lines
 from qlora_helpers.ch01_memory.estimator import (
     CUBLAS_WORKSPACE,
     GIB,
@@ -25,6 +26,7 @@ from qlora_helpers.ch01_memory.estimator import (
 )
 from qlora_helpers.ch01_memory.gpus import (
     CONTEXT_GIB,
+    GPUS,
     MARGIN,
     RECOMPUTE_SLACK,
     VERDICT_TEXT,
@@ -431,6 +433,22 @@ def test_cli_json(capsys):
     data = json.loads(out)
     assert code == 0 and data["total_gib"] == pytest.approx(sum(data["components"].values()), abs=1e-3)
     assert list(data["components"])[0] == "quantized weights" and "CUDA context" in data["not_in_total_gib"]
+
+
+def test_calculator_takes_a_config_path_and_the_notebook_setting(tmp_path):
+    """The chapter's calculator: a config.json path, the notebook's batch and sequence length, a verdict
+    and the largest batch for each card of the table; an unreadable model is one line in its output."""
+    path = write_config(tmp_path, PUBLISHED["phi-3-mini-4k"])
+    panel, current = calculator(path, batch_size=3, seq_len=700, lora_r=16)
+    est = current()
+    assert (est.inputs["batch_size"], est.inputs["seq_len"], est.inputs["lora_r"]) == (3, 700, 16)
+    assert "qkv_proj" in est.inputs["targets"]
+    text = panel.children[-1].outputs[0]["text"]
+    lines = card_lines(get_config(path), est)
+    assert len(lines) == len(GPUS) and all(line in text for line in lines)
+    assert all(any(v in line for v in VERDICT_TEXT.values()) for line in lines)
+    panel.children[0].children[0].value = str(tmp_path / "missing.json")
+    assert panel.children[-1].outputs[0]["text"].startswith("error: unknown model")
 
 
 def test_cli_json_has_reserved_device_and_the_fit(capsys):
