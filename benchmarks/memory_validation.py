@@ -158,7 +158,8 @@ def summary(rows: list[dict]) -> dict:
     return {"rows": len(rows), "ok": len(ok), "oom": sum(r.get("status") == "oom" for r in rows),
             "errors": sum(r.get("status") == "error" for r in rows), "not_estimated": len(ok) - len(scored),
             "max_abs_error_pct": worst("error_pct"), "max_abs_reserved_error_pct": worst("reserved_error_pct"),
-            "within_5pct": sum(abs(r["error_pct"]) <= 5 for r in scored)}
+            "within_5pct": sum(abs(r["error_pct"]) <= 5 for r in scored),
+            "within_10pct": sum(abs(r["error_pct"]) <= 10 for r in scored)}
 
 
 def row_config(name: str) -> dict:
