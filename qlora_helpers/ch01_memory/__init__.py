@@ -1,20 +1,21 @@
 """Chapter 01, memory math: where GPU memory goes in training, and which GPU a run fits on.
 
-===========  =========================================================================================
-module       what it holds
-===========  =========================================================================================
-estimator    ``estimate``: a training step's peak memory, term by term, from a model's config
-gpus         the GPU table, and whether an estimate fits a card (CUDA context and allocator slack added)
-measurement  ``measure``: the same step run on random weights at real shape on a GPU, phase by phase
-validation   the estimate against the peaks measured on a GPU (the result file of the benchmark)
-calculator   the widget calculator: a breakdown and each card's verdict for the chosen setting
-claims       the seeds' memory claims, each with the estimate and a verdict
-===========  =========================================================================================
+=============  =========================================================================================
+module         what it holds
+=============  =========================================================================================
+architectures  what a decoder's ``config.json`` says about its memory: sizes and the layout of a block
+estimator      ``estimate``: a training step's peak memory, term by term, from a model's config
+gpus           the GPU table, and whether an estimate fits a card (CUDA context and allocator slack added)
+measurement    ``measure``: the same step run on random weights at real shape on a GPU, phase by phase
+validation     the estimate against the peaks measured on a GPU (the result file of the benchmark)
+calculator     the widget calculator: a breakdown and each card's verdict for the chosen setting
+claims         the seeds' memory claims, each with the estimate and a verdict
+=============  =========================================================================================
 
 ``measurement`` loads peft and bitsandbytes, so it is imported from its module, not from here.
 """
 
-from qlora_helpers.ch01_memory.calculator import calculator
+from qlora_helpers.ch01_memory.calculator import calculator, card_lines
 from qlora_helpers.ch01_memory.claims import claims_markdown, seed_claims, seen
 from qlora_helpers.ch01_memory.estimator import (
                                                  COMPONENTS,
@@ -28,6 +29,7 @@ from qlora_helpers.ch01_memory.estimator import (
 from qlora_helpers.ch01_memory.gpus import CONTEXT_GIB, GPUS, fits, gpu_table, verdict, which_gpus
 from qlora_helpers.ch01_memory.validation import validation, validation_plot, validation_table
 
-__all__ = ["COMPONENTS", "CONTEXT_GIB", "GIB", "GPUS", "MemoryEstimate", "calculator", "claims_markdown", "estimate",
+__all__ = ["COMPONENTS", "CONTEXT_GIB", "GIB", "GPUS", "MemoryEstimate", "calculator", "card_lines", "claims_markdown",
+           "estimate", "largest_fit",
            "fits", "gpu_table", "model_shape", "quantized_bytes", "resolve_targets", "seed_claims", "seen",
            "validation", "validation_plot", "validation_table", "verdict", "which_gpus"]

@@ -20,15 +20,25 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from qlora_helpers.ch01_memory.gpus import CONTEXT_GIB, verdict
+from qlora_helpers.ch01_memory.architectures import (
+    ArchitectureError,
+    Block,
+    Linear,
+    Shape,
+    int8_outlier_share,
+    text_shape,
+    with_attention,
+)
+from qlora_helpers.ch01_memory.gpus import CONTEXT_GIB, VERDICT_TEXT, find_gpu, fits, reserved_gib, verdict
 from qlora_helpers.common.shapes import get_config
 
 METHODS = ("full", "lora", "qlora4", "qlora8")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 DTYPES = ("bf16", "fp16")
 TARGET_PRESETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+# (the Llama names; resolve_targets takes a model's own names from its block layout)
 GIB = 2**30
 BLOCK_4BIT, BLOCK_ABSMAX, BLOCK_OPT8 = 64, 256, 256   # bitsandbytes block sizes
 MIN_8BIT, MIN_PAGED = 4096, 100_000                   # bnb: smaller tensors keep fp32 / non-paged states
@@ -42,34 +52,9 @@ def _r512(nbytes: float) -> int:
     return int(math.ceil(nbytes / 512) * 512) if nbytes > 0 else 0
 
 
-@dataclass(frozen=True)
-class Linear:
-    name: str       # module name suffix, the one peft matches: "q_proj", "fc1", ...
-    part: str       # "lm", "vision" or "projector"
-    fan_in: int
-    fan_out: int
-    bias: bool
-    count: int      # how many modules of this kind (usually = number of layers)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What the memory depends on, read from a transformers config (see ``model_shape``)."""
-    hidden: int
-    inter: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    linears: tuple             # Linear, lm_head excluded
-    other: dict                # name -> parameter count (embeddings, norms, lm_head, vision extras)
-    vision: dict | None = None  # hidden, inter, layers, heads, tokens (in the tower), lm_tokens (per image)
-
-
 def model_shape(config) -> Shape:
-    """Parameter inventory of a Qwen2 / Llama / Mistral decoder, or a LLaVA / Qwen2-VL VLM.
+    """Parameter inventory and block layout of a decoder (``architectures.text_shape``), or a LLaVA /
+    Qwen2-VL VLM (vision tower and projector added).
 
     Example:
         >>> from qlora_helpers.common.shapes import get_config
@@ -78,25 +63,8 @@ def model_shape(config) -> Shape:
         (896, 128, True, 357826560)
     """
     text = config.get_text_config()
-    kind = text.model_type
-    if kind not in ("qwen2", "qwen2_vl_text", "llama", "mistral"):
-        raise ValueError(f"model_type {kind!r} is not covered by the estimator: use a Qwen2, Llama or Mistral "
-                         "decoder, or LLaVA / Qwen2-VL")
-    h, inter, n = text.hidden_size, text.intermediate_size, text.num_hidden_layers
-    heads = text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    d = getattr(text, "head_dim", None) or h // heads
-    qkv_bias = kind.startswith("qwen2") or bool(getattr(text, "attention_bias", False))
-    o_bias = bool(getattr(text, "attention_bias", False))
-    mlp_bias = bool(getattr(text, "mlp_bias", False))
-    lin = [Linear("q_proj", "lm", h, heads * d, qkv_bias, n), Linear("k_proj", "lm", h, kv * d, qkv_bias, n),
-           Linear("v_proj", "lm", h, kv * d, qkv_bias, n), Linear("o_proj", "lm", heads * d, h, o_bias, n),
-           Linear("gate_proj", "lm", h, inter, mlp_bias, n), Linear("up_proj", "lm", h, inter, mlp_bias, n),
-           Linear("down_proj", "lm", inter, h, mlp_bias, n)]
-    tied = bool(getattr(text, "tie_word_embeddings", False))
-    other = {"embed_tokens": text.vocab_size * h, "norms": (2 * n + 1) * h}
-    if not tied:
-        other["lm_head"] = text.vocab_size * h
+    base = text_shape(text)
+    h, lin, other = base.hidden, list(base.linears), dict(base.other)
     vision = None
     vc = getattr(config, "vision_config", None)
     if vc is not None and config.model_type == "llava":
@@ -108,7 +76,7 @@ def model_shape(config) -> Shape:
         other.update(vision_embeddings=3 * p * p * hv + hv + (grid + 1) * hv, vision_norms=(4 * lv + 4) * hv)
         drop_cls = getattr(config, "vision_feature_select_strategy", "default") == "default"
         vision = dict(hidden=hv, inter=iv, layers=lv, heads=vc.num_attention_heads, tokens=grid + 1,
-                      lm_tokens=grid if drop_cls else grid + 1, names=CLIP_NAMES)
+                      lm_tokens=grid if drop_cls else grid + 1, names=CLIP_BLOCK)
     elif vc is not None and config.model_type == "qwen2_vl":
         hv, lv, p, m = vc.embed_dim, vc.depth, vc.patch_size, vc.spatial_merge_size
         iv = int(hv * vc.mlp_ratio)
@@ -119,10 +87,11 @@ def model_shape(config) -> Shape:
                 Linear("2", "projector", hv * m * m, vc.hidden_size, True, 1)]
         other.update(vision_embeddings=3 * vc.temporal_patch_size * p * p * hv, vision_norms=(4 * lv + 2) * hv)
         vision = dict(hidden=hv, inter=iv, layers=lv, heads=vc.num_heads, tokens=grid, lm_tokens=grid // (m * m),
-                      names=QWEN2VL_NAMES)
+                      names=QWEN2VL_BLOCK)
     elif vc is not None:
-        raise ValueError(f"VLM type {config.model_type!r} is not covered: use llava or qwen2_vl")
-    return Shape(h, inter, n, heads, kv, d, text.vocab_size, tied, tuple(lin), other, vision)
+        raise ArchitectureError(f"field 'model_type' is {config.model_type!r}, a vision-language model the "
+                                "estimator does not know; it reads llava and qwen2_vl")
+    return replace(base, linears=tuple(lin), other=other, vision=vision)
 
 
 def resolve_targets(shape: Shape, targets) -> set[str]:
@@ -131,7 +100,9 @@ def resolve_targets(shape: Shape, targets) -> set[str]:
     names = {l.name for l in shape.linears}
     if targets == "all-linear":
         return names
-    wanted = TARGET_PRESETS.get(targets) if isinstance(targets, str) else None
+    blk = shape.block
+    presets = {"attention": (*blk.qkv, blk.o), "mlp": (*blk.mlp_in, blk.mlp_out)}
+    wanted = presets.get(targets) if isinstance(targets, str) else None
     if wanted is None:
         wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
     bad = [t for t in wanted if t not in names]
@@ -195,40 +166,91 @@ class MemoryEstimate:
     def total_gib(self) -> float:
         return self.total_bytes / GIB
 
+    @property
+    def reserved_gib(self) -> float:
+        """Predicted peak ``max_memory_reserved``: the peak allocated plus the allocator's slack (``gpus``)."""
+        return reserved_gib(self.total_gib, self.detail.get("logits block", 0) / GIB,
+                            self.detail.get("recomputed layer", 0) / GIB)
+
+    @property
+    def device_gib(self) -> float:
+        """What the card must hold: reserved memory, the CUDA context and paged optimizer states."""
+        return self.reserved_gib + sum(self.outside.values()) / GIB
+
     def components_gib(self) -> dict:
         return {k: v / GIB for k, v in self.components.items()}
 
     def as_dict(self) -> dict:
-        return {"total_gib": round(self.total_gib, 4),
+        return {"total_gib": round(self.total_gib, 4), "reserved_gib": round(self.reserved_gib, 4),
+                "device_gib": round(self.device_gib, 4),
                 "components": {k: round(v, 4) for k, v in self.components_gib().items()},
                 "components_bytes": dict(self.components), "peak_phase": self.peak_phase,
                 "phases_gib": {k: round(v / GIB, 4) for k, v in self.phases.items()},
                 "not_in_total_gib": {k: round(v / GIB, 4) for k, v in self.outside.items()},
-                "params": dict(self.params), "inputs": dict(self.inputs), "verdict": verdict(self.total_gib)}
+                "params": dict(self.params), "inputs": dict(self.inputs), "verdict": verdict(self)}
 
     def table(self) -> str:
         rows = [f"{k:<22}{v / GIB:>9.3f} GiB" for k, v in self.components.items()]
         rows += ["-" * 35, f"{'total (peak allocated)':<22}{self.total_gib:>9.3f} GiB   at: {self.peak_phase}"]
-        rows += [f"{'+ ' + k:<22}{v / GIB:>9.3f} GiB   (not in total)" for k, v in self.outside.items()]
-        return "\n".join(rows + [verdict(self.total_gib)])
+        rows += [f"{'reserved (estimate)':<22}{self.reserved_gib:>9.3f} GiB   (allocator slack added)"]
+        rows += [f"{'+ ' + k:<22}{v / GIB:>9.3f} GiB" for k, v in self.outside.items()]
+        rows += [f"{'on the card':<22}{self.device_gib:>9.3f} GiB"]
+        return "\n".join(rows + [verdict(self)])
 
     __str__ = table
 
 
-LM_NAMES = (("q_proj", "k_proj", "v_proj"), "o_proj", ("gate_proj", "up_proj"), "down_proj")
-CLIP_NAMES = (("q_proj", "k_proj", "v_proj"), "out_proj", ("fc1",), "fc2")
-QWEN2VL_NAMES = (("qkv",), "proj", ("fc1",), "fc2")
+LLAMA_BLOCK = Block()
+CLIP_BLOCK = Block(qkv=("q_proj", "k_proj", "v_proj"), o="out_proj", mlp_in=("fc1",), mlp_out="fc2", gated=False)
+QWEN2VL_BLOCK = Block(qkv=("qkv",), o="proj", mlp_in=("fc1",), mlp_out="fc2", gated=False)
 
 
-def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8, names=LM_NAMES):
+def _norm_saved(saved: dict, key: str, req: bool, *, kind: str, N: int, h: int, a: int, full: bool) -> bool:
+    """What one norm keeps for backward; returns whether its output requires grad.
+
+    rms: an fp32 copy of the input and 1/rms per token (+ the cast output when the weight trains);
+    gemma: the same, the fp32 ``1 + weight`` and, when the weight trains, the fp32 normed output;
+    layer_no_weight (OLMo): the fp32 input, mean and 1/std per token; layer: the input itself, mean and 1/std.
+    """
+    if req:
+        if kind == "layer":
+            saved[key + ".in"], saved[key + ".stats"] = a * N * h, 8 * N
+        else:
+            saved[key + ".in"] = 4 * N * h
+            saved[key + ".rms"] = 8 * N if kind == "layer_no_weight" else 4 * N
+        if kind == "gemma":
+            saved[key + ".w1"] = 4 * h
+    if full and kind in ("rms", "gemma"):
+        saved[key + ".cast"] = (4 if kind == "gemma" else a) * N * h
+    return req or full
+
+
+def _attention_saved(saved: dict, blk: Block, *, N, B, S, q, kv, heads, a) -> None:
+    """What attention keeps: SDPA's q, k, v, output and log-sum-exp, or eager attention's S x S scores."""
+    if blk.attention == "eager":                       # scores (+ tanh-capped copy), fp32 softmax, its 16-bit copy
+        rep = kv if kv == q else q                     # repeat_kv copies k and v to every query head
+        saved.update(q=a * N * q, k=a * N * rep, v=a * N * rep)
+        saved["scores"] = B * heads * S * S * ((a if blk.attn_softcap else 0) + 4 + (a if a != 4 else 0))
+    elif a == 4 and kv < q:                            # fp32 + grouped KV heads: only the math kernel runs;
+        saved.update(q=4 * N * q, k=4 * N * q, v=4 * N * q, probs=4 * B * heads * S * S)   # keeps S x S probs
+    else:                                              # flash / cuDNN / mem-efficient: q, k, v, out + logsumexp
+        saved.update(q=a * N * q, k=a * N * kv, v=a * N * kv, out=a * N * q, lse=4 * B * heads * S)
+    if blk.clip_qkv:                                   # OLMo: clamp_ keeps the values it clipped from
+        saved.update(clip_q=a * N * q, clip_k=a * N * kv, clip_v=a * N * kv)
+
+
+def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8, blk: Block = LLAMA_BLOCK,
+                 outliers: tuple = (0.0, 0.0)):
     """Bytes one transformer block keeps for backward without checkpointing: ``(all, kept by bnb)``.
 
     ``a``: bytes per activation value (2 = bf16; 4 when prepare_model_for_kbit_training upcast the
     norms and embeddings, which makes the whole residual stream fp32). ``g_in``: whether the block's
     input requires grad. ``lora``: set of wrapped module names. A LoRA module casts its input to
     fp32 (its weights are fp32), so with ``a == 2`` every wrapped module keeps its own fp32 copy.
-    bitsandbytes' 8-bit matmul keeps its input on ``ctx`` rather than through autograd, so those
-    tensors survive gradient checkpointing: they are also returned separately.
+    bitsandbytes' 8-bit matmul keeps its input, and a copy of the input columns that hold a value above
+    its 6.0 threshold (``outliers``: the share of such columns in the normed inputs and in the MLP output
+    projection's input), on ``ctx`` rather than through autograd, so those tensors survive gradient
+    checkpointing: they are also returned separately.
     """
     saved, pinned = {}, set()
 
@@ -241,31 +263,29 @@ def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8,
             saved[key] = a * N * width
             pinned.update([key] if q8 else [])
 
-    def norm(key, req):
-        if req:                                       # RMSNorm keeps an fp32 copy + 1/rms per token
-            saved[key + ".in"] = 4 * N * h
-            saved[key + ".rms"] = 4 * N
-            if full:
-                saved[key + ".cast"] = a * N * h
-        return req or full
-
-    qkv, o, mlp_in, mlp_out = names
+    norm = lambda key, req: _norm_saved(saved, key, req, kind=blk.norm, N=N, h=h, a=a, full=full)
     x1 = norm("norm1", g_in)
-    readers("x1", h, qkv, x1)
-    att = x1 or full or bool(set(qkv) & lora)
-    if att and a == 4 and kv < q:                     # fp32 + grouped KV heads: only the math kernel runs;
-        saved.update(q=4 * N * q, k=4 * N * q, v=4 * N * q, probs=4 * B * heads * S * S)   # keeps S x S probs
-    elif att:                                         # flash / cuDNN / mem-efficient: q, k, v, out + logsumexp
-        saved.update(q=a * N * q, k=a * N * kv, v=a * N * kv, out=a * N * q, lse=4 * B * heads * S)
-    readers("out", q, (o,), att)
-    x2 = norm("norm2", g_in or att or o in lora)
-    readers("x2", h, mlp_in, x2)
-    g = x2 or full or bool(set(mlp_in) & lora)
-    if g and len(mlp_in) == 2:                        # silu(gate) * up keeps gate, silu(gate), up
+    readers("x1", h, blk.qkv, x1)
+    att = x1 or full or bool(set(blk.qkv) & lora)
+    if att:
+        _attention_saved(saved, blk, N=N, B=B, S=S, q=q, kv=kv, heads=heads, a=a)
+    readers("out", q, (blk.o,), att)
+    o_req = att or blk.o in lora
+    x2 = norm("norm2", (norm("post1", o_req) if blk.post_norms else o_req) or g_in)
+    readers("x2", h, blk.mlp_in, x2)
+    g = x2 or full or bool(set(blk.mlp_in) & lora)
+    if g and blk.gated:                               # act(gate) * up keeps gate, act(gate), up
         saved.update(gate=a * N * inter, act=a * N * inter, up=a * N * inter)
     elif g:                                           # gelu keeps its input; fc2 reads gelu's output
         saved.update(fc1=a * N * inter)
-    readers("p", inter, (mlp_out,), g)
+    readers("p", inter, (blk.mlp_out,), g)
+    for width, names, req, share in ((h, blk.qkv, x1, outliers[0]), (h, blk.mlp_in, x2, outliers[0]),
+                                     (inter, (blk.mlp_out,), g, outliers[1])):
+        for m in names if q8 and req and share else ():   # each 8-bit module keeps its own copy
+            saved[f"{m}.outliers"] = int(a * N * width * share)
+            pinned.add(f"{m}.outliers")
+    if blk.post_norms:
+        norm("post2", g or blk.mlp_out in lora)
     return sum(saved.values()), sum(saved[k] for k in pinned)
 
 
@@ -302,6 +322,7 @@ class _Run:
     S: int                     # tokens per sample seen by the language model
     grad_ckpt: bool
     prepare_kbit: bool
+    outliers: tuple = (0.0, 0.0)   # share of 8-bit input columns bnb copies in 16-bit: (normed inputs, MLP output)
 
     @property
     def N(self) -> int:
@@ -346,23 +367,27 @@ def _optimizer(run: _Run, lora_tensors, optimizer: str) -> dict:
 
 def _activations(run: _Run) -> dict:
     """Bytes saved for backward (``saved``), one layer recomputed under checkpointing, and parts."""
-    s, a, N = run.shape, run.act_bytes, run.N
-    blk = dict(full=run.full, lora=run.lora, a=a, q8=run.quant == 8)
+    s, a, N, blk = run.shape, run.act_bytes, run.N, run.shape.block
+    kw = dict(full=run.full, lora=run.lora, a=a, q8=run.quant == 8, blk=blk, outliers=run.outliers)
     qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
     layer = lambda g_in: _block_saved(N, run.B, run.S, s.hidden, qd, kvd, s.inter, s.heads, run.r, g_in=g_in,
-                                      **blk)[0]
-    pinned = _block_saved(N, run.B, run.S, s.hidden, qd, kvd, s.inter, s.heads, run.r, g_in=True, **blk)[1]
+                                      **kw)[0]
+    pinned = _block_saved(N, run.B, run.S, s.hidden, qd, kvd, s.inter, s.heads, run.r, g_in=True, **kw)[1]
     first_g = run.full or (run.prepare_kbit and run.grad_ckpt)   # peft's input-grad hook: kbit + checkpointing
     rope = 2 * run.S * s.head_dim * a                             # cos / sin, shared by all layers
-    head = 4 * N * s.hidden + 4 * N + (2 * a * N * s.hidden if run.full else 0)   # final norm (+ lm_head input)
+    final = {}
+    _norm_saved(final, "final", True, kind=blk.norm, N=N, h=s.hidden, a=a, full=run.full)
+    head = sum(final.values()) + (a * N * s.hidden if run.full else 0)   # final norm (+ lm_head input)
     vision = _vision_activations(run)
+    masks = blk.masks * run.B * run.S * run.S * (run.weight_bytes if blk.attention == "eager" else 1)
     if run.grad_ckpt:
-        saved = s.layers * (_r512(a * N * s.hidden) + pinned) + head + rope + vision
+        saved = s.layers * (_r512(a * N * s.hidden) + pinned) + head + rope + vision + masks
         recompute = layer(True)
     else:
         saved = layer(first_g) + (s.layers - 1) * layer(True) + head + rope + vision
         recompute = 0
-    return {"saved": saved, "recompute": recompute, "rope": rope, "one_layer": layer(True)}
+    return {"saved": saved, "recompute": recompute, "rope": rope, "one_layer": layer(True),
+            "masks": masks if run.grad_ckpt else 0}
 
 
 def _vision_activations(run: _Run) -> int:
@@ -375,18 +400,23 @@ def _vision_activations(run: _Run) -> int:
         return vis["layers"] * _r512(run.act_bytes * Nv * vis["hidden"])
     one = _block_saved(Nv, run.B, vis["tokens"], vis["hidden"], vis["hidden"], vis["hidden"], vis["inter"],
                        vis["heads"], run.r, full=run.full, lora=run.lora, a=run.act_bytes, g_in=True, q8=False,
-                       names=vis["names"])[0]
+                       blk=vis["names"])[0]
     return vis["layers"] * one
 
 
 def _loss(run: _Run, loss_chunk: int | None) -> tuple[int, int, int]:
-    """(bytes at the loss in the forward pass, in the backward pass, label tensors)."""
+    """(bytes at the loss in the forward pass, in the backward pass, label tensors).
+
+    Gemma-2's soft-capped logits (``cap * tanh(logits / cap)``) keep the tanh output, one more
+    16-bit ``[tokens, vocab]`` copy, until the backward pass reaches them.
+    """
     s, N, V, w = run.shape, run.N, run.shape.vocab, run.weight_bytes
     labels = 8 * N + (8 * N if run.full else 0)
     lm_b = run.act_bytes if run.quant else w
+    cap = lm_b * N * V if s.block.logit_softcap else 0
     if loss_chunk is None:
-        forward = (lm_b * N * V if lm_b == 2 else 0) + 4 * N * V + 4 * N * V + labels
-        backward = 12 * N * V + labels             # log-softmax out + its grad in + grad out, all fp32
+        forward = (lm_b * N * V if lm_b == 2 else 0) + 4 * N * V + 4 * N * V + labels + cap
+        backward = 12 * N * V + labels + cap       # log-softmax out + its grad in + grad out, all fp32
     else:                                          # one chunk: fp32 logits/softmax + its 16-bit copy;
         C = min(loss_chunk, N)                     # the labelled rows' hidden states and their gradient
         forward = 6 * C * V + 2 * w * N * s.hidden + labels
@@ -399,7 +429,7 @@ def _temporaries(run: _Run) -> tuple[int, int, int]:
     s, a = run.shape, run.act_bytes
     big = max(l.fan_in * l.fan_out for l in s.linears if l.part == "lm")
     deq = 2 * big if run.quant else 0
-    layer_tmp = run.N * s.inter * (2 * a + (4 if "down_proj" in run.lora and a == 2 else 0)) + deq
+    layer_tmp = run.N * s.inter * 2 * a + deq
     head_grad = _r512(s.vocab * s.hidden * run.weight_bytes) if run.full else 0
     return deq, layer_tmp, head_grad
 
@@ -414,7 +444,8 @@ def _params(run: _Run, lora_tensors, trainable) -> dict:
 
 def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int = 8, targets="all-linear",
              grad_ckpt: bool = False, prepare_kbit: bool = False, optimizer: str = "adamw",
-             dtype: str = "bf16", loss_chunk: int | None = None) -> MemoryEstimate:
+             dtype: str = "bf16", loss_chunk: int | None = None, attention: str | None = None,
+             int8_outliers: float | None = None) -> MemoryEstimate:
     """Predict peak ``torch.cuda.max_memory_allocated`` of steady-state training (see module doc).
 
     The peak is the largest of four phases: the forward pass at the loss, the backward pass at the
@@ -422,14 +453,21 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
     ``loss_chunk``: ``None`` for ``model(**batch).loss`` (full ``[tokens, vocab]`` logits); a number of
     rows for the chunked loss of ``qlora_helpers.ch03_sft.recipe`` (one chunk's logits at a time, plus the
     gradient with respect to the last hidden states it forms during the forward pass).
+    ``attention``: ``"sdpa"`` or ``"eager"``; ``None`` for what the installed transformers picks.
+    ``int8_outliers``: for ``qlora8``, the share (0 to 1) of each 8-bit layer's input columns that
+    LLM.int8 copies in 16-bit; ``None`` for the shares random weights give (``int8_outlier_share``).
     """
     _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk)
     s = model_shape(get_config(config) if isinstance(config, str) else config)
+    if attention is not None:
+        s = with_attention(s, attention)
     full, quant = method == "full", {"qlora4": 4, "qlora8": 8}.get(method)
     run = _Run(shape=s, full=full, quant=quant, lora=set() if full else resolve_targets(s, targets),
                r=0 if full else lora_r, weight_bytes=2, act_bytes=4 if prepare_kbit else 2, B=batch_size,
                S=seq_len + (s.vision["lm_tokens"] if s.vision else 0), grad_ckpt=grad_ckpt,
                prepare_kbit=prepare_kbit)
+    if quant == 8:
+        run.outliers = int8_outlier_share(s, run.N) if int8_outliers is None else (float(int8_outliers),) * 2
     qbytes, unq, lora_w, lora_tensors = _weights(run)
     opt = _optimizer(run, lora_tensors, optimizer)
     act = _activations(run)
@@ -447,13 +485,52 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
         {"paged optimizer states": opt["paged"]} if opt["paged"] else {})
     inputs = dict(method=method, batch_size=batch_size, seq_len=seq_len, lm_tokens_per_sample=run.S, lora_r=run.r,
                   targets=sorted(run.lora), grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer,
-                  dtype=dtype, loss_chunk=loss_chunk)
-    detail = {"saved for backward": act["saved"] + (4 * run.N * s.vocab if loss_chunk is None else 0) + labels,
+                  dtype=dtype, loss_chunk=loss_chunk, attention=s.block.attention,
+                  int8_outliers=list(run.outliers) if quant == 8 else None)
+    kept = (4 + (run.act_bytes if run.quant else 2) * bool(s.block.logit_softcap)) * run.N * s.vocab
+    detail = {"saved for backward": act["saved"] + (kept if loss_chunk is None else 0) + labels,
               "rope": act["rope"], "one layer saved": act["one_layer"], "recomputed layer": act["recompute"],
               "optimizer temporary": opt["temporary"], "dequantised weight": deq,
-              "layer backward temporary": layer_tmp, "tokens": run.N}
+              "layer backward temporary": layer_tmp, "tokens": run.N,
+              "masks": act["masks"],
+              "logits block": 0 if prepare_kbit else 4 * min(run.N, loss_chunk or run.N) * s.vocab}
     return MemoryEstimate(phases[peak], totals, peak, outside, _params(run, lora_tensors, opt["trainable"]),
                           inputs, detail)
+
+
+def largest_fit(config, method: str, gpu_gib: float, *, vary: str, batch_size: int, seq_len: int,
+                limit: int = 1 << 20, **kwargs) -> int:
+    """The largest ``batch_size`` (``vary="batch_size"``) or ``seq_len`` (``vary="seq_len"``, in steps of
+    128 tokens) at which ``estimate`` still ``fits`` a card of ``gpu_gib``, the other held; 0 if none does.
+
+    The estimate grows with either, so a bisection finds it in a few dozen estimates.
+    """
+    step = 128 if vary == "seq_len" else 1
+    at = lambda k: {"batch_size": batch_size, "seq_len": seq_len, vary: k * step}
+    ok = lambda k: fits(estimate(config, method, **at(k), **kwargs), gpu_gib) == "fits"
+    if not ok(1):
+        return 0
+    lo, hi = 1, 2
+    while hi * step <= limit and ok(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit // step + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo * step
+
+
+def fit_report(est: MemoryEstimate, config, gpu_name: str, gpu_gib: float) -> dict:
+    """The verdict on one card and the largest batch size and sequence length that fit it."""
+    i = est.inputs
+    kw = dict(lora_r=i["lora_r"] or 8, targets=i["targets"] or "all-linear", grad_ckpt=i["grad_ckpt"],
+              prepare_kbit=i["prepare_kbit"], optimizer=i["optimizer"], dtype=i["dtype"], loss_chunk=i["loss_chunk"],
+              attention=i["attention"])
+    both = dict(batch_size=i["batch_size"], seq_len=i["seq_len"], **kw)
+    return {"gpu": gpu_name, "gpu_gib": gpu_gib, "device_gib": round(est.device_gib, 3),
+            "verdict": VERDICT_TEXT[fits(est, gpu_gib)],
+            "largest_batch_size": largest_fit(config, i["method"], gpu_gib, vary="batch_size", **both),
+            "largest_seq_len": largest_fit(config, i["method"], gpu_gib, vary="seq_len", **both)}
 
 
 def configure_parser(parser) -> None:
@@ -468,16 +545,32 @@ def configure_parser(parser) -> None:
     parser.add_argument("--prepare-kbit", action="store_true", help="peft's prepare_model_for_kbit_training")
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     parser.add_argument("--dtype", default="bf16", choices=DTYPES)
+    card = parser.add_mutually_exclusive_group()
+    card.add_argument("--gpu", metavar="NAME", help="a card of the chapter-01 table, e.g. '4090' or 'RTX 3060 12GB'")
+    card.add_argument("--gpu-gib", type=float, metavar="N", help="any card: its memory in GiB")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def cli(args) -> int:
-    est = estimate(get_config(args.model), args.method, batch_size=args.batch_size, seq_len=args.seq_len,
+    if args.gpu_gib is not None and args.gpu_gib <= 0:
+        raise ValueError(f"--gpu-gib must be a positive number of GiB, got {args.gpu_gib}")
+    card = find_gpu(args.gpu) if args.gpu else None
+    config = get_config(args.model)
+    est = estimate(config, args.method, batch_size=args.batch_size, seq_len=args.seq_len,
                    lora_r=args.lora_r, targets=args.targets, grad_ckpt=args.grad_ckpt,
                    prepare_kbit=args.prepare_kbit, optimizer=args.optimizer, dtype=args.dtype)
+    report = None
+    if card or args.gpu_gib is not None:
+        name, gib = (card.name, card.memory_gib) if card else (f"{args.gpu_gib:g} GiB card", args.gpu_gib)
+        report = fit_report(est, config, name, gib)
     if args.json:
-        print(json.dumps(est.as_dict()))
-    else:
-        print(f"{args.model}, {args.method}, {args.batch_size} x {args.seq_len} tokens (estimate)")
-        print(est.table())
+        print(json.dumps(est.as_dict() | ({"fit": report} if report else {})))
+        return 0
+    print(f"{args.model}, {args.method}, {args.batch_size} x {args.seq_len} tokens (estimate)")
+    print(est.table())
+    if report:
+        r = report
+        print(f"{r['gpu']}: {r['verdict']} (needs ~{r['device_gib']:.1f} of {r['gpu_gib']:g} GiB); largest batch "
+              f"size that fits at {args.seq_len} tokens: {r['largest_batch_size']}; longest sequence that fits at "
+              f"batch size {args.batch_size}: {r['largest_seq_len']} tokens")
     return 0

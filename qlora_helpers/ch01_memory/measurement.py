@@ -1,8 +1,12 @@
 """Measuring what ``estimate`` predicts: training steps on random weights at real shape, on a GPU.
 
-``measure`` builds the model layer by layer (quantised as it is built), wraps it as the method does
-(LoRA, optional ``prepare_model_for_kbit_training`` and gradient checkpointing), trains a few steps
-and reports the peak allocated and reserved memory of each phase (forward, backward, optimizer).
+``measure`` loads the model as a user does: ``save_random`` writes random weights at real shape to a
+folder once, and each run calls ``from_pretrained(folder, quantization_config=BitsAndBytesConfig(...))``
+(plain dtype for LoRA and full training). It then wraps the model as the method does (LoRA, optional
+``prepare_model_for_kbit_training`` and gradient checkpointing), calls ``model.train()`` (from_pretrained
+returns eval mode, in which transformers skips gradient checkpointing), trains a few steps and reports
+the peak allocated and reserved memory of each phase (forward, backward, optimizer), the peak counter
+reset after loading. Without a folder the model is built layer by layer in memory (``build_random``).
 ``benchmarks/memory_validation.py`` runs it for each configuration in a fresh process.
 """
 
@@ -15,10 +19,10 @@ import time
 import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import AutoModelForCausalLM, Qwen2VLForConditionalGeneration
 
-from qlora_helpers.ch01_memory.estimator import GIB, estimate, model_shape
-from qlora_helpers.common.models import build_random
+from qlora_helpers.ch01_memory.estimator import GIB, model_shape, resolve_targets
+from qlora_helpers.common.models import bnb_config, build_random
 from qlora_helpers.common.shapes import get_config
 
 
@@ -50,6 +54,23 @@ def _batch(config, batch_size: int, seq_len: int, device, dtype, generator):
         ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
     ids = ids.to(device)
     return dict(input_ids=ids, labels=ids, **kw)
+
+
+def save_random(config, folder, *, dtype=torch.bfloat16, device: str = "cuda", seed: int = 0):
+    """Write a decoder of ``config``'s shape with random weights to ``folder`` (``save_pretrained``)."""
+    model = build_random(config, device=device, dtype=dtype, seed=seed, progress=False)
+    model.save_pretrained(folder)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return folder
+
+
+def load(folder, method: str, *, dtype, device: str = "cuda"):
+    """``from_pretrained`` as a user calls it: 4-bit NF4 / 8-bit LLM.int8 for QLoRA, else plain ``dtype``."""
+    quant = {"qlora4": "4bit", "qlora8": "8bit"}.get(method)
+    kwargs = {"quantization_config": bnb_config(quant, dtype)} if quant else {}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": device}, **kwargs)
 
 
 def _make_optimizer(name: str, params, lr: float = 1e-4):
@@ -114,7 +135,7 @@ def _summary(steps: list[dict], device) -> dict:
 
 def measure(config, method: str, *, batch_size: int, seq_len: int, lora_r: int = 8, targets="all-linear",
             grad_ckpt: bool = False, prepare_kbit: bool = False, optimizer: str = "adamw", dtype: str = "bf16",
-            steps: int = 3, device: str = "cuda", seed: int = 0) -> dict:
+            steps: int = 3, device: str = "cuda", seed: int = 0, folder=None) -> dict:
     """Train ``steps`` steps on random weights at real shape and return the measured memory (GiB).
 
     Step 1 is a warm-up (optimizer states appear during it); ``peak_allocated_gib`` is the largest
@@ -122,30 +143,35 @@ def measure(config, method: str, *, batch_size: int, seq_len: int, lora_r: int =
     split into forward / backward / optimizer phases whose peaks are reported too, along with the
     allocated memory after build, after the peft wrap and after each phase. Run it in a fresh
     process, or after everything of an earlier run was freed (``checkpoints_gib["start"]`` shows
-    what was still allocated), so that no earlier allocation counts towards the peak.
+    what was still allocated), so that no earlier allocation counts towards the peak. ``folder``: a
+    ``save_random`` folder of the same shape to load with ``from_pretrained`` (else built in memory).
     """
     if not torch.cuda.is_available() or not str(device).startswith("cuda"):
         raise RuntimeError("measure() needs a CUDA GPU and torch sees none here: use estimate() on this machine")
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (the first is a warm-up), got {steps}")
     config = get_config(config) if isinstance(config, str) else config
-    est = estimate(config, method, batch_size=batch_size, seq_len=seq_len, lora_r=lora_r, targets=targets,
-                   grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer, dtype=dtype)
+    modules = targets if targets == "all-linear" else sorted(resolve_targets(model_shape(config), targets))
+    inputs = dict(method=method, batch_size=batch_size, seq_len=seq_len, lora_r=0 if method == "full" else lora_r,
+                  targets=modules, grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer, dtype=dtype)
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     gc.collect()
     torch.cuda.empty_cache()
-    out = {"inputs": est.inputs, "checkpoints_gib": {"start": _gib(torch.cuda.memory_allocated(device))},
+    out = {"inputs": inputs, "checkpoints_gib": {"start": _gib(torch.cuda.memory_allocated(device))},
            "steps": [], "oom": False}
     mark = lambda key: out["checkpoints_gib"].__setitem__(key, _gib(torch.cuda.memory_allocated(device)))
     model = opt = None
     t0 = time.perf_counter()
     try:
-        model = build_random(config, quantize={"qlora4": "4bit", "qlora8": "8bit"}.get(method), device=device,
-                             dtype=torch_dtype, seed=seed, progress=False)
-        mark("after build")
-        model = _wrap(model, method, lora_r=lora_r, grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit,
-                      targets="all-linear" if targets == "all-linear" else est.inputs["targets"])
+        if folder is not None:
+            model = load(folder, method, dtype=torch_dtype, device=device)
+        else:
+            model = build_random(config, quantize={"qlora4": "4bit", "qlora8": "8bit"}.get(method), device=device,
+                                 dtype=torch_dtype, seed=seed, progress=False)
+        mark("after load")
+        model = _wrap(model, method, lora_r=lora_r, grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, targets=modules)
         mark("after wrap")
+        out["training"], out["attention"] = model.training, model.config._attn_implementation
         opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
         batch = _batch(config, batch_size, seq_len, device, torch_dtype, torch.Generator().manual_seed(seed))
         mark("after batch")

@@ -26,6 +26,18 @@ _LLAMA7B = dict(
     max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
 )
 
+_GEMMA2_COMMON = dict(
+    model_type="gemma2", head_dim=256, vocab_size=256000, hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0, attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0, query_pre_attn_scalar=256, sliding_window=4096, tie_word_embeddings=True,
+    pad_token_id=0, bos_token_id=2, eos_token_id=1,
+)
+_PHI3_COMMON = dict(
+    model_type="phi3", vocab_size=32064, hidden_act="silu", max_position_embeddings=4096,
+    original_max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=2047,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+)
+
 # name -> (kwargs of the transformers config, source checkpoint)
 PRESETS: dict[str, tuple[dict, str]] = {
     "qwen2.5-0.5b": (dict(_QWEN25_COMMON, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -51,6 +63,48 @@ PRESETS: dict[str, tuple[dict, str]] = {
                           num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, hidden_act="silu",
                           max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
                           tie_word_embeddings=True, head_dim=64), "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2-1.7b": (dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                          num_attention_heads=32, num_key_value_heads=32, vocab_size=49152, hidden_act="silu",
+                          max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=130000.0,
+                          tie_word_embeddings=True), "HuggingFaceTB/SmolLM2-1.7B-Instruct"),
+    "llama-3-8b": (dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, hidden_act="silu",
+                        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
+                   "meta-llama/Meta-Llama-3-8B"),
+    "mistral-7b": (dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, hidden_act="silu",
+                        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1_000_000.0,
+                        sliding_window=None, tie_word_embeddings=False), "mistralai/Mistral-7B-v0.3"),
+    "mistral-nemo-12b": (dict(model_type="mistral", hidden_size=5120, intermediate_size=14336, num_hidden_layers=40,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
+                              hidden_act="silu", max_position_embeddings=1024000, rms_norm_eps=1e-5,
+                              rope_theta=1_000_000.0, sliding_window=None, tie_word_embeddings=False),
+                         "mistralai/Mistral-Nemo-Base-2407"),
+    "gemma-2-2b": (dict(_GEMMA2_COMMON, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4), "google/gemma-2-2b"),
+    "gemma-2-9b": (dict(_GEMMA2_COMMON, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                        num_attention_heads=16, num_key_value_heads=8), "google/gemma-2-9b"),
+    "phi-3-mini": (dict(_PHI3_COMMON, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=32), "microsoft/Phi-3-mini-4k-instruct"),
+    "phi-3-medium": (dict(_PHI3_COMMON, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
+                          num_attention_heads=40, num_key_value_heads=10), "microsoft/Phi-3-medium-4k-instruct"),
+    "olmo-7b": (dict(model_type="olmo", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, vocab_size=50304, hidden_act="silu",
+                     max_position_embeddings=4096, rope_theta=10000.0, clip_qkv=8.0, attention_bias=False,
+                     tie_word_embeddings=False, pad_token_id=1, bos_token_id=None, eos_token_id=50279),
+                "allenai/OLMo-7B-0424-hf"),
+    "granite-3-8b": (dict(model_type="granite", hidden_size=4096, intermediate_size=12800, num_hidden_layers=40,
+                          num_attention_heads=32, num_key_value_heads=8, vocab_size=49155, hidden_act="silu",
+                          max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                          embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+                          logits_scaling=16.0, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+                          bos_token_id=0, eos_token_id=0, pad_token_id=0), "ibm-granite/granite-3.0-8b-base"),
+    "starcoder2-3b": (dict(model_type="starcoder2", hidden_size=3072, intermediate_size=12288, num_hidden_layers=30,
+                           num_attention_heads=24, num_key_value_heads=2, vocab_size=49152,
+                           hidden_act="gelu_pytorch_tanh", max_position_embeddings=16384, norm_epsilon=1e-5,
+                           rope_theta=999999.4420358813, sliding_window=4096, use_bias=True,
+                           tie_word_embeddings=True, bos_token_id=0, eos_token_id=0), "bigcode/starcoder2-3b"),
     "llava-1.5-7b": (dict(model_type="llava", vision="clip-vit-l-336",
                           text=dict(_LLAMA7B, vocab_size=32064), image_token_index=32000,
                           projector_hidden_act="gelu", vision_feature_layer=-2,
@@ -82,12 +136,32 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def get_config(name_or_path: str | Path):
-    """Return a transformers config for a preset name or a path to a ``config.json`` (or its folder)."""
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".json")
+
+
+def _hub_config(hub_id: str, overrides: dict):
+    """The config of a hub model (needs the network, or the hub cache)."""
+    try:
+        return AutoConfig.from_pretrained(hub_id, **overrides)
+    except Exception as err:    # offline, unknown id, gated model: one line either way
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"could not read the config of hub id {hub_id!r} ({first}): online, check the id; "
+                         "offline, give a path to its config.json") from None
+
+
+def get_config(name_or_path: str | Path, **overrides):
+    """Return a transformers config for a preset name, a path to a ``config.json`` (or its folder), or a
+    hub id such as ``google/gemma-2-2b`` where the machine is online (or the hub cache holds it).
+
+    ``overrides`` replace fields of a text model's config before it is built, e.g.
+    ``num_hidden_layers=4`` for a model of real width but fewer layers (derived fields such as
+    Gemma-2's ``layer_types`` then follow the new depth).
+    """
     key = str(name_or_path).lower()
     if key in PRESETS:
         kwargs, _source = PRESETS[key]
-        kwargs = dict(kwargs)
+        kwargs = dict(kwargs, **overrides)
         model_type = kwargs.pop("model_type")
         if model_type == "llava":
             vision = CONFIG_MAPPING["clip_vision_model"](**_VISION[kwargs.pop("vision")])
@@ -103,8 +177,10 @@ def get_config(name_or_path: str | Path):
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "config.json"
+    if not path.is_file() and _looks_like_hub_id(str(name_or_path)):
+        return _hub_config(str(name_or_path), overrides)
     if not path.is_file():
-        raise ValueError(f"unknown model {name_or_path!r}: give a path to a config.json or one of "
+        raise ValueError(f"unknown model {name_or_path!r}: give a path to a config.json, a hub id (online) or one of "
                          f"{', '.join(preset_names())}")
     try:
         data = json.loads(path.read_text())
@@ -112,4 +188,10 @@ def get_config(name_or_path: str | Path):
         raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno}); fix or re-download it") from None
     if "model_type" not in data:
         raise ValueError(f"{path}: no 'model_type' field; is this a transformers config.json?")
-    return AutoConfig.for_model(**data)
+    if overrides:
+        data = {k: v for k, v in data.items() if k != "layer_types"} | overrides
+    try:
+        return AutoConfig.for_model(**data)
+    except Exception as err:    # transformers and huggingface_hub check fields with several error types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: {first.rstrip(':')} ({str(err).strip().splitlines()[-1].strip()})") from None
