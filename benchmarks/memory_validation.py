@@ -29,6 +29,7 @@ from qlora_helpers.ch01_memory.measurement import measure
 from qlora_helpers.common.bench import WorkerError, emit, environment, run_worker
 from qlora_helpers.common.files import atomic_write_json, repo_root
 from qlora_helpers.common.shapes import get_config
+from qlora_helpers.errors import OneLineParser, run_main
 
 M05, M7, M32 = "qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-32b"
 # name -> (preset, method, batch, seq, extra estimate/measure arguments)
@@ -120,7 +121,7 @@ def outcome(row: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_validation", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m benchmarks.memory_validation", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(repo_root() / "benchmarks" / "results" / "memory_validation.json"))
     parser.add_argument("--quick", action="store_true", help="only the 0.5B configurations")
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"some of: {', '.join(CONFIGS)}")
@@ -169,4 +170,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

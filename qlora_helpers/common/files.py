@@ -67,12 +67,37 @@ def save_results(name: str, data: dict) -> Path:
     return path
 
 
+RESULT_KEYS = ("benchmark", "figures")   # what every file written by bench.write_benchmark holds
+
+
+def read_result_file(path: str | Path, *, keys=RESULT_KEYS, rewrite: str = "the script in benchmarks/ that wrote it"
+                     ) -> dict:
+    """A result JSON, refused in one line when it is not JSON or comes from an older schema (a key missing).
+
+    ``keys`` are top-level keys, or ``"figures.modes"`` for a key inside one; ``rewrite`` is the command
+    that writes a current file.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON result file ({err}): run {rewrite} again to rewrite it") from None
+    for key in keys:
+        node = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            raise ValueError(f"{path} is from an older schema (no '{key}'): run {rewrite} again to rewrite it, "
+                             "or move the file away")
+    return data
+
+
 def load_benchmark(name: str) -> dict:
     """Read ``benchmarks/results/<name>.json`` (written on a GPU by a script in ``benchmarks/``)."""
     path = repo_root() / "benchmarks" / "results" / f"{name}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the matching script in benchmarks/ on a GPU to create it")
-    return json.loads(path.read_text())
+    return read_result_file(path)
 
 
 def optional_benchmark(name: str) -> dict | None:
