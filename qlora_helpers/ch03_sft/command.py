@@ -386,7 +386,8 @@ def prepare_output_dir(cfg: SFTConfig) -> Path:
     out = check_output_dir(cfg)
     if not cfg.resume and out.is_dir() and cfg.overwrite_output_dir:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # stale checkpoints must not be resumed
-        (out / "sft_summary.json").unlink(missing_ok=True)
+        for name in ("sft_summary.json", *LOADED_BY):   # the earlier run's model no longer loads
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -417,13 +418,21 @@ def load_data(cfg: SFTConfig, tokenizer, *, train_conversations=None, eval_conve
     return train, evald
 
 
+LOADED_BY = ("adapter_config.json", "config.json")   # what peft / transformers open first: moved in last
+
+
 def save_final(model, tokenizer, out: Path) -> list[str]:
-    """Save the adapter (or full model) and tokenizer into a temp folder, then move each file into place."""
+    """Save the adapter (or full model) and tokenizer into a temp folder, then move each file into place.
+
+    Each move is atomic and the config that makes the folder loadable goes last, so a run killed
+    while saving leaves no adapter that loads half-written: with --resume the settings (and so the
+    config) are the same, and the config of a first run appears only once its weights are complete.
+    """
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=out))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        names = sorted((p.name for p in tmp.iterdir() if p.is_file()), key=lambda n: (n in LOADED_BY, n))
         for name in names:
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())

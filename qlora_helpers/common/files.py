@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,6 +56,41 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, data) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def atomic_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
+    """Replace a whole folder at once: ``write(tmp)`` fills a new version, one rename swaps it in.
+
+    ``folder`` is a symbolic link to its current version (``.NAME.v...`` beside it): a rename of a link
+    is atomic where a rename over a non-empty folder is not, so readers (``PeftModel.from_pretrained``)
+    see the old version or the new one, never a mix nor nothing. A real folder from before is moved
+    aside once; versions a killed writer left behind are removed on the next write.
+    """
+    folder = Path(folder)
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    current = os.readlink(folder) if folder.is_symlink() else None
+    for stale in parent.glob(f".{folder.name}.v*"):
+        if stale.name != current:
+            shutil.rmtree(stale, ignore_errors=True)
+    version = Path(tempfile.mkdtemp(prefix=f".{folder.name}.v", dir=parent))
+    write(version)
+    for f in version.rglob("*"):            # contents on disk before the rename makes them visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    link = parent / f".{folder.name}.link-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    os.symlink(version.name, link)
+    if folder.is_dir() and not folder.is_symlink():
+        aside = parent / f".{folder.name}.v-old-{os.getpid()}"
+        os.replace(folder, aside)
+    os.replace(link, folder)
+    if current:
+        shutil.rmtree(parent / current, ignore_errors=True)
+    for old in parent.glob(f".{folder.name}.v-old-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 def results_dir() -> Path:
