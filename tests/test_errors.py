@@ -145,6 +145,8 @@ CASES = [
     ("sft: nothing to resume", LORA + ("--resume",), {}, ["nothing to resume", "run without --resume"]),
     ("sft: model asset missing", LORA + ("--model_name_or_path", ""), {"QLORA_CACHE_DIR": "{empty_cache}"},
      ["asset 'smollm2' is missing", "python -m qlora_helpers assets"]),
+    ("sft: bad data is found before a missing model", LORA + ("--model_name_or_path", "", "--data_path", "{latin1}"),
+     {"QLORA_CACHE_DIR": "{empty_cache}"}, ["latin1.jsonl:2: not UTF-8", "save the file as UTF-8"]),
     ("sft: data asset corrupt", ("cli", "sft", "--use_lora", "--output_dir", "{tmp}/out2", "--model_name_or_path",
                                  "{tiny}"), {"QLORA_CACHE_DIR": "{corrupt}"},
      ["asset 'chatterbot-sft' is corrupt", "assets --force chatterbot-sft"]),
