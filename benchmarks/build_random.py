@@ -9,8 +9,8 @@ for each shape and quantisation and writes ``benchmarks/results/build_random.jso
     python -m benchmarks.build_random --shapes qwen2.5-0.5b --quantize 4bit
 """
 
-import argparse
 import gc
+import sys
 import time
 
 import torch
@@ -18,14 +18,15 @@ import torch
 from qlora_helpers.common.bench import cuda_peak_gib, write_benchmark
 from qlora_helpers.common.models import build_random, count_parameters
 from qlora_helpers.common.shapes import get_config
+from qlora_helpers.errors import OneLineParser, run_main
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.build_random", description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    parser = OneLineParser(prog="python -m benchmarks.build_random", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-32b"])
     parser.add_argument("--quantize", nargs="+", default=["4bit", "8bit"])
     parser.add_argument("--out", help="result file (default: benchmarks/results/build_random.json)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark measures CUDA memory: run it on a machine with a GPU")
     rows = []
@@ -49,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -17,15 +17,16 @@ executed notebooks into ``notebooks/``: the committed outputs and the timing com
 """
 
 import argparse
-import json
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from qlora_helpers.common.bench import emit, run_worker, write_benchmark
 from qlora_helpers.common.device import device_info
-from qlora_helpers.common.files import repo_root
+from qlora_helpers.common.files import read_result_file, repo_root
 from qlora_helpers.common.runner import run_notebooks, write_back_run
+from qlora_helpers.errors import OneLineParser, run_main
 
 # how each CPU mode is run: extra environment of the notebook kernels
 MODES = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
@@ -54,8 +55,8 @@ def time_notebooks(only, env: dict, entries: dict) -> tuple[dict, list]:
     return dict(sorted(entries.items())), runs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.course_time", description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    parser = OneLineParser(prog="python -m benchmarks.course_time", description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="re-time these, keep the other entries")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=sorted(MODES),
                         help="CPU modes to time (default: both)")
@@ -63,14 +64,17 @@ def main() -> None:
     parser.add_argument("--write-back", action="store_true",
                         help="also write the native run's outputs back into notebooks/ (the committed outputs)")
     parser.add_argument("--cpu-facts", action="store_true", help=argparse.SUPPRESS)   # internal: cpu_facts' worker
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.cpu_facts:
         facts = device_info()
         emit({k: facts[k] for k in ("capability", "bf16", "compute_dtype")})
         return
     kind = "gpu" if device_info()["type"] == "cuda" else "cpu"
     out = Path(args.out or repo_root() / "benchmarks" / "results" / f"course_{kind}.json")
-    old = json.loads(out.read_text())["figures"].get("modes", {}) if out.is_file() else {}
+    old = {}
+    if out.is_file():   # modes not timed now, and with --only the other notebooks, keep their entries
+        old = read_result_file(out, keys=("figures.modes",), rewrite="python -m benchmarks.course_time (no --only)")
+        old = old["figures"]["modes"]
     modes = {"native": {}} if kind == "gpu" else {m: MODES[m] for m in args.modes}
     if args.write_back and (kind != "cpu" or "native" not in modes):
         raise SystemExit("error: --write-back takes the native CPU run: run on a CPU with --modes native")
@@ -90,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -26,11 +26,11 @@ Writes ``benchmarks/results/fsdp_qlora.json`` (rank 0) unless ``--out`` says oth
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import math
 import os
+import sys
 import time
 
 import bitsandbytes as bnb
@@ -48,6 +48,7 @@ from qlora_helpers.ch01_memory.estimator import model_shape, quantized_bytes
 from qlora_helpers.common.bench import write_benchmark
 from qlora_helpers.common.models import bnb_config, tiny_qwen2
 from qlora_helpers.common.shapes import get_config
+from qlora_helpers.errors import OneLineParser, run_main
 
 GIB = 2**30
 QWEN25_72B = dict(model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
@@ -216,8 +217,8 @@ def figures_of(args, per_rank: list[dict], base_gib: float, built: float) -> dic
             "lora_finite": all(r["lora_finite"] for r in per_rank), "per_rank": per_rank}
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m benchmarks.fsdp_qlora",
+def parse_args(argv=None):
+    parser = OneLineParser(prog="torchrun --nproc_per_node N -m benchmarks.fsdp_qlora",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="qwen2.5-72b", help="qwen2.5-72b, a qlora_helpers preset, or tiny")
     parser.add_argument("--cap-gib", type=float, default=31.0)
@@ -227,11 +228,11 @@ def parse_args():
     parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="compute and quant-storage dtype")
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU processes (logic check, small presets)")
     parser.add_argument("--out", help="result file (default: benchmarks/results/fsdp_qlora.json)")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv=None) -> None:
+    args = parse_args(argv)
     rank, world, device = start(args)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     t0 = time.perf_counter()
@@ -257,4 +258,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

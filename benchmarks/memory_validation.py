@@ -35,6 +35,7 @@ from qlora_helpers.ch01_memory.measurement import measure, save_random
 from qlora_helpers.common.bench import WorkerError, command_line, emit, environment, run_worker
 from qlora_helpers.common.files import atomic_write_json, repo_root
 from qlora_helpers.common.shapes import get_config
+from qlora_helpers.errors import OneLineParser, run_main
 
 # name -> (preset, layers (None: the real depth), method, batch, seq, extra estimate/measure arguments).
 # Real widths and vocabularies; the larger shapes keep fewer layers so that every row loads in seconds.
@@ -220,7 +221,7 @@ CONVENTION = ("peak torch.cuda.max_memory_allocated and max_memory_reserved over
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_validation", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m benchmarks.memory_validation", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(repo_root() / "benchmarks" / "results" / "memory_validation.json"))
     parser.add_argument("--quick", action="store_true", help="only the Qwen2.5-0.5B and SmolLM2-135M rows")
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"some of: {', '.join(CONFIGS)}")
@@ -257,4 +258,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

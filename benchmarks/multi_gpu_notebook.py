@@ -15,13 +15,14 @@ Writes the run folder (executed notebook, its results JSON, summary) and
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
 from qlora_helpers.ch05_multi_gpu.worker import visible_gpus
 from qlora_helpers.common.bench import write_benchmark
 from qlora_helpers.common.files import repo_root
 from qlora_helpers.common.runner import run_notebooks
+from qlora_helpers.errors import OneLineParser, run_main
 
 ROOT = repo_root()
 
@@ -30,8 +31,8 @@ KEEP = ("profile", "num_processes", "model", "config", "task", "world_size", "pr
         "memory_plan_v100")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.multi_gpu_notebook",
+def main(argv=None) -> None:
+    parser = OneLineParser(prog="python -m benchmarks.multi_gpu_notebook",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--model-id", default="random:qwen2.5-32b")
     parser.add_argument("--precision", default="fp16", choices=("auto", "bf16", "fp16"))
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--run-dir", default=str(ROOT / "benchmarks" / "results" / "multi_gpu_notebook"))
     parser.add_argument("--out", help="result file (default: benchmarks/results/multi_gpu_notebook.json)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if visible_gpus() < 2:
         raise SystemExit("error: this benchmark shows data parallelism across GPUs: run it where 2 or more are visible")
     params = {"profile": "gpu", "model_id": args.model_id, "precision": args.precision,
@@ -61,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

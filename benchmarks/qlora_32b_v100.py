@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import sys
 import time
 
 import torch
@@ -30,6 +31,7 @@ from qlora_helpers.ch05_multi_gpu.precision import choose, detect
 from qlora_helpers.common.bench import WorkerError, cuda_peak_gib, emit, run_worker, write_benchmark
 from qlora_helpers.common.models import build_random
 from qlora_helpers.common.shapes import PRESETS, get_config
+from qlora_helpers.errors import OneLineParser, run_main
 
 GIB = 2**30
 CLAIMED = {"model_gb": 18.0, "per_gpu_gb": 27.5}   # from the 8 x V100 write-up the chapter follows
@@ -169,8 +171,8 @@ def run_variant(variant: str, args) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.qlora_32b_v100", description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    parser = OneLineParser(prog="python -m benchmarks.qlora_32b_v100", description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["text", "vision"], choices=["text", "vision"])
     parser.add_argument("--steps", type=int, default=12, help="training steps (>= 10; the first is a warm-up)")
     parser.add_argument("--seq-len", type=int, default=512)
@@ -178,7 +180,7 @@ def main() -> None:
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--out", help="result file (default: benchmarks/results/qlora_32b_v100.json)")
     parser.add_argument("--only", help=argparse.SUPPRESS)   # internal: the worker of one variant
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark measures CUDA memory: run it on a machine with a GPU")
     if args.only:
@@ -195,4 +197,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -51,6 +51,7 @@ from qlora_helpers.common import assets
 from qlora_helpers.common.bench import WorkerError, emit, run_worker, write_benchmark
 from qlora_helpers.common.models import tiny_qwen2
 from qlora_helpers.common.shapes import get_config
+from qlora_helpers.errors import OneLineParser, run_main
 
 VARIANTS = ("base", "sdpa", "no-liger", "no-dropout", "bf16-adapters", "ckpt")
 # operator name -> kind of work (the first pattern that matches wins)
@@ -215,8 +216,8 @@ def profile_shape(shape: str, args, shapes: dict) -> dict:
     return entry
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.recipe_profile", description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    p = OneLineParser(prog="python -m benchmarks.recipe_profile", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-7b"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the profiled micro-batch")
@@ -224,7 +225,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="")
     p.add_argument("--shape", default="", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.shape:
         worker(args)
         return
@@ -237,4 +238,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

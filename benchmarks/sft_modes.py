@@ -35,6 +35,7 @@ from qlora_helpers.common.bench import WorkerError, emit, run_worker, write_benc
 from qlora_helpers.common.files import repo_root
 from qlora_helpers.common.models import write_model_folder
 from qlora_helpers.common.shapes import get_config
+from qlora_helpers.errors import OneLineParser, run_main
 
 ROOT = repo_root()
 MODES = ("full", "lora", "qlora-4bit", "qlora-8bit")
@@ -79,8 +80,8 @@ def run_mode(mode: str, model_dir: Path, work: Path, args) -> dict:
             "data": summary["data"]["train"]}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sft_modes", description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    p = OneLineParser(prog="python -m benchmarks.sft_modes", description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="qwen2.5-0.5b")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per mode (the first is not timed)")
@@ -91,7 +92,7 @@ def main() -> None:
     p.add_argument("--work", default="", help="folder for the random model and the adapters (default: a temp dir)")
     p.add_argument("--out", default="")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)   # internal: the worker of one mode
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks.sft_modes measures GPU memory: run it on a CUDA machine "
                  "(chapter 03 shows the CPU numbers)")
@@ -122,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -30,6 +30,7 @@ import torch
 from qlora_helpers.ch02_tad.adapters import parameter_report
 from qlora_helpers.ch02_tad.config import VIDEOMAE_S, build_model, param_groups, strategy_config
 from qlora_helpers.common.bench import WorkerError, cuda_peak_gib, emit, run_worker, write_benchmark
+from qlora_helpers.errors import OneLineParser, run_main
 
 STRATEGIES = {  # name -> (strategy of qlora_helpers.ch02_tad.config.strategy_config, extra arguments)
     "full_ft": ("full_ft", {}),
@@ -107,7 +108,7 @@ def outcome(row: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.tad_memory", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m benchmarks.tad_memory", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="default: benchmarks/results/tad_memory.json")
     parser.add_argument("--quick", action="store_true", help="4 strategies with checkpointing, 2 steps")
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"some of: {', '.join(CONFIGS)}")
@@ -145,4 +146,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

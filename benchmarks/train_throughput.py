@@ -74,6 +74,7 @@ from qlora_helpers.common.files import atomic_write_json
 from qlora_helpers.common.models import build_random, tiny_qwen2
 from qlora_helpers.common.quant import keep_cpu_training_layout
 from qlora_helpers.common.shapes import get_config
+from qlora_helpers.errors import OneLineParser, run_main
 
 try:                    # row (b) only: the GPU extra (pip install -e ".[gpu]")
     from datasets import Dataset
@@ -438,8 +439,8 @@ def resummarise(path: Path) -> None:
     print(f"rewrote the parity and targets of {path}")
 
 
-def parse_args():
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    p = OneLineParser(prog="python -m benchmarks.train_throughput", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-7b"],
                    help="presets of qlora_helpers.common.shapes, or 'tiny' (CPU smoke test)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
@@ -454,7 +455,7 @@ def parse_args():
                    help="earlier throughput.json files: their shapes, and the rows of this shape not redone, are kept")
     p.add_argument("--shape", default="", help=argparse.SUPPRESS)   # internal: the worker's shape
     p.add_argument("--hf-peak", type=float, default=0.0, help=argparse.SUPPRESS)   # internal: (a)'s peak, merged
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def load_previous(paths: list[str]) -> dict:
@@ -515,8 +516,8 @@ def run_shape(shape: str, args, previous: dict, shapes: dict) -> None:
     write_figures(shapes, args)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.shape:
         worker(args)
         return
@@ -557,4 +558,4 @@ def write_figures(shapes, args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

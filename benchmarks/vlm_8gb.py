@@ -47,6 +47,7 @@ from qlora_helpers.ch04_vlm.vram import KNOBS, estimate_vlm, with_changes
 from qlora_helpers.common.bench import WorkerError, emit, run_worker, write_benchmark
 from qlora_helpers.common.models import build_random, tiny_llava
 from qlora_helpers.common.shapes import get_config
+from qlora_helpers.errors import OneLineParser, run_main
 
 GIB = 2**30
 MODEL = "llava-1.5-7b"
@@ -302,7 +303,7 @@ def smoke() -> None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.vlm_8gb", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m benchmarks.vlm_8gb", description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="result file (default: benchmarks/results/vlm_8gb.json)")
     parser.add_argument("--quick", action="store_true", help="only the two 8 GB proofs (and their search)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="proof names and/or 'knobs'")
@@ -341,4 +342,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

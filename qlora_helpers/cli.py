@@ -3,13 +3,19 @@
 Each command lives in the module that does the work; that module provides
 ``configure_parser(parser)`` and ``cli(args) -> int``. Modules are imported only for the
 command being run, so ``--help`` stays fast.
+
+Bad input (a value, a file, a missing asset) stops with one line and exit status 2; ``--debug``
+anywhere on the line, or ``QLORA_DEBUG=1``, shows the traceback instead (``qlora_helpers.errors``).
+A command added later (``vlm``) needs only its entry in ``COMMANDS``: parsing and errors come from here.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import sys
+
+from qlora_helpers.errors import DEBUG_ENV, DEBUG_FLAG, OneLineParser, UserError, run_main
+
+__all__ = ["COMMANDS", "UserError", "build_parser", "main"]
 
 # command -> (module, one-line help)
 COMMANDS = {
@@ -21,16 +27,14 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
-
-
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> OneLineParser:
     """The full parser; only ``command``'s module is imported to add its options."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m qlora_helpers",
         description="Helpers for the QLoRA course: assets, notebook runs and memory estimates.",
     )
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help=f"show the full traceback of an error (also {DEBUG_ENV}=1); allowed anywhere")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -39,17 +43,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _main(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    module = importlib.import_module(COMMANDS[args.command][0])
-    try:
-        return int(module.cli(args) or 0)
-    except (UserError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return int(importlib.import_module(COMMANDS[args.command][0]).cli(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input is one line on stderr and exit status 2 (see ``qlora_helpers.errors``)."""
+    return run_main(_main, argv)

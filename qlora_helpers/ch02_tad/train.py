@@ -185,6 +185,8 @@ def train_detector(model, cfg: dict, data, *, steps: int, batch_size: int = 4, s
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     run_id = {"config_key": _key(cfg), "frozen_digest": frozen_digest(model)}
     ckpt = Path(checkpoint) if checkpoint else None
+    for leftover in ckpt.parent.glob(f".{ckpt.name}.*.tmp") if ckpt else []:
+        leftover.unlink()                          # a killed save's temporary file; the checkpoint itself is whole
     history, step_seconds, start = [], [], 0
     if ckpt and resume and ckpt.is_file():
         history, start = _resume(ckpt, trainable, opt, run_id=run_id, device=device)

@@ -22,7 +22,6 @@ From the command line (the seed's ``inference_lora.py``)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from peft.utils.integrations import dequantize_bnb_weight
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
+from qlora_helpers.errors import OneLineParser, run_main
 
 PROBE_PROMPTS = ["What is AI?", "Tell me a joke.", "Do you like music?"]
 
@@ -61,6 +61,9 @@ def load_for_inference(model_dir: str | Path, base_model: str | None = None, *, 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no such model folder; train one with `python -m qlora_helpers sft`")
+    if not (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: neither an adapter (adapter_config.json) nor a model (config.json); "
+                                "give the output_dir of `python -m qlora_helpers sft`")
     if load_in_4bit and load_in_8bit:
         raise ValueError("load_in_4bit and load_in_8bit contradict: choose one")
     dtype = _dtype(dtype)
@@ -72,7 +75,12 @@ def load_for_inference(model_dir: str | Path, base_model: str | None = None, *, 
                                    bnb_4bit_compute_dtype=dtype)
         kwargs.update(quantization_config=q, device_map={"": device})
     if (model_dir / "adapter_config.json").is_file():
-        base = AutoModelForCausalLM.from_pretrained(base_model or base_of(model_dir), **kwargs)
+        base_path = base_model or base_of(model_dir)
+        try:
+            base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        except OSError as err:
+            raise ValueError(f"{model_dir}: its base model {base_path!r} cannot be loaded "
+                             f"({str(err).splitlines()[0]}); pass --base_model with a local model folder") from None
         model = PeftModel.from_pretrained(base, model_dir)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -218,7 +226,12 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, *, dty
 
 # --------------------------------------------------------------------------- command line
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qlora_helpers.ch03_sft.chat",
+    """The command line; bad input is one line and exit status 2 (``--debug`` shows the traceback)."""
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
+    p = OneLineParser(prog="python -m qlora_helpers.ch03_sft.chat",
                                 description="Chat with, or merge, a model trained by `python -m qlora_helpers sft`.")
     p.add_argument("--lora_model", required=True, help="the sft output folder (adapter or full model)")
     p.add_argument("--base_model", help="base model folder or hub id (default: the one in adapter_config.json)")
@@ -237,32 +250,30 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the base's weights")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    try:
-        if args.merge_to:
-            base = args.merge_base
-            if base == "auto":
-                base = "dequantized" if trained_quantized(args.lora_model) else "original"
-            merge_adapter(args.lora_model, args.base_model, dtype="bf16", base=base, save_to=args.merge_to,
-                          overwrite=args.overwrite)
-            print(f"merged into the {base} base in bf16 and saved to {args.merge_to}")
-            return 0
-        model, tok = load_for_inference(args.lora_model, args.base_model, load_in_4bit=args.load_in_4bit,
-                                        load_in_8bit=args.load_in_8bit, dtype=args.dtype, device=args.device)
-        if args.logits_out:
-            torch.save(prompt_logits(model, tok), args.logits_out)
-        for prompt in args.prompt or []:
-            print(f"user: {prompt}\nassistant: {chat(model, tok, prompt, max_new_tokens=args.max_new_tokens)}")
-        history: list[dict] = []
-        while args.chat:
-            line = input("user: ").strip()
-            if not line:
-                break
-            reply = chat(model, tok, line, history=history, max_new_tokens=args.max_new_tokens)
-            print(f"assistant: {reply}")
-            history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.load_in_4bit and args.load_in_8bit:
+        p.error("--load_in_4bit and --load_in_8bit contradict: choose one")
+    if args.merge_to:
+        base = args.merge_base
+        if base == "auto":
+            base = "dequantized" if trained_quantized(args.lora_model) else "original"
+        merge_adapter(args.lora_model, args.base_model, dtype="bf16", base=base, save_to=args.merge_to,
+                      overwrite=args.overwrite)
+        print(f"merged into the {base} base in bf16 and saved to {args.merge_to}")
+        return 0
+    model, tok = load_for_inference(args.lora_model, args.base_model, load_in_4bit=args.load_in_4bit,
+                                    load_in_8bit=args.load_in_8bit, dtype=args.dtype, device=args.device)
+    if args.logits_out:
+        torch.save(prompt_logits(model, tok), args.logits_out)
+    for prompt in args.prompt or []:
+        print(f"user: {prompt}\nassistant: {chat(model, tok, prompt, max_new_tokens=args.max_new_tokens)}")
+    history: list[dict] = []
+    while args.chat:
+        line = input("user: ").strip()
+        if not line:
+            break
+        reply = chat(model, tok, line, history=history, max_new_tokens=args.max_new_tokens)
+        print(f"assistant: {reply}")
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
     return 0
 
 

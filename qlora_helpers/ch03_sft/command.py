@@ -36,7 +36,6 @@ from transformers import set_seed
 from qlora_helpers.ch03_sft import data as d
 from qlora_helpers.ch03_sft.loop import (
     CHECKPOINTS,
-    check_fingerprint,
     evaluate,
     latest_checkpoint,
     tensor_bytes,
@@ -335,35 +334,69 @@ def cli(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- running it
-def prepare_output_dir(cfg: SFTConfig) -> Path:
-    """Refuse to clobber earlier work: a non-empty output_dir needs --resume or --overwrite_output_dir."""
+def _writable_folder(out: Path) -> None:
+    """Refuse an output_dir that cannot be created or written, naming the part of the path at fault."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"output_dir {out} cannot be created: {probe} is a file, not a folder; "
+                         "choose another --output_dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {out} is not writable ({probe} refuses writes for this user): "
+                         "choose a folder you can write to with --output_dir")
+
+
+def check_output_dir(cfg: SFTConfig) -> Path:
+    """Refuse to clobber earlier work, changing nothing: a non-empty output_dir needs --resume or
+    --overwrite_output_dir, and --resume needs a checkpoint to continue."""
 
     out = Path(cfg.output_dir)
+    _writable_folder(out)
     existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir {out} is a file: choose a folder")
     if cfg.resume:
         if latest_checkpoint(out) is None:
             raise ValueError(f"nothing to resume in {out}: no {CHECKPOINTS}/latest; run without --resume")
-    elif existing:
-        if not cfg.overwrite_output_dir:
-            shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
-            raise ValueError(f"output_dir {out} already holds {shown}: pass --resume to continue it, "
-                             "--overwrite_output_dir to replace it, or choose another --output_dir")
+    elif existing and not cfg.overwrite_output_dir:
+        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+        raise ValueError(f"output_dir {out} already holds {shown}: pass --resume to continue it, "
+                         "--overwrite_output_dir to replace it, or choose another --output_dir")
+    return out
+
+
+def check_resume(cfg: SFTConfig, fingerprint: dict) -> None:
+    """With --resume, the checkpoint must come from a run with the same settings (checked before any model loads)."""
+    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if ckpt is None:
+        return
+    try:
+        written = json.loads((ckpt / "state.json").read_text()).get("fingerprint", {})
+    except json.JSONDecodeError:
+        raise ValueError(f"{ckpt}/state.json is not valid JSON: pass --overwrite_output_dir to start again") from None
+    for key, value in fingerprint.items():
+        if written.get(key) != value:
+            raise ValueError(f"output_dir {cfg.output_dir} holds a different run: {ckpt.name} was written with "
+                             f"{key}={written.get(key)!r}, this run has {key}={value!r}; resume with its settings, "
+                             "or choose another --output_dir")
+
+
+def prepare_output_dir(cfg: SFTConfig) -> Path:
+    """``check_output_dir``, then create the folder (with --overwrite_output_dir, stale checkpoints go)."""
+
+    out = check_output_dir(cfg)
+    if not cfg.resume and out.is_dir() and cfg.overwrite_output_dir:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # stale checkpoints must not be resumed
-        (out / "sft_summary.json").unlink(missing_ok=True)
+        for name in ("sft_summary.json", *LOADED_BY):   # the earlier run's model no longer loads
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def load_data(cfg: SFTConfig, tokenizer, *, train_conversations=None, eval_conversations=None):
-    """Encoded train and eval data: given conversations, the files of cfg, or the chatterbot splits."""
+def read_conversations(cfg: SFTConfig, train_conversations=None, eval_conversations=None) -> tuple:
+    """(train, eval) conversations: given ones, the files of cfg, or the chatterbot splits; checked, not encoded."""
 
     if train_conversations is None:
-        if cfg.data_path:
-            train_conversations = d.read_jsonl(cfg.data_path)
-        else:
-            train_conversations = d.read_jsonl(sft_paths()["train"])
+        train_conversations = d.read_jsonl(cfg.data_path or sft_paths()["train"])
     if eval_conversations is None:
         if cfg.eval_data_path:
             eval_conversations = d.read_jsonl(cfg.eval_data_path)
@@ -373,18 +406,33 @@ def load_data(cfg: SFTConfig, tokenizer, *, train_conversations=None, eval_conve
         train_conversations = train_conversations[:cfg.max_train_samples]
     if eval_conversations is not None and cfg.max_eval_samples > 0:
         eval_conversations = eval_conversations[:cfg.max_eval_samples]
+    return train_conversations, eval_conversations
+
+
+def load_data(cfg: SFTConfig, tokenizer, *, train_conversations=None, eval_conversations=None):
+    """Encoded train and eval data: given conversations, the files of cfg, or the chatterbot splits."""
+
+    train_conversations, eval_conversations = read_conversations(cfg, train_conversations, eval_conversations)
     train = d.encode_all(train_conversations, tokenizer, cfg.max_length, packing=cfg.packing)
     evald = d.encode_all(eval_conversations, tokenizer, cfg.max_length) if eval_conversations else None
     return train, evald
 
 
+LOADED_BY = ("adapter_config.json", "config.json")   # what peft / transformers open first: moved in last
+
+
 def save_final(model, tokenizer, out: Path) -> list[str]:
-    """Save the adapter (or full model) and tokenizer into a temp folder, then move each file into place."""
+    """Save the adapter (or full model) and tokenizer into a temp folder, then move each file into place.
+
+    Each move is atomic and the config that makes the folder loadable goes last, so a run killed
+    while saving leaves no adapter that loads half-written: with --resume the settings (and so the
+    config) are the same, and the config of a first run appears only once its weights are complete.
+    """
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=out))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        names = sorted((p.name for p in tmp.iterdir() if p.is_file()), key=lambda n: (n in LOADED_BY, n))
         for name in names:
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -411,15 +459,17 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
 
     validate(cfg)
     device = resolve_device(cfg)
-    out = prepare_output_dir(cfg)
+    check_output_dir(cfg)
+    # the data files are read and checked before the tokenizer, the tokenizer before the model
+    conversations = read_conversations(cfg, train_conversations, eval_conversations)
     base = model_path(cfg)
-    tokenizer = load_tokenizer(base)
-    train_data, eval_data = load_data(cfg, tokenizer, train_conversations=train_conversations,
-                                      eval_conversations=eval_conversations)
     fingerprint = {k: (cfg.mode if k == "mode" else getattr(cfg, k)) for k in RESUME_KEYS}
     fingerprint["model_name_or_path"] = base
-    if cfg.resume:  # before anything of the interrupted run is rewritten
-        check_fingerprint(latest_checkpoint(out), fingerprint)
+    check_resume(cfg, fingerprint)
+    tokenizer = load_tokenizer(base)
+    train_data, eval_data = load_data(cfg, tokenizer, train_conversations=conversations[0],
+                                      eval_conversations=conversations[1])
+    out = prepare_output_dir(cfg)
     atomic_write_json(out / "sft_config.json", {**cfg.to_dict(), "model_name_or_path": base, "mode": cfg.mode})
 
     set_seed(cfg.seed)

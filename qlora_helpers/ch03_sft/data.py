@@ -101,26 +101,36 @@ def record_to_messages(record, where: str = "record") -> tuple[list[dict] | None
     return None, [f"{where}: no 'messages' and no 'instruction'/'output' field (keys: {keys}); {FORMS_HINT}"]
 
 
+def _utf8_lines(path: Path) -> list[str]:
+    """The file's lines; a file that is not UTF-8 is refused naming the file, line and byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").split("\n")   # not splitlines(): U+2028 may sit inside a JSON string
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DataError([f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})"],
+                        hint="save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def read_jsonl(path: str | Path) -> list[list[dict]]:
     """All conversations of a JSONL file; raises ``DataError`` naming every bad line (blank lines are skipped)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file; give --data_path a JSONL file")
     conversations, problems = [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            messages, found = record_to_messages(record, where)
-            problems += found
-            if messages is not None:
-                conversations.append(messages)
+    for lineno, line in enumerate(_utf8_lines(path), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+            continue
+        messages, found = record_to_messages(record, where)
+        problems += found
+        if messages is not None:
+            conversations.append(messages)
     if problems:
         raise DataError(problems, hint=f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in {path.name}; "
                                        "fix or remove those lines")

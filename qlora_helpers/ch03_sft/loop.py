@@ -34,7 +34,6 @@ import bitsandbytes as bnb
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from IPython.display import display
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -43,6 +42,7 @@ from qlora_helpers.ch03_sft.data import SFTData, batch_order, collate
 from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
 from qlora_helpers.ch03_sft.recipe import causal_lm_loss
 from qlora_helpers.common.files import atomic_write_json, atomic_write_text
+from qlora_helpers.common.widgets import LiveFigure
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -397,7 +397,7 @@ class LiveLossPlot:
     def __init__(self, title: str = "", every: int = 1):
         self.title, self.every = title, every
         self.steps, self.losses, self.eval_steps, self.eval_losses = [], [], [], []
-        self._handle = None
+        self._figure = LiveFigure()
 
     def __call__(self, record: dict) -> None:
         if "loss" in record:
@@ -419,8 +419,5 @@ class LiveLossPlot:
         ax.set_title(self.title)
         ax.legend()
         fig.tight_layout()
-        if self._handle is None:
-            self._handle = display(fig, display_id=True)
-        else:
-            self._handle.update(fig)
+        self._figure.show(fig)     # redrawn in place, in a cell or under a panel's button alike
         plt.close(fig)

@@ -108,9 +108,15 @@ def bnb_quantization_config(cfg):
 
 
 def load_tokenizer(path: str):
+    """The model's tokenizer; a folder that does not exist, or a hub id that cannot be reached, is one line."""
+    local = Path(path).expanduser()
+    if path.startswith((".", "/", "~")) or local.exists():
+        if not (local / "config.json").is_file():
+            raise ValueError(f"model_name_or_path {path!r}: no model folder there (no config.json); give a folder "
+                             "written by save_pretrained, or leave it empty for the cached SmolLM2")
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ValueError(f"model_name_or_path {path!r}: cannot load a tokenizer ({str(err).splitlines()[0]}); "
                          "give a local model folder or a hub id this machine can reach") from None
     if tok.pad_token is None:

@@ -24,14 +24,13 @@ gradients really synchronise.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
 import socket
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers.utils import logging as hf_logging
 
@@ -58,7 +57,8 @@ from qlora_helpers.ch05_multi_gpu.reversal import (
     training_set,
 )
 from qlora_helpers.ch05_multi_gpu.schedule import PlateauSchedule
-from qlora_helpers.common.files import atomic_write_json
+from qlora_helpers.common.files import atomic_folder, atomic_open, atomic_write_json
+from qlora_helpers.errors import OneLineParser, run_main
 
 CPU_PROCESSES = 2
 
@@ -168,15 +168,9 @@ def state_digest(state: dict) -> str:
 
 
 def save_adapter(model, folder: Path) -> None:
-    """``save_pretrained`` into a temporary folder, then swap it in: a reader never sees half an adapter."""
-
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    """``save_pretrained`` into a new version of the folder, swapped in at once (``common.files.atomic_folder``):
+    a reader, or a run killed at any instant, never sees half an adapter."""
+    atomic_folder(folder, model.save_pretrained)
 
 
 # --------------------------------------------------------------------------- setting up one rank
@@ -461,7 +455,8 @@ def finish_run(run: dict, r: Rank, p: Progress, identities: list[dict], *, befor
     digests = gather_objects(state_digest(state))
     if run.get("save_rank_states"):
         p.out.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(p.out / f"rank{r.rank}_lora.safetensors"))
+        with atomic_open(p.out / f"rank{r.rank}_lora.safetensors", "wb") as fh:
+            fh.write(save(state))
     after = _accuracy(r, identities, max_new_tokens=run.get("max_new_tokens", 20)) \
         if run.get("eval_after", True) else None
     eval_seconds = clock["train"] - clock["eval"] + time.perf_counter() - clock["trained"]
@@ -521,7 +516,7 @@ def main(argv=None) -> None:
             --config data/configs/multi_gpu_32b.yaml --model-id Qwen/Qwen2.5-32B-Instruct --task forward
     """
 
-    p = argparse.ArgumentParser(prog="python -m qlora_helpers.ch05_multi_gpu.worker",
+    p = OneLineParser(prog="python -m qlora_helpers.ch05_multi_gpu.worker",
                                 description="data-parallel QLoRA, reversal-curse task")
     p.add_argument("--config", default="data/configs/multi_gpu_32b.yaml")
     p.add_argument("--profile", choices=("cpu", "gpu"), default="gpu")
@@ -546,4 +541,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

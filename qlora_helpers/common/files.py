@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,6 +58,41 @@ def atomic_write_json(path: str | Path, data) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def atomic_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
+    """Replace a whole folder at once: ``write(tmp)`` fills a new version, one rename swaps it in.
+
+    ``folder`` is a symbolic link to its current version (``.NAME.v...`` beside it): a rename of a link
+    is atomic where a rename over a non-empty folder is not, so readers (``PeftModel.from_pretrained``)
+    see the old version or the new one, never a mix nor nothing. A real folder from before is moved
+    aside once; versions a killed writer left behind are removed on the next write.
+    """
+    folder = Path(folder)
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    current = os.readlink(folder) if folder.is_symlink() else None
+    for stale in parent.glob(f".{folder.name}.v*"):
+        if stale.name != current:
+            shutil.rmtree(stale, ignore_errors=True)
+    version = Path(tempfile.mkdtemp(prefix=f".{folder.name}.v", dir=parent))
+    write(version)
+    for f in version.rglob("*"):            # contents on disk before the rename makes them visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    link = parent / f".{folder.name}.link-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    os.symlink(version.name, link)
+    if folder.is_dir() and not folder.is_symlink():
+        aside = parent / f".{folder.name}.v-old-{os.getpid()}"
+        os.replace(folder, aside)
+    os.replace(link, folder)
+    if current:
+        shutil.rmtree(parent / current, ignore_errors=True)
+    for old in parent.glob(f".{folder.name}.v-old-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
 def results_dir() -> Path:
     return Path(os.environ.get(RESULTS_ENV) or repo_root() / "runs" / "interactive")
 
@@ -67,12 +104,37 @@ def save_results(name: str, data: dict) -> Path:
     return path
 
 
+RESULT_KEYS = ("benchmark", "figures")   # what every file written by bench.write_benchmark holds
+
+
+def read_result_file(path: str | Path, *, keys=RESULT_KEYS, rewrite: str = "the script in benchmarks/ that wrote it"
+                     ) -> dict:
+    """A result JSON, refused in one line when it is not JSON or comes from an older schema (a key missing).
+
+    ``keys`` are top-level keys, or ``"figures.modes"`` for a key inside one; ``rewrite`` is the command
+    that writes a current file.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON result file ({err}): run {rewrite} again to rewrite it") from None
+    for key in keys:
+        node = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            raise ValueError(f"{path} is from an older schema (no '{key}'): run {rewrite} again to rewrite it, "
+                             "or move the file away")
+    return data
+
+
 def load_benchmark(name: str) -> dict:
     """Read ``benchmarks/results/<name>.json`` (written on a GPU by a script in ``benchmarks/``)."""
     path = repo_root() / "benchmarks" / "results" / f"{name}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the matching script in benchmarks/ on a GPU to create it")
-    return json.loads(path.read_text())
+    return read_result_file(path)
 
 
 def optional_benchmark(name: str) -> dict | None:

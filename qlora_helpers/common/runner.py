@@ -12,11 +12,14 @@ named) into a run folder::
 (values are read as YAML: ``2`` is an int, ``true`` a bool, ``cpu`` a string). From Python,
 ``run_notebooks(..., notebook_parameters={"03_qwen_sft": {"model_id": path}})`` adds parameters
 for one notebook only, over the common ones (the tests give chapter 03 a tiny model this way).
-A failing notebook is reported by name, cell and error, and the others still run.
+Every value is checked against the type its parameters cell declares (``max_steps: int = 20``
+refuses ``abc``), and ``profile`` against the profiles this machine can run, before any notebook
+starts. A failing notebook is reported by name, cell and error, and the others still run.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import time
@@ -30,7 +33,7 @@ from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
 from qlora_helpers.common import outputs
-from qlora_helpers.common.device import device_info, versions
+from qlora_helpers.common.device import device_info, resolve_profile, versions
 from qlora_helpers.common.files import (
     RESULTS_ENV,
     atomic_write_json,
@@ -88,6 +91,30 @@ def declared_parameters(notebook: Path) -> dict:
     return papermill.inspect_notebook(str(notebook))
 
 
+def check_value(stem: str, name: str, value, declared: dict):
+    """``value`` as the type the parameters cell of ``stem`` declares for ``name``; one-line error if it is not.
+
+    >>> check_value("03_qwen_sft", "lr_lora", 1, {"lr_lora": {"inferred_type_name": "float", "default": "2e-4"}})
+    1.0
+    """
+    spec = declared[name]
+    kind, default = spec.get("inferred_type_name"), spec.get("default")
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool)}.get(kind)
+    if ok is not None and not ok(value):
+        example = {"int": default, "float": default, "bool": "true or false"}[kind]
+        raise ValueError(f"parameter {name} of {stem} must be {kind} (its parameters cell: {name}: {kind} = "
+                         f"{default}), not {value!r}: pass e.g. -p {name} {example}")
+    if kind == "float":
+        value = float(value)
+    elif kind == "str" and not isinstance(value, str):
+        value = str(value)
+    if name == "profile":
+        resolve_profile(value)      # unknown profile, or gpu without CUDA: refused here, not in cell 3
+    return value
+
+
 def parse_value(text: str):
     """``"2"`` -> 2, ``"0.5"`` -> 0.5, ``"true"`` -> True, anything else stays a string."""
     try:
@@ -109,7 +136,7 @@ def run_one(notebook: Path, out_dir: Path, parameters: dict, *, kernel: str = "p
 
     out_dir.mkdir(parents=True, exist_ok=True)
     declared = declared_parameters(notebook)
-    params = {k: v for k, v in parameters.items() if k in declared}
+    params = {k: check_value(notebook.stem, k, v, declared) for k, v in parameters.items() if k in declared}
     record = NotebookRun(notebook=notebook.stem, executed=str(out_dir / notebook.name))
     old = os.environ.get(RESULTS_ENV)
     os.environ[RESULTS_ENV] = str(out_dir)  # the kernel inherits it: save_results writes here
@@ -163,10 +190,11 @@ def run_notebooks(names: list[str] | None = None, parameters: dict | None = None
     parameters = dict(parameters or {})
     notebook_parameters = {k: dict(v) for k, v in (notebook_parameters or {}).items()}
     declared = {b.stem: declared_parameters(b) for b in books}
-    unknown = set(parameters) - set().union(*declared.values())
-    if unknown:
-        raise ValueError(f"no notebook declares parameter(s) {', '.join(sorted(unknown))}: "
-                         f"check the parameters cell of the notebooks")
+    names = set().union(*declared.values())
+    if unknown := sorted(set(parameters) - names):
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"these notebooks take {', '.join(sorted(names))}"
+        raise ValueError(f"no notebook declares parameter(s) {', '.join(unknown)}: {hint}")
     known = sorted({b.stem for b in discover()} | set(declared))
     for stem, extra in notebook_parameters.items():
         if stem not in known:
@@ -174,6 +202,10 @@ def run_notebooks(names: list[str] | None = None, parameters: dict | None = None
         if stem in declared and (missing := set(extra) - set(declared[stem])):
             raise ValueError(f"{stem} declares no parameter(s) {', '.join(sorted(missing))}: "
                              f"check its parameters cell")
+    for book in books:   # every value against its declared type before the first notebook starts
+        for name, value in {**parameters, **notebook_parameters.get(book.stem, {})}.items():
+            if name in declared[book.stem]:
+                check_value(book.stem, name, value, declared[book.stem])
     run_dir = Path(run_dir or repo_root() / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     runs = []

@@ -15,10 +15,15 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import ipywidgets as w
+from IPython.display import display
+
+_panel_running: list = []   # non-empty while a panel's button runs its step (see ``live_figure``)
 
 
 def _widget_for(name: str, value, choices: dict, ranges: dict):
@@ -65,7 +70,7 @@ def parameter_panel(params: dict, run: Callable[[dict], object], *, choices: dic
 
     def on_click(_):
         out.clear_output()
-        with out:
+        with out, _running():
             run(values())
 
     go.on_click(on_click)
@@ -73,3 +78,38 @@ def parameter_panel(params: dict, run: Callable[[dict], object], *, choices: dic
     panel.values = values
     panel.click = lambda: on_click(None)
     return panel
+
+
+@contextmanager
+def _running():
+    _panel_running.append(True)
+    try:
+        yield
+    finally:
+        _panel_running.pop()
+
+
+class LiveFigure:
+    """A matplotlib figure shown once and redrawn in place: ``LiveFigure().show(fig)`` on every update.
+
+    In a cell (and under papermill) it is a display with an id, updated in place, so the saved
+    notebook holds the last figure. Under a panel's button the run's output goes to an ipywidgets
+    ``Output``, which ignores display updates: there the figure is an ``Image`` widget whose value
+    is replaced, so the learner sees it redraw.
+    """
+
+    def __init__(self):
+        self._handle, self._image = None, None
+
+    def show(self, fig) -> None:
+        if self._image is None and self._handle is None and _panel_running:
+            self._image = w.Image(format="png")
+            display(self._image)
+        if self._image is not None:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=fig.dpi)
+            self._image.value = buffer.getvalue()
+        elif self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
