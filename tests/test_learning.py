@@ -62,7 +62,7 @@ def test_02_every_strategy_detects_far_above_chance(course_run):
     m = r["learning"]
     for strategy in ("full_ft", "adapter", "seed_qlora", "qlora_backbone"):
         assert m[f"map05_over_chance_{strategy}"] > 5, strategy        # chance mAP@0.5 is about 0.04
-    assert m["adapter_over_random_backbone"] > 1.5                     # the pre-trained backbone is what adapts
+    assert m["adapter_over_random_backbone"] > 2                       # the pre-trained backbone is what adapts
 
 
 @pytest.mark.slow
@@ -81,7 +81,8 @@ def test_03_every_mode_learns_and_qlora_stays_near_lora(course_run):
 @pytest.mark.learning
 def test_04_training_teaches_the_model_to_see(course_run):
     m = learned(course_run, "04_vlm_8gb")["learning"]
-    assert m["accuracy_gain"] > 0.2                     # held-out accuracy after minus before
+    assert m["accuracy_gain"] > 0.1                     # held-out accuracy after minus before: 4 of 40 images
+    assert m["face_accuracy_gain"] > 0.1                # faces against non-faces, from chance (0.5) upward
 
 
 @pytest.mark.slow
