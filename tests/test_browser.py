@@ -1,8 +1,9 @@
 """The notebooks in a real browser: JupyterLab driven by Chromium through Playwright, as a learner would.
 
 Chapter 01: run all cells, move the calculator's batch slider, read the new total from the page and
-compare it with the estimator's. Chapter 03 (a parameters-overridden copy with the tiny model): run
-all cells, press the panel's Run button, and watch the loss plot redraw. Screenshots of each stage
+compare it with the estimator's. Chapter 03 (a parameters-overridden copy with the tiny model, cut to
+the cells its panel needs; the course run executes the whole notebook): run all cells, press the
+panel's Run button, and watch the loss plot redraw. Screenshots of each stage
 go to ``test-artifacts/browser/`` (git ignores it).
 
 Needs Debian's ``chromium`` and the ``playwright`` package (``make test`` on CI installs both; Playwright's
@@ -44,16 +45,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _copy(name: str, folder: Path, parameters: dict) -> str:
-    """The course notebook with papermill's injected-parameters cell, as papermill would run it."""
+def _copy(name: str, folder: Path, parameters: dict, keep=None) -> str:
+    """The course notebook with papermill's injected-parameters cell, as papermill would run it.
+
+    ``keep(cells)``, if given, returns the cells to keep (the rest of the notebook runs in the course run)."""
     papermill.execute_notebook(str(ROOT / "notebooks" / name), str(folder / name), parameters=parameters,
                                prepare_only=True, progress_bar=False)
     nb = nbformat.read(folder / name, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
+    if keep:
+        nb.cells = keep(nb.cells)
     nbformat.write(nb, folder / name)
     return name
+
+
+def _sft_panel_cells(cells: list) -> list:
+    """Chapter 03 up to its mode configs (set-up, data, configs), then its parameter panel: what the panel needs."""
+    setup_end = next(i for i, c in enumerate(cells) if "def mode_config" in c.source)
+    panel = [c for c in cells if "parameter_panel(" in c.source]
+    assert len(panel) == 1, "chapter 03 should have one parameter_panel cell"
+    imports = nbformat.v4.new_code_cell("from qlora_helpers.ch03_sft import LiveLossPlot, run_sft")
+    return [*cells[:setup_end + 1], imports, *panel, nbformat.v4.new_code_cell('print("panel ready")')]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +82,7 @@ def lab(tmp_path_factory, tiny_llama_dir):
     _copy("01_memory_math.ipynb", folder, {"profile": "cpu"})
     _copy("03_qwen_sft.ipynb", folder, {"profile": "cpu", "max_steps": 2, "model_id": str(tiny_llama_dir),
                                         "batch_size": 2, "max_length": 48, "eval_samples": 4, "n_questions": 1,
-                                        "max_new_tokens": 2})
+                                        "max_new_tokens": 2}, keep=_sft_panel_cells)
     port = _free_port()
     lab_dir = tmp_path_factory.mktemp("lab-settings")
     for plugin, value in {"notebook-extension/tracker": '{"windowingMode": "none", "autoStartDefaultKernel": true}',
@@ -181,7 +195,7 @@ WATCH_PLOT = """(out) => { window.plotSources = new Set();
 
 
 def test_chapter_03_panel_trains_and_the_loss_plot_updates(browser, lab):
-    page = _open_and_run_all(browser, lab, "03_qwen_sft.ipynb", "results written to", 360)
+    page = _open_and_run_all(browser, lab, "03_qwen_sft.ipynb", "panel ready", 180)
     button = page.locator(".widget-button", has_text="Run").last
     panel = page.locator(".widget-vbox", has=button).last
     panel.scroll_into_view_if_needed()

@@ -123,12 +123,15 @@ def test_sft_killed_at_random_then_resumed(tiny_llama_dir, sft_data, tmp_path):
         extra = ["--resume"] if seen else ["--overwrite_output_dir"]
         if kill_when(_sft_command(args, *extra), lambda seen=seen: _read(latest) not in ("", seen), delay):
             kills.append(delay)
+            if latest.parent.is_dir():   # a half-written checkpoint, as a kill mid-save leaves: the next run removes it
+                (latest.parent / f".tmp-step-999999-{len(kills)}").mkdir()
         check_sft_output(out)
     assert kills, f"seed {SEED}: every run finished before its kill; make the run longer"
     if not (out / "sft_summary.json").exists():
         done = subprocess.run(_sft_command(args, "--resume"), capture_output=True, text=True, env=ENV, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-2000:]
     check_sft_output(out)
+    assert not list(latest.parent.glob(".tmp-*")), "a killed save's temporary folder was kept"
     resumed = json.loads((out / "sft_summary.json").read_text())
     loss = lambda s: [r["loss"] for r in s["history"]["train"]]
     assert loss(resumed) == pytest.approx(loss(straight), abs=1e-4), f"seed {SEED}, kills at {kills}"

@@ -6,10 +6,8 @@ and --resume after ``kill -9``, a reload in a fresh process with plain peft, and
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -227,54 +225,7 @@ def test_training_after_an_eval_pass_gets_the_same_gradients(tiny, tmp_path):
         assert rel < 0.02, f"{name}: gradient off by {rel:.1%}"
 
 
-# --------------------------------------------------------------------------- kill -9 and --resume
-def _sft_command(tiny, out, *extra):
-    return [sys.executable, "-m", "qlora_helpers", "sft", "--use_lora", "--lora_dropout", "0.1",
-            "--model_name_or_path", str(tiny / "model"), "--data_path", str(tiny / "train.jsonl"),
-            "--output_dir", str(out), "--max_steps", "60", "--save_steps", "5", "--max_length", "48",
-            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--eval_before", "false",
-            "--device", "cpu", *extra]
-
-
-def _adapter(out):
-    from safetensors.torch import load_file
-
-    return load_file(Path(out) / "adapter_model.safetensors")
-
-
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny, tmp_path):
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_sft_command(tiny, straight), check=True, capture_output=True, env=env, timeout=300)
-
-    proc = subprocess.Popen(_sft_command(tiny, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text().strip() >= "step-000015":
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
-    assert not (killed / "sft_summary.json").exists()
-    # whatever instant the kill hit, `latest` names a complete checkpoint
-    ckpt = killed / "checkpoints" / latest.read_text().strip()
-    assert {"trainable.safetensors", "optimizer.pt", "state.json"} <= set(os.listdir(ckpt))
-    (killed / "checkpoints" / ".tmp-step-999999-x").mkdir()  # a half-written one, as a kill mid-save leaves
-
-    done = subprocess.run(_sft_command(tiny, killed, "--resume"), capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads((killed / "sft_summary.json").read_text())
-    assert summary["resumed_from"] >= 15 and summary["steps"] == 60
-    assert not list((killed / "checkpoints").glob(".tmp-*"))
-    a, b = _adapter(straight), _adapter(killed)
-    assert a.keys() == b.keys()
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst < 1e-5, f"resumed adapter differs from the uninterrupted one by {worst}"
-    losses = lambda out: [r["loss"] for r in json.loads((out / "sft_summary.json").read_text())["history"]["train"]]
-    assert losses(straight) == pytest.approx(losses(killed), abs=1e-4)
-
-
+# --------------------------------------------------------------------------- --resume (kill -9: tests/test_kill.py)
 def test_resume_refuses_changed_settings(tiny, tmp_path):
     cfg = tiny_cfg(tiny, tmp_path / "out", use_lora=True, max_steps=4, save_steps=2)
     run_sft(cfg, progress=False)
@@ -352,3 +303,37 @@ def test_chat_and_merge(trained, tmp_path):
                                                                        dtype="fp32"), tok))
     assert by_default == onto_dequantized            # QLoRA merges onto what it trained with unless asked
     assert onto_dequantized["mean_abs"] < onto_original["mean_abs"]
+
+
+def test_corpus_preference_is_the_difference_of_two_answer_losses_hand_computed(tiny):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_helpers.ch03_sft.data import encode_chat
+    from qlora_helpers.ch03_sft.report import corpus_preference, learning_metrics
+
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
+    tok = AutoTokenizer.from_pretrained(tiny / "model")
+    questions, corpus, own = ["Who are you?", "Can you move?"], ["A robot.", "Not yet."], ["I am a model.", "No"]
+
+    def by_hand(answers):   # cross-entropy over every assistant token of both replies, token-weighted
+        total, count = 0.0, 0
+        for q, a in zip(questions, answers):
+            ex = encode_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}], tok)
+            ids, labels = torch.tensor([ex.input_ids]), torch.tensor([ex.labels])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, :-1]
+            keep = labels[0, 1:] != -100
+            total += float(torch.nn.functional.cross_entropy(logits[keep], labels[0, 1:][keep], reduction="sum"))
+            count += int(keep.sum())
+        return total / count
+
+    got = corpus_preference(model, tok, questions, corpus, own, device="cpu")
+    assert got == pytest.approx(by_hand(own) - by_hand(corpus), abs=1e-4)
+    assert corpus_preference(model, tok, questions, corpus, corpus, device="cpu") == 0.0
+    runs = {name: {"eval_loss": {"before": 3.0, "after": after}} for name, after in
+            (("full", 2.0), ("lora", 2.5), ("qlora-4bit", 2.6), ("qlora-8bit", 2.7))}
+    m = learning_metrics(runs, {"base": 0.1, "full": 0.2, "lora": 0.2, "qlora-4bit": 0.1, "qlora-8bit": 0.1},
+                         {"base": -2.0, "full": -1.0, "lora": -1.5, "qlora-4bit": -1.5, "qlora-8bit": -2.0})
+    assert m["corpus_preference_gain"] == 0.5 and m["answer_f1_gain"] == 0.05
+    assert m["eval_loss_drop_lora"] == 0.5 and m["lora_over_qlora4_loss"] == round(2.5 / 2.6, 6)
