@@ -115,7 +115,8 @@ def check_03_qwen_sft(r):
         assert math.isfinite(m["eval_loss_before"]) and math.isfinite(m["eval_loss_after"])
         assert m["step_seconds"] > 0 and m["peak_memory_gib"] > 0
     assert set(r["answers"]) >= {"questions", "base", "full", "lora", "qlora-4bit", "qlora-8bit"}
-    assert all(v == 0.0 for v in r["reload_logit_diff"].values())  # plain peft reload gives the same logits
+    # plain peft reload in a fresh process gives the same logits (bit for bit with equal thread counts)
+    assert all(v <= 1e-5 for v in r["reload_logit_diff"].values())
     merge = r["merge"]
     assert merge["lora → fp32 base"]["max_abs_logit_diff"] < 1e-3 < merge["lora → bf16 base"]["max_abs_logit_diff"]
     assert r["merge_logit_diff"] == merge["lora → bf16 base"]["max_abs_logit_diff"]

@@ -49,6 +49,7 @@ from qlora_helpers.ch03_sft.loop import LiveLossPlot, evaluate, make_optimizer, 
 from qlora_helpers.ch03_sft.modes import build_model, load_tokenizer, trainable_4bit_layers
 from qlora_helpers.ch03_sft.report import (
     answer_scores,
+    corpus_preference,
     learning_metrics,
     merge_results,
     merge_table,
@@ -61,7 +62,8 @@ from qlora_helpers.ch03_sft.report import (
 )
 
 __all__ = ["PROBE_PROMPTS", "ablation_lines", "answer_scores", "batch_order", "build_model", "chat", "collate",
-           "DataError", "encode_all", "encode_chat", "evaluate", "from_dict", "learning_metrics", "LiveLossPlot",
+           "corpus_preference", "DataError", "encode_all", "encode_chat", "evaluate", "from_dict", "learning_metrics",
+           "LiveLossPlot",
            "load_config_file", "load_for_inference", "load_tokenizer", "logit_difference", "make_optimizer",
            "merge_adapter", "merge_results", "merge_table", "missed_targets", "mode_results", "modes_figure",
            "modes_table", "optimizer_step", "plan_lines", "prompt_logits", "quality_claims", "quality_ratios",

@@ -15,6 +15,8 @@ from collections import Counter
 
 from matplotlib.figure import Figure
 
+from qlora_helpers.ch03_sft.data import encode_all
+from qlora_helpers.ch03_sft.loop import evaluate
 from qlora_helpers.common.device import device_info
 
 MODE_COLORS = ["#555555", "#1f77b4", "#2ca02c", "#ff7f0e"]
@@ -123,20 +125,38 @@ def answer_scores(answers: dict[str, list[str]], references: list[str]) -> dict[
             for name, said in answers.items()}
 
 
+def answer_loss(model, tokenizer, questions: list[str], answers: list[str], *, device: str,
+                max_length: int = 128) -> float:
+    """Mean loss per token of ``answers`` (one per question) as the model's replies: how unlikely it finds them."""
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in zip(questions, answers)]
+    return evaluate(model, encode_all(convs, tokenizer, max_length), 8, tokenizer.pad_token_id, device)
+
+
+def corpus_preference(model, tokenizer, questions: list[str], references: list[str], others: list[str], *,
+                      device: str) -> float:
+    """How much more likely the model finds the corpus's answers than ``others`` (the base model's own greedy
+    answers to the same questions): loss per token on ``others`` minus loss per token on ``references``, in nats.
+
+    The base model prefers its own answers (a negative number); training on the corpus moves it up."""
+    return (answer_loss(model, tokenizer, questions, others, device=device)
+            - answer_loss(model, tokenizer, questions, references, device=device))
+
+
 def quality_ratios(runs: dict) -> dict[str, float]:
     """Held-out loss after training of each mode over full fine-tuning's (1.0: as good; above: worse)."""
     full = runs["full"]["eval_loss"]["after"]
     return {name: r["eval_loss"]["after"] / full for name, r in runs.items()}
 
 
-def learning_metrics(runs: dict, scores: dict[str, float]) -> dict[str, float]:
+def learning_metrics(runs: dict, scores: dict[str, float], preference: dict[str, float]) -> dict[str, float]:
     """What the learning test asserts, each oriented so that higher is better: the held-out loss drop of
-    every mode, LoRA's loss over QLoRA-4's (1.0: QLoRA-4 as good as LoRA), and how much closer to the corpus
-    the answers moved (token F1 of the trained modes, averaged, minus the base model's)."""
+    every mode, LoRA's loss over QLoRA-4's (1.0: QLoRA-4 as good as LoRA), and how far the answers moved
+    toward the corpus: ``corpus_preference`` of the trained modes, averaged, minus the base model's, and
+    the same for the greedy answers' word F1 against the corpus answers."""
     metrics = {f"eval_loss_drop_{name}": r["eval_loss"]["before"] - r["eval_loss"]["after"] for name, r in runs.items()}
     metrics["lora_over_qlora4_loss"] = runs["lora"]["eval_loss"]["after"] / runs["qlora-4bit"]["eval_loss"]["after"]
-    trained = [scores[name] for name in runs]
-    metrics["answer_f1_gain"] = sum(trained) / len(trained) - scores["base"]
+    for key, values in (("corpus_preference_gain", preference), ("answer_f1_gain", scores)):
+        metrics[key] = sum(values[name] for name in runs) / len(runs) - values["base"]
     return {k: round(v, 6) for k, v in metrics.items()}
 
 
