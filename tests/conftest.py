@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from qlora_helpers.common import assets
@@ -26,6 +28,7 @@ def course_run(tmp_path_factory, cached_assets):
     one computed, test_learning.py what each one learned."""
     from qlora_helpers.common import runner
 
+    jobs = 2 if (os.cpu_count() or 1) >= 2 else 1   # two one-thread kernels at a time finish sooner on 2 cores
     run_dir, runs = runner.run_notebooks(None, {"profile": "cpu"}, tmp_path_factory.mktemp("course"), progress=False,
-                                         notebook_parameters=runner.parameter_set("course"))
+                                         notebook_parameters=runner.parameter_set("course"), jobs=jobs)
     return {r.notebook: r for r in runs}

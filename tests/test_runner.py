@@ -76,3 +76,19 @@ def test_notebook_parameters_reach_only_their_notebook(tmp_path):
         runner.run_notebooks([str(b)], {}, tmp_path / "run", progress=False, notebook_parameters={"08_b": {"lr": 1}})
     with pytest.raises(ValueError, match="no notebook '99_nothing'"):
         runner.run_notebooks([str(b)], {}, tmp_path / "run", progress=False, notebook_parameters={"99_nothing": {}})
+
+
+def test_two_at_a_time_keeps_the_order_and_gives_each_kernel_its_threads(tmp_path):
+    import os
+
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    ok = _notebook(tmp_path / "07_demo.ipynb", [
+        "import os\nfrom qlora_helpers.common.files import save_results",
+        "save_results('07_demo', {'threads': os.environ['OMP_NUM_THREADS'], 'pid': os.getppid()})"])
+    broken = _notebook(tmp_path / "08_broken.ipynb", ["raise ValueError('lora_r must be > 0')"])
+    _, runs = runner.run_notebooks([str(ok), str(broken)], {}, tmp_path / "run", progress=False, jobs=2)
+    assert [r.notebook for r in runs] == ["07_demo", "08_broken"] and [r.status for r in runs] == ["ok", "failed"]
+    assert runs[0].results["threads"] == str(threads) and runs[0].results["pid"] != os.getpid()
+    assert "ValueError: lora_r must be > 0" in runs[1].error
+    with pytest.raises(ValueError, match="jobs=0"):
+        runner.run_notebooks([str(ok)], {}, tmp_path / "run", progress=False, jobs=0)

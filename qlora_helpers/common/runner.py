@@ -15,14 +15,20 @@ for one notebook only, over the common ones (the tests give chapter 03 a tiny mo
 Every value is checked against the type its parameters cell declares (``max_steps: int = 20``
 refuses ``abc``), and ``profile`` against the profiles this machine can run, before any notebook
 starts. A failing notebook is reported by name, cell and error, and the others still run.
+
+``jobs=2`` (``--jobs 2``) runs two notebooks at a time, each kernel held to its share of the CPU's
+threads (``OMP_NUM_THREADS``), the longest first by the last timing in ``course_cpu.json``: on a small
+CPU two one-thread kernels finish sooner than one two-thread kernel after another (the tests do this).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -176,15 +182,48 @@ def summary_markdown(runs: list[NotebookRun]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_alone(book: Path, out_dir: Path, params: dict, kernel: str, threads: int) -> NotebookRun:
+    """``run_one`` in a worker process of its own, the kernel it starts held to ``threads`` threads."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return run_one(book, out_dir, params, kernel=kernel, progress=False)
+
+
+def longest_first(books: list[Path]) -> list[Path]:
+    """``books`` ordered by their seconds in the last course timing (``course_cpu.json``), unknown ones last."""
+    path = repo_root() / "benchmarks" / "results" / "course_cpu.json"
+    timed = json.loads(path.read_text())["figures"]["modes"]["native"]["notebooks"] if path.is_file() else {}
+    return sorted(books, key=lambda b: -timed.get(b.stem, {}).get("seconds", 0.0))
+
+
+def run_parallel(books: list[Path], run_dir: Path, params_of, *, kernel: str, jobs: int,
+                 progress: bool) -> list[NotebookRun]:
+    """Run ``books`` ``jobs`` at a time (the longest first); the records come back in ``books``' order."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
+        futures = {pool.submit(_run_alone, b, run_dir / b.stem, params_of(b), kernel, threads): b
+                   for b in longest_first(books)}
+        done = {}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="notebooks", unit="nb",
+                           disable=not progress):
+            done[futures[future]] = record = future.result()
+            if record.status != "ok":
+                tqdm.write(f"FAILED {record.notebook}: {record.error}\n       executed copy: {record.executed}")
+    return [done[b] for b in books]
+
+
 def run_notebooks(names: list[str] | None = None, parameters: dict | None = None,
                   run_dir: str | Path | None = None, *, kernel: str = "python3",
                   progress: bool = True, notebook_parameters: dict[str, dict] | None = None,
-                  ) -> tuple[Path, list[NotebookRun]]:
+                  jobs: int = 1) -> tuple[Path, list[NotebookRun]]:
     """Execute notebooks in order into ``run_dir`` and write ``summary.json`` / ``summary.md`` there.
 
     ``parameters`` go to every notebook that declares them; ``notebook_parameters`` maps a notebook's
     name (``03_qwen_sft``) to parameters for that notebook only, which win over ``parameters``.
+    ``jobs``: how many notebooks run at once (see the module's docstring).
     """
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs}: run at least one notebook at a time (jobs >= 1)")
 
     books = discover(names)
     parameters = dict(parameters or {})
@@ -208,15 +247,20 @@ def run_notebooks(names: list[str] | None = None, parameters: dict | None = None
                 check_value(book.stem, name, value, declared[book.stem])
     run_dir = Path(run_dir or repo_root() / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    runs = []
-    bar = tqdm(books, desc="notebooks", unit="nb", disable=not progress)
-    for book in bar:
-        bar.set_postfix_str(book.stem)
-        params = {**parameters, **notebook_parameters.get(book.stem, {})}
-        record = run_one(book, run_dir / book.stem, params, kernel=kernel, progress=progress)
-        runs.append(record)
-        if record.status != "ok":
-            tqdm.write(f"FAILED {book.name}: {record.error}\n       executed copy: {record.executed}")
+    def params_of(book: Path) -> dict:
+        return {**parameters, **notebook_parameters.get(book.stem, {})}
+
+    if jobs > 1:
+        runs = run_parallel(books, run_dir, params_of, kernel=kernel, jobs=jobs, progress=progress)
+    else:
+        runs = []
+        bar = tqdm(books, desc="notebooks", unit="nb", disable=not progress)
+        for book in bar:
+            bar.set_postfix_str(book.stem)
+            record = run_one(book, run_dir / book.stem, params_of(book), kernel=kernel, progress=progress)
+            runs.append(record)
+            if record.status != "ok":
+                tqdm.write(f"FAILED {book.name}: {record.error}\n       executed copy: {record.executed}")
     atomic_write_json(run_dir / "summary.json", {
         "created": datetime.now().isoformat(timespec="seconds"), "parameters": parameters,
         "notebook_parameters": notebook_parameters,
@@ -236,6 +280,8 @@ def configure_parser(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--set", dest="parameter_set", metavar="NAME",
                         help="a named parameter set from data/parameter_sets/ (course: the learning test's run)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="notebooks run at once, each with its share of the CPU threads (default: 1)")
     parser.add_argument("--write-back", action="store_true",
                         help="copy each executed notebook, outputs included, into notebooks/ (the committed "
                              "canonical CPU run: default parameters only)")
@@ -260,9 +306,11 @@ def cli(args) -> int:
     params = {name: parse_value(value) for name, value in args.parameter}
     if args.write_back and (params or args.parameter_set):
         raise ValueError("--write-back commits the run at the notebooks' default parameters: drop -p and --set")
+    if args.write_back and args.jobs > 1:
+        raise ValueError("--write-back commits the canonical run, one notebook at a time: drop --jobs")
     per_notebook = parameter_set(args.parameter_set) if args.parameter_set else None
     run_dir, runs = run_notebooks(args.notebooks, params, args.run_dir, kernel=args.kernel,
-                                  progress=not args.no_progress, notebook_parameters=per_notebook)
+                                  progress=not args.no_progress, notebook_parameters=per_notebook, jobs=args.jobs)
     print(summary_markdown(runs))
     print(f"run folder: {run_dir}")
     if args.write_back:
