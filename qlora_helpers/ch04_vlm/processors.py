@@ -1,0 +1,147 @@
+"""A VLM's processor (tokenizer + image processor + chat template): load, save, and tiny ones to test with.
+
+``load_processor(path)`` is ``AutoProcessor.from_pretrained(path)``. Qwen2-VL's processor also
+holds a video processor, and transformers 5 cannot build that without torchvision, even for
+images alone; there the processor is built from its image processor and tokenizer with no video
+part (``image_only``), which is all the ``vlm`` command uses.
+
+``write_tiny_vlm(folder, "llava" | "qwen2_vl")`` saves a random model of a few layers with a
+real tokenizer from the cache (SmolLM2's plus ``<image>``, or Qwen2.5's with its vision tokens),
+a configured image processor and the family's chat template: a ``from_pretrained`` folder that
+the ``vlm`` command trains in seconds on the CPU, exactly as it would train the hub model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import transformers
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    LlavaProcessor,
+    Qwen2VLConfig,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+)
+from transformers.processing_utils import ProcessorMixin
+
+from qlora_helpers.common.assets import path as asset_path
+from qlora_helpers.common.models import build_tiny, tiny_llava, tiny_qwen2
+
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ..."), reading lists of parts.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }} "
+    "{% else %}{{ message['role'].upper() }}: {% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+# Qwen2-VL's chat format: ChatML with <|vision_start|><|image_pad|><|vision_end|> per image.
+QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+FAMILIES = ("llava", "qwen2_vl")
+
+
+def image_only(cls, image_processor, tokenizer, chat_template: str, **kwargs):
+    """``cls(image_processor, tokenizer, ...)`` with no video processor (transformers insists on one's class)."""
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def lenient(self, name, value):
+        return None if value is None and name == "video_processor" else check(self, name, value)
+
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lenient):
+        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+
+
+def load_processor(path: str | Path):
+    """The processor saved with a model (``AutoProcessor``), without its video part where torchvision is absent."""
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except ImportError as err:
+        if "orchvision" not in str(err):
+            raise
+    except (OSError, ValueError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(f"model_id {str(path)!r}: no processor to load ({first}); give a from_pretrained folder "
+                         "that holds its processor files, or a hub id this machine can reach") from None
+    folder = Path(path)
+    settings = json.loads((folder / "processor_config.json").read_text())
+    cls = getattr(transformers, settings.pop("processor_class"))
+    template = (folder / "chat_template.jinja").read_text()
+    return image_only(cls, AutoImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+                      template, **settings)
+
+
+def save_processor(processor, folder: Path) -> None:
+    """``processor.save_pretrained``, or its parts one by one when it has no video processor."""
+    if getattr(processor, "video_processor", "") is not None:
+        processor.save_pretrained(folder)
+        return
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(processor.chat_template)
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": type(processor).__name__}) + "\n")
+
+
+def _tiny_llava(tokenizer, image_size: int):
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                              crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    config = tiny_llava(vocab_size=len(tokenizer), image_size=image_size, patch_size=14)
+    config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config.vision_feature_select_strategy = "default"
+    return processor, config
+
+
+def _tiny_qwen2_vl(tokenizer, image_size: int):
+    processor = image_only(Qwen2VLProcessor, Qwen2VLImageProcessorPil(min_pixels=28 * 28,
+                                                                      max_pixels=4 * image_size * image_size),
+                           tokenizer, QWEN2_VL_TEMPLATE)
+    text = tiny_qwen2(vocab_size=len(tokenizer)).to_dict()
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+    vision = dict(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=text["hidden_size"], in_chans=3,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    ids = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>"])
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids[0], video_token_id=ids[1],
+                           vision_start_token_id=ids[2])
+    return processor, config
+
+
+def write_tiny_vlm(folder: str | Path, family: str = "llava", *, image_size: int = 28, seed: int = 0) -> Path:
+    """A random 2-layer VLM of ``family`` with its real tokenizer and processor, as a ``from_pretrained`` folder.
+
+    Each image becomes 4 image tokens: LLaVA's CLIP tower sees ``image_size`` pixels in 14-pixel patches
+    ((28 / 14)^2 = 4), Qwen2-VL up to twice that, its 4 x 4 patches merged 2 x 2. An existing folder is
+    returned as it is; a new one is written beside it and renamed into place.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny VLM family {family!r}: use {' or '.join(FAMILIES)}")
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(asset_path("smollm2" if family == "llava" else "qwen-tokenizer"))
+    processor, config = (_tiny_llava if family == "llava" else _tiny_qwen2_vl)(tokenizer, image_size)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        build_tiny(config, seed=seed).save_pretrained(tmp)
+        save_processor(processor, tmp)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
