@@ -28,7 +28,7 @@ from qlora_helpers.ch03_sft.command import _bool, check_output_dir, check_resume
 from qlora_helpers.ch03_sft.loop import CHECKPOINTS
 from qlora_helpers.ch04_vlm import config as vc
 from qlora_helpers.ch04_vlm.encode import encode_all
-from qlora_helpers.ch04_vlm.hub_model import add_lora, load_vlm
+from qlora_helpers.ch04_vlm.hub_model import add_lora, load_vlm, quantized_share
 from qlora_helpers.ch04_vlm.processors import load_processor
 from qlora_helpers.ch04_vlm.records import read_records
 from qlora_helpers.ch04_vlm.trainer import HISTORY, train_vlm
@@ -203,6 +203,7 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
                         progress=progress, callbacks=callbacks)
     summary = {"model_id": run.model_id, "model_type": model.config.model_type, "device": device,
                "dtype": str(dtype).removeprefix("torch."), "params": count_parameters(model),
+               "linear_layers": quantized_share(model),
                "examples": {"train": len(train), "val": len(val)}, "history": history}
     atomic_write_json(out / "vlm_summary.json", summary)
     return VLMResult(summary, model, processor, val)

@@ -23,7 +23,9 @@ from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
 from qlora_helpers.common.quant import keep_cpu_training_layout
 
-KEEP_16BIT = [".*vision_tower", ".*visual", ".*multi_modal_projector", ".*vision_model", ".*connector", "lm_head"]
+VISION_PARTS = ("vision_tower", "visual", "multi_modal_projector", "vision_model", "connector")
+# transformers 5.2x matches these from the start of a module's name (so ".*visual"); earlier 5.x as substrings
+KEEP_16BIT = ["lm_head", *VISION_PARTS, *(f".*{name}" for name in VISION_PARTS)]
 PROJECTORS = ("multi_modal_projector", "merger", "connector")
 LANGUAGE_MODELS = ("language_model", "text_model")
 

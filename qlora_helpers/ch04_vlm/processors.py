@@ -33,7 +33,7 @@ from transformers import (
 )
 from transformers.processing_utils import ProcessorMixin
 
-from qlora_helpers.common.assets import path as asset_path
+from qlora_helpers.common.assets import TOKENIZER_FILES, verify
 from qlora_helpers.common.models import build_tiny, tiny_llava, tiny_qwen2
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ..."), reading lists of parts.
@@ -66,17 +66,16 @@ def image_only(cls, image_processor, tokenizer, chat_template: str, **kwargs):
 
 
 def load_processor(path: str | Path):
-    """The processor saved with a model (``AutoProcessor``), without its video part where torchvision is absent."""
+    """The processor saved with a model (``AutoProcessor``); for a folder ``save_processor`` wrote that
+    ``AutoProcessor`` cannot build (Qwen2-VL's without torchvision), its image and text parts alone."""
+    folder = Path(path)
     try:
         return AutoProcessor.from_pretrained(path)
-    except ImportError as err:
-        if "orchvision" not in str(err):
-            raise
-    except (OSError, ValueError, KeyError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ValueError(f"model_id {str(path)!r}: no processor to load ({first}); give a from_pretrained folder "
-                         "that holds its processor files, or a hub id this machine can reach") from None
-    folder = Path(path)
+    except (ImportError, OSError, ValueError, KeyError) as err:
+        if not (folder / "processor_config.json").is_file():   # not a folder save_processor wrote
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise ValueError(f"model_id {str(path)!r}: no processor to load ({first}); give a from_pretrained "
+                             "folder that holds its processor files, or a hub id this machine can reach") from None
     settings = json.loads((folder / "processor_config.json").read_text())
     cls = getattr(transformers, settings.pop("processor_class"))
     template = (folder / "chat_template.jinja").read_text()
@@ -95,31 +94,59 @@ def save_processor(processor, folder: Path) -> None:
     (folder / "processor_config.json").write_text(json.dumps({"processor_class": type(processor).__name__}) + "\n")
 
 
-def _tiny_llava(tokenizer, image_size: int):
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                              crop_size={"height": image_size, "width": image_size}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
-    config = tiny_llava(vocab_size=len(tokenizer), image_size=image_size, patch_size=14)
-    config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    config.vision_feature_select_strategy = "default"
-    return processor, config
+def make_processor(family: str, tokenizer, image_size: int):
+    """The processor of ``family`` around a cached ``tokenizer`` (LLaVA's gets ``<image>`` added).
+
+    LLaVA: a CLIP image processor at ``image_size`` pixels, (image_size / 14)^2 image tokens.
+    Qwen2-VL: images of up to (2 x image_size)^2 pixels, one token per 28 x 28 pixels.
+    """
+    if family == "llava":
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                       crop_size={"height": image_size, "width": image_size})
+        return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=LLAVA_TEMPLATE)
+    if family == "qwen2_vl":
+        images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=4 * image_size * image_size)
+        return image_only(Qwen2VLProcessor, images, tokenizer, QWEN2_VL_TEMPLATE)
+    raise ValueError(f"unknown VLM family {family!r}: use {' or '.join(FAMILIES)}")
 
 
-def _tiny_qwen2_vl(tokenizer, image_size: int):
-    processor = image_only(Qwen2VLProcessor, Qwen2VLImageProcessorPil(min_pixels=28 * 28,
-                                                                      max_pixels=4 * image_size * image_size),
-                           tokenizer, QWEN2_VL_TEMPLATE)
+def cached_tokenizer(family: str):
+    """SmolLM2's tokenizer for LLaVA, Qwen2.5's for Qwen2-VL (no Llama or Qwen2-VL tokenizer is offline)."""
+    return AutoTokenizer.from_pretrained(verify("smollm2" if family == "llava" else "qwen-tokenizer",
+                                                only=TOKENIZER_FILES))
+
+
+def _tiny_config(family: str, processor, image_size: int):
+    tokenizer = processor.tokenizer
+    if family == "llava":
+        config = tiny_llava(vocab_size=len(tokenizer), image_size=image_size, patch_size=14)
+        config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        config.vision_feature_select_strategy = "default"
+        return config
     text = tiny_qwen2(vocab_size=len(tokenizer)).to_dict()
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
     vision = dict(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=text["hidden_size"], in_chans=3,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     ids = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>"])
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids[0], video_token_id=ids[1],
-                           vision_start_token_id=ids[2])
-    return processor, config
+    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids[0], video_token_id=ids[1],
+                         vision_start_token_id=ids[2])
+
+
+def write_vlm_folder(folder: str | Path, model, processor) -> Path:
+    """Save ``model`` and ``processor`` as one ``from_pretrained`` folder, written beside it and renamed into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        save_processor(processor, tmp)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def write_tiny_vlm(folder: str | Path, family: str = "llava", *, image_size: int = 28, seed: int = 0) -> Path:
@@ -129,19 +156,8 @@ def write_tiny_vlm(folder: str | Path, family: str = "llava", *, image_size: int
     ((28 / 14)^2 = 4), Qwen2-VL up to twice that, its 4 x 4 patches merged 2 x 2. An existing folder is
     returned as it is; a new one is written beside it and renamed into place.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny VLM family {family!r}: use {' or '.join(FAMILIES)}")
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(asset_path("smollm2" if family == "llava" else "qwen-tokenizer"))
-    processor, config = (_tiny_llava if family == "llava" else _tiny_qwen2_vl)(tokenizer, image_size)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        build_tiny(config, seed=seed).save_pretrained(tmp)
-        save_processor(processor, tmp)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    processor = make_processor(family, cached_tokenizer(family), image_size)
+    return write_vlm_folder(folder, build_tiny(_tiny_config(family, processor, image_size), seed=seed), processor)

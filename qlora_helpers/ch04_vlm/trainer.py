@@ -108,10 +108,10 @@ def _start(model, run, out, *, optimizer, scheduler, fingerprint: dict) -> tuple
 
 def _validate(model, val: list, history: dict, step: int, out, device: str) -> float:
     """Validation loss at ``step``, kept in the history; a new best adapter is saved."""
-    loss = evaluate(model, val, device)
-    history["eval"].append({"step": step, "val_loss": round(loss, 6)})
+    loss = round(evaluate(model, val, device), 6)
+    history["eval"].append({"step": step, "val_loss": loss})
     if step > 0 and (history["best"] is None or loss < history["best"]["val_loss"]):
-        history["best"] = {"step": step, "val_loss": round(loss, 6)}
+        history["best"] = {"step": step, "val_loss": loss}
         _save_adapter(model, out / "best")
     return loss
 
