@@ -7,7 +7,8 @@ less its CUDA context) and trains it through the ``vlm`` command's own parser an
 ``from_pretrained`` in NF4 with double quantisation, the vision tower in bf16, LoRA r=8 on the
 language model, 10 optimizer steps of batch 1 x 2 accumulation, paged 8-bit AdamW, more than
 1,024 text tokens per example (a long passage of the chatterbot corpus around each LFW / digits
-image). A shape that runs out of memory under 7.5 GiB is run again under 11.5 GiB (a 12 GB card).
+image). With ``--caps 7.5 11.5`` a shape that runs out of memory under 7.5 GiB runs again under 11.5
+GiB (a 12 GB card); an out-of-memory run still records the peak it reached.
 
 Beside each peak: the chapter-01 estimator's prediction for the same run, through
 ``ch04_vlm.vram.estimate_vlm``. What differs from the hub models: LLaVA's vocabulary is SmolLM2's
@@ -17,7 +18,7 @@ images are capped at 336 x 336 pixels (144 image tokens).
     python -m benchmarks.vlm_hf_7b                    # both shapes (GPU)
     python -m benchmarks.vlm_hf_7b --shapes qwen2-vl-7b --work /scratch/vlm
 
-Writes ``benchmarks/results/vlm_hf_7b.json``.
+Writes ``benchmarks/results/vlm_hf_7b.json``, keeping the rows of shapes and caps not run this time.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -37,12 +39,12 @@ from qlora_helpers.ch04_vlm.records import read_records, write_example_files
 from qlora_helpers.ch04_vlm.vram import estimate_vlm
 from qlora_helpers.cli import build_parser
 from qlora_helpers.common.assets import load_sft
-from qlora_helpers.common.bench import WorkerError, cuda_peak_gib, emit, run_worker, write_benchmark
+from qlora_helpers.common.bench import WorkerError, command_line, cuda_peak_gib, emit, run_worker, write_benchmark
+from qlora_helpers.common.files import repo_root
 from qlora_helpers.common.shapes import get_config
 from qlora_helpers.errors import OneLineParser, run_main
 
 SHAPES = {"llava-1.5-7b": "llava", "qwen2-vl-7b": "qwen2_vl"}
-CAPS_GIB = (7.5, 11.5)
 IMAGE_SIZE = 336
 MAX_LENGTH = 1536          # text tokens allowed per example; the examples hold 1,024+
 FLAGS = ["--preset", "ultra_low_memory", "--max_steps", "10", "--eval_steps", "5", "--save_steps", "5",
@@ -102,7 +104,7 @@ def worker(shape: str, model: Path, data: dict, out: Path, cap_gib: float) -> No
     start = time.perf_counter()
     try:
         summary = run_vlm(run, progress=False).summary
-        row.update(status="ok", steps=len(summary["history"]["train"]),
+        row.update(status="ok", steps=len(summary["history"]["train"]), linear_layers=summary["linear_layers"],
                    train_loss=[r["loss"] for r in summary["history"]["train"]],
                    val_loss=[e["val_loss"] for e in summary["history"]["eval"]], params=summary["params"])
     except torch.OutOfMemoryError:
@@ -114,9 +116,18 @@ def worker(shape: str, model: Path, data: dict, out: Path, cap_gib: float) -> No
     emit(row)
 
 
+def earlier_rows(path: Path, shapes: list, caps: list) -> list[dict]:
+    """The rows of an earlier result file for the shapes and caps not run now (each row says which command made it)."""
+    if not path.is_file():
+        return []
+    return [r for r in json.loads(path.read_text())["figures"]["runs"]
+            if r["shape"] not in shapes or r["cap_gib"] not in caps]
+
+
 def main(argv=None) -> None:
     parser = OneLineParser(prog="python -m benchmarks.vlm_hf_7b", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--caps", nargs="+", type=float, default=[7.5], help="allocator caps in GiB, tried in order")
     parser.add_argument("--work", default="/tmp/vlm_hf_7b", help="folder for the model folders, data and runs")
     parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "CAP_GIB"),
                         help="internal: train one shape under one cap in this process")
@@ -131,19 +142,21 @@ def main(argv=None) -> None:
         worker(shape, work / shape, data, work / "runs" / f"{shape}-{cap}", float(cap))
         return
     write_data(work / "data")
-    rows, started = [], time.perf_counter()
+    out = Path(args.out) if args.out else repo_root() / "benchmarks" / "results" / "vlm_hf_7b.json"
+    rows, started = earlier_rows(out, args.shapes, args.caps), time.perf_counter()
     for shape in args.shapes:
         t0 = time.perf_counter()
         write_model(shape, work / shape)
         write_seconds = round(time.perf_counter() - t0, 1)
-        for cap in CAPS_GIB:
+        for cap in args.caps:
             try:
                 row = run_worker("benchmarks.vlm_hf_7b", ["--work", work, "--worker", shape, cap], label=shape)[0]
             except WorkerError as err:
                 row = {"shape": shape, "cap_gib": cap, "status": f"failed: {err}"}
-            rows.append({**row, "write_seconds": write_seconds})
+            rows.append({**row, "write_seconds": write_seconds, "run_by": command_line(),
+                         "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
             write_benchmark("vlm_hf_7b", {"runs": rows, "wall_seconds": round(time.perf_counter() - started, 1)},
-                            args.out)
+                            out)
             if row.get("status") != "out of memory":
                 break
 

@@ -188,6 +188,8 @@ def check_04_vlm_8gb(r):
         assert all(math.isfinite(e["val_loss"]) for e in h["eval"])
     best = v["runs"][v["reloaded"]["model"]]["history"]["best"]["val_loss"]
     assert abs(v["reloaded"]["val_loss"] - best) < 0.01
+    gpu = {(row["shape"], row["cap_gib"]): row for row in v["gpu_7b"]}
+    assert gpu[("llava-1.5-7b", 7.5)]["status"] == "ok", "benchmarks/results/vlm_hf_7b.json is committed"
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}

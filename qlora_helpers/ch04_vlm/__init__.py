@@ -5,7 +5,7 @@ module      what it holds
 ==========  ============================================================================================
 config      the VLM training config and its presets (ultra_low_memory, balanced, quality), validated
 vram        VLM registry and VRAM plans: what each model, preset, knob and remedy needs; which GPU fits
-measured    what ``benchmarks/vlm_8gb.py`` measured on a GPU: capped proofs, knobs, QLoRA-vs-LoRA speed
+measured    what ``benchmarks/vlm_8gb.py`` and ``vlm_hf_7b.py`` measured on a GPU: capped proofs, knobs, speed
 data        image-question examples from real offline images, held-out split, balanced sampling
 model       the small LLaVA (CLIP tower + projector + SmolLM2), its 4-bit language model and LoRA
 loop        training and evaluation on the CPU, and a self-test of the recipe on a tiny model
@@ -23,6 +23,7 @@ from qlora_helpers.ch04_vlm.command import build_run, run_vlm
 from qlora_helpers.ch04_vlm.data import balanced, make_examples, photos_336, training_mix
 from qlora_helpers.ch04_vlm.loop import cpu_threads, evaluate, linear_schedule, matmul_seconds, self_test, train
 from qlora_helpers.ch04_vlm.measured import (
+    command_proof_table,
     gpu_benchmark_summary,
     measured_knobs,
     measured_methods,
@@ -57,10 +58,11 @@ from qlora_helpers.ch04_vlm.vram import (
     with_changes,
 )
 
-__all__ = ["MODELS", "SEED_BREAKDOWN", "balanced", "build_run", "build_vlm", "config", "cpu_threads", "estimate_vlm",
-           "evaluate", "gpu_benchmark_summary", "gpu_table", "knob_table", "linear_schedule", "make_examples",
-           "match_projector_scale", "matmul_seconds", "measured_knobs", "measured_methods", "method_table",
-           "model_facts", "photos_336", "plan", "prepare_for_training", "pretrain_tower", "probe_accuracy",
-           "proof_table", "quantization_arithmetic", "quantize_language_model", "read_records", "registry_table",
-           "remedy_table", "run_vlm", "self_test", "speed_report", "speed_verdict", "tower_in_4bit", "train",
-           "trainable_summary", "training_mix", "with_changes", "write_example_files", "write_tiny_vlm"]
+__all__ = ["MODELS", "SEED_BREAKDOWN", "balanced", "build_run", "build_vlm", "command_proof_table", "config",
+           "cpu_threads", "estimate_vlm", "evaluate", "gpu_benchmark_summary", "gpu_table", "knob_table",
+           "linear_schedule", "make_examples", "match_projector_scale", "matmul_seconds", "measured_knobs",
+           "measured_methods", "method_table", "model_facts", "photos_336", "plan", "prepare_for_training",
+           "pretrain_tower", "probe_accuracy", "proof_table", "quantization_arithmetic", "quantize_language_model",
+           "read_records", "registry_table", "remedy_table", "run_vlm", "self_test", "speed_report", "speed_verdict",
+           "tower_in_4bit", "train", "trainable_summary", "training_mix", "with_changes", "write_example_files",
+           "write_tiny_vlm"]
