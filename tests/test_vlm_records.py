@@ -1,11 +1,14 @@
-"""Image-chat JSONL (``ch04_vlm.records``): where the images go, relative paths, and the example files."""
+"""Image-chat JSONL (``ch04_vlm.records``): where the images go, relative paths, the example files and config."""
 
 import json
 
 import pytest
 from PIL import Image
 
+from qlora_helpers.ch03_sft.command import load_config_file
+from qlora_helpers.ch04_vlm.command import build_run
 from qlora_helpers.ch04_vlm.records import read_records, write_example_files
+from qlora_helpers.common.files import repo_root
 
 
 @pytest.fixture
@@ -53,3 +56,10 @@ def test_example_files_answer_from_the_labels(tmp_path, cached_assets):
     answers = [r.messages[1]["content"][0]["text"] for r in train]
     assert answers[0] in ("Yes", "No") and answers[1] in "0123456789"
     assert Image.open(train[0].images[0]).size == (28, 28)
+
+
+def test_the_example_config_builds_a_run():
+    run = build_run(load_config_file(repo_root() / "data" / "configs" / "vlm-8gb.json"), {"lora.rank": 16})
+    assert run.settings.name == "ultra_low_memory" and run.settings.method == "qlora"
+    assert (run.settings.lora.rank, run.settings.lora.alpha) == (16, 16)
+    assert run.settings.training.gradient_accumulation_steps == 16 and run.max_steps == 200
