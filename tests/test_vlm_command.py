@@ -14,6 +14,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
+from qlora_helpers import cli
 from qlora_helpers.ch04_vlm.command import build_run, run_vlm
 from qlora_helpers.ch04_vlm.processors import write_tiny_vlm
 from qlora_helpers.ch04_vlm.records import write_example_files
@@ -143,3 +144,17 @@ def test_resume_continues_the_same_loss_curve(trained, files):
     full = trained["llava"].summary["history"]
     assert [r["loss"] for r in resumed["train"]] == [r["loss"] for r in full["train"]]
     assert resumed["eval"] == full["eval"]
+
+
+def test_the_command_line_trains_with_dotted_flags(files, capsys):
+    data, out = files["data"], files["root"] / "cli"
+    code = cli.main(["vlm", "--model_id", str(files["qwen2_vl"]), "--data_path", str(data["train"]),
+                     "--val_path", str(data["val"]), "--output_dir", str(out), "--max_steps", "2", "--eval_steps", "1",
+                     "--save_steps", "0", "--lora.rank", "4", "--lora.targets", "q_proj,v_proj",
+                     "--training.gradient_accumulation_steps", "1"])
+    assert code == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("qwen2_vl qlora: 2 steps") and str(out) in line
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and "q_proj|v_proj" in config["target_modules"]
+    assert not (out / "checkpoints").exists()

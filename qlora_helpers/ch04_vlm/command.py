@@ -60,7 +60,24 @@ class VLMRun:
 
 
 RUN_KEYS = [f.name for f in fields(VLMRun) if f.name != "settings"]
+HELP = {
+    "model_id": "a from_pretrained folder or hub id: LLaVA, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, ...",
+    "data_path": "training JSONL: {\"image\": \"a.png\", \"messages\": [...]} per line",
+    "val_path": "validation JSONL; without it no validation loss and no best adapter",
+    "preset": "ultra_low_memory (8 GB) | balanced (12 GB) | quality (24 GB): the settings flags change",
+    "max_steps": "optimizer steps",
+    "eval_steps": "validation loss every N steps (and at the end; 0: at the end only)",
+    "save_steps": "a checkpoint every N steps, for --resume (0: none)",
+    "train_projector": "train the image-to-text projector too (saved with the adapter)",
+    "device": "auto | cpu | cuda",
+    "resume": "continue from output_dir/checkpoints/latest: the same loss curve",
+    "overwrite_output_dir": "allow a non-empty output_dir (its checkpoints and adapters are discarded)",
+}
 CONFIG_KEYS = [f.name for f in fields(vc.VLMTrainConfig)]
+
+
+def _names(text: str) -> tuple:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def _section_flags():
@@ -76,13 +93,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
             continue
         default = f.default
         kind = _bool if isinstance(default, bool) else type(default)
-        parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=f"(default {default!r})",
+        parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
+                            help=f"{HELP.get(f.name, '')} (default {default!r})".strip(),
                             **({"nargs": "?", "const": True} if isinstance(default, bool) else {}))
     for key, default in _section_flags():
-        kind = _bool if isinstance(default, bool) else (lambda s: tuple(s.split(","))) if key == "lora.targets" \
-            else type(default)
+        kind = _bool if isinstance(default, bool) else _names if key == "lora.targets" else type(default)
         parser.add_argument(f"--{key}", dest=key, type=kind, default=argparse.SUPPRESS,
-                            help=f"preset's value unless given (e.g. {default!r})")
+                            metavar=key.split(".")[1].upper(),
+                            help=f"the preset's unless given (ch04_vlm.config; e.g. {default!r})")
 
 
 def _check_keys(values: dict, source: str) -> None:

@@ -74,7 +74,9 @@ def add_lora(model, lora, *, train_projector: bool = False, gradient_checkpointi
             raise ValueError(f"train_projector: {type(model).__name__} has none of {', '.join(PROJECTORS)}; "
                              "drop --train_projector")
         modules_to_save = [name]
-    if gradient_checkpointing:
+    if gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):   # its name since 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                         target_modules=language_model_targets(model, lora.targets), modules_to_save=modules_to_save)
