@@ -1,4 +1,4 @@
-"""The ``vlm`` command on tiny random LLaVA and Qwen2-VL folders with their real tokenizers and processors.
+"""The ``vlm`` command on tiny random LLaVA, Qwen2-VL and Idefics3 folders with real tokenizers and processors.
 
 Three promises of ``python -m qlora_helpers vlm``: the language model is NF4 while the vision tower
 stays 16-bit, the saved adapter loads in a fresh process with plain ``PeftModel.from_pretrained`` and
@@ -7,19 +7,21 @@ an uninterrupted one.
 """
 
 import json
+import re
 import subprocess
 import sys
 
 import bitsandbytes as bnb
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from qlora_helpers import cli
 from qlora_helpers.ch04_vlm.command import build_run, run_vlm
 from qlora_helpers.ch04_vlm.processors import write_tiny_vlm
 from qlora_helpers.ch04_vlm.records import write_example_files
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "idefics3")
 RELOAD = """
 import sys, torch
 from peft import PeftModel
@@ -27,7 +29,7 @@ from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 dtype, jobs = getattr(torch, sys.argv[1]), sys.argv[2:]
 bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                          bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head", ".*vision_tower",
-                         ".*visual", ".*multi_modal_projector"])
+                         ".*visual", ".*multi_modal_projector", ".*vision_model", ".*connector"])
 for i in range(0, len(jobs), 4):
     base_id, adapter, batch, out = jobs[i:i + 4]
     base = AutoModelForImageTextToText.from_pretrained(base_id, quantization_config=bnb, dtype=dtype, device_map="cpu")
@@ -61,8 +63,9 @@ def trained(files):
 def test_language_model_4bit_tower_16bit(trained, family):
     model = trained[family].model
     kinds = {name: type(m) for name, m in model.named_modules()}
-    lm = [k for n, k in kinds.items() if ".language_model." in n and n.endswith("q_proj.base_layer")]
-    tower = [k for n, k in kinds.items() if ("vision_tower" in n or ".visual." in n) and issubclass(k, torch.nn.Linear)]
+    lm = [k for n, k in kinds.items() if re.search(r"\.(language|text)_model\.", n) and n.endswith("q_proj.base_layer")]
+    tower = [k for n, k in kinds.items() if re.search(r"\.(vision_tower|visual|vision_model)\.", n)
+             and issubclass(k, torch.nn.Linear)]
     assert lm and all(k is bnb.nn.Linear4bit for k in lm)
     assert tower and not any(k is bnb.nn.Linear4bit for k in tower)
     assert model.config.quantization_config.bnb_4bit_use_double_quant
@@ -76,7 +79,7 @@ def test_loss_is_on_the_answer_only(trained, family):
     answer = tokenizer.decode(labelled, skip_special_tokens=True).strip()
     prompt = tokenizer.decode(example["input_ids"][0][:len(example["input_ids"][0]) - len(labelled)])
     assert answer in ("Yes", "No") or answer.isdigit()
-    assert prompt.rstrip().endswith(("ASSISTANT:", "<|im_start|>assistant"))
+    assert prompt.rstrip().endswith(("ASSISTANT:", "<|im_start|>assistant", "Assistant:"))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -158,3 +161,12 @@ def test_the_command_line_trains_with_dotted_flags(files, capsys):
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["r"] == 4 and "q_proj|v_proj" in config["target_modules"]
     assert not (out / "checkpoints").exists()
+
+
+def test_the_projector_trains_on_request_and_is_saved_with_the_adapter(files):
+    result = run_vlm(_run(files, "llava", "llava-projector", max_steps=1, eval_steps=0, save_steps=0,
+                          train_projector=True), progress=False)
+    trained = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert any("multi_modal_projector" in n for n in trained) and not any("vision_tower" in n for n in trained)
+    saved = load_file(files["root"] / "llava-projector" / "final" / "adapter_model.safetensors")
+    assert any("multi_modal_projector" in k for k in saved)

@@ -29,7 +29,7 @@ def image_token_id(processor) -> int | None:
 
 def _render(processor, messages: list, images: list, *, prompt: bool) -> dict:
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
-    return processor(text=[text], images=images or None, return_tensors="pt")
+    return processor(text=[text], images=[images] if images else None, return_tensors="pt")   # a batch of one
 
 
 def _images_in(messages: list) -> int:

