@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from qlora_helpers import cli
 from qlora_helpers.ch04_vlm.command import build_run, run_vlm
+from qlora_helpers.ch04_vlm.hub_model import takes_images
 from qlora_helpers.ch04_vlm.processors import write_tiny_vlm
 from qlora_helpers.ch04_vlm.records import write_example_files
 
@@ -170,3 +171,8 @@ def test_the_projector_trains_on_request_and_is_saved_with_the_adapter(files):
     assert any("multi_modal_projector" in n for n in trained) and not any("vision_tower" in n for n in trained)
     saved = load_file(files["root"] / "llava-projector" / "final" / "adapter_model.safetensors")
     assert any("multi_modal_projector" in k for k in saved)
+
+
+def test_only_a_model_with_a_vision_part_is_taken_for_the_chapter(files, tiny_llama_dir):
+    assert all(takes_images(str(files[family])) for family in FAMILIES)
+    assert not takes_images(str(tiny_llama_dir)) and not takes_images(str(files["root"] / "nothing"))

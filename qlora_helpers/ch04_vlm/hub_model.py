@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
 
 from qlora_helpers.common.quant import keep_cpu_training_layout
 
@@ -52,6 +52,15 @@ def load_vlm(model_id: str, *, quantization, dtype, device: str):
     model.config.use_cache = False
     model.train()
     return model
+
+
+def takes_images(model_id: str) -> bool:
+    """Whether ``model_id``'s config has a vision part (what the ``vlm`` command trains); ``False`` if unreadable."""
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError):
+        return False
+    return getattr(config, "vision_config", None) is not None
 
 
 def projector_name(model) -> str | None:
