@@ -184,6 +184,7 @@ CASES = [
      ["vlm_unknown_role.jsonl:1: message 0 has unknown role 'human'", "use one of system, user, assistant"]),
     ("vlm: no model", ("cli", "vlm", "--data_path", "{vlm_good}"), {}, ["model_id is empty", "give --model_id"]),
     ("vlm: model folder without a processor", VLM, {}, ["no-vlm': no processor to load", "give a from_pretrained"]),
+    ("vlm: a text model", VLM + ("--model_id", "{tiny}"), {}, ["has no vision part", "python -m qlora_helpers sft"]),
     ("vlm: misspelt config key", VLM + ("--config_file", "{vlm_typo_cfg}"), {},
      ["unknown key 'max_step'", "did you mean 'max_steps'?"]),
     ("vlm: misspelt section key", VLM + ("--config_file", "{vlm_section_typo_cfg}"), {},

@@ -28,7 +28,7 @@ from qlora_helpers.ch03_sft.command import _bool, check_output_dir, check_resume
 from qlora_helpers.ch03_sft.loop import CHECKPOINTS
 from qlora_helpers.ch04_vlm import config as vc
 from qlora_helpers.ch04_vlm.encode import encode_all
-from qlora_helpers.ch04_vlm.hub_model import add_lora, load_vlm, quantized_share
+from qlora_helpers.ch04_vlm.hub_model import add_lora, load_vlm, quantized_share, takes_images
 from qlora_helpers.ch04_vlm.processors import load_processor
 from qlora_helpers.ch04_vlm.records import read_records
 from qlora_helpers.ch04_vlm.trainer import HISTORY, train_vlm
@@ -208,6 +208,9 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
     fingerprint = {k: getattr(run, k) for k in RESUME_KEYS} | {"settings": vc.to_dict(run.settings)}
     check_resume(run, fingerprint)
     processor = load_processor(run.model_id)
+    if not takes_images(run.model_id):
+        raise ValueError(f"model_id {run.model_id!r} has no vision part (no vision_config): the vlm command trains "
+                         "image-text-to-text models; train a text model with `python -m qlora_helpers sft`")
     max_length = run.settings.data.max_length
     train, val = encode_all(records[0], processor, max_length), encode_all(records[1], processor, max_length)
     out = _prepare_output_dir(run)
