@@ -6,7 +6,7 @@ command being run, so ``--help`` stays fast.
 
 Bad input (a value, a file, a missing asset) stops with one line and exit status 2; ``--debug``
 anywhere on the line, or ``QLORA_DEBUG=1``, shows the traceback instead (``qlora_helpers.errors``).
-A command added later (``vlm``) needs only its entry in ``COMMANDS``: parsing and errors come from here.
+A command needs only its entry in ``COMMANDS``: parsing and errors come from here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ COMMANDS = {
     "estimate": ("qlora_helpers.ch01_memory.estimator", "estimate GPU training memory for a model, method and batch"),
     "sft": ("qlora_helpers.ch03_sft.command",
             "supervised fine-tuning: full, LoRA, QLoRA 4-bit or 8-bit, from a config file or flags"),
+    "vlm": ("qlora_helpers.ch04_vlm.command",
+            "QLoRA on an image-text-to-text model (LLaVA, Qwen2-VL, Idefics3...) from image-chat JSONL"),
 }
 
 

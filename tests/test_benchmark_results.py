@@ -4,6 +4,7 @@ modules of the ``benchmarks`` package and hand rows from worker processes throug
 import ast
 import importlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -239,3 +240,18 @@ def test_recipe_profile_splits_a_7b_step_by_kind_of_work():
     assert 0 < base["device_busy_share"] <= 1 and base["real_tokens"] <= base["tokens"]
     assert abs(sum(base["kinds_ms"].values()) - base["device_busy_ms"]) < 1
     assert max(base["kinds_ms"], key=base["kinds_ms"].get) == "matmul"
+
+
+def test_vlm_command_trained_7b_shapes_under_an_allocator_cap():
+    record = _record("vlm_hf_7b")
+    runs = {(r["shape"], r["cap_gib"]): r for r in record["figures"]["runs"]}
+    assert {shape for shape, _ in runs} == {"llava-1.5-7b", "qwen2-vl-7b"}
+    assert record["device"]["type"] == "cuda"
+    for (shape, cap), run in runs.items():
+        assert run["command"].startswith("python -m qlora_helpers vlm ") and min(run["text_tokens"]) >= 1024
+        assert run["peak_reserved_gib"] <= cap and run["estimate_gib"] > 0
+        if run["status"] == "ok":
+            assert run["steps"] >= 10 and all(math.isfinite(x) for x in run["val_loss"])
+        else:
+            assert run["status"] == "out of memory" and runs.get((shape, 11.5), {}).get("status") == "ok"
+    assert runs[("llava-1.5-7b", 7.5)]["status"] == "ok"

@@ -12,6 +12,7 @@ import sys
 
 import huggingface_hub.constants
 import pytest
+from PIL import Image
 
 from benchmarks import course_time, memory_validation
 from qlora_helpers import cli
@@ -62,7 +63,27 @@ def inputs(tmp_path_factory, tiny_llama_dir):
         json.dumps({"base_model_name_or_path": str(root / "deleted-base"), "peft_type": "LORA"}))
     files["old_results"] = root / "course_cpu.json"
     files["old_results"].write_text(json.dumps({"benchmark": "course_cpu", "figures": {"total_seconds": 912}}))
+    _vlm_inputs(root, files)
     return files
+
+
+def _vlm_inputs(root, files) -> None:
+    """Image-chat lines for the vlm command: one good, and one of each mistake."""
+    Image.new("RGB", (8, 8)).save(root / "face.png")
+    (root / "broken.png").write_text("not an image")
+    ask, answer = {"role": "user", "content": "Is this a face?"}, {"role": "assistant", "content": "Yes"}
+    rows = {"vlm_good": {"image": "face.png", "messages": [ask, answer]},
+            "vlm_missing": {"image": "nowhere.png", "messages": [ask, answer]},
+            "vlm_unreadable": {"image": "broken.png", "messages": [ask, answer]},
+            "vlm_no_answer": {"image": "face.png", "messages": [ask]},
+            "vlm_empty_answer": {"image": "face.png", "messages": [ask, {"role": "assistant", "content": " "}]},
+            "vlm_unknown_role": {"image": "face.png", "messages": [{"role": "human", "content": "Hi"}, answer]}}
+    for name, row in rows.items():
+        files[name] = _jsonl(root / f"{name}.jsonl", [row])
+    files["vlm_typo_cfg"] = root / "vlm_typo.json"
+    files["vlm_typo_cfg"].write_text('{"max_step": 5}')
+    files["vlm_section_typo_cfg"] = root / "vlm_section_typo.json"
+    files["vlm_section_typo_cfg"].write_text('{"lora": {"rnk": 8}}')
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +99,7 @@ def corrupt_cache(inputs, cached_assets):
 
 SFT = ("cli", "sft", "--output_dir", "{tmp}/out", "--model_name_or_path", "{tiny}", "--data_path", "{good}")
 LORA = SFT + ("--use_lora",)
+VLM = ("cli", "vlm", "--model_id", "{tmp}/no-vlm", "--data_path", "{vlm_good}", "--output_dir", "{tmp}/vlm-out")
 # (id, argv: entry point first, environment, substrings the line must hold: what is wrong, then the fix)
 CASES = [
     ("unknown command", ("cli", "trian"), {}, ["invalid choice: 'trian'", "--help"]),
@@ -150,6 +172,27 @@ CASES = [
     ("sft: data asset corrupt", ("cli", "sft", "--use_lora", "--output_dir", "{tmp}/out2", "--model_name_or_path",
                                  "{tiny}"), {"QLORA_CACHE_DIR": "{corrupt}"},
      ["asset 'chatterbot-sft' is corrupt", "assets --force chatterbot-sft"]),
+    ("vlm: image missing", VLM + ("--data_path", "{vlm_missing}"), {},
+     ["vlm_missing.jsonl:1: image nowhere.png not found", "fix the path"]),
+    ("vlm: image unreadable", VLM + ("--data_path", "{vlm_unreadable}"), {},
+     ["vlm_unreadable.jsonl:1: image broken.png cannot be read", "replace it with a PNG or JPEG"]),
+    ("vlm: no assistant turn", VLM + ("--data_path", "{vlm_no_answer}"), {},
+     ["vlm_no_answer.jsonl:1: no assistant turn", "add {\"role\": \"assistant\""]),
+    ("vlm: empty answer", VLM + ("--val_path", "{vlm_empty_answer}"), {},
+     ["vlm_empty_answer.jsonl:1: message 1 is an empty assistant answer", "write the answer"]),
+    ("vlm: unknown role", VLM + ("--data_path", "{vlm_unknown_role}"), {},
+     ["vlm_unknown_role.jsonl:1: message 0 has unknown role 'human'", "use one of system, user, assistant"]),
+    ("vlm: no model", ("cli", "vlm", "--data_path", "{vlm_good}"), {}, ["model_id is empty", "give --model_id"]),
+    ("vlm: model folder without a processor", VLM, {}, ["no-vlm': no processor to load", "give a from_pretrained"]),
+    ("vlm: a text model", VLM + ("--model_id", "{tiny}"), {}, ["has no vision part", "python -m qlora_helpers sft"]),
+    ("vlm: misspelt config key", VLM + ("--config_file", "{vlm_typo_cfg}"), {},
+     ["unknown key 'max_step'", "did you mean 'max_steps'?"]),
+    ("vlm: misspelt section key", VLM + ("--config_file", "{vlm_section_typo_cfg}"), {},
+     ["unknown field lora.rnk", "known fields are alpha, dropout, rank, targets"]),
+    ("vlm: misspelt flag", VLM + ("--lora.rnk", "8"), {}, ["unrecognized arguments: --lora.rnk", "--lora.rank?"]),
+    ("vlm: LoRA rank 0", VLM + ("--lora.rank", "0"), {}, ["lora.rank must be a whole number >= 1", "try 8 or 16"]),
+    ("vlm: unknown preset", VLM + ("--preset", "tiny"), {}, ["unknown preset 'tiny'", "use one of ultra_low_memory"]),
+    ("vlm: nothing to resume", VLM + ("--resume",), {}, ["nothing to resume", "run without --resume"]),
     ("chat: no such folder", ("chat", "--lora_model", "{tmp}/nothing", "--prompt", "hi"), {},
      ["nothing: no such model folder", "train one with"]),
     ("chat: not a model folder", ("chat", "--lora_model", "{tmp}", "--prompt", "hi"), {},
@@ -193,7 +236,7 @@ def test_bad_input_is_one_line_with_the_fix(case, inputs, corrupt_cache, capfd, 
 def test_enough_cases_and_every_entry_point():
     assert len(CASES) >= 30
     assert {c[1][0] for c in CASES} == set(ENTRY)
-    # every command has cases; a command added to COMMANDS (``vlm`` will be) fails here until it brings its own
+    # every command has cases; a command added to COMMANDS fails here until it brings its own
     assert {c[1][1] for c in CASES if c[1][0] == "cli"} >= set(cli.COMMANDS)
 
 

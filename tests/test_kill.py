@@ -5,8 +5,10 @@ checkpoints load, adapters load (config and weights), ``training_history.json`` 
 Resuming then ends on the same losses as an uninterrupted run. Three trainers: the ``sft`` command
 (chapter 03), the detector of chapter 02 (``train_detector`` with a checkpoint), and the data-parallel
 worker of chapter 05 on 2 CPU processes. Chapter 05's worker has no resume: a killed run is started
-again and must write the same history as far as the killed one got. Chapter 04's VLM training is
-not a command yet (no ``vlm`` command exists); it is to join this test when it becomes one.
+again and must write the same history as far as the killed one got. Chapter 04's ``vlm`` command writes
+its checkpoints with chapter 03's code (``ch03_sft.loop``) and its adapters with ``files.atomic_folder``;
+tests/test_vlm_command.py checks its resume in one process, since four more command start-ups (~8 s each
+on the 2-core CI machine) do not fit this test's time.
 
 The kill instants come from ``random.Random(SEED)``; a failure names the seed and the instant.
 """

@@ -177,6 +177,20 @@ def check_04_vlm_8gb(r):
                                   "language_model: Linear4bit": 14, "lm_head: Linear": 1}
     assert 0 < p["trainable_params"] < p["all_params"] / 100 and math.isfinite(p["loss"])
     assert p["lora_b_moved"] == p["lora_b"] > 0 and p["compute_dtype"] == str(cpu_compute_dtype())
+    v = r["vlm_command"]           # section 10: the vlm command on tiny LLaVA and Qwen2-VL folders
+    assert {run["model_type"] for run in v["runs"].values()} == {"llava", "qwen2_vl"}
+    for run in v["runs"].values():
+        q = run["quantization_config"]
+        assert q["load_in_4bit"] and q["bnb_4bit_quant_type"] == "nf4" and q["bnb_4bit_use_double_quant"]
+        assert run["linear_layers"]["language model: Linear4bit"] > 0
+        assert "vision + rest: Linear4bit" not in run["linear_layers"]
+        h = run["history"]
+        assert len(h["train"]) == course_value("04_vlm_8gb", "vlm_steps") and h["best"] in h["eval"]
+        assert all(math.isfinite(e["val_loss"]) for e in h["eval"])
+    best = v["runs"][v["reloaded"]["model"]]["history"]["best"]["val_loss"]
+    assert abs(v["reloaded"]["val_loss"] - best) < 0.01
+    gpu = {(row["shape"], row["cap_gib"]): row for row in v["gpu_7b"]}
+    assert gpu[("llava-1.5-7b", 7.5)]["status"] == "ok", "benchmarks/results/vlm_hf_7b.json is committed"
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}

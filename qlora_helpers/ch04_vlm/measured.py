@@ -1,4 +1,4 @@
-"""What ``benchmarks/vlm_8gb.py`` measured on a GPU, in the shapes the chapter shows.
+"""What ``benchmarks/vlm_8gb.py`` and ``benchmarks/vlm_hf_7b.py`` measured on a GPU, in the shapes the chapter shows.
 
 Each function takes the loaded result file (``common.load_benchmark("vlm_8gb")``) or ``None`` when
 the benchmark has not been run, and then answers with empty values, never an error:
@@ -8,7 +8,9 @@ the benchmark has not been run, and then answers with empty values, never an err
 - ``proof_table``: the runs under the 7.5 GiB cap, as printed lines;
 - ``gpu_benchmark_summary``: what the notebook's results keep of the file;
 - ``speed_verdict`` / ``speed_report``: QLoRA's step seconds against LoRA's on a 16-bit base, and the
-  seed's "30-40 % slower" judged by them.
+  seed's "30-40 % slower" judged by them;
+- ``command_proof_table``: the ``vlm`` command on 7B-shape LLaVA and Qwen2-VL folders under allocator caps
+  (``vlm_hf_7b.json``), each peak beside the estimate.
 
 Example:
     >>> measured_methods(None)
@@ -158,4 +160,21 @@ def speed_report(verdict: dict) -> str:
     if verdict["jobs_at_a_time"] > 1:
         lines.append(f"caveat: the benchmark ran {verdict['jobs_at_a_time']} runs at a time on the one GPU, so each "
                      f"step shared it with others; python -m benchmarks.vlm_8gb --only knobs --jobs 1 times them alone")
+    return "\n".join(lines)
+
+
+def command_proof_table(bench: dict | None) -> str:
+    """One line per run of ``benchmarks/vlm_hf_7b.py``: shape, cap, text tokens, steps, peaks, estimate, status."""
+    if not bench:
+        return "no GPU measurement yet: run python -m benchmarks.vlm_hf_7b on a CUDA machine"
+    d, v = bench["device"], bench["versions"]
+    lines = [f"measured on {d['name']} ({bench['date'][:10]}), torch {v['torch']}, transformers "
+             f"{v['transformers']}, bitsandbytes {v['bitsandbytes']}",
+             f"{'shape':<14}{'cap':>6}{'text tokens':>13}{'steps':>7}{'peak alloc':>12}{'reserved':>10}"
+             f"{'estimate':>10}  status"]
+    for r in _figures(bench).get("runs", []):
+        tokens = min(r.get("text_tokens") or [0])
+        lines.append(f"{r['shape']:<14}{r['cap_gib']:>5}G{tokens:>13}{r.get('steps', 0):>7}"
+                     f"{r.get('peak_allocated_gib', 0):>11.2f}G{r.get('peak_reserved_gib', 0):>9.2f}G"
+                     f"{r.get('estimate_gib', 0):>9.2f}G  {r['status']}")
     return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""``python -m qlora_helpers vlm``: QLoRA on any image-text-to-text model, on your images.
+
+    python -m qlora_helpers vlm --model_id llava-hf/llava-1.5-7b-hf --data_path train.jsonl \\
+        --val_path val.jsonl --preset ultra_low_memory --output_dir outputs/my-vlm
+    python -m qlora_helpers vlm --config_file my-vlm.json --lora.rank 16 --max_steps 200
+    python -m qlora_helpers vlm --config_file my-vlm.json --resume      # after an interruption
+
+Settings come from a preset (``ultra_low_memory`` 8 GB, ``balanced`` 12 GB, ``quality`` 24 GB; see
+``ch04_vlm.config``), then the JSON ``--config_file`` (run keys at the top, sections such as
+``"lora": {"rank": 16}``), then flags: ``--max_steps 50``, ``--lora.rank 16``,
+``--training.gradient_accumulation_steps 8``. The data format is ``ch04_vlm.records``'s; every line
+is checked, and every example encoded, before the model loads. What the output folder receives is
+in ``ch04_vlm.trainer``. The processor's own image size is used (``data.image_size`` is for plans).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import shutil
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from qlora_helpers.ch03_sft.command import _bool, check_output_dir, check_resume, load_config_file
+from qlora_helpers.ch03_sft.loop import CHECKPOINTS
+from qlora_helpers.ch04_vlm import config as vc
+from qlora_helpers.ch04_vlm.encode import encode_all
+from qlora_helpers.ch04_vlm.hub_model import add_lora, load_vlm, quantized_share, takes_images
+from qlora_helpers.ch04_vlm.processors import load_processor
+from qlora_helpers.ch04_vlm.records import read_records
+from qlora_helpers.ch04_vlm.trainer import HISTORY, train_vlm
+from qlora_helpers.common.device import cpu_compute_dtype
+from qlora_helpers.common.files import atomic_write_json
+from qlora_helpers.common.models import count_parameters
+
+RESUME_KEYS = ("model_id", "data_path", "max_steps", "seed", "train_projector")
+
+
+@dataclass
+class VLMRun:
+    model_id: str = ""                 # a from_pretrained folder or hub id (LLaVA, Qwen2-VL, Idefics3, ...)
+    data_path: str = ""                # training JSONL (ch04_vlm.records)
+    val_path: str = ""                 # validation JSONL; empty: no validation, no best adapter
+    output_dir: str = "outputs/vlm"
+    preset: str = "ultra_low_memory"   # ultra_low_memory | balanced | quality
+    max_steps: int = 100               # optimizer steps
+    eval_steps: int = 20               # validation loss every N steps (and at the end)
+    save_steps: int = 20               # checkpoint every N steps (0: none)
+    save_total_limit: int = 2
+    max_grad_norm: float = 1.0
+    train_projector: bool = False      # train the image-to-text projector too (saved with the adapter)
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda
+    resume: bool = False
+    overwrite_output_dir: bool = False
+    settings: vc.VLMTrainConfig = field(default_factory=lambda: vc.preset("ultra_low_memory"))
+
+
+RUN_KEYS = [f.name for f in fields(VLMRun) if f.name != "settings"]
+HELP = {
+    "model_id": "a from_pretrained folder or hub id: LLaVA, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, ...",
+    "data_path": "training JSONL: {\"image\": \"a.png\", \"messages\": [...]} per line",
+    "val_path": "validation JSONL; without it no validation loss and no best adapter",
+    "preset": "ultra_low_memory (8 GB) | balanced (12 GB) | quality (24 GB): the settings flags change",
+    "max_steps": "optimizer steps",
+    "eval_steps": "validation loss every N steps (and at the end; 0: at the end only)",
+    "save_steps": "a checkpoint every N steps, for --resume (0: none)",
+    "train_projector": "train the image-to-text projector too (saved with the adapter)",
+    "device": "auto | cpu | cuda",
+    "resume": "continue from output_dir/checkpoints/latest: the same loss curve",
+    "overwrite_output_dir": "allow a non-empty output_dir (its checkpoints and adapters are discarded)",
+}
+CONFIG_KEYS = [f.name for f in fields(vc.VLMTrainConfig)]
+
+
+def _names(text: str) -> tuple:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _section_flags():
+    for section, cls in vc.SECTIONS.items():
+        for f in fields(cls):
+            yield f"{section}.{f.name}", getattr(cls(), f.name)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config_file", help="JSON file of settings; flags given here override it")
+    for f in fields(VLMRun):
+        if f.name == "settings":
+            continue
+        default = f.default
+        kind = _bool if isinstance(default, bool) else type(default)
+        parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
+                            help=f"{HELP.get(f.name, '')} (default {default!r})".strip(),
+                            **({"nargs": "?", "const": True} if isinstance(default, bool) else {}))
+    for key, default in _section_flags():
+        kind = _bool if isinstance(default, bool) else _names if key == "lora.targets" else type(default)
+        parser.add_argument(f"--{key}", dest=key, type=kind, default=argparse.SUPPRESS,
+                            metavar=key.split(".")[1].upper(),
+                            help=f"the preset's unless given (ch04_vlm.config; e.g. {default!r})")
+
+
+def _check_keys(values: dict, source: str) -> None:
+    known = RUN_KEYS + CONFIG_KEYS
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "see `python -m qlora_helpers vlm --help`"
+            raise ValueError(f"{source}: unknown key '{key}': {hint}")
+
+
+def build_run(values: dict, flags: dict, source: str = "config") -> VLMRun:
+    """A run from a config file's ``values`` and command-line ``flags`` (run keys and ``section.key``)."""
+    _check_keys(values, source)
+    merged = {**values, **{k: v for k, v in flags.items() if "." not in k}}
+    name = merged.get("preset", VLMRun.preset)
+    settings = vc.to_dict(vc.preset(name))
+    for key in CONFIG_KEYS:
+        if isinstance(merged.get(key), dict):
+            settings[key].update(merged[key])
+        elif key in merged:
+            settings[key] = merged[key]
+    for key, value in flags.items():
+        if "." in key:
+            section, sub = key.split(".", 1)
+            settings[section][sub] = list(value) if isinstance(value, tuple) else value
+    run = VLMRun(**{k: merged[k] for k in RUN_KEYS if k in merged})
+    return validate(replace(run, settings=vc.from_dict(settings, source)))
+
+
+def validate(run: VLMRun) -> VLMRun:
+    """One-line ``ValueError`` for what the trainer cannot do with these settings."""
+    if not run.model_id:
+        raise ValueError("model_id is empty: give --model_id, a from_pretrained folder or a hub id "
+                         "(e.g. llava-hf/llava-1.5-7b-hf)")
+    if not run.data_path:
+        raise ValueError("data_path is empty: give --data_path, a JSONL file of {\"image\", \"messages\"} lines")
+    if run.settings.method == "full":
+        raise ValueError("method 'full' is not what the vlm command trains: use --preset quality (lora) or "
+                         "ultra_low_memory (qlora)")
+    for key in ("max_steps", "save_total_limit"):
+        if getattr(run, key) < 1:
+            raise ValueError(f"{key} must be >= 1, not {getattr(run, key)}")
+    for key in ("eval_steps", "save_steps"):
+        if getattr(run, key) < 0:
+            raise ValueError(f"{key} must be >= 0 (0: never), not {getattr(run, key)}")
+    if run.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {run.device!r}")
+    if run.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device: use --device cpu or auto")
+    if run.resume and run.overwrite_output_dir:
+        raise ValueError("resume and overwrite_output_dir contradict: keep one of them")
+    return run
+
+
+def config_from_args(args: argparse.Namespace) -> VLMRun:
+    source = getattr(args, "config_file", None)
+    values = load_config_file(source) if source else {}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config_file", "debug")}
+    return build_run(values, flags, source or "config")
+
+
+def cli(args: argparse.Namespace) -> int:
+    run = config_from_args(args)
+    summary = run_vlm(run).summary
+    best = summary["history"]["best"]
+    evals = summary["history"]["eval"]
+    val = f"val loss {evals[0]['val_loss']:.4f} -> {evals[-1]['val_loss']:.4f}, best at step {best['step']}; " \
+        if best else ""
+    print(f"{summary['model_type']} {run.settings.method}: {run.max_steps} steps, trainable "
+          f"{summary['params']['trainable']:,} of {summary['params']['total']:,}; {val}adapters in {run.output_dir}")
+    return 0
+
+
+def device_and_dtype(run: VLMRun) -> tuple[str, torch.dtype]:
+    device = run.device if run.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    q = run.settings.quantization
+    return device, (getattr(torch, q.compute_dtype) if device == "cuda" else cpu_compute_dtype())
+
+
+def _prepare_output_dir(run: VLMRun) -> Path:
+    out = Path(run.output_dir)
+    if out.is_dir() and run.overwrite_output_dir:
+        for name in (CHECKPOINTS, "best", "final"):
+            target = out / name
+            target.unlink() if target.is_symlink() else shutil.rmtree(target, ignore_errors=True)
+        (out / HISTORY).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@dataclass
+class VLMResult:
+    summary: dict        # also output_dir/vlm_summary.json
+    model: object        # the trained PeftModel, in train mode, on its device
+    processor: object
+    val: list            # the encoded validation examples
+
+
+def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
+    """Check, encode, load, train, save; returns the summary (also ``vlm_summary.json``) and the model."""
+    validate(run)
+    check_output_dir(run)
+    records = read_records(run.data_path), read_records(run.val_path) if run.val_path else []
+    fingerprint = {k: getattr(run, k) for k in RESUME_KEYS} | {"settings": vc.to_dict(run.settings)}
+    check_resume(run, fingerprint)
+    processor = load_processor(run.model_id)
+    if not takes_images(run.model_id):
+        raise ValueError(f"model_id {run.model_id!r} has no vision part (no vision_config): the vlm command trains "
+                         "image-text-to-text models; train a text model with `python -m qlora_helpers sft`")
+    max_length = run.settings.data.max_length
+    train, val = encode_all(records[0], processor, max_length), encode_all(records[1], processor, max_length)
+    out = _prepare_output_dir(run)
+    atomic_write_json(out / "vlm_config.json", {**asdict(run), "settings": vc.to_dict(run.settings)})
+    device, dtype = device_and_dtype(run)
+    set_seed(run.seed)
+    model = load_vlm(run.model_id, quantization=run.settings.quantization, dtype=dtype, device=device)
+    model = add_lora(model, run.settings.lora, train_projector=run.train_projector,
+                     gradient_checkpointing=run.settings.hardware.gradient_checkpointing)
+    history = train_vlm(model, train, val, run, out=out, device=device, fingerprint=fingerprint,
+                        progress=progress, callbacks=callbacks)
+    summary = {"model_id": run.model_id, "model_type": model.config.model_type, "device": device,
+               "dtype": str(dtype).removeprefix("torch."), "params": count_parameters(model),
+               "linear_layers": quantized_share(model),
+               "examples": {"train": len(train), "val": len(val)}, "history": history}
+    atomic_write_json(out / "vlm_summary.json", summary)
+    return VLMResult(summary, model, processor, val)

@@ -1,0 +1,105 @@
+"""Any image-text-to-text model the auto classes load, in 4-bit, with LoRA on its language model.
+
+The recipe, in the library calls a learner would write::
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=KEEP_16BIT)
+    model = AutoModelForImageTextToText.from_pretrained(model_id, quantization_config=bnb, dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=language_model_targets(...)))
+
+``KEEP_16BIT`` names the vision tower and projector of LLaVA (``vision_tower``,
+``multi_modal_projector``), Qwen2-VL / Qwen2.5-VL (``visual``, its ``merger`` inside) and
+Idefics3 / SmolVLM (``vision_model``, ``connector``): they stay in the 16-bit compute dtype
+(fp32 or bf16 on the CPU, see ``device.cpu_compute_dtype``), frozen; only the language model's
+linear layers become NF4. The projector trains too when asked (peft's ``modules_to_save``, so
+it is saved with the adapter).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
+
+from qlora_helpers.common.quant import keep_cpu_training_layout
+
+VISION_PARTS = ("vision_tower", "visual", "multi_modal_projector", "vision_model", "connector")
+# transformers 5.2x matches these from the start of a module's name (so ".*visual"); earlier 5.x as substrings
+KEEP_16BIT = ["lm_head", *VISION_PARTS, *(f".*{name}" for name in VISION_PARTS)]
+PROJECTORS = ("multi_modal_projector", "merger", "connector")
+LANGUAGE_MODELS = ("language_model", "text_model")
+
+
+def bnb_config(quantization, dtype) -> BitsAndBytesConfig:
+    """NF4 (or FP4) with double quantisation for the language model; tower, projector and lm_head left out."""
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization.quant_type,
+                              bnb_4bit_use_double_quant=quantization.double_quant, bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=KEEP_16BIT)
+
+
+def load_vlm(model_id: str, *, quantization, dtype, device: str):
+    """``from_pretrained`` in 4-bit when ``quantization.load_in_4bit``, else in ``dtype``; frozen, train mode."""
+    kwargs = {"dtype": dtype, "device_map": {"": device}}
+    if quantization.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(quantization, dtype)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model_id {model_id!r}: cannot load an image-text-to-text model "
+                         f"({str(err).strip().splitlines()[0][:160]}); give a model folder or a hub id") from None
+    keep_cpu_training_layout(model)      # bitsandbytes' CPU inference repacking has no backward
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def takes_images(model_id: str) -> bool:
+    """Whether ``model_id``'s config has a vision part (what the ``vlm`` command trains); ``False`` if unreadable."""
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError):
+        return False
+    return getattr(config, "vision_config", None) is not None
+
+
+def projector_name(model) -> str | None:
+    """The short name of the module that maps image features into the language model, if there is one."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return next((p for p in PROJECTORS if p in names), None)
+
+
+def language_model_targets(model, targets) -> str:
+    """A peft ``target_modules`` regex: ``targets`` (q_proj, ...) inside the language model only."""
+    return rf".*({'|'.join(LANGUAGE_MODELS)})\..*\.({'|'.join(targets)})$"
+
+
+def add_lora(model, lora, *, train_projector: bool = False, gradient_checkpointing: bool = True):
+    """Wrap ``model`` with LoRA on its language model (and a trainable projector on request), in train mode."""
+    modules_to_save = None
+    if train_projector:
+        name = projector_name(model)
+        if name is None:
+            raise ValueError(f"train_projector: {type(model).__name__} has none of {', '.join(PROJECTORS)}; "
+                             "drop --train_projector")
+        modules_to_save = [name]
+    if gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):   # its name since 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                        target_modules=language_model_targets(model, lora.targets), modules_to_save=modules_to_save)
+    model = get_peft_model(model, config)
+    model.train()
+    return model
+
+
+def quantized_share(model) -> dict:
+    """Linear layers by kind, language model vs the rest: what went to 4 bits and what stayed 16-bit."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name:
+            part = "language model" if any(f".{lm}." in f".{name}" for lm in LANGUAGE_MODELS) else "vision + rest"
+            key = f"{part}: {type(module).__name__}"
+            out[key] = out.get(key, 0) + 1
+    return out

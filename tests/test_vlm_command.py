@@ -1,0 +1,178 @@
+"""The ``vlm`` command on tiny random LLaVA, Qwen2-VL and Idefics3 folders with real tokenizers and processors.
+
+The promises of ``python -m qlora_helpers vlm``: the language model is NF4 while the vision tower
+stays 16-bit, the loss is on the answer only, the saved adapter loads in a fresh process with plain
+``PeftModel.from_pretrained`` and gives the same logits, and a run interrupted after a checkpoint ends,
+resumed, on the same losses as an uninterrupted one (LoRA dropout on: the random generators resume too).
+"""
+
+import json
+import re
+import subprocess
+import sys
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_helpers import cli
+from qlora_helpers.ch04_vlm.command import build_run, run_vlm
+from qlora_helpers.ch04_vlm.hub_model import takes_images
+from qlora_helpers.ch04_vlm.processors import write_tiny_vlm
+from qlora_helpers.ch04_vlm.records import write_example_files
+
+FAMILIES = ("llava", "qwen2_vl", "idefics3")
+RELOAD = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+dtype, jobs = getattr(torch, sys.argv[1]), sys.argv[2:]
+bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                         bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head", ".*vision_tower",
+                         ".*visual", ".*multi_modal_projector", ".*vision_model", ".*connector"])
+for i in range(0, len(jobs), 4):
+    base_id, adapter, batch, out = jobs[i:i + 4]
+    base = AutoModelForImageTextToText.from_pretrained(base_id, quantization_config=bnb, dtype=dtype, device_map="cpu")
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        torch.save(model(**torch.load(batch)).logits, out)
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, cached_assets):
+    root = tmp_path_factory.mktemp("vlm-command")
+    return {"data": write_example_files(root / "data", n_train=6, n_val=2),
+            **{family: write_tiny_vlm(root / family, family) for family in FAMILIES}, "root": root}
+
+
+def _run(files, family: str, name: str, **flags):
+    data = files["data"]
+    base = {"model_id": str(files[family]), "data_path": str(data["train"]), "val_path": str(data["val"]),
+            "output_dir": str(files["root"] / name), "max_steps": 4, "eval_steps": 2, "save_steps": 2,
+            "lora.dropout": 0.1, "training.learning_rate": 0.01, "training.gradient_accumulation_steps": 2}
+    return build_run({}, {**base, **flags})
+
+
+@pytest.fixture(scope="module")
+def trained(files):
+    return {family: run_vlm(_run(files, family, f"{family}-full"), progress=False) for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_language_model_4bit_tower_16bit(trained, family):
+    model = trained[family].model
+    kinds = {name: type(m) for name, m in model.named_modules()}
+    lm = [k for n, k in kinds.items() if re.search(r"\.(language|text)_model\.", n) and n.endswith("q_proj.base_layer")]
+    tower = [k for n, k in kinds.items() if re.search(r"\.(vision_tower|visual|vision_model)\.", n)
+             and issubclass(k, torch.nn.Linear)]
+    assert lm and all(k is bnb.nn.Linear4bit for k in lm)
+    assert tower and not any(k is bnb.nn.Linear4bit for k in tower)
+    assert model.config.quantization_config.bnb_4bit_use_double_quant
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_is_on_the_answer_only(trained, family):
+    example, tokenizer = trained[family].val[0], trained[family].processor.tokenizer
+    labelled = example["labels"][0][example["labels"][0] != -100]
+    answer = tokenizer.decode(labelled, skip_special_tokens=True).strip()
+    prompt = tokenizer.decode(example["input_ids"][0][:len(example["input_ids"][0]) - len(labelled)])
+    assert answer in ("Yes", "No") or answer.isdigit()
+    assert prompt.rstrip().endswith(("ASSISTANT:", "<|im_start|>assistant", "Assistant:"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_history_and_adapters(trained, files, family):
+    out = files["root"] / f"{family}-full"
+    history = json.loads((out / "training_history.json").read_text())
+    assert [r["step"] for r in history["train"]] == [1, 2, 3, 4]
+    assert [e["step"] for e in history["eval"]] == [0, 2, 4]
+    best = min(history["eval"][1:], key=lambda e: e["val_loss"])
+    assert history["best"] == best
+    assert history["eval"][-1]["val_loss"] < history["eval"][0]["val_loss"]
+    for folder in ("best", "final"):
+        assert json.loads((out / folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def _inference_logits(model, batch: dict) -> tuple:
+    """Logits with and without the adapter, in bitsandbytes' CPU inference layout (as a fresh load uses)."""
+    model.eval()
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = bnb.nn.modules.has_avx512bf16()
+    with torch.no_grad():
+        with model.disable_adapter():
+            untrained = model(**batch).logits
+        return model(**batch).logits, untrained
+
+
+@pytest.fixture(scope="module")
+def reloaded(trained, files, tmp_path_factory):
+    """Each family's final adapter loaded by one fresh Python process: its logits on a validation example."""
+    tmp = tmp_path_factory.mktemp("reload")
+    jobs = []
+    for family in FAMILIES:
+        batch = {k: v for k, v in trained[family].val[0].items() if k != "labels"}
+        torch.save(batch, tmp / f"{family}.pt")
+        jobs += [str(files[family]), str(files["root"] / f"{family}-full" / "final"), str(tmp / f"{family}.pt"),
+                 str(tmp / f"{family}-logits.pt")]
+    subprocess.run([sys.executable, "-c", RELOAD, trained["llava"].summary["dtype"], *jobs], check=True)
+    return {family: torch.load(tmp / f"{family}-logits.pt") for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fresh_process_reload_gives_same_logits(trained, reloaded, family):
+    batch = {k: v for k, v in trained[family].val[0].items() if k != "labels"}
+    expected, untrained = _inference_logits(trained[family].model, batch)
+    torch.testing.assert_close(reloaded[family], expected, rtol=0, atol=0)
+    assert not torch.allclose(untrained, expected)      # the adapter is what the logits come from
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_after(step: int):
+    def callback(record):
+        if record["step"] == step:
+            raise Stop
+    return callback
+
+
+def test_resume_continues_the_same_loss_curve(trained, files):
+    with pytest.raises(Stop):
+        run_vlm(_run(files, "llava", "llava-cut"), progress=False, callbacks=[_stop_after(3)])
+    resumed = run_vlm(_run(files, "llava", "llava-cut", resume=True), progress=False).summary["history"]
+    full = trained["llava"].summary["history"]
+    assert [r["loss"] for r in resumed["train"]] == [r["loss"] for r in full["train"]]
+    assert resumed["eval"] == full["eval"]
+
+
+def test_the_command_line_trains_with_dotted_flags(files, capsys):
+    data, out = files["data"], files["root"] / "cli"
+    code = cli.main(["vlm", "--model_id", str(files["qwen2_vl"]), "--data_path", str(data["train"]),
+                     "--val_path", str(data["val"]), "--output_dir", str(out), "--max_steps", "2", "--eval_steps", "1",
+                     "--save_steps", "0", "--lora.rank", "4", "--lora.targets", "q_proj,v_proj",
+                     "--training.gradient_accumulation_steps", "1"])
+    assert code == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("qwen2_vl qlora: 2 steps") and str(out) in line
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and "q_proj|v_proj" in config["target_modules"]
+    assert not (out / "checkpoints").exists()
+
+
+def test_the_projector_trains_on_request_and_is_saved_with_the_adapter(files):
+    result = run_vlm(_run(files, "llava", "llava-projector", max_steps=1, eval_steps=0, save_steps=0,
+                          train_projector=True), progress=False)
+    trained = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert any("multi_modal_projector" in n for n in trained) and not any("vision_tower" in n for n in trained)
+    saved = load_file(files["root"] / "llava-projector" / "final" / "adapter_model.safetensors")
+    assert any("multi_modal_projector" in k for k in saved)
+
+
+def test_only_a_model_with_a_vision_part_is_taken_for_the_chapter(files, tiny_llama_dir):
+    assert all(takes_images(str(files[family])) for family in FAMILIES)
+    assert not takes_images(str(tiny_llama_dir)) and not takes_images(str(files["root"] / "nothing"))
