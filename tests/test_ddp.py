@@ -165,3 +165,24 @@ def test_qlora_gradients_on_cpu_are_exact(cached_assets):
     assert max(errors.values()) < 1e-5, errors      # float32 rounding only
     assert all(not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
                for m in q4.modules() if isinstance(m, bnb.nn.Linear4bit)), "weights were repacked to bf16"
+
+
+def test_the_configured_optimizer_and_its_cpu_stand_in():
+    import bitsandbytes as bnb
+    import torch
+
+    from qlora_helpers.ch05_multi_gpu.model import make_optimizer, optimizer_name
+
+    configs = {n: yaml.safe_load((ROOT / "data" / "configs" / f"{n}.yaml").read_text())["training"]
+               for n in ("multi_gpu_32b", "multi_gpu_cpu")}
+    assert optimizer_name(configs["multi_gpu_32b"], cuda=True) == "paged_adamw_8bit"
+    assert optimizer_name(configs["multi_gpu_32b"], cuda=False) == "adamw_8bit"   # nothing to page on a CPU
+    assert optimizer_name(configs["multi_gpu_cpu"], cuda=False) == "adamw"
+    weight = torch.nn.Parameter(torch.ones(8, 576))
+    opt = make_optimizer([weight], configs["multi_gpu_32b"], cuda=False)
+    assert type(opt) is bnb.optim.AdamW8bit and opt.param_groups[0]["weight_decay"] == 0.01
+    weight.grad = torch.full_like(weight, 0.5)
+    opt.step()
+    assert opt.state[weight]["state1"].dtype == torch.uint8 and float(weight.max()) < 1   # 8-bit states, a step taken
+    with pytest.raises(ValueError, match="training.optimizer must be one of adamw, adamw_8bit, paged_adamw_8bit"):
+        optimizer_name({"optimizer": "sgd"}, cuda=False)
