@@ -24,6 +24,8 @@ COMMANDS = {
     "estimate": ("qlora_helpers.ch01_memory.estimator", "estimate GPU training memory for a model, method and batch"),
     "sft": ("qlora_helpers.ch03_sft.command",
             "supervised fine-tuning: full, LoRA, QLoRA 4-bit or 8-bit, from a config file or flags"),
+    "evaluate": ("qlora_helpers.ch05_multi_gpu.evaluate",
+                 "score a saved chapter-05 adapter (best/ or final/) on the forward and reverse questions"),
 }
 
 
