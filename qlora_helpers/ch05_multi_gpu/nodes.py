@@ -15,7 +15,6 @@ between the nodes on the port.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +67,3 @@ def run_machines(run: dict, folder: str | Path, *, machines: int = 2, port: int 
     print(*(line for line in outputs[0].splitlines() if line.startswith(("epoch", f"{machines} rank"))), sep="\n")
     return Path(run["output_dir"]) / f"{run['name']}_{run['task']}"
 
-
-def rank_digests(out: str | Path) -> list[str]:
-    """The sha256 of every rank's LoRA weights after training, in rank order (from the run's ``run.json``)."""
-    return json.loads((Path(out) / "run.json").read_text())["rank_digests"]
