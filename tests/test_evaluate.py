@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from qlora_helpers import cli
-from qlora_helpers.ch05_multi_gpu import worker
+from qlora_helpers.ch05_multi_gpu import tables, worker
 from qlora_helpers.ch05_multi_gpu.evaluate import evaluate
 from qlora_helpers.ch05_multi_gpu.reversal import generate_data
 
@@ -42,7 +42,21 @@ def test_evaluate_best_gives_the_workers_scores_and_answers(trained, capsys):
     assert [p.name for p in examples.parent.iterdir()] == ["best.json"]   # nothing half-written beside it
 
 
-def test_one_direction_asks_only_its_questions(trained):
-    result = evaluate(trained / "final", "reverse", device_map="auto", max_new_tokens=8)
+def test_one_direction_by_multiple_choice_only(trained):
+    result = evaluate(trained / "final", "reverse", device_map="auto", max_new_tokens=0)
     assert set(result["accuracy"]) == {"reverse"} and {a["direction"] for a in result["answers"]} == {"reverse"}
     assert result["trained_task"] == "forward" and result["identities"] == 3
+    in_run = json.loads((trained / "run.json").read_text())["accuracy"]["reverse"]
+    for wording, scores in result["accuracy"]["reverse"].items():
+        assert scores["generation"] is None and scores["choice"] == in_run[wording]["choice"]
+    assert all(a["answer"] is None for a in result["answers"])
+
+
+def test_best_is_final_when_the_last_epoch_was_best(trained, tmp_path):
+    assert tables.same_adapter(trained / "best", trained / "final")
+    other = tmp_path / "other"
+    other.mkdir()
+    weights = bytearray((trained / "final" / "adapter_model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (other / "adapter_model.safetensors").write_bytes(bytes(weights))
+    assert not tables.same_adapter(trained / "best", other)

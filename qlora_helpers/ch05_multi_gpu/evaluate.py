@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from qlora_helpers.ch05_multi_gpu import precision as P
 from qlora_helpers.ch05_multi_gpu.learning import reversal_verdict
@@ -73,7 +74,11 @@ def load_adapter(model_path: Path, base: str, *, quantize: str, dtype, device_ma
 
 def evaluate(model_path: str | Path, task: str = "all", *, data_dir: str | None = None, base_model: str | None = None,
              device_map: str = "auto", max_new_tokens: int = 24) -> dict:
-    """Both scores of ``task``'s questions (or all of them) for the adapter at ``model_path``, and every answer."""
+    """Both scores of ``task``'s questions (or all of them) for the adapter at ``model_path``, and every answer.
+
+    ``max_new_tokens=0`` scores the multiple choice only: no answer is generated (on a CPU the greedy answers
+    take most of the time).
+    """
     if task not in CHOICES:
         raise UserError(f"task must be one of {', '.join(CHOICES)}, not {task!r}")
     run = read_run(model_path, data_dir=data_dir, base_model=base_model)
@@ -83,7 +88,7 @@ def evaluate(model_path: str | Path, task: str = "all", *, data_dir: str | None 
     identities = json.loads((run["data_dir"] / "identities.json").read_text())
     items = [it for it in eval_items(identities) if task in ("all", it["direction"])]
     rows = evaluate_items(model, tokenizer, items, identities=identities, device=next(model.parameters()).device,
-                          max_new_tokens=max_new_tokens)
+                          max_new_tokens=max_new_tokens, generate=max_new_tokens > 0)
     order = lambda row: (row["direction"], row["wording"], row["identity"])
     return {"model_path": str(run["model_path"]), "task": task, "trained_task": run["trained_task"],
             "identities": len(identities), "accuracy": accuracy(rows, len(identities)),
@@ -96,7 +101,8 @@ def report(result: dict) -> str:
     for d, by_wording in result["accuracy"].items():
         for w in WORDINGS:
             a = by_wording[w]
-            lines.append(f"  {d:<8} {w:<4} wording  choice {a['choice']:.3f}  generation {a['generation']:.3f}")
+            generation = "not asked" if a["generation"] is None else f"{a['generation']:.3f}"
+            lines.append(f"  {d:<8} {w:<4} wording  choice {a['choice']:.3f}  generation {generation}")
     if result["task"] == "all" and result["trained_task"] in TASKS:
         lines.append(reversal_verdict(result["accuracy"], result["trained_task"], result["identities"])["text"])
     return "\n".join(lines)
@@ -109,7 +115,7 @@ def configure_parser(p) -> None:
     p.add_argument("--device_map", default="auto", help="auto (accelerate places the model), cpu, cuda:0, ...")
     p.add_argument("--data_dir", default="", help="default: the data folder the run trained on")
     p.add_argument("--base_model", default="", help="default: the base named in the adapter's config")
-    p.add_argument("--max_new_tokens", type=int, default=24)
+    p.add_argument("--max_new_tokens", type=int, default=24, help="0: the multiple choice only, nothing generated")
 
 
 def cli(args) -> int:
@@ -117,6 +123,7 @@ def cli(args) -> int:
         raise UserError(f"--save_examples {args.save_examples} is a folder; give a file name (examples.json)")
     if args.device_map.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device_map {args.device_map}: torch sees no CUDA device; use --device_map cpu or auto")
+    hf_logging.disable_progress_bar()
     result = evaluate(args.model_path, args.task, data_dir=args.data_dir or None, base_model=args.base_model or None,
                       device_map=args.device_map, max_new_tokens=args.max_new_tokens)
     print(report(result))

@@ -122,11 +122,17 @@ def gpu_report(runs: dict[str, dict | None]) -> str:
 
 
 # --------------------------------------------------------------------------- a saved adapter, evaluated again
-def evaluate_saved(model_path, examples, task: str = "all") -> dict:
+def evaluate_saved(model_path, examples, task: str = "all", *, max_new_tokens: int = 24) -> dict:
     """``python -m qlora_helpers evaluate`` on ``model_path`` as a child: prints its report, returns its file."""
     print(_child(["qlora_helpers", "evaluate", "--model_path", str(model_path), "--task", task,
-                  "--save_examples", str(examples)], "evaluate"))
+                  "--save_examples", str(examples), "--max_new_tokens", str(max_new_tokens)], "evaluate"))
     return json.loads(Path(examples).read_text())
+
+
+def same_adapter(a, b) -> bool:
+    """Whether two adapter folders hold byte-identical weights (``best/`` is ``final/`` when the last epoch is best)."""
+    weights = [Path(folder) / "adapter_model.safetensors" for folder in (a, b)]
+    return weights[0].read_bytes() == weights[1].read_bytes()
 
 
 def best_beside_final(best: dict, final: dict) -> str:
@@ -135,8 +141,8 @@ def best_beside_final(best: dict, final: dict) -> str:
     for d, by_wording in best.items():
         for w, b in by_wording.items():
             f = final[d][w]
-            lines.append(f"{d + ' ' + w:<18}{b['choice']:>13.3f}{b['generation']:>11.3f}"
-                         f"{f['choice']:>15.3f}{f['generation']:>11.3f}")
+            gen = ["-" if x["generation"] is None else f"{x['generation']:.3f}" for x in (b, f)]
+            lines.append(f"{d + ' ' + w:<18}{b['choice']:>13.3f}{gen[0]:>11}{f['choice']:>15.3f}{gen[1]:>11}")
     return "\n".join(lines)
 
 
