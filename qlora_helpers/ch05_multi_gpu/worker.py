@@ -269,7 +269,8 @@ def setup_rank(run: dict) -> Rank:
 
 def load_examples(run: dict, tokenizer, *, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
     """(train, validation) token ids of the run's task, and the identities the evaluation asks about."""
-    train_recs, val_recs = training_set(run["data_dir"], run["task"], float(run.get("retention_ratio", 0.0)), seed=seed)
+    train_recs, val_recs = training_set(run["data_dir"], run["task"], float(run.get("retention_ratio", 0.0)), seed=seed,
+                                        face_pool=run.get("face_retention_pool"))
     max_len = int(run["config"]["training"]["max_length"])
     train = [encode(r["messages"], tokenizer, max_len) for r in train_recs]
     val = [encode(r["messages"], tokenizer, max_len) for r in val_recs]
@@ -534,6 +535,8 @@ def main(argv=None) -> None:
     p.add_argument("--num-identities", type=int, default=12)
     p.add_argument("--seed", type=int, default=None, help="default: the config's training.seed")
     p.add_argument("--retention-ratio", type=float, default=0.3)
+    p.add_argument("--face-retention-pool", default="", help="an earlier stage's data folder: retain its faces, "
+                                                               "not general chat")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--max-steps", type=int, default=0, help="0: no limit but the schedule's")
     a = p.parse_args(argv)
@@ -545,7 +548,8 @@ def main(argv=None) -> None:
     generate_data(a.data_dir, a.num_identities, int(cfg["training"].get("seed", 0)))   # atomic, identical per rank
     train_worker(dict(profile=a.profile, model_id=a.model_id, quantize="4bit", precision=a.precision, config=cfg,
                       data_dir=a.data_dir, task=a.task, name=a.name, output_dir=a.output_dir,
-                      retention_ratio=a.retention_ratio, max_steps=a.max_steps))
+                      retention_ratio=a.retention_ratio, face_retention_pool=a.face_retention_pool or None,
+                      max_steps=a.max_steps))
 
 
 if __name__ == "__main__":
