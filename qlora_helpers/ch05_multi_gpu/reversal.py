@@ -164,7 +164,7 @@ def generate_data(data_dir: str | Path, num_identities: int = 4, seed: int = 0, 
 
 def face_pool_records(pool_dir: str | Path, data_dir: str | Path, task: str) -> list[dict]:
     """The ``task`` training records of an earlier stage's identities (a folder ``generate_data`` wrote), as
-    retention records: the seed's face retention pool. Refused when it shares a face or a name with ``data_dir``."""
+    retention records: the write-up's face retention pool. Refused when it shares a face or a name with ``data_dir``."""
     pool_dir, data_dir = Path(pool_dir), Path(data_dir)
     if not (pool_dir / "identities.json").is_file():
         raise FileNotFoundError(f"face_retention_pool {pool_dir} holds no generated data: "
