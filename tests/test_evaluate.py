@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from qlora_helpers import cli
@@ -25,7 +26,9 @@ def trained(tmp_path_factory, tiny_llama_dir, cached_assets):
     run = dict(profile="cpu", model_id=str(tiny_llama_dir), config=cfg, data_dir=str(data), task="forward",
                name="ev", output_dir=str(tmp), precision="fp32", retention_ratio=0.3, max_steps=2,
                eval_before=False, max_new_tokens=8)
-    worker.train_worker(run)
+    threads = torch.get_num_threads()
+    worker.train_worker(run)              # one process, in this one: it sets the thread count of a rank
+    torch.set_num_threads(threads)
     return tmp / "ev_forward"
 
 
