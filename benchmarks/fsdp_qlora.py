@@ -30,6 +30,7 @@ import functools
 import hashlib
 import math
 import os
+import re
 import sys
 import time
 
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 from accelerate import init_empty_weights
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
@@ -201,6 +203,28 @@ def train(model, params, ids, args, device, dtype, rank: int) -> list[dict]:
     return steps
 
 
+def save_adapter(model, folder: str) -> dict:
+    """Gather every LoRA shard (``summon_full_params``) and, on rank 0, write a peft adapter folder.
+
+    Returns the whole model's parameter count and the sha256 of the LoRA tensors written, which a reader
+    reloads with ``PeftModel.from_pretrained`` (tests/test_fsdp.py does).
+    """
+    with FSDP.summon_full_params(model, writeback=False):
+        full_numel = sum(p.numel() for p in model.parameters())
+        lora = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+    peft_model = model.module
+    # the names save_pretrained writes (peft 0.21's get_peft_model_state_dict returns nothing under FSDP)
+    state = {re.sub(r"\.(lora_[AB])\.default\.", r".\1.", k): v for k, v in lora.items()}
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode() + state[name].contiguous().numpy().tobytes())
+    if dist.get_rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+        peft_model.peft_config["default"].save_pretrained(folder)
+        save_file(state, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return {"full_numel": full_numel, "adapter_tensors": len(state), "adapter_sha256": h.hexdigest()}
+
+
 def figures_of(args, per_rank: list[dict], base_gib: float, built: float) -> dict:
     """What rank 0 writes: the steady-state peaks and step time over all ranks (step 1 is a warm-up)."""
     steady = [s for r in per_rank for s in r["steps"][1:]] or [s for r in per_rank for s in r["steps"]]
@@ -228,6 +252,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="compute and quant-storage dtype")
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU processes (logic check, small presets)")
     parser.add_argument("--out", help="result file (default: benchmarks/results/fsdp_qlora.json)")
+    parser.add_argument("--save-adapter", default="", metavar="DIR", help="gather the LoRA shards, save a peft adapter")
     return parser.parse_args(argv)
 
 
@@ -246,8 +271,9 @@ def main(argv=None) -> None:
     ids = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=g).to(device)
     steps = train(model, params, ids, args, device, dtype, rank)
     per_rank = [None] * world
+    saved = save_adapter(model, args.save_adapter) if args.save_adapter else {}
     dist.all_gather_object(per_rank, {"rank": rank, "after_wrap_gib": after_wrap, "steps": steps, **layout,
-                                      "lora_finite": all(bool(torch.isfinite(p).all()) for p in params)})
+                                      "lora_finite": all(bool(torch.isfinite(p).all()) for p in params), **saved})
     if rank == 0:
         figures = figures_of(args, per_rank, base_4bit_gib(config), built)
         print({k: v for k, v in figures.items() if k != "per_rank"}, flush=True)

@@ -26,6 +26,8 @@ COMMANDS = {
             "supervised fine-tuning: full, LoRA, QLoRA 4-bit or 8-bit, from a config file or flags"),
     "vlm": ("qlora_helpers.ch04_vlm.command",
             "QLoRA on an image-text-to-text model (LLaVA, Qwen2-VL, Idefics3...) from image-chat JSONL"),
+    "evaluate": ("qlora_helpers.ch05_multi_gpu.evaluate",
+                 "score a saved chapter-05 adapter (best/ or final/) on the forward and reverse questions"),
 }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_helpers.ch05_multi_gpu.worker import global_batches, resolve_launch
+from qlora_helpers.ch05_multi_gpu.worker import free_port, global_batches, resolve_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,14 +27,18 @@ LAUNCH = textwrap.dedent("""
 """)
 
 
-def launch(tmp: Path, data_dir: Path, processes: int, batch_size: int, accum: int) -> Path:
+def run_dict(tmp: Path, data_dir: Path, name: str, batch_size: int, accum: int) -> dict:
     cfg = yaml.safe_load((ROOT / "data" / "configs" / "multi_gpu_cpu.yaml").read_text())
     cfg["lora"]["dropout"] = 0.0                       # dropout masks would differ between the two runs
     # fp32 on every CPU: the test compares gradient synchronisation, which bf16 rounding would blur
     cfg["training"].update(batch_size=batch_size, gradient_accumulation_steps=accum, num_epochs=1)
-    run = dict(profile="cpu", model_id="tiny:llama", config=cfg, data_dir=str(data_dir), task="forward",
-               name=f"p{processes}", output_dir=str(tmp), precision="fp32", retention_ratio=0.3, max_steps=3,
-               save_rank_states=True, eval_before=False, eval_after=False)
+    return dict(profile="cpu", model_id="tiny:llama", config=cfg, data_dir=str(data_dir), task="forward",
+                name=name, output_dir=str(tmp), precision="fp32", retention_ratio=0.3, max_steps=3,
+                save_rank_states=True, eval_before=False, eval_after=False)
+
+
+def launch(tmp: Path, data_dir: Path, processes: int, batch_size: int, accum: int) -> Path:
+    run = run_dict(tmp, data_dir, f"p{processes}", batch_size, accum)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", LAUNCH, json.dumps(run), str(processes)], capture_output=True,
                           text=True, env=env, timeout=240)
@@ -92,6 +96,28 @@ def test_two_ranks_end_identical_and_equal_to_one_process(runs):
     assert info["precision"]["compute_dtype"] == "fp32" and info["quantize"] == "4bit"
     losses = [[s["loss"] for s in json.loads((d / "training_history.json").read_text())["steps"]] for d in (two, one)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_two_machines_train_the_model_of_one(runs, tmp_path):
+    """2 machines x 1 process on localhost, each started by accelerate launch with its node config (the file a
+    user writes for real nodes): the same global batches give the ranks of one machine's 2 processes."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qlora_helpers.ch05_multi_gpu.nodes import run_machines
+
+    two, one = runs
+    run = run_dict(tmp_path, two.parent / "data", "m2", 1, 2)
+    out = run_machines(run, tmp_path / "launch", machines=2, port=free_port(), timeout=240)
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 2 and info["ranks_identical"] and info["steps"] == 3
+    m0, m1 = (load_file(str(out / f"rank{r}_lora.safetensors")) for r in range(2))
+    assert all(torch.equal(m0[k], m1[k]) for k in m0), "the machines disagree: gradients were not synchronised"
+    for reference in (two, one):   # one machine's 2 ranks, and one process
+        ref = load_file(str(reference / "rank0_lora.safetensors"))
+        diff = max(float((m0[k] - ref[k]).abs().max()) for k in ref)
+        assert set(m0) == set(ref) and diff < 1e-5, f"2 machines and {reference.name} differ by {diff}"
+    assert {"machine0.yaml", "machine1.yaml", "run.json"} <= {p.name for p in (tmp_path / "launch").iterdir()}
 
 
 def test_outputs_are_peft_adapters_and_a_history(runs):
@@ -165,3 +191,24 @@ def test_qlora_gradients_on_cpu_are_exact(cached_assets):
     assert max(errors.values()) < 1e-5, errors      # float32 rounding only
     assert all(not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
                for m in q4.modules() if isinstance(m, bnb.nn.Linear4bit)), "weights were repacked to bf16"
+
+
+def test_the_configured_optimizer_and_its_cpu_stand_in():
+    import bitsandbytes as bnb
+    import torch
+
+    from qlora_helpers.ch05_multi_gpu.model import make_optimizer, optimizer_name
+
+    configs = {n: yaml.safe_load((ROOT / "data" / "configs" / f"{n}.yaml").read_text())["training"]
+               for n in ("multi_gpu_32b", "multi_gpu_cpu")}
+    assert optimizer_name(configs["multi_gpu_32b"], cuda=True) == "paged_adamw_8bit"
+    assert optimizer_name(configs["multi_gpu_32b"], cuda=False) == "adamw_8bit"   # nothing to page on a CPU
+    assert optimizer_name(configs["multi_gpu_cpu"], cuda=False) == "adamw"
+    weight = torch.nn.Parameter(torch.ones(8, 576))
+    opt = make_optimizer([weight], configs["multi_gpu_32b"], cuda=False)
+    assert type(opt) is bnb.optim.AdamW8bit and opt.param_groups[0]["weight_decay"] == 0.01
+    weight.grad = torch.full_like(weight, 0.5)
+    opt.step()
+    assert opt.state[weight]["state1"].dtype == torch.uint8 and float(weight.max()) < 1   # 8-bit states, a step taken
+    with pytest.raises(ValueError, match="training.optimizer must be one of adamw, adamw_8bit, paged_adamw_8bit"):
+        optimizer_name({"optimizer": "sgd"}, cuda=False)

@@ -61,6 +61,13 @@ def inputs(tmp_path_factory, tiny_llama_dir):
     files["adapter_lost_base"].mkdir()
     (files["adapter_lost_base"] / "adapter_config.json").write_text(
         json.dumps({"base_model_name_or_path": str(root / "deleted-base"), "peft_type": "LORA"}))
+    random_run = root / "random_run"
+    (random_run / "best").mkdir(parents=True)
+    (random_run / "best" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (random_run / "identities.json").write_text("[]")
+    history = {"model_id": "tiny:llama", "data_dir": str(random_run)}
+    (random_run / "training_history.json").write_text(json.dumps(history))
+    files["random_run"] = random_run / "best"
     files["old_results"] = root / "course_cpu.json"
     files["old_results"].write_text(json.dumps({"benchmark": "course_cpu", "figures": {"total_seconds": 912}}))
     _vlm_inputs(root, files)
@@ -193,6 +200,18 @@ CASES = [
     ("vlm: LoRA rank 0", VLM + ("--lora.rank", "0"), {}, ["lora.rank must be a whole number >= 1", "try 8 or 16"]),
     ("vlm: unknown preset", VLM + ("--preset", "tiny"), {}, ["unknown preset 'tiny'", "use one of ultra_low_memory"]),
     ("vlm: nothing to resume", VLM + ("--resume",), {}, ["nothing to resume", "run without --resume"]),
+    ("evaluate: no such folder", ("cli", "evaluate", "--model_path", "{tmp}/nothing/best"), {},
+     ["nothing/best: no such folder", "give the best/ or final/ folder"]),
+    ("evaluate: not an adapter", ("cli", "evaluate", "--model_path", "{used_out}"), {},
+     ["holds no adapter_config.json", "give the best/ or final/ folder"]),
+    ("evaluate: unknown task", ("cli", "evaluate", "--model_path", "{adapter_lost_base}", "--task", "sideways"), {},
+     ["invalid choice: 'sideways'", "evaluate --help"]),
+    ("evaluate: no data beside the adapter", ("cli", "evaluate", "--model_path", "{adapter_lost_base}"), {},
+     ["names no data_dir", "pass --data_dir"]),
+    ("evaluate: random weights", ("cli", "evaluate", "--model_path", "{random_run}"), {},
+     ["trained on random weights (tiny:llama)", "pass --base_model"]),
+    ("evaluate: examples into a folder", ("cli", "evaluate", "--model_path", "{random_run}", "--save_examples",
+                                          "{tmp}"), {}, ["is a folder", "give a file name"]),
     ("chat: no such folder", ("chat", "--lora_model", "{tmp}/nothing", "--prompt", "hi"), {},
      ["nothing: no such model folder", "train one with"]),
     ("chat: not a model folder", ("chat", "--lora_model", "{tmp}", "--prompt", "hi"), {},

@@ -73,6 +73,15 @@ def check_05_multi_gpu_32b(r):
                 a = r[when][d][w]
                 assert a["n"] == n and a["chance"] == 1 / n and 0 <= a["choice"] <= 1
                 assert (a["generation"] is None) == (when == "accuracy_before")
+    assert r["optimizer"] == "AdamW"                          # multi_gpu_cpu.yaml: torch's AdamW
+    best = r["best_evaluation"]
+    assert 1 <= best["epoch"] <= len(r["epochs"]) and best["accuracy"]["forward"]["new"]["n"] == n
+    assert not best["same_as_final"] or best["accuracy"] == r["accuracy"]
+    two = r["two_machines"]
+    assert two["world_size"] == 2 and two["steps"] == 3 and two["ranks_identical"]
+    held = {(row["micro_batch"], row["accumulation"], row["summed"]): row["activations"]
+            for row in r["accumulation_peaks"]["rows"]}
+    assert held[1, 8, False] == held[1, 4, False] < held[2, 4, False] < held[1, 8, True]
 
 
 def check_02_tad_quantized_adapters(r):

@@ -12,8 +12,11 @@ Example:
 
 from __future__ import annotations
 
+import yaml
+
 from qlora_helpers.ch01_memory.estimator import GIB, estimate, quantized_bytes
 from qlora_helpers.ch01_memory.gpus import CONTEXT_GIB, fits, verdict
+from qlora_helpers.common.files import repo_root
 from qlora_helpers.common.shapes import get_config
 
 VERDICTS = ("holds", "refuted", "depends")
@@ -118,9 +121,11 @@ def llava_other_claims(lora_dtypes: list[str]) -> list[dict]:
 
 
 def qwen_32b_claims() -> list[dict]:
-    """Seed 004: Qwen3-VL-32B on a V100; Qwen2.5-32B's decoder is the closest preset (vision tower not counted)."""
+    """Seed 004: Qwen3-VL-32B on a V100; Qwen2.5-32B's decoder is the closest preset (vision tower not counted).
+    The optimizer is the one chapter 05's 32B config trains with (paged 8-bit AdamW)."""
+    config = yaml.safe_load((repo_root() / "data" / "configs" / "multi_gpu_32b.yaml").read_text())
     e32 = estimate(get_config("qwen2.5-32b"), "qlora4", batch_size=1, seq_len=512, lora_r=8, targets="attention",
-                   grad_ckpt=True, optimizer="paged_adamw_8bit", dtype="fp16")
+                   grad_ckpt=True, optimizer=config["training"]["optimizer"], dtype="fp16")
     c32 = e32.components
     states = (c32["optimizer states"] + e32.outside.get("paged optimizer states", 0)) / GIB
     return [

@@ -5,17 +5,21 @@ module        what it holds
 ============  ============================================================================================
 worker        the per-rank training function the launcher starts, and ``python -m ...worker``
 precision     bf16, fp16 with loss scaling, or fp32, decided per device
-model         what each rank trains: the 4-bit or 8-bit model and LoRA on it
+model         what each rank trains: the 4-bit or 8-bit model, LoRA on it, the config's optimizer
 schedule      warm-up, the plateau learning-rate rule and early stopping; live history plot
 reversal      the reversal-curse data (LFW identities) and its scoring
 learning      the learning metrics and the reversal-curse verdict computed from the scores
 tables        the notebook's finished tables: the V100 plan against the write-up, the GPU benchmark runs,
-              the adapter's size at the 32B shape against the write-up's
+              the adapter's size at the 32B shape against the write-up's, best/ beside final/, the peaks
 adapter_size  that size, counted on the meta device (imports peft: run in a child process)
+evaluate      ``python -m qlora_helpers evaluate``: a saved adapter scored again (imports peft: a child process)
+nodes         the accelerate config of one node; the worker as several machines on this host
+peak          the activations a step holds per micro-batch and accumulation (imports peft: a child process)
 ============  ============================================================================================
 
 Importing this package loads neither peft nor bitsandbytes: the notebook's kernel must not have them
-before ``notebook_launcher`` starts the ranks. ``model`` and ``adapter_size`` (which load them) are not imported here.
+before ``notebook_launcher`` starts the ranks. ``model``, ``adapter_size``, ``evaluate`` and ``peak`` (which load
+them) are not imported here.
 """
 
 from qlora_helpers.ch05_multi_gpu import learning, reversal, tables, worker

@@ -1,4 +1,5 @@
-"""What each rank trains: a 4-bit or 8-bit model on one device (``load_model``) and LoRA on it (``add_lora``).
+"""What each rank trains: a 4-bit or 8-bit model on one device (``load_model``), LoRA on it (``add_lora``)
+and the optimizer the config names (``make_optimizer``).
 
 Imported by the worker only after ``notebook_launcher`` has started the ranks: it pulls in peft and
 bitsandbytes, which must not be loaded in the notebook's kernel before the launch.
@@ -6,6 +7,7 @@ bitsandbytes, which must not be loaded in the notebook's kernel before the launc
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,3 +59,27 @@ def add_lora(model, lora: dict, gradient_checkpointing: bool, seed: int):
     config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
                         target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+
+
+def optimizer_name(training: dict, *, cuda: bool) -> str:
+    """The optimizer a run uses: the config's ``optimizer`` (default ``adamw``); paged 8-bit becomes plain 8-bit
+    on a CPU, where there is no GPU memory to page the states out of.
+
+    >>> optimizer_name({"optimizer": "paged_adamw_8bit"}, cuda=False), optimizer_name({}, cuda=True)
+    ('adamw_8bit', 'adamw')
+    """
+    name = str(training.get("optimizer", "adamw"))
+    if name not in OPTIMIZERS:
+        raise ValueError(f"training.optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
+    return "adamw_8bit" if name == "paged_adamw_8bit" and not cuda else name
+
+
+def make_optimizer(params: list, training: dict, *, cuda: bool):
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW (paged on a GPU), at the config's rate and weight decay."""
+    kinds = {"adamw": torch.optim.AdamW, "adamw_8bit": bnb.optim.AdamW8bit,
+             "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
+    return kinds[optimizer_name(training, cuda=cuda)](params, lr=float(training["learning_rate"]),
+                                                      weight_decay=float(training.get("weight_decay", 0.0)))

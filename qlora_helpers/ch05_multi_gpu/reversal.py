@@ -162,10 +162,28 @@ def generate_data(data_dir: str | Path, num_identities: int = 4, seed: int = 0, 
     return data_dir
 
 
-def training_set(data_dir: str | Path, task: str, retention_ratio: float = 0.0, *, seed: int = 0):
+def face_pool_records(pool_dir: str | Path, data_dir: str | Path, task: str) -> list[dict]:
+    """The ``task`` training records of an earlier stage's identities (a folder ``generate_data`` wrote), as
+    retention records: the write-up's face retention pool. Refused when it shares a face or a name with ``data_dir``."""
+    pool_dir, data_dir = Path(pool_dir), Path(data_dir)
+    if not (pool_dir / "identities.json").is_file():
+        raise FileNotFoundError(f"face_retention_pool {pool_dir} holds no generated data: "
+                                f"run reversal.generate_data({str(pool_dir)!r}, seed=...) for the earlier identities")
+    earlier, now = (json.loads((d / "identities.json").read_text()) for d in (pool_dir, data_dir))
+    shared = {i["name"] for i in earlier} & {i["name"] for i in now} or \
+        {i["face_index"] for i in earlier} & {i["face_index"] for i in now}
+    if shared:
+        raise ValueError(f"face_retention_pool {pool_dir} shares {sorted(shared)} with {data_dir}: "
+                         "generate the earlier identities with another seed")
+    return [{**r, "kind": "face_retention"} for r in read_jsonl(pool_dir / f"{task}_train.jsonl")]
+
+
+def training_set(data_dir: str | Path, task: str, retention_ratio: float = 0.0, *, seed: int = 0,
+                 face_pool: str | Path | None = None):
     """(train, val) records of ``task``; retention records make up ``retention_ratio`` of train.
 
-    With 12 task records and ratio 0.3: round(12 * 0.3 / 0.7) = 5 retention records (29 %).
+    With 12 task records and ratio 0.3: round(12 * 0.3 / 0.7) = 5 retention records (29 %). They are general chat,
+    or, with ``face_pool``, earlier identities' records (``face_pool_records``).
     """
     if not 0 <= retention_ratio < 1:
         raise ValueError(f"retention_ratio must be in [0, 1), not {retention_ratio}")
@@ -177,7 +195,7 @@ def training_set(data_dir: str | Path, task: str, retention_ratio: float = 0.0, 
                                 f"run reversal.generate_data({str(data_dir)!r}) first")
     train = read_jsonl(data_dir / f"{task}_train.jsonl")
     n_keep = round(len(train) * retention_ratio / (1 - retention_ratio))
-    pool = read_jsonl(data_dir / "retention_pool.jsonl")
+    pool = face_pool_records(face_pool, data_dir, task) if face_pool else read_jsonl(data_dir / "retention_pool.jsonl")
     if n_keep > len(pool):
         raise ValueError(f"retention_ratio {retention_ratio} needs {n_keep} pool records, the pool has {len(pool)}")
     train = train + random.Random(seed).sample(pool, n_keep)

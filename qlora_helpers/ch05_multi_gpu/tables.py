@@ -1,4 +1,5 @@
-"""The finished tables of notebook 05: the V100 memory plan beside the write-up's budget, and the GPU runs.
+"""The finished tables of notebook 05: the V100 memory plan beside the write-up's budget, the GPU runs, the
+saved ``best/`` adapter evaluated beside ``final/``, and the memory peak per accumulation setting.
 
 Both return printable text (and ``gpu_summary`` the figures the notebook's results file keeps), so the
 notebook prints tables without digging through estimator components or benchmark files by key.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from qlora_helpers.ch01_memory.gpus import fits
 from qlora_helpers.common.files import optional_benchmark, repo_root
@@ -56,13 +58,17 @@ def plan_against_writeup(plan) -> str:
 def adapter_size(config: str = "data/configs/multi_gpu_32b.yaml", preset: str = "qwen2.5-32b",
                  dtype: str = "fp32") -> dict:
     """``adapter_size.adapter_size`` run in a child process: it imports peft, which this kernel must not."""
-    cmd = [sys.executable, "-m", "qlora_helpers.ch05_multi_gpu.adapter_size", "--config", str(config),
-           "--preset", preset, "--dtype", dtype]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=repo_root())
+    return json.loads(_child(["qlora_helpers.ch05_multi_gpu.adapter_size", "--config", str(config), "--preset", preset,
+                              "--dtype", dtype], "adapter size count").splitlines()[-1])
+
+
+def _child(module_args: list[str], what: str) -> str:
+    """The stdout of ``python -m MODULE ARGS`` in a child process (which may import peft; this kernel must not)."""
+    done = subprocess.run([sys.executable, "-m", *module_args], capture_output=True, text=True, cwd=repo_root())
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"adapter size count failed: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{what} failed: {last}")
+    return done.stdout.strip()
 
 
 def adapter_verdict(size: dict, claim_mb: float = WRITEUP_ADAPTER_MB, tolerance: float = 0.1) -> dict:
@@ -112,4 +118,50 @@ def gpu_report(runs: dict[str, dict | None]) -> str:
         lines += [f"    {k}: {v}" for k, v in summary[name].items()]
     if runs.get("qlora_32b_v100"):      # the 8 x V100 write-up's budget, against what was measured
         lines += _v100_rows(runs["qlora_32b_v100"]["figures"])
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- a saved adapter, evaluated again
+def evaluate_saved(model_path, examples, task: str = "all", *, max_new_tokens: int = 24) -> dict:
+    """``python -m qlora_helpers evaluate`` on ``model_path`` as a child: prints its report, returns its file."""
+    print(_child(["qlora_helpers", "evaluate", "--model_path", str(model_path), "--task", task,
+                  "--save_examples", str(examples), "--max_new_tokens", str(max_new_tokens)], "evaluate"))
+    return json.loads(Path(examples).read_text())
+
+
+def same_adapter(a, b) -> bool:
+    """Whether two adapter folders hold byte-identical weights (``best/`` is ``final/`` when the last epoch is best)."""
+    weights = [Path(folder) / "adapter_model.safetensors" for folder in (a, b)]
+    return weights[0].read_bytes() == weights[1].read_bytes()
+
+
+def best_beside_final(best: dict, final: dict) -> str:
+    """Choice and generation accuracy per direction and wording: ``best/`` (evaluated again) beside ``final/``."""
+    lines = [f"{'':<18}{'best/ choice':>13}{'generation':>11}{'final/ choice':>15}{'generation':>11}"]
+    for d, by_wording in best.items():
+        for w, b in by_wording.items():
+            f = final[d][w]
+            gen = ["-" if x["generation"] is None else f"{x['generation']:.3f}" for x in (b, f)]
+            lines.append(f"{d + ' ' + w:<18}{b['choice']:>13.3f}{gen[0]:>11}{f['choice']:>15.3f}{gen[1]:>11}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- gradient accumulation and the peak
+def accumulation_peaks(data_dir, model_id: str = "tiny:llama") -> dict:
+    """``peak.measure`` in a child process (it imports peft): the fixed bytes and each setting's activation peak."""
+    return json.loads(_child(["qlora_helpers.ch05_multi_gpu.peak", "--data-dir", str(data_dir), "--model-id",
+                              model_id], "peak measurement").splitlines()[-1])
+
+
+def peak_table(result: dict) -> str:
+    """One line per setting: sequences per optimizer step, activations held at the peak, and with the fixed bytes."""
+    fixed = sum(result["fixed"].values())
+    lines = [f"{result['model']}, 4-bit, LoRA r=8 q/k/v/o, {max(result['tokens'])} tokens per sequence; "
+             f"weights, LoRA, gradients and AdamW states: {fixed / 1e6:.1f} MB in every row",
+             f"{'micro-batch x accumulation':<42}{'sequences/step':>15}{'activations':>13}{'in all':>11}"]
+    for row in result["rows"]:
+        how = " (one backward of the summed loss)" if row["summed"] else ""
+        lines.append(f"{str(row['micro_batch']) + ' x ' + str(row['accumulation']) + how:<42}"
+                     f"{row['micro_batch'] * row['accumulation']:>15}{row['activations'] / 1e6:>10.1f} MB"
+                     f"{(fixed + row['activations']) / 1e6:>8.1f} MB")
     return "\n".join(lines)

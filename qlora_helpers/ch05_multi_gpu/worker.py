@@ -245,7 +245,7 @@ def setup_rank(run: dict) -> Rank:
     # lazy: these load transformers' models, peft and bitsandbytes, which must be imported in each rank,
     # after notebook_launcher has forked it, never in the notebook's kernel (the launcher refuses then)
     from qlora_helpers.ch03_sft.recipe import loss_module
-    from qlora_helpers.ch05_multi_gpu.model import add_lora, load_model
+    from qlora_helpers.ch05_multi_gpu.model import add_lora, load_model, make_optimizer
 
     started = time.perf_counter()
     rank, world, device = _join(run["profile"])
@@ -259,8 +259,7 @@ def setup_rank(run: dict) -> Rank:
     model = add_lora(model, lora, bool(tr.get("gradient_checkpointing", False)), int(tr.get("seed", 0)))
     loss_fn = loss_module(model)   # forward = the course recipe's loss (no full logits)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(tr["learning_rate"]),
-                                  weight_decay=float(tr.get("weight_decay", 0.0)))
+    optimizer = make_optimizer(params, tr, cuda=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, init_scale=float(tr.get("init_loss_scale", 2 ** 12)),
                                   enabled=prec.grad_scaling)
     return Rank(rank=rank, world=world, device=device, device_name=device_name, capability=cap, precision=prec,
@@ -270,7 +269,8 @@ def setup_rank(run: dict) -> Rank:
 
 def load_examples(run: dict, tokenizer, *, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
     """(train, validation) token ids of the run's task, and the identities the evaluation asks about."""
-    train_recs, val_recs = training_set(run["data_dir"], run["task"], float(run.get("retention_ratio", 0.0)), seed=seed)
+    train_recs, val_recs = training_set(run["data_dir"], run["task"], float(run.get("retention_ratio", 0.0)), seed=seed,
+                                        face_pool=run.get("face_retention_pool"))
     max_len = int(run["config"]["training"]["max_length"])
     train = [encode(r["messages"], tokenizer, max_len) for r in train_recs]
     val = [encode(r["messages"], tokenizer, max_len) for r in val_recs]
@@ -311,7 +311,9 @@ def plan_run(run: dict, r: Rank, n_train: int) -> Progress:
     total = min(per_epoch * epochs, max_steps) if max_steps > 0 else per_epoch * epochs
     schedule = PlateauSchedule.from_config(tr, total)
     history = {"task": run["task"], "name": run["name"], "model_id": run["model_id"] or "SmolLM2-135M-Instruct",
-               "world_size": r.world, "precision": r.precision.as_dict(), "global_batch": r.world * bs * accum,
+               "data_dir": str(Path(run["data_dir"]).resolve()), "quantize": run.get("quantize", "4bit"),
+               "optimizer": type(r.optimizer).__name__, "world_size": r.world, "precision": r.precision.as_dict(),
+               "global_batch": r.world * bs * accum,
                "steps_per_epoch": per_epoch, "warmup_steps": schedule.warmup_steps, "status": "running",
                "epochs": [], "steps": []}
     return Progress(out=Path(run["output_dir"]) / f"{run['name']}_{run['task']}", seed=seed, batch_size=bs,
@@ -325,7 +327,8 @@ def _announce(r: Rank, p: Progress, *, n_train: int, n_val: int) -> None:
     atomic_write_json(p.out / "training_history.json", p.history)
     load_seconds = p.clock["loaded"] - p.clock["start"]
     print(f"{r.world} rank(s) on {r.device_name}, {r.precision.compute_dtype} compute ({r.precision.reason}); "
-          f"{n_train} training / {n_val} validation examples, global batch {p.history['global_batch']}, "
+          f"{p.history['optimizer']}; {n_train} training / {n_val} validation examples, "
+          f"global batch {p.history['global_batch']}, "
           f"{p.history['steps_per_epoch']} step(s) per epoch, model ready in {load_seconds:.0f} s", flush=True)
 
 
@@ -514,10 +517,14 @@ def main(argv=None) -> None:
         accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank $NODE_RANK \\
             --main_process_ip $HEAD --main_process_port 29500 -m qlora_helpers.ch05_multi_gpu.worker \\
             --config data/configs/multi_gpu_32b.yaml --model-id Qwen/Qwen2.5-32B-Instruct --task forward
+
+    ``--run FILE`` takes the run dict a notebook gives ``notebook_launcher`` (JSON, data already generated)
+    instead of the other options: the tests launch one run both ways and compare.
     """
 
     p = OneLineParser(prog="python -m qlora_helpers.ch05_multi_gpu.worker",
                                 description="data-parallel QLoRA, reversal-curse task")
+    p.add_argument("--run", default="", help="a JSON file holding the whole run dict; the other options are ignored")
     p.add_argument("--config", default="data/configs/multi_gpu_32b.yaml")
     p.add_argument("--profile", choices=("cpu", "gpu"), default="gpu")
     p.add_argument("--model-id", default="", help="empty: cached SmolLM2; a hub id, a folder, random:PRESET")
@@ -528,16 +535,21 @@ def main(argv=None) -> None:
     p.add_argument("--num-identities", type=int, default=12)
     p.add_argument("--seed", type=int, default=None, help="default: the config's training.seed")
     p.add_argument("--retention-ratio", type=float, default=0.3)
+    p.add_argument("--face-retention-pool", default="", help="an earlier stage's data folder: retain its faces, "
+                                                               "not general chat")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--max-steps", type=int, default=0, help="0: no limit but the schedule's")
     a = p.parse_args(argv)
+    if a.run:
+        return train_worker(json.loads(Path(a.run).read_text()))
     cfg = yaml.safe_load(Path(a.config).read_text())
     if a.seed is not None:
         cfg["training"]["seed"] = a.seed
     generate_data(a.data_dir, a.num_identities, int(cfg["training"].get("seed", 0)))   # atomic, identical per rank
     train_worker(dict(profile=a.profile, model_id=a.model_id, quantize="4bit", precision=a.precision, config=cfg,
                       data_dir=a.data_dir, task=a.task, name=a.name, output_dir=a.output_dir,
-                      retention_ratio=a.retention_ratio, max_steps=a.max_steps))
+                      retention_ratio=a.retention_ratio, face_retention_pool=a.face_retention_pool or None,
+                      max_steps=a.max_steps))
 
 
 if __name__ == "__main__":
