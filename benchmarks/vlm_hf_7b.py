@@ -8,7 +8,9 @@ less its CUDA context) and trains it through the ``vlm`` command's own parser an
 language model, 10 optimizer steps of batch 1 x 2 accumulation, paged 8-bit AdamW, more than
 1,024 text tokens per example (a long passage of the chatterbot corpus around each LFW / digits
 image). With ``--caps 7.5 11.5`` a shape that runs out of memory under 7.5 GiB runs again under 11.5
-GiB (a 12 GB card); an out-of-memory run still records the peak it reached.
+GiB (a 12 GB card); an out-of-memory run still records the peak it reached. ``--embeddings_on_cpu``
+adds ``--hardware.embeddings_on_cpu`` to the command (the input embedding table in CPU memory: what
+lets Qwen2-VL-7B's 152,064-token table leave the 7.5 GiB).
 
 Beside each peak: the chapter-01 estimator's prediction for the same run, through
 ``ch04_vlm.vram.estimate_vlm``. What differs from the hub models: LLaVA's vocabulary is SmolLM2's
@@ -17,8 +19,9 @@ images are capped at 336 x 336 pixels (144 image tokens).
 
     python -m benchmarks.vlm_hf_7b                    # both shapes (GPU)
     python -m benchmarks.vlm_hf_7b --shapes qwen2-vl-7b --work /scratch/vlm
+    python -m benchmarks.vlm_hf_7b --shapes qwen2-vl-7b --embeddings_on_cpu
 
-Writes ``benchmarks/results/vlm_hf_7b.json``, keeping the rows of shapes and caps not run this time.
+Writes ``benchmarks/results/vlm_hf_7b.json``, keeping the rows of shapes, caps and commands not run this time.
 """
 
 from __future__ import annotations
@@ -91,14 +94,18 @@ def text_tokens(model: Path, data: Path) -> list[int]:
     return [int((e["input_ids"] != image_id).sum()) for e in examples]
 
 
-def worker(shape: str, model: Path, data: dict, out: Path, cap_gib: float) -> None:
+def command_flags(embeddings_on_cpu: bool) -> list[str]:
+    return FLAGS + (["--hardware.embeddings_on_cpu"] if embeddings_on_cpu else [])
+
+
+def worker(shape: str, model: Path, data: dict, out: Path, cap_gib: float, flags: list[str]) -> None:
     """Train ``model`` through the vlm command with the allocator capped at ``cap_gib``; emit one row."""
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     torch.cuda.set_per_process_memory_fraction(cap_gib / total)
     argv = ["vlm", "--model_id", str(model), "--data_path", str(data["train"]), "--val_path", str(data["val"]),
-            "--output_dir", str(out), "--overwrite_output_dir", *FLAGS]
+            "--output_dir", str(out), "--overwrite_output_dir", *flags]
     run = config_from_args(build_parser("vlm").parse_args(argv))
-    row = {"shape": shape, "cap_gib": cap_gib, "command": "python -m qlora_helpers " + " ".join(argv[:1] + FLAGS),
+    row = {"shape": shape, "cap_gib": cap_gib, "command": "python -m qlora_helpers " + " ".join(argv[:1] + flags),
            "text_tokens": text_tokens(model, data["train"])}
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -116,12 +123,13 @@ def worker(shape: str, model: Path, data: dict, out: Path, cap_gib: float) -> No
     emit(row)
 
 
-def earlier_rows(path: Path, shapes: list, caps: list) -> list[dict]:
-    """The rows of an earlier result file for the shapes and caps not run now (each row says which command made it)."""
+def earlier_rows(path: Path, shapes: list, caps: list, command: str) -> list[dict]:
+    """The rows of an earlier result file for the shapes, caps and vlm commands not run now
+    (each row says which command made it)."""
     if not path.is_file():
         return []
     return [r for r in json.loads(path.read_text())["figures"]["runs"]
-            if r["shape"] not in shapes or r["cap_gib"] not in caps]
+            if r["shape"] not in shapes or r["cap_gib"] not in caps or r.get("command") != command]
 
 
 def main(argv=None) -> None:
@@ -129,6 +137,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--caps", nargs="+", type=float, default=[7.5], help="allocator caps in GiB, tried in order")
     parser.add_argument("--work", default="/tmp/vlm_hf_7b", help="folder for the model folders, data and runs")
+    parser.add_argument("--embeddings_on_cpu", action="store_true",
+                        help="train with --hardware.embeddings_on_cpu (the input embedding table in CPU memory)")
     parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "CAP_GIB"),
                         help="internal: train one shape under one cap in this process")
     parser.add_argument("--out", help="result file (default: benchmarks/results/vlm_hf_7b.json)")
@@ -139,20 +149,25 @@ def main(argv=None) -> None:
     data = {"train": work / "data" / "train.jsonl", "val": work / "data" / "val.jsonl"}
     if args.worker:
         shape, cap = args.worker
-        worker(shape, work / shape, data, work / "runs" / f"{shape}-{cap}", float(cap))
+        worker(shape, work / shape, data, work / "runs" / f"{shape}-{cap}", float(cap),
+               command_flags(args.embeddings_on_cpu))
         return
     write_data(work / "data")
     out = Path(args.out) if args.out else repo_root() / "benchmarks" / "results" / "vlm_hf_7b.json"
-    rows, started = earlier_rows(out, args.shapes, args.caps), time.perf_counter()
+    flags = command_flags(args.embeddings_on_cpu)
+    command = "python -m qlora_helpers vlm " + " ".join(flags)
+    rows, started = earlier_rows(out, args.shapes, args.caps, command), time.perf_counter()
     for shape in args.shapes:
         t0 = time.perf_counter()
         write_model(shape, work / shape)
         write_seconds = round(time.perf_counter() - t0, 1)
         for cap in args.caps:
             try:
-                row = run_worker("benchmarks.vlm_hf_7b", ["--work", work, "--worker", shape, cap], label=shape)[0]
+                extra = ["--embeddings_on_cpu"] if args.embeddings_on_cpu else []
+                row = run_worker("benchmarks.vlm_hf_7b", ["--work", work, *extra, "--worker", shape, cap],
+                                 label=shape)[0]
             except WorkerError as err:
-                row = {"shape": shape, "cap_gib": cap, "status": f"failed: {err}"}
+                row = {"shape": shape, "cap_gib": cap, "command": command, "status": f"failed: {err}"}
             rows.append({**row, "write_seconds": write_seconds, "run_by": command_line(),
                          "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
             write_benchmark("vlm_hf_7b", {"runs": rows, "wall_seconds": round(time.perf_counter() - started, 1)},

@@ -59,6 +59,7 @@ def test_each_preset_fits_its_budget_for_llava_7b(name):
     ({"data": {"image_size": 300}}, "data.image_size"),
     ({"hardware": {"mixed_precision": "fp16"}}, "compute_dtype"),
     ({"hardware": {"gradient_checkpointing": "yes"}}, "hardware.gradient_checkpointing"),
+    ({"hardware": {"embeddings_on_cpu": 1}}, "hardware.embeddings_on_cpu"),
     ({"training": {"gradient_accumulation_steps": 0}}, "training.gradient_accumulation_steps"),
     ({"training": {"learning_rate": 2.0}}, "training.learning_rate"),
     ({"training": {"optimizer": "sgd"}}, "training.optimizer"),

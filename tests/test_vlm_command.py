@@ -10,17 +10,21 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import bitsandbytes as bnb
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 
 from qlora_helpers import cli
 from qlora_helpers.ch04_vlm.command import build_run, run_vlm
-from qlora_helpers.ch04_vlm.hub_model import takes_images
+from qlora_helpers.ch04_vlm.config import preset
+from qlora_helpers.ch04_vlm.hub_model import embeddings_on_cpu, load_vlm, takes_images
 from qlora_helpers.ch04_vlm.processors import write_tiny_vlm
 from qlora_helpers.ch04_vlm.records import write_example_files
+from qlora_helpers.ch04_vlm.vram import estimate_vlm, model_config
 
 FAMILIES = ("llava", "qwen2_vl", "idefics3")
 RELOAD = """
@@ -176,3 +180,47 @@ def test_the_projector_trains_on_request_and_is_saved_with_the_adapter(files):
 def test_only_a_model_with_a_vision_part_is_taken_for_the_chapter(files, tiny_llama_dir):
     assert all(takes_images(str(files[family])) for family in FAMILIES)
     assert not takes_images(str(tiny_llama_dir)) and not takes_images(str(files["root"] / "nothing"))
+
+
+def test_input_embeddings_on_the_cpu_train_the_same_adapter(trained, files):
+    run = _run(files, "qwen2_vl", "qwen2_vl-cpu-embeddings", **{"hardware.embeddings_on_cpu": True})
+    result = run_vlm(run, progress=False)
+    table = result.model.get_input_embeddings()
+    assert table.weight.device.type == "cpu" and table._forward_hooks and table._forward_pre_hooks
+    losses = [r["loss"] for r in result.summary["history"]["train"]]
+    assert len(losses) == 4 and losses == [r["loss"] for r in trained["qwen2_vl"].summary["history"]["train"]]
+    final = files["root"] / "qwen2_vl-cpu-embeddings" / "final"
+    adapter = load_file(final / "adapter_model.safetensors")
+    expected = load_file(files["root"] / "qwen2_vl-full" / "final" / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys() and all(torch.equal(adapter[k], expected[k]) for k in expected)
+    base = load_vlm(str(files["qwen2_vl"]), quantization=run.settings.quantization, dtype=result.model.dtype,
+                    device="cpu")
+    reloaded = PeftModel.from_pretrained(base, final)
+    lora = {n: p for n, p in reloaded.named_parameters() if "lora_A" in n}
+    assert lora and all(torch.equal(p, dict(result.model.named_parameters())[n]) for n, p in lora.items())
+
+
+class _Tables(torch.nn.Module):
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def get_input_embeddings(self):
+        return self.table
+
+
+def test_the_looked_up_rows_go_to_the_training_device_and_only_a_plain_table_moves():
+    model = embeddings_on_cpu(_Tables(torch.nn.Embedding(10, 4)), "meta")     # "meta" stands in for cuda
+    rows = model.table(torch.tensor([[1, 2, 3]]))
+    assert model.table.weight.device.type == "cpu" and rows.device.type == "meta" and rows.shape == (1, 3, 4)
+    with pytest.raises(ValueError, match="hardware.embeddings_on_cpu: _Tables's input embeddings are a Linear"):
+        embeddings_on_cpu(_Tables(torch.nn.Linear(4, 4)), "cpu")
+
+
+def test_the_estimate_takes_an_untied_table_off_the_gpu():
+    cfg = preset("ultra_low_memory")
+    on = replace(cfg, hardware=replace(cfg.hardware, embeddings_on_cpu=True))
+    text = model_config("qwen2-vl-7b").get_text_config()
+    saved = estimate_vlm("qwen2-vl-7b", cfg).total_gib - estimate_vlm("qwen2-vl-7b", on).total_gib
+    assert saved == pytest.approx(text.vocab_size * text.hidden_size * 2 / 2**30)
+    assert estimate_vlm("qwen2-vl-7b", on).outside["input embeddings (CPU)"] == text.vocab_size * text.hidden_size * 2

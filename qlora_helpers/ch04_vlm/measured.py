@@ -163,8 +163,14 @@ def speed_report(verdict: dict) -> str:
     return "\n".join(lines)
 
 
+def _options(command: str) -> str:
+    extra = [flag for flag in command.split() if flag == "--hardware.embeddings_on_cpu"]
+    return f" ({', '.join(extra)})" if extra else ""
+
+
 def command_proof_table(bench: dict | None) -> str:
-    """One line per run of ``benchmarks/vlm_hf_7b.py``: shape, cap, text tokens, steps, peaks, estimate, status."""
+    """One line per run of ``benchmarks/vlm_hf_7b.py``: shape, cap, text tokens, steps, peaks, estimate, status,
+    and the options beyond the benchmark's usual flags (``--hardware.embeddings_on_cpu``)."""
     if not bench:
         return "no GPU measurement yet: run python -m benchmarks.vlm_hf_7b on a CUDA machine"
     d, v = bench["device"], bench["versions"]
@@ -176,5 +182,5 @@ def command_proof_table(bench: dict | None) -> str:
         tokens = min(r.get("text_tokens") or [0])
         lines.append(f"{r['shape']:<14}{r['cap_gib']:>5}G{tokens:>13}{r.get('steps', 0):>7}"
                      f"{r.get('peak_allocated_gib', 0):>11.2f}G{r.get('peak_reserved_gib', 0):>9.2f}G"
-                     f"{r.get('estimate_gib', 0):>9.2f}G  {r['status']}")
+                     f"{r.get('estimate_gib', 0):>9.2f}G  {r['status']}{_options(r.get('command', ''))}")
     return "\n".join(lines)
