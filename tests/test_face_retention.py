@@ -25,6 +25,8 @@ def test_the_measurement_runs_end_to_end_and_writes_a_full_record(tiny_llama_dir
     assert {figures["verdict"][m]["verdict"] for m in retention.METRICS} <= {
         "not learned", "no forgetting", "kept", "no consistent difference"}
     assert [p.name for p in tmp_path.iterdir()] == ["face_retention.json"]   # the stages' folders are gone
+    text = retention.report(record).splitlines()
+    assert "seeds [0];" in text[0] and "planned" not in text[0] and len(text) == 2 + 5    # header, 5 adapter rows
 
 
 def test_the_second_stages_identities_share_no_face_and_no_name():

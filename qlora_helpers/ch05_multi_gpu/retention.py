@@ -82,8 +82,10 @@ def report(record: dict) -> str:
     """Where and how the result was measured, then ``table``."""
     f, d = record["figures"], record["device"]
     where = f"{d['count']} x {d['name']}" if d["type"] == "cuda" else f"CPU {d['name']} ({d['count']} cores)"
+    done = [r["seed"] for r in f["runs"]]
+    stopped = f" (of {f['seeds_planned']} planned: stopped early)" if len(done) < len(f["seeds_planned"]) else ""
     head = (f"{f['model']}, {f['identities']} + {f['identities']} identities, retained share {f['retention_ratio']}, "
-            f"at most {f['max_steps']} steps per stage; seeds {[r['seed'] for r in f['runs']]}; "
+            f"at most {f['max_steps']} steps per stage; seeds {done}{stopped}; "
             f"{where}, torch {record['versions'].get('torch')}, "
             f"{record['date'][:10]}")
     return head + "\n" + table(f)
