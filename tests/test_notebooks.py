@@ -82,6 +82,13 @@ def check_05_multi_gpu_32b(r):
     held = {(row["micro_batch"], row["accumulation"], row["summed"]): row["activations"]
             for row in r["accumulation_peaks"]["rows"]}
     assert held[1, 8, False] == held[1, 4, False] < held[2, 4, False] < held[1, 8, True]
+    kept = r["face_retention"]                                # read from benchmarks/results/face_retention.json
+    assert kept["seeds"] and 2 <= kept["identities"] <= 12
+    assert set(kept["A"]) == {"stage1", "chat", "faces"} and set(kept["B"]) == {"chat", "faces"}
+    for scores in [*kept["A"].values(), *kept["B"].values()]:
+        assert set(scores) == {"choice", "generation"} and all(0 <= v <= 1 for v in scores.values())
+    assert set(kept["verdict"]) == {"choice", "generation"} and set(kept["verdict"].values()) <= {
+        "not learned", "no forgetting", "kept", "no consistent difference"}
 
 
 def check_02_tad_quantized_adapters(r):

@@ -1,10 +1,13 @@
 """The face retention pool: an earlier stage's identities replace general chat as the retained share of training."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from qlora_helpers.ch05_multi_gpu.reversal import generate_data, training_set
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +36,50 @@ def test_a_pool_sharing_faces_or_names_is_refused(stages):
         training_set(now, "forward", 0.3, face_pool=now)
     with pytest.raises(FileNotFoundError, match="face_retention_pool .* holds no generated data"):
         training_set(now, "forward", 0.3, face_pool=now / "nothing")
+
+
+# --------------------------------------------------------------------------- a second stage from the first's adapter
+def stage_run(tmp, data_dir, name: str, **changes) -> dict:
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "data" / "configs" / "multi_gpu_cpu.yaml").read_text())
+    cfg["lora"]["dropout"] = 0.0
+    cfg["training"].update(num_epochs=1, batch_size=4)
+    return dict(profile="cpu", model_id="tiny:llama", config=cfg, data_dir=str(data_dir), task="forward", name=name,
+                output_dir=str(tmp), precision="fp32", retention_ratio=0.2, max_steps=2, eval_before=False,
+                eval_after=False, **changes)
+
+
+def test_a_second_stage_starts_from_the_first_stages_adapter(stages, tmp_path):
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from qlora_helpers.ch05_multi_gpu.worker import setup_rank, train_worker
+
+    now, earlier = stages
+    train_worker(stage_run(tmp_path, earlier, "stage1"))
+    saved = load_file(str(tmp_path / "stage1_forward" / "final" / "adapter_model.safetensors"))
+    fresh = get_peft_model_state_dict(setup_rank(stage_run(tmp_path, now, "fresh")).model)
+    started = get_peft_model_state_dict(setup_rank(stage_run(tmp_path, now, "stage2", init_adapter=str(
+        tmp_path / "stage1_forward" / "final"))).model)
+    assert set(started) == set(saved) == set(fresh) and len(saved) > 0
+    assert all(torch.equal(started[k], saved[k]) for k in saved)
+    assert not all(torch.equal(fresh[k], saved[k]) for k in saved)        # stage 1 moved its weights
+    train_worker(stage_run(tmp_path, now, "stage2", init_adapter=str(tmp_path / "stage1_forward" / "final"),
+                           face_retention_pool=str(earlier)))
+    history = json.loads((tmp_path / "stage2_forward" / "training_history.json").read_text())
+    assert history["init_adapter"] == str((tmp_path / "stage1_forward" / "final").resolve())
+
+
+def test_an_init_adapter_that_does_not_fit_is_refused_in_one_line(stages, tmp_path):
+    from qlora_helpers.ch05_multi_gpu.worker import setup_rank, train_worker
+
+    now, earlier = stages
+    with pytest.raises(FileNotFoundError, match="init_adapter .* holds no adapter_config.json .* best/ or final/"):
+        setup_rank(stage_run(tmp_path, now, "x", init_adapter=str(tmp_path / "nothing")))
+    run = stage_run(tmp_path, earlier, "r4")
+    run["config"]["lora"]["r"] = 4
+    train_worker(run)
+    with pytest.raises(ValueError, match=r"has r=4 .* the config r=8 .* first stage's lora settings"):
+        setup_rank(stage_run(tmp_path, now, "x", init_adapter=str(tmp_path / "r4_forward" / "final")))

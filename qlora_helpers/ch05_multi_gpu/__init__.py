@@ -9,6 +9,7 @@ model         what each rank trains: the 4-bit or 8-bit model, LoRA on it, the c
 schedule      warm-up, the plateau learning-rate rule and early stopping; live history plot
 reversal      the reversal-curse data (LFW identities) and its scoring
 learning      the learning metrics and the reversal-curse verdict computed from the scores
+retention     the face retention pool measured (``benchmarks/face_retention.py``): table, plot, verdict
 tables        the notebook's finished tables: the V100 plan against the write-up, the GPU benchmark runs,
               the adapter's size at the 32B shape against the write-up's, best/ beside final/, the peaks
 adapter_size  that size, counted on the meta device (imports peft: run in a child process)
@@ -22,7 +23,7 @@ before ``notebook_launcher`` starts the ranks. ``model``, ``adapter_size``, ``ev
 them) are not imported here.
 """
 
-from qlora_helpers.ch05_multi_gpu import learning, reversal, tables, worker
+from qlora_helpers.ch05_multi_gpu import learning, retention, reversal, tables, worker
 from qlora_helpers.ch05_multi_gpu.schedule import LiveHistory, PlateauSchedule
 
-__all__ = ["LiveHistory", "PlateauSchedule", "learning", "reversal", "tables", "worker"]
+__all__ = ["LiveHistory", "PlateauSchedule", "learning", "retention", "reversal", "tables", "worker"]

@@ -7,9 +7,13 @@ bitsandbytes, which must not be loaded in the notebook's kernel before the launc
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import bitsandbytes as bnb
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_helpers.common import assets
@@ -59,6 +63,29 @@ def add_lora(model, lora: dict, gradient_checkpointing: bool, seed: int):
     config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
                         target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def load_initial_adapter(model, folder, lora: dict):
+    """Start the LoRA weights of ``model`` (``add_lora``'s) from a saved adapter: a second training stage
+    continues the first one's adapter (its ``best/`` or ``final/``). The saved rank and target modules must
+    be the config's; every LoRA tensor is replaced, none is left at its fresh initialisation."""
+    folder = Path(folder)
+    config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not (config_file.is_file() and weights.is_file()):
+        raise FileNotFoundError(f"init_adapter {folder} holds no adapter_config.json and adapter_model.safetensors: "
+                                "give the best/ or final/ folder of an earlier run")
+    saved = json.loads(config_file.read_text())
+    if int(saved["r"]) != int(lora["r"]) or set(saved["target_modules"]) != set(lora["target_modules"]):
+        raise ValueError(f"init_adapter {folder} has r={saved['r']} on {sorted(saved['target_modules'])}, the config "
+                         f"r={lora['r']} on {sorted(lora['target_modules'])}: train the second stage with the "
+                         "first stage's lora settings")
+    state = load_file(str(weights))
+    missing = set(get_peft_model_state_dict(model)) - set(state)
+    if missing:
+        raise ValueError(f"init_adapter {folder} lacks {len(missing)} LoRA tensor(s) of this model, "
+                         f"e.g. {sorted(missing)[0]}: was it trained on another base model?")
+    set_peft_model_state_dict(model, state)
+    return model
 
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")

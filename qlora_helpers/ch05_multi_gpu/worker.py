@@ -245,7 +245,7 @@ def setup_rank(run: dict) -> Rank:
     # lazy: these load transformers' models, peft and bitsandbytes, which must be imported in each rank,
     # after notebook_launcher has forked it, never in the notebook's kernel (the launcher refuses then)
     from qlora_helpers.ch03_sft.recipe import loss_module
-    from qlora_helpers.ch05_multi_gpu.model import add_lora, load_model, make_optimizer
+    from qlora_helpers.ch05_multi_gpu.model import add_lora, load_initial_adapter, load_model, make_optimizer
 
     started = time.perf_counter()
     rank, world, device = _join(run["profile"])
@@ -257,6 +257,8 @@ def setup_rank(run: dict) -> Rank:
     model, tokenizer = load_model(run["model_id"], quantize, dtype=P.torch_dtype(prec.compute_dtype),
                                   device=device.index if device.type == "cuda" else "cpu")
     model = add_lora(model, lora, bool(tr.get("gradient_checkpointing", False)), int(tr.get("seed", 0)))
+    if run.get("init_adapter"):   # a later stage: continue an earlier run's adapter (the same file on every rank)
+        load_initial_adapter(model, run["init_adapter"], lora)
     loss_fn = loss_module(model)   # forward = the course recipe's loss (no full logits)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tr, cuda=device.type == "cuda")
@@ -312,6 +314,7 @@ def plan_run(run: dict, r: Rank, n_train: int) -> Progress:
     schedule = PlateauSchedule.from_config(tr, total)
     history = {"task": run["task"], "name": run["name"], "model_id": run["model_id"] or "SmolLM2-135M-Instruct",
                "data_dir": str(Path(run["data_dir"]).resolve()), "quantize": run.get("quantize", "4bit"),
+               "init_adapter": str(Path(run["init_adapter"]).resolve()) if run.get("init_adapter") else None,
                "optimizer": type(r.optimizer).__name__, "world_size": r.world, "precision": r.precision.as_dict(),
                "global_batch": r.world * bs * accum,
                "steps_per_epoch": per_epoch, "warmup_steps": schedule.warmup_steps, "status": "running",
@@ -537,6 +540,8 @@ def main(argv=None) -> None:
     p.add_argument("--retention-ratio", type=float, default=0.3)
     p.add_argument("--face-retention-pool", default="", help="an earlier stage's data folder: retain its faces, "
                                                                "not general chat")
+    p.add_argument("--init-adapter", default="", help="an earlier run's best/ or final/ folder: start from its "
+                                                        "LoRA weights (a second stage)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--max-steps", type=int, default=0, help="0: no limit but the schedule's")
     a = p.parse_args(argv)
@@ -549,7 +554,7 @@ def main(argv=None) -> None:
     train_worker(dict(profile=a.profile, model_id=a.model_id, quantize="4bit", precision=a.precision, config=cfg,
                       data_dir=a.data_dir, task=a.task, name=a.name, output_dir=a.output_dir,
                       retention_ratio=a.retention_ratio, face_retention_pool=a.face_retention_pool or None,
-                      max_steps=a.max_steps))
+                      init_adapter=a.init_adapter or None, max_steps=a.max_steps))
 
 
 if __name__ == "__main__":
