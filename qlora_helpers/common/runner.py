@@ -182,6 +182,13 @@ def summary_markdown(runs: list[NotebookRun]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _said(record: NotebookRun) -> NotebookRun:
+    """``record``, its failure (if it failed) written above the progress bars as it happens."""
+    if record.status != "ok":
+        tqdm.write(f"FAILED {record.notebook}.ipynb: {record.error}\n       executed copy: {record.executed}")
+    return record
+
+
 def _run_alone(book: Path, out_dir: Path, params: dict, kernel: str, threads: int) -> NotebookRun:
     """``run_one`` in a worker process of its own, the kernel it starts held to ``threads`` threads."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -206,9 +213,7 @@ def run_parallel(books: list[Path], run_dir: Path, params_of, *, kernel: str, jo
         done = {}
         for future in tqdm(as_completed(futures), total=len(futures), desc="notebooks", unit="nb",
                            disable=not progress):
-            done[futures[future]] = record = future.result()
-            if record.status != "ok":
-                tqdm.write(f"FAILED {record.notebook}: {record.error}\n       executed copy: {record.executed}")
+            done[futures[future]] = _said(future.result())
     return [done[b] for b in books]
 
 
@@ -257,10 +262,7 @@ def run_notebooks(names: list[str] | None = None, parameters: dict | None = None
         bar = tqdm(books, desc="notebooks", unit="nb", disable=not progress)
         for book in bar:
             bar.set_postfix_str(book.stem)
-            record = run_one(book, run_dir / book.stem, params_of(book), kernel=kernel, progress=progress)
-            runs.append(record)
-            if record.status != "ok":
-                tqdm.write(f"FAILED {book.name}: {record.error}\n       executed copy: {record.executed}")
+            runs.append(_said(run_one(book, run_dir / book.stem, params_of(book), kernel=kernel, progress=progress)))
     atomic_write_json(run_dir / "summary.json", {
         "created": datetime.now().isoformat(timespec="seconds"), "parameters": parameters,
         "notebook_parameters": notebook_parameters,
