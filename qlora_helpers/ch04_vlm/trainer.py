@@ -80,10 +80,13 @@ class Examples:
 
     def __init__(self, examples: list, accumulation: int, seed: int, device: str):
         self.examples, self.accumulation, self.seed, self.device = examples, accumulation, seed, device
+        self.orders: dict[int, list] = {}   # the current epoch's shuffle, drawn once per epoch
 
     def __getitem__(self, index: int) -> tuple[dict, int]:
         epoch, j = divmod(index, len(self.examples))
-        example = self.examples[batch_order(len(self.examples), 1, seed=self.seed, epoch=epoch)[j][0]]
+        if epoch not in self.orders:
+            self.orders = {epoch: batch_order(len(self.examples), 1, seed=self.seed, epoch=epoch)}
+        example = self.examples[self.orders[epoch][j][0]]
         return _to(example, self.device), answer_tokens(example)
 
     def of_step(self, step: int):
