@@ -47,6 +47,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
 from qlora_helpers.ch01_memory.estimator import model_shape, quantized_bytes
+from qlora_helpers.ch05_multi_gpu.worker import state_digest
 from qlora_helpers.common.bench import write_benchmark
 from qlora_helpers.common.models import bnb_config, tiny_qwen2
 from qlora_helpers.common.shapes import get_config
@@ -215,14 +216,11 @@ def save_adapter(model, folder: str) -> dict:
     peft_model = model.module
     # the names save_pretrained writes (peft 0.21's get_peft_model_state_dict returns nothing under FSDP)
     state = {re.sub(r"\.(lora_[AB])\.default\.", r".\1.", k): v for k, v in lora.items()}
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode() + state[name].contiguous().numpy().tobytes())
     if dist.get_rank() == 0:
         os.makedirs(folder, exist_ok=True)
         peft_model.peft_config["default"].save_pretrained(folder)
         save_file(state, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-    return {"full_numel": full_numel, "adapter_tensors": len(state), "adapter_sha256": h.hexdigest()}
+    return {"full_numel": full_numel, "adapter_tensors": len(state), "adapter_sha256": state_digest(state)}
 
 
 def figures_of(args, per_rank: list[dict], base_gib: float, built: float) -> dict:
