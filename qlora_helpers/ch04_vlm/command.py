@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from qlora_helpers.ch03_sft.command import _bool, check_output_dir, check_resume, load_config_file
+from qlora_helpers.ch03_sft.command import _bool, check_output_dir, check_resume, load_config_file, resolve_device
 from qlora_helpers.ch03_sft.loop import CHECKPOINTS
 from qlora_helpers.ch04_vlm import config as vc
 from qlora_helpers.ch04_vlm.encode import encode_all
@@ -180,7 +180,7 @@ def cli(args: argparse.Namespace) -> int:
 
 
 def device_and_dtype(run: VLMRun) -> tuple[str, torch.dtype]:
-    device = run.device if run.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(run)
     q = run.settings.quantization
     return device, (getattr(torch, q.compute_dtype) if device == "cuda" else cpu_compute_dtype())
 
