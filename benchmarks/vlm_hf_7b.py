@@ -43,7 +43,7 @@ from qlora_helpers.ch04_vlm.vram import estimate_vlm
 from qlora_helpers.cli import build_parser
 from qlora_helpers.common.assets import load_sft
 from qlora_helpers.common.bench import WorkerError, command_line, cuda_peak_gib, emit, run_worker, write_benchmark
-from qlora_helpers.common.files import repo_root
+from qlora_helpers.common.files import read_result_file, repo_root
 from qlora_helpers.common.shapes import get_config
 from qlora_helpers.errors import OneLineParser, run_main
 
@@ -128,7 +128,8 @@ def earlier_rows(path: Path, shapes: list, caps: list, command: str) -> list[dic
     (each row says which command made it)."""
     if not path.is_file():
         return []
-    return [r for r in json.loads(path.read_text())["figures"]["runs"]
+    earlier = read_result_file(path, keys=("figures.runs",), rewrite="python -m benchmarks.vlm_hf_7b")
+    return [r for r in earlier["figures"]["runs"]
             if r["shape"] not in shapes or r["cap_gib"] not in caps or r.get("command") != command]
 
 
