@@ -27,7 +27,7 @@ import yaml
 
 from qlora_helpers.ch05_multi_gpu import retention
 from qlora_helpers.ch05_multi_gpu.evaluate import evaluate
-from qlora_helpers.ch05_multi_gpu.reversal import WORDINGS, generate_data, make_identities
+from qlora_helpers.ch05_multi_gpu.reversal import WORDINGS, generate_data, make_identities, shared_identities
 from qlora_helpers.ch05_multi_gpu.worker import train_worker
 from qlora_helpers.common.assets import load_images
 from qlora_helpers.common.bench import write_benchmark
@@ -45,8 +45,7 @@ def other_seed(seed: int, n: int) -> int:
     first = make_identities(n, seed, faces=faces)
     for candidate in range(seed + 1000, seed + 1100):
         second = make_identities(n, candidate, faces=faces)
-        if not ({i["face_index"] for i in first} & {i["face_index"] for i in second}
-                or {i["name"] for i in first} & {i["name"] for i in second}):
+        if not shared_identities(first, second):
             return candidate
     raise ValueError(f"no seed in {seed + 1000}..{seed + 1099} gives {n} identities apart from seed {seed}'s")
 

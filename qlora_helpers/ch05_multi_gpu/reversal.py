@@ -162,6 +162,13 @@ def generate_data(data_dir: str | Path, num_identities: int = 4, seed: int = 0, 
     return data_dir
 
 
+def shared_identities(a: list[dict], b: list[dict]) -> set:
+    """The names two identity lists share or, when none, the LFW faces they share (empty: apart)."""
+    def of(key: str) -> set:
+        return {i[key] for i in a} & {i[key] for i in b}
+    return of("name") or of("face_index")
+
+
 def face_pool_records(pool_dir: str | Path, data_dir: str | Path, task: str) -> list[dict]:
     """The ``task`` training records of an earlier stage's identities (a folder ``generate_data`` wrote), as
     retention records: the write-up's face retention pool. Refused when it shares a face or a name with ``data_dir``."""
@@ -170,9 +177,7 @@ def face_pool_records(pool_dir: str | Path, data_dir: str | Path, task: str) -> 
         raise FileNotFoundError(f"face_retention_pool {pool_dir} holds no generated data: "
                                 f"run reversal.generate_data({str(pool_dir)!r}, seed=...) for the earlier identities")
     earlier, now = (json.loads((d / "identities.json").read_text()) for d in (pool_dir, data_dir))
-    shared = {i["name"] for i in earlier} & {i["name"] for i in now} or \
-        {i["face_index"] for i in earlier} & {i["face_index"] for i in now}
-    if shared:
+    if shared := shared_identities(earlier, now):
         raise ValueError(f"face_retention_pool {pool_dir} shares {sorted(shared)} with {data_dir}: "
                          "generate the earlier identities with another seed")
     return [{**r, "kind": "face_retention"} for r in read_jsonl(pool_dir / f"{task}_train.jsonl")]
