@@ -29,7 +29,9 @@ import yaml
 from safetensors.torch import load_file
 
 from qlora_helpers.ch03_sft.command import SFTConfig, run_sft
+from qlora_helpers.ch03_sft.loop import clean_partial_checkpoints, latest_checkpoint, save_checkpoint
 from qlora_helpers.ch05_multi_gpu.reversal import generate_data
+from qlora_helpers.common import files
 from qlora_helpers.common.assets import load_sft
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +109,29 @@ def check_sft_output(out: Path) -> None:
         torch.load(ckpt / "optimizer.pt", weights_only=False)
     if (root / "latest").exists():
         assert (root / (root / "latest").read_text().strip() / "state.json").is_file()
+
+
+def test_a_kill_while_old_checkpoints_are_pruned_leaves_none_half_deleted(tmp_path, monkeypatch):
+    """The instant the random kills can miss: an old checkpoint is deleted file by file after a save."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for step in (3, 6):
+        save_checkpoint(tmp_path, step, model, optimizer=optimizer, scheduler=scheduler, state={})
+
+    def killed_mid_delete(path, **kw):      # deletes one file, then the process is gone
+        next(f for f in Path(path).iterdir() if f.is_file()).unlink()
+        raise SystemExit("SIGKILL")
+
+    monkeypatch.setattr(files.shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(SystemExit):
+        save_checkpoint(tmp_path, 9, model, optimizer=optimizer, scheduler=scheduler, state={})
+    monkeypatch.undo()
+    check_sft_output(tmp_path)
+    assert latest_checkpoint(tmp_path).name == "step-000009"
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000006", "step-000009"]
+    assert clean_partial_checkpoints(tmp_path) == 1 and not list(root.glob(".*"))
 
 
 def test_sft_killed_at_random_then_resumed(tiny_llama_dir, sft_data, tmp_path):

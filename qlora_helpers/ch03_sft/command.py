@@ -50,7 +50,7 @@ from qlora_helpers.ch03_sft.modes import (
 from qlora_helpers.ch03_sft.peak_memory import PeakMemory
 from qlora_helpers.common.assets import sft_paths
 from qlora_helpers.common.device import cpu_compute_dtype
-from qlora_helpers.common.files import atomic_write_json
+from qlora_helpers.common.files import atomic_write_json, remove_folder
 from qlora_helpers.common.models import count_parameters
 
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
@@ -385,7 +385,7 @@ def prepare_output_dir(cfg: SFTConfig) -> Path:
 
     out = check_output_dir(cfg)
     if not cfg.resume and out.is_dir() and cfg.overwrite_output_dir:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # stale checkpoints must not be resumed
+        remove_folder(out / CHECKPOINTS)      # stale checkpoints must not be resumed
         for name in ("sft_summary.json", *LOADED_BY):   # the earlier run's model no longer loads
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)

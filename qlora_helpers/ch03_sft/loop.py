@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -41,7 +40,7 @@ from transformers import get_scheduler
 from qlora_helpers.ch03_sft.data import SFTData, batch_order, collate
 from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
 from qlora_helpers.ch03_sft.recipe import causal_lm_loss
-from qlora_helpers.common.files import atomic_write_json, atomic_write_text
+from qlora_helpers.common.files import atomic_write_json, atomic_write_text, remove_folder, remove_leftovers
 from qlora_helpers.common.widgets import LiveFigure
 
 CHECKPOINTS = "checkpoints"
@@ -153,14 +152,13 @@ def save_checkpoint(output_dir, step: int, model, *, optimizer, scheduler, state
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     final = root / name
-    if final.exists():
-        shutil.rmtree(final)
+    remove_folder(final)           # a same-step checkpoint a killed run saved but never named latest
     os.replace(tmp, final)
     atomic_write_text(root / LATEST, name + "\n")
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in done[:-keep] if keep > 0 else []:
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_folder(old)     # hidden by one rename first: a kill mid-delete leaves no half checkpoint
     return final
 
 
@@ -196,12 +194,9 @@ def load_checkpoint(path: Path, model, *, optimizer, scheduler, fingerprint: dic
 
 
 def clean_partial_checkpoints(output_dir) -> int:
-    """Remove ``.tmp-*`` folders a killed run left behind; they were never named ``latest``."""
+    """Remove what a killed run left behind: ``.tmp-*`` saves never named ``latest``, old checkpoints mid-removal."""
     root = Path(output_dir) / CHECKPOINTS
-    leftovers = list(root.glob(".tmp-*")) if root.is_dir() else []
-    for p in leftovers:
-        shutil.rmtree(p, ignore_errors=True)
-    return len(leftovers)
+    return remove_leftovers(root, ".tmp-*") + remove_leftovers(root)
 
 
 # --------------------------------------------------------------------------- one optimizer step

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from qlora_helpers.ch04_vlm.processors import load_processor
 from qlora_helpers.ch04_vlm.records import read_records
 from qlora_helpers.ch04_vlm.trainer import HISTORY, train_vlm
 from qlora_helpers.common.device import cpu_compute_dtype
-from qlora_helpers.common.files import atomic_write_json
+from qlora_helpers.common.files import atomic_write_json, remove_folder
 from qlora_helpers.common.models import count_parameters
 
 RESUME_KEYS = ("model_id", "data_path", "max_steps", "seed", "train_projector")
@@ -189,8 +188,7 @@ def _prepare_output_dir(run: VLMRun) -> Path:
     out = Path(run.output_dir)
     if out.is_dir() and run.overwrite_output_dir:
         for name in (CHECKPOINTS, "best", "final"):
-            target = out / name
-            target.unlink() if target.is_symlink() else shutil.rmtree(target, ignore_errors=True)
+            remove_folder(out / name)
         (out / HISTORY).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out

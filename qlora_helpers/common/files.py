@@ -93,6 +93,30 @@ def atomic_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
     return folder
 
 
+def remove_folder(folder: str | Path) -> None:
+    """Remove a folder so that no reader sees part of it: one rename hides it, then it is deleted.
+
+    The hidden name is ``.NAME.removing-PID`` beside it; what a killed removal left there goes the next
+    time that folder is removed, or with ``remove_leftovers``.
+    """
+    folder = Path(folder)
+    if folder.is_symlink():
+        folder.unlink()
+    elif folder.exists():
+        aside = folder.parent / f".{folder.name}.removing-{os.getpid()}"
+        os.replace(folder, aside)
+    remove_leftovers(folder.parent, f".{folder.name}.removing-*")
+
+
+def remove_leftovers(parent: str | Path, pattern: str = ".*.removing-*") -> int:
+    """Delete the hidden folders ``remove_folder`` (or a killed writer) left in ``parent``; how many went."""
+    parent = Path(parent)
+    leftovers = list(parent.glob(pattern)) if parent.is_dir() else []
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(leftovers)
+
+
 def results_dir() -> Path:
     return Path(os.environ.get(RESULTS_ENV) or repo_root() / "runs" / "interactive")
 
