@@ -23,6 +23,18 @@ back, padding back, checkpointing flipped, and three candidates: bf16 adapters (
 as TRL does), LoRA dropout 0 instead of the seed's 0.1 (a change of hyperparameter, so not the
 recipe's default), and ``torch.compile`` of the decoder.
 
+The peers, each configured as its users would at their best, on the same conversations, LoRA and tokens per
+optimizer step: ``trl-best`` is TRL's SFTTrainer with best-fit packing into padding-free 4,096-token rows,
+Liger's kernels, bf16 and non-reentrant checkpointing (``trl-best-no-ckpt`` without it), attention through
+PyTorch's varlen flash attention (what ``flash_attention_2`` would do; flash-attn is not installed);
+``unsloth`` is Unsloth's ``FastLanguageModel`` in 4-bit with its own checkpointing and kernels, trained by the
+same SFTTrainer (``benchmarks/unsloth_row.py``: Unsloth is imported before transformers, in its own process).
+The recipe races them at two memory settings: ``recipe-tight`` is planned for the peak ``trl-best`` reached,
+``recipe-max`` for most of the GPU; ``recipe-tight-next`` runs the micro-batch one size larger, which should not
+fit (the planner chose the largest that does). Every row runs in a fresh process; ``hf`` first, then the peers,
+then the recipe's rows (each budget is an earlier row's peak), shuffled within each group (``--order-seed``).
+Llama-3-8B's 128k vocabulary is smaller than the Qwen tokenizer's: its ids are folded into it (``fit_vocab``).
+
 Reported per row: non-padding tokens per second (steps after the first two), peak allocated and
 reserved memory, MFU = tokens/s x 4N / peak bf16 FLOP/s, with N the parameters every token is
 multiplied by (decoder linears + output layer; 2N forward, 2N backward for the input gradients:
@@ -35,6 +47,13 @@ the loss per step. Loss parity compares (c) with (a) step by step and on held-ou
         --merge benchmarks/results/throughput.json                                                    # ~6 min
     python -m benchmarks.train_throughput --shapes qwen2.5-0.5b --rows hf recipe --out /tmp/t.json
     python -m benchmarks.train_throughput --shapes tiny --device cpu --steps 3 --out /tmp/t.json   # smoke test
+    # what benchmarks/results/throughput_peers.json holds (H200; Unsloth's wheels carried, see unsloth_row.py):
+    python -m benchmarks.train_throughput --shapes qwen2.5-0.5b --steps 10 --skip 2 --step-tokens 16384 \
+        --rows trl-best trl-best-no-ckpt unsloth recipe-tight recipe-tight-next recipe-max \
+        --out benchmarks/results/throughput_peers.json
+    python -m benchmarks.train_throughput --shapes qwen2.5-7b llama-3-8b --steps 10 --skip 2 --step-tokens 16384 \
+        --rows trl-best trl-best-no-ckpt unsloth recipe-tight recipe-tight-next recipe-max \
+        --merge benchmarks/results/throughput_peers.json --out benchmarks/results/throughput_peers.json
 
 Writes ``benchmarks/results/throughput.json``; chapter 03 plots it. Needs ``trl`` and ``datasets`` (and
 ``liger-kernel`` for the Liger row): ``pip install -e ".[gpu]"`` (measured with trl 1.16.0, datasets 5.2.0
@@ -46,11 +65,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import sys
 import tempfile
 import time
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,6 +83,7 @@ from qlora_helpers.ch03_sft.data import IGNORE_INDEX, SFTData, collate, encode_a
 from qlora_helpers.ch03_sft.fast_kernels import enable
 from qlora_helpers.ch03_sft.loop import evaluate
 from qlora_helpers.ch03_sft.recipe import (
+    MAX_ROW_TOKENS,
     cast_adapters,
     causal_lm_loss,
     packed_micro_batches,
@@ -79,18 +101,24 @@ from qlora_helpers.errors import OneLineParser, run_main
 try:                    # row (b) only: the GPU extra (pip install -e ".[gpu]")
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
+    from trl import __version__ as trl_version
 except ImportError:
-    Dataset = SFTConfig = SFTTrainer = None
+    Dataset = SFTConfig = SFTTrainer = trl_version = None
 
 LORA = {"r": 64, "alpha": 16, "dropout": 0.1}       # seed 002's example configuration
 LR = 2e-4
 HF_BATCH = 4                                       # conversations per micro-batch in (a) and (b)
 MAX_LENGTH = 512
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165.2e12}
-ROWS = ("hf", "recipe", "recipe-max", "recipe-max-sdpa", "recipe-max-no-liger", "recipe-max-liger-loss",
-        "recipe-max-upcast", "recipe-max-hf-loss", "recipe-max-padded", "recipe-max-ckpt-flipped",
-        "recipe-max-bf16-adapters", "recipe-max-no-dropout", "recipe-max-compile", "trl")
-TARGETS = {"speedup_vs_hf": 1.5, "memory_vs_hf": 0.7, "mfu_7b": 0.30}
+PEERS = ("trl", "trl-best", "trl-best-no-ckpt", "unsloth")   # other stacks; their peaks set the recipe's budgets
+ROWS = ("hf", "recipe", "recipe-tight", "recipe-tight-next", "recipe-max", "recipe-max-sdpa", "recipe-max-no-liger",
+        "recipe-max-liger-loss", "recipe-max-upcast", "recipe-max-hf-loss", "recipe-max-padded",
+        "recipe-max-ckpt-flipped", "recipe-max-bf16-adapters", "recipe-max-no-dropout", "recipe-max-compile", *PEERS)
+TARGETS = {"speedup_vs_hf": 1.5, "memory_vs_hf": 0.7, "mfu_7b": 0.40, "vs_fastest_peer": 1.2, "plan_error": 0.05}
+# the two memory settings of the peer comparison: the recipe row of each, and the peer rows it races
+SETTINGS = {"tight": ("recipe-tight", ("trl-best", "unsloth")),
+            "spare": ("recipe-max", ("trl-best-no-ckpt", "trl-best", "unsloth"))}
+UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HF_SPEC = {"upcast": True, "ckpt": True, "packed": False, "tokens": 0, "loss": "hf"}   # (a): the seed's way
 RECIPE = {"upcast": False, "packed": True, "loss": "chunked", "attention": True, "liger": True}
 
@@ -144,9 +172,7 @@ def build(config, device, dtype, upcast: bool, ckpt: bool, dropout: float = LORA
     else:
         model = prepare_model(model, gradient_checkpointing=ckpt, fast_kernels=kernels or False)
     torch.manual_seed(0)   # the same LoRA initialisation in every row
-    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    return get_peft_model(model, lora_config(dropout))
 
 
 def micro_batches(examples, indices, packed: bool, tokens: int, pad_id: int):
@@ -231,56 +257,105 @@ def run_loop(spec: dict, config, data, device) -> dict:
     return out
 
 
-def run_trl(config, data, device, tmp: Path) -> dict:
-    """(b): TRL's SFTTrainer with a peft LoraConfig, its defaults otherwise."""
+SETTING_KEYS = ("gradient_checkpointing", "packing", "packing_strategy", "padding_free", "max_length",
+                "per_device_train_batch_size", "gradient_accumulation_steps", "use_liger_kernel", "bf16")
+
+
+def train_with_sft_trainer(model, dataset, data, device, tmp: Path, *, peft_config=None, **settings) -> dict:
+    """Train with TRL's SFTTrainer for the plan's number of optimizer steps: per step its loss, the
+    non-padding tokens it saw and its seconds; the peak memory; the held-out loss every row reports."""
     if SFTTrainer is None:
-        raise ModuleNotFoundError('row "trl" needs trl and datasets: pip install -e ".[gpu]"')
-    plan = data["plan"]
-    per_step = len(plan[0])
-    convs = [data["conversations"][i] for step in plan for i in step]
-    model = build_random(config, quantize="4bit", device=device,
-                         dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, seed=0, progress=False)
+        raise ModuleNotFoundError('the TRL rows need trl and datasets: pip install -e ".[gpu]"')
+    cuda = device.startswith("cuda")
     times, tokens = [], []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if device.startswith("cuda"):
+            if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
             tokens.append(int(state.num_input_tokens_seen))
 
-    args = SFTConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=HF_BATCH,
-                     gradient_accumulation_steps=max(1, round(per_step / HF_BATCH)), max_steps=len(plan),
-                     learning_rate=LR, logging_steps=1, save_strategy="no", report_to="none",
-                     bf16=device.startswith("cuda"), use_cpu=not device.startswith("cuda"),
-                     include_num_input_tokens_seen="non_padding", max_length=MAX_LENGTH, seed=0)
-    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": c} for c in convs]),
-                         processing_class=data["tokenizer"], peft_config=lora, callbacks=[Clock()])
-    if device.startswith("cuda"):
+    args = SFTConfig(output_dir=str(tmp / "trl"), max_steps=len(data["plan"]), learning_rate=LR, logging_steps=1,
+                     save_strategy="no", report_to="none", bf16=cuda, use_cpu=not cuda, seed=0,
+                     include_num_input_tokens_seen="non_padding", **settings)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=data["tokenizer"],
+                         peft_config=peft_config, callbacks=[Clock()])
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train()
-    stamps = [start] + times
+    stamps, toks = [start] + times, [0] + tokens
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    toks = [0] + tokens
     steps = [{"loss": round(float(l), 5) if l is not None else None, "tokens": toks[i + 1] - toks[i],
               "seconds": round(stamps[i + 1] - stamps[i], 4)} for i, l in enumerate(losses[:len(times)])]
-    out = {"steps": steps, "settings": {k: getattr(args, k) for k in ("gradient_checkpointing", "packing",
-                                                                        "padding_free", "assistant_only_loss",
-                                                                        "per_device_train_batch_size",
-                                                                        "gradient_accumulation_steps")},
-           "note": "TRL's default loss covers every token of the conversation, not only the answers"}
-    if device.startswith("cuda"):
+    out = {"steps": steps, "settings": {k: getattr(args, k, None) for k in SETTING_KEYS}}
+    if cuda:
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    del trainer, model
+    try:            # a stack whose model does not take the plain forward pass keeps its timing
+        out["eval_loss"] = round(evaluate(trainer.model, SFTData(data["eval"], len(data["eval"])), 8,
+                                          data["pad_id"], device, types.SimpleNamespace(bf16=cuda, fp16=False)), 5)
+    except Exception as err:  # noqa: BLE001
+        out["eval_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    out["versions"] = {"trl": trl_version}
+    del trainer
     return out
 
 
+def run_trl(config, data, device, tmp: Path) -> dict:
+    """(b): TRL's SFTTrainer with a peft LoraConfig, its defaults otherwise."""
+    per_step = len(data["plan"][0])
+    convs = [data["conversations"][i] for step in data["plan"] for i in step]
+    model = build_random(config, quantize="4bit", device=device,
+                         dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, seed=0, progress=False)
+    dataset = Dataset.from_list([{"messages": c} for c in convs]) if Dataset else None
+    out = train_with_sft_trainer(model, dataset, data, device, tmp, peft_config=lora_config(LORA["dropout"]),
+                                 per_device_train_batch_size=HF_BATCH, max_length=MAX_LENGTH,
+                                 gradient_accumulation_steps=max(1, round(per_step / HF_BATCH)))
+    out["note"] = "TRL's default loss covers every token of the conversation, not only the answers"
+    return out
+
+
+def lora_config(dropout: float) -> LoraConfig:
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=dropout, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+
+
+def peer_dataset(data):
+    """The plan's conversations as every row sees them (token ids, answer-only labels), in the processed form
+    TRL takes as it is: its packing then lays them into rows of ``max_length`` tokens."""
+    examples = [data["train"][i] for step in data["plan"] for i in step]
+    return Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+
+
+def peer_settings(data, ckpt: bool, device: str) -> dict:
+    """SFTTrainer at its best: packed padding-free rows (best-fit decreasing), the recipe's tokens per optimizer
+    step, a constant learning rate as the recipe's loop, Liger's kernels on a GPU."""
+    row = min(MAX_ROW_TOKENS, data["step_tokens"])
+    return dict(per_device_train_batch_size=1, gradient_accumulation_steps=max(1, data["step_tokens"] // row),
+                packing=True, packing_strategy="bfd", padding_free=True, max_length=row,
+                gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
+                use_liger_kernel=device.startswith("cuda"), lr_scheduler_type="constant", max_grad_norm=1.0)
+
+
+def run_trl_best(config, data, device, tmp: Path, ckpt: bool) -> dict:
+    """``trl-best``: SFTTrainer configured well (``peer_settings``). Attention: PyTorch's varlen flash attention
+    through the recipe's registration, the stand-in for ``flash_attention_2`` (flash-attn is not installed)."""
+    cuda = device.startswith("cuda")
+    model = build_random(config, quantize="4bit", device=device, dtype=torch.bfloat16 if cuda else torch.float32,
+                         seed=0, progress=False)
+    kernels = enable(model, attention=True, liger=False) if cuda else {"attention": "sdpa (CPU)"}
+    torch.manual_seed(0)
+    out = train_with_sft_trainer(model, peer_dataset(data), data, device, tmp, peft_config=lora_config(LORA["dropout"]),
+                                 **peer_settings(data, ckpt, device))
+    return {**out, "kernels": kernels}
+
+
 def summarise(result: dict, n_params: int, flops: float | None, skip: int) -> dict:
+    if "steps" not in result:
+        return result
     timed = result["steps"][skip:] or result["steps"]
     secs = sum(s["seconds"] for s in timed)
     tps = sum(s["tokens"] for s in timed) / secs if secs else None
@@ -289,93 +364,109 @@ def summarise(result: dict, n_params: int, flops: float | None, skip: int) -> di
     return result
 
 
-# --------------------------------------------------------------------------- one shape, in a worker process
-def specs_for(rows, config, device, budget_hf_gib: float | None, gpu_gib: float) -> dict:
+# --------------------------------------------------------------------------- one row, in a worker process
+def specs_for(config, device, peaks: dict, gpu_gib: float) -> dict:
+    """The hand-written loop's rows. Budgets: ``recipe`` 0.7 x the peak of ``hf``; ``recipe-tight`` the peak of
+    ``trl-best`` (TRL packed with checkpointing); ``recipe-max`` most of the GPU. ``recipe-tight-next`` is the
+    micro-batch one size above ``recipe-tight``'s: it should not fit that budget (the planner chose the largest)."""
     tiny = device == "cpu"
     specs = {"hf": HF_SPEC}
-    if tiny:
+    if tiny:      # nothing to budget on the CPU smoke test: fixed sizes
         plans = {"recipe": {"tokens": 512, "gradient_checkpointing": False},
+                 "recipe-tight": {"tokens": 256, "gradient_checkpointing": True},
                  "recipe-max": {"tokens": 1024, "gradient_checkpointing": False}}
     else:
-        plans = {}
-        if budget_hf_gib:
-            try:
-                plans["recipe"] = plan_micro_batch(config, 0.7 * budget_hf_gib, lora_r=LORA["r"])
-            except ValueError as err:   # the fixed costs alone exceed the budget: run the smallest, say so
-                plans["recipe"] = {"tokens": 512, "gradient_checkpointing": True, "budget_gib": 0.7 * budget_hf_gib,
-                                   "over_budget": str(err)}
+        plans = {name: budget_plan(config, share * peaks[row]) for name, row, share in
+                 (("recipe", "hf", 0.7), ("recipe-tight", "trl-best", 1.0)) if peaks.get(row)}
         plans["recipe-max"] = plan_micro_batch(config, 0.6 * gpu_gib, lora_r=LORA["r"], candidates=(4096, 8192, 16384))
     for name, plan in plans.items():
         specs[name] = {**RECIPE, "ckpt": plan["gradient_checkpointing"], "tokens": plan["tokens"], "plan": plan}
-    base = specs.get("recipe-max")
-    if base:
-        specs["recipe-max-sdpa"] = {**base, "attention": False}
-        specs["recipe-max-no-liger"] = {**base, "liger": False}
-        specs["recipe-max-liger-loss"] = {**base, "loss": "liger"}
-        specs["recipe-max-no-dropout"] = {**base, "dropout": 0.0}
-        specs["recipe-max-upcast"] = {**base, "upcast": True}
-        specs["recipe-max-hf-loss"] = {**base, "loss": "hf"}
-        specs["recipe-max-padded"] = {**base, "packed": False}
-        specs["recipe-max-ckpt-flipped"] = {**base, "ckpt": not base["ckpt"]}
-        specs["recipe-max-bf16-adapters"] = {**base, "adapter_dtype": "bf16"}
-        if not tiny:                          # inductor on the CPU smoke test would only time the compiler
-            specs["recipe-max-compile"] = {**base, "compile": True, "liger": False}   # inductor fuses instead
-    return {k: v for k, v in specs.items() if k in rows}
+    if "recipe-tight" in specs:
+        tight = specs["recipe-tight"]
+        specs["recipe-tight-next"] = {**tight, "tokens": 2 * tight["tokens"], "plan": {**tight["plan"], "next": True}}
+    base = specs["recipe-max"]
+    specs["recipe-max-sdpa"] = {**base, "attention": False}
+    specs["recipe-max-no-liger"] = {**base, "liger": False}
+    specs["recipe-max-liger-loss"] = {**base, "loss": "liger"}
+    specs["recipe-max-no-dropout"] = {**base, "dropout": 0.0}
+    specs["recipe-max-upcast"] = {**base, "upcast": True}
+    specs["recipe-max-hf-loss"] = {**base, "loss": "hf"}
+    specs["recipe-max-padded"] = {**base, "packed": False}
+    specs["recipe-max-ckpt-flipped"] = {**base, "ckpt": not base["ckpt"]}
+    specs["recipe-max-bf16-adapters"] = {**base, "adapter_dtype": "bf16"}
+    if not tiny:                          # inductor on the CPU smoke test would only time the compiler
+        specs["recipe-max-compile"] = {**base, "compile": True, "liger": False}   # inductor fuses instead
+    return specs
 
 
-def measure_rows(rows: list[str], config, data, device, args, n_params: int, flops) -> None:
-    """Run each row of ``rows`` (``hf`` first: the recipe's budget is a share of its peak) and emit it."""
-    send = lambda key, value: emit({"row": key, **value})
-    failed = lambda err: f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+def budget_plan(config, budget_gib: float) -> dict:
+    try:
+        return plan_micro_batch(config, budget_gib, lora_r=LORA["r"])
+    except ValueError as err:   # the fixed costs alone exceed the budget: run the smallest, say so
+        return {"tokens": 512, "gradient_checkpointing": True, "budget_gib": budget_gib, "over_budget": str(err)}
+
+
+BUDGET_OF = {"recipe": "hf", "recipe-tight": "trl-best", "recipe-tight-next": "trl-best"}
+
+
+def measure_row(row: str, config, data, device, peaks: dict, tmp: Path) -> dict:
+    """One row, its error recorded instead of raised (a missing kernel or an OOM must not lose the others)."""
+    failed = lambda err: f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.startswith("cuda") else 0
-    hf_peak = args.hf_peak or None
-    rows = list(rows)
-    if "hf" in rows:
-        rows.remove("hf")
-        res = summarise(run_loop(HF_SPEC, config, data, device), n_params, flops, args.skip)
-        hf_peak = res.get("peak_allocated_gib")
-        send("hf", {"spec": HF_SPEC, **res})
-        cleanup()
-    specs = specs_for(rows, config, device, hf_peak, gpu_gib)
-    for row in rows:
+    try:
         if row == "trl":
-            continue
-        spec = specs.get(row)
+            return run_trl(config, data, device, tmp)
+        if row in ("trl-best", "trl-best-no-ckpt"):
+            return run_trl_best(config, data, device, tmp, ckpt=row == "trl-best")
+        spec = specs_for(config, device, peaks, gpu_gib).get(row)
         if spec is None:
-            send(row, {"error": "not planned"})
-            continue
+            return {"error": f"not planned: its budget is the peak of row {BUDGET_OF[row]!r}; measure that row too"}
         try:
-            send(row, {"spec": spec, **summarise(run_loop(spec, config, data, device), n_params, flops, args.skip)})
-        except Exception as err:  # one lever failing (a missing kernel, an OOM) must not lose the others
-            send(row, {"spec": spec, "error": failed(err)})
-        cleanup()
-    if "trl" in rows:
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                send("trl", summarise(run_trl(config, data, device, Path(tmp)), n_params, flops, args.skip))
+            return {"spec": spec, **run_loop(spec, config, data, device)}
         except Exception as err:
-            send("trl", {"error": failed(err)})
+            return {"spec": spec, "error": failed(err)}
+    except Exception as err:
+        return {"error": failed(err)}
 
 
-def worker(args) -> None:
-    """One shape, in its own process: the shared workload, every row, then the shape's facts (``meta``)."""
-    device = args.device
+def workload(args) -> tuple:
+    """(config, data, meta) of one shape: the conversations, the plan of optimizer steps, the FLOP basis."""
     tokenizer = AutoTokenizer.from_pretrained(assets.verify("qwen-tokenizer", only=assets.TOKENIZER_FILES))
     config = tiny_qwen2(vocab_size=len(tokenizer)) if args.shape == "tiny" else get_config(args.shape)
     train, evald, conversations = load_data(tokenizer)
+    pad_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    if config.vocab_size < len(tokenizer):          # Llama-3's 128k vocabulary: the Qwen ids folded into it
+        vocab = config.vocab_size
+        train, evald, pad_id = fit_vocab(train, vocab), fit_vocab(evald, vocab), pad_id % vocab
     plan = step_plan(train, args.step_tokens, args.steps)
-    data = {"train": train, "eval": evald, "plan": plan, "pad_id": tokenizer.pad_token_id or tokenizer.eos_token_id,
-            "conversations": conversations, "tokenizer": tokenizer}
-    n_params = matmul_params(config)
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    flops = peak_flops(name)
-    measure_rows([r for r in ROWS if r in args.rows], config, data, device, args, n_params, flops)
-    emit({"meta": {"n_params": n_params, "peak_flops": flops, "device_name": name, "steps": len(plan),
-                   "step_tokens": args.step_tokens, "conversations_per_step": [len(s) for s in plan]}})
+    data = {"train": train, "eval": evald, "plan": plan, "pad_id": pad_id, "conversations": conversations,
+            "tokenizer": tokenizer, "step_tokens": args.step_tokens}
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    meta = {"n_params": matmul_params(config), "peak_flops": peak_flops(name), "device_name": name,
+            "steps": len(plan), "step_tokens": args.step_tokens, "conversations_per_step": [len(s) for s in plan]}
+    return config, data, meta
+
+
+def fit_vocab(examples, vocab: int) -> list:
+    """Token ids folded into a smaller vocabulary (ids mod ``vocab``): random weights learn nothing from which
+    ids they are, and speed and memory depend only on how many."""
+    fold = lambda ids: [t % vocab if t >= 0 else t for t in ids]
+    return [replace(e, input_ids=fold(e.input_ids), labels=fold(e.labels)) for e in examples]
+
+
+def worker(args) -> None:
+    """One row of one shape, in a process of its own: the shared workload, the row, then the shape's facts."""
+    config, data, meta = workload(args)
+    peaks = {"hf": args.hf_peak, "trl-best": args.tight_peak}
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure_row(args.rows[0], config, data, args.device, peaks, Path(tmp))
+    result = summarise(result, meta["n_params"], meta["peak_flops"], args.skip)
+    emit({"row": args.rows[0], "pid": os.getpid(), **result})
+    emit({"meta": meta})
 
 
 def cleanup() -> None:
-    """Free the last row's model before the next: cached blocks and the peak counter included."""
+    """Free the last model before the next in one process (``recipe_profile``): cached blocks and the peak counter."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -423,6 +514,60 @@ def verdicts(shape: str, rows: dict) -> dict:
                 "the GPU also waits on kernel launches (recipe_profile.json: GPU busy share of one step). "
                 + ("Levers measured on their own that raise it: "
                    + ", ".join(f"{name} {value:.3f}" for value, name in better) + "." if better else ""))
+    out.update(peer_verdicts(rows))
+    out.update(plan_verdicts(rows))
+    return out
+
+
+def peer_verdicts(rows: dict) -> dict:
+    """At each memory setting: the recipe's tokens/s over the fastest peer's, met at >= 1.2 and no more memory."""
+    out = {}
+    for setting, (mine, peers) in SETTINGS.items():
+        recipe = rows.get(mine, {})
+        measured = [(rows[p]["tokens_per_second"], p) for p in peers if (rows.get(p) or {}).get("tokens_per_second")]
+        if not recipe.get("tokens_per_second") or not measured:
+            continue
+        speed, fastest = max(measured)
+        ratio = recipe["tokens_per_second"] / speed
+        mem, peer_mem = recipe.get("peak_allocated_gib"), rows[fastest].get("peak_allocated_gib")
+        leaner = mem is None or peer_mem is None or mem <= peer_mem
+        verdict = {"value": round(ratio, 3), "target": TARGETS["vs_fastest_peer"], "peer": fastest,
+                   "peak_gib": mem, "peer_peak_gib": peer_mem, "met": ratio >= TARGETS["vs_fastest_peer"] and leaner}
+        if not verdict["met"]:
+            verdict["why"] = (f"{mine} ran {recipe['tokens_per_second']:.0f} tokens/s in {mem} GiB, {fastest} "
+                              f"{speed:.0f} tokens/s in {peer_mem} GiB"
+                              + ("" if leaner else ": more memory than the peer"))
+        out[f"vs_fastest_peer_{setting}"] = verdict
+    return out
+
+
+def plan_verdicts(rows: dict) -> dict:
+    """The planner against the GPU: each budgeted row's peak within 5 % of its budget, and the next larger
+    micro-batch over the budget (the one chosen was the largest that fits)."""
+    out = {}
+    for name in ("recipe", "recipe-tight", "recipe-max"):
+        row = rows.get(name, {})
+        budget = row.get("spec", {}).get("plan", {}).get("budget_gib")
+        if budget and row.get("peak_allocated_gib"):
+            err = row["peak_allocated_gib"] / budget - 1
+            out[f"plan_error_{name}"] = {"value": round(abs(err), 4), "target": TARGETS["plan_error"],
+                                         "met": abs(err) <= TARGETS["plan_error"]}
+            if abs(err) > TARGETS["plan_error"]:
+                plan = row["spec"]["plan"]
+                out[f"plan_error_{name}"]["why"] = (
+                    f"peak {row['peak_allocated_gib']:.2f} GiB against a budget of {budget:.2f} GiB "
+                    f"({'over' if err > 0 else 'under'}); the estimate for {plan['tokens']} tokens was "
+                    f"{plan.get('estimate_gib', float('nan')):.2f} GiB")
+    nxt, tight = rows.get("recipe-tight-next", {}), rows.get("recipe-tight", {})
+    budget = tight.get("spec", {}).get("plan", {}).get("budget_gib")
+    if budget and (nxt.get("peak_allocated_gib") or "out of memory" in nxt.get("error", "").lower()):
+        over = nxt.get("peak_allocated_gib", float("inf")) / budget
+        out["planner_largest"] = {"value": round(over, 3) if over != float("inf") else None, "target": 1.0,
+                                  "met": over > 1.0}
+        if over <= 1.0:
+            out["planner_largest"]["why"] = (f"{nxt['spec']['tokens']} tokens per micro-batch peaked at "
+                                             f"{nxt['peak_allocated_gib']:.2f} GiB, inside the {budget:.2f} GiB "
+                                             "budget: the planner could have chosen it")
     return out
 
 
@@ -435,6 +580,7 @@ def resummarise(path: Path) -> None:
             entry["loss_parity"] = parity(rows["hf"], rows["recipe"])
         entry["targets"] = verdicts(shape, rows)
     data["figures"]["summarised"] = environment_stamp()
+    data["benchmark"] = path.stem         # a record is named by its file (--out names another than throughput)
     atomic_write_json(path, data)
     print(f"rewrote the parity and targets of {path}")
 
@@ -454,7 +600,10 @@ def parse_args(argv=None):
     p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                    help="earlier throughput.json files: their shapes, and the rows of this shape not redone, are kept")
     p.add_argument("--shape", default="", help=argparse.SUPPRESS)   # internal: the worker's shape
-    p.add_argument("--hf-peak", type=float, default=0.0, help=argparse.SUPPRESS)   # internal: (a)'s peak, merged
+    p.add_argument("--order-seed", type=int, default=0, help="the shuffle of the rows within their groups")
+    p.add_argument("--row-timeout", type=float, default=0, help="seconds a row may take before it is killed")
+    p.add_argument("--hf-peak", type=float, default=0.0, help=argparse.SUPPRESS)   # internal: budgets of rows
+    p.add_argument("--tight-peak", type=float, default=0.0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -470,15 +619,27 @@ def load_previous(paths: list[str]) -> dict:
 
 
 def progress(shape: str, name: str, row: dict) -> str:
-    if "error" in row:
-        return f"{shape:>13} {name:<24} error: {row['error']}"
+    if "error" in row or not row.get("steps"):
+        return f"{shape:>13} {name:<24} error: {row.get('error')}"
     return (f"{shape:>13} {name:<24} {row.get('tokens_per_second') or 0:>9.0f} tok/s  "
             f"peak {row.get('peak_allocated_gib', 0):6.2f} GiB  MFU {row.get('mfu') or 0:.3f}  "
             f"loss {row['steps'][-1]['loss']}")
 
 
+def row_order(rows: list[str], seed: int) -> list[str]:
+    """``hf`` first, then the peers, then the recipe's rows (each budget is a share of an earlier row's peak),
+    shuffled within each group so that no row always runs on a GPU warmed by the same neighbour."""
+    rng = random.Random(seed)
+    groups = [[r for r in rows if r == "hf"], [r for r in rows if r in PEERS],
+              [r for r in rows if r != "hf" and r not in PEERS]]
+    for group in groups:
+        rng.shuffle(group)
+    return [r for group in groups for r in group]
+
+
 def run_shape(shape: str, args, previous: dict, shapes: dict) -> None:
-    """Measure one shape in a worker process, rewriting the file after every row (a cut run keeps what it has)."""
+    """Measure one shape, each row in a fresh worker process, rewriting the file after every row (a cut run
+    keeps what it has)."""
     old = previous.get(shape, {})
     # rows of an earlier run of this shape that this one does not redo are kept (same --steps and
     # --step-tokens, or the conversations per step differ)
@@ -486,8 +647,8 @@ def run_shape(shape: str, args, previous: dict, shapes: dict) -> None:
     if rows and (old.get("steps"), old.get("step_tokens")) != (args.steps, args.step_tokens):
         sys.exit(f"--merge: {shape} was run with --steps {old.get('steps')} --step-tokens "
                  f"{old.get('step_tokens')}: use the same to add rows to it")
-    hf_peak = rows.get("hf", {}).get("peak_allocated_gib")
-    runs = (old.get("runs", []) if rows else []) + [environment_stamp()]
+    order = row_order([r for r in ROWS if r in args.rows], args.order_seed)
+    runs = (old.get("runs", []) if rows else []) + [{**environment_stamp(), "order": order}]
     meta = {k: v for k, v in old.items() if k in ("n_params", "peak_flops", "device_name", "steps", "step_tokens",
                                                   "conversations_per_step")}
     t0 = time.perf_counter()
@@ -503,16 +664,17 @@ def run_shape(shape: str, args, previous: dict, shapes: dict) -> None:
         shapes[shape] = shape_entry(shape, rows, meta, None, t0, runs)
         write_figures(shapes, args)
 
-    worker_args = ["--shape", shape, "--device", args.device, "--steps", args.steps, "--skip", args.skip,
-                   "--step-tokens", args.step_tokens, "--rows", *args.rows]
-    worker_args += ["--hf-peak", hf_peak] if hf_peak else []
-    try:
-        run_worker("benchmarks.train_throughput", worker_args, label=shape, on_row=on_row)
-        code = 0
-    except WorkerError as err:
-        print(err, flush=True)
-        code = err.returncode
-    shapes[shape] = shape_entry(shape, rows, meta, code, t0, runs)
+    for row in order:
+        peak = lambda name: rows.get(name, {}).get("peak_allocated_gib") or 0
+        worker_args = ["--shape", shape, "--device", args.device, "--steps", args.steps, "--skip", args.skip,
+                       "--step-tokens", args.step_tokens, "--rows", row,
+                       "--hf-peak", peak("hf"), "--tight-peak", peak("trl-best")]
+        module = "benchmarks.unsloth_row" if row == "unsloth" else "benchmarks.train_throughput"
+        try:
+            run_worker(module, worker_args, label=f"{shape} {row}", on_row=on_row, timeout=args.row_timeout or None)
+        except WorkerError as err:      # a crash or a timeout: the row records it, the next row runs
+            on_row({"row": row, "error": str(err), "worker_exit": err.returncode})
+    shapes[shape] = shape_entry(shape, rows, meta, 0, t0, runs)
     write_figures(shapes, args)
 
 
@@ -554,7 +716,7 @@ def write_figures(shapes, args) -> None:
                "base; attention scores and recomputation not counted)",
                "data": "chatterbot SFT train split, Qwen2.5 tokenizer and chat template, <= 512 tokens",
                "weights": "random at the real shape, 4-bit NF4 with double quantisation, bf16 compute"}
-    write_benchmark("throughput", figures, args.out or None)
+    write_benchmark(Path(args.out).stem if args.out else "throughput", figures, args.out or None)
 
 
 if __name__ == "__main__":

@@ -233,6 +233,29 @@ def test_throughput_compares_hf_trl_and_the_recipe_on_both_shapes():
     assert ablations >= {"recipe-max-hf-loss", "recipe-max-padded", "recipe-max-compile"}
 
 
+def test_throughput_peers_rows_each_in_a_fresh_process_with_eight_timed_steps():
+    record = _record("throughput_peers")
+    shapes = record["figures"]["shapes"]
+    assert {"trl-best", "unsloth"} <= set(shapes["qwen2.5-0.5b"]["rows"]) and "trl-best" in shapes["qwen2.5-7b"]["rows"]
+    pids = [row["pid"] for entry in shapes.values() for row in entry["rows"].values()]
+    assert len(set(pids)) == len(pids)
+    for shape, entry in shapes.items():
+        assert entry["step_tokens"] >= 16384 and entry["runs"][-1]["order"]
+        assert all(script_of(r["command"]) == "benchmarks/train_throughput.py" for r in entry["runs"])
+        for name, row in entry["rows"].items():
+            assert "error" in row or len(row["steps"]) - 2 >= 8, (shape, name)   # warm-up 2, then >= 8 timed
+            if "error" in row:
+                continue
+            assert all(0 < s["tokens"] <= entry["step_tokens"] and math.isfinite(s["loss"]) for s in row["steps"])
+            assert row["tokens_per_second"] > 0 and row["peak_allocated_gib"] > 0 and math.isfinite(row["eval_loss"])
+            if name.startswith("trl-best"):
+                s = row["settings"]
+                assert s["packing"] and s["padding_free"] and s["use_liger_kernel"] and s["bf16"]
+                assert row["kernels"]["attention"] == "varlen"
+            if name == "unsloth":
+                assert row["versions"]["unsloth"] and row["versions"]["trl"]
+
+
 def test_recipe_profile_splits_a_7b_step_by_kind_of_work():
     entry = _record("recipe_profile")["figures"]["shapes"]["qwen2.5-7b"]
     base = next(r for r in entry["time"] if r["variant"] == "base")

@@ -38,12 +38,16 @@ from qlora_helpers.ch03_sft.data import (
 from qlora_helpers.ch03_sft.gpu_results import (
     ablation_lines,
     missed_targets,
+    peer_figure,
+    peer_points,
+    peer_table,
     plan_lines,
     sft_modes_vs_seed,
     step_profiles,
     targets_table,
     throughput_figure,
     throughput_targets,
+    unmeasured_peer_rows,
 )
 from qlora_helpers.ch03_sft.loop import LiveLossPlot, evaluate, make_optimizer, optimizer_step
 from qlora_helpers.ch03_sft.modes import build_model, load_tokenizer, trainable_4bit_layers
@@ -66,7 +70,8 @@ __all__ = ["PROBE_PROMPTS", "ablation_lines", "answer_scores", "batch_order", "b
            "LiveLossPlot",
            "load_config_file", "load_for_inference", "load_tokenizer", "logit_difference", "make_optimizer",
            "merge_adapter", "merge_results", "merge_table", "missed_targets", "mode_results", "modes_figure",
-           "modes_table", "optimizer_step", "plan_lines", "prompt_logits", "quality_claims", "quality_ratios",
+           "modes_table", "optimizer_step", "peer_figure", "peer_points", "peer_table", "plan_lines",
+           "prompt_logits", "quality_claims", "quality_ratios",
            "read_jsonl", "records_to_conversations", "run_line", "run_sft", "sft_modes_vs_seed", "SFTConfig",
            "show_mask", "step_profiles", "targets_table", "throughput_figure", "throughput_targets",
-           "trainable_4bit_layers"]
+           "trainable_4bit_layers", "unmeasured_peer_rows"]

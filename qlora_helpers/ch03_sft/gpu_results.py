@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 # The seed guide's claims for Qwen2.5-0.5B: memory (GB) and trainable share (%) of each mode.
 SEED_TABLE = {"full": (8.0, 100.0), "lora": (6.0, 3.0), "qlora-4bit": (3.0, 3.0), "qlora-8bit": (4.0, 3.0)}
@@ -156,6 +156,85 @@ def ablation_lines(result: dict | None) -> list[str]:
         lines.append(f"{shape}: recipe-max {base['tokens_per_second']:.0f} tokens/s, "
                      f"{base['peak_allocated_gib']:.1f} GiB, MFU {base['mfu']:.3f}, kernels {base.get('kernels')}")
         lines += [_ablation_line(n, r, base) for n, r in entry["rows"].items() if n.startswith(ABLATION)]
+    return lines
+
+
+# --------------------------------------------------------------------------- throughput_peers.json
+# The stacks of the peer comparison: TRL configured well, Unsloth, and the recipe at its two memory settings.
+PEER_LABELS = {"trl-best": "TRL packed + Liger, checkpointing",
+               "trl-best-no-ckpt": "TRL packed + Liger, no checkpointing", "unsloth": "Unsloth, its checkpointing",
+               "recipe": "recipe, budget 0.7 x (a)",
+               "recipe-tight": "recipe, TRL's peak as budget", "recipe-max": "recipe, large micro-batch"}
+PEER_SHAPES = ("qwen2.5-0.5b", "qwen2.5-7b", "llama-3-8b")
+PEER_ROWS = ("trl-best", "trl-best-no-ckpt", "unsloth", "recipe-tight", "recipe-max")
+
+
+def peer_points(peers: dict | None, throughput: dict | None) -> list[dict]:
+    """One point per stack and shape: tokens/s, peak GiB and the run it comes from. Rows of
+    ``throughput_peers.json`` first; a recipe row it lacks comes from ``throughput.json``, marked with that
+    run's steps and tokens per step (a different protocol: fewer, smaller steps, all rows in one process)."""
+    points = []
+    for result in (peers, throughput):
+        for shape, entry in (result["figures"]["shapes"] if result else {}).items():
+            for name, label in PEER_LABELS.items():
+                row = entry["rows"].get(name, {})
+                if not row.get("tokens_per_second") or any(p["shape"] == shape and p["stack"] == name for p in points):
+                    continue
+                points.append({"shape": shape, "stack": name, "label": label,
+                               "tokens_per_second": row["tokens_per_second"],
+                               "peak_gib": row.get("peak_allocated_gib"), "mfu": row.get("mfu"),
+                               "run": f"{entry['steps']} steps of ~{entry['step_tokens']:,} tokens",
+                               "file": "throughput_peers.json" if result is peers else "throughput.json"})
+    return points
+
+
+def peer_table(points: list[dict]) -> str:
+    """A markdown table of ``peer_points``, fastest first within each shape."""
+    lines = ["| shape | stack | tokens/s | peak allocated (GiB) | MFU | run | file |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for p in sorted(points, key=lambda p: (p["shape"], -p["tokens_per_second"])):
+        lines.append(f"| {p['shape']} | {p['label']} | {p['tokens_per_second']:,.0f} | {p['peak_gib']:.2f} | "
+                     f"{p['mfu'] or 0:.3f} | {p['run']} | {p['file']} |")
+    return "\n".join(lines)
+
+
+def peer_figure(points: list[dict]) -> Figure:
+    """Speed against peak memory, one point per stack and shape (up and to the left is better)."""
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    colors = dict(zip(PEER_LABELS, ("tab:blue", "tab:cyan", "tab:green", "tab:gray", "tab:orange", "tab:red")))
+    markers = dict(zip(PEER_SHAPES, "osD"))
+    for p in points:
+        hollow = p["file"] == "throughput.json"
+        ax.scatter(p["peak_gib"], p["tokens_per_second"], s=70, marker=markers.get(p["shape"], "^"),
+                   facecolors="none" if hollow else colors[p["stack"]], edgecolors=colors[p["stack"]])
+        ax.annotate(f"{p['shape']}: {p['label']}", (p["peak_gib"], p["tokens_per_second"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,g}"))
+        axis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.35, y=0.1)
+    ax.set_xlabel("peak allocated GiB (log)")
+    ax.set_ylabel("tokens per second (log)")
+    ax.set_title("QLoRA stacks: speed against memory (hollow: throughput.json's earlier protocol)")
+    fig.tight_layout()
+    return fig
+
+
+def unmeasured_peer_rows(peers: dict | None) -> list[str]:
+    """Per shape, the rows of the peer comparison ``throughput_peers.json`` does not hold yet (or holds as errors)."""
+    shapes = peers["figures"]["shapes"] if peers else {}
+    lines = []
+    for shape in PEER_SHAPES:
+        rows = shapes.get(shape, {}).get("rows", {})
+        missing = [n for n in PEER_ROWS if not rows.get(n, {}).get("tokens_per_second")]
+        errors = [f"{n} ({rows[n]['error'][:80]})" for n in missing if rows.get(n, {}).get("error")]
+        if missing:
+            absent = ", ".join(n for n in missing if n not in rows) or "-"
+            lines.append(f"{shape}: not yet in throughput_peers.json: {absent}"
+                         + (f"; failed: {', '.join(errors)}" if errors else ""))
     return lines
 
 

@@ -1,0 +1,86 @@
+"""benchmarks/train_throughput.py off the GPU: each row in a process of its own, the peer rows (TRL configured
+well, Unsloth) on the same conversations as the recipe, and the targets computed from rows by hand."""
+
+import json
+import math
+
+import pytest
+
+from benchmarks import train_throughput as tt
+from qlora_helpers.ch03_sft import peer_figure, peer_points, peer_table, unmeasured_peer_rows
+from qlora_helpers.ch03_sft.data import Example
+from qlora_helpers.common.files import optional_benchmark
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cached_assets):
+    out = tmp_path_factory.mktemp("throughput") / "t.json"
+    tt.main(["--shapes", "tiny", "--device", "cpu", "--steps", "3", "--skip", "1", "--step-tokens", "512",
+             "--rows", "recipe-tight", "unsloth", "trl-best", "hf", "--out", str(out)])
+    return json.loads(out.read_text())["figures"]["shapes"]["tiny"]
+
+
+def test_each_row_runs_in_a_fresh_process_hf_first_then_peers_then_the_recipe(tiny_run):
+    order = tiny_run["runs"][-1]["order"]
+    assert order[0] == "hf" and set(order[1:3]) == {"trl-best", "unsloth"} and order[3] == "recipe-tight"
+    pids = [row["pid"] for row in tiny_run["rows"].values()]
+    assert len(set(pids)) == len(pids) == 4
+
+
+def test_trl_best_packs_the_same_conversations_without_padding(tiny_run):
+    row = tiny_run["rows"]["trl-best"]
+    s = row["settings"]
+    assert s["packing"] and s["padding_free"] and s["packing_strategy"] == "bfd" and s["gradient_checkpointing"]
+    assert len(row["steps"]) == 3 and all(0 < step["tokens"] <= 512 for step in row["steps"])
+    hf = tiny_run["rows"]["hf"]    # the same answer-only labels on the same model: the same loss to start with
+    assert row["steps"][0]["loss"] == pytest.approx(hf["steps"][0]["loss"], rel=0.01)
+    assert math.isfinite(row["eval_loss"]) and row["tokens_per_second"] > 0
+
+
+def test_a_stack_that_cannot_load_records_its_error(tiny_run):
+    assert "unsloth" in tiny_run["rows"]["unsloth"]["error"].lower() or "gpu" in tiny_run["rows"]["unsloth"]["error"]
+
+
+def test_peer_targets_hand_computed():
+    rows = {"recipe-tight": {"tokens_per_second": 1300.0, "peak_allocated_gib": 8.0},
+            "trl-best": {"tokens_per_second": 1000.0, "peak_allocated_gib": 8.4},
+            "unsloth": {"tokens_per_second": 1100.0, "peak_allocated_gib": 7.0},
+            "recipe-max": {"tokens_per_second": 5000.0, "peak_allocated_gib": 30.0},
+            "trl-best-no-ckpt": {"tokens_per_second": 4000.0, "peak_allocated_gib": 33.0}}
+    v = tt.peer_verdicts(rows)
+    tight = v["vs_fastest_peer_tight"]            # 1300 / 1100 = 1.182 and more memory than Unsloth's 7.0
+    assert tight["peer"] == "unsloth" and tight["value"] == pytest.approx(1.182, abs=1e-3) and not tight["met"]
+    assert "more memory" in tight["why"]
+    spare = v["vs_fastest_peer_spare"]            # 5000 / 4000 = 1.25, in less memory
+    assert spare["peer"] == "trl-best-no-ckpt" and spare["value"] == 1.25 and spare["met"]
+
+
+def test_plan_targets_hand_computed():
+    plan = {"tokens": 2048, "gradient_checkpointing": True, "budget_gib": 10.0, "estimate_gib": 9.8}
+    rows = {"recipe-tight": {"peak_allocated_gib": 9.6, "spec": {"plan": plan}},
+            "recipe-tight-next": {"peak_allocated_gib": 10.9, "spec": {"tokens": 4096, "plan": plan}},
+            "recipe-max": {"peak_allocated_gib": 30.0, "spec": {"plan": {**plan, "budget_gib": 40.0}}}}
+    v = tt.plan_verdicts(rows)
+    assert v["plan_error_recipe-tight"]["value"] == pytest.approx(0.04) and v["plan_error_recipe-tight"]["met"]
+    assert v["plan_error_recipe-max"]["value"] == pytest.approx(0.25) and "under" in v["plan_error_recipe-max"]["why"]
+    assert v["planner_largest"]["value"] == pytest.approx(1.09) and v["planner_largest"]["met"]
+    rows["recipe-tight-next"]["peak_allocated_gib"] = 9.9        # the next size fitted: the planner fell short
+    assert not tt.plan_verdicts(rows)["planner_largest"]["met"]
+
+
+def test_llama_3_vocabulary_folds_the_qwen_ids():
+    ex = Example(input_ids=[151644, 872, 151645, 128256, 5], labels=[-100, -100, -100, 128256, 5])
+    folded = tt.fit_vocab([ex], 128256)[0]
+    assert folded.input_ids == [23388, 872, 23389, 0, 5] and folded.labels == [-100, -100, -100, 0, 5]
+
+
+def test_chapter_03_peer_table_and_plot_read_the_committed_files():
+    peers, throughput = optional_benchmark("throughput_peers"), optional_benchmark("throughput")
+    points = peer_points(peers, throughput)
+    from_peers = {(p["shape"], p["stack"]) for p in points if p["file"] == "throughput_peers.json"}
+    assert {("qwen2.5-0.5b", "trl-best"), ("qwen2.5-0.5b", "unsloth"), ("qwen2.5-7b", "trl-best")} <= from_peers
+    table = peer_table(points)
+    assert table.count("\n") == len(points) + 1 and "Unsloth" in table
+    assert len(peer_figure(points).axes[0].collections) == len(points)
+    lines = unmeasured_peer_rows(peers)
+    assert any(line.startswith("llama-3-8b") for line in lines)
