@@ -32,7 +32,7 @@ import torch
 
 from qlora_helpers.ch01_memory.estimator import GIB, estimate
 from qlora_helpers.ch01_memory.measurement import measure, save_random
-from qlora_helpers.common.bench import WorkerError, command_line, emit, environment, run_worker
+from qlora_helpers.common.bench import WorkerError, command_line, emit, environment, error_line, run_worker
 from qlora_helpers.common.files import atomic_write_json, repo_root
 from qlora_helpers.common.shapes import get_config
 from qlora_helpers.errors import OneLineParser, run_main
@@ -135,7 +135,7 @@ def worker(names: list[str], steps: int) -> int:
         try:
             row = predict_and_measure(name, steps)
         except Exception as err:  # one broken configuration must not take the others with it
-            row = {"status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+            row = {"status": "error", "error": error_line(err)}
         emit({"name": name, **row})
         if row["status"] != "ok":
             break

@@ -48,7 +48,7 @@ from benchmarks.train_throughput import (
 )
 from qlora_helpers.ch03_sft.recipe import cast_adapters, estimate_gib, packed_micro_batches
 from qlora_helpers.common import assets
-from qlora_helpers.common.bench import WorkerError, emit, run_worker, write_benchmark
+from qlora_helpers.common.bench import WorkerError, emit, error_line, run_worker, write_benchmark
 from qlora_helpers.common.models import tiny_qwen2
 from qlora_helpers.common.shapes import get_config
 from qlora_helpers.errors import OneLineParser, run_main
@@ -184,7 +184,7 @@ def worker(args) -> None:
         try:
             row = time_row(config, args.device, train, pad_id, args.tokens, variant, n_params, flops)
         except Exception as err:  # one lever failing must not lose the others
-            row = {"variant": variant, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+            row = {"variant": variant, "error": error_line(err)}
             cleanup()
         emit({"time": row})
 

@@ -63,6 +63,7 @@ and liger-kernel 0.8.5).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -91,7 +92,7 @@ from qlora_helpers.ch03_sft.recipe import (
     prepare_model,
 )
 from qlora_helpers.common import assets
-from qlora_helpers.common.bench import WorkerError, emit, environment, run_worker, write_benchmark
+from qlora_helpers.common.bench import WorkerError, emit, environment, error_line, run_worker, write_benchmark
 from qlora_helpers.common.files import atomic_write_json
 from qlora_helpers.common.models import build_random, tiny_qwen2
 from qlora_helpers.common.quant import keep_cpu_training_layout
@@ -298,7 +299,7 @@ def train_with_sft_trainer(model, dataset, data, device, tmp: Path, *, peft_conf
         out["eval_loss"] = round(evaluate(trainer.model, SFTData(data["eval"], len(data["eval"])), 8,
                                           data["pad_id"], device, types.SimpleNamespace(bf16=cuda, fp16=False)), 5)
     except Exception as err:  # noqa: BLE001
-        out["eval_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        out["eval_error"] = error_line(err)
     out["versions"] = {"trl": trl_version}
     del trainer
     return out
@@ -409,24 +410,20 @@ def budget_plan(config, budget_gib: float) -> dict:
 BUDGET_OF = {"recipe": "hf", "recipe-tight": "trl-best", "recipe-tight-next": "trl-best"}
 
 
-def measure_row(row: str, config, data, device, peaks: dict, tmp: Path) -> dict:
-    """One row, its error recorded instead of raised (a missing kernel or an OOM must not lose the others)."""
-    failed = lambda err: f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+def measure_row(config, data, device, tmp: Path, *, row: str, peaks: dict) -> dict:
+    """One row; a failure of the hand-written loop is recorded with the spec it ran (``worker`` records others)."""
+    if row == "trl":
+        return run_trl(config, data, device, tmp)
+    if row in ("trl-best", "trl-best-no-ckpt"):
+        return run_trl_best(config, data, device, tmp, ckpt=row == "trl-best")
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.startswith("cuda") else 0
+    spec = specs_for(config, device, peaks, gpu_gib).get(row)
+    if spec is None:
+        return {"error": f"not planned: its budget is the peak of row {BUDGET_OF[row]!r}; measure that row too"}
     try:
-        if row == "trl":
-            return run_trl(config, data, device, tmp)
-        if row in ("trl-best", "trl-best-no-ckpt"):
-            return run_trl_best(config, data, device, tmp, ckpt=row == "trl-best")
-        spec = specs_for(config, device, peaks, gpu_gib).get(row)
-        if spec is None:
-            return {"error": f"not planned: its budget is the peak of row {BUDGET_OF[row]!r}; measure that row too"}
-        try:
-            return {"spec": spec, **run_loop(spec, config, data, device)}
-        except Exception as err:
-            return {"spec": spec, "error": failed(err)}
+        return {"spec": spec, **run_loop(spec, config, data, device)}
     except Exception as err:
-        return {"error": failed(err)}
+        return {"spec": spec, "error": error_line(err)}
 
 
 def workload(args) -> tuple:
@@ -454,12 +451,19 @@ def fit_vocab(examples, vocab: int) -> list:
     return [replace(e, input_ids=fold(e.input_ids), labels=fold(e.labels)) for e in examples]
 
 
-def worker(args) -> None:
-    """One row of one shape, in a process of its own: the shared workload, the row, then the shape's facts."""
+def worker(args, measure=None) -> None:
+    """One row of one shape, in a process of its own: the shared workload, the row, then the shape's facts.
+
+    ``measure(config, data, device, tmp)`` gives the row's result (``benchmarks/unsloth_row.py`` passes its own);
+    by default ``measure_row`` of ``args.rows[0]``."""
     config, data, meta = workload(args)
     peaks = {"hf": args.hf_peak, "trl-best": args.tight_peak}
-    with tempfile.TemporaryDirectory() as tmp:
-        result = measure_row(args.rows[0], config, data, args.device, peaks, Path(tmp))
+    measure = measure or functools.partial(measure_row, row=args.rows[0], peaks=peaks)
+    try:           # a missing kernel, an OOM, a stack that does not load: the row records it, the others go on
+        with tempfile.TemporaryDirectory() as tmp:
+            result = measure(config, data, args.device, Path(tmp))
+    except Exception as err:
+        result = {"error": error_line(err)}
     result = summarise(result, meta["n_params"], meta["peak_flops"], args.skip)
     emit({"row": args.rows[0], "pid": os.getpid(), **result})
     emit({"meta": meta})

@@ -27,10 +27,9 @@ try:
     from unsloth import FastLanguageModel
     UNSLOTH_ERROR = None
 except Exception as err:  # noqa: BLE001  (no GPU, a missing wheel: recorded as the row's result)
-    FastLanguageModel, UNSLOTH_ERROR = None, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    FastLanguageModel, UNSLOTH_ERROR = None, err
 
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -41,17 +40,16 @@ from benchmarks.train_throughput import (  # noqa: E402
     parse_args,
     peer_dataset,
     peer_settings,
-    summarise,
     train_with_sft_trainer,
-    workload,
+    worker,
 )
-from qlora_helpers.common.bench import emit  # noqa: E402
+from qlora_helpers.common.bench import error_line  # noqa: E402
 from qlora_helpers.common.models import build_random  # noqa: E402
 
 
 def run_unsloth(config, data, device: str, tmp: Path) -> dict:
     if FastLanguageModel is None:
-        return {"error": UNSLOTH_ERROR}
+        return {"error": error_line(UNSLOTH_ERROR)}
     folder = tmp / "model"
     build_random(config, device=device, dtype=torch.bfloat16, seed=0, progress=False).save_pretrained(folder)
     data["tokenizer"].save_pretrained(folder)
@@ -69,15 +67,7 @@ def run_unsloth(config, data, device: str, tmp: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    config, data, meta = workload(args)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = run_unsloth(config, data, args.device, Path(tmp))
-    except Exception as err:  # noqa: BLE001  (recorded: the other rows go on)
-        result = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
-    emit({"row": "unsloth", "pid": os.getpid(), **summarise(result, meta["n_params"], meta["peak_flops"], args.skip)})
-    emit({"meta": meta})
+    worker(parse_args(argv), run_unsloth)     # the worker records a failure as the row's error
 
 
 if __name__ == "__main__":

@@ -66,6 +66,12 @@ def cuda_peak_gib(reset: bool = False) -> dict:
 
 
 # --------------------------------------------------------------------------- worker processes
+def error_line(err: BaseException) -> str:
+    """How a result file records a failure: the exception's type and the first line of its message."""
+    first = str(err).splitlines()[0][:300] if str(err) else ""
+    return f"{type(err).__name__}: {first}"
+
+
 def emit(row: dict) -> None:
     """In a worker process: hand one result row (a JSON-able dict) to the parent."""
     print(ROW + json.dumps(row), flush=True)
