@@ -37,7 +37,13 @@ from transformers import AutoModelForImageTextToText
 
 from qlora_helpers.ch04_vlm.command import config_from_args, run_vlm
 from qlora_helpers.ch04_vlm.encode import encode_all, image_token_id
-from qlora_helpers.ch04_vlm.processors import cached_tokenizer, load_processor, make_processor, write_vlm_folder
+from qlora_helpers.ch04_vlm.processors import (
+    cached_tokenizer,
+    fit_llava_config,
+    load_processor,
+    make_processor,
+    write_vlm_folder,
+)
 from qlora_helpers.ch04_vlm.records import read_records, write_example_files
 from qlora_helpers.ch04_vlm.vram import estimate_vlm
 from qlora_helpers.cli import build_parser
@@ -63,8 +69,7 @@ def write_model(shape: str, folder: Path) -> Path:
                                else IMAGE_SIZE)
     config = get_config(shape)
     if family == "llava":          # SmolLM2's tokenizer + <image> stands in for Llama's
-        config.text_config.vocab_size = len(processor.tokenizer)
-        config.image_token_index = config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+        fit_llava_config(config, processor.tokenizer)
     with torch.device("cuda"):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float16)
     write_vlm_folder(folder, model, processor)

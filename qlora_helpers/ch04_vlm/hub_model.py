@@ -21,9 +21,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
 
+from qlora_helpers.common.models import VISION_PARTS
+from qlora_helpers.common.models import bnb_config as common_bnb_config
 from qlora_helpers.common.quant import keep_cpu_training_layout
 
-VISION_PARTS = ("vision_tower", "visual", "multi_modal_projector", "vision_model", "connector")
 # transformers 5.2x matches these from the start of a module's name (so ".*visual"); earlier 5.x as substrings
 KEEP_16BIT = ["lm_head", *VISION_PARTS, *(f".*{name}" for name in VISION_PARTS)]
 PROJECTORS = ("multi_modal_projector", "merger", "connector")
@@ -32,9 +33,8 @@ LANGUAGE_MODELS = ("language_model", "text_model")
 
 def bnb_config(quantization, dtype) -> BitsAndBytesConfig:
     """NF4 (or FP4) with double quantisation for the language model; tower, projector and lm_head left out."""
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization.quant_type,
-                              bnb_4bit_use_double_quant=quantization.double_quant, bnb_4bit_compute_dtype=dtype,
-                              llm_int8_skip_modules=KEEP_16BIT)
+    return common_bnb_config("4bit", dtype, double_quant=quantization.double_quant,
+                             quant_type=quantization.quant_type, skip_modules=KEEP_16BIT)
 
 
 def load_vlm(model_id: str, *, quantization, dtype, device: str):

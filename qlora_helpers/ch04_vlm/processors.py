@@ -15,9 +15,6 @@ the ``vlm`` command trains in seconds on the CPU, exactly as it would train the 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -38,6 +35,7 @@ from transformers import (
 from transformers.processing_utils import ProcessorMixin
 
 from qlora_helpers.common.assets import TOKENIZER_FILES, verify
+from qlora_helpers.common.files import write_new_folder
 from qlora_helpers.common.models import build_tiny, tiny_llama, tiny_llava, tiny_qwen2
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ..."), reading lists of parts.
@@ -138,11 +136,19 @@ def cached_tokenizer(family: str):
                                                 only=TOKENIZER_FILES))
 
 
+def fit_llava_config(config, tokenizer):
+    """A LLaVA config made to match the stand-in tokenizer (SmolLM2's + ``<image>``): its vocabulary and
+    the image token's id."""
+    config.text_config.vocab_size = len(tokenizer)
+    config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    return config
+
+
 def _tiny_config(family: str, processor, image_size: int):
     tokenizer = processor.tokenizer
     if family == "llava":
-        config = tiny_llava(vocab_size=len(tokenizer), image_size=image_size, patch_size=14)
-        config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        config = fit_llava_config(tiny_llava(vocab_size=len(tokenizer), image_size=image_size, patch_size=14),
+                                  tokenizer)
         config.vision_feature_select_strategy = "default"
         return config
     if family == "idefics3":
@@ -160,17 +166,8 @@ def _tiny_config(family: str, processor, image_size: int):
 
 
 def write_vlm_folder(folder: str | Path, model, processor) -> Path:
-    """Save ``model`` and ``processor`` as one ``from_pretrained`` folder, written beside it and renamed into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        model.save_pretrained(tmp)
-        save_processor(processor, tmp)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    """Save ``model`` and ``processor`` as one ``from_pretrained`` folder (``files.write_new_folder``)."""
+    return write_new_folder(folder, lambda tmp: (model.save_pretrained(tmp), save_processor(processor, tmp)))
 
 
 def write_tiny_vlm(folder: str | Path, family: str = "llava", *, image_size: int = 28, seed: int = 0) -> Path:
@@ -181,8 +178,7 @@ def write_tiny_vlm(folder: str | Path, family: str = "llava", *, image_size: int
     become 1 token after its pixel shuffle. An existing folder is
     returned as it is; a new one is written beside it and renamed into place.
     """
-    folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return folder
+    if (Path(folder) / "config.json").is_file():
+        return Path(folder)
     processor = make_processor(family, cached_tokenizer(family), image_size)
     return write_vlm_folder(folder, build_tiny(_tiny_config(family, processor, image_size), seed=seed), processor)

@@ -93,6 +93,29 @@ def atomic_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
     return folder
 
 
+def write_new_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
+    """Write a folder once: ``write(tmp)`` fills a new folder beside it, one rename puts it in place.
+
+    An existing folder (one holding ``config.json``, as a ``from_pretrained`` folder does) is returned as
+    it is; a crash never leaves half of one, and when another process wrote it meanwhile its copy is kept.
+    """
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # written meanwhile by another process: keep that one
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def remove_folder(folder: str | Path) -> None:
     """Remove a folder so that no reader sees part of it: one rename hides it, then it is deleted.
 

@@ -13,9 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -36,6 +34,7 @@ from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 from transformers.quantizers import AutoHfQuantizer
 
 from qlora_helpers.common.assets import TOKENIZER_FILES, load_smollm2, verify
+from qlora_helpers.common.files import write_new_folder
 from qlora_helpers.common.shapes import get_config
 
 QUANTIZE = (None, "4bit", "8bit")
@@ -97,26 +96,13 @@ def write_model_folder(folder, make_model, tokenizer_asset: str) -> Path:
     leaves half a model.
     """
 
-    folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return folder
-
-    source = verify(tokenizer_asset, only=TOKENIZER_FILES)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        make_model(tokenizer).save_pretrained(tmp)
+    def write(tmp: Path) -> None:
+        source = verify(tokenizer_asset, only=TOKENIZER_FILES)
+        make_model(AutoTokenizer.from_pretrained(source)).save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             shutil.copyfile(source / name, tmp / name)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # written meanwhile by another process: keep that one
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return write_new_folder(folder, write)
 
 
 def write_tiny_model(folder, family: str = "llama", seed: int = 0) -> Path:
@@ -133,26 +119,32 @@ def write_tiny_model(folder, family: str = "llama", seed: int = 0) -> Path:
     return write_model_folder(folder, lambda tok: build_tiny(make_config(vocab_size=len(tok)), seed=seed), asset)
 
 
+# a VLM's vision tower and projector, by module name across families (LLaVA, Qwen2-VL, Idefics3 / SmolVLM)
+VISION_PARTS = ("vision_tower", "visual", "multi_modal_projector", "vision_model", "connector")
+
+
 def _keep_unquantized(model) -> list[str]:
     """Module names that stay in full precision: lm_head and, for VLMs, vision tower and projector."""
     keep = ["lm_head"]
     for name, _ in model.named_modules():
         short = name.rsplit(".", 1)[-1]
-        if short in ("vision_tower", "visual", "multi_modal_projector", "vision_model"):
+        if short in VISION_PARTS:
             keep.append(name)
     return keep
 
 
 def bnb_config(quantize: str, compute_dtype, *, double_quant: bool = True, quant_type: str = "nf4",
-               quant_storage=None):
-    """The ``BitsAndBytesConfig`` that ``from_pretrained`` would use for the same setting."""
+               quant_storage=None, skip_modules: list[str] | None = None):
+    """The ``BitsAndBytesConfig`` that ``from_pretrained`` would use for the same setting (``skip_modules``:
+    modules it leaves unquantised)."""
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if quantize == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                   bnb_4bit_use_double_quant=double_quant,
                                   bnb_4bit_compute_dtype=compute_dtype,
-                                  bnb_4bit_quant_storage=quant_storage or torch.uint8)
+                                  bnb_4bit_quant_storage=quant_storage or torch.uint8,
+                                  llm_int8_skip_modules=skip_modules)
     raise ValueError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
 
 
