@@ -40,6 +40,15 @@ def one_line(text: str) -> str:
     return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def check_keys(values, known, source: str, command: str) -> None:
+    """Refuse the first key of ``values`` not in ``known`` in one line, with the closest known one."""
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"see `python -m qlora_helpers {command} --help`"
+            raise ValueError(f"{source}: unknown key '{key}': {hint}")
+
+
 def is_user_error(err: BaseException) -> bool:
     return isinstance(err, USER_ERRORS) or type(err).__name__ in USER_ERROR_NAMES
 

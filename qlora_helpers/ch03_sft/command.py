@@ -21,7 +21,6 @@ The output folder receives, at the end, the adapter (``adapter_config.json``,
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import shutil
@@ -52,6 +51,7 @@ from qlora_helpers.common.assets import sft_paths
 from qlora_helpers.common.device import cpu_compute_dtype
 from qlora_helpers.common.files import atomic_write_json, remove_folder
 from qlora_helpers.common.models import count_parameters
+from qlora_helpers.errors import check_keys
 
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -144,11 +144,7 @@ HELP = {
 
 # --------------------------------------------------------------------------- building and checking a config
 def from_dict(values: dict, source: str = "config") -> SFTConfig:
-    unknown = [k for k in values if k not in KEYS]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], KEYS, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else "see `python -m qlora_helpers sft --help`"
-        raise ValueError(f"{source}: unknown key '{unknown[0]}': {hint}")
+    check_keys(values, KEYS, source, "sft")
     defaults = SFTConfig()
     for key, value in values.items():
         want = type(getattr(defaults, key))

@@ -19,7 +19,6 @@ Qwen2-VL-7B's, the same losses, for as much CPU memory and a small copy per step
 from __future__ import annotations
 
 import argparse
-import difflib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from qlora_helpers.ch04_vlm.trainer import HISTORY, train_vlm
 from qlora_helpers.common.device import cpu_compute_dtype
 from qlora_helpers.common.files import atomic_write_json, remove_folder
 from qlora_helpers.common.models import count_parameters
+from qlora_helpers.errors import check_keys
 
 RESUME_KEYS = ("model_id", "data_path", "max_steps", "seed", "train_projector")
 
@@ -106,18 +106,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                             **({"nargs": "?", "const": True} if isinstance(default, bool) else {}))
 
 
-def _check_keys(values: dict, source: str) -> None:
-    known = RUN_KEYS + CONFIG_KEYS
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else "see `python -m qlora_helpers vlm --help`"
-            raise ValueError(f"{source}: unknown key '{key}': {hint}")
-
-
 def build_run(values: dict, flags: dict, source: str = "config") -> VLMRun:
     """A run from a config file's ``values`` and command-line ``flags`` (run keys and ``section.key``)."""
-    _check_keys(values, source)
+    check_keys(values, RUN_KEYS + CONFIG_KEYS, source, "vlm")
     merged = {**values, **{k: v for k, v in flags.items() if "." not in k}}
     name = merged.get("preset", VLMRun.preset)
     settings = vc.to_dict(vc.preset(name))
