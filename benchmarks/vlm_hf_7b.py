@@ -36,7 +36,8 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from qlora_helpers.ch04_vlm.command import config_from_args, run_vlm
-from qlora_helpers.ch04_vlm.encode import encode_all, image_token_id
+from qlora_helpers.ch04_vlm.encode import encode_all
+from qlora_helpers.ch04_vlm.encode import text_tokens as count_text_tokens
 from qlora_helpers.ch04_vlm.processors import (
     cached_tokenizer,
     fit_llava_config,
@@ -94,9 +95,7 @@ def write_data(folder: Path) -> dict:
 
 def text_tokens(model: Path, data: Path) -> list[int]:
     processor = load_processor(model)
-    examples = encode_all(read_records(data), processor, MAX_LENGTH)
-    image_id = image_token_id(processor)
-    return [int((e["input_ids"] != image_id).sum()) for e in examples]
+    return [count_text_tokens(e["input_ids"], processor) for e in encode_all(read_records(data), processor, MAX_LENGTH)]
 
 
 def command_flags(embeddings_on_cpu: bool) -> list[str]:

@@ -27,6 +27,12 @@ def image_token_id(processor) -> int | None:
     return processor.tokenizer.convert_tokens_to_ids(token) if token else None
 
 
+def text_tokens(ids: torch.Tensor, processor) -> int:
+    """Tokens of ``ids`` that are not image tokens (what ``data.max_length`` bounds)."""
+    image_id = image_token_id(processor)
+    return int((ids != image_id).sum()) if image_id is not None else ids.numel()
+
+
 def _render(processor, messages: list, images: list, *, prompt: bool) -> dict:
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
     return processor(text=[text], images=[images] if images else None, return_tensors="pt")   # a batch of one
@@ -47,16 +53,16 @@ def encode(record, processor, max_length: int) -> dict:
             continue
         shown = images[:_images_in(record.messages[:i])]
         start = _render(processor, record.messages[:i], shown, prompt=True)["input_ids"][0]
-        end = len(_render(processor, record.messages[:i + 1], images[:_images_in(record.messages[:i + 1])],
-                          prompt=False)["input_ids"][0])
+        done = record.messages[:i + 1]     # the whole conversation is ``ids`` already: not rendered again
+        end = len(ids) if len(done) == len(record.messages) else len(
+            _render(processor, done, images[:_images_in(done)], prompt=False)["input_ids"][0])
         if not torch.equal(ids[:len(start)], start):
             raise ValueError(f"{record.where}: the chat template does not write turn {i} after the ones before it; "
                              "use a model whose template renders turns in order")
         labels[len(start):end] = ids[len(start):end]
-    image_id = image_token_id(processor)
-    text_tokens = int((ids != image_id).sum()) if image_id is not None else len(ids)
-    if text_tokens > max_length:
-        raise ValueError(f"{record.where}: {text_tokens} text tokens > data.max_length {max_length}; "
+    n_text = text_tokens(ids, processor)
+    if n_text > max_length:
+        raise ValueError(f"{record.where}: {n_text} text tokens > data.max_length {max_length}; "
                          "shorten the conversation or raise --data.max_length")
     return {**inputs, "labels": labels[None]}
 
