@@ -3,10 +3,12 @@
 After every kill each file a run writes is checked to be absent, the old version or the new one, complete:
 checkpoints load, adapters load (config and weights), ``training_history.json`` and result files parse.
 Resuming then ends on the same losses as an uninterrupted run. Three trainers: the ``sft`` command
-(chapter 03), the detector of chapter 02 (``train_detector`` with a checkpoint), and the data-parallel
+(chapter 03, TRL's ``SFTTrainer`` with the course's ``CourseCallback`` marking each whole checkpoint),
+the detector of chapter 02 (``train_detector`` with a checkpoint), and the data-parallel
 worker of chapter 05 on 2 CPU processes. Chapter 05's worker has no resume: a killed run is started
 again and must write the same history as far as the killed one got. Chapter 04's ``vlm`` command writes
-its checkpoints with chapter 03's code (``ch03_sft.loop``) and its adapters with ``files.atomic_folder``;
+its checkpoints with chapter 03's ``CourseCallback`` (``ch03_sft.trainer``) and its adapters with
+``files.atomic_folder``;
 tests/test_vlm_command.py checks its resume in one process, since four more command start-ups (~8 s each
 on the 2-core CI machine) do not fit this test's time.
 
@@ -29,7 +31,7 @@ import yaml
 from safetensors.torch import load_file
 
 from qlora_helpers.ch03_sft.command import SFTConfig, run_sft
-from qlora_helpers.ch03_sft.loop import clean_partial_checkpoints, latest_checkpoint, save_checkpoint
+from qlora_helpers.ch03_sft.trainer import CourseCallback, clean_partial_checkpoints, latest_checkpoint
 from qlora_helpers.ch05_multi_gpu.reversal import generate_data
 from qlora_helpers.common import files
 from qlora_helpers.common.assets import load_sft
@@ -103,35 +105,52 @@ def check_sft_output(out: Path) -> None:
         check_json(out / name)
     check_adapter(out)
     root = out / "checkpoints"
-    for ckpt in [p for p in root.glob("step-*") if p.is_dir()] if root.is_dir() else []:
+    for ckpt in [p for p in root.glob("checkpoint-*") if p.is_dir()] if root.is_dir() else []:
+        if not (ckpt / "state.json").is_file():
+            continue                 # cut short by the kill: never loaded, removed by the next start
         json.loads((ckpt / "state.json").read_text())
-        assert load_file(ckpt / "trainable.safetensors"), ckpt
+        assert load_file(ckpt / "adapter_model.safetensors"), ckpt
         torch.load(ckpt / "optimizer.pt", weights_only=False)
     if (root / "latest").exists():
         assert (root / (root / "latest").read_text().strip() / "state.json").is_file()
 
 
+def _trainer_checkpoint(root: Path, step: int) -> None:
+    """What the HF Trainer writes into ``checkpoint-N`` (a stand-in: the files the check above opens)."""
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    torch.save({}, path / "optimizer.pt")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, path / "adapter_model.safetensors")
+
+
 def test_a_kill_while_old_checkpoints_are_pruned_leaves_none_half_deleted(tmp_path, monkeypatch):
     """The instant the random kills can miss: an old checkpoint is deleted file by file after a save."""
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    root = tmp_path / "checkpoints"
+    course = CourseCallback(SFTConfig(save_total_limit=2), output_dir=tmp_path, eval_loss=None)
+    args = type("Args", (), {"output_dir": str(root), "should_save": True})()
+    state = type("State", (), {"global_step": 0})()
     for step in (3, 6):
-        save_checkpoint(tmp_path, step, model, optimizer=optimizer, scheduler=scheduler, state={})
+        _trainer_checkpoint(root, step)
+        state.global_step = step
+        course.on_save(args, state, None)
 
     def killed_mid_delete(path, **kw):      # deletes one file, then the process is gone
         next(f for f in Path(path).iterdir() if f.is_file()).unlink()
         raise SystemExit("SIGKILL")
 
+    _trainer_checkpoint(root, 9)
+    state.global_step = 9
     monkeypatch.setattr(files.shutil, "rmtree", killed_mid_delete)
     with pytest.raises(SystemExit):
-        save_checkpoint(tmp_path, 9, model, optimizer=optimizer, scheduler=scheduler, state={})
+        course.on_save(args, state, None)
     monkeypatch.undo()
     check_sft_output(tmp_path)
-    assert latest_checkpoint(tmp_path).name == "step-000009"
-    root = tmp_path / "checkpoints"
-    assert sorted(p.name for p in root.glob("step-*")) == ["step-000006", "step-000009"]
-    assert clean_partial_checkpoints(tmp_path) == 1 and not list(root.glob(".*"))
+    assert latest_checkpoint(tmp_path).name == "checkpoint-9"
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-9"]
+    _trainer_checkpoint(root, 12)           # a save the kill cut short: no state.json
+    assert clean_partial_checkpoints(tmp_path) == 2 and not list(root.glob(".*"))
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-9"]
 
 
 def test_sft_killed_at_random_then_resumed(tiny_llama_dir, sft_data, tmp_path):
@@ -152,9 +171,9 @@ def test_sft_killed_at_random_then_resumed(tiny_llama_dir, sft_data, tmp_path):
             kills.append(delay)
         check_sft_output(out)
         # the run resumed after the previous one removed the half-written checkpoint planted below
-        assert not list(latest.parent.glob(".tmp-step-999999-*")), "a killed save's temporary folder was kept"
+        assert not (latest.parent / "checkpoint-999999").exists(), "a checkpoint cut short was kept"
         if i < 2 and _read(latest):   # as a kill mid-save leaves; the next run resumes and must remove it
-            (latest.parent / f".tmp-step-999999-{i}").mkdir()
+            (latest.parent / "checkpoint-999999").mkdir()
     assert kills, f"seed {SEED}: every run finished before its kill; make the run longer"
     if not (out / "sft_summary.json").exists():
         done = subprocess.run(_sft_command(args, "--resume"), capture_output=True, text=True, env=ENV, cwd=ROOT)

@@ -337,3 +337,49 @@ def test_corpus_preference_is_the_difference_of_two_answer_losses_hand_computed(
                          {"base": -2.0, "full": -1.0, "lora": -1.5, "qlora-4bit": -1.5, "qlora-8bit": -2.0})
     assert m["corpus_preference_gain"] == 0.5 and m["answer_f1_gain"] == 0.05
     assert m["eval_loss_drop_lora"] == 0.5 and m["lora_over_qlora4_loss"] == round(2.5 / 2.6, 6)
+
+
+# --------------------------------------------------------------------------- the engine: TRL's SFTTrainer
+def _sequences(batch: dict) -> list[tuple]:
+    """(input ids, labels) of each conversation in a batch: padded rows cut at their mask, packed rows at the
+    positions that restart at 0."""
+    out = []
+    for row in range(batch["input_ids"].shape[0]):
+        ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+        if "position_ids" in batch:
+            pos = batch["position_ids"][row].tolist()
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+            out += [(tuple(ids[a:b]), tuple(labels[a:b])) for a, b in zip(starts, starts[1:])]
+        else:
+            n = int(batch["attention_mask"][row].sum())
+            out.append((tuple(ids[:n]), tuple(labels[:n])))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_trainer_trains_on_the_course_masks_of_the_real_smollm2(packing, cached_assets, tmp_path):
+    """The batches TRL's SFTTrainer builds hold exactly the course's encoded conversations (assistant-only labels),
+    padded or packed padding-free; then two steps of the real SmolLM2 through ``run_sft`` learn on those tokens."""
+    from qlora_helpers.ch03_sft.data import encode_all, read_jsonl
+    from qlora_helpers.ch03_sft.modes import build_model, load_tokenizer, model_path
+    from qlora_helpers.ch03_sft.trainer import CourseCallback, make_trainer, training_args
+    from qlora_helpers.common.assets import sft_paths
+
+    cfg = SFTConfig(use_qlora=True, packing=packing, max_length=96, per_device_train_batch_size=4, max_steps=2,
+                    device="cpu", output_dir=str(tmp_path / "out"), max_train_samples=12, max_eval_samples=4)
+    tok = load_tokenizer(model_path(cfg))
+    data = encode_all(read_jsonl(sft_paths()["train"])[:12], tok, cfg.max_length)
+    model = build_model(cfg, "cpu")
+    course = CourseCallback(cfg, output_dir=tmp_path, eval_loss=None, progress=False)
+    trainer = make_trainer(model, tok, data, cfg, training_args(cfg, tmp_path, "cpu", packing=packing), course)
+    seen = [seq for batch in trainer.get_train_dataloader() for seq in _sequences(batch)]
+    course_examples = [(tuple(e.input_ids), tuple(e.labels)) for e in data.examples]
+    assert sorted(seen) == sorted(course_examples)
+    assert all(any(label != -100 for label in labels) for _, labels in seen)
+
+    s = run_sft(cfg, progress=False).summary
+    assert s["steps"] == 2 and s["eval_loss"]["after"] < s["eval_loss"]["before"] + 0.5
+    assert all(r["tokens"] > 0 and r["loss"] == r["loss"] for r in s["history"]["train"])
+    if packing:   # one padding-free row of whole conversations per micro-batch, at most max_length tokens each
+        assert all(r["tokens"] <= cfg.per_device_train_batch_size * cfg.max_length for r in s["history"]["train"])

@@ -5,8 +5,8 @@ module        what it holds
 ============  ========================================================================================
 data          chat / instruction JSONL with per-line checks, assistant-only masks, batching and packing
 modes         the four modes: how each loads the base (``BitsAndBytesConfig``) and wraps it (LoRA)
-loop          the training loop: one optimizer step, evaluation, atomic checkpoints and resume
-command       the ``sft`` command: its config, validation and ``run_sft``
+trainer       what the course adds to TRL's ``SFTTrainer``: its data and masks, whole checkpoints, history
+command       the ``sft`` command: its config, validation and ``run_sft`` (training through ``trainer``)
 chat          reload with plain peft, chat, merge (and the QLoRA merge pitfall)
 peak_memory   peak memory of a block of code (CPU RSS or CUDA peak)
 recipe        the lean recipe: loss without full logits, packing, no fp32 upcast, planned micro-batch
@@ -49,7 +49,6 @@ from qlora_helpers.ch03_sft.gpu_results import (
     throughput_targets,
     unmeasured_peer_rows,
 )
-from qlora_helpers.ch03_sft.loop import LiveLossPlot, evaluate, make_optimizer, optimizer_step
 from qlora_helpers.ch03_sft.modes import build_model, load_tokenizer, trainable_4bit_layers
 from qlora_helpers.ch03_sft.report import (
     answer_scores,
@@ -64,13 +63,14 @@ from qlora_helpers.ch03_sft.report import (
     quality_ratios,
     run_line,
 )
+from qlora_helpers.ch03_sft.trainer import LiveLossPlot, evaluate
 
 __all__ = ["PROBE_PROMPTS", "ablation_lines", "answer_scores", "batch_order", "build_model", "chat", "collate",
            "corpus_preference", "DataError", "encode_all", "encode_chat", "evaluate", "from_dict", "learning_metrics",
            "LiveLossPlot",
-           "load_config_file", "load_for_inference", "load_tokenizer", "logit_difference", "make_optimizer",
+           "load_config_file", "load_for_inference", "load_tokenizer", "logit_difference",
            "merge_adapter", "merge_results", "merge_table", "missed_targets", "mode_results", "modes_figure",
-           "modes_table", "optimizer_step", "peer_figure", "peer_points", "peer_table", "plan_lines",
+           "modes_table", "peer_figure", "peer_points", "peer_table", "plan_lines",
            "prompt_logits", "quality_claims", "quality_ratios",
            "read_jsonl", "records_to_conversations", "run_line", "run_sft", "sft_modes_vs_seed", "SFTConfig",
            "show_mask", "step_profiles", "targets_table", "throughput_figure", "throughput_targets",

@@ -33,9 +33,10 @@ import bitsandbytes as bnb
 import torch
 from peft import PeftModel
 from peft.utils.integrations import dequantize_bnb_weight
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
+from qlora_helpers.common.models import bnb_config
 from qlora_helpers.errors import OneLineParser, run_main
 
 PROBE_PROMPTS = ["What is AI?", "Tell me a joke.", "Do you like music?"]
@@ -69,10 +70,7 @@ def load_for_inference(model_dir: str | Path, base_model: str | None = None, *, 
     dtype = _dtype(dtype)
     kwargs = {"dtype": dtype}
     if load_in_4bit or load_in_8bit:
-        q = BitsAndBytesConfig(load_in_8bit=True)
-        if load_in_4bit:
-            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)
+        q = bnb_config("4bit" if load_in_4bit else "8bit", dtype)
         kwargs.update(quantization_config=q, device_map={"": device})
     if (model_dir / "adapter_config.json").is_file():
         base_path = base_model or base_of(model_dir)
@@ -167,11 +165,9 @@ def _training_quantization(adapter_dir: Path):
     cfg = json.loads(cfg_path.read_text())
     if not cfg.get("use_qlora"):
         raise ValueError(f"{adapter_dir} was trained without quantisation: merge onto the original base")
-    if (cfg.get("quantization_bit") or 4) == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.get("bnb_4bit_quant_type", "nf4"),
-                              bnb_4bit_use_double_quant=cfg.get("bnb_4bit_use_double_quant", True),
-                              bnb_4bit_compute_dtype=torch.float32)
+    return bnb_config("8bit" if (cfg.get("quantization_bit") or 4) == 8 else "4bit", torch.float32,
+                      quant_type=cfg.get("bnb_4bit_quant_type", "nf4"),
+                      double_quant=cfg.get("bnb_4bit_use_double_quant", True))
 
 
 def trained_quantized(adapter_dir: str | Path) -> bool:

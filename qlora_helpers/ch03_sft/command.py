@@ -7,6 +7,13 @@ line override the file::
     python -m qlora_helpers sft --use_lora --lora_r 16 --lora_alpha 32 --data_path my.jsonl \\
         --output_dir outputs/my-lora --learning_rate 2e-4
 
+The same command runs data-parallel on several processes, one per GPU (the Trainer's DDP), the global
+batch being processes x ``per_device_train_batch_size`` x ``gradient_accumulation_steps``; only the main
+process writes into ``output_dir``. Without GPUs, add ``--device cpu`` and the processes meet over gloo
+(accelerate's ``--cpu`` flag would start one process: its CPU launcher needs MPI for more)::
+
+    accelerate launch --multi_gpu --num_processes 2 -m qlora_helpers sft --config_file data/configs/qlora-4bit.json
+
 No mode flag means full fine-tuning (``--full_finetune`` says so explicitly). ``--use_qlora``
 trains LoRA on a base quantised to ``--quantization_bit`` 4 (default) or 8. Contradictory or
 invalid settings stop before anything loads, with one line naming the key and the fix.
@@ -14,13 +21,15 @@ invalid settings stop before anything loads, with one line naming the key and th
 The output folder receives, at the end, the adapter (``adapter_config.json``,
 ``adapter_model.safetensors``) or the full model, the tokenizer, ``sft_config.json`` and
 ``sft_summary.json``; every ``save_steps`` steps a checkpoint goes to ``checkpoints/`` (see
-``qlora_helpers.ch03_sft.loop``). An output folder that already holds files is refused unless
-``--resume`` (continue from ``checkpoints/latest``) or ``--overwrite_output_dir`` is given.
+``qlora_helpers.ch03_sft.trainer``: the training is TRL's ``SFTTrainer``). An output folder that already
+holds files is refused unless ``--resume`` (continue from ``checkpoints/latest``) or
+``--overwrite_output_dir`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -30,16 +39,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from transformers import set_seed
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from transformers import AutoConfig, set_seed
 
 from qlora_helpers.ch03_sft import data as d
-from qlora_helpers.ch03_sft.loop import (
-    CHECKPOINTS,
-    evaluate,
-    latest_checkpoint,
-    tensor_bytes,
-    train,
-)
 from qlora_helpers.ch03_sft.modes import (
     build_model,
     load_tokenizer,
@@ -47,14 +51,24 @@ from qlora_helpers.ch03_sft.modes import (
     trainable_4bit_layers,
 )
 from qlora_helpers.ch03_sft.peak_memory import PeakMemory
+from qlora_helpers.ch03_sft.recipe import plan_micro_batch
+from qlora_helpers.ch03_sft.trainer import (
+    CHECKPOINTS,
+    COMPLETE,
+    OPTIMIZERS,
+    evaluate,
+    latest_checkpoint,
+    tensor_bytes,
+    train,
+)
 from qlora_helpers.common.assets import sft_paths
 from qlora_helpers.common.device import cpu_compute_dtype
 from qlora_helpers.common.files import atomic_write_json, remove_folder
-from qlora_helpers.common.models import count_parameters
+from qlora_helpers.common.models import count_parameters, trainable_digest
 from qlora_helpers.errors import check_keys
 
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+ATTENTION = ("auto", "sdpa", "eager", "varlen")
 # Keys that must match between an interrupted run and its --resume.
 RESUME_KEYS = ("mode", "model_name_or_path", "data_path", "lora_r", "lora_alpha", "lora_dropout",
                "lora_target_modules", "learning_rate", "per_device_train_batch_size",
@@ -94,6 +108,9 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = False
+    memory_budget_gib: float = 0.0     # > 0: micro-batch and checkpointing planned for it; -1: the GPU's memory
+    use_liger_kernel: bool = True      # Liger's kernels (Trainer option), on CUDA where liger-kernel is installed
+    attn_implementation: str = "auto"  # auto: varlen flash attention for packed bf16 rows on CUDA, else sdpa
     kbit_upcast: bool = False          # QLoRA: peft's prepare_model_for_kbit_training (fp32 upcast), not the recipe
     bf16: bool = False
     fp16: bool = False
@@ -133,6 +150,11 @@ HELP = {
     "lora_target_modules": "attention | mlp | all | null (every linear layer) | q_proj,v_proj,...",
     "max_steps": "optimizer steps; > 0 overrides num_train_epochs",
     "gradient_checkpointing": "recompute activations in backward: less memory, more time",
+    "memory_budget_gib": "plan per_device_train_batch_size (same tokens per step) and checkpointing for this many "
+                         "GiB with the chapter-01 estimator; -1: the GPU's memory; 0: off",
+    "use_liger_kernel": "Liger's fused kernels where installed, on CUDA",
+    "attn_implementation": "auto | sdpa | eager | varlen (flash attention over packed rows, CUDA)",
+    "packing": "TRL's best-fit packing of whole conversations into padding-free rows of max_length tokens",
     "kbit_upcast": "QLoRA: upcast frozen embeddings/norms/lm_head to fp32 (peft's prepare_model_for_kbit_training)",
     "optim": "adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit (paged: CUDA only)",
     "bf16": "bf16 autocast (and bf16 frozen base for LoRA/QLoRA)",
@@ -245,6 +267,10 @@ def _check_optimisation(cfg: SFTConfig) -> None:
         raise ValueError(f"max_length must be >= 8 tokens, not {cfg.max_length!r}")
     if cfg.optim not in OPTIMIZERS:
         raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, not {cfg.optim!r}")
+    if cfg.attn_implementation not in ATTENTION:
+        raise ValueError(f"attn_implementation must be one of {', '.join(ATTENTION)}, not {cfg.attn_implementation!r}")
+    if cfg.memory_budget_gib < 0 and cfg.memory_budget_gib != -1:
+        raise ValueError(f"memory_budget_gib must be > 0 GiB, 0 (off) or -1 (the GPU's), not {cfg.memory_budget_gib!r}")
     if cfg.lr_scheduler_type not in SCHEDULERS:
         raise ValueError(f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, not {cfg.lr_scheduler_type!r}")
 
@@ -271,6 +297,10 @@ def _check_device(cfg: SFTConfig) -> None:
                          f"{torch.backends.cpu.get_cpu_capability()}): it would run ~50x slower than fp32; drop --bf16")
     if device == "cpu" and cfg.fp16:
         raise ValueError("fp16 needs a CUDA GPU (no fp16 autocast and grad scaler on the CPU): use --bf16 or neither")
+    if device == "cpu" and cfg.attn_implementation == "varlen":
+        raise ValueError("attn_implementation=varlen is PyTorch's flash kernel and needs CUDA: use auto or sdpa")
+    if device == "cpu" and cfg.memory_budget_gib == -1:
+        raise ValueError("memory_budget_gib=-1 plans for the GPU's memory and needs CUDA: give a number of GiB or 0")
     if device == "cpu" and cfg.optim.startswith("paged_"):
         raise ValueError(f"optim={cfg.optim} pages optimizer state between GPU and CPU memory and needs CUDA: "
                          "use adamw_torch on the CPU")
@@ -322,6 +352,8 @@ def config_from_args(args: argparse.Namespace) -> SFTConfig:
 def cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     summary = run_sft(cfg).summary
+    if not PartialState().is_main_process:      # under accelerate launch: one line, from the main process
+        return 0
     ev = {k: "n/a" if v is None else f"{v:.4f}" for k, v in summary["eval_loss"].items()}
     print(f"{cfg.mode}: {summary['steps']} steps, trainable {summary['params']['trainable']:,} "
           f"of {summary['params']['total']:,}; eval loss {ev['before']} -> {ev['after']}; "
@@ -366,9 +398,9 @@ def check_resume(cfg: SFTConfig, fingerprint: dict) -> None:
     if ckpt is None:
         return
     try:
-        written = json.loads((ckpt / "state.json").read_text()).get("fingerprint", {})
+        written = json.loads((ckpt / COMPLETE).read_text()).get("fingerprint", {})
     except json.JSONDecodeError:
-        raise ValueError(f"{ckpt}/state.json is not valid JSON: pass --overwrite_output_dir to start again") from None
+        raise ValueError(f"{ckpt}/{COMPLETE} is not valid JSON: pass --overwrite_output_dir to start again") from None
     for key, value in fingerprint.items():
         if written.get(key) != value:
             raise ValueError(f"output_dir {cfg.output_dir} holds a different run: {ckpt.name} was written with "
@@ -409,7 +441,7 @@ def load_data(cfg: SFTConfig, tokenizer, *, train_conversations=None, eval_conve
     """Encoded train and eval data: given conversations, the files of cfg, or the chatterbot splits."""
 
     train_conversations, eval_conversations = read_conversations(cfg, train_conversations, eval_conversations)
-    train = d.encode_all(train_conversations, tokenizer, cfg.max_length, packing=cfg.packing)
+    train = d.encode_all(train_conversations, tokenizer, cfg.max_length)   # with packing, TRL packs them
     evald = d.encode_all(eval_conversations, tokenizer, cfg.max_length) if eval_conversations else None
     return train, evald
 
@@ -438,6 +470,56 @@ def save_final(model, tokenizer, out: Path) -> list[str]:
     return names
 
 
+def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
+    """With ``memory_budget_gib``, the chapter-01 estimator's plan for it (before the model loads): the micro-batch
+    (rows of ``max_length`` tokens, the tokens per optimizer step kept) and whether to checkpoint; ``cfg`` is set."""
+    if not cfg.memory_budget_gib:
+        return None
+    budget = cfg.memory_budget_gib
+    if budget == -1:
+        budget = round(0.92 * torch.cuda.get_device_properties(0).total_memory / 2**30, 2)   # the allocator's margin
+    method = {"full": "full", "lora": "lora"}.get(cfg.mode, f"qlora{cfg.quantization_bit}")
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except OSError as err:
+        raise ValueError(f"model_name_or_path {base!r}: cannot read its config.json ({str(err).splitlines()[0]})") \
+            from None
+    plan = plan_micro_batch(config, budget, method=method, lora_r=cfg.lora_r)
+    rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    cfg.per_device_train_batch_size = max(1, min(rows_per_step, plan["tokens"] // cfg.max_length))
+    cfg.gradient_accumulation_steps = max(1, round(rows_per_step / cfg.per_device_train_batch_size))
+    cfg.gradient_checkpointing = plan["gradient_checkpointing"]
+    return {**plan, "per_device_train_batch_size": cfg.per_device_train_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
+
+
+def start_output_dir(cfg: SFTConfig, processes: PartialState, base: str) -> Path:
+    """``prepare_output_dir`` and ``sft_config.json``, by the main process once every process has checked the
+    folder (at ``run_sft``'s start): under ``accelerate launch`` the others wait until it is done."""
+    processes.wait_for_everyone()
+    if processes.is_main_process:
+        out = prepare_output_dir(cfg)
+        atomic_write_json(out / "sft_config.json", {**cfg.to_dict(), "model_name_or_path": base, "mode": cfg.mode})
+    processes.wait_for_everyone()
+    return Path(cfg.output_dir)
+
+
+def finish_output_dir(processes: PartialState, model, tokenizer, out: Path, summary: dict) -> dict:
+    """The final model and ``sft_summary.json``, written by the main process alone, the others waiting.
+
+    ``summary`` gains ``processes``: every process's ``trainable_digest`` (equal digests: the processes
+    of a data-parallel run hold bit-identical weights) and, on the main process, the files written.
+    """
+    digests = gather_object([trainable_digest(model)])
+    summary["processes"] = {"world_size": processes.num_processes, "trainable_sha256": digests,
+                            "identical": len(set(digests)) == 1}
+    if processes.is_main_process:
+        summary["files"] = save_final(model, tokenizer, out)
+        atomic_write_json(out / "sft_summary.json", summary)
+    processes.wait_for_everyone()     # no process returns before the files are whole
+    return summary
+
+
 @dataclass
 class SFTResult:
     summary: dict          # also written to output_dir/sft_summary.json
@@ -455,23 +537,25 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
 
     validate(cfg)
     device = resolve_device(cfg)
+    processes = PartialState(cpu=device == "cpu")   # one, or this one of accelerate launch's (gloo on the CPU)
     check_output_dir(cfg)
     # the data files are read and checked before the tokenizer, the tokenizer before the model
     conversations = read_conversations(cfg, train_conversations, eval_conversations)
     base = model_path(cfg)
+    cfg.use_liger_kernel = bool(cfg.use_liger_kernel and device == "cuda" and importlib.util.find_spec("liger_kernel"))
+    plan = plan_batch(cfg, base, device)
     fingerprint = {k: (cfg.mode if k == "mode" else getattr(cfg, k)) for k in RESUME_KEYS}
     fingerprint["model_name_or_path"] = base
     check_resume(cfg, fingerprint)
     tokenizer = load_tokenizer(base)
     train_data, eval_data = load_data(cfg, tokenizer, train_conversations=conversations[0],
                                       eval_conversations=conversations[1])
-    out = prepare_output_dir(cfg)
-    atomic_write_json(out / "sft_config.json", {**cfg.to_dict(), "model_name_or_path": base, "mode": cfg.mode})
+    out = start_output_dir(cfg, processes, base)
 
     set_seed(cfg.seed)
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
-        model = build_model(cfg, device)
+        model = build_model(cfg, str(processes.device) if processes.num_processes > 1 else device)   # cuda:<rank>
         load_seconds = time.perf_counter() - t0
         params = count_parameters(model)
         before = None
@@ -479,11 +563,10 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
             if eval_data is not None and cfg.eval_before and not cfg.resume:
                 before = evaluate(model, eval_data, cfg.per_device_eval_batch_size, tokenizer.pad_token_id,
                                   device, cfg)
-            result = train(model, train_data, cfg, output_dir=out, pad_id=tokenizer.pad_token_id, device=device,
+            result = train(model, tokenizer, train_data, cfg, output_dir=out, device=device,
                            eval_data=eval_data, resume=cfg.resume, callbacks=callbacks, progress=progress,
                            fingerprint=fingerprint, initial_eval=before)
     before = next((e["eval_loss"] for e in result["history"]["eval"] if e["step"] == 0), None)
-    files = save_final(model, tokenizer, out)
     summary = {
         "mode": cfg.mode, "model": base, "device": device,
         "params": {**params, "trainable_percent": round(100 * params["trainable"] / params["total"], 4)},
@@ -496,8 +579,8 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
         # exact bytes of the tensors training keeps, whatever the allocator does
         "tensor_memory_mib": {"weights": round(tensor_bytes(model) / 2**20, 1),
                               **{k: round(v / 2**20, 1) for k, v in result["state_bytes"].items()}},
-        "history": result["history"], "files": files,
+        "history": result["history"], "files": [], "plan": plan,
+        "kernels": {**getattr(model, "recipe_kernels", {}), "liger_trainer": bool(cfg.use_liger_kernel)},
         "torch_threads": torch.get_num_threads(),
     }
-    atomic_write_json(out / "sft_summary.json", summary)
-    return SFTResult(summary, model, tokenizer)
+    return SFTResult(finish_output_dir(processes, model, tokenizer, out, summary), model, tokenizer)

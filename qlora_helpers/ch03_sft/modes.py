@@ -22,15 +22,18 @@ costs memory and speed for nothing, see ``benchmarks/results/throughput.json``).
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qlora_helpers.ch03_sft.fast_kernels import enable as enable_kernels
 from qlora_helpers.ch03_sft.recipe import prepare_model
 from qlora_helpers.common.assets import smollm2_path
+from qlora_helpers.common.models import bnb_config
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -72,6 +75,12 @@ def resolve_target_modules(spec, model) -> list[str]:
     return list(spec)
 
 
+def wants_varlen(cfg) -> bool:
+    """Varlen flash attention: asked for, or ``auto`` on packed bf16 rows (it falls back to SDPA elsewhere)."""
+    attention = getattr(cfg, "attn_implementation", "auto")
+    return attention == "varlen" or (attention == "auto" and getattr(cfg, "packing", False) and cfg.bf16)
+
+
 def compute_dtype(cfg):
     return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
 
@@ -100,11 +109,8 @@ def _quiet_int8_cast_warning() -> None:
 def bnb_quantization_config(cfg):
     """The ``BitsAndBytesConfig`` of a QLoRA mode (4-bit NF4 + double quantisation, or LLM.int8)."""
 
-    if cfg.quantization_bit == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
-                              bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype(cfg))
+    return bnb_config("8bit" if cfg.quantization_bit == 8 else "4bit", compute_dtype(cfg),
+                      quant_type=cfg.bnb_4bit_quant_type, double_quant=cfg.bnb_4bit_use_double_quant)
 
 
 def load_tokenizer(path: str):
@@ -129,6 +135,8 @@ def load_base(cfg, device: str, *, quantization_bit: int | None = None, dtype=No
 
     path = model_path(cfg)
     kwargs = {"dtype": dtype or torch.float32}
+    if getattr(cfg, "attn_implementation", "auto") == "eager":
+        kwargs["attn_implementation"] = "eager"
     if quantization_bit:
         if quantization_bit == 8:
             _quiet_int8_cast_warning()
@@ -148,11 +156,13 @@ def build_model(cfg, device: str):
     """Load and wrap the model for ``cfg.mode``: returns the model ready to train."""
 
     gc_kwargs = {"use_reentrant": False}
+    kernels = {"attention": wants_varlen(cfg), "liger": False}   # Liger comes through the Trainer's option
     if cfg.mode == "full":
         model = load_base(cfg, device, dtype=torch.float32)  # fp32 master weights; bf16/fp16 via autocast
         model.requires_grad_(True)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.recipe_kernels = enable_kernels(model, **kernels)
         return model
     if cfg.use_qlora:
         model = load_base(cfg, device, quantization_bit=cfg.quantization_bit or 4, dtype=compute_dtype(cfg))
@@ -160,17 +170,21 @@ def build_model(cfg, device: str):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                     gradient_checkpointing_kwargs=gc_kwargs)
         else:                 # the course recipe: they stay in the compute dtype (qlora_helpers.ch03_sft.recipe)
-            model = prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing)
+            model = prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, fast_kernels=kernels)
     else:
         model = load_base(cfg, device, dtype=compute_dtype(cfg))
         model.requires_grad_(False)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
+    if not hasattr(model, "recipe_kernels"):
+        model.recipe_kernels = enable_kernels(model, **kernels)
     targets = resolve_target_modules(cfg.lora_target_modules, model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():   # peft reads transformers' deprecated ``is_gradient_checkpointing``
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, lora)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from collections import Counter
 from matplotlib.figure import Figure
 
 from qlora_helpers.ch03_sft.data import encode_all
-from qlora_helpers.ch03_sft.loop import evaluate
+from qlora_helpers.ch03_sft.trainer import evaluate
 from qlora_helpers.common.device import device_info
 
 MODE_COLORS = ["#555555", "#1f77b4", "#2ca02c", "#ff7f0e"]

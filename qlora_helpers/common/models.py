@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -137,15 +138,13 @@ def bnb_config(quantize: str, compute_dtype, *, double_quant: bool = True, quant
                quant_storage=None, skip_modules: list[str] | None = None):
     """The ``BitsAndBytesConfig`` that ``from_pretrained`` would use for the same setting (``skip_modules``:
     modules it leaves unquantised)."""
-    if quantize == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if quantize == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                  bnb_4bit_use_double_quant=double_quant,
-                                  bnb_4bit_compute_dtype=compute_dtype,
-                                  bnb_4bit_quant_storage=quant_storage or torch.uint8,
-                                  llm_int8_skip_modules=skip_modules)
-    raise ValueError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
+    if quantize not in ("4bit", "8bit"):
+        raise ValueError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
+    settings = {"load_in_8bit": True} if quantize == "8bit" else dict(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage or torch.uint8,
+        llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(**settings)
 
 
 def _init_tensor(name: str, shape, std: float, device, dtype, generator):
@@ -231,6 +230,17 @@ def count_parameters(model) -> dict[str, int]:
         if p.requires_grad:
             trainable += n
     return {"trainable": trainable, "total": total}
+
+
+def trainable_digest(model) -> str:
+    """sha256 of every trainable parameter's name and bytes, in name order: equal digests mean bit-identical
+    weights. The processes of a data-parallel run each compute it to show that they hold the same adapter."""
+    h = hashlib.sha256()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name, p in sorted(trainable.items(), key=lambda item: item[0]):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_causal_lm(model_id: str = "", **kwargs):
