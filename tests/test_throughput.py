@@ -1,5 +1,6 @@
 """benchmarks/train_throughput.py off the GPU: each row in a process of its own, the peer rows (TRL configured
-well, Unsloth) on the same conversations as the recipe, and the targets computed from rows by hand."""
+well, Unsloth) and the course's ``sft`` command on the same conversations as the recipe, and the targets computed
+from rows by hand."""
 
 import json
 import math
@@ -16,15 +17,15 @@ from qlora_helpers.common.files import optional_benchmark
 def tiny_run(tmp_path_factory, cached_assets):
     out = tmp_path_factory.mktemp("throughput") / "t.json"
     tt.main(["--shapes", "tiny", "--device", "cpu", "--steps", "3", "--skip", "1", "--step-tokens", "512",
-             "--rows", "recipe-tight", "unsloth", "trl-best", "hf", "--out", str(out)])
+             "--rows", "recipe-tight", "sft", "unsloth", "trl-best", "hf", "--out", str(out)])
     return json.loads(out.read_text())["figures"]["shapes"]["tiny"]
 
 
-def test_each_row_runs_in_a_fresh_process_hf_first_then_peers_then_the_recipe(tiny_run):
+def test_each_row_runs_in_a_fresh_process_hf_first_then_peers_then_the_command_then_the_recipe(tiny_run):
     order = tiny_run["runs"][-1]["order"]
-    assert order[0] == "hf" and set(order[1:3]) == {"trl-best", "unsloth"} and order[3] == "recipe-tight"
+    assert order[0] == "hf" and set(order[1:3]) == {"trl-best", "unsloth"} and order[3:] == ["sft", "recipe-tight"]
     pids = [row["pid"] for row in tiny_run["rows"].values()]
-    assert len(set(pids)) == len(pids) == 4
+    assert len(set(pids)) == len(pids) == 5
 
 
 def test_trl_best_packs_the_same_conversations_without_padding(tiny_run):
@@ -35,6 +36,21 @@ def test_trl_best_packs_the_same_conversations_without_padding(tiny_run):
     hf = tiny_run["rows"]["hf"]    # the same answer-only labels on the same model: the same loss to start with
     assert row["steps"][0]["loss"] == pytest.approx(hf["steps"][0]["loss"], rel=0.01)
     assert math.isfinite(row["eval_loss"]) and row["tokens_per_second"] > 0
+
+
+def test_the_sft_command_trains_trl_best_s_conversations_at_its_settings(tiny_run):
+    row, peer = tiny_run["rows"]["sft"], tiny_run["rows"]["trl-best"]
+    assert "error" not in row, row.get("error")
+    s, p = row["settings"], peer["settings"]
+    assert s["packing"] and s["gradient_checkpointing"] and not s["bf16"]
+    assert {k: s[k] for k in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps")} == \
+        {k: p[k] for k in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps")}
+    assert "--data_path" in row["command"] and "--use_qlora" in row["command"]
+    # the same weights (loaded from the folder), the same packed rows in the same order: the same tokens and loss
+    assert [step["tokens"] for step in row["steps"]] == [step["tokens"] for step in peer["steps"]]
+    assert row["steps"][0]["loss"] == pytest.approx(peer["steps"][0]["loss"], rel=0.01)
+    assert math.isfinite(row["eval_loss"]) and row["tokens_per_second"] > 0
+    assert "sft_vs_trl_best" in tiny_run["targets"]
 
 
 def test_a_stack_that_cannot_load_records_its_error(tiny_run):
@@ -66,6 +82,24 @@ def test_plan_targets_hand_computed():
     assert v["planner_largest"]["value"] == pytest.approx(1.09) and v["planner_largest"]["met"]
     rows["recipe-tight-next"]["peak_allocated_gib"] = 9.9        # the next size fitted: the planner fell short
     assert not tt.plan_verdicts(rows)["planner_largest"]["met"]
+
+
+def test_sft_command_target_hand_computed():
+    rows = {"trl-best": {"tokens_per_second": 6000.0, "peak_allocated_gib": 8.4},
+            "sft": {"tokens_per_second": 5760.0, "peak_allocated_gib": 8.6}}
+    v = tt.command_verdicts(rows)["sft_vs_trl_best"]        # 5760 / 6000 = 0.96; 8.6 / 8.4 = 1.024
+    assert v["value"] == 0.96 and v["memory"] == pytest.approx(1.024, abs=1e-3) and v["met"]
+    rows["sft"]["peak_allocated_gib"] = 8.9                  # 8.9 / 8.4 = 1.060: over by more than 5 %
+    assert not tt.command_verdicts(rows)["sft_vs_trl_best"]["met"]
+    rows["sft"].update(tokens_per_second=5600.0, peak_allocated_gib=8.4)    # 0.933 of the peer's speed
+    assert "sft ran 5600 tokens/s" in tt.command_verdicts(rows)["sft_vs_trl_best"]["why"]
+
+
+def test_sft_row_stands_alone_in_the_order_and_its_command_line_names_what_differs():
+    assert tt.row_order(["recipe-max", "sft", "trl-best", "hf"], 0) == ["hf", "trl-best", "sft", "recipe-max"]
+    cfg = tt.sft_command.SFTConfig(use_qlora=True, lora_r=64, eval_before=False, save_steps=0, packing=True)
+    assert tt.sft_command_line(cfg) == ("python -m qlora_helpers sft --use_qlora --lora_r 64 --packing "
+                                        "--eval_before false --save_steps 0")
 
 
 def test_llama_3_vocabulary_folds_the_qwen_ids():
