@@ -190,6 +190,7 @@ class CourseCallback(TrainerCallback):
         atomic_write_json(path / COMPLETE, {"step": state.global_step, "history": self.history,
                                             "fingerprint": self.fingerprint})
         atomic_write_text(root / LATEST, path.name + "\n")
+        (root / "README.md").unlink(missing_ok=True)   # TRL's model card for a folder that is no model
         done = sorted((p for p in root.glob("checkpoint-*") if (p / COMPLETE).is_file()),
                       key=lambda p: int(p.name.split("-")[1]))
         keep = self.cfg.save_total_limit
