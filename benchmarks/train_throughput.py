@@ -66,9 +66,10 @@ the loss per step. Loss parity compares (c) with (a) step by step and on held-ou
     python -m benchmarks.train_throughput --shapes qwen2.5-7b llama-3-8b --steps 10 --skip 2 --step-tokens 16384 \
         --rows trl-best trl-best-no-ckpt unsloth recipe-tight recipe-tight-next recipe-max \
         --merge benchmarks/results/throughput_peers.json --out benchmarks/results/throughput_peers.json
-    # the course's sft command beside trl-best (the model folder, ~15 GB at 7B, lives in the row's temp dir):
-    python -m benchmarks.train_throughput --shapes qwen2.5-7b --steps 10 --skip 2 --step-tokens 16384 \
-        --rows trl-best sft --row-timeout 360 --out /tmp/throughput_sft.json
+    # the course's sft command beside trl-best, one GPU, one run (the model folder, ~15 GB at 7B, lives in the
+    # row's temp dir): benchmarks/results/throughput_sft.json (H100); its own file, since the peers' are an H200's
+    python -m benchmarks.train_throughput --shapes qwen2.5-7b --steps 8 --skip 2 --step-tokens 16384 \
+        --rows trl-best sft --row-timeout 300 --out benchmarks/results/throughput_sft.json
 
 Writes ``benchmarks/results/throughput.json``; chapter 03 plots it. Needs ``trl`` and ``datasets`` (and
 ``liger-kernel`` for the Liger row): ``pip install -e ".[gpu]"`` (measured with trl 1.16.0, datasets 5.2.0

@@ -4,6 +4,7 @@ from rows by hand."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,8 @@ from benchmarks import train_throughput as tt
 from qlora_helpers.ch03_sft import peer_figure, peer_points, peer_table, unmeasured_peer_rows
 from qlora_helpers.ch03_sft.data import Example
 from qlora_helpers.common.files import optional_benchmark
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +121,21 @@ def test_chapter_03_peer_table_and_plot_read_the_committed_files():
     assert len(peer_figure(points).axes[0].collections) == len(points)
     lines = unmeasured_peer_rows(peers)
     assert any(line.startswith("llama-3-8b") for line in lines)
+
+
+def test_the_sft_command_runs_at_trl_bests_speed_and_memory_on_the_gpu():
+    """benchmarks/results/throughput_sft.json (one GPU, one run): the course's command and trl-best at the same
+    settings; it is the same engine, so within 5 % of trl-best's tokens/s and peak."""
+    record = json.loads((ROOT / "benchmarks" / "results" / "throughput_sft.json").read_text())
+    assert record["device"]["type"] == "cuda" and "--rows trl-best sft" in record["command"]
+    shape = record["figures"]["shapes"]["qwen2.5-7b"]
+    sft, peer = shape["rows"]["sft"], shape["rows"]["trl-best"]
+    for key in ("packing", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "gradient_checkpointing", "use_liger_kernel", "bf16"):
+        assert sft["settings"][key] == peer["settings"][key], key
+    speed = sft["tokens_per_second"] / peer["tokens_per_second"]
+    memory = sft["peak_allocated_gib"] / peer["peak_allocated_gib"]
+    assert speed >= 0.95 and memory <= 1.05
+    target = shape["targets"]["sft_vs_trl_best"]
+    assert target["met"] and target["value"] == pytest.approx(speed, abs=1e-3)
+    assert target["memory"] == pytest.approx(memory, abs=1e-3)
