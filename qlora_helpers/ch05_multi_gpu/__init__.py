@@ -7,6 +7,7 @@ worker        the per-rank training function the launcher starts, and ``python -
 precision     bf16, fp16 with loss scaling, or fp32, decided per device
 model         what each rank trains: the 4-bit or 8-bit model, LoRA on it, the config's optimizer
 schedule      warm-up, the plateau learning-rate rule and early stopping; live history plot
+plateau       that rule, ``best/`` and the early stop as a Trainer callback (imports the Trainer: ranks only)
 reversal      the reversal-curse data (LFW identities) and its scoring
 learning      the learning metrics and the reversal-curse verdict computed from the scores
 retention     the face retention pool measured (``benchmarks/face_retention.py``): table, plot, verdict
@@ -19,8 +20,8 @@ peak          the activations a step holds per micro-batch and accumulation (imp
 ============  ============================================================================================
 
 Importing this package loads neither peft nor bitsandbytes: the notebook's kernel must not have them
-before ``notebook_launcher`` starts the ranks. ``model``, ``adapter_size``, ``evaluate`` and ``peak`` (which load
-them) are not imported here.
+before ``notebook_launcher`` starts the ranks. ``model``, ``plateau``, ``adapter_size``, ``evaluate`` and ``peak``
+(which load them) are not imported here.
 """
 
 from qlora_helpers.ch05_multi_gpu import learning, retention, reversal, tables, worker
