@@ -43,7 +43,7 @@ def free_port() -> str:
 def sft_args(files, out, **overrides) -> list[str]:
     flags = {"use_qlora": True, "lora_dropout": 0, "model_name_or_path": files["model"],
              "data_path": files["train"], "eval_data_path": files["validation"], "output_dir": out,
-             "max_steps": 3, "max_length": 64, "save_steps": 2, "learning_rate": 1e-3, "device": "cpu",
+             "max_steps": 3, "max_length": 64, "save_steps": 1, "learning_rate": 1e-3, "device": "cpu",
              "lr_scheduler_type": "constant",     # a resumed run may then go on for more steps
              "per_device_train_batch_size": 4, **overrides}
     return [arg for key, value in flags.items() for arg in (f"--{key}", str(value).lower()
@@ -63,7 +63,7 @@ def launch(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
 def runs(tiny_llama_dir, cached_assets, tmp_path_factory):
     """The same 3 steps of 4 rows: 2 processes x 2 rows; 1 process x 4 rows; 1 process x 2 rows x 2 accumulation
     steps; and, to show the tolerance bites, 1 process x 2 rows (half the global batch). Then 1 process x 4 rows
-    for 4 steps, which 2 processes resumed after their 3 must equal."""
+    for 4 steps, which 2 processes resumed from their step-2 checkpoint must equal."""
     root = tmp_path_factory.mktemp("launch")
     files = {"model": str(tiny_llama_dir)}
     for split, n in (("train", 32), ("validation", 8)):
@@ -126,20 +126,21 @@ def test_only_the_main_process_writes(runs):
         {p.name for p in out.iterdir()}
     assert not [p.name for p in out.rglob(".*")], "a temporary file was left behind"
     checkpoints = out / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == "checkpoint-3"
-    for step in (2, 3):
+    assert (checkpoints / "latest").read_text().strip() == "checkpoint-2"   # none of the last step: the adapter is it
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    for step in (1, 2):
         names = {p.name for p in (checkpoints / f"checkpoint-{step}").iterdir()}
         assert {"state.json", "rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors"} <= names
-    assert json.loads((checkpoints / "checkpoint-3" / "state.json").read_text())["step"] == 3
+    assert json.loads((checkpoints / "checkpoint-2" / "state.json").read_text())["step"] == 2
 
 
 def test_two_processes_resume_where_they_stopped(runs, tmp_path):
-    """``--resume`` on 2 processes continues from ``checkpoints/latest`` (step 3) to step 4: the adapter of one
+    """``--resume`` on 2 processes continues from ``checkpoints/latest`` (step 2) to step 4: the adapter of one
     process trained 4 steps in one go, and every rank holds it."""
     out = tmp_path / "two"
     shutil.copytree(runs["two"], out)
     launch(sft_args(runs["files"], out, per_device_train_batch_size=2, max_steps=4, resume=True))
     resumed = summary(out)
-    assert resumed["resumed_from"] == 3 and resumed["steps"] == 4 and resumed["processes"]["identical"]
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == 4 and resumed["processes"]["identical"]
     diff = max_difference(adapter(out), adapter(runs["steps4"]))
     assert diff < TOLERANCE, f"resumed on 2 processes and 4 steps on 1 process differ by {diff}"

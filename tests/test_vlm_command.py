@@ -4,6 +4,8 @@ The promises of ``python -m qlora_helpers vlm``: the language model is NF4 while
 stays 16-bit, the loss is on the answer only, the saved adapter loads in a fresh process with plain
 ``PeftModel.from_pretrained`` and gives the same logits, and a run interrupted after a checkpoint ends,
 resumed, on the same losses as an uninterrupted one (LoRA dropout on: the random generators resume too).
+The training is TRL's ``SFTTrainer``; checkpoints are chapter 03's (``checkpoints/checkpoint-N`` complete once
+its ``state.json`` is written, named in ``checkpoints/latest``), ``best/`` the adapter of the lowest validation loss.
 """
 
 import json
@@ -21,9 +23,11 @@ from safetensors.torch import load_file
 from qlora_helpers import cli
 from qlora_helpers.ch04_vlm.command import build_run, run_vlm
 from qlora_helpers.ch04_vlm.config import preset
+from qlora_helpers.ch04_vlm.encode import encode_all
 from qlora_helpers.ch04_vlm.hub_model import embeddings_on_cpu, load_vlm, takes_images
 from qlora_helpers.ch04_vlm.processors import write_tiny_vlm
-from qlora_helpers.ch04_vlm.records import write_example_files
+from qlora_helpers.ch04_vlm.records import read_records, write_example_files
+from qlora_helpers.ch04_vlm.trainer import evaluate
 from qlora_helpers.ch04_vlm.vram import estimate_vlm, model_config
 
 FAMILIES = ("llava", "qwen2_vl", "idefics3")
@@ -54,7 +58,7 @@ def files(tmp_path_factory, cached_assets):
 def _run(files, family: str, name: str, **flags):
     data = files["data"]
     base = {"model_id": str(files[family]), "data_path": str(data["train"]), "val_path": str(data["val"]),
-            "output_dir": str(files["root"] / name), "max_steps": 4, "eval_steps": 2, "save_steps": 2,
+            "output_dir": str(files["root"] / name), "max_steps": 4, "eval_steps": 2, "save_steps": 1,
             "lora.dropout": 0.1, "training.learning_rate": 0.01, "training.gradient_accumulation_steps": 2}
     return build_run({}, {**base, **flags})
 
@@ -98,6 +102,20 @@ def test_history_and_adapters(trained, files, family):
     assert history["eval"][-1]["val_loss"] < history["eval"][0]["val_loss"]
     for folder in ("best", "final"):
         assert json.loads((out / folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # best/ is the adapter of the best step: the one the Trainer checkpointed then, or final/ if it was the last
+    same = out / "final" if best["step"] == 4 else out / "checkpoints" / f"checkpoint-{best['step']}"
+    saved, expected = (load_file(f / "adapter_model.safetensors") for f in (out / "best", same))
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_checkpoints_are_whole_named_in_latest_and_pruned(trained, files):
+    root = files["root"] / "llava-full" / "checkpoints"
+    kept = sorted(p.name for p in root.glob("checkpoint-*"))   # every step but the last (final/), the newest 2
+    assert kept == ["checkpoint-2", "checkpoint-3"] and (root / "latest").read_text().strip() == "checkpoint-3"
+    for name in kept:
+        state = json.loads((root / name / "state.json").read_text())
+        assert state["step"] == int(name.split("-")[1]) and state["fingerprint"]["max_steps"] == 4
+        assert [r["step"] for r in state["history"]["train"]] == list(range(1, state["step"] + 1))
 
 
 def _inference_logits(model, batch: dict) -> tuple:
@@ -148,10 +166,61 @@ def _stop_after(step: int):
 def test_resume_continues_the_same_loss_curve(trained, files):
     with pytest.raises(Stop):
         run_vlm(_run(files, "llava", "llava-cut"), progress=False, callbacks=[_stop_after(3)])
+    root = files["root"] / "llava-cut" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "checkpoint-2"
+    (root / "checkpoint-3").mkdir()             # as a kill mid-save leaves it: no state.json, never loaded
+    (root / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"half")
+    (root / ".checkpoint-1.removing-1").mkdir()  # as a kill mid-prune leaves it
     resumed = run_vlm(_run(files, "llava", "llava-cut", resume=True), progress=False).summary["history"]
     full = trained["llava"].summary["history"]
-    assert [r["loss"] for r in resumed["train"]] == [r["loss"] for r in full["train"]]
-    assert resumed["eval"] == full["eval"]
+    assert [r["step"] for r in resumed["train"]] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed["train"]] == pytest.approx([r["loss"] for r in full["train"]], abs=1e-4)
+    assert [e["step"] for e in resumed["eval"]] == [e["step"] for e in full["eval"]]
+    assert [e["val_loss"] for e in resumed["eval"]] == pytest.approx([e["val_loss"] for e in full["eval"]], abs=1e-4)
+    assert resumed["best"]["step"] == full["best"]["step"]
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-3", "latest"]
+    again = run_vlm(_run(files, "llava", "llava-cut", resume=True), progress=False).summary["history"]
+    assert [r["loss"] for r in again["train"]] == pytest.approx([r["loss"] for r in resumed["train"]], abs=1e-4)
+    assert again["best"] == resumed["best"]     # a finished run resumed: its last step again, the same end
+
+
+@pytest.mark.parametrize("family", ("llava", "qwen2_vl"))
+def test_a_steps_loss_weighs_every_answer_token_alike(files, family):
+    """One step of 6 micro-batches whose answers are 1 to 11 words long: its loss is the mean over all their
+    answer tokens (as the validation loss is), not the mean of the 6 examples' means."""
+    data = files["data"]["train"]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["messages"][-1]["content"] += " and more" * 5 * i
+    path = data.parent / "long-answers.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = _run(files, family, f"{family}-weights", data_path=str(path), val_path="", max_steps=1, save_steps=0,
+               **{"lora.dropout": 0.0, "training.gradient_accumulation_steps": 6})
+    result = run_vlm(run, progress=False)
+    examples = encode_all(read_records(path), result.processor, run.settings.data.max_length)
+    with result.model.disable_adapter():          # LoRA's B starts at zero: the model before the step
+        tokens, means = evaluate(result.model, examples, "cpu"), [evaluate(result.model, [e], "cpu") for e in examples]
+    assert result.summary["history"]["train"][0]["loss"] == pytest.approx(tokens, abs=1e-4)
+    assert abs(tokens - sum(means) / len(means)) > 1e-3      # the two weightings differ on these answers
+
+
+def _one_line_error(run) -> str:
+    with pytest.raises(ValueError) as err:
+        run_vlm(run, progress=False)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_output_folder_errors_name_the_folder_and_the_fix(trained, files):
+    """Refused before any model loads, and nothing in the folder changes."""
+    out = files["root"] / "llava-full"
+    before = sorted(p.name for p in out.rglob("*"))
+    assert "pass --resume to continue it" in _one_line_error(_run(files, "llava", "llava-full"))
+    message = _one_line_error(_run(files, "llava", "llava-full", resume=True, max_steps=6))
+    assert "holds a different run: checkpoint-3 was written with max_steps=4, this run has max_steps=6" in message
+    message = _one_line_error(_run(files, "llava", "llava-nothing", resume=True))
+    assert "llava-nothing: no checkpoints/latest; run without --resume" in message
+    assert sorted(p.name for p in out.rglob("*")) == before
 
 
 def test_the_command_line_trains_with_dotted_flags(files, capsys):
@@ -213,6 +282,8 @@ def test_the_looked_up_rows_go_to_the_training_device_and_only_a_plain_table_mov
     model = embeddings_on_cpu(_Tables(torch.nn.Embedding(10, 4)), "meta")     # "meta" stands in for cuda
     rows = model.table(torch.tensor([[1, 2, 3]]))
     assert model.table.weight.device.type == "cpu" and rows.device.type == "meta" and rows.shape == (1, 3, 4)
+    model.to("meta")             # as the Trainer (accelerate) places a model on one device
+    assert model.table.weight.device.type == "cpu"
     with pytest.raises(ValueError, match="hardware.embeddings_on_cpu: _Tables's input embeddings are a Linear"):
         embeddings_on_cpu(_Tables(torch.nn.Linear(4, 4)), "cpu")
 

@@ -162,6 +162,9 @@ class CourseCallback(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.step_times.append(time.perf_counter() - self._t0)
+        if state.global_step >= state.max_steps:
+            control.should_save = False   # no checkpoint of the last step (the final adapter is it): a resumed
+            #                               finished run trains the steps after its latest checkpoint again
 
     def on_log(self, args, state, control, logs=None, **kw):
         if "loss" not in (logs or {}):

@@ -13,7 +13,7 @@ records     image-chat JSONL for the ``vlm`` command: every line checked; exampl
 processors  a hub VLM's processor (tokenizer + image processor + chat template); tiny random VLM folders
 encode      a record -> the model's inputs, with the loss on the assistant's tokens only
 hub_model   any image-text-to-text model in 4-bit (vision tower 16-bit), LoRA on its language model
-trainer     the ``vlm`` command's loop: accumulation, validation, best/final adapters, checkpoints, resume
+trainer     the ``vlm`` command on TRL's ``SFTTrainer``: encoded examples, validation, best/final adapters
 command     ``python -m qlora_helpers vlm``: settings from preset, config file and flags; ``run_vlm``
 ==========  ============================================================================================
 """

@@ -26,7 +26,7 @@ import torch
 from transformers import set_seed
 
 from qlora_helpers.ch03_sft.command import _bool, check_output_dir, check_resume, load_config_file, resolve_device
-from qlora_helpers.ch03_sft.loop import CHECKPOINTS
+from qlora_helpers.ch03_sft.trainer import CHECKPOINTS
 from qlora_helpers.ch04_vlm import config as vc
 from qlora_helpers.ch04_vlm.encode import encode_all
 from qlora_helpers.ch04_vlm.hub_model import add_lora, embeddings_on_cpu, load_vlm, quantized_share, takes_images
@@ -215,7 +215,7 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
         embeddings_on_cpu(model, device)
     model = add_lora(model, run.settings.lora, train_projector=run.train_projector,
                      gradient_checkpointing=run.settings.hardware.gradient_checkpointing)
-    history = train_vlm(model, train, val, run, out=out, device=device, fingerprint=fingerprint,
+    history = train_vlm(model, train, val, run, processor=processor, out=out, device=device, fingerprint=fingerprint,
                         progress=progress, callbacks=callbacks)
     summary = {"model_id": run.model_id, "model_type": model.config.model_type, "device": device,
                "dtype": str(dtype).removeprefix("torch."), "params": count_parameters(model),

@@ -17,6 +17,9 @@ it is saved with the adapter).
 
 from __future__ import annotations
 
+import types
+import warnings
+
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
@@ -72,6 +75,8 @@ def embeddings_on_cpu(model, device: str):
     table.register_forward_pre_hook(lambda module, args: tuple(a.to(module.weight.device) if torch.is_tensor(a)
                                                                else a for a in args))
     table.register_forward_hook(lambda module, args, output: output.to(device))
+    # the Trainer (through accelerate) moves a model on one device with .to(device): this table stays on the CPU
+    table._apply = types.MethodType(lambda module, fn, recurse=True: module, table)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return model
@@ -112,7 +117,9 @@ def add_lora(model, lora, *, train_projector: bool = False, gradient_checkpointi
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                         target_modules=language_model_targets(model, lora.targets), modules_to_save=modules_to_save)
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():   # peft reads transformers' deprecated ``is_gradient_checkpointing``
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        model = get_peft_model(model, config)
     model.train()
     return model
 

@@ -1,16 +1,30 @@
-"""The ``vlm`` command's training loop: batch 1 x accumulation, validation, best/final adapters, resume.
+"""The ``vlm`` command trains through TRL's ``SFTTrainer``; this module is what chapter 04 adds to it.
 
-One optimizer step is chapter 03's ``optimizer_step`` (``gradient_accumulation_steps`` examples of
-one image-conversation each, each loss divided before ``backward``); checkpoints are chapter 03's
-too (trainable weights, optimizer, scheduler, random generators and history, renamed into place,
-then named in ``checkpoints/latest``). Example ``i`` of the run depends only on ``(seed, i)``, so
-``resume=True`` continues the same loss curve.
+The training (batch 1 x ``gradient_accumulation_steps``, clipping, the linear schedule, resume with the
+optimizer, scheduler and random generators) is the HF ``Trainer``'s, as for chapter 03's ``sft``
+command (``ch03_sft.trainer``); a step's loss is the mean over every answer token of its micro-batches,
+as the validation loss is. The VLM's part:
+
+- **its data**: each example is encoded once by ``encode.encode`` (the processor's ``input_ids``,
+  ``pixel_values`` and the rest, with the loss on the assistant's tokens only) and goes in as it is:
+  the dataset holds the encoded examples (read back as the same tensors), ``collate`` hands one of
+  them to the model per micro-batch. TRL's vision collator is not used: it would render and mask the
+  conversations again. TRL treats the model as any causal LM (its fused loss runs the VLM's own
+  backbone, images included), so the ``SFTTrainer`` serves as it is, not the plain HF ``Trainer``;
+- **two learning rates**: the optimizer (``make_optimizer``) is built here, LoRA at
+  ``training.learning_rate``, a trained projector at ``training.projector_learning_rate``; paged
+  8-bit AdamW on CUDA as the preset says, torch's AdamW on the CPU;
+- **the validation loss** over every answer token (``evaluate``) before training, every ``eval_steps``
+  and at the last step, and the adapter with the lowest one in ``best/`` (``BestAdapter``);
+- chapter 03's whole checkpoints (``CourseCallback``): ``checkpoints/checkpoint-N`` marked complete by
+  its ``state.json`` (history and settings), then named in ``checkpoints/latest``.
 
 What the output folder holds::
 
     best/                    the adapter with the lowest validation loss so far (peft format)
     final/                   the adapter after the last step
-    checkpoints/step-NNNNNN  for --resume
+    checkpoints/checkpoint-N for --resume, every save_steps before the last step (the Trainer's checkpoint,
+                             complete once state.json is in it)
     training_history.json    train loss per step, validation loss per evaluation, the best step
 
 ``best`` and ``final`` are replaced whole (``files.atomic_folder``): ``PeftModel.from_pretrained``
@@ -19,25 +33,26 @@ never sees half an adapter.
 
 from __future__ import annotations
 
-import random
-import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import bitsandbytes as bnb
 import torch
-from tqdm.auto import tqdm
-from transformers import get_scheduler
+from datasets import Dataset
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.utils.notebook import NotebookProgressCallback
+from trl import SFTTrainer
 
-from qlora_helpers.ch03_sft.data import batch_order
-from qlora_helpers.ch03_sft.loop import (
+from qlora_helpers.ch03_sft.recipe import causal_lm_loss
+from qlora_helpers.ch03_sft.trainer import (
+    CHECKPOINTS,
+    LATEST,
+    CourseCallback,
+    check_fingerprint,
     clean_partial_checkpoints,
     latest_checkpoint,
-    load_checkpoint,
-    optimizer_step,
-    save_checkpoint,
-    trainable_parameters,
+    training_args,
 )
-from qlora_helpers.ch03_sft.recipe import causal_lm_loss
 from qlora_helpers.ch04_vlm.encode import answer_tokens
 from qlora_helpers.common.files import atomic_folder, atomic_write_json
 
@@ -48,7 +63,7 @@ def make_optimizer(model, run, device: str):
     """AdamW over LoRA (``learning_rate``) and a trained projector (``projector_learning_rate``);
     the paged or 8-bit bitsandbytes kind on CUDA as ``training.optimizer`` says, torch's on the CPU."""
     t = run.settings.training
-    params = trainable_parameters(model)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     groups = [{"params": [p for n, p in params.items() if "lora_" in n], "lr": t.learning_rate},
               {"params": [p for n, p in params.items() if "lora_" not in n], "lr": t.projector_learning_rate}]
     groups = [g for g in groups if g["params"]]
@@ -64,6 +79,7 @@ def _to(example: dict, device: str) -> dict:
 
 def evaluate(model, examples: list, device: str) -> float:
     """Mean cross-entropy over every answer token of ``examples`` (token-weighted)."""
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -71,89 +87,122 @@ def evaluate(model, examples: list, device: str) -> float:
             n = answer_tokens(example)
             total += float(causal_lm_loss(model, _to(example, device))) * n
             count += n
-    model.train()
+    model.train(was_training)
     return total / max(count, 1)
 
 
-class Examples:
-    """Micro-batch ``i`` of the run (one example), on ``device``: epoch after epoch, each reshuffled by the seed."""
-
-    def __init__(self, examples: list, accumulation: int, seed: int, device: str):
-        self.examples, self.accumulation, self.seed, self.device = examples, accumulation, seed, device
-        self.orders: dict[int, list] = {}   # the current epoch's shuffle, drawn once per epoch
-
-    def __getitem__(self, index: int) -> tuple[dict, int]:
-        epoch, j = divmod(index, len(self.examples))
-        if epoch not in self.orders:
-            self.orders = {epoch: batch_order(len(self.examples), 1, seed=self.seed, epoch=epoch)}
-        example = self.examples[self.orders[epoch][j][0]]
-        return _to(example, self.device), answer_tokens(example)
-
-    def of_step(self, step: int):
-        return (self[step * self.accumulation + m] for m in range(self.accumulation))
+def collate(examples: list[dict]) -> dict:
+    """The micro-batch of one encoded example: its tensors, which carry the batch dimension already."""
+    if len(examples) != 1:
+        raise ValueError(f"the vlm command trains batch 1 (one image-conversation a micro-batch), not {len(examples)}")
+    return dict(examples[0])
 
 
-def _save_adapter(model, folder) -> None:
+def save_adapter(model, folder: Path) -> None:
     atomic_folder(folder, lambda tmp: model.save_pretrained(tmp))
 
 
-def _start(model, run, out, *, optimizer, scheduler, fingerprint: dict) -> tuple[int, dict]:
-    """The step to start from and the history: a checkpoint's when resuming, else step 0's."""
-    if run.resume:
-        clean_partial_checkpoints(out)
-        state = load_checkpoint(latest_checkpoint(out), model, optimizer=optimizer, scheduler=scheduler,
-                                fingerprint=fingerprint)
-        return state["step"], state["history"]
-    torch.manual_seed(run.seed)
-    random.seed(run.seed)
-    return 0, {"train": [], "eval": [], "best": None}
+class BestAdapter:
+    """A record callback: the adapter goes to ``folder`` when a validation loss is the lowest so far.
+
+    ``history["best"]`` says which step it came from; step 0 (the untrained model) never counts.
+    """
+
+    def __init__(self, model, folder: Path, history: dict):
+        self.model, self.folder, self.history = model, folder, history
+
+    def __call__(self, record: dict) -> None:
+        loss, best = record.get("val_loss"), self.history["best"]
+        if loss is None or record["step"] == 0 or (best is not None and loss >= best["val_loss"]):
+            return
+        self.history["best"] = {"step": record["step"], "val_loss": loss}
+        save_adapter(self.model, self.folder)
 
 
-def _validate(model, val: list, history: dict, step: int, out, device: str) -> float:
-    """Validation loss at ``step``, kept in the history; a new best adapter is saved."""
-    loss = round(evaluate(model, val, device), 6)
-    history["eval"].append({"step": step, "val_loss": loss})
-    if step > 0 and (history["best"] is None or loss < history["best"]["val_loss"]):
-        history["best"] = {"step": step, "val_loss": loss}
-        _save_adapter(model, out / "best")
-    return loss
+class VLMCallback(CourseCallback):
+    """Chapter 03's checkpoints and step timing; each step's record with ``val_loss`` where one is due,
+    handed to the record callbacks (``BestAdapter`` first), then ``training_history.json`` rewritten."""
+
+    def validate(self, step: int) -> float:
+        loss = round(self.eval_loss(), 6)
+        self.history["eval"].append({"step": step, "val_loss": loss})
+        return loss
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if "loss" not in (logs or {}):
+            return
+        done = state.global_step
+        record = {"step": done, "loss": round(float(logs["loss"]), 6), "lr": logs.get("learning_rate"),
+                  "tokens": state.num_input_tokens_seen - self._tokens, "seconds": round(self.step_times[-1], 3)}
+        self._tokens = state.num_input_tokens_seen
+        self.history["train"].append(record)
+        every = self.cfg.eval_steps
+        if self.eval_loss is not None and (done == state.max_steps or (every > 0 and done % every == 0)):
+            record["val_loss"] = self.validate(done)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}")
+        self.bar.update(done - self.bar.n)
+        self.emit(record)
+        atomic_write_json(self.output_dir / HISTORY, self.history)
 
 
-def train_vlm(model, train: list, val: list | None, run, *, out, device: str, fingerprint: dict,
+def trainer_settings(run) -> SimpleNamespace:
+    """This run as the fields of chapter 03's config that ``training_args`` and ``CourseCallback`` read."""
+    t = run.settings.training
+    return SimpleNamespace(
+        seed=run.seed, max_steps=run.max_steps, num_train_epochs=1.0, per_device_train_batch_size=1,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=run.max_grad_norm,
+        optim="adamw_torch",     # never built: the Trainer is handed make_optimizer's
+        bf16=False, fp16=False,  # no autocast: the model computes in the dtype it was loaded in
+        max_length=None, use_liger_kernel=False, save_steps=run.save_steps, save_total_limit=run.save_total_limit,
+        eval_steps=run.eval_steps, logging_steps=1)
+
+
+def make_trainer(model, processor, train: list, run, *, out: Path, device: str, course: VLMCallback) -> SFTTrainer:
+    """TRL's ``SFTTrainer`` on the encoded examples, with the course's optimizer and callback."""
+    settings = course.cfg
+    args = training_args(settings, out, device, packing=False)
+    args.remove_unused_columns = False     # every input the processor made (pixel_values, image_grid_thw, ...)
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    dataset = Dataset.from_list(train).with_format("torch")   # each row an encoded example, tensors as they were
+    # processing_class: what each checkpoint saves beside the adapter. The examples are encoded already, so
+    # the processor's tokenizer is enough (a processor without a video part, as Qwen2-VL's without
+    # torchvision, cannot save_pretrained itself)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
+                         processing_class=processor.tokenizer, callbacks=[course],
+                         optimizers=(make_optimizer(model, run, device), None))
+    for display in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
+        trainer.remove_callback(display)
+    for name, p in model.named_parameters():   # TRL casts a 4-bit model's adapters to bf16: keep peft's dtype
+        if name in dtypes and p.dtype != dtypes[name]:
+            p.data = p.data.to(dtypes[name])
+    return trainer
+
+
+def train_vlm(model, train: list, val: list | None, run, *, processor, out, device: str, fingerprint: dict,
               progress: bool = True, callbacks=()) -> dict:
     """Train ``model`` in place for ``run.max_steps`` steps; returns the history (also in ``training_history.json``).
 
-    ``callbacks`` get each step's record (``{"step", "loss", "lr", "tokens", "seconds"}`` and
-    ``"val_loss"`` where one was measured).
+    ``callbacks`` get each step's record (``{"step", "loss", "lr", "tokens", "seconds"}``, ``tokens`` the step's
+    input tokens, image tokens included, and ``"val_loss"`` where one was measured). ``run.resume`` continues
+    from ``checkpoints/latest``.
     """
-    t = run.settings.training
-    step_settings = SimpleNamespace(gradient_accumulation_steps=t.gradient_accumulation_steps,
-                                    max_grad_norm=run.max_grad_norm, bf16=False, fp16=False)
-    optimizer = make_optimizer(model, run, device)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=run.max_steps)
-    start, history = _start(model, run, out, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint)
-    if val and start == 0:
-        _validate(model, val, history, 0, out, device)
-    batches = Examples(train, t.gradient_accumulation_steps, run.seed, device)
-    bar = tqdm(total=run.max_steps, initial=start, desc="vlm train", disable=not progress)
-    for step in range(start, run.max_steps):
-        done, t0 = step + 1, time.perf_counter()
-        loss, tokens = optimizer_step(model, batches.of_step(step), step_settings, optimizer=optimizer,
-                                      device=device, scheduler=scheduler)
-        record = {"step": done, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0], "tokens": tokens,
-                  "seconds": round(time.perf_counter() - t0, 3)}
-        history["train"].append(record)
-        if val and (done == run.max_steps or (run.eval_steps > 0 and done % run.eval_steps == 0)):
-            record["val_loss"] = _validate(model, val, history, done, out, device)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        bar.update(1)
-        if run.save_steps > 0 and done % run.save_steps == 0 and done < run.max_steps:
-            save_checkpoint(out, done, model, optimizer=optimizer, scheduler=scheduler,
-                            state={"history": history, "fingerprint": fingerprint}, keep=run.save_total_limit)
-        atomic_write_json(out / HISTORY, history)
-        for callback in callbacks:
-            callback(record)
-    bar.close()
-    _save_adapter(model, out / "final")
+    out = Path(out)
+    clean_partial_checkpoints(out)
+    ckpt = latest_checkpoint(out) if run.resume else None
+    if run.resume and ckpt is None:
+        raise ValueError(f"nothing to resume in {out}: no complete {CHECKPOINTS}/{LATEST}; drop --resume")
+    history = check_fingerprint(ckpt, fingerprint)["history"] if ckpt else {"train": [], "eval": [], "best": None}
+    course = VLMCallback(trainer_settings(run), output_dir=out, eval_loss=(lambda: evaluate(model, val, device))
+                         if val else None, callbacks=[BestAdapter(model, out / "best", history), *callbacks],
+                         fingerprint=fingerprint, history=history, progress=progress)
+    if val and ckpt is None:
+        course.validate(0)
+    trainer = make_trainer(model, processor, train, run, out=out, device=device, course=course)
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    save_adapter(model, out / "final")
+    checkpoints = out / CHECKPOINTS
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()           # made by the Trainer, which saved nothing in it (save_steps 0)
     atomic_write_json(out / HISTORY, history)
     return history
