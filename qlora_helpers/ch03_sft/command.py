@@ -54,8 +54,8 @@ from qlora_helpers.ch03_sft.peak_memory import PeakMemory
 from qlora_helpers.ch03_sft.recipe import plan_micro_batch
 from qlora_helpers.ch03_sft.trainer import (
     CHECKPOINTS,
-    COMPLETE,
     OPTIMIZERS,
+    check_fingerprint,
     evaluate,
     latest_checkpoint,
     tensor_bytes,
@@ -395,17 +395,8 @@ def check_output_dir(cfg: SFTConfig) -> Path:
 def check_resume(cfg: SFTConfig, fingerprint: dict) -> None:
     """With --resume, the checkpoint must come from a run with the same settings (checked before any model loads)."""
     ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    if ckpt is None:
-        return
-    try:
-        written = json.loads((ckpt / COMPLETE).read_text()).get("fingerprint", {})
-    except json.JSONDecodeError:
-        raise ValueError(f"{ckpt}/{COMPLETE} is not valid JSON: pass --overwrite_output_dir to start again") from None
-    for key, value in fingerprint.items():
-        if written.get(key) != value:
-            raise ValueError(f"output_dir {cfg.output_dir} holds a different run: {ckpt.name} was written with "
-                             f"{key}={written.get(key)!r}, this run has {key}={value!r}; resume with its settings, "
-                             "or choose another --output_dir")
+    if ckpt is not None:
+        check_fingerprint(ckpt, fingerprint)
 
 
 def prepare_output_dir(cfg: SFTConfig) -> Path:

@@ -117,13 +117,18 @@ def clean_partial_checkpoints(output_dir) -> int:
 
 
 def check_fingerprint(path: Path, fingerprint: dict | None) -> dict:
-    """The checkpoint's state; refuses one written with other settings than ``fingerprint``."""
-    state = json.loads((Path(path) / COMPLETE).read_text())
+    """The checkpoint's state; refuses, in one line, one written with other settings than ``fingerprint``."""
+    path = Path(path)
+    try:
+        state = json.loads((path / COMPLETE).read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{path / COMPLETE} is not valid JSON: pass --overwrite_output_dir to start again") from None
     for key, value in (fingerprint or {}).items():
         old = state.get("fingerprint", {}).get(key)
         if old != value:
-            raise ValueError(f"{path} was written with {key}={old!r}, this run has {key}={value!r}: "
-                             "resume with the settings of the interrupted run")
+            raise ValueError(f"output_dir {path.parent.parent} holds a different run: {path.name} was written with "
+                             f"{key}={old!r}, this run has {key}={value!r}; resume with its settings, or choose "
+                             "another --output_dir")
     return state
 
 
