@@ -399,6 +399,7 @@ def run_sft_command(config, data, device, tmp: Path, ckpt: bool = True) -> dict:
         gradient_accumulation_steps=peer["gradient_accumulation_steps"], max_length=peer["max_length"], packing=True,
         gradient_checkpointing=ckpt, use_liger_kernel=cuda, attn_implementation="auto", bf16=cuda,
         lr_scheduler_type="constant", max_grad_norm=1.0, seed=0, device="cuda" if cuda else "cpu",
+        optim="adamw_torch",   # trl-best's optimizer (the command's own default on CUDA is paged 8-bit AdamW)
         eval_before=False, save_steps=0)
     stamps = []
 

@@ -58,6 +58,7 @@ from qlora_helpers.ch03_sft.trainer import (
     check_fingerprint,
     evaluate,
     latest_checkpoint,
+    optimizer_name,
     tensor_bytes,
     train,
 )
@@ -106,7 +107,7 @@ class SFTConfig:
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
+    optim: str = "auto"                # auto: paged_adamw_8bit on CUDA, adamw_torch on the CPU
     gradient_checkpointing: bool = False
     memory_budget_gib: float = 0.0     # > 0: micro-batch and checkpointing planned for it; -1: the GPU's memory
     use_liger_kernel: bool = True      # Liger's kernels (Trainer option), on CUDA where liger-kernel is installed
@@ -156,7 +157,8 @@ HELP = {
     "attn_implementation": "auto | sdpa | eager | varlen (flash attention over packed rows, CUDA)",
     "packing": "TRL's best-fit packing of whole conversations into padding-free rows of max_length tokens",
     "kbit_upcast": "QLoRA: upcast frozen embeddings/norms/lm_head to fp32 (peft's prepare_model_for_kbit_training)",
-    "optim": "adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit (paged: CUDA only)",
+    "optim": "auto (paged_adamw_8bit on CUDA, adamw_torch on the CPU) | adamw_torch | adamw_8bit | paged_adamw_8bit "
+             "| paged_adamw_32bit (paged: CUDA only)",
     "bf16": "bf16 autocast (and bf16 frozen base for LoRA/QLoRA)",
     "save_steps": "write a checkpoint every N steps (0: none)",
     "resume": "continue from output_dir/checkpoints/latest",
@@ -265,8 +267,8 @@ def _check_optimisation(cfg: SFTConfig) -> None:
             raise ValueError(f"{key} must be >= 1, not {getattr(cfg, key)!r}")
     if cfg.max_length < 8:
         raise ValueError(f"max_length must be >= 8 tokens, not {cfg.max_length!r}")
-    if cfg.optim not in OPTIMIZERS:
-        raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, not {cfg.optim!r}")
+    if cfg.optim not in ("auto", *OPTIMIZERS):
+        raise ValueError(f"optim must be one of auto, {', '.join(OPTIMIZERS)}, not {cfg.optim!r}")
     if cfg.attn_implementation not in ATTENTION:
         raise ValueError(f"attn_implementation must be one of {', '.join(ATTENTION)}, not {cfg.attn_implementation!r}")
     if cfg.memory_budget_gib < 0 and cfg.memory_budget_gib != -1:
@@ -533,6 +535,7 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     # the data files are read and checked before the tokenizer, the tokenizer before the model
     conversations = read_conversations(cfg, train_conversations, eval_conversations)
     base = model_path(cfg)
+    cfg.optim = optimizer_name(cfg.optim, device)
     cfg.use_liger_kernel = bool(cfg.use_liger_kernel and device == "cuda" and importlib.util.find_spec("liger_kernel"))
     plan = plan_batch(cfg, base, device)
     fingerprint = {k: (cfg.mode if k == "mode" else getattr(cfg, k)) for k in RESUME_KEYS}

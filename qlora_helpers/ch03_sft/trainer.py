@@ -56,6 +56,12 @@ OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "pag
               "paged_adamw_32bit": "paged_adamw_32bit"}
 
 
+def optimizer_name(optim: str, device: str) -> str:
+    """``auto``: bitsandbytes' paged 8-bit AdamW on CUDA (its states paged out of GPU memory under pressure),
+    torch's AdamW on the CPU; any other name as it is."""
+    return ("paged_adamw_8bit" if device.startswith("cuda") else "adamw_torch") if optim == "auto" else optim
+
+
 # --------------------------------------------------------------------------- held-out loss, bytes held
 def tensor_bytes(model) -> int:
     """Bytes held by a model's parameters and buffers as stored (a 4-bit weight counts its packed bytes)."""
@@ -221,8 +227,8 @@ def training_args(cfg, output_dir: Path, device: str, *, packing: bool) -> TRLCo
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, optim=OPTIMIZERS[cfg.optim], bf16=cfg.bf16, fp16=cfg.fp16,
-        use_cpu=device == "cpu", max_length=cfg.max_length,
+        max_grad_norm=cfg.max_grad_norm, optim=OPTIMIZERS[optimizer_name(cfg.optim, device)], bf16=cfg.bf16,
+        fp16=cfg.fp16, use_cpu=device == "cpu", max_length=cfg.max_length,
         packing=packing, packing_strategy="bfd", padding_free=packing,
         dataset_kwargs=None if packing else {"skip_prepare_dataset": True},
         use_liger_kernel=bool(cfg.use_liger_kernel and device == "cuda" and find_spec("liger_kernel")),
