@@ -1,7 +1,7 @@
 """Measuring what ``estimate`` predicts: training steps on random weights at real shape, on a GPU.
 
 ``measure`` loads the model as a user does: ``save_random`` writes random weights at real shape to a
-folder once, and each run calls ``from_pretrained(folder, quantization_config=BitsAndBytesConfig(...))``
+folder once, and each run calls ``from_pretrained(folder, quantization_config=...)`` with a ``BitsAndBytesConfig``
 (plain dtype for LoRA and full training). It then wraps the model as the method does (LoRA, optional
 ``prepare_model_for_kbit_training`` and gradient checkpointing), calls ``model.train()`` (from_pretrained
 returns eval mode, in which transformers skips gradient checkpointing), trains a few steps and reports

@@ -6,17 +6,17 @@ mode     base weights                            trained
 full     fp32 (bf16 autocast when asked)         every weight
 lora     frozen, fp32 on CPU / bf16 with bf16    LoRA matrices A, B beside the target layers
 qlora-4  frozen NF4 (``Linear4bit``) via         the same LoRA matrices; the 4-bit weights are
-         ``BitsAndBytesConfig(load_in_4bit)``    dequantised on the fly and get no gradient
+         a 4-bit ``BitsAndBytesConfig``          dequantised on the fly and get no gradient
 qlora-8  frozen int8 (``Linear8bitLt``)          the same LoRA matrices
 ======== ======================================= ==================================================
 
 Quantised models are loaded the way the rest of the ecosystem does it:
-``AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(...),
-device_map={"": device})``. On the CPU the ``device_map`` is what makes bitsandbytes quantise the
-weights as they load. Then, by default, ``recipe.prepare_model`` freezes the base and leaves its
-embeddings, norms and lm_head in the compute dtype; ``kbit_upcast=True`` calls peft's
-``prepare_model_for_kbit_training`` instead, which upcasts them to fp32 (the seed guide's way; it
-costs memory and speed for nothing, see ``benchmarks/results/throughput.json``).
+``AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map={"": device})`` with
+``bnb`` a ``BitsAndBytesConfig`` (``common.models.bnb_config`` builds it). On the CPU the ``device_map`` is
+what makes bitsandbytes quantise the weights as they load. Then, by default, ``recipe.prepare_model``
+freezes the base and leaves its embeddings, norms and lm_head in the compute dtype; ``kbit_upcast=True``
+calls peft's ``prepare_model_for_kbit_training`` instead, which upcasts them to fp32 (the seed guide's way;
+it costs memory and speed for nothing, see ``benchmarks/results/throughput.json``).
 """
 
 from __future__ import annotations

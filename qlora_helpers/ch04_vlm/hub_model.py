@@ -2,8 +2,7 @@
 
 The recipe, in the library calls a learner would write::
 
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=KEEP_16BIT)
+    bnb = bnb_config("4bit", torch.bfloat16, skip_modules=KEEP_16BIT)   # BitsAndBytesConfig: NF4, double quant
     model = AutoModelForImageTextToText.from_pretrained(model_id, quantization_config=bnb, dtype=torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=language_model_targets(...)))
 

@@ -166,7 +166,7 @@ def quantize_linears(root, quantization, compute_dtype) -> dict:
 def quantize_language_model(vlm, quantization, compute_dtype) -> dict:
     """Swap every ``nn.Linear`` inside the language model's decoder layers for a bitsandbytes 4-bit layer.
 
-    This is what ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))``
+    This is what ``from_pretrained`` with a 4-bit ``BitsAndBytesConfig`` as ``quantization_config``
     does; embeddings, norms, ``lm_head``, the vision tower and the projector stay as they are.
     Returns the weight bytes before and after.
     """
