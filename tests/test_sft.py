@@ -383,3 +383,35 @@ def test_sft_trainer_trains_on_the_course_masks_of_the_real_smollm2(packing, cac
     assert all(r["tokens"] > 0 and r["loss"] == r["loss"] for r in s["history"]["train"])
     if packing:   # one padding-free row of whole conversations per micro-batch, at most max_length tokens each
         assert all(r["tokens"] <= cfg.per_device_train_batch_size * cfg.max_length for r in s["history"]["train"])
+
+
+# --------------------------------------------------------------------------- options of the sft command
+def test_the_planner_keeps_the_rows_per_step_and_adds_checkpointing(tiny, tmp_path, monkeypatch):
+    """``memory_budget_gib``: the micro-batch is the largest divisor of the rows per step that fits the plan, the
+    accumulation makes up the rest, and checkpointing is the plan's or the user's."""
+    from qlora_helpers.ch03_sft import command
+
+    cfg = tiny_cfg(tiny, tmp_path / "out", use_qlora=True, per_device_train_batch_size=2,
+                   gradient_accumulation_steps=3, max_length=256, memory_budget_gib=8.0)
+    monkeypatch.setattr(command, "plan_micro_batch", lambda *a, **kw: {"tokens": 1024, "gradient_checkpointing": True})
+    plan = command.plan_batch(validate(cfg), cfg.model_name_or_path, "cpu")   # 4 rows fit; 6 rows per step
+    assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (3, 2) and cfg.gradient_checkpointing
+    assert plan["per_device_train_batch_size"] == 3
+    monkeypatch.undo()
+    roomy = tiny_cfg(tiny, tmp_path / "out", use_qlora=True, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=3, max_length=64, memory_budget_gib=8.0)
+    command.plan_batch(validate(roomy), roomy.model_name_or_path, "cpu")   # a tiny model: everything fits
+    assert (roomy.per_device_train_batch_size, roomy.gradient_accumulation_steps) == (6, 1)
+    assert not roomy.gradient_checkpointing
+    assert command.plan_batch(tiny_cfg(tiny, tmp_path / "out", use_lora=True), "", "cpu") is None   # no budget: off
+
+
+def test_optimizer_auto_and_the_attention_choice():
+    from qlora_helpers.ch03_sft.trainer import optimizer_name
+
+    assert optimizer_name("auto", "cuda") == "paged_adamw_8bit" and optimizer_name("auto", "cpu") == "adamw_torch"
+    assert optimizer_name("adamw_8bit", "cuda") == "adamw_8bit"
+    with pytest.raises(ValueError, match="attn_implementation=varlen .* needs --packing"):
+        validate(SFTConfig(use_lora=True, attn_implementation="varlen", device="cpu"))
+    with pytest.raises(ValueError, match="memory_budget_gib must be > 0 GiB, 0 .off. or -1"):
+        validate(SFTConfig(use_lora=True, memory_budget_gib=-3.0, device="cpu"))

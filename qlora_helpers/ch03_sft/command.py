@@ -271,6 +271,9 @@ def _check_optimisation(cfg: SFTConfig) -> None:
         raise ValueError(f"optim must be one of auto, {', '.join(OPTIMIZERS)}, not {cfg.optim!r}")
     if cfg.attn_implementation not in ATTENTION:
         raise ValueError(f"attn_implementation must be one of {', '.join(ATTENTION)}, not {cfg.attn_implementation!r}")
+    if cfg.attn_implementation == "varlen" and not cfg.packing:
+        raise ValueError("attn_implementation=varlen attends within the packed conversations of a row and needs "
+                         "--packing: add it, or use auto or sdpa")
     if cfg.memory_budget_gib < 0 and cfg.memory_budget_gib != -1:
         raise ValueError(f"memory_budget_gib must be > 0 GiB, 0 (off) or -1 (the GPU's), not {cfg.memory_budget_gib!r}")
     if cfg.lr_scheduler_type not in SCHEDULERS:
@@ -479,9 +482,10 @@ def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
             from None
     plan = plan_micro_batch(config, budget, method=method, lora_r=cfg.lora_r)
     rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    cfg.per_device_train_batch_size = max(1, min(rows_per_step, plan["tokens"] // cfg.max_length))
-    cfg.gradient_accumulation_steps = max(1, round(rows_per_step / cfg.per_device_train_batch_size))
-    cfg.gradient_checkpointing = plan["gradient_checkpointing"]
+    fits = max(1, plan["tokens"] // cfg.max_length)     # rows of max_length tokens in the planned micro-batch
+    cfg.per_device_train_batch_size = max(d for d in range(1, min(fits, rows_per_step) + 1) if rows_per_step % d == 0)
+    cfg.gradient_accumulation_steps = rows_per_step // cfg.per_device_train_batch_size   # the same rows per step
+    cfg.gradient_checkpointing = cfg.gradient_checkpointing or plan["gradient_checkpointing"]
     return {**plan, "per_device_train_batch_size": cfg.per_device_train_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
@@ -540,6 +544,7 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     plan = plan_batch(cfg, base, device)
     fingerprint = {k: (cfg.mode if k == "mode" else getattr(cfg, k)) for k in RESUME_KEYS}
     fingerprint["model_name_or_path"] = base
+    fingerprint["processes"] = processes.num_processes    # the global batch, and each rank's random state
     check_resume(cfg, fingerprint)
     tokenizer = load_tokenizer(base)
     train_data, eval_data = load_data(cfg, tokenizer, train_conversations=conversations[0],

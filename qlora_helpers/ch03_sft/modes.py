@@ -219,7 +219,3 @@ def trainable_4bit_layers(model):
     finally:
         for module in changed:
             module.support_avx512bf16_for_cpu = True
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()

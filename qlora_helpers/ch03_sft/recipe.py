@@ -49,7 +49,6 @@ from qlora_helpers.ch03_sft.data import IGNORE_INDEX, collate, pack
 
 MAX_ROW_TOKENS = 4096
 KERNELS = ("auto", "chunked", "liger")      # what linear_cross_entropy runs
-LOSS_IMPLS = (*KERNELS, "hf")               # causal_lm_loss: those, or the model's own loss
 
 
 # --------------------------------------------------------------------------- the loss

@@ -74,8 +74,8 @@ def tensor_bytes(model) -> int:
     return total
 
 
-
 def autocast(cfg, device: str):
+    """The mixed-precision context of ``cfg`` (bf16 or fp16 autocast), or none."""
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     if dtype is None:
         return nullcontext()
@@ -276,7 +276,7 @@ def train(model, tokenizer, data: SFTData, cfg, *, output_dir, device: str, eval
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
         raise ValueError(f"nothing to resume in {out}: no complete {CHECKPOINTS}/{LATEST}; drop --resume")
-    history = check_fingerprint(ckpt, fingerprint)["history"] if ckpt else None
+    history = check_fingerprint(ckpt, fingerprint).get("history") if ckpt else None
 
     def eval_loss() -> float:
         return evaluate(model, eval_data, cfg.per_device_eval_batch_size, tokenizer.pad_token_id, device, cfg)
