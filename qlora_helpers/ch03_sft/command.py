@@ -569,7 +569,9 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     summary = {
         "mode": cfg.mode, "model": base, "device": device,
         "params": {**params, "trainable_percent": round(100 * params["trainable"] / params["total"], 4)},
-        "data": {"train": train_data.summary(), "eval": eval_data.summary() if eval_data else None,
+        "data": {"train": train_data.summary() + (f"; packed by TRL, best-fit, into padding-free rows of "
+                                                  f"{cfg.max_length} tokens" if cfg.packing else ""),
+                 "eval": eval_data.summary() if eval_data else None,
                  "train_truncated": train_data.n_truncated, "train_dropped": train_data.n_dropped},
         "eval_loss": {"before": before, "after": result["eval_loss"]},
         "steps": result["steps"], "resumed_from": result["resumed_from"],
