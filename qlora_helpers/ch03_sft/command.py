@@ -490,6 +490,14 @@ def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
 
+def resolve_for_device(cfg: SFTConfig, base: str, device: str) -> dict | None:
+    """The settings ``auto`` and the planner leave to the device, set in ``cfg``: the optimizer, Liger where
+    installed (CUDA), and with ``memory_budget_gib`` the micro-batch and checkpointing (the plan is returned)."""
+    cfg.optim = optimizer_name(cfg.optim, device)
+    cfg.use_liger_kernel = bool(cfg.use_liger_kernel and device == "cuda" and importlib.util.find_spec("liger_kernel"))
+    return plan_batch(cfg, base, device)
+
+
 def start_output_dir(cfg: SFTConfig, processes: PartialState, base: str) -> Path:
     """``prepare_output_dir`` and ``sft_config.json``, by the main process once every process has checked the
     folder (at ``run_sft``'s start): under ``accelerate launch`` the others wait until it is done."""
@@ -539,9 +547,7 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     # the data files are read and checked before the tokenizer, the tokenizer before the model
     conversations = read_conversations(cfg, train_conversations, eval_conversations)
     base = model_path(cfg)
-    cfg.optim = optimizer_name(cfg.optim, device)
-    cfg.use_liger_kernel = bool(cfg.use_liger_kernel and device == "cuda" and importlib.util.find_spec("liger_kernel"))
-    plan = plan_batch(cfg, base, device)
+    plan = resolve_for_device(cfg, base, device)
     fingerprint = {k: (cfg.mode if k == "mode" else getattr(cfg, k)) for k in RESUME_KEYS}
     fingerprint["model_name_or_path"] = base
     fingerprint["processes"] = processes.num_processes    # the global batch, and each rank's random state
@@ -565,8 +571,17 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
             result = train(model, tokenizer, train_data, cfg, output_dir=out, device=device,
                            eval_data=eval_data, resume=cfg.resume, callbacks=callbacks, progress=progress,
                            fingerprint=fingerprint, initial_eval=before)
+    summary = make_summary(cfg, base, device, model=model, data=(train_data, eval_data), result=result,
+                           params=params, load_seconds=load_seconds, peak=mem.as_dict(), plan=plan)
+    return SFTResult(finish_output_dir(processes, model, tokenizer, out, summary), model, tokenizer)
+
+
+def make_summary(cfg: SFTConfig, base: str, device: str, *, model, data, result: dict, params: dict,
+                 load_seconds: float, peak: dict, plan: dict | None) -> dict:
+    """What ``sft_summary.json`` holds: the run's settings, data, losses before and after, speed and memory."""
+    train_data, eval_data = data
     before = next((e["eval_loss"] for e in result["history"]["eval"] if e["step"] == 0), None)
-    summary = {
+    return {
         "mode": cfg.mode, "model": base, "device": device,
         "params": {**params, "trainable_percent": round(100 * params["trainable"] / params["total"], 4)},
         "data": {"train": train_data.summary() + (f"; packed by TRL, best-fit, into padding-free rows of "
@@ -576,7 +591,7 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
         "eval_loss": {"before": before, "after": result["eval_loss"]},
         "steps": result["steps"], "resumed_from": result["resumed_from"],
         "step_seconds": result["step_seconds"], "tokens_per_second": result["tokens_per_second"],
-        "load_seconds": round(load_seconds, 2), "peak_memory": mem.as_dict(),
+        "load_seconds": round(load_seconds, 2), "peak_memory": peak,
         # exact bytes of the tensors training keeps, whatever the allocator does
         "tensor_memory_mib": {"weights": round(tensor_bytes(model) / 2**20, 1),
                               **{k: round(v / 2**20, 1) for k, v in result["state_bytes"].items()}},
@@ -584,4 +599,3 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
         "kernels": {**getattr(model, "recipe_kernels", {}), "liger_trainer": bool(cfg.use_liger_kernel)},
         "torch_threads": torch.get_num_threads(),
     }
-    return SFTResult(finish_output_dir(processes, model, tokenizer, out, summary), model, tokenizer)

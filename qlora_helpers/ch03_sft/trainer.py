@@ -177,21 +177,37 @@ class CourseCallback(TrainerCallback):
             control.should_save = False   # no checkpoint of the last step (the final adapter is it): a resumed
             #                               finished run trains the steps after its latest checkpoint again
 
+    EVAL_KEY, DIGITS = "eval_loss", 5     # the record's name for the held-out loss; digits kept of a loss
+
+    def eval_due(self, step: int, last: int) -> bool:
+        """Whether the held-out loss is measured after ``step`` (the final one is measured after training)."""
+        every = self.cfg.eval_steps
+        return self.eval_loss is not None and every > 0 and step % every == 0 and step < last
+
+    def validate(self, step: int) -> float:
+        """The held-out loss now, kept in the history at ``step``."""
+        loss = self.eval_loss()
+        self.history["eval"].append({"step": step, self.EVAL_KEY: loss})
+        return loss
+
+    def after_record(self) -> None:
+        """What follows each step's record (chapter 04 rewrites its history file)."""
+
     def on_log(self, args, state, control, logs=None, **kw):
         if "loss" not in (logs or {}):
             return
-        done, cfg = state.global_step, self.cfg
-        record = {"step": done, "loss": round(float(logs["loss"]), 5), "lr": logs.get("learning_rate"),
+        done = state.global_step
+        record = {"step": done, "loss": round(float(logs["loss"]), self.DIGITS), "lr": logs.get("learning_rate"),
                   "tokens": state.num_input_tokens_seen - self._tokens, "seconds": round(self.step_times[-1], 4)}
         self._tokens = state.num_input_tokens_seen
         self.history["train"].append(record)
-        if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done < state.max_steps:
-            record["eval_loss"] = self.eval_loss()
-            self.history["eval"].append({"step": done, "eval_loss": record["eval_loss"]})
+        if self.eval_due(done, state.max_steps):
+            record[self.EVAL_KEY] = self.validate(done)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}")
         self.bar.update(done - self.bar.n)
-        if done % max(cfg.logging_steps, 1) == 0 or "eval_loss" in record or done == state.max_steps:
+        if done % max(self.cfg.logging_steps, 1) == 0 or self.EVAL_KEY in record or done == state.max_steps:
             self.emit(record)
+        self.after_record()
 
     def on_save(self, args, state, control, **kw):
         """The Trainer has written ``checkpoint-N`` whole: mark it, point ``latest`` at it, prune older ones."""
@@ -215,6 +231,19 @@ class CourseCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:
             self.bar.close()
+
+
+def resume_state(output_dir: Path, resume: bool, fingerprint: dict | None) -> tuple[Path | None, dict | None]:
+    """What a killed run left removed; with ``resume``, the checkpoint ``latest`` names and its state (its
+    settings checked against ``fingerprint``). Nothing to resume is one line."""
+    processes = PartialState()        # this one, or those of ``accelerate launch`` (``run_sft`` joined them)
+    if processes.is_main_process:
+        clean_partial_checkpoints(output_dir)
+    processes.wait_for_everyone()     # nobody looks for checkpoints while the main process removes some
+    ckpt = latest_checkpoint(output_dir) if resume else None
+    if resume and ckpt is None:
+        raise ValueError(f"nothing to resume in {output_dir}: no complete {CHECKPOINTS}/{LATEST}; drop --resume")
+    return ckpt, check_fingerprint(ckpt, fingerprint) if ckpt else None
 
 
 # --------------------------------------------------------------------------- the Trainer's settings and the run
@@ -242,6 +271,7 @@ def training_args(cfg, output_dir: Path, device: str, *, packing: bool) -> TRLCo
 def make_trainer(model, tokenizer, train_data: SFTData, cfg, args: TRLConfig, course: CourseCallback) -> SFTTrainer:
     """TRL's ``SFTTrainer`` on the course's encoded examples, with the course's callback as its only display."""
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in train_data.examples])
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}   # peft's fp32 adapters
     bars = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()       # packing's map() would print a bar into the notebook
     try:
@@ -250,12 +280,17 @@ def make_trainer(model, tokenizer, train_data: SFTData, cfg, args: TRLConfig, co
     finally:
         if bars:
             datasets_logging.enable_progress_bar()
+    return quiet(trainer, model, dtypes=None if cfg.bf16 else dtypes)
+
+
+def quiet(trainer, model, *, dtypes: dict | None):
+    """The Trainer's own displays off (the course's callback draws one bar), and the trainable tensors back in
+    ``dtypes`` (TRL stores a 4-bit model's adapters in bf16; ``None``: keep that, as bf16 runs do)."""
     for display in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
         trainer.remove_callback(display)
-    if not cfg.bf16:   # TRL stores QLoRA adapters in bf16; fp32 and fp16 (mixed precision) runs keep fp32 ones
-        for p in model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.to(torch.float32)
+    for name, p in model.named_parameters() if dtypes else ():
+        if name in dtypes and p.dtype != dtypes[name]:
+            p.data = p.data.to(dtypes[name])
     return trainer
 
 
@@ -269,14 +304,8 @@ def train(model, tokenizer, data: SFTData, cfg, *, output_dir, device: str, eval
     goes into each checkpoint and is checked on resume; ``initial_eval`` is kept as step 0.
     """
     out = Path(output_dir)
-    processes = PartialState()        # this one, or those of ``accelerate launch`` (``run_sft`` joined them)
-    if processes.is_main_process:
-        clean_partial_checkpoints(out)
-    processes.wait_for_everyone()     # nobody looks for checkpoints while the main process removes some
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise ValueError(f"nothing to resume in {out}: no complete {CHECKPOINTS}/{LATEST}; drop --resume")
-    history = check_fingerprint(ckpt, fingerprint).get("history") if ckpt else None
+    ckpt, state = resume_state(out, resume, fingerprint)
+    history = state.get("history") if state else None
 
     def eval_loss() -> float:
         return evaluate(model, eval_data, cfg.per_device_eval_batch_size, tokenizer.pad_token_id, device, cfg)

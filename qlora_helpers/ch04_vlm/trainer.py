@@ -39,20 +39,10 @@ from types import SimpleNamespace
 import bitsandbytes as bnb
 import torch
 from datasets import Dataset
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.utils.notebook import NotebookProgressCallback
 from trl import SFTTrainer
 
 from qlora_helpers.ch03_sft.recipe import causal_lm_loss
-from qlora_helpers.ch03_sft.trainer import (
-    CHECKPOINTS,
-    LATEST,
-    CourseCallback,
-    check_fingerprint,
-    clean_partial_checkpoints,
-    latest_checkpoint,
-    training_args,
-)
+from qlora_helpers.ch03_sft.trainer import CHECKPOINTS, CourseCallback, quiet, resume_state, training_args
 from qlora_helpers.ch04_vlm.encode import answer_tokens
 from qlora_helpers.common.files import atomic_folder, atomic_write_json
 
@@ -120,28 +110,22 @@ class BestAdapter:
 
 
 class VLMCallback(CourseCallback):
-    """Chapter 03's checkpoints and step timing; each step's record with ``val_loss`` where one is due,
-    handed to the record callbacks (``BestAdapter`` first), then ``training_history.json`` rewritten."""
+    """Chapter 03's records, checkpoints and step timing; the validation loss (``val_loss``) every ``eval_steps``
+    and at the last step, handed to the record callbacks (``BestAdapter`` first); ``training_history.json``
+    rewritten after each step."""
+
+    EVAL_KEY, DIGITS = "val_loss", 6
+
+    def eval_due(self, step: int, last: int) -> bool:
+        every = self.cfg.eval_steps
+        return self.eval_loss is not None and (step == last or (every > 0 and step % every == 0))
 
     def validate(self, step: int) -> float:
         loss = round(self.eval_loss(), 6)
         self.history["eval"].append({"step": step, "val_loss": loss})
         return loss
 
-    def on_log(self, args, state, control, logs=None, **kw):
-        if "loss" not in (logs or {}):
-            return
-        done = state.global_step
-        record = {"step": done, "loss": round(float(logs["loss"]), 6), "lr": logs.get("learning_rate"),
-                  "tokens": state.num_input_tokens_seen - self._tokens, "seconds": round(self.step_times[-1], 3)}
-        self._tokens = state.num_input_tokens_seen
-        self.history["train"].append(record)
-        every = self.cfg.eval_steps
-        if self.eval_loss is not None and (done == state.max_steps or (every > 0 and done % every == 0)):
-            record["val_loss"] = self.validate(done)
-        self.bar.set_postfix(loss=f"{record['loss']:.3f}")
-        self.bar.update(done - self.bar.n)
-        self.emit(record)
+    def after_record(self) -> None:
         atomic_write_json(self.output_dir / HISTORY, self.history)
 
 
@@ -171,12 +155,7 @@ def make_trainer(model, processor, train: list, run, *, out: Path, device: str, 
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
                          processing_class=processor.tokenizer, callbacks=[course],
                          optimizers=(make_optimizer(model, run, device), None))
-    for display in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
-        trainer.remove_callback(display)
-    for name, p in model.named_parameters():   # TRL casts a 4-bit model's adapters to bf16: keep peft's dtype
-        if name in dtypes and p.dtype != dtypes[name]:
-            p.data = p.data.to(dtypes[name])
-    return trainer
+    return quiet(trainer, model, dtypes=dtypes)      # TRL casts a 4-bit model's adapters to bf16: peft's dtype
 
 
 def train_vlm(model, train: list, val: list | None, run, *, processor, out, device: str, fingerprint: dict,
@@ -188,11 +167,8 @@ def train_vlm(model, train: list, val: list | None, run, *, processor, out, devi
     from ``checkpoints/latest``.
     """
     out = Path(out)
-    clean_partial_checkpoints(out)
-    ckpt = latest_checkpoint(out) if run.resume else None
-    if run.resume and ckpt is None:
-        raise ValueError(f"nothing to resume in {out}: no complete {CHECKPOINTS}/{LATEST}; drop --resume")
-    history = check_fingerprint(ckpt, fingerprint)["history"] if ckpt else {"train": [], "eval": [], "best": None}
+    ckpt, state = resume_state(out, run.resume, fingerprint)
+    history = state["history"] if state else {"train": [], "eval": [], "best": None}
     course = VLMCallback(trainer_settings(run), output_dir=out, eval_loss=(lambda: evaluate(model, val, device))
                          if val else None, callbacks=[BestAdapter(model, out / "best", history), *callbacks],
                          fingerprint=fingerprint, history=history, progress=progress)
