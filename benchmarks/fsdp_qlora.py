@@ -47,8 +47,8 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
 from qlora_helpers.ch01_memory.estimator import model_shape, quantized_bytes
-from qlora_helpers.ch05_multi_gpu.worker import state_digest
 from qlora_helpers.common.bench import write_benchmark
+from qlora_helpers.common.files import state_digest
 from qlora_helpers.common.models import bnb_config, tiny_qwen2
 from qlora_helpers.common.shapes import get_config
 from qlora_helpers.errors import OneLineParser, run_main

@@ -29,7 +29,6 @@ holds files is refused unless ``--resume`` (continue from ``checkpoints/latest``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -58,14 +57,15 @@ from qlora_helpers.ch03_sft.trainer import (
     check_fingerprint,
     evaluate,
     latest_checkpoint,
+    liger_on,
     optimizer_name,
     tensor_bytes,
     train,
 )
 from qlora_helpers.common.assets import sft_paths
 from qlora_helpers.common.device import cpu_compute_dtype
-from qlora_helpers.common.files import atomic_write_json, remove_folder
-from qlora_helpers.common.models import count_parameters, trainable_digest
+from qlora_helpers.common.files import atomic_write_json, remove_folder, state_digest
+from qlora_helpers.common.models import count_parameters
 from qlora_helpers.errors import check_keys
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -494,7 +494,7 @@ def resolve_for_device(cfg: SFTConfig, base: str, device: str) -> dict | None:
     """The settings ``auto`` and the planner leave to the device, set in ``cfg``: the optimizer, Liger where
     installed (CUDA), and with ``memory_budget_gib`` the micro-batch and checkpointing (the plan is returned)."""
     cfg.optim = optimizer_name(cfg.optim, device)
-    cfg.use_liger_kernel = bool(cfg.use_liger_kernel and device == "cuda" and importlib.util.find_spec("liger_kernel"))
+    cfg.use_liger_kernel = liger_on(cfg, device)
     return plan_batch(cfg, base, device)
 
 
@@ -512,10 +512,10 @@ def start_output_dir(cfg: SFTConfig, processes: PartialState, base: str) -> Path
 def finish_output_dir(processes: PartialState, model, tokenizer, out: Path, summary: dict) -> dict:
     """The final model and ``sft_summary.json``, written by the main process alone, the others waiting.
 
-    ``summary`` gains ``processes``: every process's ``trainable_digest`` (equal digests: the processes
+    ``summary`` gains ``processes``: every process's digest of its trainable weights (equal digests: the processes
     of a data-parallel run hold bit-identical weights) and, on the main process, the files written.
     """
-    digests = gather_object([trainable_digest(model)])
+    digests = gather_object([state_digest({n: p for n, p in model.named_parameters() if p.requires_grad})])
     summary["processes"] = {"world_size": processes.num_processes, "trainable_sha256": digests,
                             "identical": len(set(digests)) == 1}
     if processes.is_main_process:

@@ -162,23 +162,22 @@ def build_model(cfg, device: str):
         model.requires_grad_(True)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        model.recipe_kernels = enable_kernels(model, **kernels)
-        return model
-    if cfg.use_qlora:
+    elif cfg.use_qlora:
         model = load_base(cfg, device, quantization_bit=cfg.quantization_bit or 4, dtype=compute_dtype(cfg))
         if cfg.kbit_upcast:   # the seed's way: frozen embeddings, norms and lm_head upcast to fp32
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                     gradient_checkpointing_kwargs=gc_kwargs)
         else:                 # the course recipe: they stay in the compute dtype (qlora_helpers.ch03_sft.recipe)
-            model = prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, fast_kernels=kernels)
+            model = prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, fast_kernels=False)
     else:
         model = load_base(cfg, device, dtype=compute_dtype(cfg))
         model.requires_grad_(False)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
-    if not hasattr(model, "recipe_kernels"):
-        model.recipe_kernels = enable_kernels(model, **kernels)
+    model.recipe_kernels = enable_kernels(model, **kernels)
+    if cfg.mode == "full":
+        return model
     targets = resolve_target_modules(cfg.lora_target_modules, model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")

@@ -62,6 +62,11 @@ def optimizer_name(optim: str, device: str) -> str:
     return ("paged_adamw_8bit" if device.startswith("cuda") else "adamw_torch") if optim == "auto" else optim
 
 
+def liger_on(cfg, device: str) -> bool:
+    """Liger's kernels as asked, where they run: CUDA, with liger-kernel installed."""
+    return bool(cfg.use_liger_kernel and device.startswith("cuda") and find_spec("liger_kernel"))
+
+
 # --------------------------------------------------------------------------- held-out loss, bytes held
 def tensor_bytes(model) -> int:
     """Bytes held by a model's parameters and buffers as stored (a 4-bit weight counts its packed bytes)."""
@@ -119,7 +124,7 @@ def clean_partial_checkpoints(output_dir) -> int:
     cut_short = [p for p in root.glob("checkpoint-*") if p.is_dir() and not (p / COMPLETE).is_file()]
     for path in cut_short:
         remove_folder(path)
-    return len(cut_short) + remove_leftovers(root, ".tmp-*") + remove_leftovers(root)
+    return len(cut_short) + remove_leftovers(root)
 
 
 def check_fingerprint(path: Path, fingerprint: dict | None) -> dict:
@@ -231,6 +236,9 @@ class CourseCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:
             self.bar.close()
+        root = self.output_dir / CHECKPOINTS
+        if state.is_world_process_zero and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()                   # made by the Trainer, which saved nothing in it (save_steps 0)
 
 
 def resume_state(output_dir: Path, resume: bool, fingerprint: dict | None) -> tuple[Path | None, dict | None]:
@@ -260,7 +268,7 @@ def training_args(cfg, output_dir: Path, device: str, *, packing: bool) -> TRLCo
         fp16=cfg.fp16, use_cpu=device == "cpu", max_length=cfg.max_length,
         packing=packing, packing_strategy="bfd", padding_free=packing,
         dataset_kwargs=None if packing else {"skip_prepare_dataset": True},
-        use_liger_kernel=bool(cfg.use_liger_kernel and device == "cuda" and find_spec("liger_kernel")),
+        use_liger_kernel=liger_on(cfg, device),
         **{CHECKPOINTING: False},   # the model is set up already
         logging_steps=1, eval_strategy="no", save_strategy="steps" if save else "no",
         save_steps=cfg.save_steps if save else 500, save_total_limit=None, report_to="none",
@@ -322,11 +330,10 @@ def train(model, tokenizer, data: SFTData, cfg, *, output_dir, device: str, eval
         steps = trainer.state.global_step
         final_eval = None
         if eval_data is not None:
-            final_eval = eval_loss()
-            course.history["eval"].append({"step": steps, "eval_loss": final_eval})
+            final_eval = course.validate(steps)
             course.emit({"step": steps, "eval_loss": final_eval})
     model.eval()
-    return _result(trainer, course, start=int(ckpt.name.split("-")[1]) if ckpt else 0, final_eval=final_eval)
+    return _result(trainer, course, start=state["step"] if state else 0, final_eval=final_eval)
 
 
 def _result(trainer, course: CourseCallback, *, start: int, final_eval: float | None) -> dict:

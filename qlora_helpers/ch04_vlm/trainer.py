@@ -42,7 +42,7 @@ from datasets import Dataset
 from trl import SFTTrainer
 
 from qlora_helpers.ch03_sft.recipe import causal_lm_loss
-from qlora_helpers.ch03_sft.trainer import CHECKPOINTS, CourseCallback, quiet, resume_state, training_args
+from qlora_helpers.ch03_sft.trainer import CourseCallback, quiet, resume_state, training_args
 from qlora_helpers.ch04_vlm.encode import answer_tokens
 from qlora_helpers.common.files import atomic_folder, atomic_write_json
 
@@ -177,8 +177,5 @@ def train_vlm(model, train: list, val: list | None, run, *, processor, out, devi
     trainer = make_trainer(model, processor, train, run, out=out, device=device, course=course)
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     save_adapter(model, out / "final")
-    checkpoints = out / CHECKPOINTS
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()           # made by the Trainer, which saved nothing in it (save_steps 0)
     atomic_write_json(out / HISTORY, history)
     return history

@@ -24,7 +24,6 @@ gradients really synchronise.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -57,7 +56,7 @@ from qlora_helpers.ch05_multi_gpu.reversal import (
     training_set,
 )
 from qlora_helpers.ch05_multi_gpu.schedule import PlateauSchedule
-from qlora_helpers.common.files import atomic_folder, atomic_open, atomic_write_json
+from qlora_helpers.common.files import atomic_folder, atomic_open, atomic_write_json, state_digest
 from qlora_helpers.errors import OneLineParser, run_main
 
 CPU_PROCESSES = 2
@@ -156,15 +155,6 @@ def gather_objects(obj) -> list:
 def lora_state(model) -> dict:
     """The trainable tensors by name, as float32 CPU copies."""
     return {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def state_digest(state: dict) -> str:
-    """sha256 of the tensors' bytes in name order: equal digests mean bit-identical weights."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def save_adapter(model, folder: Path) -> None:

@@ -8,6 +8,7 @@ GPU measurements live in ``benchmarks/results/<name>.json`` and are read with ``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 RESULTS_ENV = "QLORA_RESULTS_DIR"
 
@@ -190,3 +193,15 @@ def optional_benchmark(name: str) -> dict | None:
         return load_benchmark(name)
     except FileNotFoundError:
         return None
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of the tensors' bytes in name order: equal digests mean bit-identical weights (bf16 included).
+
+    The processes of a data-parallel run each compute it to show that they hold the same adapter.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -230,17 +229,6 @@ def count_parameters(model) -> dict[str, int]:
         if p.requires_grad:
             trainable += n
     return {"trainable": trainable, "total": total}
-
-
-def trainable_digest(model) -> str:
-    """sha256 of every trainable parameter's name and bytes, in name order: equal digests mean bit-identical
-    weights. The processes of a data-parallel run each compute it to show that they hold the same adapter."""
-    h = hashlib.sha256()
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    for name, p in sorted(trainable.items(), key=lambda item: item[0]):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def load_causal_lm(model_id: str = "", **kwargs):
