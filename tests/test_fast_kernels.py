@@ -10,8 +10,9 @@ import inspect
 import pytest
 import torch
 
-from qlora_helpers.ch03_sft import fast_kernels, recipe
+from qlora_helpers.ch03_sft import fast_kernels
 from qlora_helpers.ch03_sft.data import Example, collate, pack
+from qlora_helpers.ch03_sft.trainer import causal_lm_loss
 from qlora_helpers.common.models import build_tiny, tiny_qwen2
 
 
@@ -46,7 +47,7 @@ def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.requires_grad_(True)
-    loss = recipe.causal_lm_loss(model, batch)
+    loss = causal_lm_loss(model, batch)
     loss.backward()
     return loss.detach().float(), [p.grad.float() for p in model.parameters() if p.grad is not None]
 
@@ -104,9 +105,7 @@ def test_padded_training_batches_keep_the_masked_sdpa_path(monkeypatch):
     assert torch.equal(loss, ref_loss)
 
 
-def test_enable_changes_nothing_on_the_cpu():
+def test_varlen_attention_changes_nothing_on_the_cpu():
     model = _model()
-    report = fast_kernels.enable(model)
-    assert report["attention"].startswith("sdpa") and "CUDA" in report["attention"]
-    assert report["norm_and_mlp"].startswith("off")
+    assert fast_kernels.use_varlen_attention(model) == "sdpa (varlen attention needs CUDA)"
     assert model.config._attn_implementation == "sdpa"

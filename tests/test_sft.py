@@ -88,6 +88,39 @@ def test_bf16_on_a_gpu_without_it(monkeypatch):
         validate(SFTConfig(use_lora=True, bf16=True))
 
 
+@pytest.mark.parametrize("cuda, cpu_dtype, expected", [
+    ((True, True, "H100"), "fp32", True),        # a GPU with bf16
+    ((True, False, "Tesla T4"), "bf16", False),  # a GPU without: fp32 (fp16 only when asked)
+    ((False, False, ""), "bf16", True),          # a CPU with native bf16 (cpu_compute_dtype)
+    ((False, False, ""), "fp32", False),         # a CPU without: fp32
+])
+def test_bf16_auto_follows_the_device(monkeypatch, cuda, cpu_dtype, expected):
+    from qlora_helpers.ch03_sft import command as sft
+
+    monkeypatch.setattr(sft, "_cuda", lambda: cuda)
+    monkeypatch.setenv("QLORA_CPU_DTYPE", cpu_dtype)
+    assert SFTConfig().bf16 == "auto"
+    assert validate(SFTConfig(use_lora=True)).bf16 is expected
+    assert validate(SFTConfig(use_lora=True, bf16=False)).bf16 is False      # explicit values stay
+    if cuda[0]:
+        assert validate(SFTConfig(use_lora=True, fp16=True)).bf16 is False      # fp16 asked: no bf16 beside it
+
+
+def test_bf16_flag_takes_true_false_or_auto(capsys, tmp_path):
+    from qlora_helpers.ch03_sft.command import config_from_args, configure_parser
+
+    parser = __import__("argparse").ArgumentParser()
+    configure_parser(parser)
+    parse = lambda *a: parser.parse_args(["--use_lora", "--device", "cpu", *a]).bf16
+    assert parse("--bf16") is True and parse("--bf16", "false") is False and parse("--bf16", "auto") == "auto"
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"use_lora": True, "bf16": "sometimes"}))
+    with pytest.raises(ValueError, match="bf16 must be true, false or auto, not 'sometimes'"):
+        config_from_args(parser.parse_args(["--config_file", str(config)]))
+    config.write_text(json.dumps({"use_lora": True, "bf16": False, "device": "cpu"}))
+    assert config_from_args(parser.parse_args(["--config_file", str(config)])).bf16 is False
+
+
 def test_config_file_errors(tmp_path, capsys):
     bad_key = tmp_path / "typo.json"
     bad_key.write_text(json.dumps({"use_lora": True, "lora_rank": 8}))
@@ -407,10 +440,14 @@ def test_the_planner_keeps_the_rows_per_step_and_adds_checkpointing(tiny, tmp_pa
 
 
 def test_optimizer_auto_and_the_attention_choice():
-    from qlora_helpers.ch03_sft.trainer import optimizer_name
+    from qlora_helpers.ch03_sft.trainer import training_args
 
-    assert optimizer_name("auto", "cuda") == "paged_adamw_8bit" and optimizer_name("auto", "cpu") == "adamw_torch"
-    assert optimizer_name("adamw_8bit", "cuda") == "adamw_8bit"
+    cfg = validate(SFTConfig(use_lora=True, device="cpu"))
+    assert cfg.optim == "auto" and training_args(cfg, Path("out"), "cpu", packing=False).optim == "adamw_torch"
+    cfg.optim = "adamw_8bit"                   # the course's name, the Trainer's own
+    assert training_args(cfg, Path("out"), "cpu", packing=False).optim == "adamw_bnb_8bit"
+    with pytest.raises(ValueError, match="optim must be one of auto, adamw, adamw_torch, adamw_8bit"):
+        validate(SFTConfig(use_lora=True, optim="sgd", device="cpu"))
     with pytest.raises(ValueError, match="attn_implementation=varlen .* needs --packing"):
         validate(SFTConfig(use_lora=True, attn_implementation="varlen", device="cpu"))
     with pytest.raises(ValueError, match="memory_budget_gib must be > 0 GiB, 0 .off. or -1"):

@@ -16,13 +16,13 @@ import gc
 import inspect
 import time
 
-import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, Qwen2VLForConditionalGeneration
 
 from qlora_helpers.ch01_memory.estimator import GIB, model_shape, resolve_targets
 from qlora_helpers.common.models import bnb_config, build_random
+from qlora_helpers.common.optim import make_optimizer
 from qlora_helpers.common.shapes import get_config
 
 
@@ -71,12 +71,6 @@ def load(folder, method: str, *, dtype, device: str = "cuda"):
     quant = {"qlora4": "4bit", "qlora8": "8bit"}.get(method)
     kwargs = {"quantization_config": bnb_config(quant, dtype)} if quant else {}
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": device}, **kwargs)
-
-
-def _make_optimizer(name: str, params, lr: float = 1e-4):
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    return (bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit)(params, lr=lr)
 
 
 def _wrap(model, method: str, *, lora_r: int, targets, grad_ckpt: bool, prepare_kbit: bool):
@@ -172,7 +166,7 @@ def measure(config, method: str, *, batch_size: int, seq_len: int, lora_r: int =
         model = _wrap(model, method, lora_r=lora_r, grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, targets=modules)
         mark("after wrap")
         out["training"], out["attention"] = model.training, model.config._attn_implementation
-        opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
+        opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr=1e-4)
         batch = _batch(config, batch_size, seq_len, device, torch_dtype, torch.Generator().manual_seed(seed))
         mark("after batch")
         out["setup_s"] = round(time.perf_counter() - t0, 1)

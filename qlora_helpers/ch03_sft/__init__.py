@@ -9,8 +9,7 @@ trainer       what the course adds to TRL's ``SFTTrainer``: its data and masks, 
 command       the ``sft`` command: its config, validation and ``run_sft`` (training through ``trainer``)
 chat          reload with plain peft, chat, merge (and the QLoRA merge pitfall)
 peak_memory   peak memory of a block of code (CPU RSS or CUDA peak)
-recipe        the loss without full logits (eval, lesson, benchmarks), no fp32 upcast, the planner's micro-batch
-fast_kernels  on a GPU: varlen flash attention for packed rows, Liger's RMSNorm and SwiGLU
+fast_kernels  on a GPU: varlen flash attention for packed rows (``--attn_implementation``)
 report        the four runs side by side and the merges compared: tables, figures, results entries
 gpu_results   the GPU benchmark results the notebook shows, as finished tables, lines and figures
 ============  ========================================================================================

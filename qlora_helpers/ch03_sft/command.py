@@ -42,6 +42,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import AutoConfig, set_seed
 
+from qlora_helpers.ch01_memory.estimator import estimate
 from qlora_helpers.ch03_sft import data as d
 from qlora_helpers.ch03_sft.modes import (
     build_model,
@@ -50,15 +51,12 @@ from qlora_helpers.ch03_sft.modes import (
     trainable_4bit_layers,
 )
 from qlora_helpers.ch03_sft.peak_memory import PeakMemory
-from qlora_helpers.ch03_sft.recipe import plan_micro_batch
 from qlora_helpers.ch03_sft.trainer import (
     CHECKPOINTS,
-    OPTIMIZERS,
     check_fingerprint,
     evaluate,
     latest_checkpoint,
     liger_on,
-    optimizer_name,
     tensor_bytes,
     train,
 )
@@ -66,6 +64,7 @@ from qlora_helpers.common.assets import sft_paths
 from qlora_helpers.common.device import cpu_compute_dtype
 from qlora_helpers.common.files import atomic_write_json, remove_folder, state_digest
 from qlora_helpers.common.models import count_parameters
+from qlora_helpers.common.optim import OPTIMIZERS, optimizer_name
 from qlora_helpers.errors import check_keys
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -113,7 +112,7 @@ class SFTConfig:
     use_liger_kernel: bool = True      # Liger's kernels (Trainer option), on CUDA where liger-kernel is installed
     attn_implementation: str = "auto"  # auto: varlen flash attention for packed bf16 rows on CUDA, else sdpa
     kbit_upcast: bool = False          # QLoRA: peft's prepare_model_for_kbit_training (fp32 upcast), not the recipe
-    bf16: bool = False
+    bf16: bool | str = "auto"          # auto: bf16 on a GPU that has it, on the CPU as cpu_compute_dtype() says
     fp16: bool = False
     seed: int = 42
     # bookkeeping
@@ -159,7 +158,8 @@ HELP = {
     "kbit_upcast": "QLoRA: upcast frozen embeddings/norms/lm_head to fp32 (peft's prepare_model_for_kbit_training)",
     "optim": "auto (paged_adamw_8bit on CUDA, adamw_torch on the CPU) | adamw_torch | adamw_8bit | paged_adamw_8bit "
              "| paged_adamw_32bit (paged: CUDA only)",
-    "bf16": "bf16 autocast (and bf16 frozen base for LoRA/QLoRA)",
+    "bf16": "true | false | auto: bf16 autocast (and bf16 frozen base for LoRA/QLoRA); auto: on a GPU with bf16, "
+            "and on a CPU that computes bf16 natively (common.device.cpu_compute_dtype)",
     "save_steps": "write a checkpoint every N steps (0: none)",
     "resume": "continue from output_dir/checkpoints/latest",
     "overwrite_output_dir": "allow a non-empty output_dir (its checkpoints are discarded)",
@@ -172,7 +172,7 @@ def from_dict(values: dict, source: str = "config") -> SFTConfig:
     defaults = SFTConfig()
     for key, value in values.items():
         want = type(getattr(defaults, key))
-        if want is type(None) or key == "lora_target_modules":
+        if want is type(None) or key in ("lora_target_modules", "bf16"):   # bf16: true, false or auto
             continue
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
@@ -215,7 +215,8 @@ def validate(cfg: SFTConfig) -> SFTConfig:
     """Raise ``ValueError`` with one line for the first invalid or contradictory setting.
 
     Checked in this order: the mode, the LoRA settings, the optimisation, the choices that exclude
-    each other, what the device supports. A QLoRA mode without ``quantization_bit`` gets 4 on the way.
+    each other, what the device supports. A QLoRA mode without ``quantization_bit`` gets 4 on the way, and
+    ``bf16="auto"`` becomes true or false for the device (``resolve_bf16``).
     """
     _check_mode(cfg)
     if cfg.use_qlora and cfg.quantization_bit is None:
@@ -283,16 +284,29 @@ def _check_optimisation(cfg: SFTConfig) -> None:
 def _check_choices(cfg: SFTConfig) -> None:
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {cfg.device!r}")
-    if cfg.bf16 and cfg.fp16:
+    if not (isinstance(cfg.bf16, bool) or cfg.bf16 == "auto"):
+        raise ValueError(f"bf16 must be true, false or auto, not {cfg.bf16!r}")
+    if cfg.bf16 is True and cfg.fp16:
         raise ValueError("bf16 and fp16 both set: choose one mixed-precision type")
     if cfg.resume and cfg.overwrite_output_dir:
         raise ValueError("resume and overwrite_output_dir contradict: resume keeps the checkpoints, "
                          "overwrite discards them")
 
 
+def resolve_bf16(cfg: SFTConfig, device: str) -> bool:
+    """``bf16="auto"``: bf16 on a GPU that supports it, on the CPU where ``cpu_compute_dtype()`` is bf16 (native
+    bf16 kernels), never beside ``fp16``; true or false as given."""
+    if cfg.bf16 != "auto":
+        return cfg.bf16
+    if cfg.fp16:
+        return False
+    return _cuda()[1] if device == "cuda" else cpu_compute_dtype() == torch.bfloat16
+
+
 def _check_device(cfg: SFTConfig) -> None:
     """What the device this run resolves to can do: bf16, fp16, paged optimizers."""
     device = resolve_device(cfg)
+    cfg.bf16 = resolve_bf16(cfg, device)
     _, has_bf16, gpu = _cuda()
     if device == "cuda" and cfg.bf16 and not has_bf16:
         raise ValueError(f"bf16 requested but {gpu} has no bfloat16 support "
@@ -321,6 +335,10 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
+def _bool_or_auto(text: str) -> bool | str:
+    return "auto" if str(text).lower() == "auto" else _bool(text)
+
+
 def _targets(text: str):
     return None if text.lower() in ("null", "none", "auto") else text
 
@@ -332,9 +350,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         value = getattr(defaults, f.name)
         flag = f"--{f.name}"
         text = HELP.get(f.name, "")
-        if isinstance(value, bool):
-            parser.add_argument(flag, nargs="?", const=True, type=_bool, default=argparse.SUPPRESS,
-                                help=f"{text} (default {str(value).lower()})".strip())
+        if isinstance(value, bool) or f.name == "bf16":
+            parser.add_argument(flag, nargs="?", const=True, type=_bool_or_auto if f.name == "bf16" else _bool,
+                                default=argparse.SUPPRESS, help=f"{text} (default {str(value).lower()})".strip())
         elif f.name == "quantization_bit":
             parser.add_argument(flag, type=int, default=argparse.SUPPRESS, help=text)
         elif f.name == "lora_target_modules":
@@ -464,6 +482,30 @@ def save_final(model, tokenizer, out: Path) -> list[str]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return names
+
+
+def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_r: int = 16,
+                     candidates=(512, 1024, 2048, 4096, 8192, 16384, 32768), enough_tokens: int = 4096) -> dict:
+    """The largest packed micro-batch (tokens) whose peak, as the chapter-01 estimator predicts it for a loss
+    taken in chunks (Liger's fused linear cross-entropy on a GPU), fits ``budget_gib``; and whether it needs
+    activation checkpointing. That costs a second forward pass, so it is chosen only when no micro-batch of
+    ``enough_tokens`` (4k: enough to keep a GPU's matrix units busy) fits without it, and it lets a larger one fit.
+    """
+    chunk = max(64, min(8192, 2**28 // (4 * config.get_text_config().vocab_size)))   # ~256 MiB of fp32 logits
+
+    def need(tokens: int, ckpt: bool) -> float:
+        return estimate(config, method, batch_size=1, seq_len=tokens, lora_r=lora_r, grad_ckpt=ckpt,
+                        loss_chunk=chunk).total_gib
+
+    fits = {ckpt: [t for t in candidates if need(t, ckpt) <= budget_gib] for ckpt in (False, True)}
+    if not fits[True]:
+        raise ValueError(f"memory_budget_gib={budget_gib}: no micro-batch of {candidates[0]} tokens or more fits "
+                         "even with checkpointing; raise the budget or use a smaller model")
+    best_plain, best_ckpt = max(fits[False], default=0), max(fits[True])
+    ckpt = best_plain < min(enough_tokens, best_ckpt)
+    tokens = best_ckpt if ckpt else best_plain
+    return {"tokens": tokens, "gradient_checkpointing": ckpt, "estimate_gib": round(need(tokens, ckpt), 3),
+            "budget_gib": budget_gib}
 
 
 def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
@@ -596,6 +638,7 @@ def make_summary(cfg: SFTConfig, base: str, device: str, *, model, data, result:
         "tensor_memory_mib": {"weights": round(tensor_bytes(model) / 2**20, 1),
                               **{k: round(v / 2**20, 1) for k, v in result["state_bytes"].items()}},
         "history": result["history"], "files": [], "plan": plan,
-        "kernels": {**getattr(model, "recipe_kernels", {}), "liger_trainer": bool(cfg.use_liger_kernel)},
+        "kernels": {"attention": getattr(model, "attention_kernel", "sdpa"),
+                    "liger_trainer": bool(cfg.use_liger_kernel)},
         "torch_threads": torch.get_num_threads(),
     }

@@ -1,21 +1,16 @@
-"""GPU kernels the training recipe switches on for packed, padding-free micro-batches (CUDA only).
+"""Varlen flash attention for packed, padding-free rows (CUDA only): the ``sft`` command's
+``--attn_implementation varlen`` (and ``auto`` on packed bf16 rows).
 
-* **Attention.** A packed row holds many conversations end to end. transformers' SDPA path keeps each
-  conversation to itself with a ``[rows, 1, T, T]`` block mask, and a masked SDPA call computes all
-  ``T x T`` scores of a row before throwing away those outside the blocks: with conversations of
-  about 50 tokens in 4096-token rows that is almost all of them. ``varlen_attention_forward`` hands
-  PyTorch's variable-length flash attention (``torch.nn.attention.varlen``) the conversation
-  boundaries instead, read from the position ids (they restart at 0 for each conversation), so only
-  the scores inside each conversation are computed. It is registered with transformers under
-  ``ATTENTION`` together with the SDPA mask builder, and answers through plain SDPA (with that mask)
-  whenever it is not a packed training step (position ids given for every row, each row starting at
-  0): evaluation, generation with a cache, padded batches, sliding-window layers, fp32.
-* **RMSNorm and SwiGLU.** Liger's fused Triton kernels (``liger-kernel``), patched into one model
-  instance (the classes, and so other models, are left alone): fewer element-wise passes, and the
-  SwiGLU product is recomputed in the backward pass instead of kept.
-
-``enable(model)`` switches on what this machine supports and says what it did; on the CPU it
-changes nothing. ``benchmarks/train_throughput.py`` measures each lever on its own.
+A packed row holds many conversations end to end. transformers' SDPA path keeps each conversation to
+itself with a ``[rows, 1, T, T]`` block mask, and a masked SDPA call computes all ``T x T`` scores of a
+row before throwing away those outside the blocks: with conversations of about 50 tokens in 4096-token
+rows that is almost all of them. ``varlen_attention_forward`` hands PyTorch's variable-length flash
+attention (``torch.nn.attention.varlen``) the conversation boundaries instead, read from the position ids
+(they restart at 0 for each conversation), so only the scores inside each conversation are computed. It
+is registered with transformers under ``ATTENTION`` together with the SDPA mask builder, and answers
+through plain SDPA (with that mask) whenever it is not a packed training step (position ids given for
+every row, each row starting at 0): evaluation, generation with a cache, padded batches, sliding-window
+layers, fp32. Liger's RMSNorm, SwiGLU and fused loss come through the Trainer's ``use_liger_kernel``.
 """
 
 from __future__ import annotations
@@ -113,50 +108,15 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
-def _text_model(model):
-    """``(base model, None)``, or ``(None, why these kernels do not apply)``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    if config is None or getattr(config, "model_type", None) not in TEXT_MODELS:
-        return None, "not a Qwen2/Llama/Mistral text model"
-    if base.device.type != "cuda":
-        return None, "the kernels need CUDA"
-    return base, None
-
-
 def use_varlen_attention(model) -> str:
-    """Switch a text decoder on CUDA to ``ATTENTION``; returns what it now uses, or why not."""
-    base, why_not = _text_model(model)
-    if why_not or varlen_kernel() is None:
-        return f"sdpa ({why_not or 'this PyTorch has no torch.nn.attention.varlen'})"
+    """Switch a Qwen2/Llama/Mistral decoder on CUDA to ``ATTENTION``; returns what it now uses, or why not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "model_type", None) not in TEXT_MODELS:
+        return "sdpa (not a Qwen2/Llama/Mistral text model)"
+    if base.device.type != "cuda":
+        return "sdpa (varlen attention needs CUDA)"
+    if varlen_kernel() is None:
+        return "sdpa (this PyTorch has no torch.nn.attention.varlen)"
     register()
     base.set_attn_implementation(ATTENTION)
     return "varlen"
-
-
-def use_liger_kernels(model) -> str:
-    """Patch Liger's RMSNorm and SwiGLU kernels into this model instance; returns what it did, or why not."""
-    base, why_not = _text_model(model)
-    if why_not:
-        return f"off ({why_not})"
-    try:
-        from liger_kernel.transformers.monkey_patch import (
-            _patch_rms_norm_module,
-            _patch_swiglu_module,
-        )
-        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
-    except ImportError:
-        return "off (liger-kernel is not installed)"
-    decoder = base.model
-    _patch_rms_norm_module(decoder.norm)
-    for layer in decoder.layers:
-        _patch_rms_norm_module(layer.input_layernorm)
-        _patch_rms_norm_module(layer.post_attention_layernorm)
-        _patch_swiglu_module(layer.mlp, LigerSwiGLUMLP)
-    return "liger"
-
-
-def enable(model, attention: bool = True, liger: bool = True) -> dict:
-    """Switch on the kernels this machine supports: ``{"attention": ..., "norm_and_mlp": ...}``."""
-    return {"attention": use_varlen_attention(model) if attention else "sdpa (not asked)",
-            "norm_and_mlp": use_liger_kernels(model) if liger else "off (not asked)"}

@@ -13,10 +13,10 @@ qlora-8  frozen int8 (``Linear8bitLt``)          the same LoRA matrices
 Quantised models are loaded the way the rest of the ecosystem does it:
 ``AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map={"": device})`` with
 ``bnb`` a ``BitsAndBytesConfig`` (``common.models.bnb_config`` builds it). On the CPU the ``device_map`` is
-what makes bitsandbytes quantise the weights as they load. Then, by default, ``recipe.prepare_model``
-freezes the base and leaves its embeddings, norms and lm_head in the compute dtype; ``kbit_upcast=True``
-calls peft's ``prepare_model_for_kbit_training`` instead, which upcasts them to fp32 (the seed guide's way;
-it costs memory and speed for nothing, see ``benchmarks/results/throughput.json``).
+what makes bitsandbytes quantise the weights as they load. Then, by default, the base is frozen with its
+embeddings, norms and lm_head left in the compute dtype; ``kbit_upcast=True`` calls peft's
+``prepare_model_for_kbit_training`` instead, which upcasts them to fp32 (the seed guide's way; it costs memory
+and speed for nothing, see ``benchmarks/results/throughput.json``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qlora_helpers.ch03_sft.fast_kernels import enable as enable_kernels
-from qlora_helpers.ch03_sft.recipe import prepare_model
+from qlora_helpers.ch03_sft.fast_kernels import use_varlen_attention
 from qlora_helpers.common.assets import smollm2_path
 from qlora_helpers.common.models import bnb_config
 
@@ -156,7 +155,6 @@ def build_model(cfg, device: str):
     """Load and wrap the model for ``cfg.mode``: returns the model ready to train."""
 
     gc_kwargs = {"use_reentrant": False}
-    kernels = {"attention": wants_varlen(cfg), "liger": False}   # Liger comes through the Trainer's option
     if cfg.mode == "full":
         model = load_base(cfg, device, dtype=torch.float32)  # fp32 master weights; bf16/fp16 via autocast
         model.requires_grad_(True)
@@ -167,15 +165,18 @@ def build_model(cfg, device: str):
         if cfg.kbit_upcast:   # the seed's way: frozen embeddings, norms and lm_head upcast to fp32
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                     gradient_checkpointing_kwargs=gc_kwargs)
-        else:                 # the course recipe: they stay in the compute dtype (qlora_helpers.ch03_sft.recipe)
-            model = prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, fast_kernels=False)
+        else:                 # they stay frozen in the compute dtype; non-reentrant checkpointing needs no input hook
+            model.requires_grad_(False)
+            if cfg.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     else:
         model = load_base(cfg, device, dtype=compute_dtype(cfg))
         model.requires_grad_(False)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
-    model.recipe_kernels = enable_kernels(model, **kernels)
+    # Liger's kernels come through the Trainer's use_liger_kernel; varlen attention is switched on here
+    model.attention_kernel = use_varlen_attention(model) if wants_varlen(cfg) else "sdpa (not asked)"
     if cfg.mode == "full":
         return model
     targets = resolve_target_modules(cfg.lora_target_modules, model)

@@ -39,10 +39,10 @@ from transformers.utils.notebook import NotebookProgressCallback
 from trl import SFTConfig as TRLConfig
 from trl import SFTTrainer
 
-from qlora_helpers.ch03_sft.data import SFTData, collate
+from qlora_helpers.ch03_sft.data import IGNORE_INDEX, SFTData, collate
 from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
-from qlora_helpers.ch03_sft.recipe import causal_lm_loss
 from qlora_helpers.common.files import atomic_write_json, atomic_write_text, remove_folder, remove_leftovers
+from qlora_helpers.common.optim import optimizer_name, trainer_optim
 from qlora_helpers.common.widgets import LiveFigure
 
 CHECKPOINTS = "checkpoints"
@@ -51,16 +51,6 @@ COMPLETE = "state.json"     # written last into a checkpoint: its presence means
 # transformers 5.24 renamed gradient_checkpointing (the old name warns); the model is set up before the Trainer
 CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in TRLConfig.__dataclass_fields__ \
     else "gradient_checkpointing"
-# the course's optimizer names -> the Trainer's
-OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
-              "paged_adamw_32bit": "paged_adamw_32bit"}
-
-
-def optimizer_name(optim: str, device: str) -> str:
-    """``auto``: bitsandbytes' paged 8-bit AdamW on CUDA (its states paged out of GPU memory under pressure),
-    torch's AdamW on the CPU; any other name as it is."""
-    return ("paged_adamw_8bit" if device.startswith("cuda") else "adamw_torch") if optim == "auto" else optim
-
 
 def liger_on(cfg, device: str) -> bool:
     """Liger's kernels as asked, where they run: CUDA, with liger-kernel installed."""
@@ -85,6 +75,35 @@ def autocast(cfg, device: str):
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def causal_lm_loss(model, batch: dict, chunk_rows: int = 0):
+    """The loss ``model(**batch).loss`` gives, without its ``[tokens, vocab]`` logits: for the held-out loss.
+
+    Runs the decoder (``model.model``: text models and LLaVA/Qwen2-VL alike) for its last hidden states and
+    multiplies only the labelled (shifted) rows by the output layer, ``chunk_rows`` at a time (default: about
+    256 MiB of fp32 logits), softmax in fp32. A model whose output layer carries an adapter takes the plain path.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or getattr(base, "model", None) is None:
+        return model(**batch).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state   # a cache would turn packing detection off
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = batch["labels"][:, 1:].reshape(-1).to(h.device)
+    keep = y != IGNORE_INDEX
+    h, y, weight = h[keep], y[keep], head.weight
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(h.device.type):
+        weight = weight.to(torch.get_autocast_dtype(h.device.type))   # fp32 weights, 16-bit matmul
+    chunk = chunk_rows or max(64, min(8192, 2**28 // (4 * weight.shape[0])))
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        for start in range(0, len(y), chunk):
+            logits = (h[start:start + chunk].to(weight.dtype) @ weight.t()).float()
+            target = logits.gather(1, y[start:start + chunk, None]).squeeze(1)
+            total += (torch.logsumexp(logits, dim=-1) - target).sum()
+    return total / max(len(y), 1)
 
 
 def evaluate(model, data: SFTData, batch_size: int, pad_id: int, device: str, cfg=None) -> float:
@@ -264,7 +283,7 @@ def training_args(cfg, output_dir: Path, device: str, *, packing: bool) -> TRLCo
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, optim=OPTIMIZERS[optimizer_name(cfg.optim, device)], bf16=cfg.bf16,
+        max_grad_norm=cfg.max_grad_norm, optim=trainer_optim(optimizer_name(cfg.optim, device)), bf16=cfg.bf16,
         fp16=cfg.fp16, use_cpu=device == "cpu", max_length=cfg.max_length,
         packing=packing, packing_strategy="bfd", padding_free=packing,
         dataset_kwargs=None if packing else {"skip_prepare_dataset": True},

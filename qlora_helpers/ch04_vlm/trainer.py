@@ -41,8 +41,7 @@ import torch
 from datasets import Dataset
 from trl import SFTTrainer
 
-from qlora_helpers.ch03_sft.recipe import causal_lm_loss
-from qlora_helpers.ch03_sft.trainer import CourseCallback, quiet, resume_state, training_args
+from qlora_helpers.ch03_sft.trainer import CourseCallback, causal_lm_loss, quiet, resume_state, training_args
 from qlora_helpers.ch04_vlm.encode import answer_tokens
 from qlora_helpers.common.files import atomic_folder, atomic_write_json
 

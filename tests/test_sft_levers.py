@@ -1,0 +1,129 @@
+"""The ``sft`` command's levers off the GPU: the held-out loss without full logits (``trainer.causal_lm_loss``),
+packed rows that change nothing but the layout, the planner of ``--memory_budget_gib``, no fp32 upcast."""
+
+import pytest
+import torch
+
+from qlora_helpers.ch03_sft.command import plan_micro_batch
+from qlora_helpers.ch03_sft.data import Example, collate, pack, pack_lengths
+from qlora_helpers.ch03_sft.trainer import causal_lm_loss
+from qlora_helpers.common.models import build_tiny, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_tiny(tiny_llama(vocab_size=300), seed=0)
+
+
+def _batch(vocab=300, rows=3, width=14, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, width), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0                                     # a shorter conversation, right-padded
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, :4] = -100                                # the prompt is not trained on
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 0])
+def test_causal_lm_loss_equals_the_models_own_loss_and_gradients(tiny, chunk):
+    batch = _batch()
+    tiny.zero_grad()
+    ref = tiny(**batch).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in tiny.named_parameters()}
+    tiny.zero_grad()
+    ours = causal_lm_loss(tiny, batch, chunk_rows=chunk)
+    ours.backward()
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    worst = max(float((ref_grads[n] - p.grad).abs().max()) for n, p in tiny.named_parameters())
+    assert worst < 1e-5                                   # tied embeddings / lm_head included
+    tiny.zero_grad()
+
+
+def test_loss_without_labels_is_zero(tiny):
+    batch = _batch()
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    with torch.no_grad():
+        assert float(causal_lm_loss(tiny, batch)) == 0.0
+
+
+def test_under_bf16_autocast_it_matches_the_models_loss(tiny):
+    """fp32 weights under autocast: the output layer multiplies in bf16, the softmax runs in fp32."""
+    batch = _batch(seed=3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ref = causal_lm_loss(tiny, batch), tiny(**batch).loss
+    assert float(ours) == pytest.approx(float(ref), rel=2e-2)
+
+
+def test_packed_rows_give_the_same_loss_as_padded_rows(tiny):
+    batch = _batch()
+    examples = [Example(batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist(),
+                        batch["labels"][i][batch["attention_mask"][i] == 1].tolist()) for i in range(3)]
+    with torch.no_grad():
+        padded = causal_lm_loss(tiny, batch)
+        one_row = causal_lm_loss(tiny, collate(pack(examples, block_size=37), pad_id=0))
+        two_blocks = causal_lm_loss(tiny, collate(pack(examples, block_size=28), pad_id=0))
+    # attention stays inside each conversation: packing changes nothing but the layout
+    for value in (one_row, two_blocks):
+        assert float(value) == pytest.approx(float(padded), rel=1e-5)
+
+
+def test_packed_rows_never_train_across_conversations():
+    a, b, c = Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5]), Example([6] * 7, [6] * 7)
+    batch = collate(pack([a, b, c], block_size=7), pad_id=0)   # rows [a b] and [c]: the first is filled up to 7
+    row = {k: v[:1] for k, v in batch.items()}
+    assert row["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0, 0]]
+    assert row["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, -100]]
+    assert row["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    assert "attention_mask" not in batch
+
+
+def test_pack_lengths_keeps_order_and_refuses_what_cannot_fit():
+    assert pack_lengths([5, 3, 4, 2, 8], 8) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="more than max_tokens=4"):
+        pack_lengths([3, 5], 4)
+
+
+def test_plan_micro_batch_checkpoints_only_when_memory_needs_it():
+    from qlora_helpers.common.shapes import get_config
+
+    cfg = get_config("qwen2.5-7b")
+    roomy = plan_micro_batch(cfg, 47, lora_r=64, candidates=(4096, 8192, 16384))
+    tight = plan_micro_batch(cfg, 9, lora_r=64)
+    assert roomy["tokens"] >= 4096 and not roomy["gradient_checkpointing"]
+    assert tight["gradient_checkpointing"] and tight["estimate_gib"] <= 9
+    with pytest.raises(ValueError, match="memory_budget_gib=4: no micro-batch"):
+        plan_micro_batch(cfg, 4, lora_r=64)
+
+
+def test_the_plan_is_the_estimators_largest_phase_for_a_loss_in_chunks():
+    """The planned peak is the estimator's own maximum over phases for a chunked loss (256 MiB of fp32 logits),
+    not the full-logits peak phase with its logits taken out (which hid the recomputed layer under checkpointing)."""
+    from qlora_helpers.ch01_memory.estimator import GIB, estimate
+    from qlora_helpers.common.shapes import get_config
+
+    cfg = get_config("qwen2.5-7b")
+    plan = plan_micro_batch(cfg, 30, lora_r=64, candidates=(16384,))
+    assert plan["tokens"] == 16384 and plan["gradient_checkpointing"]
+    est = estimate(cfg, "qlora4", batch_size=1, seq_len=16384, lora_r=64, grad_ckpt=True,
+                   loss_chunk=2**28 // (4 * cfg.vocab_size))
+    assert plan["estimate_gib"] == round(est.total_gib, 3) and est.total_gib == max(est.phases.values()) / GIB
+    assert est.peak_phase == "backward (top layer)"
+
+
+def test_qlora_mode_keeps_frozen_weights_in_the_compute_dtype(tmp_path):
+    """The course default skips peft's fp32 upcast; ``kbit_upcast=True`` restores it."""
+    from qlora_helpers.ch03_sft.command import SFTConfig
+    from qlora_helpers.ch03_sft.modes import build_model
+    from qlora_helpers.common.models import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "tiny")
+    kept = build_model(SFTConfig(model_name_or_path=str(folder), use_qlora=True, bf16=True), "cpu")
+    upcast = build_model(SFTConfig(model_name_or_path=str(folder), use_qlora=True, bf16=True, kbit_upcast=True), "cpu")
+    emb = lambda m: m.get_base_model().get_input_embeddings().weight.dtype
+    assert emb(kept) == torch.bfloat16 and emb(upcast) == torch.float32
+    assert not any(p.requires_grad for n, p in kept.named_parameters() if "lora_" not in n)
+    assert kept.attention_kernel == "sdpa (not asked)"
