@@ -9,8 +9,8 @@ tokenizer and its chat template, bf16, r=64 on every linear layer, batch 4 x up 
 The weights are random (no checkpoint can reach the GPU machine): a Qwen2.5-0.5B-shaped model is
 written once as a bf16 safetensors folder beside the tokenizer and loaded from there by every mode,
 so quantisation on load, ``prepare_model_for_kbit_training`` and peft all run as with real weights.
-QLoRA runs with ``kbit_upcast=True`` (peft's fp32 upcast, as the seed does); the course recipe's
-default, without it, is measured against it in ``benchmarks/train_throughput.py``.
+QLoRA runs with ``kbit_upcast=True`` (peft's fp32 upcast, as the seed does); the command's
+default, without it, is measured against it in ``benchmarks/train_throughput.py`` (rows ``sft`` and ``hf``).
 Memory and speed depend on the shape, not the values. Each mode runs in its own process, so no
 allocation of one mode counts towards another's peak.
 

@@ -1,27 +1,16 @@
-"""QLoRA training speed and memory: plain HF peft + bitsandbytes vs TRL's SFTTrainer vs the course recipe.
+"""QLoRA training speed and memory: plain HF peft + bitsandbytes, TRL's SFTTrainer, Unsloth, the course's ``sft``.
 
 Same model shape (random weights at Qwen2.5-0.5B / 7B shape, 4-bit NF4 base, bf16 compute), same
 data (the chatterbot SFT conversations tokenized with the real Qwen2.5 tokenizer and chat template,
 their real length distribution, truncated at 512 tokens), same LoRA (the seed's r=64, alpha=16,
-dropout 0.1 on every linear layer), same optimizer (AdamW, lr 2e-4) and the same optimizer steps, each
-over the same conversations (about ``--step-tokens`` tokens a step):
+dropout 0.1 on every linear layer), same optimizer (AdamW, lr 2e-4) and the same number of optimizer
+steps, over the same conversations (about ``--step-tokens`` tokens a step):
 
 (a) ``hf``: what the seed guide does: ``prepare_model_for_kbit_training`` (fp32 upcast of the frozen
     embeddings, norms and lm_head; gradient checkpointing on), micro-batches of 4 conversations
     right-padded to the longest, ``model(**batch).loss`` (token-weighted over the accumulation).
 (b) ``trl``: ``trl.SFTTrainer`` with a ``LoraConfig`` and its defaults otherwise (batch 4, the
     accumulation that gives the same conversations per step).
-(c) ``recipe``: ``qlora_helpers.ch03_sft.recipe``: no upcast, loss on the trained positions in chunks, padding-free
-    packing, on the GPU varlen flash attention for the packed rows and Liger's RMSNorm/SwiGLU kernels
-    (``qlora_helpers.ch03_sft.fast_kernels``), micro-batch (tokens) and checkpointing planned by the chapter-01
-    estimator for a memory budget of 0.7 x the peak that (a) measured in this run.
-``recipe-max`` plans for most of the GPU instead (micro-batches >= 4k tokens: the MFU figure), and the
-ablation rows change one lever of ``recipe-max`` each: block-masked SDPA attention instead of varlen
-(``-sdpa``), PyTorch's RMSNorm/SwiGLU instead of Liger's (``-no-liger``), Liger's fused linear
-cross-entropy instead of the chunked loss (``-liger-loss``), the fp32 upcast back, the full-logits loss
-back, padding back, checkpointing flipped, and three candidates: bf16 adapters (``recipe.cast_adapters``,
-as TRL does), LoRA dropout 0 instead of the seed's 0.1 (a change of hyperparameter, so not the
-recipe's default), and ``torch.compile`` of the decoder.
 
 The peers, each configured as its users would at their best, on the same conversations, LoRA and tokens per
 optimizer step: ``trl-best`` is TRL's SFTTrainer with best-fit packing into padding-free 4,096-token rows,
@@ -29,6 +18,7 @@ Liger's kernels, bf16 and non-reentrant checkpointing (``trl-best-no-ckpt`` with
 PyTorch's varlen flash attention (what ``flash_attention_2`` would do; flash-attn is not installed);
 ``unsloth`` is Unsloth's ``FastLanguageModel`` in 4-bit with its own checkpointing and kernels, trained by the
 same SFTTrainer (``benchmarks/unsloth_row.py``: Unsloth is imported before transformers, in its own process).
+
 ``sft`` is the course's own command (``qlora_helpers.ch03_sft.command``, TRL's SFTTrainer underneath), not a peer:
 at ``trl-best``'s settings it should come within 5 % of its tokens/s and peak (target ``sft_vs_trl_best``). It is
 given what a user gives it: the same random weights saved as a model folder with the tokenizer (bf16; fp32 on the
@@ -40,10 +30,11 @@ loads both itself (``from_pretrained`` with its 4-bit ``BitsAndBytesConfig``). A
         --per_device_train_batch_size 1 --gradient_accumulation_steps 4 --max_length 4096 --packing \
         --gradient_checkpointing --bf16 --lr_scheduler_type constant --seed 0 --eval_before false --save_steps 0
 
-The recipe races them at two memory settings: ``recipe-tight`` is planned for the peak ``trl-best`` reached,
-``recipe-max`` for most of the GPU; ``recipe-tight-next`` runs the micro-batch one size larger, which should not
-fit (the planner chose the largest that does). Every row runs in a fresh process; ``hf`` first, then the peers,
-then ``sft``, then the recipe's rows (each budget is an earlier row's peak), shuffled within each group
+The command's levers (Liger's kernels through the Trainer, varlen attention over the packed rows, the chapter-01
+estimator's planner) race the peers at two memory settings: ``sft-tight`` is the command with
+``--memory_budget_gib`` the peak ``trl-best`` reached, ``sft-max`` with 0.6 x the GPU's memory; the planner
+chooses the micro-batch (rows per step kept) and whether to checkpoint. Every row runs in a fresh process;
+``hf`` first, then the peers, then the command's rows (a budget is a peer's peak), shuffled within each group
 (``--order-seed``).
 Llama-3-8B's 128k vocabulary is smaller than the Qwen tokenizer's: its ids are folded into it (``fit_vocab``).
 
@@ -51,29 +42,22 @@ Reported per row: non-padding tokens per second (steps after the first two), pea
 reserved memory, MFU = tokens/s x 4N / peak bf16 FLOP/s, with N the parameters every token is
 multiplied by (decoder linears + output layer; 2N forward, 2N backward for the input gradients:
 the frozen base gets no weight gradient; attention scores and recomputation are not counted), and
-the loss per step. Loss parity compares (c) with (a) step by step and on held-out conversations.
+the loss per step. Loss parity compares the held-out losses of ``sft`` and ``hf``.
 
-    # what benchmarks/results/throughput.json holds (each shape's "runs" lists the exact commands):
-    python -m benchmarks.train_throughput --shapes qwen2.5-7b --steps 4 --skip 1 --step-tokens 4096    # ~4 min, H100
-    python -m benchmarks.train_throughput --shapes qwen2.5-0.5b --steps 4 --skip 1 --step-tokens 8192 \
-        --merge benchmarks/results/throughput.json                                                    # ~6 min
-    python -m benchmarks.train_throughput --shapes qwen2.5-0.5b --rows hf recipe --out /tmp/t.json
+    python -m benchmarks.train_throughput --shapes qwen2.5-0.5b --rows hf trl sft --out /tmp/t.json
     python -m benchmarks.train_throughput --shapes tiny --device cpu --steps 3 --out /tmp/t.json   # smoke test
-    # what benchmarks/results/throughput_peers.json holds (H200; Unsloth's wheels carried, see unsloth_row.py):
-    python -m benchmarks.train_throughput --shapes qwen2.5-0.5b --steps 10 --skip 2 --step-tokens 16384 \
-        --rows trl-best trl-best-no-ckpt unsloth recipe-tight recipe-tight-next recipe-max \
-        --out benchmarks/results/throughput_peers.json
-    python -m benchmarks.train_throughput --shapes qwen2.5-7b llama-3-8b --steps 10 --skip 2 --step-tokens 16384 \
-        --rows trl-best trl-best-no-ckpt unsloth recipe-tight recipe-tight-next recipe-max \
-        --merge benchmarks/results/throughput_peers.json --out benchmarks/results/throughput_peers.json
+    # the peer comparison (H200 for throughput_peers.json; Unsloth's wheels carried, see unsloth_row.py):
+    python -m benchmarks.train_throughput --shapes qwen2.5-0.5b qwen2.5-7b --steps 10 --skip 2 --step-tokens 16384 \
+        --rows trl-best trl-best-no-ckpt unsloth sft sft-tight sft-max --out /tmp/peers.json
     # the course's sft command beside trl-best, one GPU, one run (the model folder, ~15 GB at 7B, lives in the
-    # row's temp dir): benchmarks/results/throughput_sft.json (H100); its own file, since the peers' are an H200's
+    # row's temp dir): benchmarks/results/throughput_sft.json (H100)
     python -m benchmarks.train_throughput --shapes qwen2.5-7b --steps 8 --skip 2 --step-tokens 16384 \
         --rows trl-best sft --row-timeout 300 --out benchmarks/results/throughput_sft.json
 
-Writes ``benchmarks/results/throughput.json``; chapter 03 plots it. Needs ``trl`` and ``datasets`` (and
-``liger-kernel`` for the Liger row): ``pip install -e ".[gpu]"`` (measured with trl 1.16.0, datasets 5.2.0
-and liger-kernel 0.8.5).
+``benchmarks/results/throughput.json`` and ``throughput_peers.json`` hold earlier runs, with the rows of the
+hand-written recipe loop this script measured then (``recipe*``; the loop is gone: ``sft`` with its options
+replaced it). Needs ``trl`` and ``datasets`` (and ``liger-kernel`` for the Liger rows): ``pip install -e ".[gpu]"``
+(measured with trl 1.16.0, datasets 5.2.0 and liger-kernel 0.8.5).
 """
 
 from __future__ import annotations
@@ -99,15 +83,7 @@ from transformers import AutoTokenizer, TrainerCallback
 from qlora_helpers.ch01_memory.estimator import model_shape
 from qlora_helpers.ch03_sft import command as sft_command
 from qlora_helpers.ch03_sft.data import IGNORE_INDEX, SFTData, collate, encode_all, read_jsonl
-from qlora_helpers.ch03_sft.fast_kernels import enable
-from qlora_helpers.ch03_sft.recipe import (
-    MAX_ROW_TOKENS,
-    cast_adapters,
-    causal_lm_loss,
-    packed_micro_batches,
-    plan_micro_batch,
-    prepare_model,
-)
+from qlora_helpers.ch03_sft.fast_kernels import use_varlen_attention
 from qlora_helpers.ch03_sft.trainer import evaluate
 from qlora_helpers.common import assets
 from qlora_helpers.common.bench import WorkerError, emit, environment, error_line, run_worker, write_benchmark
@@ -129,20 +105,19 @@ LR = 2e-4
 HF_BATCH = 4                                       # conversations per micro-batch in (a) and (b)
 MAX_LENGTH = 512
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165.2e12}
-PEERS = ("trl", "trl-best", "trl-best-no-ckpt", "unsloth")   # other stacks; their peaks set the recipe's budgets
-COMMANDS = ("sft",)     # the course's own commands, measured against the peer they run on (not peers themselves)
-ROWS = ("hf", "recipe", "recipe-tight", "recipe-tight-next", "recipe-max", "recipe-max-sdpa", "recipe-max-no-liger",
-        "recipe-max-liger-loss", "recipe-max-upcast", "recipe-max-hf-loss", "recipe-max-padded",
-        "recipe-max-ckpt-flipped", "recipe-max-bf16-adapters", "recipe-max-no-dropout", "recipe-max-compile", *PEERS,
-        *COMMANDS)
+ROW_TOKENS = 4096                                  # the packed rows of trl-best and the sft command
+PEERS = ("trl", "trl-best", "trl-best-no-ckpt", "unsloth")   # other stacks; trl-best's peak is sft-tight's budget
+COMMANDS = ("sft", "sft-tight", "sft-max")   # the course's own command (not a peer): at trl-best's settings, planned
+ROWS = ("hf", *PEERS, *COMMANDS)
 TARGETS = {"speedup_vs_hf": 1.5, "memory_vs_hf": 0.7, "mfu_7b": 0.40, "vs_fastest_peer": 1.2, "plan_error": 0.05,
            "sft_vs_trl_best": 0.05}
-# the two memory settings of the peer comparison: the recipe row of each, and the peer rows it races
-SETTINGS = {"tight": ("recipe-tight", ("trl-best", "unsloth")),
-            "spare": ("recipe-max", ("trl-best-no-ckpt", "trl-best", "unsloth"))}
+# the two memory settings of the peer comparison: the command's row of each, and the peer rows it races
+SETTINGS = {"tight": ("sft-tight", ("trl-best", "unsloth")),
+            "spare": ("sft-max", ("trl-best-no-ckpt", "trl-best", "unsloth"))}
+MAX_SHARE = 0.6          # sft-max's budget: this share of the GPU's memory
+CPU_BUDGET_GIB = 1.0     # the CPU smoke test has no peak to budget with: the planned rows get this
 UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-HF_SPEC = {"upcast": True, "ckpt": True, "packed": False, "tokens": 0, "loss": "hf"}   # (a): the seed's way
-RECIPE = {"upcast": False, "packed": True, "loss": "chunked", "attention": True, "liger": True}
+HF_SPEC = {"upcast": True, "ckpt": True, "packed": False, "loss": "hf"}   # (a): the seed's way
 
 
 # --------------------------------------------------------------------------- the shared workload
@@ -181,36 +156,15 @@ def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
 
 
-# --------------------------------------------------------------------------- one row
-def build(config, device, dtype, upcast: bool, ckpt: bool, dropout: float = LORA["dropout"],
-          kernels: dict | None = None):
+# --------------------------------------------------------------------------- row (a): plain peft + bitsandbytes
+def build_hf(config, device, dtype):
+    """The seed's model: 4-bit base, ``prepare_model_for_kbit_training`` (fp32 upcast, checkpointing), LoRA."""
     model = build_random(config, quantize="4bit", device=device, dtype=dtype, seed=0, progress=False)
     if device == "cpu":
         keep_cpu_training_layout(model)
-    if upcast:     # (a), or the upcast ablation (which keeps the recipe's kernels)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
-        if kernels and any(kernels.values()):
-            model.recipe_kernels = enable(model, **kernels)
-    else:
-        model = prepare_model(model, gradient_checkpointing=ckpt, fast_kernels=kernels or False)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=HF_SPEC["ckpt"])
     torch.manual_seed(0)   # the same LoRA initialisation in every row
-    return get_peft_model(model, lora_config(dropout))
-
-
-def micro_batches(examples, indices, packed: bool, tokens: int, pad_id: int):
-    chosen = [examples[i] for i in indices]
-    if packed:
-        return packed_micro_batches(chosen, tokens, pad_id=pad_id)
-    if tokens:   # the "no packing" ablation: as many conversations as fit ``tokens`` positions once padded
-        groups, cur, longest = [], [], 0
-        for e in chosen:
-            longest = max(longest, len(e.input_ids))
-            if cur and (len(cur) + 1) * longest > tokens:
-                groups.append(cur)
-                cur, longest = [], len(e.input_ids)
-            cur.append(e)
-        return [collate(g, pad_id) for g in groups + [cur]]
-    return [collate(chosen[i:i + HF_BATCH], pad_id) for i in range(0, len(chosen), HF_BATCH)]
+    return get_peft_model(model, lora_config(LORA["dropout"]))
 
 
 def trained_tokens(batches) -> list[int]:
@@ -218,17 +172,16 @@ def trained_tokens(batches) -> list[int]:
     return [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
 
 
-def optimizer_step(model, opt, batches, counts, device, loss_impl: str = "chunked") -> float:
+def optimizer_step(model, opt, batches, counts, device) -> float:
     """One optimizer step over ``batches`` (token-weighted by ``counts``, bf16 autocast on the GPU),
     clipped at 1.0, synchronised; returns the step's loss."""
     cuda = device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
     n_step = sum(counts)
     loss_sum = 0.0
     for b, n in zip(batches, counts):
         b = {k: v.to(device) for k, v in b.items()}
-        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=cuda):
-            loss = causal_lm_loss(model, b, impl=loss_impl)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(**b).loss
         (loss * (n / n_step)).backward()
         loss_sum += float(loss.detach()) * n / n_step
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -239,44 +192,38 @@ def optimizer_step(model, opt, batches, counts, device, loss_impl: str = "chunke
     return loss_sum
 
 
-def run_loop(spec: dict, config, data, device) -> dict:
-    """(a), (c) and the ablations: one hand-written loop, the levers switched by ``spec``."""
-    train, evald, plan = data["train"], data["eval"], data["plan"]
-    pad_id = data["pad_id"]
-    cuda = device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    model = build(config, device, dtype, spec["upcast"], spec["ckpt"], spec.get("dropout", LORA["dropout"]),
-                  {k: spec.get(k, False) for k in ("attention", "liger")})
-    kernels = getattr(model.get_base_model(), "recipe_kernels", None)   # what this machine switched on
-    if spec.get("adapter_dtype") == "bf16":   # as TRL does for QLoRA: adapters, gradients and AdamW states in bf16
-        cast_adapters(model, torch.bfloat16)
-    if spec.get("compile"):                   # the decoder only: the chunked loss stays eager
-        base = model.get_base_model()
-        base.model = torch.compile(base.model, dynamic=True)
+def run_hf(config, data, device) -> dict:
+    """(a): the seed guide's loop, micro-batches of ``HF_BATCH`` conversations right-padded to the longest."""
+    train, pad_id, cuda = data["train"], data["pad_id"], device.startswith("cuda")
+    model = build_hf(config, device, torch.bfloat16 if cuda else torch.float32)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     steps = []
-    for indices in plan:
-        batches = micro_batches(train, indices, spec["packed"], spec["tokens"], pad_id)
-        counts = trained_tokens(batches)
-        seen = sum(len(train[i].input_ids) for i in indices)   # real tokens, whatever the layout
+    for indices in data["plan"]:
+        chosen = [train[i] for i in indices]
+        batches = [collate(chosen[i:i + HF_BATCH], pad_id) for i in range(0, len(chosen), HF_BATCH)]
         t0 = time.perf_counter()
-        loss_sum = optimizer_step(model, opt, batches, counts, device, spec["loss"])
-        steps.append({"loss": round(loss_sum, 5), "tokens": seen, "micro_batches": len(batches),
-                      "positions": sum(b["input_ids"].numel() for b in batches),
+        loss_sum = optimizer_step(model, opt, batches, trained_tokens(batches), device)
+        steps.append({"loss": round(loss_sum, 5), "tokens": sum(len(e.input_ids) for e in chosen),
+                      "micro_batches": len(batches), "positions": sum(b["input_ids"].numel() for b in batches),
                       "seconds": round(time.perf_counter() - t0, 4)})
-    out = {"steps": steps, **({"kernels": kernels} if kernels else {})}
+    out = {"spec": HF_SPEC, "steps": steps}
     if cuda:
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    # the same held-out loss for every row: train.evaluate, token-weighted, bf16 autocast on the GPU
-    out["eval_loss"] = round(evaluate(model, SFTData(evald, len(evald)), 8, pad_id, device,
-                                      types.SimpleNamespace(bf16=cuda, fp16=False)), 5)
+    out["eval_loss"] = held_out_loss(model, data, device)
     del model, opt
     return out
+
+
+def held_out_loss(model, data, device) -> float:
+    """The same held-out loss for every row: ``trainer.evaluate``, token-weighted, bf16 autocast on the GPU."""
+    cuda = device.startswith("cuda")
+    return round(evaluate(model, SFTData(data["eval"], len(data["eval"])), 8, data["pad_id"], device,
+                          types.SimpleNamespace(bf16=cuda, fp16=False)), 5)
 
 
 SETTING_KEYS = ("gradient_checkpointing", "packing", "packing_strategy", "padding_free", "max_length",
@@ -317,8 +264,7 @@ def train_with_sft_trainer(model, dataset, data, device, tmp: Path, *, peft_conf
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     try:            # a stack whose model does not take the plain forward pass keeps its timing
-        out["eval_loss"] = round(evaluate(trainer.model, SFTData(data["eval"], len(data["eval"])), 8,
-                                          data["pad_id"], device, types.SimpleNamespace(bf16=cuda, fp16=False)), 5)
+        out["eval_loss"] = held_out_loss(trainer.model, data, device)
     except Exception as err:  # noqa: BLE001
         out["eval_error"] = error_line(err)
     out["versions"] = {"trl": trl_version}
@@ -353,9 +299,9 @@ def peer_dataset(data):
 
 
 def peer_settings(data, ckpt: bool, device: str) -> dict:
-    """SFTTrainer at its best: packed padding-free rows (best-fit decreasing), the recipe's tokens per optimizer
-    step, a constant learning rate as the recipe's loop, Liger's kernels on a GPU."""
-    row = min(MAX_ROW_TOKENS, data["step_tokens"])
+    """SFTTrainer at its best: packed padding-free rows (best-fit decreasing) of ``ROW_TOKENS``, the benchmark's
+    tokens per optimizer step, a constant learning rate, Liger's kernels on a GPU."""
+    row = min(ROW_TOKENS, data["step_tokens"])
     return dict(per_device_train_batch_size=1, gradient_accumulation_steps=max(1, data["step_tokens"] // row),
                 packing=True, packing_strategy="bfd", padding_free=True, max_length=row,
                 gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -364,19 +310,21 @@ def peer_settings(data, ckpt: bool, device: str) -> dict:
 
 def run_trl_best(config, data, device, tmp: Path, ckpt: bool) -> dict:
     """``trl-best``: SFTTrainer configured well (``peer_settings``). Attention: PyTorch's varlen flash attention
-    through the recipe's registration, the stand-in for ``flash_attention_2`` (flash-attn is not installed)."""
+    through the course's registration, the stand-in for ``flash_attention_2`` (flash-attn is not installed)."""
     cuda = device.startswith("cuda")
     model = build_random(config, quantize="4bit", device=device, dtype=torch.bfloat16 if cuda else torch.float32,
                          seed=0, progress=False)
-    kernels = enable(model, attention=True, liger=False) if cuda else {"attention": "sdpa (CPU)"}
+    kernels = {"attention": use_varlen_attention(model) if cuda else "sdpa (CPU)"}
     torch.manual_seed(0)
     out = train_with_sft_trainer(model, peer_dataset(data), data, device, tmp, peft_config=lora_config(LORA["dropout"]),
                                  **peer_settings(data, ckpt, device))
     return {**out, "kernels": kernels}
 
 
-def run_sft_command(config, data, device, tmp: Path, ckpt: bool = True) -> dict:
-    """``sft``: the course's command at ``trl-best``'s settings, given a model folder and a JSONL file as a user would.
+def run_sft_command(config, data, device, tmp: Path, budget_gib: float = 0.0) -> dict:
+    """``sft``: the course's command at ``trl-best``'s settings, given a model folder and a JSONL file as a user would;
+    with ``budget_gib`` (``sft-tight``, ``sft-max``) its ``--memory_budget_gib``, which plans the micro-batch and
+    checkpointing (the tokens per step kept).
 
     The folder holds ``trl-best``'s random weights (the same seed, device and dtype, so the same 4-bit model once
     the command quantises it) and the benchmark's tokenizer; it is deleted once the command returns.
@@ -391,13 +339,14 @@ def run_sft_command(config, data, device, tmp: Path, ckpt: bool = True) -> dict:
     plan_file = tmp / "plan.jsonl"
     plan_file.write_text("".join(json.dumps({"messages": data["conversations"][i]}, ensure_ascii=False) + "\n"
                                  for step in data["plan"] for i in step), encoding="utf-8")
-    peer = peer_settings(data, ckpt, device)
+    peer = peer_settings(data, True, device)
     cfg = sft_command.SFTConfig(
         model_name_or_path=str(folder), data_path=str(plan_file), output_dir=str(tmp / "sft"),
         use_qlora=True, quantization_bit=4, lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
         lora_target_modules=None, learning_rate=LR, max_steps=len(data["plan"]), per_device_train_batch_size=1,
         gradient_accumulation_steps=peer["gradient_accumulation_steps"], max_length=peer["max_length"], packing=True,
-        gradient_checkpointing=ckpt, use_liger_kernel=cuda, attn_implementation="auto", bf16=cuda,
+        gradient_checkpointing=not budget_gib, memory_budget_gib=budget_gib, use_liger_kernel=cuda,
+        attn_implementation="auto", bf16=cuda,
         lr_scheduler_type="constant", max_grad_norm=1.0, seed=0, device="cuda" if cuda else "cpu",
         optim="adamw_torch",   # trl-best's optimizer (the command's own default on CUDA is paged 8-bit AdamW)
         eval_before=False, save_steps=0)
@@ -411,10 +360,10 @@ def run_sft_command(config, data, device, tmp: Path, ckpt: bool = True) -> dict:
     result = sft_command.run_sft(cfg, callbacks=[stamp], progress=False)
     shutil.rmtree(folder)
     out = command_row(result.summary, stamps, cuda)
-    out["settings"] = {k: getattr(cfg, k) for k in (*SETTING_KEYS, "attn_implementation") if hasattr(cfg, k)}
+    out["settings"] = {k: getattr(cfg, k) for k in (*SETTING_KEYS, "attn_implementation", "memory_budget_gib")
+                       if hasattr(cfg, k)}
     out["command"] = sft_command_line(cfg)
-    out["eval_loss"] = round(evaluate(result.model, SFTData(data["eval"], len(data["eval"])), 8, data["pad_id"],
-                                      device, types.SimpleNamespace(bf16=cuda, fp16=False)), 5)
+    out["eval_loss"] = held_out_loss(result.model, data, device)
     out["versions"] = {"trl": trl_version}
     return out
 
@@ -428,7 +377,7 @@ def command_row(summary: dict, stamps: list[float], cuda: bool) -> dict:
               "seconds": round(ends[i] - ends[i - 1], 4) if i and ends else r["seconds"],
               "command_seconds": r["seconds"]} for i, r in enumerate(train)]
     out = {"steps": steps, "peak_memory": summary.get("peak_memory"), "kernels": summary.get("kernels"),
-           "data": summary.get("data")}
+           "data": summary.get("data"), **({"plan": summary["plan"]} if summary.get("plan") else {})}
     if cuda:      # the command's own reading; the reserved peak, where it gives none, from the counter it reset
         mem = summary.get("peak_memory") or {}
         out["peak_allocated_gib"] = mem.get("peak_allocated_gib", mem.get("peak_gib"))
@@ -456,66 +405,30 @@ def summarise(result: dict, n_params: int, flops: float | None, skip: int) -> di
 
 
 # --------------------------------------------------------------------------- one row, in a worker process
-def specs_for(config, device, peaks: dict, gpu_gib: float) -> dict:
-    """The hand-written loop's rows. Budgets: ``recipe`` 0.7 x the peak of ``hf``; ``recipe-tight`` the peak of
-    ``trl-best`` (TRL packed with checkpointing); ``recipe-max`` most of the GPU. ``recipe-tight-next`` is the
-    micro-batch one size above ``recipe-tight``'s: it should not fit that budget (the planner chose the largest)."""
-    tiny = device == "cpu"
-    specs = {"hf": HF_SPEC}
-    if tiny:      # nothing to budget on the CPU smoke test: fixed sizes
-        plans = {"recipe": {"tokens": 512, "gradient_checkpointing": False},
-                 "recipe-tight": {"tokens": 256, "gradient_checkpointing": True},
-                 "recipe-max": {"tokens": 1024, "gradient_checkpointing": False}}
-    else:
-        plans = {name: budget_plan(config, share * peaks[row]) for name, row, share in
-                 (("recipe", "hf", 0.7), ("recipe-tight", "trl-best", 1.0)) if peaks.get(row)}
-        plans["recipe-max"] = plan_micro_batch(config, 0.6 * gpu_gib, lora_r=LORA["r"], candidates=(4096, 8192, 16384))
-    for name, plan in plans.items():
-        specs[name] = {**RECIPE, "ckpt": plan["gradient_checkpointing"], "tokens": plan["tokens"], "plan": plan}
-    if "recipe-tight" in specs:
-        tight = specs["recipe-tight"]
-        specs["recipe-tight-next"] = {**tight, "tokens": 2 * tight["tokens"], "plan": {**tight["plan"], "next": True}}
-    base = specs["recipe-max"]
-    specs["recipe-max-sdpa"] = {**base, "attention": False}
-    specs["recipe-max-no-liger"] = {**base, "liger": False}
-    specs["recipe-max-liger-loss"] = {**base, "loss": "liger"}
-    specs["recipe-max-no-dropout"] = {**base, "dropout": 0.0}
-    specs["recipe-max-upcast"] = {**base, "upcast": True}
-    specs["recipe-max-hf-loss"] = {**base, "loss": "hf"}
-    specs["recipe-max-padded"] = {**base, "packed": False}
-    specs["recipe-max-ckpt-flipped"] = {**base, "ckpt": not base["ckpt"]}
-    specs["recipe-max-bf16-adapters"] = {**base, "adapter_dtype": "bf16"}
-    if not tiny:                          # inductor on the CPU smoke test would only time the compiler
-        specs["recipe-max-compile"] = {**base, "compile": True, "liger": False}   # inductor fuses instead
-    return specs
-
-
-def budget_plan(config, budget_gib: float) -> dict:
-    try:
-        return plan_micro_batch(config, budget_gib, lora_r=LORA["r"])
-    except ValueError as err:   # the fixed costs alone exceed the budget: run the smallest, say so
-        return {"tokens": 512, "gradient_checkpointing": True, "budget_gib": budget_gib, "over_budget": str(err)}
-
-
-BUDGET_OF = {"recipe": "hf", "recipe-tight": "trl-best", "recipe-tight-next": "trl-best"}
+def command_budget(row: str, device: str, peaks: dict) -> float | None:
+    """``--memory_budget_gib`` of a command row: none for ``sft``, ``trl-best``'s peak for ``sft-tight``, a share of
+    the GPU for ``sft-max`` (on the CPU smoke test, ``CPU_BUDGET_GIB``); None while the peak it needs is unknown."""
+    if row == "sft":
+        return 0.0
+    if not device.startswith("cuda"):
+        return CPU_BUDGET_GIB
+    if row == "sft-max":
+        return round(MAX_SHARE * torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
+    return peaks.get("trl-best") or None
 
 
 def measure_row(config, data, device, tmp: Path, *, row: str, peaks: dict) -> dict:
-    """One row; a failure of the hand-written loop is recorded with the spec it ran (``worker`` records others)."""
+    """One row (the worker records a failure)."""
+    if row == "hf":
+        return run_hf(config, data, device)
     if row == "trl":
         return run_trl(config, data, device, tmp)
     if row in ("trl-best", "trl-best-no-ckpt"):
         return run_trl_best(config, data, device, tmp, ckpt=row == "trl-best")
-    if row == "sft":
-        return run_sft_command(config, data, device, tmp, ckpt=True)
-    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.startswith("cuda") else 0
-    spec = specs_for(config, device, peaks, gpu_gib).get(row)
-    if spec is None:
-        return {"error": f"not planned: its budget is the peak of row {BUDGET_OF[row]!r}; measure that row too"}
-    try:
-        return {"spec": spec, **run_loop(spec, config, data, device)}
-    except Exception as err:
-        return {"spec": spec, "error": error_line(err)}
+    budget = command_budget(row, device, peaks)
+    if budget is None:
+        return {"error": "not planned: its budget is the peak of row 'trl-best'; measure that row too"}
+    return run_sft_command(config, data, device, tmp, budget_gib=budget)
 
 
 def workload(args) -> tuple:
@@ -549,7 +462,7 @@ def worker(args, measure=None) -> None:
     ``measure(config, data, device, tmp)`` gives the row's result (``benchmarks/unsloth_row.py`` passes its own);
     by default ``measure_row`` of ``args.rows[0]``."""
     config, data, meta = workload(args)
-    peaks = {"hf": args.hf_peak, "trl-best": args.tight_peak}
+    peaks = {"trl-best": args.tight_peak}
     measure = measure or functools.partial(measure_row, row=args.rows[0], peaks=peaks)
     try:           # a missing kernel, an OOM, a stack that does not load: the row records it, the others go on
         with tempfile.TemporaryDirectory() as tmp:
@@ -562,7 +475,7 @@ def worker(args, measure=None) -> None:
 
 
 def cleanup() -> None:
-    """Free the last model before the next in one process (``recipe_profile``): cached blocks and the peak counter."""
+    """Free the last model before the next in one process: cached blocks and the peak counter."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -570,46 +483,43 @@ def cleanup() -> None:
 
 
 # --------------------------------------------------------------------------- parity, targets, the file
-def parity(hf: dict, recipe: dict) -> dict:
-    pairs = [(a["loss"], b["loss"]) for a, b in zip(hf["steps"], recipe["steps"])]
-    rel = [abs(b - a) / abs(a) for a, b in pairs if a]
-    return {"step_losses_hf": [a for a, _ in pairs], "step_losses_recipe": [b for _, b in pairs],
-            "max_rel_diff": round(max(rel), 5) if rel else None,
-            "eval_loss_hf": hf.get("eval_loss"), "eval_loss_recipe": recipe.get("eval_loss"),
-            "eval_rel_diff": round(abs(recipe["eval_loss"] - hf["eval_loss"]) / hf["eval_loss"], 5)}
+def parity(hf: dict, sft: dict) -> dict:
+    """The held-out losses of ``hf`` and ``sft`` after the same steps over the same conversations (TRL orders
+    and packs them its own way, so the step losses are not compared one by one)."""
+    return {"eval_loss_hf": hf["eval_loss"], "eval_loss_sft": sft["eval_loss"],
+            "eval_rel_diff": round(abs(sft["eval_loss"] - hf["eval_loss"]) / hf["eval_loss"], 5)}
+
+
+def hf_verdicts(rows: dict) -> dict:
+    """The ``sft`` command against the seed's way (``hf``): tokens/s at least 1.5 x, peak at most 0.7 x."""
+    hf, sft, out = rows.get("hf", {}), rows.get("sft", {}), {}
+    if hf.get("tokens_per_second") and sft.get("tokens_per_second"):
+        speed = sft["tokens_per_second"] / hf["tokens_per_second"]
+        out["speedup_vs_hf"] = {"value": round(speed, 3), "target": TARGETS["speedup_vs_hf"],
+                                "met": speed >= TARGETS["speedup_vs_hf"]}
+    if hf.get("peak_allocated_gib") and sft.get("peak_allocated_gib"):
+        mem = sft["peak_allocated_gib"] / hf["peak_allocated_gib"]
+        out["memory_vs_hf"] = {"value": round(mem, 3), "target": TARGETS["memory_vs_hf"],
+                               "met": mem <= TARGETS["memory_vs_hf"]}
+    for t in out.values():
+        if not t["met"]:
+            t["why"] = (f"sft {sft['tokens_per_second']:.0f} tokens/s at {sft.get('peak_allocated_gib')} GiB, "
+                        f"hf {hf['tokens_per_second']:.0f} tokens/s at {hf.get('peak_allocated_gib')} GiB")
+    return out
 
 
 def verdicts(shape: str, rows: dict) -> dict:
     """Each target against the rows: value, wanted, met, and where missed what the rows say about why."""
-    hf, rc = rows.get("hf", {}), rows.get("recipe", {})
-    out = {}
-    if hf.get("tokens_per_second") and rc.get("tokens_per_second"):
-        speed = rc["tokens_per_second"] / hf["tokens_per_second"]
-        out["speedup_vs_hf"] = {"value": round(speed, 3), "target": TARGETS["speedup_vs_hf"],
-                                "met": speed >= TARGETS["speedup_vs_hf"]}
-    if hf.get("peak_allocated_gib") and rc.get("peak_allocated_gib"):
-        mem = rc["peak_allocated_gib"] / hf["peak_allocated_gib"]
-        out["memory_vs_hf"] = {"value": round(mem, 3), "target": TARGETS["memory_vs_hf"],
-                               "met": mem <= TARGETS["memory_vs_hf"]}
-        plan = rc.get("spec", {}).get("plan", {})
-        if mem > TARGETS["memory_vs_hf"] and plan:
-            out["memory_vs_hf"]["why"] = (
-                f"over by {mem - TARGETS['memory_vs_hf']:.3f}: the plan for {plan.get('budget_gib', 0):.2f} GiB "
-                f"estimated {plan.get('estimate_gib', 0):.2f} GiB at {plan.get('tokens')} tokens, the run peaked at "
-                f"{rc['peak_allocated_gib']:.2f} GiB (the estimator's error at this point)")
-    if "7b" in shape and rows.get("recipe-max", {}).get("mfu"):
-        mfu = rows["recipe-max"]["mfu"]
+    out = hf_verdicts(rows)
+    mfu = rows.get("sft-max", {}).get("mfu")
+    if "7b" in shape and mfu:
         out["mfu"] = {"value": mfu, "target": TARGETS["mfu_7b"], "met": mfu >= TARGETS["mfu_7b"]}
         if mfu < TARGETS["mfu_7b"]:
-            better = sorted(((r["mfu"], n[len("recipe-max-"):]) for n, r in rows.items()
-                             if n.startswith("recipe-max-") and (r.get("mfu") or 0) > mfu), reverse=True)
             out["mfu"]["why"] = (
                 f"short by {TARGETS['mfu_7b'] - mfu:.3f}. Besides the frozen base's matrix products, every step runs "
                 "seven LoRA branches per layer (a dropout copy, casts, two thin products, a scaled add), each a "
                 "handful of small kernels, and dequantises each 4-bit weight twice; with the matrix work this short, "
-                "the GPU also waits on kernel launches (recipe_profile.json: GPU busy share of one step). "
-                + ("Levers measured on their own that raise it: "
-                   + ", ".join(f"{name} {value:.3f}" for value, name in better) + "." if better else ""))
+                "the GPU also waits on kernel launches")
     out.update(peer_verdicts(rows))
     out.update(plan_verdicts(rows))
     out.update(command_verdicts(rows))
@@ -635,21 +545,22 @@ def command_verdicts(rows: dict) -> dict:
 
 
 def peer_verdicts(rows: dict) -> dict:
-    """At each memory setting: the recipe's tokens/s over the fastest peer's, met at >= 1.2 and no more memory."""
+    """At each memory setting: the planned command's tokens/s over the fastest peer's, met at >= 1.2 and no more
+    memory."""
     out = {}
     for setting, (mine, peers) in SETTINGS.items():
-        recipe = rows.get(mine, {})
+        ours = rows.get(mine, {})
         measured = [(rows[p]["tokens_per_second"], p) for p in peers if (rows.get(p) or {}).get("tokens_per_second")]
-        if not recipe.get("tokens_per_second") or not measured:
+        if not ours.get("tokens_per_second") or not measured:
             continue
         speed, fastest = max(measured)
-        ratio = recipe["tokens_per_second"] / speed
-        mem, peer_mem = recipe.get("peak_allocated_gib"), rows[fastest].get("peak_allocated_gib")
+        ratio = ours["tokens_per_second"] / speed
+        mem, peer_mem = ours.get("peak_allocated_gib"), rows[fastest].get("peak_allocated_gib")
         leaner = mem is None or peer_mem is None or mem <= peer_mem
         verdict = {"value": round(ratio, 3), "target": TARGETS["vs_fastest_peer"], "peer": fastest,
                    "peak_gib": mem, "peer_peak_gib": peer_mem, "met": ratio >= TARGETS["vs_fastest_peer"] and leaner}
         if not verdict["met"]:
-            verdict["why"] = (f"{mine} ran {recipe['tokens_per_second']:.0f} tokens/s in {mem} GiB, {fastest} "
+            verdict["why"] = (f"{mine} ran {ours['tokens_per_second']:.0f} tokens/s in {mem} GiB, {fastest} "
                               f"{speed:.0f} tokens/s in {peer_mem} GiB"
                               + ("" if leaner else ": more memory than the peer"))
         out[f"vs_fastest_peer_{setting}"] = verdict
@@ -657,32 +568,21 @@ def peer_verdicts(rows: dict) -> dict:
 
 
 def plan_verdicts(rows: dict) -> dict:
-    """The planner against the GPU: each budgeted row's peak within 5 % of its budget, and the next larger
-    micro-batch over the budget (the one chosen was the largest that fits)."""
+    """The planner against the GPU: each planned row's peak within 5 % of its ``--memory_budget_gib``."""
     out = {}
-    for name in ("recipe", "recipe-tight", "recipe-max"):
+    for name in ("sft-tight", "sft-max"):
         row = rows.get(name, {})
-        budget = row.get("spec", {}).get("plan", {}).get("budget_gib")
-        if budget and row.get("peak_allocated_gib"):
-            err = row["peak_allocated_gib"] / budget - 1
-            out[f"plan_error_{name}"] = {"value": round(abs(err), 4), "target": TARGETS["plan_error"],
-                                         "met": abs(err) <= TARGETS["plan_error"]}
-            if abs(err) > TARGETS["plan_error"]:
-                plan = row["spec"]["plan"]
-                out[f"plan_error_{name}"]["why"] = (
-                    f"peak {row['peak_allocated_gib']:.2f} GiB against a budget of {budget:.2f} GiB "
-                    f"({'over' if err > 0 else 'under'}); the estimate for {plan['tokens']} tokens was "
-                    f"{plan.get('estimate_gib', float('nan')):.2f} GiB")
-    nxt, tight = rows.get("recipe-tight-next", {}), rows.get("recipe-tight", {})
-    budget = tight.get("spec", {}).get("plan", {}).get("budget_gib")
-    if budget and (nxt.get("peak_allocated_gib") or "out of memory" in nxt.get("error", "").lower()):
-        over = nxt.get("peak_allocated_gib", float("inf")) / budget
-        out["planner_largest"] = {"value": round(over, 3) if over != float("inf") else None, "target": 1.0,
-                                  "met": over > 1.0}
-        if over <= 1.0:
-            out["planner_largest"]["why"] = (f"{nxt['spec']['tokens']} tokens per micro-batch peaked at "
-                                             f"{nxt['peak_allocated_gib']:.2f} GiB, inside the {budget:.2f} GiB "
-                                             "budget: the planner could have chosen it")
+        plan = row.get("plan") or {}
+        if not plan.get("budget_gib") or not row.get("peak_allocated_gib"):
+            continue
+        err = row["peak_allocated_gib"] / plan["budget_gib"] - 1
+        verdict = {"value": round(abs(err), 4), "target": TARGETS["plan_error"],
+                   "met": abs(err) <= TARGETS["plan_error"]}
+        if not verdict["met"]:
+            verdict["why"] = (f"peak {row['peak_allocated_gib']:.2f} GiB against a budget of {plan['budget_gib']:.2f} "
+                              f"GiB ({'over' if err > 0 else 'under'}); the estimate for {plan['tokens']} tokens was "
+                              f"{plan.get('estimate_gib', float('nan')):.2f} GiB")
+        out[f"plan_error_{name}"] = verdict
     return out
 
 
@@ -691,8 +591,8 @@ def resummarise(path: Path) -> None:
     data = json.loads(path.read_text())
     for shape, entry in data["figures"]["shapes"].items():
         rows = entry["rows"]
-        if "hf" in rows and "recipe" in rows and "steps" in rows["recipe"] and "steps" in rows["hf"]:
-            entry["loss_parity"] = parity(rows["hf"], rows["recipe"])
+        if has_parity(rows):
+            entry["loss_parity"] = parity(rows["hf"], rows["sft"])
         entry["targets"] = verdicts(shape, rows)
     data["figures"]["summarised"] = environment_stamp()
     data["benchmark"] = path.stem         # a record is named by its file (--out names another than throughput)
@@ -717,8 +617,7 @@ def parse_args(argv=None):
     p.add_argument("--shape", default="", help=argparse.SUPPRESS)   # internal: the worker's shape
     p.add_argument("--order-seed", type=int, default=0, help="the shuffle of the rows within their groups")
     p.add_argument("--row-timeout", type=float, default=0, help="seconds a row may take before it is killed")
-    p.add_argument("--hf-peak", type=float, default=0.0, help=argparse.SUPPRESS)   # internal: budgets of rows
-    p.add_argument("--tight-peak", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--tight-peak", type=float, default=0.0, help=argparse.SUPPRESS)   # internal: sft-tight's budget
     return p.parse_args(argv)
 
 
@@ -742,12 +641,10 @@ def progress(shape: str, name: str, row: dict) -> str:
 
 
 def row_order(rows: list[str], seed: int) -> list[str]:
-    """``hf`` first, then the peers, then the course's commands, then the recipe's rows (each budget is a share of
-    an earlier row's peak), shuffled within each group so that no row always runs on a GPU warmed by the same
-    neighbour."""
+    """``hf`` first, then the peers, then the course's command (``sft-tight``'s budget is a peer's peak), shuffled
+    within each group so that no row always runs on a GPU warmed by the same neighbour."""
     rng = random.Random(seed)
-    groups = [[r for r in rows if r == "hf"], [r for r in rows if r in PEERS], [r for r in rows if r in COMMANDS],
-              [r for r in rows if r != "hf" and r not in PEERS and r not in COMMANDS]]
+    groups = [[r for r in rows if r == "hf"], [r for r in rows if r in PEERS], [r for r in rows if r in COMMANDS]]
     for group in groups:
         rng.shuffle(group)
     return [r for group in groups for r in group]
@@ -784,7 +681,7 @@ def run_shape(shape: str, args, previous: dict, shapes: dict) -> None:
         peak = lambda name: rows.get(name, {}).get("peak_allocated_gib") or 0
         worker_args = ["--shape", shape, "--device", args.device, "--steps", args.steps, "--skip", args.skip,
                        "--step-tokens", args.step_tokens, "--rows", row,
-                       "--hf-peak", peak("hf"), "--tight-peak", peak("trl-best")]
+                       "--tight-peak", peak("trl-best")]
         module = "benchmarks.unsloth_row" if row == "unsloth" else "benchmarks.train_throughput"
         try:
             run_worker(module, worker_args, label=f"{shape} {row}", on_row=on_row, timeout=args.row_timeout or None)
@@ -816,11 +713,15 @@ def environment_stamp() -> dict:
     return {"command": env["command"], "date": env["date"]}
 
 
+def has_parity(rows: dict) -> bool:
+    return all("eval_loss" in rows.get(name, {}) for name in ("hf", "sft"))
+
+
 def shape_entry(shape, rows, meta, exit_code, t0, runs) -> dict:
     entry = {"rows": rows, **meta, "worker_exit": exit_code, "seconds": round(time.perf_counter() - t0, 1),
              "runs": runs}
-    if "hf" in rows and "recipe" in rows and "steps" in rows["recipe"] and "steps" in rows["hf"]:
-        entry["loss_parity"] = parity(rows["hf"], rows["recipe"])
+    if has_parity(rows):
+        entry["loss_parity"] = parity(rows["hf"], rows["sft"])
     entry["targets"] = verdicts(shape, rows)
     return entry
 

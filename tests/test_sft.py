@@ -50,7 +50,8 @@ def tiny(tmp_path_factory):
 def tiny_cfg(tiny, out, **kw):
     base = dict(model_name_or_path=str(tiny / "model"), data_path=str(tiny / "train.jsonl"),
                 eval_data_path=str(tiny / "validation.jsonl"), output_dir=str(out), max_steps=4,
-                per_device_train_batch_size=4, max_length=64, save_steps=0, learning_rate=1e-3, device="cpu")
+                per_device_train_batch_size=4, max_length=64, save_steps=0, learning_rate=1e-3, device="cpu",
+                bf16=False)   # fp32 on every CPU (auto would pick bf16 on a native one): the reloads compare exactly
     return SFTConfig(**{**base, **kw})
 
 

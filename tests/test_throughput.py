@@ -1,6 +1,6 @@
 """benchmarks/train_throughput.py off the GPU: each row in a process of its own, the peer rows (TRL configured
-well, Unsloth) and the course's ``sft`` command on the same conversations as the recipe, and the targets computed
-from rows by hand."""
+well, Unsloth) and the course's ``sft`` command (at trl-best's settings, and planned for a memory budget) on the same
+conversations as the seed's loop, and the targets computed from rows by hand."""
 
 import json
 import math
@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_run(tmp_path_factory, cached_assets):
     out = tmp_path_factory.mktemp("throughput") / "t.json"
     tt.main(["--shapes", "tiny", "--device", "cpu", "--steps", "3", "--skip", "1", "--step-tokens", "512",
-             "--rows", "recipe-tight", "sft", "unsloth", "trl-best", "hf", "--out", str(out)])
+             "--rows", "sft-tight", "sft", "unsloth", "trl-best", "hf", "--out", str(out)])
     return json.loads(out.read_text())["figures"]["shapes"]["tiny"]
 
 
-def test_each_row_runs_in_a_fresh_process_hf_first_then_peers_then_the_command_then_the_recipe(tiny_run):
+def test_each_row_runs_in_a_fresh_process_hf_first_then_peers_then_the_command(tiny_run):
     order = tiny_run["runs"][-1]["order"]
-    assert order[0] == "hf" and set(order[1:3]) == {"trl-best", "unsloth"} and order[3:] == ["sft", "recipe-tight"]
+    assert order[0] == "hf" and set(order[1:3]) == {"trl-best", "unsloth"} and set(order[3:]) == {"sft", "sft-tight"}
     pids = [row["pid"] for row in tiny_run["rows"].values()]
     assert len(set(pids)) == len(pids) == 5
 
@@ -53,7 +53,20 @@ def test_the_sft_command_trains_trl_best_s_conversations_at_its_settings(tiny_ru
     assert [step["tokens"] for step in row["steps"]] == [step["tokens"] for step in peer["steps"]]
     assert row["steps"][0]["loss"] == pytest.approx(peer["steps"][0]["loss"], rel=0.01)
     assert math.isfinite(row["eval_loss"]) and row["tokens_per_second"] > 0
-    assert "sft_vs_trl_best" in tiny_run["targets"]
+    assert "sft_vs_trl_best" in tiny_run["targets"] and "speedup_vs_hf" in tiny_run["targets"]
+    parity = tiny_run["loss_parity"]              # the same conversations and steps: close held-out losses
+    assert parity["eval_loss_sft"] == row["eval_loss"] and parity["eval_rel_diff"] < 0.05
+
+
+def test_the_planned_command_row_keeps_the_tokens_per_step(tiny_run):
+    row, peer = tiny_run["rows"]["sft-tight"], tiny_run["rows"]["sft"]
+    assert "error" not in row, row.get("error")
+    s = row["settings"]                           # the CPU smoke test's fixed budget: the tiny model fits whole
+    assert s["memory_budget_gib"] == tt.CPU_BUDGET_GIB and row["plan"]["budget_gib"] == tt.CPU_BUDGET_GIB
+    assert s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] == \
+        peer["settings"]["per_device_train_batch_size"] * peer["settings"]["gradient_accumulation_steps"]
+    assert "--memory_budget_gib 1.0" in row["command"]
+    assert [step["tokens"] for step in row["steps"]] == [step["tokens"] for step in peer["steps"]]
 
 
 def test_a_stack_that_cannot_load_records_its_error(tiny_run):
@@ -61,10 +74,10 @@ def test_a_stack_that_cannot_load_records_its_error(tiny_run):
 
 
 def test_peer_targets_hand_computed():
-    rows = {"recipe-tight": {"tokens_per_second": 1300.0, "peak_allocated_gib": 8.0},
+    rows = {"sft-tight": {"tokens_per_second": 1300.0, "peak_allocated_gib": 8.0},
             "trl-best": {"tokens_per_second": 1000.0, "peak_allocated_gib": 8.4},
             "unsloth": {"tokens_per_second": 1100.0, "peak_allocated_gib": 7.0},
-            "recipe-max": {"tokens_per_second": 5000.0, "peak_allocated_gib": 30.0},
+            "sft-max": {"tokens_per_second": 5000.0, "peak_allocated_gib": 30.0},
             "trl-best-no-ckpt": {"tokens_per_second": 4000.0, "peak_allocated_gib": 33.0}}
     v = tt.peer_verdicts(rows)
     tight = v["vs_fastest_peer_tight"]            # 1300 / 1100 = 1.182 and more memory than Unsloth's 7.0
@@ -76,15 +89,22 @@ def test_peer_targets_hand_computed():
 
 def test_plan_targets_hand_computed():
     plan = {"tokens": 2048, "gradient_checkpointing": True, "budget_gib": 10.0, "estimate_gib": 9.8}
-    rows = {"recipe-tight": {"peak_allocated_gib": 9.6, "spec": {"plan": plan}},
-            "recipe-tight-next": {"peak_allocated_gib": 10.9, "spec": {"tokens": 4096, "plan": plan}},
-            "recipe-max": {"peak_allocated_gib": 30.0, "spec": {"plan": {**plan, "budget_gib": 40.0}}}}
+    rows = {"sft-tight": {"peak_allocated_gib": 9.6, "plan": plan},
+            "sft-max": {"peak_allocated_gib": 30.0, "plan": {**plan, "budget_gib": 40.0}},
+            "sft": {"peak_allocated_gib": 8.0}}     # not planned: no verdict
     v = tt.plan_verdicts(rows)
-    assert v["plan_error_recipe-tight"]["value"] == pytest.approx(0.04) and v["plan_error_recipe-tight"]["met"]
-    assert v["plan_error_recipe-max"]["value"] == pytest.approx(0.25) and "under" in v["plan_error_recipe-max"]["why"]
-    assert v["planner_largest"]["value"] == pytest.approx(1.09) and v["planner_largest"]["met"]
-    rows["recipe-tight-next"]["peak_allocated_gib"] = 9.9        # the next size fitted: the planner fell short
-    assert not tt.plan_verdicts(rows)["planner_largest"]["met"]
+    assert set(v) == {"plan_error_sft-tight", "plan_error_sft-max"}
+    assert v["plan_error_sft-tight"]["value"] == pytest.approx(0.04) and v["plan_error_sft-tight"]["met"]
+    assert v["plan_error_sft-max"]["value"] == pytest.approx(0.25) and "under" in v["plan_error_sft-max"]["why"]
+
+
+def test_hf_targets_hand_computed():
+    rows = {"hf": {"tokens_per_second": 1000.0, "peak_allocated_gib": 10.0},
+            "sft": {"tokens_per_second": 1600.0, "peak_allocated_gib": 7.5}}
+    v = tt.hf_verdicts(rows)                      # 1.6 x the speed (met), 0.75 x the memory (over 0.7)
+    assert v["speedup_vs_hf"]["value"] == 1.6 and v["speedup_vs_hf"]["met"]
+    assert v["memory_vs_hf"]["value"] == 0.75 and not v["memory_vs_hf"]["met"]
+    assert "sft 1600 tokens/s at 7.5 GiB" in v["memory_vs_hf"]["why"]
 
 
 def test_sft_command_target_hand_computed():
@@ -99,7 +119,8 @@ def test_sft_command_target_hand_computed():
 
 
 def test_sft_row_stands_alone_in_the_order_and_its_command_line_names_what_differs():
-    assert tt.row_order(["recipe-max", "sft", "trl-best", "hf"], 0) == ["hf", "trl-best", "sft", "recipe-max"]
+    order = tt.row_order(["sft-max", "sft", "trl-best", "hf"], 0)
+    assert order[:2] == ["hf", "trl-best"] and set(order[2:]) == {"sft", "sft-max"}
     cfg = tt.sft_command.SFTConfig(use_qlora=True, lora_r=64, eval_before=False, save_steps=0, packing=True)
     assert tt.sft_command_line(cfg) == ("python -m qlora_helpers sft --use_qlora --lora_r 64 --packing "
                                         "--eval_before false --save_steps 0")
