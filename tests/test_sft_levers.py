@@ -127,3 +127,14 @@ def test_qlora_mode_keeps_frozen_weights_in_the_compute_dtype(tmp_path):
     assert emb(kept) == torch.bfloat16 and emb(upcast) == torch.float32
     assert not any(p.requires_grad for n, p in kept.named_parameters() if "lora_" not in n)
     assert kept.attention_kernel == "sdpa (not asked)"
+
+
+def test_an_unvalidated_bf16_auto_computes_in_fp32():
+    """``bf16="auto"`` is decided by ``validate`` for the device; a config used before that gets no bf16."""
+    from qlora_helpers.ch03_sft.command import SFTConfig
+    from qlora_helpers.ch03_sft.modes import compute_dtype, wants_varlen
+    from qlora_helpers.ch03_sft.trainer import autocast
+
+    cfg = SFTConfig(use_lora=True, packing=True)
+    assert cfg.bf16 == "auto" and compute_dtype(cfg) == torch.float32 and not wants_varlen(cfg)
+    assert type(autocast(cfg, "cpu")).__name__ == "nullcontext"

@@ -77,11 +77,12 @@ def resolve_target_modules(spec, model) -> list[str]:
 def wants_varlen(cfg) -> bool:
     """Varlen flash attention: asked for, or ``auto`` on packed bf16 rows (it falls back to SDPA elsewhere)."""
     attention = getattr(cfg, "attn_implementation", "auto")
-    return attention == "varlen" or (attention == "auto" and getattr(cfg, "packing", False) and cfg.bf16)
+    return attention == "varlen" or (attention == "auto" and getattr(cfg, "packing", False) and cfg.bf16 is True)
 
 
 def compute_dtype(cfg):
-    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+    """bf16, fp16 or fp32 as ``cfg`` says (``bf16="auto"`` is decided by ``command.validate``: until then, no bf16)."""
+    return torch.bfloat16 if cfg.bf16 is True else torch.float16 if cfg.fp16 else torch.float32
 
 
 class _OnceFilter(logging.Filter):

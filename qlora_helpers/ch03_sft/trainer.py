@@ -71,7 +71,7 @@ def tensor_bytes(model) -> int:
 
 def autocast(cfg, device: str):
     """The mixed-precision context of ``cfg`` (bf16 or fp16 autocast), or none."""
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+    dtype = torch.bfloat16 if cfg.bf16 is True else torch.float16 if cfg.fp16 else None
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
