@@ -45,6 +45,7 @@ def sft_args(files, out, **overrides) -> list[str]:
              "data_path": files["train"], "eval_data_path": files["validation"], "output_dir": out,
              "max_steps": 3, "max_length": 64, "save_steps": 1, "learning_rate": 1e-3, "device": "cpu",
              "lr_scheduler_type": "constant",     # a resumed run may then go on for more steps
+             "bf16": False,                       # fp32 on every CPU: two processes equal one to 1e-5
              "per_device_train_batch_size": 4, **overrides}
     return [arg for key, value in flags.items() for arg in (f"--{key}", str(value).lower()
                                                             if isinstance(value, bool) else str(value))]
