@@ -214,3 +214,26 @@ def test_the_run_becomes_the_sft_commands_settings():
     cpu["config"] = {**cpu["config"], "training": {**cpu["config"]["training"], "optimizer": "sgd"}}
     with pytest.raises(ValueError, match="training.optimizer must be one of adamw, adamw_8bit, paged_adamw_8bit"):
         sft_config(cpu, choose(None, False), model="m", n_train=13, world=2, cuda=False)
+
+
+def test_random_weights_at_a_presets_shape_train_through_the_model_factory(tmp_path, cached_assets):
+    """``random:<preset>`` (the GPU benchmark's 32B shape): the folder run_sft loads holds the preset's config and
+    tokenizer only, the factory builds random 4-bit weights layer by layer; one process, in this one."""
+    import torch
+
+    from qlora_helpers.ch05_multi_gpu import worker
+    from qlora_helpers.ch05_multi_gpu.reversal import generate_data
+
+    data = generate_data(tmp_path / "data", num_identities=2, seed=0, pool_size=20)
+    run = {**run_dict(tmp_path, data, "rnd", 2, 1), "model_id": "random:smollm2-135m", "max_steps": 1}
+    threads = torch.get_num_threads()
+    worker.train_worker(run)
+    torch.set_num_threads(threads)
+    out = tmp_path / "rnd_forward"
+    info = json.loads((out / "run.json").read_text())
+    assert info["steps"] == 1 and info["world_size"] == 1 and info["lora_parameters"] > 0
+    assert json.loads((out / "training_history.json").read_text())["model_id"] == "random:smollm2-135m"
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    base = tmp_path / "models" / "random-smollm2-135m"
+    assert sorted(p.name for p in base.iterdir()) == ["chat_template.jinja", "config.json", "tokenizer.json",
+                                                      "tokenizer_config.json"]

@@ -159,7 +159,7 @@ def random_model(model_id: str, lora: dict):
 
     def build(cfg, device: str):
         dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
-        model, _ = load_model(model_id, "4bit", dtype=dtype, device=device)
+        model, _ = load_model(model_id, f"{cfg.quantization_bit}bit", dtype=dtype, device=device)
         return add_lora(model, lora, cfg.gradient_checkpointing, cfg.seed)
     return build
 
@@ -246,7 +246,10 @@ def _start(run: dict):
     gpu = run["profile"] == "gpu"
     if not gpu:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        threads = max(1, (os.cpu_count() or 1) // local_world)
+        if local_world > 1:   # a rank of several: accelerate would set it, with a warning
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
     state = PartialState(cpu=not gpu)
     index = state.device.index if gpu else None
     cap, bf16_ok, name = P.detect(index)
