@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_helpers.ch05_multi_gpu.worker import free_port, global_batches, resolve_launch
+from qlora_helpers.ch05_multi_gpu.worker import free_port, resolve_launch, steps_per_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,15 +58,12 @@ def runs(tmp_path_factory, cached_assets):
     return launch(tmp, data, 2, 1, 2), launch(tmp, data, 1, 2, 2)
 
 
-def test_global_batches_split_the_same_examples_however_many_ranks():
-    for epoch in range(3):
-        one = global_batches(14, epoch, 0, world=1, rank=0, batch_size=4, accum=1)
-        two = [global_batches(14, epoch, 0, world=2, rank=r, batch_size=1, accum=2) for r in range(2)]
-        assert len(one) == len(two[0]) == 3
-        for s, step in enumerate(one):
-            assert sorted(step[0]) == sorted(i for r in range(2) for mb in two[r][s] for i in mb)
-            assert set(two[0][s][0] + two[0][s][1]).isdisjoint(two[1][s][0] + two[1][s][1])
-    assert global_batches(3, 0, 0, world=2, rank=0, batch_size=2, accum=1) != []   # small sets are repeated
+def test_steps_per_epoch_keep_the_last_partial_batch():
+    """The Trainer's count: each rank's share of the examples, in batches, the last one partial."""
+    assert steps_per_epoch(13, world=2, batch_size=4, accum=1) == 2          # 7 examples per rank: 4 + 3
+    assert steps_per_epoch(17, world=2, batch_size=4, accum=1) == 3          # 9 per rank: 4 + 4 + 1
+    assert steps_per_epoch(16, world=1, batch_size=2, accum=3) == 3          # 8 batches: 3 + 3 + 2
+    assert steps_per_epoch(1, world=2, batch_size=4, accum=1) == 1
 
 
 def test_resolve_launch():
@@ -193,22 +190,50 @@ def test_qlora_gradients_on_cpu_are_exact(cached_assets):
                for m in q4.modules() if isinstance(m, bnb.nn.Linear4bit)), "weights were repacked to bf16"
 
 
-def test_the_configured_optimizer_and_its_cpu_stand_in():
-    import bitsandbytes as bnb
+def test_the_run_becomes_the_sft_commands_settings():
+    """The YAML config of a run as ``SFTConfig``: QLoRA 4-bit, its LoRA, batches and rates, the warmup of the
+    run's length, the configured optimizer (paged 8-bit on a GPU, plain 8-bit on a CPU) and the precision."""
+    from qlora_helpers.ch05_multi_gpu.precision import choose
+    from qlora_helpers.ch05_multi_gpu.worker import sft_config
+
+    configs = {n: yaml.safe_load((ROOT / "data" / "configs" / f"{n}.yaml").read_text())
+               for n in ("multi_gpu_32b", "multi_gpu_cpu")}
+    run = dict(config=configs["multi_gpu_32b"], output_dir="o", name="n", task="forward", max_steps=0)
+    v100 = choose((7, 0), bf16_supported=False)
+    cfg, rule, per_epoch = sft_config(run, v100, model="m", n_train=130, world=8, cuda=True)
+    assert (cfg.mode, cfg.lora_r, cfg.lora_target_modules) == ("qlora-4bit", 8, ["q_proj", "k_proj", "v_proj",
+                                                                                 "o_proj"])
+    assert (cfg.optim, cfg.fp16, cfg.bf16, cfg.lr_scheduler_type) == ("paged_adamw_8bit", True, False,
+                                                                      "constant_with_warmup")
+    assert per_epoch == 3 and cfg.warmup_steps == 1 == rule.warmup_steps      # 17 rows per rank: 8 + 8 + 1
+    assert cfg.learning_rate == 1e-4 and rule.min_lr == 6e-5 and cfg.output_dir == str(Path("o", "n_forward", "final"))
+    assert sft_config(run, v100, model="m", n_train=130, world=8, cuda=False)[0].optim == "adamw_8bit"
+    cpu = {**run, "config": configs["multi_gpu_cpu"], "max_steps": 36}
+    cfg, rule, _ = sft_config(cpu, choose(None, False), model="m", n_train=13, world=2, cuda=False)
+    assert (cfg.optim, cfg.fp16, cfg.bf16, cfg.max_steps, cfg.warmup_steps) == ("adamw_torch", False, False, 36, 2)
+    cpu["config"] = {**cpu["config"], "training": {**cpu["config"]["training"], "optimizer": "sgd"}}
+    with pytest.raises(ValueError, match="training.optimizer must be one of adamw, adamw_8bit, paged_adamw_8bit"):
+        sft_config(cpu, choose(None, False), model="m", n_train=13, world=2, cuda=False)
+
+
+def test_random_weights_at_a_presets_shape_train_through_the_model_factory(tmp_path, cached_assets):
+    """``random:<preset>`` (the GPU benchmark's 32B shape): the folder run_sft loads holds the preset's config and
+    tokenizer only, the factory builds random 4-bit weights layer by layer; one process, in this one."""
     import torch
 
-    from qlora_helpers.ch05_multi_gpu.model import make_optimizer, optimizer_name
+    from qlora_helpers.ch05_multi_gpu import worker
+    from qlora_helpers.ch05_multi_gpu.reversal import generate_data
 
-    configs = {n: yaml.safe_load((ROOT / "data" / "configs" / f"{n}.yaml").read_text())["training"]
-               for n in ("multi_gpu_32b", "multi_gpu_cpu")}
-    assert optimizer_name(configs["multi_gpu_32b"], cuda=True) == "paged_adamw_8bit"
-    assert optimizer_name(configs["multi_gpu_32b"], cuda=False) == "adamw_8bit"   # nothing to page on a CPU
-    assert optimizer_name(configs["multi_gpu_cpu"], cuda=False) == "adamw"
-    weight = torch.nn.Parameter(torch.ones(8, 576))
-    opt = make_optimizer([weight], configs["multi_gpu_32b"], cuda=False)
-    assert type(opt) is bnb.optim.AdamW8bit and opt.param_groups[0]["weight_decay"] == 0.01
-    weight.grad = torch.full_like(weight, 0.5)
-    opt.step()
-    assert opt.state[weight]["state1"].dtype == torch.uint8 and float(weight.max()) < 1   # 8-bit states, a step taken
-    with pytest.raises(ValueError, match="training.optimizer must be one of adamw, adamw_8bit, paged_adamw_8bit"):
-        optimizer_name({"optimizer": "sgd"}, cuda=False)
+    data = generate_data(tmp_path / "data", num_identities=2, seed=0, pool_size=20)
+    run = {**run_dict(tmp_path, data, "rnd", 2, 1), "model_id": "random:smollm2-135m", "max_steps": 1}
+    threads = torch.get_num_threads()
+    worker.train_worker(run)
+    torch.set_num_threads(threads)
+    out = tmp_path / "rnd_forward"
+    info = json.loads((out / "run.json").read_text())
+    assert info["steps"] == 1 and info["world_size"] == 1 and info["lora_parameters"] > 0
+    assert json.loads((out / "training_history.json").read_text())["model_id"] == "random:smollm2-135m"
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    base = tmp_path / "models" / "random-smollm2-135m"
+    assert sorted(p.name for p in base.iterdir()) == ["chat_template.jinja", "config.json", "tokenizer.json",
+                                                      "tokenizer_config.json"]

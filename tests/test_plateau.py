@@ -27,7 +27,7 @@ class StepRates(TrainerCallback):
         self.rates.append(optimizer.param_groups[0]["lr"])
 
 
-def run(tmp_path, losses, *, warmup_steps=0, epochs=6):
+def run(tmp_path, losses, *, warmup_steps=0, epochs=6, save=False, resume=None):
     torch.manual_seed(0)
     model = get_peft_model(build_tiny(tiny_llama(vocab_size=300), seed=0),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
@@ -44,9 +44,10 @@ def run(tmp_path, losses, *, warmup_steps=0, epochs=6):
     rates = StepRates()
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=epochs,
                              learning_rate=RULE["learning_rate"], lr_scheduler_type="constant_with_warmup",
-                             warmup_steps=warmup_steps, save_strategy="no", report_to="none", use_cpu=True,
-                             disable_tqdm=True, logging_strategy="no", seed=0)
-    Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=[rule, rates]).train()
+                             warmup_steps=warmup_steps, save_strategy="epoch" if save else "no", report_to="none",
+                             use_cpu=True, disable_tqdm=True, logging_strategy="no", seed=0)
+    Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=[rule, rates]).train(
+        resume_from_checkpoint=resume)
     return rule, rates.rates, saved, model
 
 
@@ -68,3 +69,14 @@ def test_the_rate_below_min_lr_stops_after_warmup(tmp_path):
     assert [d.reason for d in rule.decisions] == [None, None, None, "lr < min_lr"]
     assert len(rates) == 8 and rates[:2] == pytest.approx([0.0, 5e-4]), "the Trainer's warmup: 0, then half"
     assert rates[2:] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
+
+
+def test_the_rule_continues_where_a_resumed_checkpoint_left_it(tmp_path):
+    """Killed after epoch 2 (one plateau: the rate halved), resumed from its checkpoint: epoch 3 is measured against
+    epoch 1's loss, at half the rate, and epoch 4's second halving stops the run."""
+    first, _, _, _ = run(tmp_path, [2.0, 1.99], epochs=2, save=True)
+    assert [(d.improved, d.reduced) for d in first.decisions] == [(True, False), (False, True)]
+    rule, rates, _, _ = run(tmp_path, [1.98, 1.97], epochs=4, resume=str(tmp_path / "out" / "checkpoint-4"))
+    assert [(d.epoch, d.improved, d.reduced, d.reason) for d in rule.decisions] == [
+        (3, False, True, None), (4, False, True, "lr < min_lr")]
+    assert rates == pytest.approx([5e-4] * 2 + [2.5e-4] * 2), "the halved rate came back with the checkpoint"

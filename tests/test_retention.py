@@ -50,36 +50,51 @@ def stage_run(tmp, data_dir, name: str, **changes) -> dict:
                 eval_after=False, **changes)
 
 
+def lora_model(r: int = 8):
+    import torch
+
+    from qlora_helpers.ch05_multi_gpu.model import add_lora, load_model
+
+    model, _ = load_model("tiny:llama", "4bit", dtype=torch.float32, device="cpu")
+    return add_lora(model, {"r": r, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj",
+                    "o_proj", "gate_proj", "up_proj", "down_proj"]}, False, seed=0)
+
+
 def test_a_second_stage_starts_from_the_first_stages_adapter(stages, tmp_path):
     import torch
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from qlora_helpers.ch05_multi_gpu.worker import setup_rank, train_worker
+    from qlora_helpers.ch03_sft.command import load_initial_adapter
+    from qlora_helpers.ch05_multi_gpu.worker import train_worker
 
     now, earlier = stages
     train_worker(stage_run(tmp_path, earlier, "stage1"))
-    saved = load_file(str(tmp_path / "stage1_forward" / "final" / "adapter_model.safetensors"))
-    fresh = get_peft_model_state_dict(setup_rank(stage_run(tmp_path, now, "fresh")).model)
-    started = get_peft_model_state_dict(setup_rank(stage_run(tmp_path, now, "stage2", init_adapter=str(
-        tmp_path / "stage1_forward" / "final"))).model)
+    final = tmp_path / "stage1_forward" / "final"
+    saved = load_file(str(final / "adapter_model.safetensors"))
+    fresh = get_peft_model_state_dict(lora_model())
+    started = lora_model()
+    load_initial_adapter(started, final)
+    started = get_peft_model_state_dict(started)
     assert set(started) == set(saved) == set(fresh) and len(saved) > 0
     assert all(torch.equal(started[k], saved[k]) for k in saved)
     assert not all(torch.equal(fresh[k], saved[k]) for k in saved)        # stage 1 moved its weights
-    train_worker(stage_run(tmp_path, now, "stage2", init_adapter=str(tmp_path / "stage1_forward" / "final"),
-                           face_retention_pool=str(earlier)))
+    train_worker(stage_run(tmp_path, now, "stage2", init_adapter=str(final), face_retention_pool=str(earlier)))
     history = json.loads((tmp_path / "stage2_forward" / "training_history.json").read_text())
-    assert history["init_adapter"] == str((tmp_path / "stage1_forward" / "final").resolve())
+    assert history["init_adapter"] == str(final.resolve())
 
 
 def test_an_init_adapter_that_does_not_fit_is_refused_in_one_line(stages, tmp_path):
-    from qlora_helpers.ch05_multi_gpu.worker import setup_rank, train_worker
+    from qlora_helpers.ch03_sft.command import SFTConfig, load_initial_adapter, validate
+    from qlora_helpers.ch05_multi_gpu.worker import train_worker
 
     now, earlier = stages
-    with pytest.raises(FileNotFoundError, match="init_adapter .* holds no adapter_config.json .* best/ or final/"):
-        setup_rank(stage_run(tmp_path, now, "x", init_adapter=str(tmp_path / "nothing")))
+    with pytest.raises(FileNotFoundError, match="init_adapter .* holds no adapter_config.json"):
+        validate(SFTConfig(use_qlora=True, device="cpu", init_adapter=str(tmp_path / "nothing")))
+    with pytest.raises(ValueError, match="init_adapter needs a LoRA mode"):
+        validate(SFTConfig(device="cpu", init_adapter=str(tmp_path / "nothing")))
     run = stage_run(tmp_path, earlier, "r4")
     run["config"]["lora"]["r"] = 4
     train_worker(run)
-    with pytest.raises(ValueError, match=r"has r=4 .* the config r=8 .* first stage's lora settings"):
-        setup_rank(stage_run(tmp_path, now, "x", init_adapter=str(tmp_path / "r4_forward" / "final")))
+    with pytest.raises(ValueError, match=r"has r=4 .* this run r=8 .* earlier run's lora settings"):
+        load_initial_adapter(lora_model(), tmp_path / "r4_forward" / "final")

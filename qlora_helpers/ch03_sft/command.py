@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoConfig, set_seed
 
 from qlora_helpers.ch01_memory.estimator import estimate
@@ -93,6 +95,7 @@ class SFTConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_target_modules: str | list | None = None  # null: every linear layer; attention | mlp | all | "q_proj,v_proj"
+    init_adapter: str = ""             # an earlier run's adapter folder: its LoRA weights start this run
     # optimisation
     learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
@@ -148,6 +151,7 @@ HELP = {
     "use_qlora": "LoRA on a base quantised to quantization_bit bits",
     "quantization_bit": "4 (NF4) or 8 (LLM.int8), with --use_qlora",
     "lora_target_modules": "attention | mlp | all | null (every linear layer) | q_proj,v_proj,...",
+    "init_adapter": "a saved adapter folder (same lora_r and targets): start from its weights, e.g. a second stage",
     "max_steps": "optimizer steps; > 0 overrides num_train_epochs",
     "gradient_checkpointing": "recompute activations in backward: less memory, more time",
     "memory_budget_gib": "plan per_device_train_batch_size (same tokens per step) and checkpointing for this many "
@@ -223,6 +227,8 @@ def validate(cfg: SFTConfig) -> SFTConfig:
         cfg.quantization_bit = 4
     if cfg.use_lora or cfg.use_qlora:
         _check_lora(cfg)
+    elif cfg.init_adapter:
+        raise ValueError("init_adapter needs a LoRA mode: add --use_lora or --use_qlora, or drop init_adapter")
     _check_optimisation(cfg)
     _check_choices(cfg)
     _check_device(cfg)
@@ -251,6 +257,9 @@ def _check_lora(cfg: SFTConfig) -> None:
         raise ValueError(f"lora_alpha must be > 0 (often r/2 to 2r), not {cfg.lora_alpha!r}")
     if not 0 <= cfg.lora_dropout < 1:
         raise ValueError(f"lora_dropout must be in [0, 1), not {cfg.lora_dropout!r}")
+    if cfg.init_adapter and not Path(cfg.init_adapter, "adapter_config.json").is_file():
+        raise FileNotFoundError(f"init_adapter {cfg.init_adapter} holds no adapter_config.json: give the folder "
+                                "an earlier run saved its adapter in")
     if isinstance(cfg.lora_target_modules, list) and not cfg.lora_target_modules:
         raise ValueError("lora_target_modules is an empty list: give names, a preset (attention, mlp, all) "
                          "or null for all")
@@ -575,11 +584,13 @@ class SFTResult:
 
 
 def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, callbacks=(),
-            progress: bool = True) -> SFTResult:
+            progress: bool = True, *, trainer_callbacks=(), model_factory=None) -> SFTResult:
     """Validate, load, train, evaluate and save one mode.
 
     ``train_conversations``/``eval_conversations`` (lists of message lists) replace the data
-    files, as the notebook does to train on the English records only.
+    files, as the notebook does to train on the English records only. ``trainer_callbacks`` go to the
+    Trainer (chapter 05's plateau rule); ``model_factory(cfg, device)``, when given, builds the model with
+    its adapter instead of ``modes.build_model`` (chapter 05's random-weight models).
     """
 
     validate(cfg)
@@ -602,7 +613,9 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     set_seed(cfg.seed)
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
-        model = build_model(cfg, str(processes.device) if processes.num_processes > 1 else device)   # cuda:<rank>
+        model = (model_factory or build_model)(cfg, str(processes.device) if processes.num_processes > 1 else device)
+        if cfg.init_adapter:
+            load_initial_adapter(model, cfg.init_adapter)
         load_seconds = time.perf_counter() - t0
         params = count_parameters(model)
         before = None
@@ -612,10 +625,26 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
                                   device, cfg)
             result = train(model, tokenizer, train_data, cfg, output_dir=out, device=device,
                            eval_data=eval_data, resume=cfg.resume, callbacks=callbacks, progress=progress,
-                           fingerprint=fingerprint, initial_eval=before)
+                           fingerprint=fingerprint, initial_eval=before, trainer_callbacks=trainer_callbacks)
     summary = make_summary(cfg, base, device, model=model, data=(train_data, eval_data), result=result,
                            params=params, load_seconds=load_seconds, peak=mem.as_dict(), plan=plan)
     return SFTResult(finish_output_dir(processes, model, tokenizer, out, summary), model, tokenizer)
+
+
+def load_initial_adapter(model, folder) -> None:
+    """Start the LoRA weights of ``model`` from a saved adapter (an earlier stage's): every LoRA tensor is replaced,
+    none left at its fresh initialisation; another rank or other targets are refused in one line."""
+    folder = Path(folder)
+    saved, mine = json.loads((folder / "adapter_config.json").read_text()), model.peft_config["default"]
+    if int(saved["r"]) != mine.r or set(saved["target_modules"]) != set(mine.target_modules):
+        raise ValueError(f"init_adapter {folder} has r={saved['r']} on {sorted(saved['target_modules'])}, this run "
+                         f"r={mine.r} on {sorted(mine.target_modules)}: train with the earlier run's lora settings")
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    missing = set(get_peft_model_state_dict(model)) - set(state)
+    if missing:
+        raise ValueError(f"init_adapter {folder} lacks {len(missing)} LoRA tensor(s) of this model, "
+                         f"e.g. {sorted(missing)[0]}: was it trained on another base model?")
+    set_peft_model_state_dict(model, state)
 
 
 def make_summary(cfg: SFTConfig, base: str, device: str, *, model, data, result: dict, params: dict,

@@ -295,15 +295,17 @@ def training_args(cfg, output_dir: Path, device: str, *, packing: bool) -> TRLCo
         ddp_find_unused_parameters=False)
 
 
-def make_trainer(model, tokenizer, train_data: SFTData, cfg, args: TRLConfig, course: CourseCallback) -> SFTTrainer:
-    """TRL's ``SFTTrainer`` on the course's encoded examples, with the course's callback as its only display."""
+def make_trainer(model, tokenizer, train_data: SFTData, cfg, args: TRLConfig, course: CourseCallback,
+                 extra=()) -> SFTTrainer:
+    """TRL's ``SFTTrainer`` on the course's encoded examples, with the course's callback as its only display
+    (``extra``: more Trainer callbacks, called after it)."""
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in train_data.examples])
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}   # peft's fp32 adapters
     bars = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()       # packing's map() would print a bar into the notebook
     try:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             callbacks=[course])
+                             callbacks=[course, *extra])
     finally:
         if bars:
             datasets_logging.enable_progress_bar()
@@ -323,12 +325,13 @@ def quiet(trainer, model, *, dtypes: dict | None):
 
 def train(model, tokenizer, data: SFTData, cfg, *, output_dir, device: str, eval_data: SFTData | None = None,
           resume: bool = False, callbacks=(), progress: bool = True, fingerprint: dict | None = None,
-          initial_eval: float | None = None) -> dict:
+          initial_eval: float | None = None, trainer_callbacks=()) -> dict:
     """Train ``model`` in place through ``SFTTrainer``; returns the history, step times and the final eval loss.
 
     ``callbacks`` are called with each log record (``{"step", "loss", "lr", "tokens", "seconds"}`` and,
     at eval points, ``"eval_loss"``). ``fingerprint`` (settings that must not change across a resume)
-    goes into each checkpoint and is checked on resume; ``initial_eval`` is kept as step 0.
+    goes into each checkpoint and is checked on resume; ``initial_eval`` is kept as step 0. ``trainer_callbacks``
+    are ``TrainerCallback``s given to the Trainer itself (chapter 05's plateau rule).
     """
     out = Path(output_dir)
     ckpt, state = resume_state(out, resume, fingerprint)
@@ -343,7 +346,7 @@ def train(model, tokenizer, data: SFTData, cfg, *, output_dir, device: str, eval
         course.history["eval"].append({"step": 0, "eval_loss": initial_eval})
         course.emit({"step": 0, "eval_loss": initial_eval})
     args = training_args(cfg, out, device, packing=cfg.packing)
-    trainer = make_trainer(model, tokenizer, data, cfg, args, course)
+    trainer = make_trainer(model, tokenizer, data, cfg, args, course, trainer_callbacks)
     with trainable_4bit_layers(model):
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         steps = trainer.state.global_step

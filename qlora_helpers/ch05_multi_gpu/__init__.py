@@ -3,11 +3,11 @@
 ============  ============================================================================================
 module        what it holds
 ============  ============================================================================================
-worker        the per-rank training function the launcher starts, and ``python -m ...worker``
+worker        the function each rank runs: the run as the ``sft`` command's settings, ``run_sft``, the scores
 precision     bf16, fp16 with loss scaling, or fp32, decided per device
-model         what each rank trains: the 4-bit or 8-bit model, LoRA on it, the config's optimizer
 schedule      warm-up, the plateau learning-rate rule and early stopping; live history plot
-plateau       that rule, ``best/`` and the early stop as a Trainer callback (imports the Trainer: ranks only)
+plateau       that rule, ``best/`` and the early stop as a Trainer callback; the run's history (ranks only)
+model         random-weight 4-bit models with LoRA (``random:<preset>``, the peak measurement)
 reversal      the reversal-curse data (LFW identities) and its scoring
 learning      the learning metrics and the reversal-curse verdict computed from the scores
 retention     the face retention pool measured (``benchmarks/face_retention.py``): table, plot, verdict
@@ -21,7 +21,7 @@ peak          the activations a step holds per micro-batch and accumulation (imp
 
 Importing this package loads neither peft nor bitsandbytes: the notebook's kernel must not have them
 before ``notebook_launcher`` starts the ranks. ``model``, ``plateau``, ``adapter_size``, ``evaluate`` and ``peak``
-(which load them) are not imported here.
+(which load them) are not imported here, and ``worker`` imports chapter 03's ``sft`` command inside the rank.
 """
 
 from qlora_helpers.ch05_multi_gpu import learning, retention, reversal, tables, worker

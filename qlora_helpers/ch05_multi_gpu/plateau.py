@@ -1,8 +1,8 @@
 """Chapter 05's learning-rate rule on the HF ``Trainer``: ``schedule.PlateauSchedule`` as a callback.
 
-The first step of moving chapter 05 onto the course's ``sft`` command (TRL's ``SFTTrainer``, one process or
-``accelerate launch``): the Trainer keeps the warmup (``lr_scheduler_type="constant_with_warmup"``) and
-this callback applies the chapter's rule at the end of every epoch, exactly as ``worker.end_epoch`` does:
+Chapter 05 trains through the course's ``sft`` command (TRL's ``SFTTrainer``, one process or several):
+the Trainer keeps the warmup (``lr_scheduler_type="constant_with_warmup"``) and ``PlateauCallback``
+applies the chapter's rule at the end of every epoch:
 
 - the validation loss goes through ``PlateauSchedule.end_epoch`` (its tests are the rule's specification);
 - a reduction multiplies the rate of every parameter group, and the scheduler's base rates, by
@@ -17,23 +17,32 @@ checkpoints, not the adapter a reader loads from ``best/``.
 
 ``val_loss(model)`` must return the same number in every process (each rank scoring its share of the
 validation set and summing over ranks, as ``worker.validation_loss`` does), so that every process takes
-the same decision. Importing this module loads transformers' Trainer, and with it peft and bitsandbytes:
+the same decision. ``RunRecord`` adds what the chapter shows of a run: ``training_history.json``.
+Importing this module loads transformers' Trainer, and with it peft and bitsandbytes:
 a rank imports it, never the notebook's kernel before ``notebook_launcher``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from qlora_helpers.ch05_multi_gpu.schedule import Decision, PlateauSchedule
-from qlora_helpers.common.files import atomic_folder
+from qlora_helpers.common.files import atomic_folder, atomic_write_json
+
+RESUMED = ("lr", "reference", "best", "bad_epochs", "epoch")   # what a checkpoint keeps of the rule
 
 
-class PlateauCallback(TrainerCallback):
+class PlateauCallback(TrainerCallback, ExportableState):
     """``PlateauSchedule``'s decision at each epoch end: lower the rate, save ``best/``, stop.
+
+    The rule's state (rate, reference and best loss, flat epochs) goes into every checkpoint's
+    ``trainer_state.json`` (``ExportableState``) and is read back when training resumes from it; the lowered
+    rates themselves come back with the optimizer's and the scheduler's saved states.
 
     Example:
         >>> rule = PlateauCallback(PlateauSchedule(learning_rate=3e-3, min_lr=1e-4), val_loss,   # doctest: +SKIP
@@ -46,6 +55,14 @@ class PlateauCallback(TrainerCallback):
         self.schedule, self.val_loss = schedule, val_loss
         self.best_dir = Path(best_dir) if best_dir else None
         self.decisions: list[Decision] = []
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {k: getattr(self.schedule, k) for k in RESUMED}}
+
+    def on_train_begin(self, args, state, control, **kw):
+        saved = state.stateful_callbacks.get(type(self).__name__)   # this callback's own state on a fresh start
+        for key, value in (saved.get("attributes", {}) if isinstance(saved, dict) else {}).items():
+            setattr(self.schedule, key, value)
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
         decision = self.schedule.end_epoch(self.val_loss(model))
@@ -60,4 +77,56 @@ class PlateauCallback(TrainerCallback):
             atomic_folder(self.best_dir, model.save_pretrained)
         if decision.stop:
             control.should_training_stop = True
+        return control
+
+
+class RunRecord(PlateauCallback):
+    """The rule, and the run's record: every step's loss and rate and every epoch's decision in ``history``,
+    written to ``out/training_history.json`` by the main process after each epoch (the notebook draws it while
+    the ranks train); the steps the fp16 loss scaler skipped; ``before(model)`` once, before the first step."""
+
+    def __init__(self, schedule: PlateauSchedule, val_loss: Callable, *, out: Path, history: dict,
+                 before: Callable | None = None):
+        super().__init__(schedule, val_loss, best_dir=Path(out) / "best")
+        self.out, self.history, self.before = Path(out), history, before
+        self.before_result, self.skipped, self.clock = None, 0, {}
+
+    def write(self, state) -> None:
+        if state.is_world_process_zero:
+            atomic_write_json(self.out / "training_history.json", self.history)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        super().on_train_begin(args, state, control, **kw)
+        started = time.perf_counter()
+        self.before_result = self.before(model) if self.before else None
+        self.clock.update(before=time.perf_counter() - started, train=time.perf_counter(), epoch=time.perf_counter())
+        self.write(state)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kw):
+        self.skipped += int(bool(getattr(optimizer, "step_was_skipped", False)))
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if "loss" in (logs or {}):
+            self.history["steps"].append({"step": state.global_step, "epoch": len(self.decisions) + 1,
+                                          "loss": float(logs["loss"]), "lr": float(logs["learning_rate"])})
+
+    def on_epoch_end(self, args, state, control, **kw):
+        steps = [s for s in self.history["steps"] if s["epoch"] == len(self.decisions) + 1]
+        control = super().on_epoch_end(args, state, control, **kw)
+        d = self.decisions[-1]
+        at_max = 0 < args.max_steps <= state.global_step
+        seconds = round(time.perf_counter() - self.clock["epoch"], 2)
+        record = {**d.as_dict(), "step": state.global_step, "train_loss": sum(s["loss"] for s in steps) / len(steps),
+                  "lr": steps[-1]["lr"], "next_lr": d.lr, "seconds": seconds,
+                  "stop_reason": d.reason or ("max_steps" if at_max else None)}
+        self.history["epochs"].append(record)
+        self.clock["epoch"] = time.perf_counter()
+        self.write(state)
+        if state.is_world_process_zero:
+            s = self.schedule
+            note = ("improved" if d.improved else f"no {s.improvement_threshold:.0%} gain") + \
+                (f", lr x{s.lr_reduction_factor}" if d.reduced else "") + \
+                (f", stop: {record['stop_reason']}" if record["stop_reason"] else "")
+            print(f"epoch {d.epoch:2d}  step {state.global_step:3d}  train {record['train_loss']:.4f}  "
+                  f"val {d.val_loss:.4f}  lr {record['lr']:.2e}  ({note})  {record['seconds']:.1f} s", flush=True)
         return control

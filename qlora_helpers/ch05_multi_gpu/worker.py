@@ -1,25 +1,23 @@
-"""Data-parallel QLoRA started from a notebook: one 4-bit copy of the model per rank, DDP over LoRA.
+"""Data-parallel QLoRA started from a notebook: each rank runs the course's ``sft`` command on the reversal task.
 
-The notebook calls ``accelerate.notebook_launcher(train_worker, args=(run,), num_processes=N)``.
-The launcher forks N processes; each runs ``train_worker``, which does everything that touches
-CUDA, bitsandbytes, peft or the model *inside* the child (a parent that has initialised CUDA or
-imported bitsandbytes cannot fork workers: the launcher refuses). Each rank then:
+The notebook calls ``accelerate.notebook_launcher(train_worker, args=(run,), num_processes=N)``; the launcher
+forks N processes and each runs ``train_worker``. Everything that touches CUDA, bitsandbytes, peft or the
+model happens *inside* the child (a parent that has imported bitsandbytes cannot fork workers: the launcher
+refuses), so the training modules are imported in ``train_worker``, not at the top. Each rank:
 
-1. picks its device (GPU ``LOCAL_RANK``, or the CPU) and precision (``qlora_helpers.ch05_multi_gpu.precision``);
-2. loads its own 4-bit copy of the model on that device (``device_map={"": local_rank}``) and adds LoRA;
-3. wraps it in ``DistributedDataParallel``, which all-reduces only the LoRA gradients (the frozen
-   4-bit base is excluded, so it is never broadcast);
-4. trains on its share of every global batch; the loss of each step is divided by the number of
-   answer tokens in the *global* batch, so the averaged gradient equals a single process's on
-   the same batch, however the tokens fall across ranks;
-5. at each epoch end computes the validation loss over all ranks (so every rank takes the same
-   schedule decision), and rank 0 writes ``training_history.json`` and the ``best/`` adapter.
-
-In code: ``setup_rank`` (steps 1-3), ``run_epoch`` and ``end_epoch`` (steps 4-5), ``finish_run``
-(evaluation, the ``final/`` adapter, ``run.json``); ``train_worker`` calls them in that order.
+1. picks its precision (``qlora_helpers.ch05_multi_gpu.precision``: bf16, fp16 with loss scaling, or fp32);
+2. turns ``run`` into the ``sft`` command's settings (``sft_config``: QLoRA 4-bit, the YAML config's LoRA and
+   optimisation, ``constant_with_warmup``) and calls ``ch03_sft.command.run_sft``: TRL's ``SFTTrainer`` loads
+   its own 4-bit copy of the model, wraps it in DDP (only LoRA gradients travel) and trains its share of
+   every global batch;
+3. at each epoch end ``plateau.PlateauCallback`` applies the chapter's rule to the validation loss, which
+   every rank computes alike (each scores its share, the sums are all-reduced), saves ``best/`` and stops;
+   ``RunRecord`` writes ``training_history.json`` (rank 0) and scores the questions before training;
+4. after training, asks both directions' questions (each rank its share) and rank 0 writes ``run.json``.
 
 On a CPU the same code runs with the gloo backend and 2 processes, which is how the tests check that
-gradients really synchronise.
+gradients really synchronise. ``python -m qlora_helpers.ch05_multi_gpu.worker`` is the same run from a shell
+(``accelerate launch``, several machines included).
 """
 
 from __future__ import annotations
@@ -27,39 +25,36 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import socket
 import sys
 import time
 import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import yaml
 from safetensors.torch import save
-from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from qlora_helpers.ch05_multi_gpu import precision as P
 from qlora_helpers.ch05_multi_gpu.reversal import (
     TASKS,
     accuracy,
-    collate,
-    encode,
     eval_items,
     evaluate_items,
     generate_data,
     training_set,
 )
-from qlora_helpers.ch05_multi_gpu.schedule import PlateauSchedule
-from qlora_helpers.common.files import atomic_folder, atomic_open, atomic_write_json, state_digest
+from qlora_helpers.ch05_multi_gpu.schedule import PlateauSchedule, number
+from qlora_helpers.common import assets
+from qlora_helpers.common.files import atomic_open, atomic_write_json, write_new_folder
+from qlora_helpers.common.shapes import get_config
 from qlora_helpers.errors import OneLineParser, run_main
 
 CPU_PROCESSES = 2
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 
 
 # --------------------------------------------------------------------------- the parent: no CUDA here
@@ -103,39 +98,13 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def global_batches(n_examples: int, epoch: int, seed: int, *, world: int, rank: int, batch_size: int,
-                   accum: int) -> list[list[list[int]]]:
-    """This rank's micro-batches for each optimizer step of one epoch (lists of example indices).
-
-    Every rank shuffles with the same seed, cuts the order into global batches of
-    ``world * batch_size * accum`` examples, and takes micro-batch ``j`` of rank ``r`` from slot
-    ``j * world + r``. Any split of the same global batch gives the same gradient, which is what the
-    test compares. A data set smaller than one global batch is repeated to fill it.
-
-    >>> global_batches(8, 0, 0, world=2, rank=1, batch_size=1, accum=2)   # 2 steps of 2 micro-batches
-    [[[1], [2]], [[3], [6]]]
-    """
-    order = list(range(n_examples))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    size = world * batch_size * accum
-    if n_examples < size:
-        order = (order * math.ceil(size / n_examples))[:size]
-    steps = []
-    for s in range(len(order) // size):
-        chunk = order[s * size:(s + 1) * size]
-        steps.append([chunk[(j * world + rank) * batch_size:(j * world + rank + 1) * batch_size] for j in range(accum)])
-    return steps
-
-
 # --------------------------------------------------------------------------- collectives (identity with one process)
 def _dist():
-
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
     """Sum a few numbers over all ranks (identity with one process)."""
-
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if _dist():
         _dist().all_reduce(t)
@@ -151,47 +120,112 @@ def gather_objects(obj) -> list:
     return out
 
 
-# --------------------------------------------------------------------------- weights and adapters
 def lora_state(model) -> dict:
     """The trainable tensors by name, as float32 CPU copies."""
     return {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(model, folder: Path) -> None:
-    """``save_pretrained`` into a new version of the folder, swapped in at once (``common.files.atomic_folder``):
-    a reader, or a run killed at any instant, never sees half an adapter."""
-    atomic_folder(folder, model.save_pretrained)
+# --------------------------------------------------------------------------- the run as sft settings
+def steps_per_epoch(n_train: int, *, world: int, batch_size: int, accum: int) -> int:
+    """Optimizer steps in one epoch of the Trainer, which keeps the last partial batch.
+
+    >>> steps_per_epoch(14, world=2, batch_size=2, accum=1), steps_per_epoch(14, world=2, batch_size=2, accum=2)
+    (4, 2)
+    """
+    return max(1, math.ceil(math.ceil(math.ceil(n_train / world) / batch_size) / accum))
 
 
-# --------------------------------------------------------------------------- setting up one rank
-@dataclass
-class Rank:
-    """One process of the run: where it computes, in which precision, and what it trains."""
+def base_model(model_id: str, folder: Path) -> str:
+    """The folder ``run_sft`` loads: ``model_id``; for ``tiny:llama``/``tiny:qwen2`` a written 2-layer model; for
+    ``random:<preset>`` the preset's config and tokenizer only (``random_model`` builds the weights)."""
+    kind, _, name = model_id.partition(":")
+    if kind == "tiny":
+        from qlora_helpers.common.models import write_tiny_model  # imports bitsandbytes: in the rank only
+        return str(write_tiny_model(folder / f"tiny-{name}", family=name))
+    if kind != "random":
+        return model_id
 
-    rank: int
-    world: int
-    device: torch.device
-    device_name: str
-    capability: tuple[int, int] | None
-    precision: P.Precision
-    model: Any                 # the peft model: evaluation, saving and generation
-    tokenizer: Any
-    loss_fn: Any               # recipe.loss_module(model): the recipe's loss, never the [tokens, vocab] logits
-    ddp: Any                   # loss_fn in DistributedDataParallel (loss_fn itself with one process)
-    params: list               # the LoRA tensors, the only ones trained
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    started: float             # time.perf_counter() once the libraries were imported: the run's clock starts here
+    def write(tmp: Path) -> None:
+        get_config(name).save_pretrained(tmp)
+        family = "smollm2" if name.startswith("smollm2") else "qwen-tokenizer"
+        AutoTokenizer.from_pretrained(assets.verify(family, only=assets.TOKENIZER_FILES)).save_pretrained(tmp)
 
-    @property
-    def gpu(self) -> bool:
-        return self.device.type == "cuda"
+    return str(write_new_folder(folder / f"random-{name}", write))
 
-    def autocast(self):
-        """The compute dtype's autocast context; none for fp32."""
-        if self.precision.compute_dtype == "fp32":
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=P.torch_dtype(self.precision.compute_dtype))
+
+def random_model(model_id: str, lora: dict):
+    """``run_sft``'s ``model_factory`` for ``random:<preset>``: random 4-bit weights built layer by layer, LoRA on."""
+    from qlora_helpers.ch05_multi_gpu.model import add_lora, load_model  # peft, bitsandbytes: in the rank only
+
+    def build(cfg, device: str):
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+        model, _ = load_model(model_id, f"{cfg.quantization_bit}bit", dtype=dtype, device=device)
+        return add_lora(model, lora, cfg.gradient_checkpointing, cfg.seed)
+    return build
+
+
+def sft_config(run: dict, prec: P.Precision, *, model: str, n_train: int, world: int, cuda: bool):
+    """The ``sft`` command's settings for ``run`` (``SFTConfig``), and the plateau rule of its config."""
+    from qlora_helpers.ch03_sft.command import SFTConfig
+
+    lora, tr = run["config"]["lora"], run["config"]["training"]
+    bs, accum = int(tr["batch_size"]), int(tr["gradient_accumulation_steps"])
+    epochs, max_steps = int(tr["num_epochs"]), int(run.get("max_steps") or 0)
+    per_epoch = steps_per_epoch(n_train, world=world, batch_size=bs, accum=accum)
+    total = min(per_epoch * epochs, max_steps) if max_steps > 0 else per_epoch * epochs
+    rule = PlateauSchedule.from_config(tr, total)
+    optim = str(tr.get("optimizer", "adamw"))
+    if optim not in OPTIMIZERS:
+        raise ValueError(f"training.optimizer must be one of {', '.join(OPTIMIZERS)}, not {optim!r}")
+    cfg = SFTConfig(
+        model_name_or_path=model, output_dir=str(Path(run["output_dir"]) / f"{run['name']}_{run['task']}" / "final"),
+        use_qlora=True, quantization_bit=8 if run.get("quantize") == "8bit" else 4, lora_r=int(lora["r"]),
+        lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+        lora_target_modules=list(lora["target_modules"]),
+        init_adapter=run.get("init_adapter") or "", learning_rate=rule.learning_rate, num_train_epochs=epochs,
+        max_steps=max_steps or -1, per_device_train_batch_size=bs, per_device_eval_batch_size=2 * bs,
+        gradient_accumulation_steps=accum, max_length=int(tr.get("max_length", 256)),
+        warmup_steps=rule.warmup_steps, lr_scheduler_type="constant_with_warmup",
+        weight_decay=number(tr.get("weight_decay", 0.0), "training.weight_decay"),
+        max_grad_norm=number(tr.get("max_grad_norm") or 0.0, "training.max_grad_norm"),
+        optim=OPTIMIZERS[optim] if cuda or optim != "paged_adamw_8bit" else "adamw_8bit",   # nothing to page on a CPU
+        gradient_checkpointing=bool(tr.get("gradient_checkpointing", False)), use_liger_kernel=False,
+        bf16=prec.compute_dtype == "bf16", fp16=prec.compute_dtype == "fp16", seed=int(tr.get("seed", 0)),
+        eval_before=False, save_steps=0, logging_steps=1, device="cuda" if cuda else "cpu",
+        overwrite_output_dir=True)
+    return cfg, rule, per_epoch
+
+
+# --------------------------------------------------------------------------- what every rank measures alike
+def validation_loss(data, cfg, *, rank: int, world: int, pad_id: int):
+    """``val_loss(model)`` for ``PlateauCallback``: the token mean over all of ``data`` (the ``sft`` command's
+    ``SFTData``), each rank scoring its share and the sums all-reduced, so every rank decides alike."""
+    from qlora_helpers.ch03_sft.data import SFTData
+    from qlora_helpers.ch03_sft.trainer import evaluate  # imports peft: in the rank only
+
+    mine = SFTData(data.examples[rank::world], len(data.examples))
+    tokens = sum(sum(t != -100 for t in e.labels[1:]) for e in mine.examples)
+
+    def loss(model) -> float:
+        device = next(model.parameters()).device
+        mean = evaluate(model, mine, cfg.per_device_eval_batch_size, pad_id, str(device), cfg) if tokens else 0.0
+        total, count = all_reduce_sum([mean * tokens, tokens], device)
+        return total / max(count, 1)
+    return loss
+
+
+def ask(model, tokenizer, identities: list[dict], *, max_new_tokens: int, generate: bool = True) -> dict:
+    """Both directions' accuracy, each rank asking its share of the questions; the answers of all ranks."""
+    world, rank = (_dist().get_world_size(), _dist().get_rank()) if _dist() else (1, 0)
+    device = next(model.parameters()).device
+    items = eval_items(identities)[rank::world]
+    was_training = model.training
+    rows = evaluate_items(model, tokenizer, items, identities=identities, device=device,
+                          max_new_tokens=max_new_tokens, generate=generate) if items else []
+    model.train(was_training)
+    everyone = [row for part in gather_objects(rows) for row in part]
+    order = lambda row: (row["direction"], row["wording"], row["identity"])
+    return {**accuracy(everyone, len(identities)), "answers": sorted(everyone, key=order)}
 
 
 def _quiet_libraries() -> None:
@@ -204,303 +238,119 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
 
 
-def _join(profile: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from the launcher's environment; joins the process group when world > 1."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    gpu = profile == "gpu"
-    if gpu:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    if world > 1 and not _dist():
-        dist.init_process_group("nccl" if gpu else "gloo", **({"device_id": device} if gpu else {}))
-    return rank, world, device
+def _start(run: dict):
+    """This process joined to the others (accelerate's ``PartialState``: gloo on the CPU, NCCL on GPUs), its CPU
+    threads shared with the other ranks of the machine, and its precision."""
+    from accelerate import PartialState
 
-
-def _wrap_ddp(loss_fn, world: int, device: torch.device):
-    """``loss_fn`` in DDP told to skip the frozen 4-bit weights: only LoRA gradients travel (none with one rank)."""
-    if world == 1:
-        return loss_fn
-    frozen = [n for n, p in loss_fn.named_parameters() if not p.requires_grad] + [n for n, _ in loss_fn.named_buffers()]
-    DDP._set_params_and_buffers_to_ignore_for_model(loss_fn, frozen)
-    return DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def setup_rank(run: dict) -> Rank:
-    """This rank's device and precision, its 4-bit model with LoRA, DDP around the loss, optimizer and scaler."""
-
-    # lazy: these load transformers' models, peft and bitsandbytes, which must be imported in each rank,
-    # after notebook_launcher has forked it, never in the notebook's kernel (the launcher refuses then)
-    from qlora_helpers.ch03_sft.recipe import loss_module
-    from qlora_helpers.ch05_multi_gpu.model import add_lora, load_initial_adapter, load_model, make_optimizer
-
-    started = time.perf_counter()
-    rank, world, device = _join(run["profile"])
-    cap, bf16_ok, device_name = P.detect(device.index if device.type == "cuda" else None)
+    gpu = run["profile"] == "gpu"
+    if not gpu:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+        threads = max(1, (os.cpu_count() or 1) // local_world)
+        if local_world > 1:   # a rank of several: accelerate would set it, with a warning
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
+    state = PartialState(cpu=not gpu)
+    index = state.device.index if gpu else None
+    cap, bf16_ok, name = P.detect(index)
     prec = P.choose(cap, bf16_ok, run.get("precision", "auto"))
-    quantize = run.get("quantize", "4bit")
-    P.check_quantize(quantize, cap, device_name)
-    lora, tr = run["config"]["lora"], run["config"]["training"]
-    model, tokenizer = load_model(run["model_id"], quantize, dtype=P.torch_dtype(prec.compute_dtype),
-                                  device=device.index if device.type == "cuda" else "cpu")
-    model = add_lora(model, lora, bool(tr.get("gradient_checkpointing", False)), int(tr.get("seed", 0)))
-    if run.get("init_adapter"):   # a later stage: continue an earlier run's adapter (the same file on every rank)
-        load_initial_adapter(model, run["init_adapter"], lora)
-    loss_fn = loss_module(model)   # forward = the course recipe's loss (no full logits)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, tr, cuda=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, init_scale=float(tr.get("init_loss_scale", 2 ** 12)),
-                                  enabled=prec.grad_scaling)
-    return Rank(rank=rank, world=world, device=device, device_name=device_name, capability=cap, precision=prec,
-                model=model, tokenizer=tokenizer, loss_fn=loss_fn, ddp=_wrap_ddp(loss_fn, world, device),
-                params=params, optimizer=optimizer, scaler=scaler, started=started)
-
-
-def load_examples(run: dict, tokenizer, *, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """(train, validation) token ids of the run's task, and the identities the evaluation asks about."""
-    train_recs, val_recs = training_set(run["data_dir"], run["task"], float(run.get("retention_ratio", 0.0)), seed=seed,
-                                        face_pool=run.get("face_retention_pool"))
-    max_len = int(run["config"]["training"]["max_length"])
-    train = [encode(r["messages"], tokenizer, max_len) for r in train_recs]
-    val = [encode(r["messages"], tokenizer, max_len) for r in val_recs]
-    identities = json.loads((Path(run["data_dir"]) / "identities.json").read_text())
-    return train, val, identities
-
-
-# --------------------------------------------------------------------------- the run's plan and its history
-@dataclass
-class Progress:
-    """The plan of the run (batches, limits, schedule) and what it has done so far; rank 0 writes ``history``."""
-
-    out: Path
-    seed: int
-    batch_size: int
-    accum: int
-    epochs: int
-    max_steps: int             # 0: no limit but the schedule's
-    max_grad_norm: float | None
-    schedule: PlateauSchedule
-    history: dict
-    step: int = 0
-    skipped: int = 0           # optimizer steps the fp16 loss scaler skipped (inf/nan gradients)
-    stop_reason: str | None = None
-    clock: dict = field(default_factory=dict)   # time.perf_counter() at the run's milestones
-
-    @property
-    def at_max_steps(self) -> bool:
-        return bool(self.max_steps) and self.step >= self.max_steps
-
-
-def plan_run(run: dict, r: Rank, n_train: int) -> Progress:
-    """Batches per step and epoch, the schedule over the run's length, and an empty history."""
-    tr = run["config"]["training"]
-    seed, bs, accum = int(tr.get("seed", 0)), int(tr["batch_size"]), int(tr["gradient_accumulation_steps"])
-    epochs, max_steps = int(tr["num_epochs"]), int(run.get("max_steps") or 0)
-    per_epoch = len(global_batches(n_train, 0, seed, world=r.world, rank=r.rank, batch_size=bs, accum=accum))
-    total = min(per_epoch * epochs, max_steps) if max_steps > 0 else per_epoch * epochs
-    schedule = PlateauSchedule.from_config(tr, total)
-    history = {"task": run["task"], "name": run["name"], "model_id": run["model_id"] or "SmolLM2-135M-Instruct",
-               "data_dir": str(Path(run["data_dir"]).resolve()), "quantize": run.get("quantize", "4bit"),
-               "init_adapter": str(Path(run["init_adapter"]).resolve()) if run.get("init_adapter") else None,
-               "optimizer": type(r.optimizer).__name__, "world_size": r.world, "precision": r.precision.as_dict(),
-               "global_batch": r.world * bs * accum,
-               "steps_per_epoch": per_epoch, "warmup_steps": schedule.warmup_steps, "status": "running",
-               "epochs": [], "steps": []}
-    return Progress(out=Path(run["output_dir"]) / f"{run['name']}_{run['task']}", seed=seed, batch_size=bs,
-                    accum=accum, epochs=epochs, max_steps=max_steps, max_grad_norm=tr.get("max_grad_norm"),
-                    schedule=schedule, history=history)
-
-
-def _announce(r: Rank, p: Progress, *, n_train: int, n_val: int) -> None:
-    """Rank 0: write the empty history (the notebook starts drawing it) and say what the run is."""
-    p.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(p.out / "training_history.json", p.history)
-    load_seconds = p.clock["loaded"] - p.clock["start"]
-    print(f"{r.world} rank(s) on {r.device_name}, {r.precision.compute_dtype} compute ({r.precision.reason}); "
-          f"{p.history['optimizer']}; {n_train} training / {n_val} validation examples, "
-          f"global batch {p.history['global_batch']}, "
-          f"{p.history['steps_per_epoch']} step(s) per epoch, model ready in {load_seconds:.0f} s", flush=True)
-
-
-# --------------------------------------------------------------------------- training
-def _loss_sum(loss_fn, batch, device, autocast):
-    """Summed cross-entropy over the answer tokens of a batch, and how many there were.
-
-    ``loss_fn`` is ``recipe.loss_module(peft_model)`` (or DDP around it): only the answer rows reach
-    the output layer, in chunks, so the ``[tokens, vocab]`` logits never exist.
-    """
-    n = int((batch["labels"][:, 1:] != -100).sum())
-    with autocast():
-        mean = loss_fn(**{k: v.to(device) for k, v in batch.items()})
-    return mean * n, n
-
-
-def optimizer_step(r: Rank, batches: list[dict], *, lr: float,
-                   max_grad_norm: float | None) -> tuple[float, float, bool]:
-    """One step over this rank's micro-batches: (token-mean loss over all ranks, global answer tokens, skipped).
-
-    The summed loss is divided by the answer tokens of the *global* batch and multiplied by the world size
-    (DDP averages over ranks), so the gradient equals one process's on the whole batch. Gradients are
-    all-reduced once, on the last micro-batch (``no_sync`` before it).
-    """
-    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    n_global = all_reduce_sum([local_tokens], r.device)[0]
-    step_loss = 0.0
-    for j, batch in enumerate(batches):
-        sync = r.ddp.no_sync() if (r.world > 1 and j < len(batches) - 1) else nullcontext()
-        with sync:
-            loss, _ = _loss_sum(r.ddp, batch, r.device, r.autocast)
-            r.scaler.scale(loss * r.world / n_global).backward()   # DDP averages over ranks: * world
-        step_loss += float(loss.detach())
-    for group in r.optimizer.param_groups:
-        group["lr"] = lr
-    r.scaler.unscale_(r.optimizer)
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(r.params, float(max_grad_norm))
-    scale = r.scaler.get_scale()
-    r.scaler.step(r.optimizer)
-    r.scaler.update()
-    skipped = r.precision.grad_scaling and r.scaler.get_scale() < scale   # inf/nan found: step skipped
-    r.optimizer.zero_grad(set_to_none=True)
-    return all_reduce_sum([step_loss], r.device)[0] / n_global, n_global, skipped
-
-
-def run_epoch(r: Rank, p: Progress, train: list[dict], epoch: int) -> float:
-    """Train one epoch (or up to ``max_steps``); returns its token-mean training loss."""
-    pad = r.tokenizer.pad_token_id
-    loss_sum, tok_sum = 0.0, 0
-    steps = global_batches(len(train), epoch, p.seed, world=r.world, rank=r.rank, batch_size=p.batch_size,
-                           accum=p.accum)
-    for micro in steps:
-        batches = [collate([train[i] for i in ids], pad) for ids in micro]
-        lr = p.schedule.lr_at(p.step)
-        loss, n_global, skipped = optimizer_step(r, batches, lr=lr, max_grad_norm=p.max_grad_norm)
-        p.skipped += int(skipped)
-        p.history["steps"].append({"step": p.step + 1, "epoch": epoch, "loss": loss, "lr": lr})
-        loss_sum, tok_sum, p.step = loss_sum + loss * n_global, tok_sum + n_global, p.step + 1
-        if p.at_max_steps:
-            break
-    return loss_sum / max(tok_sum, 1)
-
-
-def validation_loss(model, examples: list[dict], *, pad_id: int, device, autocast, batch_size: int, rank: int,
-                    world: int) -> float:
-    """Token-mean loss over all of ``examples``, each rank scoring its share."""
-
-    mine = examples[rank::world]
-    total = count = 0.0
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            loss, n = _loss_sum(model, collate(mine[i:i + batch_size], pad_id), device, autocast)
-            total, count = total + float(loss), count + n
-    model.train()
-    total, count = all_reduce_sum([total, count], device)
-    return total / max(count, 1)
-
-
-def end_epoch(r: Rank, p: Progress, val: list[dict], *, epoch: int, train_loss: float,
-              epoch_started: float) -> bool:
-    """Validation loss over all ranks, the schedule's decision; rank 0 saves ``best/`` and the history.
-
-    Returns whether training stops here.
-    """
-    val_loss = validation_loss(r.loss_fn, val, pad_id=r.tokenizer.pad_token_id, device=r.device,
-                               autocast=r.autocast, batch_size=p.batch_size * 2, rank=r.rank, world=r.world)
-    lr_used = p.schedule.lr_at(p.step - 1)
-    d = p.schedule.end_epoch(val_loss)
-    if p.at_max_steps and not d.stop:
-        p.stop_reason = "max_steps"
-    p.stop_reason = d.reason or p.stop_reason
-    if r.rank == 0:
-        if d.new_best:
-            save_adapter(r.model, p.out / "best")
-        rec = {"epoch": epoch, "step": p.step, "train_loss": train_loss, "lr": lr_used,
-               "seconds": round(time.perf_counter() - epoch_started, 2), **d.as_dict(), "next_lr": d.lr,
-               "stop_reason": p.stop_reason}
-        p.history["epochs"].append(rec)
-        atomic_write_json(p.out / "training_history.json", p.history)
-        s = p.schedule
-        note = ("improved" if d.improved else f"no {s.improvement_threshold:.0%} gain") + \
-            (f", lr x{s.lr_reduction_factor}" if d.reduced else "") + \
-            (f", stop: {p.stop_reason}" if p.stop_reason else "")
-        print(f"epoch {epoch:2d}  step {p.step:3d}  train {train_loss:.4f}  val {val_loss:.4f}  "
-              f"lr {lr_used:.2e}  ({note})  {rec['seconds']:.1f} s", flush=True)
-    return bool(p.stop_reason)
-
-
-# --------------------------------------------------------------------------- evaluation and outputs
-def _accuracy(r: Rank, identities: list[dict], *, max_new_tokens: int, generate: bool = True) -> dict:
-    """Both directions' accuracy, each rank asking its share of the questions; the answers of all ranks."""
-    items = eval_items(identities)[r.rank::r.world]
-    rows = evaluate_items(r.model, r.tokenizer, items, identities=identities, device=r.device,
-                          max_new_tokens=max_new_tokens, generate=generate) if items else []
-    everyone = [row for part in gather_objects(rows) for row in part]
-    order = lambda row: (row["direction"], row["wording"], row["identity"])
-    return {**accuracy(everyone, len(identities)), "answers": sorted(everyone, key=order)}
-
-
-def finish_run(run: dict, r: Rank, p: Progress, identities: list[dict], *, before: dict | None) -> None:
-    """Digests of every rank's LoRA weights, accuracy after training; rank 0 writes ``final/`` and ``run.json``."""
-    clock = p.clock
-    clock["trained"] = time.perf_counter()
-    state = lora_state(r.model)
-    digests = gather_objects(state_digest(state))
-    if run.get("save_rank_states"):
-        p.out.mkdir(parents=True, exist_ok=True)
-        with atomic_open(p.out / f"rank{r.rank}_lora.safetensors", "wb") as fh:
-            fh.write(save(state))
-    after = _accuracy(r, identities, max_new_tokens=run.get("max_new_tokens", 20)) \
-        if run.get("eval_after", True) else None
-    eval_seconds = clock["train"] - clock["eval"] + time.perf_counter() - clock["trained"]
-    peaks = gather_objects(torch.cuda.max_memory_allocated(r.device) / 2**30 if r.gpu else None)
-    devices = gather_objects({"rank": r.rank, "device": str(r.device), "name": r.device_name,
-                              "capability": ".".join(map(str, r.capability)) if r.capability else None})
-    if r.rank != 0:
-        return
-    save_adapter(r.model, p.out / "final")
-    p.history.update(status="done", stop_reason=p.stop_reason or "num_epochs", skipped_steps=p.skipped)
-    atomic_write_json(p.out / "training_history.json", p.history)
-    atomic_write_json(p.out / "run.json", {
-        "world_size": r.world, "devices": devices, "precision": r.precision.as_dict(),
-        "quantize": run.get("quantize", "4bit"), "steps": p.step, "epochs": len(p.history["epochs"]),
-        "stop_reason": p.history["stop_reason"], "skipped_steps": p.skipped, "rank_digests": digests,
-        "ranks_identical": len(set(digests)) == 1, "lora_parameters": sum(t.numel() for t in state.values()),
-        "peak_allocated_gib": peaks,
-        "seconds": {"load": round(clock["loaded"] - clock["start"], 1),
-                    "train": round(clock["trained"] - clock["train"], 1),
-                    "evaluation": round(eval_seconds, 1), "total": round(time.perf_counter() - clock["start"], 1)},
-        "accuracy_before": before, "accuracy": after, "best_val_loss": p.schedule.best, "output_dir": str(p.out)})
+    P.check_quantize(run.get("quantize", "4bit"), cap, name)
+    device = {"rank": state.process_index, "device": str(state.device), "name": name,
+              "capability": ".".join(map(str, cap)) if cap else None}
+    return state, prec, device
 
 
 # --------------------------------------------------------------------------- the function each rank runs
+def new_history(run: dict, cfg, *, world: int, prec: P.Precision, per_epoch: int) -> dict:
+    """``training_history.json`` before the first step: what the run is; ``RunRecord`` adds steps and epochs."""
+    return {"task": run["task"], "name": run["name"], "model_id": run.get("model_id") or "SmolLM2-135M-Instruct",
+            "data_dir": str(Path(run["data_dir"]).resolve()), "quantize": run.get("quantize", "4bit"),
+            "init_adapter": str(Path(cfg.init_adapter).resolve()) if cfg.init_adapter else None,
+            "optimizer": cfg.optim, "world_size": world, "precision": prec.as_dict(),
+            "global_batch": world * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+            "steps_per_epoch": per_epoch, "warmup_steps": cfg.warmup_steps, "status": "running",
+            "epochs": [], "steps": []}
+
+
 def train_worker(run: dict) -> None:
     """The function each rank runs (give it to ``notebook_launcher``); ``run`` is a plain dict (see notebook 05)."""
+    # lazy: these load peft and bitsandbytes, which each rank imports after notebook_launcher has forked it
+    from qlora_helpers.ch03_sft.command import run_sft
+    from qlora_helpers.ch03_sft.data import encode_all
+    from qlora_helpers.ch03_sft.modes import load_tokenizer, model_path
+    from qlora_helpers.ch05_multi_gpu.plateau import RunRecord
+    from qlora_helpers.common.quant import keep_cpu_training_layout
+
+    started = time.perf_counter()
     _quiet_libraries()
-    r = setup_rank(run)
-    loaded = time.perf_counter()
-    train, val, identities = load_examples(run, r.tokenizer, seed=int(run["config"]["training"].get("seed", 0)))
-    p = plan_run(run, r, len(train))
-    p.clock.update(start=r.started, loaded=loaded)
-    if r.rank == 0:
-        _announce(r, p, n_train=len(train), n_val=len(val))
-    p.clock["eval"] = time.perf_counter()
-    before = _accuracy(r, identities, max_new_tokens=0, generate=False) \
+    state, prec, device = _start(run)
+    seed, model_id = int(run["config"]["training"].get("seed", 0)), run.get("model_id") or ""
+    train, val = training_set(run["data_dir"], run["task"], float(run.get("retention_ratio", 0.0)), seed=seed,
+                              face_pool=run.get("face_retention_pool"))
+    identities = json.loads((Path(run["data_dir"]) / "identities.json").read_text())
+    if state.is_main_process:    # save_pretrained writes nothing on the other processes of a run
+        base_model(model_id, Path(run["output_dir"]) / "models")
+    state.wait_for_everyone()
+    base = base_model(model_id, Path(run["output_dir"]) / "models")   # written: its path
+    cfg, rule, per_epoch = sft_config(run, prec, model=base, n_train=len(train), world=state.num_processes,
+                                      cuda=run["profile"] == "gpu")
+    tokenizer = load_tokenizer(model_path(cfg))
+    val_data = encode_all([r["messages"] for r in val], tokenizer, cfg.max_length)
+    out = Path(cfg.output_dir).parent
+    history = new_history(run, cfg, world=state.num_processes, prec=prec, per_epoch=per_epoch)
+    max_new = run.get("max_new_tokens", 20)
+    before = (lambda m: ask(m, tokenizer, identities, max_new_tokens=0, generate=False)) \
         if run.get("eval_before", True) else None   # multiple choice only: nothing to generate before training
-    r.ddp.train()
-    p.clock["train"] = time.perf_counter()
-    for epoch in range(1, p.epochs + 1):
-        epoch_started = time.perf_counter()
-        train_loss = run_epoch(r, p, train, epoch)
-        if end_epoch(r, p, val, epoch=epoch, train_loss=train_loss, epoch_started=epoch_started):
-            break
-    finish_run(run, r, p, identities, before=before)
+    record = RunRecord(rule, validation_loss(val_data, cfg, rank=state.process_index, world=state.num_processes,
+                                             pad_id=tokenizer.pad_token_id), out=out, history=history, before=before)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"{state.num_processes} rank(s) on {device['name']}, {prec.compute_dtype} compute ({prec.reason}); "
+              f"{cfg.optim}; {len(train)} training / {len(val)} validation examples, global batch "
+              f"{history['global_batch']}, {per_epoch} step(s) per epoch", flush=True)
+    factory = random_model(model_id, run["config"]["lora"]) if model_id.startswith("random:") else None
+    result = run_sft(cfg, [r["messages"] for r in train], [r["messages"] for r in val], progress=False,
+                     trainer_callbacks=[record], model_factory=factory)
+    trained = time.perf_counter()
+    keep_cpu_training_layout(result.model)   # scored as trained, and as the evaluate command loads it
+    result.model.config.use_cache = True     # generation with the cache, as after from_pretrained
+    after = ask(result.model, result.tokenizer, identities, max_new_tokens=max_new) \
+        if run.get("eval_after", True) else None
+    finish_run(run, result, record, devices=gather_objects(device), prec=prec, clock={
+        "load": result.summary["load_seconds"], "train": trained - record.clock["train"],
+        "evaluation": record.clock.get("before", 0.0) + time.perf_counter() - trained, "started": started},
+        accuracy_before=record.before_result, accuracy_after=after)
     if _dist():
-        _dist().barrier()
+        _dist().barrier()              # no rank leaves before rank 0 has written run.json
         _dist().destroy_process_group()
+
+
+def finish_run(run: dict, result, record, *, devices: list, prec: P.Precision, clock: dict, accuracy_before,
+               accuracy_after) -> None:
+    """Every rank's digest (from ``sft_summary.json``) and GPU peak; rank 0 writes the history and ``run.json``."""
+    out, history = record.out, record.history
+    state = lora_state(result.model)
+    if run.get("save_rank_states"):
+        rank = _dist().get_rank() if _dist() else 0
+        with atomic_open(out / f"rank{rank}_lora.safetensors", "wb") as fh:
+            fh.write(save(state))
+    gpu = run["profile"] == "gpu"
+    peaks = gather_objects(torch.cuda.max_memory_allocated() / 2**30 if gpu else None)
+    if _dist() and _dist().get_rank() != 0:
+        return
+    last = history["epochs"][-1] if history["epochs"] else {}
+    history.update(status="done", stop_reason=last.get("stop_reason") or "num_epochs", skipped_steps=record.skipped)
+    atomic_write_json(out / "training_history.json", history)
+    digests = result.summary["processes"]["trainable_sha256"]
+    seconds = {k: round(v, 1) for k, v in clock.items() if k != "started"}
+    atomic_write_json(out / "run.json", {
+        "world_size": len(devices), "devices": devices, "precision": prec.as_dict(),
+        "quantize": run.get("quantize", "4bit"), "steps": result.summary["steps"], "epochs": len(history["epochs"]),
+        "stop_reason": history["stop_reason"], "skipped_steps": record.skipped, "rank_digests": digests,
+        "ranks_identical": len(set(digests)) == 1, "lora_parameters": sum(t.numel() for t in state.values()),
+        "peak_allocated_gib": peaks, "seconds": {**seconds, "total": round(time.perf_counter() - clock["started"], 1)},
+        "accuracy_before": accuracy_before, "accuracy": accuracy_after, "best_val_loss": record.schedule.best,
+        "output_dir": str(out)})
 
 
 def main(argv=None) -> None:
@@ -514,9 +364,8 @@ def main(argv=None) -> None:
     ``--run FILE`` takes the run dict a notebook gives ``notebook_launcher`` (JSON, data already generated)
     instead of the other options: the tests launch one run both ways and compare.
     """
-
     p = OneLineParser(prog="python -m qlora_helpers.ch05_multi_gpu.worker",
-                                description="data-parallel QLoRA, reversal-curse task")
+                      description="data-parallel QLoRA, reversal-curse task")
     p.add_argument("--run", default="", help="a JSON file holding the whole run dict; the other options are ignored")
     p.add_argument("--config", default="data/configs/multi_gpu_32b.yaml")
     p.add_argument("--profile", choices=("cpu", "gpu"), default="gpu")
