@@ -54,7 +54,6 @@ from qlora_helpers.common.shapes import get_config
 from qlora_helpers.errors import OneLineParser, run_main
 
 CPU_PROCESSES = 2
-OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 
 
 # --------------------------------------------------------------------------- the parent: no CUDA here
@@ -167,6 +166,7 @@ def random_model(model_id: str, lora: dict):
 def sft_config(run: dict, prec: P.Precision, *, model: str, n_train: int, world: int, cuda: bool):
     """The ``sft`` command's settings for ``run`` (``SFTConfig``), and the plateau rule of its config."""
     from qlora_helpers.ch03_sft.command import SFTConfig
+    from qlora_helpers.common.optim import trainer_optim
 
     lora, tr = run["config"]["lora"], run["config"]["training"]
     bs, accum = int(tr["batch_size"]), int(tr["gradient_accumulation_steps"])
@@ -175,8 +175,9 @@ def sft_config(run: dict, prec: P.Precision, *, model: str, n_train: int, world:
     total = min(per_epoch * epochs, max_steps) if max_steps > 0 else per_epoch * epochs
     rule = PlateauSchedule.from_config(tr, total)
     optim = str(tr.get("optimizer", "adamw"))
-    if optim not in OPTIMIZERS:
-        raise ValueError(f"training.optimizer must be one of {', '.join(OPTIMIZERS)}, not {optim!r}")
+    trainer_optim(optim, setting="training.optimizer")    # one line naming the setting if it is unknown
+    if not cuda:    # nothing to page on a CPU
+        optim = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw"}.get(optim, optim)
     cfg = SFTConfig(
         model_name_or_path=model, output_dir=str(Path(run["output_dir"]) / f"{run['name']}_{run['task']}" / "final"),
         use_qlora=True, quantization_bit=8 if run.get("quantize") == "8bit" else 4, lora_r=int(lora["r"]),
@@ -188,7 +189,7 @@ def sft_config(run: dict, prec: P.Precision, *, model: str, n_train: int, world:
         warmup_steps=rule.warmup_steps, lr_scheduler_type="constant_with_warmup",
         weight_decay=number(tr.get("weight_decay", 0.0), "training.weight_decay"),
         max_grad_norm=number(tr.get("max_grad_norm") or 0.0, "training.max_grad_norm"),
-        optim=OPTIMIZERS[optim] if cuda or optim != "paged_adamw_8bit" else "adamw_8bit",   # nothing to page on a CPU
+        optim=optim,
         gradient_checkpointing=bool(tr.get("gradient_checkpointing", False)), use_liger_kernel=False,
         bf16=prec.compute_dtype == "bf16", fp16=prec.compute_dtype == "fp16", seed=int(tr.get("seed", 0)),
         eval_before=False, save_steps=0, logging_steps=1, device="cuda" if cuda else "cpu",
