@@ -210,9 +210,9 @@ def test_the_run_becomes_the_sft_commands_settings():
     assert sft_config(run, v100, model="m", n_train=130, world=8, cuda=False)[0].optim == "adamw_8bit"
     cpu = {**run, "config": configs["multi_gpu_cpu"], "max_steps": 36}
     cfg, rule, _ = sft_config(cpu, choose(None, False), model="m", n_train=13, world=2, cuda=False)
-    assert (cfg.optim, cfg.fp16, cfg.bf16, cfg.max_steps, cfg.warmup_steps) == ("adamw_torch", False, False, 36, 2)
+    assert (cfg.optim, cfg.fp16, cfg.bf16, cfg.max_steps, cfg.warmup_steps) == ("adamw", False, False, 36, 2)
     cpu["config"] = {**cpu["config"], "training": {**cpu["config"]["training"], "optimizer": "sgd"}}
-    with pytest.raises(ValueError, match="training.optimizer must be one of adamw, adamw_8bit, paged_adamw_8bit"):
+    with pytest.raises(ValueError, match="training.optimizer must be one of adamw, adamw_torch, adamw_8bit, paged_adamw_8bit"):
         sft_config(cpu, choose(None, False), model="m", n_train=13, world=2, cuda=False)
 
 
