@@ -7,8 +7,9 @@ a 7 % difference that no verdict below depends on. Verdicts use the peak *alloca
 reserved figure (what the caching allocator holds, closer to what ``nvidia-smi`` shows, which also adds
 the CUDA context) is printed beside it, since the seeds do not say how they measured.
 
-``memory_table``, ``memory_figure`` and ``checkpointing_table`` show that benchmark file, and
-``benchmark_record`` is the part of it a notebook's results keep. ``eight_bit_advice`` and
+``TAD_MEMORY`` is that file's table for ``common.results.table``, ``memory_figure`` its bars, and
+``checkpointing_rows`` (shown with ``CHECKPOINTING_COLUMNS``) what checkpointing saves per strategy;
+``benchmark_record`` is the part of the file a notebook's results keep. ``eight_bit_advice`` and
 ``memory_levers`` read the same file for seed 000's "use 8-bit when out of memory" and for what does
 help. ``learning_metrics`` and ``within_one_point`` turn the notebook's mAP table into the learning
 figures the tests assert on and into the verdict on seed 000's "within 1 % mAP of the plain adapter".
@@ -16,12 +17,12 @@ figures the tests assert on and into the verdict on seed 000's "within 1 % mAP o
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from qlora_helpers.ch02_tad.config import VIDEOMAE_S, build_backbone, validate
 from qlora_helpers.ch02_tad.vit import count_parameters
+from qlora_helpers.common.results import Table, plot
 
 
 def seed_shape_counts() -> dict:
@@ -130,48 +131,40 @@ def check_claims(counts: dict, benchmark: dict | None = None) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- the GPU memory table
-def memory_table(benchmark: dict) -> str:
-    """Where and with what the benchmark ran, then per configuration its peak GiB (allocated, reserved)
-    and step time, or why it has none (``oom``, ``error``)."""
-    v = benchmark["versions"]
-    lines = [f"{benchmark['device'].get('name')}, {benchmark['date']}, torch {v.get('torch')}, "
-             f"bitsandbytes {v.get('bitsandbytes')}"]
-    for r in memory_rows(benchmark):
-        got = (f"{r['peak_allocated_gib']:6.2f} GiB allocated, {r['peak_reserved_gib']:6.2f} reserved, "
-               f"{r['step_seconds']:.3f} s/step" if r["status"] == "ok" else r["status"])
-        lines.append(f"  {r['name']:<22} {got}")
-    return "\n".join(lines)
+# The benchmark file as a table (``common.results.table``): per configuration its peaks and step time, or its status.
+TAD_MEMORY = Table("tad_memory", "figures.rows", columns=(
+    ("configuration", "name", ""), ("peak allocated (GiB)", "peak_allocated_gib", ".2f"),
+    ("peak reserved (GiB)", "peak_reserved_gib", ".2f"), ("s / step", "step_seconds", ".3f"), ("status", "status", "")))
+STRATEGIES = ("full_ft", "adapter", "seed_qlora4", "seed_qlora8", "qlora_backbone")
 
 
-def memory_figure(benchmark: dict):
-    """Bars of the peak allocated GiB per strategy, activation checkpointing on and off; the figure."""
-    ok = list(_rows(benchmark).values())
-    fig, ax = plt.subplots(figsize=(9, 3.4))
-    for offset, cp in ((-0.2, True), (0.2, False)):
-        sel = [r for r in ok if r["activation_checkpointing"] == cp]
-        ax.bar(np.arange(len(sel)) + offset, [r["peak_allocated_gib"] for r in sel], width=0.4,
-               label=f"checkpointing {'on' if cp else 'off'}")
-        ax.set_xticks(np.arange(len(sel)), [r["strategy"] for r in sel], fontsize=8)
-    ax.set(ylabel="peak allocated, GiB", title="ViT-S/16, 768 frames x 160 px, batch 2 (seed config shape)")
-    ax.legend()
+def memory_figure(benchmark: dict) -> Figure:
+    """Bars of the peak allocated GiB per strategy, activation checkpointing on and off."""
+    fig = plot(list(_rows(benchmark).values()), x="strategy", y="peak_allocated_gib", size=(9, 3.4),
+               series=lambda r: f"checkpointing {'on' if r['activation_checkpointing'] else 'off'}",
+               title="ViT-S/16, 768 frames x 160 px, batch 2 (seed config shape)")
+    fig.axes[0].set_ylabel("peak allocated, GiB")
     return fig
 
 
-def checkpointing_table(benchmark: dict) -> str:
-    """Per strategy: peak GiB with and without activation checkpointing, what checkpointing saves, and the
-    difference to the plain adapter (both with checkpointing)."""
+def checkpointing_rows(benchmark: dict) -> list[dict]:
+    """Per strategy: peak GiB with (``on``) and without (``off``) activation checkpointing, what checkpointing
+    saves, and the difference to the plain adapter (both with checkpointing); ``None`` where not measured."""
     peak = {name: r["peak_allocated_gib"] for name, r in _rows(benchmark).items()}
-    lines = []
-    for strategy in ("full_ft", "adapter", "seed_qlora4", "seed_qlora8", "qlora_backbone"):
+    rows = []
+    for strategy in STRATEGIES:
         on, off = peak.get(f"{strategy}-cp"), peak.get(f"{strategy}-nocp")
-        line = (f"{strategy:<15} checkpointing on: {on if on is not None else '-'} GiB, "
-                f"off: {off if off is not None else '-'} GiB")
-        if on is not None and off is not None:
-            line += f"; checkpointing saves {off - on:.2f} GiB ({1 - on / off:.0%})"
-        if on is not None and "adapter-cp" in peak and strategy != "adapter":
-            line += f"; vs adapter {on - peak['adapter-cp']:+.2f} GiB"
-        lines.append(line)
-    return "\n".join(lines)
+        both = on is not None and off is not None
+        rows.append({"strategy": strategy, "on": on, "off": off, "saved": off - on if both else None,
+                     "saved_share": 1 - on / off if both else None,
+                     "vs_adapter": on - peak["adapter-cp"]
+                     if on is not None and "adapter-cp" in peak and strategy != "adapter" else None})
+    return rows
+
+
+CHECKPOINTING_COLUMNS = (("strategy", "strategy", ""), ("checkpointing on (GiB)", "on", ".3f"),
+                         ("off (GiB)", "off", ".3f"), ("checkpointing saves (GiB)", "saved", ".2f"),
+                         ("share", "saved_share", ".0%"), ("vs adapter, on (GiB)", "vs_adapter", "+.2f"))
 
 
 def benchmark_record(benchmark: dict | None) -> dict | None:
