@@ -70,11 +70,16 @@ def value(data, path: str, *, default=KeyError):
 
 
 def select(result: dict, spec: Table) -> list[dict]:
-    """The rows of ``spec`` in ``result``: rows of a dict get their key as ``spec.key``; a scalar, as "value"."""
-    found = spec.rows(result) if callable(spec.rows) else value(result, spec.rows)
-    if isinstance(found, dict):
-        found = [{spec.key: k, **(v if isinstance(v, dict) else {"value": v})} for k, v in found.items()]
+    """The rows of ``spec`` in ``result`` that ``spec.where`` keeps (a dict of rows: see ``as_rows``)."""
+    found = as_rows(spec.rows(result) if callable(spec.rows) else value(result, spec.rows), spec.key)
     return [r for r in found if spec.where is None or spec.where(r)]
+
+
+def as_rows(found: list | dict, key: str = "name") -> list[dict]:
+    """Rows as a list: those of a dict get their key as ``key``, and a scalar value as "value"."""
+    if isinstance(found, dict):
+        return [{key: k, **(v if isinstance(v, dict) else {"value": v})} for k, v in found.items()]
+    return list(found)
 
 
 def cell(row: dict, path, fmt: str = ""):
@@ -86,10 +91,13 @@ def cell(row: dict, path, fmt: str = ""):
     return text.replace("|", "\\|")
 
 
-def markdown(rows: list[dict], columns: Sequence[tuple]) -> str:
-    """A Markdown table of ``rows``; a column whose first value is a number is right-aligned."""
+def markdown(rows: list | dict, columns: Sequence[tuple], *, key: str = "name") -> str:
+    """A Markdown table of ``rows`` (a list, or a dict: see ``as_rows``); a column whose first value (that is
+    there) is a number is right-aligned."""
+    rows = as_rows(rows, key)
     def numeric(path) -> bool:
-        v = next((path(r) if callable(path) else value(r, path, default=None) for r in rows), None)
+        found = (path(r) if callable(path) else value(r, path, default=None) for r in rows)
+        v = next((v for v in found if v is not None), None)
         return isinstance(v, (int, float)) and not isinstance(v, bool)
     lines = ["| " + " | ".join(c[0] for c in columns) + " |",
              "|" + "|".join("---:" if numeric(c[1]) else "---" for c in columns) + "|"]
@@ -109,10 +117,11 @@ def stamp(result: dict, versions: Sequence[str] = ()) -> str:
 
 
 def plot(rows: list[dict], *, x, y, kind: str = "bar", series=None, label=None, log: str = "", ax=None,
-         title: str = "", size=(6, 4)) -> Figure:
+         title: str = "", size=(6, 4), color=None) -> Figure:
     """A bar, barh, line or scatter plot of ``y`` against ``x`` (key paths, or functions of a row); one series
     per value of ``series`` (bars side by side, a legend); ``label`` annotates each point of a line or scatter;
-    ``log`` is "", "x", "y" or "xy". Draws on ``ax`` when given (to compose panels); returns the figure."""
+    ``log`` is "", "x", "y" or "xy"; ``color``: one colour for all (else one per series). Draws on ``ax`` when
+    given (to compose panels); returns the figure."""
     get = lambda r, p: p(r) if callable(p) else value(r, p)
     ax = ax or Figure(figsize=size).subplots()
     groups = {}
@@ -125,9 +134,9 @@ def plot(rows: list[dict], *, x, y, kind: str = "bar", series=None, label=None, 
         if bars:
             width = 0.8 / len(groups)
             at = [cats.index(v) + (n - (len(groups) - 1) / 2) * width for v in xs]
-            (ax.bar if kind == "bar" else ax.barh)(at, ys, width, label=str(name))
+            (ax.bar if kind == "bar" else ax.barh)(at, ys, width, label=str(name), color=color)
             continue
-        (ax.plot if kind == "line" else ax.scatter)(xs, ys, label=str(name))
+        (ax.plot if kind == "line" else ax.scatter)(xs, ys, label=str(name), color=color)
         for r, px, py in (zip(sel, xs, ys) if label else ()):
             ax.annotate(str(get(r, label)), (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for axis in log:                                # before the ticks: a new scale resets them
