@@ -91,7 +91,7 @@ def test_chapter_01_claims_table():
 
 
 def test_chapter_03_tables_of_the_committed_files():
-    from qlora_helpers.ch03_sft import ABLATIONS, SFT_MODES, TARGETS, sft_modes_setting
+    from qlora_helpers.ch03_sft import ABLATIONS, PLANS, SFT_MODES, TARGETS, sft_modes_setting
     from qlora_helpers.common.files import optional_benchmark
 
     modes, throughput = optional_benchmark("sft_modes"), optional_benchmark("throughput")
@@ -103,6 +103,8 @@ def test_chapter_03_tables_of_the_committed_files():
     targets = table(throughput, TARGETS)
     assert "| qwen2.5-7b | memory_vs_hf | ≤ 0.7 | 0.687 | yes |" in targets
     assert "| qwen2.5-7b | mfu | ≥ 0.3 | 0.269 | no, by 0.031 |" in targets
+    plans = table(throughput, PLANS).splitlines()
+    assert "| qwen2.5-7b | 2,048 | True | 9.10 | 8.49 | 8.93 | 0.42% | 0.44% |" in plans
     ablations = table(throughput, ABLATIONS).splitlines()
     base = next(line for line in ablations if line.startswith("| qwen2.5-7b | recipe-max |"))
     assert "| 9,420 | – | 33.7 | – | 0.269 |" in base

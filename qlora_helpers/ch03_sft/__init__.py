@@ -38,12 +38,12 @@ from qlora_helpers.ch03_sft.data import (
 from qlora_helpers.ch03_sft.gpu_results import (
     ABLATIONS,
     PEER_COLUMNS,
+    PLANS,
     SFT_MODES,
     TARGETS,
     missed_targets,
     peer_figure,
     peer_points,
-    plan_lines,
     sft_modes_setting,
     step_profiles,
     throughput_figure,
@@ -67,13 +67,13 @@ from qlora_helpers.ch03_sft.report import (
 )
 from qlora_helpers.ch03_sft.trainer import LiveLossPlot, evaluate
 
-__all__ = ["ABLATIONS", "MERGE_COLUMNS", "MODE_COLUMNS", "PEER_COLUMNS", "PROBE_PROMPTS", "SFT_MODES", "TARGETS",
-           "answer_scores", "batch_order", "build_model", "chat", "collate",
+__all__ = ["ABLATIONS", "MERGE_COLUMNS", "MODE_COLUMNS", "PEER_COLUMNS", "PLANS", "PROBE_PROMPTS", "SFT_MODES",
+           "TARGETS", "answer_scores", "batch_order", "build_model", "chat", "collate",
            "corpus_preference", "DataError", "encode_all", "encode_chat", "evaluate", "from_dict", "learning_metrics",
            "LiveLossPlot",
            "load_config_file", "load_for_inference", "load_tokenizer", "logit_difference",
            "merge_adapter", "merge_results", "missed_targets", "mode_results", "modes_figure",
-           "modes_note", "peer_figure", "peer_points", "plan_lines",
+           "modes_note", "peer_figure", "peer_points",
            "prompt_logits", "quality_claims", "quality_ratios",
            "read_jsonl", "records_to_conversations", "run_line", "run_sft", "sft_modes_setting", "SFTConfig",
            "show_mask", "step_profiles", "throughput_figure", "throughput_targets",

@@ -121,23 +121,19 @@ def throughput_targets(result: dict | None) -> dict:
     return {shape: entry["targets"] for shape, entry in result["figures"]["shapes"].items()} if result else {}
 
 
-def plan_lines(result: dict | None) -> list[str]:
-    """Per shape: the micro-batch the recipe planned for its budget, the estimate against the measured
-    peak, and how close the recipe's losses stayed to plain peft's."""
-    lines = []
-    for shape, entry in (result["figures"]["shapes"] if result else {}).items():
-        recipe = entry["rows"]["recipe"]
-        plan = recipe["spec"]["plan"]
-        lines.append(f"{shape}: the recipe row planned {plan['tokens']} tokens per micro-batch"
-                     f"{' with' if plan['gradient_checkpointing'] else ' without'} checkpointing for "
-                     f"{plan['budget_gib']:.2f} GiB; the estimate was {plan['estimate_gib']:.2f} GiB, "
-                     f"the measured peak {recipe['peak_allocated_gib']:.2f} GiB")
-        par = entry.get("loss_parity")
-        if par:
-            lines.append(f"    loss parity (c) vs (a): per-step losses differ by at most "
-                         f"{100 * par['max_rel_diff']:.2f} %, held-out loss after training by "
-                         f"{100 * par['eval_rel_diff']:.2f} %")
-    return lines
+def _plans(result: dict) -> list[dict]:
+    return [{"shape": shape, **entry["rows"]["recipe"]["spec"]["plan"], **(entry.get("loss_parity") or {}),
+             "peak": entry["rows"]["recipe"]["peak_allocated_gib"]}
+            for shape, entry in result["figures"]["shapes"].items()]
+
+
+# Per shape: the micro-batch the recipe planned for its budget, the estimate against the measured peak, and how
+# close the recipe's losses stayed to plain peft's (a).
+PLANS = Table("throughput", _plans, script="train_throughput", columns=(
+    ("shape", "shape", ""), ("tokens per micro-batch", "tokens", ","),
+    ("checkpointing", "gradient_checkpointing", ""), ("budget (GiB)", "budget_gib", ".2f"),
+    ("estimate (GiB)", "estimate_gib", ".2f"), ("measured peak (GiB)", "peak", ".2f"),
+    ("per-step losses vs (a), at most", "max_rel_diff", ".2%"), ("held-out loss vs (a)", "eval_rel_diff", ".2%")))
 
 
 def missed_targets(result: dict | None) -> list[str]:
