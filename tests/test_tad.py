@@ -353,8 +353,9 @@ def test_learning_metrics_and_the_one_point_verdict_hand_computed():
         learning_metrics(map05, 0.0)
 
 
-def test_eight_bit_advice_and_memory_levers_from_a_benchmark_file():
-    from qlora_helpers.ch02_tad.claims import eight_bit_advice, memory_levers
+def test_eight_bit_advice_and_the_quantized_weights_from_a_benchmark_file():
+    from qlora_helpers.ch02_tad.claims import QUANTIZED, eight_bit_advice
+    from qlora_helpers.common.results import table
 
     def row(name, gib, quantized=0):
         return {"name": name, "status": "ok", "peak_allocated_gib": gib,
@@ -370,11 +371,9 @@ def test_eight_bit_advice_and_memory_levers_from_a_benchmark_file():
     swapped = [dict(r, peak_allocated_gib=20 - r["peak_allocated_gib"]) for r in rows]
     assert eight_bit_advice({"figures": {"rows": swapped}})["verdict"] == "holds against 4-bit"
     assert eight_bit_advice(None)["verdict"] == "not measured"
-    lines = memory_levers({"figures": {"rows": rows}})
-    assert lines[0] == "activation checkpointing (with_cp=True), adapter: 10.00 -> 3.00 GiB (7.00 GiB saved)"
-    assert lines[2] == "quantize_bits 8 -> 4, checkpointing on: 5.50 -> 3.50 GiB (2.00 GiB saved)"
-    assert lines[3].startswith("seed_qlora4-cp: 2,097,152 quantized weights take 1.00 MiB instead of 8.00 MiB")
-    assert memory_levers(None) == ["no GPU measurement: run benchmarks/tad_memory.py on a GPU"]
+    shown = table({"figures": {"rows": rows}}, QUANTIZED).splitlines()
+    assert shown[2:] == ["| seed_qlora4-cp | 2,097,152 | 1.00 | 8.00 | 3.50 |",       # checkpointing on, quantized
+                         "| seed_qlora8-cp | 4,194,304 | 2.00 | 16.00 | 5.50 |"]
 
 
 def test_the_seed_adapter_is_its_written_out_forward():

@@ -9,10 +9,10 @@ the CUDA context) is printed beside it, since the seeds do not say how they meas
 
 ``TAD_MEMORY`` is that file's table for ``common.results.table``, ``memory_figure`` its bars, and
 ``checkpointing_rows`` (shown with ``CHECKPOINTING_COLUMNS``) what checkpointing saves per strategy;
-``benchmark_record`` is the part of the file a notebook's results keep. ``eight_bit_advice`` and
-``memory_levers`` read the same file for seed 000's "use 8-bit when out of memory" and for what does
-help. ``learning_metrics`` and ``within_one_point`` turn the notebook's mAP table into the learning
-figures the tests assert on and into the verdict on seed 000's "within 1 % mAP of the plain adapter".
+``QUANTIZED`` what the quantized weights take; ``benchmark_record`` is the part of the file a notebook's
+results keep. ``eight_bit_advice`` reads the same file for seed 000's "use 8-bit when out of memory".
+``learning_metrics`` and ``within_one_point`` turn the notebook's mAP table into the learning figures the
+tests assert on and into the verdict on seed 000's "within 1 % mAP of the plain adapter".
 """
 
 from __future__ import annotations
@@ -135,6 +135,13 @@ def check_claims(counts: dict, benchmark: dict | None = None) -> list[dict]:
 TAD_MEMORY = Table("tad_memory", "figures.rows", columns=(
     ("configuration", "name", ""), ("peak allocated (GiB)", "peak_allocated_gib", ".2f"),
     ("peak reserved (GiB)", "peak_reserved_gib", ".2f"), ("s / step", "step_seconds", ".3f"), ("status", "status", "")))
+# What the quantized weights themselves take, beside the peak, with checkpointing on.
+QUANTIZED = Table("tad_memory", "figures.rows", columns=(
+    ("configuration", "name", ""), ("quantized weights", "params.quantized_params", ","),
+    ("stored (MiB)", lambda r: r["params"]["quantized_bytes"] / 2**20, ".2f"),
+    ("in fp32 (MiB)", lambda r: r["params"]["quantized_params"] * 4 / 2**20, ".2f"),
+    ("peak allocated (GiB)", "peak_allocated_gib", ".2f")),
+    where=lambda r: r["status"] == "ok" and r["name"].endswith("-cp") and r["params"]["quantized_params"] > 0)
 STRATEGIES = ("full_ft", "adapter", "seed_qlora4", "seed_qlora8", "qlora_backbone")
 
 
@@ -227,24 +234,3 @@ def eight_bit_advice(benchmark: dict | None) -> dict:
             "peak_gib_8bit_vs_4bit": {("checkpointing on" if cp == "cp" else "checkpointing off"): list(p)
                                       for cp, p in measured.items()},
             "quantized_weights_mib_8bit_vs_4bit": weights, "verdict": verdict}
-
-
-def memory_levers(benchmark: dict | None) -> list[str]:
-    """What each lever of the seed's config changes at the real shape, one line each, from the benchmark."""
-    m = _rows(benchmark) if benchmark else {}
-    lines = []
-    for strategy in ("adapter", "seed_qlora4"):
-        on, off = _peak(m, f"{strategy}-cp"), _peak(m, f"{strategy}-nocp")
-        if on is not None and off is not None:
-            lines.append(f"activation checkpointing (with_cp=True), {strategy}: {off:.2f} -> {on:.2f} GiB "
-                         f"({off - on:.2f} GiB saved)")
-    q8, q4 = _peak(m, "seed_qlora8-cp"), _peak(m, "seed_qlora4-cp")
-    if q8 is not None and q4 is not None:
-        lines.append(f"quantize_bits 8 -> 4, checkpointing on: {q8:.2f} -> {q4:.2f} GiB ({q8 - q4:.2f} GiB saved)")
-    for name in ("seed_qlora4-cp", "qlora_backbone-cp"):
-        if name in m:
-            p = m[name]["params"]
-            lines.append(f"{name}: {p['quantized_params']:,} quantized weights take "
-                         f"{p['quantized_bytes'] / 2**20:.2f} MiB instead of {p['quantized_params'] * 4 / 2**20:.2f} "
-                         f"MiB in fp32, against a peak of {m[name]['peak_allocated_gib']:.2f} GiB")
-    return lines or ["no GPU measurement: run benchmarks/tad_memory.py on a GPU"]
