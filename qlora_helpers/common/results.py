@@ -49,8 +49,8 @@ def missing(spec: Table) -> str:
             f"(python -m benchmarks.{spec.script or spec.file} on a GPU writes it)")
 
 
-def value(data, path: str, *, default=KeyError):
-    """``data`` at a dotted key path; a missing key raises one line naming the path (or gives ``default``).
+def value(data, path: str, *, default=LookupError):
+    """``data`` at a dotted key path; a missing key raises a LookupError naming the path (or gives ``default``).
 
     Example: ``value({"a": {"qwen2.5": 3}}, "a.qwen2.5") -> 3``.
     """
@@ -62,16 +62,19 @@ def value(data, path: str, *, default=KeyError):
                 node, i = node[key], j
                 break
         else:
-            if default is KeyError:
-                raise KeyError(f"no '{'.'.join(parts[:i + 1])}' in the result (looking for '{path}'): "
-                               "the file is from another version of its script; run it again") from None
+            if default is LookupError:
+                raise LookupError(f"'{'.'.join(parts[:i + 1])}' (looking for '{path}')")
             return default
     return node
 
 
 def select(result: dict, spec: Table) -> list[dict]:
     """The rows of ``spec`` in ``result`` that ``spec.where`` keeps (a dict of rows: see ``as_rows``)."""
-    found = as_rows(spec.rows(result) if callable(spec.rows) else value(result, spec.rows), spec.key)
+    try:
+        found = as_rows(spec.rows(result) if callable(spec.rows) else value(result, spec.rows), spec.key)
+    except LookupError as err:
+        raise ValueError(f"benchmarks/results/{spec.file}.json has no {err} (written by another version of its "
+                         f"script): run python -m benchmarks.{spec.script or spec.file} on a GPU again") from None
     return [r for r in found if spec.where is None or spec.where(r)]
 
 
@@ -95,6 +98,7 @@ def markdown(rows: list | dict, columns: Sequence[tuple], *, key: str = "name") 
     """A Markdown table of ``rows`` (a list, or a dict: see ``as_rows``); a column whose first value (that is
     there) is a number is right-aligned."""
     rows = as_rows(rows, key)
+
     def numeric(path) -> bool:
         found = (path(r) if callable(path) else value(r, path, default=None) for r in rows)
         v = next((v for v in found if v is not None), None)
