@@ -113,6 +113,7 @@ def test_chapter_03_tables_of_the_committed_files():
     ablations = table(throughput, ABLATIONS).splitlines()
     base = next(line for line in ablations if line.startswith("| qwen2.5-7b | recipe-max |"))
     assert "| 9,420 | – | 33.7 | – | 0.269 |" in base
+    assert "| qwen2.5-7b | sdpa | 6,890 | x0.73 | 34.6 | +0.9 | 0.197 | +0.01% |" in "\n".join(ablations)
     assert table(None, TARGETS).endswith("(python -m benchmarks.train_throughput on a GPU writes it)")
 
 

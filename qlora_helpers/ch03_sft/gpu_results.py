@@ -77,7 +77,7 @@ def _ablation(result: dict) -> list[dict]:
             if "tokens_per_second" not in row:
                 rows.append({**lever, "kernels": f"not measured: {row.get('error', 'no row')[:100]}"})
                 continue
-            rows.append({**lever, "mfu": row["mfu"], "speed": row["tokens_per_second"] / base["tokens_per_second"],
+            rows.append({**row, **lever, "speed": row["tokens_per_second"] / base["tokens_per_second"],
                          "memory": row["peak_allocated_gib"] - base["peak_allocated_gib"],
                          "loss": (row["eval_loss"] - base["eval_loss"]) / base["eval_loss"]})
     return rows
@@ -88,7 +88,7 @@ ABLATIONS = Table("throughput", _ablation, script="train_throughput", columns=(
     ("shape", "shape", ""), ("lever", "lever", ""), ("tokens/s", "tokens_per_second", ",.0f"),
     ("tokens/s vs recipe-max", "speed", "x{:.2f}"), ("peak allocated (GiB)", "peak_allocated_gib", ".1f"),
     ("memory vs recipe-max (GiB)", "memory", "+.1f"), ("MFU", "mfu", ".3f"), ("held-out loss", "loss", "+.2%"),
-    ("kernels", "kernels", "{}")))
+    ("kernels (or why not measured)", "kernels", "{}")))
 
 
 def throughput_figure(result: dict | None) -> tuple[str, Figure | None]:
