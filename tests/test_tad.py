@@ -292,7 +292,14 @@ def test_memory_claims_verdicts_from_a_benchmark_file():
 
 
 def test_memory_tables_and_figure_from_a_benchmark_file():
-    from qlora_helpers.ch02_tad.claims import benchmark_record, checkpointing_table, memory_figure, memory_table
+    from qlora_helpers.ch02_tad.claims import (
+        CHECKPOINTING_COLUMNS,
+        TAD_MEMORY,
+        benchmark_record,
+        checkpointing_rows,
+        memory_figure,
+    )
+    from qlora_helpers.common.results import markdown, stamp, table
 
     def row(name, gib):
         strategy, cp = name.rsplit("-", 1)
@@ -303,16 +310,30 @@ def test_memory_tables_and_figure_from_a_benchmark_file():
             {"name": "full_ft-cp", "status": "oom"}]
     bench = {"device": {"name": "GPU X"}, "date": "2025-01-01", "versions": {"torch": "2", "bitsandbytes": "0.5"},
              "figures": {"rows": rows}}
-    table = memory_table(bench).splitlines()
-    assert table[0] == "GPU X, 2025-01-01, torch 2, bitsandbytes 0.5" and len(table) == 5
-    assert table[-1].split() == ["full_ft-cp", "oom"] and "12.00 GiB allocated" in table[1]
-    lines = {line.split()[0]: line for line in checkpointing_table(bench).splitlines()}
-    assert "checkpointing saves 8.00 GiB (40%)" in lines["adapter"]
-    assert lines["seed_qlora4"].endswith("vs adapter -3.00 GiB") and "on: - GiB" in lines["full_ft"]
+    assert stamp(bench, ("torch", "bitsandbytes")) == "measured on GPU X, 2025-01-01, torch 2, bitsandbytes 0.5"
+    lines = table(bench, TAD_MEMORY).splitlines()
+    assert len(lines) == 6 and lines[2] == "| adapter-cp | 12.00 | 13.00 | 0.500 | ok |"
+    assert lines[-1] == "| full_ft-cp | – | – | – | oom |"
+    saved = {r["strategy"]: r for r in checkpointing_rows(bench)}
+    assert saved["adapter"]["saved"] == 8.0 and saved["adapter"]["saved_share"] == 0.4
+    assert saved["seed_qlora4"]["vs_adapter"] == -3.0 and saved["full_ft"]["on"] is None
+    shown = markdown(checkpointing_rows(bench), CHECKPOINTING_COLUMNS).splitlines()
+    assert shown[3] == "| adapter | 12.000 | 20.000 | 8.00 | 40% | – |" and shown[4].endswith("| -3.00 |")
     fig = memory_figure(bench)
     assert [len(c.patches) for c in fig.axes[0].containers] == [2, 1]      # on: adapter, seed_qlora4; off: adapter
     assert benchmark_record(bench) == {"device": {"name": "GPU X"}, "date": "2025-01-01", "rows": rows}
     assert benchmark_record(None) is None
+
+
+def test_the_committed_gpu_memory_file_reads_through_the_spec():
+    from qlora_helpers.ch02_tad.claims import TAD_MEMORY, checkpointing_rows
+    from qlora_helpers.common.files import optional_benchmark
+    from qlora_helpers.common.results import table
+
+    bench = optional_benchmark("tad_memory")
+    assert table(bench, TAD_MEMORY).count("\n") == len(bench["figures"]["rows"]) + 1
+    saved = {r["strategy"]: r["saved_share"] for r in checkpointing_rows(bench)}
+    assert all(0.5 < share < 0.9 for share in saved.values())          # checkpointing saves 62-77 % at the real shape
 
 
 def test_learning_metrics_and_the_one_point_verdict_hand_computed():
@@ -332,8 +353,9 @@ def test_learning_metrics_and_the_one_point_verdict_hand_computed():
         learning_metrics(map05, 0.0)
 
 
-def test_eight_bit_advice_and_memory_levers_from_a_benchmark_file():
-    from qlora_helpers.ch02_tad.claims import eight_bit_advice, memory_levers
+def test_eight_bit_advice_and_the_quantized_weights_from_a_benchmark_file():
+    from qlora_helpers.ch02_tad.claims import QUANTIZED, eight_bit_advice
+    from qlora_helpers.common.results import table
 
     def row(name, gib, quantized=0):
         return {"name": name, "status": "ok", "peak_allocated_gib": gib,
@@ -349,11 +371,9 @@ def test_eight_bit_advice_and_memory_levers_from_a_benchmark_file():
     swapped = [dict(r, peak_allocated_gib=20 - r["peak_allocated_gib"]) for r in rows]
     assert eight_bit_advice({"figures": {"rows": swapped}})["verdict"] == "holds against 4-bit"
     assert eight_bit_advice(None)["verdict"] == "not measured"
-    lines = memory_levers({"figures": {"rows": rows}})
-    assert lines[0] == "activation checkpointing (with_cp=True), adapter: 10.00 -> 3.00 GiB (7.00 GiB saved)"
-    assert lines[2] == "quantize_bits 8 -> 4, checkpointing on: 5.50 -> 3.50 GiB (2.00 GiB saved)"
-    assert lines[3].startswith("seed_qlora4-cp: 2,097,152 quantized weights take 1.00 MiB instead of 8.00 MiB")
-    assert memory_levers(None) == ["no GPU measurement: run benchmarks/tad_memory.py on a GPU"]
+    shown = table({"figures": {"rows": rows}}, QUANTIZED).splitlines()
+    assert shown[2:] == ["| seed_qlora4-cp | 2,097,152 | 1.00 | 8.00 | 3.50 |",       # checkpointing on, quantized
+                         "| seed_qlora8-cp | 4,194,304 | 2.00 | 16.00 | 5.50 |"]
 
 
 def test_the_seed_adapter_is_its_written_out_forward():

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks import train_throughput as tt
-from qlora_helpers.ch03_sft import peer_figure, peer_points, peer_table, unmeasured_peer_rows
+from qlora_helpers.ch03_sft import PEER_COLUMNS, peer_figure, peer_points, unmeasured_peer_rows
 from qlora_helpers.ch03_sft.data import Example
 from qlora_helpers.common.files import optional_benchmark
+from qlora_helpers.common.results import markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,8 +138,10 @@ def test_chapter_03_peer_table_and_plot_read_the_committed_files():
     points = peer_points(peers, throughput)
     from_peers = {(p["shape"], p["stack"]) for p in points if p["file"] == "throughput_peers.json"}
     assert {("qwen2.5-0.5b", "trl-best"), ("qwen2.5-0.5b", "unsloth"), ("qwen2.5-7b", "trl-best")} <= from_peers
-    table = peer_table(points)
+    table = markdown(points, PEER_COLUMNS)
     assert table.count("\n") == len(points) + 1 and "Unsloth" in table
+    assert [(p["shape"], -p["tokens_per_second"]) for p in points] == sorted((p["shape"], -p["tokens_per_second"])
+                                                                             for p in points)   # fastest first
     assert len(peer_figure(points).axes[0].collections) == len(points)
     lines = unmeasured_peer_rows(peers)
     assert any(line.startswith("llama-3-8b") for line in lines)

@@ -161,10 +161,6 @@ def seed_claims(lora_dtypes: list[str]) -> list[dict]:
             vit_claim()]
 
 
-def claims_markdown(claims: list[dict]) -> str:
-    """The claims as a Markdown table."""
-    fmt = lambda v: f"{v:,.3g}" if isinstance(v, (int, float)) else str(v)
-    rows = ["| seed | claim | claimed | estimate | verdict | why |", "|---|---|---|---|---|---|"]
-    rows += [f"| {c['seed']} | {c['claim']} | {fmt(c['claimed'])} | {fmt(c['estimate'])} | **{c['verdict']}** | "
-             f"{c['why']} |" for c in claims]
-    return "\n".join(rows)
+# The claims as a table (``common.results.markdown(seed_claims(...), CLAIM_COLUMNS)``).
+CLAIM_COLUMNS = (("seed", "seed", ""), ("claim", "claim", ""), ("claimed", "claimed", ",.3g"),
+                 ("estimate", "estimate", ",.3g"), ("verdict", "verdict", "**{}**"), ("why", "why", ""))

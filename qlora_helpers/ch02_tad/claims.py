@@ -7,21 +7,22 @@ a 7 % difference that no verdict below depends on. Verdicts use the peak *alloca
 reserved figure (what the caching allocator holds, closer to what ``nvidia-smi`` shows, which also adds
 the CUDA context) is printed beside it, since the seeds do not say how they measured.
 
-``memory_table``, ``memory_figure`` and ``checkpointing_table`` show that benchmark file, and
-``benchmark_record`` is the part of it a notebook's results keep. ``eight_bit_advice`` and
-``memory_levers`` read the same file for seed 000's "use 8-bit when out of memory" and for what does
-help. ``learning_metrics`` and ``within_one_point`` turn the notebook's mAP table into the learning
-figures the tests assert on and into the verdict on seed 000's "within 1 % mAP of the plain adapter".
+``TAD_MEMORY`` is that file's table for ``common.results.table``, ``memory_figure`` its bars, and
+``checkpointing_rows`` (shown with ``CHECKPOINTING_COLUMNS``) what checkpointing saves per strategy;
+``QUANTIZED`` what the quantized weights take; ``benchmark_record`` is the part of the file a notebook's
+results keep. ``eight_bit_advice`` reads the same file for seed 000's "use 8-bit when out of memory".
+``learning_metrics`` and ``within_one_point`` turn the notebook's mAP table into the learning figures the
+tests assert on and into the verdict on seed 000's "within 1 % mAP of the plain adapter".
 """
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from qlora_helpers.ch02_tad.config import VIDEOMAE_S, build_backbone, validate
 from qlora_helpers.ch02_tad.vit import count_parameters
+from qlora_helpers.common.results import Table, plot
 
 
 def seed_shape_counts() -> dict:
@@ -130,48 +131,47 @@ def check_claims(counts: dict, benchmark: dict | None = None) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- the GPU memory table
-def memory_table(benchmark: dict) -> str:
-    """Where and with what the benchmark ran, then per configuration its peak GiB (allocated, reserved)
-    and step time, or why it has none (``oom``, ``error``)."""
-    v = benchmark["versions"]
-    lines = [f"{benchmark['device'].get('name')}, {benchmark['date']}, torch {v.get('torch')}, "
-             f"bitsandbytes {v.get('bitsandbytes')}"]
-    for r in memory_rows(benchmark):
-        got = (f"{r['peak_allocated_gib']:6.2f} GiB allocated, {r['peak_reserved_gib']:6.2f} reserved, "
-               f"{r['step_seconds']:.3f} s/step" if r["status"] == "ok" else r["status"])
-        lines.append(f"  {r['name']:<22} {got}")
-    return "\n".join(lines)
+# The benchmark file as a table (``common.results.table``): per configuration its peaks and step time, or its status.
+TAD_MEMORY = Table("tad_memory", "figures.rows", columns=(
+    ("configuration", "name", ""), ("peak allocated (GiB)", "peak_allocated_gib", ".2f"),
+    ("peak reserved (GiB)", "peak_reserved_gib", ".2f"), ("s / step", "step_seconds", ".3f"), ("status", "status", "")))
+# What the quantized weights themselves take, beside the peak, with checkpointing on.
+QUANTIZED = Table("tad_memory", "figures.rows", columns=(
+    ("configuration", "name", ""), ("quantized weights", "params.quantized_params", ","),
+    ("stored (MiB)", lambda r: r["params"]["quantized_bytes"] / 2**20, ".2f"),
+    ("in fp32 (MiB)", lambda r: r["params"]["quantized_params"] * 4 / 2**20, ".2f"),
+    ("peak allocated (GiB)", "peak_allocated_gib", ".2f")),
+    where=lambda r: r["status"] == "ok" and r["name"].endswith("-cp") and r["params"]["quantized_params"] > 0)
+STRATEGIES = ("full_ft", "adapter", "seed_qlora4", "seed_qlora8", "qlora_backbone")
 
 
-def memory_figure(benchmark: dict):
-    """Bars of the peak allocated GiB per strategy, activation checkpointing on and off; the figure."""
-    ok = list(_rows(benchmark).values())
-    fig, ax = plt.subplots(figsize=(9, 3.4))
-    for offset, cp in ((-0.2, True), (0.2, False)):
-        sel = [r for r in ok if r["activation_checkpointing"] == cp]
-        ax.bar(np.arange(len(sel)) + offset, [r["peak_allocated_gib"] for r in sel], width=0.4,
-               label=f"checkpointing {'on' if cp else 'off'}")
-        ax.set_xticks(np.arange(len(sel)), [r["strategy"] for r in sel], fontsize=8)
-    ax.set(ylabel="peak allocated, GiB", title="ViT-S/16, 768 frames x 160 px, batch 2 (seed config shape)")
-    ax.legend()
+def memory_figure(benchmark: dict) -> Figure:
+    """Bars of the peak allocated GiB per strategy, activation checkpointing on and off."""
+    fig = plot(list(_rows(benchmark).values()), x="strategy", y="peak_allocated_gib", size=(9, 3.4),
+               series=lambda r: f"checkpointing {'on' if r['activation_checkpointing'] else 'off'}",
+               title="ViT-S/16, 768 frames x 160 px, batch 2 (seed config shape)")
+    fig.axes[0].set_ylabel("peak allocated, GiB")
     return fig
 
 
-def checkpointing_table(benchmark: dict) -> str:
-    """Per strategy: peak GiB with and without activation checkpointing, what checkpointing saves, and the
-    difference to the plain adapter (both with checkpointing)."""
+def checkpointing_rows(benchmark: dict) -> list[dict]:
+    """Per strategy: peak GiB with (``on``) and without (``off``) activation checkpointing, what checkpointing
+    saves, and the difference to the plain adapter (both with checkpointing); ``None`` where not measured."""
     peak = {name: r["peak_allocated_gib"] for name, r in _rows(benchmark).items()}
-    lines = []
-    for strategy in ("full_ft", "adapter", "seed_qlora4", "seed_qlora8", "qlora_backbone"):
+    rows = []
+    for strategy in STRATEGIES:
         on, off = peak.get(f"{strategy}-cp"), peak.get(f"{strategy}-nocp")
-        line = (f"{strategy:<15} checkpointing on: {on if on is not None else '-'} GiB, "
-                f"off: {off if off is not None else '-'} GiB")
-        if on is not None and off is not None:
-            line += f"; checkpointing saves {off - on:.2f} GiB ({1 - on / off:.0%})"
-        if on is not None and "adapter-cp" in peak and strategy != "adapter":
-            line += f"; vs adapter {on - peak['adapter-cp']:+.2f} GiB"
-        lines.append(line)
-    return "\n".join(lines)
+        both = on is not None and off is not None
+        rows.append({"strategy": strategy, "on": on, "off": off, "saved": off - on if both else None,
+                     "saved_share": 1 - on / off if both else None,
+                     "vs_adapter": on - peak["adapter-cp"]
+                     if on is not None and "adapter-cp" in peak and strategy != "adapter" else None})
+    return rows
+
+
+CHECKPOINTING_COLUMNS = (("strategy", "strategy", ""), ("checkpointing on (GiB)", "on", ".3f"),
+                         ("off (GiB)", "off", ".3f"), ("checkpointing saves (GiB)", "saved", ".2f"),
+                         ("share", "saved_share", ".0%"), ("vs adapter, on (GiB)", "vs_adapter", "+.2f"))
 
 
 def benchmark_record(benchmark: dict | None) -> dict | None:
@@ -234,24 +234,3 @@ def eight_bit_advice(benchmark: dict | None) -> dict:
             "peak_gib_8bit_vs_4bit": {("checkpointing on" if cp == "cp" else "checkpointing off"): list(p)
                                       for cp, p in measured.items()},
             "quantized_weights_mib_8bit_vs_4bit": weights, "verdict": verdict}
-
-
-def memory_levers(benchmark: dict | None) -> list[str]:
-    """What each lever of the seed's config changes at the real shape, one line each, from the benchmark."""
-    m = _rows(benchmark) if benchmark else {}
-    lines = []
-    for strategy in ("adapter", "seed_qlora4"):
-        on, off = _peak(m, f"{strategy}-cp"), _peak(m, f"{strategy}-nocp")
-        if on is not None and off is not None:
-            lines.append(f"activation checkpointing (with_cp=True), {strategy}: {off:.2f} -> {on:.2f} GiB "
-                         f"({off - on:.2f} GiB saved)")
-    q8, q4 = _peak(m, "seed_qlora8-cp"), _peak(m, "seed_qlora4-cp")
-    if q8 is not None and q4 is not None:
-        lines.append(f"quantize_bits 8 -> 4, checkpointing on: {q8:.2f} -> {q4:.2f} GiB ({q8 - q4:.2f} GiB saved)")
-    for name in ("seed_qlora4-cp", "qlora_backbone-cp"):
-        if name in m:
-            p = m[name]["params"]
-            lines.append(f"{name}: {p['quantized_params']:,} quantized weights take "
-                         f"{p['quantized_bytes'] / 2**20:.2f} MiB instead of {p['quantized_params'] * 4 / 2**20:.2f} "
-                         f"MiB in fp32, against a peak of {m[name]['peak_allocated_gib']:.2f} GiB")
-    return lines or ["no GPU measurement: run benchmarks/tad_memory.py on a GPU"]

@@ -10,8 +10,8 @@ command       the ``sft`` command: its config, validation and ``run_sft`` (train
 chat          reload with plain peft, chat, merge (and the QLoRA merge pitfall)
 peak_memory   peak memory of a block of code (CPU RSS or CUDA peak)
 fast_kernels  on a GPU: varlen flash attention for packed rows (``--attn_implementation``)
-report        the four runs side by side and the merges compared: tables, figures, results entries
-gpu_results   the GPU benchmark results the notebook shows, as finished tables, lines and figures
+report        the four runs side by side and the merges compared: columns, a figure, results, scores
+gpu_results   the GPU benchmark results the notebook shows: table specs, lines and figures
 ============  ========================================================================================
 """
 
@@ -35,42 +35,45 @@ from qlora_helpers.ch03_sft.data import (
     show_mask,
 )
 from qlora_helpers.ch03_sft.gpu_results import (
-    ablation_lines,
+    ABLATIONS,
+    PEER_COLUMNS,
+    PLANS,
+    SFT_MODES,
+    TARGETS,
     missed_targets,
     peer_figure,
     peer_points,
-    peer_table,
-    plan_lines,
-    sft_modes_vs_seed,
+    sft_modes_setting,
     step_profiles,
-    targets_table,
     throughput_figure,
     throughput_targets,
     unmeasured_peer_rows,
 )
 from qlora_helpers.ch03_sft.modes import build_model, load_tokenizer, trainable_4bit_layers
 from qlora_helpers.ch03_sft.report import (
+    MERGE_COLUMNS,
+    MODE_COLUMNS,
     answer_scores,
     corpus_preference,
     learning_metrics,
     merge_results,
-    merge_table,
     mode_results,
     modes_figure,
-    modes_table,
+    modes_note,
     quality_claims,
     quality_ratios,
     run_line,
 )
 from qlora_helpers.ch03_sft.trainer import LiveLossPlot, evaluate
 
-__all__ = ["PROBE_PROMPTS", "ablation_lines", "answer_scores", "batch_order", "build_model", "chat", "collate",
+__all__ = ["ABLATIONS", "MERGE_COLUMNS", "MODE_COLUMNS", "PEER_COLUMNS", "PLANS", "PROBE_PROMPTS", "SFT_MODES",
+           "TARGETS", "answer_scores", "batch_order", "build_model", "chat", "collate",
            "corpus_preference", "DataError", "encode_all", "encode_chat", "evaluate", "from_dict", "learning_metrics",
            "LiveLossPlot",
            "load_config_file", "load_for_inference", "load_tokenizer", "logit_difference",
-           "merge_adapter", "merge_results", "merge_table", "missed_targets", "mode_results", "modes_figure",
-           "modes_table", "peer_figure", "peer_points", "peer_table", "plan_lines",
+           "merge_adapter", "merge_results", "missed_targets", "mode_results", "modes_figure",
+           "modes_note", "peer_figure", "peer_points",
            "prompt_logits", "quality_claims", "quality_ratios",
-           "read_jsonl", "records_to_conversations", "run_line", "run_sft", "sft_modes_vs_seed", "SFTConfig",
-           "show_mask", "step_profiles", "targets_table", "throughput_figure", "throughput_targets",
+           "read_jsonl", "records_to_conversations", "run_line", "run_sft", "sft_modes_setting", "SFTConfig",
+           "show_mask", "step_profiles", "throughput_figure", "throughput_targets",
            "trainable_4bit_layers", "unmeasured_peer_rows"]

@@ -1,11 +1,11 @@
-"""The four runs side by side, and the merges compared: finished tables, figures and results entries.
+"""The four runs side by side, and the merges compared: their columns, a figure, results entries and scores.
 
 ``runs`` maps a mode name (``full``, ``lora``, ``qlora-4bit``, ``qlora-8bit``) to the summary
 ``run_sft`` returned for it (``SFTResult.summary``, also in ``output_dir/sft_summary.json``).
 
 Example:
-    >>> table, note = modes_table(runs, device="cpu")      # doctest: +SKIP
-    >>> display(Markdown(table)); print(note)               # doctest: +SKIP
+    >>> display(Markdown(markdown(runs, MODE_COLUMNS, key="mode")))    # doctest: +SKIP
+    >>> print(modes_note(runs, device="cpu"))                         # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -43,21 +43,22 @@ def run_line(name: str, summary: dict) -> str:
             f"{summary['step_seconds']:.2f} s/step, peak {summary['peak_memory']['peak_gib']:.2f} GiB")
 
 
-def modes_table(runs: dict, *, device: str) -> tuple[str, str]:
-    """(a markdown table of the runs: parameters, memory, speed, eval loss; a line saying how it was measured)."""
-    rows = ["| mode | trainable params | % of model | weights (MiB) | grads + AdamW (MiB) | peak memory (GiB) "
-            "| s / step | tokens / s | eval loss before | after |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in runs.items():
-        t = r["tensor_memory_mib"]
-        rows.append(f"| {name} | {r['params']['trainable']:,} | {r['params']['trainable_percent']:.2f} | "
-                    f"{t['weights']:.0f} | {t['grads'] + t['optimizer']:.0f} | {r['peak_memory']['peak_gib']:.2f} | "
-                    f"{r['step_seconds']:.2f} | {r['tokens_per_second']:.0f} | {r['eval_loss']['before']:.3f} | "
-                    f"{r['eval_loss']['after']:.3f} |")
+# The runs side by side (``common.results.markdown(runs, MODE_COLUMNS, key="mode")``): parameters, memory,
+# speed, eval loss.
+MODE_COLUMNS = (
+    ("mode", "mode", ""), ("trainable params", "params.trainable", ","),
+    ("% of model", "params.trainable_percent", ".2f"), ("weights (MiB)", "tensor_memory_mib.weights", ".0f"),
+    ("grads + AdamW (MiB)", lambda r: r["tensor_memory_mib"]["grads"] + r["tensor_memory_mib"]["optimizer"], ".0f"),
+    ("peak memory (GiB)", "peak_memory.peak_gib", ".2f"), ("s / step", "step_seconds", ".2f"),
+    ("tokens / s", "tokens_per_second", ".0f"), ("eval loss before", "eval_loss.before", ".3f"),
+    ("after", "eval_loss.after", ".3f"))
+
+
+def modes_note(runs: dict, *, device: str) -> str:
+    """How the runs were measured: where, with how many threads, and what the peak memory counts."""
     first = next(iter(runs.values()))
-    note = (f"measured on {device_info()['name']} ({device}), {first['torch_threads']} torch thread(s); "
+    return (f"measured on {device_info()['name']} ({device}), {first['torch_threads']} torch thread(s); "
             f"tokens/s counts non-padding tokens; peak memory: {first['peak_memory']['measured']}")
-    return "\n".join(rows), note
 
 
 def modes_figure(runs: dict, *, title: str) -> Figure:
@@ -91,14 +92,10 @@ def modes_figure(runs: dict, *, title: str) -> Figure:
     return fig
 
 
-def merge_table(merge_rows: dict) -> str:
-    """A markdown table of merged models: ``{label: (logit_difference(...), eval loss or None)}``."""
-    rows = ["| merged model | max \\|Δlogit\\| | mean \\|Δlogit\\| | top-1 agrees | eval loss |",
-            "|---|---:|---:|---:|---:|"]
-    for label, (d, loss) in merge_rows.items():
-        rows.append(f"| {label} | {d['max_abs']:.3g} | {d['mean_abs']:.3g} | {d['top1_agree']:.0%} | "
-                    + (f"{loss:.3f} |" if loss is not None else "– |"))
-    return "\n".join(rows)
+# The merged models compared (``common.results.markdown(merge_results(rows), MERGE_COLUMNS, key="merged model")``).
+MERGE_COLUMNS = (("merged model", "merged model", ""), ("max \\|Δlogit\\|", "max_abs_logit_diff", ".3g"),
+                 ("mean \\|Δlogit\\|", "mean_abs_logit_diff", ".3g"), ("top-1 agrees", "top1_agree", ".0%"),
+                 ("eval loss", "eval_loss", ".3f"))
 
 
 def merge_results(merge_rows: dict) -> dict:

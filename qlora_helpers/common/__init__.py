@@ -7,6 +7,7 @@ assets      the real offline assets: fetched from pinned PyPI wheels, converted 
 device      profile, device, versions, and the CPU's compute dtype (bf16 only where it is native)
 files       the repository root, atomic writers, notebook results and benchmark result files
 bench       what every GPU result file records (device, versions, command, date)
+results     showing a result file: a Markdown table, a "measured on" line, a plot, from a small spec
 runner      the papermill harness behind ``python -m qlora_helpers run``
 outputs     the committed notebook outputs: written back from a run, stale cells found
 widgets     the parameter panel of the training chapters
