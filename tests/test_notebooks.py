@@ -73,7 +73,7 @@ def check_05_multi_gpu_32b(r):
                 a = r[when][d][w]
                 assert a["n"] == n and a["chance"] == 1 / n and 0 <= a["choice"] <= 1
                 assert (a["generation"] is None) == (when == "accuracy_before")
-    assert r["optimizer"] == "adamw"                          # multi_gpu_cpu.yaml: torch's AdamW, as the config names it
+    assert r["optimizer"] == "adamw"            # multi_gpu_cpu.yaml: torch's AdamW, as the config names it
     best = r["best_evaluation"]
     assert 1 <= best["epoch"] <= len(r["epochs"]) and best["accuracy"]["forward"]["new"]["n"] == n
     assert not best["same_as_final"] or best["accuracy"] == r["accuracy"]
