@@ -37,6 +37,7 @@ from qlora_helpers.ch03_sft.data import (
 from qlora_helpers.ch03_sft.gpu_results import (
     ABLATIONS,
     PEER_COLUMNS,
+    SFT_ROW,
     PLANS,
     SFT_MODES,
     TARGETS,
@@ -66,7 +67,7 @@ from qlora_helpers.ch03_sft.report import (
 )
 from qlora_helpers.ch03_sft.trainer import LiveLossPlot, evaluate
 
-__all__ = ["ABLATIONS", "MERGE_COLUMNS", "MODE_COLUMNS", "PEER_COLUMNS", "PLANS", "PROBE_PROMPTS", "SFT_MODES",
+__all__ = ["ABLATIONS", "MERGE_COLUMNS", "MODE_COLUMNS", "PEER_COLUMNS", "PLANS", "PROBE_PROMPTS", "SFT_MODES", "SFT_ROW",
            "TARGETS", "answer_scores", "batch_order", "build_model", "chat", "collate",
            "corpus_preference", "DataError", "encode_all", "encode_chat", "evaluate", "from_dict", "learning_metrics",
            "LiveLossPlot",
