@@ -37,9 +37,9 @@ from qlora_helpers.ch03_sft.data import (
 from qlora_helpers.ch03_sft.gpu_results import (
     ABLATIONS,
     PEER_COLUMNS,
-    SFT_ROW,
     PLANS,
     SFT_MODES,
+    SFT_ROW,
     TARGETS,
     missed_targets,
     peer_figure,
