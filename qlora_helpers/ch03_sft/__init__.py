@@ -67,8 +67,8 @@ from qlora_helpers.ch03_sft.report import (
 )
 from qlora_helpers.ch03_sft.trainer import LiveLossPlot, evaluate
 
-__all__ = ["ABLATIONS", "MERGE_COLUMNS", "MODE_COLUMNS", "PEER_COLUMNS", "PLANS", "PROBE_PROMPTS", "SFT_MODES", "SFT_ROW",
-           "TARGETS", "answer_scores", "batch_order", "build_model", "chat", "collate",
+__all__ = ["ABLATIONS", "MERGE_COLUMNS", "MODE_COLUMNS", "PEER_COLUMNS", "PLANS", "PROBE_PROMPTS", "SFT_MODES",
+           "SFT_ROW", "TARGETS", "answer_scores", "batch_order", "build_model", "chat", "collate",
            "corpus_preference", "DataError", "encode_all", "encode_chat", "evaluate", "from_dict", "learning_metrics",
            "LiveLossPlot",
            "load_config_file", "load_for_inference", "load_tokenizer", "logit_difference",
