@@ -180,7 +180,8 @@ PEER_COLUMNS = (("shape", "shape", ""), ("stack", "label", ""), ("tokens/s", "to
 # The sft command and trl-best on one GPU, one run (benchmarks/results/throughput_sft.json): the same engine.
 SFT_ROW = Table("throughput_sft", "figures.shapes.qwen2.5-7b.rows", script="train_throughput", columns=(
     ("row", "name", ""), ("tokens/s", "tokens_per_second", ",.0f"),
-    ("peak allocated (GiB)", "peak_allocated_gib", ".2f"), ("MFU", "mfu", ".3f"), ("held-out loss", "eval_loss", ".4f")))
+    ("peak allocated (GiB)", "peak_allocated_gib", ".2f"), ("MFU", "mfu", ".3f"),
+    ("held-out loss", "eval_loss", ".4f")))
 
 
 def peer_figure(points: list[dict]) -> Figure:
