@@ -13,7 +13,8 @@ as the validation loss is. The VLM's part:
   backbone, images included), so the ``SFTTrainer`` serves as it is, not the plain HF ``Trainer``;
 - **two learning rates**: the optimizer (``make_optimizer``) is built here, LoRA at
   ``training.learning_rate``, a trained projector at ``training.projector_learning_rate``; paged
-  8-bit AdamW on CUDA as the preset says, torch's AdamW on the CPU;
+  8-bit AdamW on CUDA as the preset says, torch's AdamW on the CPU; both follow the Trainer's
+  ``warmup_stable_decay`` schedule (``schedule``: warm-up, then linear down to ``training.min_lr_ratio``);
 - **the validation loss** over every answer token (``evaluate``) before training, every ``eval_steps``
   and at the last step, and the adapter with the lowest one in ``best/`` (``BestAdapter``);
 - chapter 03's whole checkpoints (``CourseCallback``): ``checkpoints/checkpoint-N`` marked complete by
@@ -129,13 +130,25 @@ class VLMCallback(CourseCallback):
         atomic_write_json(self.output_dir / HISTORY, self.history)
 
 
+def warmup_steps(run) -> int:
+    return round(run.settings.training.warmup_ratio * run.max_steps)
+
+
+def schedule(run) -> dict:
+    """The HF Trainer's warm-up-stable-decay schedule, as ``training.warmup_ratio`` and ``min_lr_ratio`` say:
+    no stable part, a linear decay to ``min_lr_ratio`` x (both 0: the Trainer's ``linear`` schedule)."""
+    return {"num_decay_steps": run.max_steps - warmup_steps(run), "decay_type": "linear",
+            "min_lr_ratio": run.settings.training.min_lr_ratio}
+
+
 def trainer_settings(run) -> SimpleNamespace:
     """This run as the fields of chapter 03's config that ``training_args`` and ``CourseCallback`` read."""
     t = run.settings.training
     return SimpleNamespace(
         seed=run.seed, max_steps=run.max_steps, num_train_epochs=1.0, per_device_train_batch_size=1,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=run.max_grad_norm,
+        lr_scheduler_type="warmup_stable_decay", warmup_steps=warmup_steps(run), weight_decay=0.0,
+        max_grad_norm=run.max_grad_norm,
         optim="adamw_torch",     # never built: the Trainer is handed make_optimizer's
         bf16=False, fp16=False,  # no autocast: the model computes in the dtype it was loaded in
         max_length=None, use_liger_kernel=False, save_steps=run.save_steps, save_total_limit=run.save_total_limit,
@@ -147,6 +160,7 @@ def make_trainer(model, processor, train: list, run, *, out: Path, device: str, 
     settings = course.cfg
     args = training_args(settings, out, device, packing=False)
     args.remove_unused_columns = False     # every input the processor made (pixel_values, image_grid_thw, ...)
+    args.lr_scheduler_kwargs = schedule(run)
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     dataset = Dataset.from_list(train).with_format("torch")   # each row an encoded example, tensors as they were
     # processing_class: what each checkpoint saves beside the adapter. The examples are encoded already, so
