@@ -236,10 +236,13 @@ def test_the_tower_learns_its_classes_and_the_folder_is_a_llava(practice):
 
 
 def test_the_command_trains_adapters_and_projector_on_the_schedule(practice):
+    import torch
+
     model, history = practice["result"].model, practice["result"].summary["history"]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("lora_" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
     assert all("lora_" in n or "multi_modal_projector" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)   # a bf16 model too
     lr = practice["run"].settings.training.learning_rate
     assert [h["lr"] for h in history["train"]] == pytest.approx([0.1 * lr, lr, 0.7 * lr, 0.4 * lr])
 
