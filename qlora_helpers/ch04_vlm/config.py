@@ -95,8 +95,8 @@ class TrainingSettings:
     learning_rate: float = 2e-4      # LoRA adapters
     projector_learning_rate: float = 1e-3
     optimizer: str = "paged_adamw_8bit"
-    # the schedule: rise over the first warmup_ratio of the steps, then fall linearly to min_lr_ratio x
-    # (0 and 0: the HF Trainer's plain linear decay to zero)
+    # the schedule (trainer.schedule): rise over the first warmup_ratio of the steps (at least one, at its
+    # full rate), then fall linearly to min_lr_ratio x at the last step
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0
 
