@@ -96,7 +96,7 @@ class TrainingSettings:
     projector_learning_rate: float = 1e-3
     optimizer: str = "paged_adamw_8bit"
     # the schedule (trainer.schedule): rise over the first warmup_ratio of the steps (at least one, at its
-    # full rate), then fall linearly to min_lr_ratio x at the last step
+    # full rate), then fall linearly to min_lr_ratio x at the last step (0 and 0: the Trainer's linear decay)
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0
 

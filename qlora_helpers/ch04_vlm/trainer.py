@@ -130,11 +130,14 @@ class VLMCallback(CourseCallback):
         atomic_write_json(self.output_dir / HISTORY, self.history)
 
 
-def schedule(optimizer, run) -> torch.optim.lr_scheduler.LambdaLR:
+def schedule(optimizer, run) -> torch.optim.lr_scheduler.LambdaLR | None:
     """The learning rates rise over the first ``training.warmup_ratio`` of the steps (at least one, so the
     first step already trains: the Trainer's warm-up starts at 0), then fall linearly to ``min_lr_ratio`` x
-    at the last step. Example: 10 steps, 0.1 and 0.1 -> factors 1.0, 0.9, 0.8, ..., 0.1."""
+    at the last step. Example: 10 steps, 0.1 and 0.1 -> factors 1.0, 0.9, 0.8, ..., 0.1.
+    Both 0: None, the Trainer's ``linear`` schedule (``trainer_settings``: 1.0, 0.9, ..., 0.1 over 10 steps)."""
     t, steps = run.settings.training, run.max_steps
+    if not (t.warmup_ratio or t.min_lr_ratio):
+        return None
     warm = max(1, round(t.warmup_ratio * steps))
 
     def factor(step: int) -> float:
@@ -151,7 +154,7 @@ def trainer_settings(run) -> SimpleNamespace:
     return SimpleNamespace(
         seed=run.seed, max_steps=run.max_steps, num_train_epochs=1.0, per_device_train_batch_size=1,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,   # never built: make_trainer's schedule
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,   # unless ``schedule`` makes one
         max_grad_norm=run.max_grad_norm,
         optim="adamw_torch",     # never built: the Trainer is handed make_optimizer's
         bf16=False, fp16=False,  # no autocast: the model computes in the dtype it was loaded in
