@@ -36,16 +36,19 @@ import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import torch
 from peft import prepare_model_for_kbit_training
 
 from qlora_helpers.ch04_vlm.config import preset as get_preset
-from qlora_helpers.ch04_vlm.data import photos_336
-from qlora_helpers.ch04_vlm.model import prepare_for_training
+from qlora_helpers.ch04_vlm.hub_model import add_lora
+from qlora_helpers.ch04_vlm.records import photos_336
+from qlora_helpers.ch04_vlm.trainer import make_optimizer
 from qlora_helpers.ch04_vlm.vram import KNOBS, estimate_vlm, with_changes
 from qlora_helpers.common.bench import WorkerError, emit, run_worker, write_benchmark
 from qlora_helpers.common.models import build_random, tiny_llava
+from qlora_helpers.common.quant import keep_cpu_training_layout
 from qlora_helpers.common.shapes import get_config
 from qlora_helpers.errors import OneLineParser, run_main
 
@@ -132,8 +135,13 @@ def build_for_training(config, cfg, device: str, dtype, row: dict):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.hardware.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         cfg = with_changes(cfg, {"hardware": {"gradient_checkpointing": False}})   # already enabled
-    model, opt, row["optimizer"] = prepare_for_training(model, cfg)
-    model.train()
+    keep_cpu_training_layout(model)          # a --smoke run on the CPU: bitsandbytes' layout with a backward
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    # what the vlm command does: LoRA on the language model, the projector trained (peft's modules_to_save)
+    model = add_lora(model, cfg.lora, train_projector=True, gradient_checkpointing=cfg.hardware.gradient_checkpointing)
+    opt = make_optimizer(model, SimpleNamespace(settings=cfg), device)
+    row["optimizer"] = f"{type(opt).__module__.split('.')[0]} {type(opt).__name__}"
     return model, opt
 
 

@@ -84,7 +84,7 @@ def write_data(folder: Path) -> dict:
     paths = write_example_files(folder, n_train=8, n_val=2, size=IMAGE_SIZE)
     pairs = load_sft("train", ("en",))
     passage = " ".join(m["content"] for p in pairs[:400] for m in p["messages"])[:5000]
-    for path in paths.values():
+    for path in (paths["train"], paths["val"]):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         for row in rows:
             question = row["messages"][0]["content"]

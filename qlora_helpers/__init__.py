@@ -7,8 +7,8 @@ package             chapter
 ``ch01_memory``     01 memory math: the estimator, the GPU table, measuring on a GPU
 ``ch02_tad``        02 quantized adapters for temporal action detection
 ``ch03_sft``        03 supervised fine-tuning: data, the four modes, the ``sft`` command and its levers
-``ch04_vlm``        04 a vision-language model within 8 GB: configs, VRAM plans, data, model, training
-``ch05_multi_gpu``  05 data-parallel QLoRA from a notebook: the per-rank worker, precision, schedule
+``ch04_vlm``        04 vision-language models in 8 GB: configs, VRAM plans, a small LLaVA, the ``vlm`` command
+``ch05_multi_gpu``  05 data-parallel QLoRA from a notebook: each rank runs the ``sft`` command; precision, plateau rule
 ==================  ================================================================================
 
 A notebook imports from its own chapter's package; a chapter imports only ``common`` and earlier chapters.

@@ -185,22 +185,24 @@ def check_04_vlm_8gb(r):
     t = r["training"]
     steps = course_value("04_vlm_8gb", "max_steps")
     assert t["steps"] == steps and t["micro_batch"] == 1 and t["images_seen"] == steps * t["grad_accum"]
-    assert t["quantized"]["linear_bytes_after"] * 4 == t["quantized"]["linear_bytes_before"]   # bf16 -> NF4
-    assert t["trainable"]["lora"] > 0 and t["trainable"]["projector"] > 0 and t["trainable"]["other_trainable"] == 0
-    assert "8-bit" in t["optimizer"] or t["optimizer"].startswith("fallback")
+    # section 8 trains through the vlm command: SmolLM2's linear layers 4-bit, the tower and projector not
+    layers = t["linear_layers"]
+    assert layers["language model: Linear4bit"] == 30 * 7 and "vision + rest: Linear4bit" not in layers
+    assert 0 < t["params"]["trainable"] < t["params"]["total"] / 50
     assert len(t["loss"]) == steps and all(math.isfinite(x) for x in t["loss"])
+    val = t["val_loss"]
+    assert [e["step"] for e in val] == [0, steps] and val[-1]["val_loss"] < val[0]["val_loss"]
     assert t["tower"]["held_out_accuracy"] > 0.8 and t["held_out_images"] == 40
     for acc in (t["accuracy_before"], t["accuracy_after"]):
         assert set(acc) == {"face", "digit", "all"} and all(0 <= v <= 1 for v in acc.values())
     assert t["accuracy_before"]["face"] <= 0.6 and t["accuracy_before"]["digit"] <= 0.3   # random projector
     assert len(t["answers"]) == 4 and all({"expected", "before", "after"} <= set(a) for a in t["answers"])
-    assert all(c["ok"] for c in r["self_test"])
     p = r["plain_recipe"]          # from_pretrained + BitsAndBytesConfig, LoRA on the language model, one step
     assert p["linear_layers"] == {"vision_tower: Linear": 12, "multi_modal_projector: Linear": 2,
                                   "language_model: Linear4bit": 14, "lm_head: Linear": 1}
     assert 0 < p["trainable_params"] < p["all_params"] / 100 and math.isfinite(p["loss"])
     assert p["lora_b_moved"] == p["lora_b"] > 0 and p["compute_dtype"] == str(cpu_compute_dtype())
-    v = r["vlm_command"]           # section 10: the vlm command on tiny LLaVA and Qwen2-VL folders
+    v = r["vlm_command"]           # section 9: the vlm command on tiny LLaVA and Qwen2-VL folders
     assert {run["model_type"] for run in v["runs"].values()} == {"llava", "qwen2_vl"}
     for run in v["runs"].values():
         q = run["quantization_config"]

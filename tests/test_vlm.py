@@ -171,68 +171,92 @@ def test_gpu_table_of_the_seed():
     assert rows["RTX 2060 Super 8GB"]["precision"].startswith("fp16")
 
 
-# --------------------------------------------------------------------------- data and one training step
-def test_examples_hold_out_images_and_answer_from_labels(cached_assets):
-    from qlora_helpers.ch04_vlm.data import make_examples
-
-    ex = make_examples(size=24, max_digits=200)
-    train, test = ex["train"], ex["test"]
-    assert not {e.source for e in train} & {e.source for e in test}
-    assert len(test) == pytest.approx(0.2 * (len(train) + len(test)), abs=2)
-    for e in train + test:
-        assert e.pixels.shape == (3, 24, 24) and -1 <= e.pixels.min() and e.pixels.max() <= 1
-        if e.kind == "face":
-            assert e.answer == ("Yes" if int(e.source[4:-1]) < 100 else "No")
-        else:
-            assert e.answer == str(e.label)
-
-
+# --------------------------------------------------------------------------- the practice's small LLaVA
 @pytest.fixture(scope="module")
-def tiny_vlm(cached_assets):
+def practice(cached_assets, tmp_path_factory):
+    """Section 8's path with a 2-layer Llama (SmolLM2's vocabulary) in SmolLM2's place: example files, the tower
+    pre-trained, the LLaVA folder written, graded, 4 steps of the vlm command (warm-up 1 step, down to 0.1 x)."""
     import torch
-    from transformers import CLIPVisionModel
 
-    from qlora_helpers.ch04_vlm.model import build_vlm, quantize_language_model, tower_config
+    from qlora_helpers.ch04_vlm import small_llava as sl
+    from qlora_helpers.ch04_vlm.command import build_run, run_vlm
+    from qlora_helpers.ch04_vlm.hub_model import load_vlm
+    from qlora_helpers.ch04_vlm.records import read_records, write_example_files
     from qlora_helpers.common.models import load_causal_lm
 
-    torch.manual_seed(0)
-    lm, tok = load_causal_lm("tiny:llama", dtype=torch.float32)
-    tower = CLIPVisionModel(tower_config(image_size=24, patch_size=8, hidden=32)).eval().requires_grad_(False)
-    vlm = build_vlm(tower, lm, tok)
-    sizes = quantize_language_model(vlm, vc.preset("ultra_low_memory").quantization, torch.float32)
-    return vlm, tok, sizes
+    root = tmp_path_factory.mktemp("practice")
+    files = write_example_files(root / "data", n_train=8, n_val=40, size=24)
+    processor = sl.small_processor(image_size=24, patch_size=8)
+    pixels, labels = sl.tower_inputs(read_records(files["test"]), processor)
+    tower, head, info = sl.pretrain_tower(pixels, labels, epochs=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sl, "load_smollm2", lambda dtype: load_causal_lm("tiny:llama", dtype=dtype))
+        scale = sl.write_small_llava(root / "small-llava", tower, processor, pixels[:16])
+    graded = read_records(files["val"])[::4]
+    untrained = load_vlm(str(root / "small-llava"), quantization=vc.preset("ultra_low_memory").quantization,
+                         dtype=torch.float32, device="cpu")
+    before = sl.grade(untrained, processor, graded)
+    run = build_run({}, {"model_id": str(root / "small-llava"), "data_path": str(files["train"]),
+                         "output_dir": str(root / "run"), "max_steps": 4, "save_steps": 0, "train_projector": True,
+                         "device": "cpu", "training.gradient_accumulation_steps": 2, "training.warmup_ratio": 0.25,
+                         "training.min_lr_ratio": 0.1})
+    return {"tower": (tower, head, info, pixels, labels), "scale": scale, "graded": graded, "before": before,
+            "run": run, "result": run_vlm(run, progress=False), "processor": processor}
 
 
-def test_one_training_step_moves_only_adapters_and_projector(tiny_vlm):
+def test_example_split_holds_out_images_and_balances_the_graded_ones(cached_assets):
+    from qlora_helpers.ch04_vlm.records import example_split
+
+    split = example_split(n_val=40, seed=1)
+    train, test = {item[3] for item in split["train"]}, {item[3] for item in split["test"]}
+    assert not train & test and {item[3] for item in split["val"]} <= test
+    assert len(test) == pytest.approx(0.2 * (len(train) + len(test)), abs=2)
+    faces = sum(item[0] == "face" for item in split["train"])
+    assert faces / len(split["train"]) == pytest.approx(1 / 3, abs=0.03)          # the faces repeated to a third
+    answers = [item[2] for item in split["val"]]
+    assert answers.count("Yes") == answers.count("No") == 10 and all(answers.count(str(d)) == 2 for d in range(10))
+
+
+def test_the_tower_learns_its_classes_and_the_folder_is_a_llava(practice):
+    from qlora_helpers.ch04_vlm.encode import encode
+    from qlora_helpers.ch04_vlm.small_llava import probe_accuracy
+
+    tower, head, info, pixels, labels = practice["tower"]
+    assert pixels.shape[1:] == (3, 24, 24) and set(labels.tolist()) == set(range(12))
+    assert info["loss_last"] < info["loss_first"] and 0 <= probe_accuracy(tower, head, pixels, labels) <= 1
+    assert practice["scale"]["factor"] > 0
+    summary = practice["result"].summary
+    assert summary["model_type"] == "llava" and summary["linear_layers"]["language model: Linear4bit"] > 0
+    assert "vision + rest: Linear4bit" not in summary["linear_layers"]        # tower and projector 16-bit
+    enc = encode(practice["graded"][0], practice["processor"], 512)
+    tok = practice["processor"].tokenizer
+    assert int((enc["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == 9          # (24 / 8)^2
+    answer = tok.decode(enc["input_ids"][enc["labels"] != -100])
+    assert answer.startswith(practice["graded"][0].messages[-1]["content"][0]["text"] + "<|im_end|>")
+
+
+def test_the_command_trains_adapters_and_projector_on_the_schedule(practice):
     import torch
 
-    from qlora_helpers.ch04_vlm.data import encode, make_examples
-    from qlora_helpers.ch04_vlm.loop import evaluate, train
-    from qlora_helpers.ch04_vlm.model import prepare_for_training, trainable_summary
+    model, history = practice["result"].model, practice["result"].summary["history"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
+    assert all("lora_" in n or "multi_modal_projector" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)   # a bf16 model too
+    lr = practice["run"].settings.training.learning_rate
+    assert [h["lr"] for h in history["train"]] == pytest.approx([lr, 0.7 * lr, 0.4 * lr, 0.1 * lr])
 
-    vlm, tok, sizes = tiny_vlm
-    assert sizes["linear_bytes_after"] * 8 == sizes["linear_bytes_before"]   # fp32 -> 4 bits
-    ex = make_examples(size=24, max_digits=100)
-    enc = encode(ex["train"][0], tok, 9)
-    answer_ids = [i for i, l in zip(enc["input_ids"], enc["labels"]) if l != -100]
-    assert tok.decode(answer_ids) == ex["train"][0].answer + "<|im_end|>"
-    assert enc["input_ids"].count(vlm.config.image_token_index) == 9
 
-    model, opt, line = prepare_for_training(vlm, vc.preset("ultra_low_memory"), lora_lr=1e-2, projector_lr=1e-2)
-    assert "8-bit" in line or "fallback" in line
-    parts = trainable_summary(model)
-    assert parts["lora"] > 0 and parts["projector"] > 0 and parts["other_trainable"] == 0
-    snap = {n: p.detach().clone() for n, p in model.named_parameters()}
-    hist = train(model, opt, ex["train"], tokenizer=tok, n_img=9, steps=1, grad_accum=2, progress=False)
-    assert len(hist["loss"]) == 1 and torch.isfinite(torch.tensor(hist["loss"])).all()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), snap[n])}
-    assert any("lora_B" in n for n in changed) and any("multi_modal_projector" in n for n in changed)
-    assert not any("vision_tower" in n or ("language_model" in n and "lora_" not in n) for n in changed)
-    graded = evaluate(model, ex["test"][:12], tokenizer=tok, n_img=9, max_new_tokens=2)
-    acc = graded["accuracy"]
-    assert 0 <= acc["all"] <= 1 and set(acc) <= {"face", "digit", "all"}
-    assert len(graded["choices"]) == len(graded["texts"]) == 12
-    assert all(c in ("Yes", "No") if e.kind == "face" else c.isdigit() for c, e in zip(graded["choices"], ex["test"]))
+def test_grading_picks_among_the_valid_answers(practice):
+    from qlora_helpers.ch04_vlm.records import question_answer
+    from qlora_helpers.ch04_vlm.small_llava import grade
+
+    graded = practice["graded"]
+    for out in (practice["before"], grade(practice["result"].model, practice["processor"], graded)):
+        assert set(out["accuracy"]) == {"face", "digit", "all"} and 0 <= out["accuracy"]["all"] <= 1
+        assert len(out["choices"]) == len(out["texts"]) == len(graded)
+        for choice, record in zip(out["choices"], graded):
+            assert choice in (("Yes", "No") if question_answer(record)[0] == "Is this a face?" else "0123456789")
 
 
 def test_gpu_benchmark_runs_end_to_end_on_a_tiny_model(cached_assets):
@@ -270,14 +294,13 @@ def test_a_quantized_tower_copy_leaves_the_tower_alone(cached_assets):
     import torch
     from transformers import CLIPVisionModel
 
-    from qlora_helpers.ch04_vlm.data import make_examples
-    from qlora_helpers.ch04_vlm.model import N_CLASSES, tower_config, tower_in_4bit
+    from qlora_helpers.ch04_vlm.small_llava import N_CLASSES, tower_config, tower_in_4bit
 
     torch.manual_seed(0)
     tower = CLIPVisionModel(tower_config(hidden=64)).eval().requires_grad_(False)
     head = torch.nn.Linear(64, N_CLASSES)
-    out = tower_in_4bit(tower, head, make_examples(size=24, max_digits=50)["test"],
-                        vc.preset("ultra_low_memory").quantization)
+    pixels, labels = torch.randn(12, 3, 24, 24), torch.arange(12)
+    out = tower_in_4bit(tower, head, pixels, labels, vc.preset("ultra_low_memory").quantization)
     assert 0 <= out["accuracy_4bit"] <= 1 and 0 <= out["accuracy_16bit"] <= 1
     assert out["linear_bytes_after"] * 8 == out["linear_bytes_before"]          # fp32 -> 4 bits
     assert any(type(m) is torch.nn.Linear for m in tower.modules())             # the original is not swapped
@@ -340,7 +363,7 @@ def test_speed_verdict_of_the_committed_benchmark():
 def test_matmul_timing_per_dtype():
     import torch
 
-    from qlora_helpers.ch04_vlm.loop import matmul_seconds
+    from qlora_helpers.ch04_vlm.small_llava import matmul_seconds
 
     out = matmul_seconds((torch.float32, torch.bfloat16), rows=8, inner=64, cols=32, repeats=2)
     assert set(out) == {"torch.float32", "torch.bfloat16"} and all(v > 0 for v in out.values())

@@ -7,7 +7,8 @@ from PIL import Image
 
 from qlora_helpers.ch03_sft.command import load_config_file
 from qlora_helpers.ch04_vlm.command import build_run
-from qlora_helpers.ch04_vlm.records import read_records, write_example_files
+from qlora_helpers.ch04_vlm.records import question_answer, read_records, write_example_files
+from qlora_helpers.common.assets import load_images
 from qlora_helpers.common.files import repo_root
 
 
@@ -48,13 +49,18 @@ def test_placed_image_parts_must_match_the_images(two_images):
 
 
 def test_example_files_answer_from_the_labels(tmp_path, cached_assets):
-    paths = write_example_files(tmp_path, n_train=4, n_val=2, size=28)
-    train, val = read_records(paths["train"]), read_records(paths["val"])
-    assert (len(train), len(val)) == (4, 2)
-    questions = [r.messages[0]["content"][-1]["text"] for r in train]
-    assert questions == ["Is this a face?", "Which digit is this?"] * 2
-    answers = [r.messages[1]["content"][0]["text"] for r in train]
-    assert answers[0] in ("Yes", "No") and answers[1] in "0123456789"
+    paths = write_example_files(tmp_path, n_train=6, n_val=4, size=28)
+    train, val, test = (read_records(paths[k]) for k in ("train", "val", "test"))
+    assert (len(train), len(val)) == (6, 4) and {r.images[0] for r in val} <= {r.images[0] for r in test}
+    images = load_images()
+    for record in train + test:
+        question, answer = question_answer(record)
+        kind, index = record.images[0].stem.split("-")
+        expected = ("Yes" if images["lfw_is_face"][int(index)] else "No") if kind == "lfw" else \
+            str(int(images["digits_target"][int(index)]))
+        assert question == {"lfw": "Is this a face?", "digit": "Which digit is this?"}[kind] and answer == expected
+    assert [question_answer(r) for r in val] == [("Is this a face?", "No"), ("Is this a face?", "Yes"),
+                                                 ("Which digit is this?", "0"), ("Which digit is this?", "1")]
     assert Image.open(train[0].images[0]).size == (28, 28)
 
 

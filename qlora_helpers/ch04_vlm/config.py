@@ -10,7 +10,7 @@ lora             rank, alpha, dropout, targets (names of the language model's li
 quantization     4-bit on/off, nf4 / fp4, double quantisation, compute dtype, prepare_kbit
 data             max_length (text tokens; the image's tokens come on top), image_size (pixels)
 hardware         gradient checkpointing, mixed precision (bf16 / fp16), input embeddings on the CPU
-training         batch size, gradient accumulation, learning rates, optimizer
+training         batch size, gradient accumulation, learning rates and their schedule, optimizer
 ===============  ==========================================================================
 
 ``validate`` raises a one-line ``ValueError`` naming the field and the fix; configs go to and
@@ -95,6 +95,10 @@ class TrainingSettings:
     learning_rate: float = 2e-4      # LoRA adapters
     projector_learning_rate: float = 1e-3
     optimizer: str = "paged_adamw_8bit"
+    # the schedule (trainer.schedule): rise over the first warmup_ratio of the steps (at least one, at its
+    # full rate), then fall linearly to min_lr_ratio x at the last step (0 and 0: the Trainer's linear decay)
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,10 @@ def validate(cfg: VLMTrainConfig) -> VLMTrainConfig:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             raise ValueError(f"training.{name} must be a number in (0, 1), got {value!r}: 2e-4 is usual for LoRA")
     _one_of(t.optimizer, OPTIMIZERS, "training.optimizer")
+    for name in ("warmup_ratio", "min_lr_ratio"):
+        value = getattr(t, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"training.{name} must be a number in [0, 1), got {value!r}: 0.1 is usual")
     return cfg
 
 

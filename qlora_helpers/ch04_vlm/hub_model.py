@@ -11,7 +11,7 @@ The recipe, in the library calls a learner would write::
 Idefics3 / SmolVLM (``vision_model``, ``connector``): they stay in the 16-bit compute dtype
 (fp32 or bf16 on the CPU, see ``device.cpu_compute_dtype``), frozen; only the language model's
 linear layers become NF4. The projector trains too when asked (peft's ``modules_to_save``, so
-it is saved with the adapter).
+it is saved with the adapter), in fp32 like the adapters.
 """
 
 from __future__ import annotations
@@ -119,8 +119,23 @@ def add_lora(model, lora, *, train_projector: bool = False, gradient_checkpointi
     with warnings.catch_warnings():   # peft reads transformers' deprecated ``is_gradient_checkpointing``
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         model = get_peft_model(model, config)
+    for name, module in model.named_modules():
+        if modules_to_save and name.endswith(f"{modules_to_save[0]}.modules_to_save.default"):
+            train_in_fp32(module)
     model.train()
     return model
+
+
+def train_in_fp32(module) -> None:
+    """Keep a trained 16-bit module (the projector) in fp32, as peft keeps LoRA's adapters: a bf16 weight
+    drops the updates smaller than 1/256 of itself. Its inputs are cast up, its output back."""
+    dtype = next(module.parameters()).dtype
+    if dtype == torch.float32:
+        return
+    module.float()
+    module.register_forward_pre_hook(lambda m, args: tuple(a.float() if torch.is_tensor(a) and a.is_floating_point()
+                                                           else a for a in args))
+    module.register_forward_hook(lambda m, args, output: output.to(dtype))
 
 
 def quantized_share(model) -> dict:

@@ -1,4 +1,4 @@
-"""Image-chat JSONL for the ``vlm`` command: read, check every line, and say what to fix.
+"""Image-chat JSONL for the ``vlm`` command: read, check every line, and say what to fix; the course's examples.
 
 One line is one training example: an image (or several) and a conversation about it::
 
@@ -15,6 +15,16 @@ templates of LLaVA, Qwen2-VL and Idefics3 all read.
 A bad line stops the run before any model loads, with one line naming the file, the line and
 the fix: ``train.jsonl:7: image faces/x.png not found (looked in /data/faces/x.png); fix the path``.
 Not handled: videos, image URLs, tool calls.
+
+The course's examples (``write_example_files``): no image-caption pairs can be had offline, but two
+labelled image sets can (see ``assets``), so the questions and answers come from the labels:
+
+=============  ===============================  ===========================================
+images         question                         answer (from the label)
+=============  ===============================  ===========================================
+LFW subset     ``Is this a face?``              ``Yes`` / ``No``
+digits         ``Which digit is this?``         ``0`` ... ``9``
+=============  ===============================  ===========================================
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from qlora_helpers.common.assets import load_images
@@ -134,6 +145,10 @@ def read_records(path: str | Path) -> list[Record]:
     return records
 
 
+QUESTIONS = {"face": "Is this a face?", "digit": "Which digit is this?"}
+ANSWERS = {"face": ("Yes", "No"), "digit": tuple(str(d) for d in range(10))}
+
+
 def _png(pixels, path: Path, size: int) -> str:
     """Save a grayscale array in [0, 1] as an RGB PNG of ``size`` x ``size`` pixels; returns its file name."""
     image = Image.fromarray((np.clip(pixels, 0, 1) * 255).astype("uint8")).convert("RGB")
@@ -141,31 +156,92 @@ def _png(pixels, path: Path, size: int) -> str:
     return path.name
 
 
-def write_example_files(folder: str | Path, *, n_train: int = 16, n_val: int = 4, size: int = 56,
-                        seed: int = 0) -> dict:
-    """Write LFW faces/non-faces and digits as PNGs plus ``train.jsonl`` and ``val.jsonl`` in the format above.
+def _labelled_images() -> list[tuple]:
+    """``(kind, pixels in [0, 1], answer, file name)`` of every LFW image and digit."""
+    images = load_images()
+    faces = [("face", x, "Yes" if f else "No", f"lfw-{i:03d}.png")
+             for i, (x, f) in enumerate(zip(images["lfw"], images["lfw_is_face"]))]
+    digits = [("digit", x / 16, str(int(t)), f"digit-{i:04d}.png")
+              for i, (x, t) in enumerate(zip(images["digits"], images["digits_target"]))]
+    return faces + digits
 
-    Half the examples ask "Is this a face?" (answer from the LFW label), half "Which digit is this?".
-    Returns ``{"train": path, "val": path}``.
+
+def _balanced(group: list, n: int) -> list:
+    """``n`` items of ``group`` with each answer as often as ``n`` allows (in the answers' order)."""
+    by_answer = {}
+    for item in group:
+        by_answer.setdefault(item[2], []).append(item)
+    per = max(1, n // len(by_answer))
+    return [item for answer in sorted(by_answer) for item in by_answer[answer][:per]][:n]
+
+
+def example_split(*, held_out: float = 0.2, face_share: float = 1 / 3, n_val: int = 40, seed: int = 0) -> dict:
+    """LFW faces/non-faces and digits split into ``train``, ``val`` and ``test`` lists of labelled images.
+
+    A seeded ``held_out`` share of each set never trains: ``test`` is all of it, ``val`` ``n_val`` of it,
+    half faces, half digits, each answer as often as the rest. ``train`` repeats the faces until about
+    ``face_share`` of its questions are about faces (the yes/no question is learned faster than ten digits),
+    shuffled.
+    """
+    rng = np.random.default_rng(seed)
+    split = {"train": {}, "val": [], "test": []}
+    items = _labelled_images()
+    for kind in QUESTIONS:
+        group = [items[i] for i in rng.permutation(len(items)) if items[i][0] == kind]
+        n_test = round(held_out * len(group))
+        split["test"] += group[:n_test]
+        split["val"] += _balanced(group[:n_test], n_val // 2)
+        split["train"][kind] = group[n_test:]
+    faces, digits = split["train"]["face"], split["train"]["digit"]
+    mix = faces * max(1, round(face_share / (1 - face_share) * len(digits) / max(1, len(faces)))) + digits
+    split["train"] = [mix[i] for i in rng.permutation(len(mix))]
+    return split
+
+
+def write_example_files(folder: str | Path, *, n_train: int | None = None, n_val: int = 40, size: int = 56,
+                        seed: int = 0, held_out: float = 0.2) -> dict:
+    """Write ``example_split``'s images as PNGs and each split as a JSONL file in the format above.
+
+    The question is "Is this a face?" (answer from the LFW label) or "Which digit is this?".
+    ``n_train`` keeps the first so many training lines (``None``: all). Returns
+    ``{"train": path, "val": path, "test": path}``.
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    images, rng = load_images(), np.random.default_rng(seed)
-    faces = rng.permutation(len(images["lfw"]))
-    digits = rng.permutation(len(images["digits"]))
-    rows = []
-    for i in range(n_train + n_val):
-        if i % 2 == 0:
-            j = int(faces[i // 2])
-            name = _png(images["lfw"][j], folder / "images" / f"lfw-{j:03d}.png", size)
-            question, answer = "Is this a face?", "Yes" if images["lfw_is_face"][j] else "No"
-        else:
-            j = int(digits[i // 2])
-            name = _png(images["digits"][j] / 16, folder / "images" / f"digit-{j:04d}.png", size)
-            question, answer = "Which digit is this?", str(int(images["digits_target"][j]))
-        rows.append({"image": f"images/{name}", "messages": [{"role": "user", "content": question},
-                                                              {"role": "assistant", "content": answer}]})
-    out = {}
-    for split, part in (("train", rows[:n_train]), ("val", rows[n_train:])):
-        out[split] = atomic_write_text(folder / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in part))
+    split = example_split(held_out=held_out, n_val=n_val, seed=seed)
+    split["train"] = split["train"][:n_train]
+    out, written = {}, set()
+    for name, items in split.items():
+        rows = []
+        for kind, pixels, answer, file in items:
+            if file not in written:
+                written.add(_png(pixels, folder / "images" / file, size))
+            rows.append({"image": f"images/{file}", "messages": [{"role": "user", "content": QUESTIONS[kind]},
+                                                                  {"role": "assistant", "content": answer}]})
+        out[name] = atomic_write_text(folder / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def question_answer(record: Record) -> tuple[str, str]:
+    """The first user turn's text and the last answer of a record."""
+    user = next(m for m in record.messages if m["role"] == "user")
+    return _text(user["content"]).strip(), _text(record.messages[-1]["content"]).strip()
+
+
+def photos_336(size: int = 336) -> list:
+    """The six sample photos (china, flower, astronaut, coffee, chelsea, camera), resized to ``size`` px.
+
+    Returns float32 arrays (3, size, size) normalised with CLIP's mean and std, as LLaVA's processor does.
+    """
+    images = load_images()
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    out = []
+    for name in ("china", "flower", "astronaut", "coffee", "chelsea", "camera"):
+        img = images[name]
+        if img.ndim == 2:
+            img = np.stack([img] * 3, axis=-1)
+        x = torch.from_numpy(img[..., :3].astype("float32") / 255.0).permute(2, 0, 1)[None]
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)[0]
+        out.append(((x.clamp(0, 1) - mean) / std).numpy())
     return out

@@ -1,6 +1,6 @@
 """The ``vlm`` command trains through TRL's ``SFTTrainer``; this module is what chapter 04 adds to it.
 
-The training (batch 1 x ``gradient_accumulation_steps``, clipping, the linear schedule, resume with the
+The training (batch 1 x ``gradient_accumulation_steps``, clipping, stepping the schedule, resume with the
 optimizer, scheduler and random generators) is the HF ``Trainer``'s, as for chapter 03's ``sft``
 command (``ch03_sft.trainer``); a step's loss is the mean over every answer token of its micro-batches,
 as the validation loss is. The VLM's part:
@@ -13,7 +13,8 @@ as the validation loss is. The VLM's part:
   backbone, images included), so the ``SFTTrainer`` serves as it is, not the plain HF ``Trainer``;
 - **two learning rates**: the optimizer (``make_optimizer``) is built here, LoRA at
   ``training.learning_rate``, a trained projector at ``training.projector_learning_rate``; paged
-  8-bit AdamW on CUDA as the preset says, torch's AdamW on the CPU;
+  8-bit AdamW on CUDA as the preset says, torch's AdamW on the CPU; both follow ``schedule``
+  (a warm-up whose first step is already at its rate, then linear down to ``training.min_lr_ratio``);
 - **the validation loss** over every answer token (``evaluate``) before training, every ``eval_steps``
   and at the last step, and the adapter with the lowest one in ``best/`` (``BestAdapter``);
 - chapter 03's whole checkpoints (``CourseCallback``): ``checkpoints/checkpoint-N`` marked complete by
@@ -128,13 +129,32 @@ class VLMCallback(CourseCallback):
         atomic_write_json(self.output_dir / HISTORY, self.history)
 
 
+def schedule(optimizer, run) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The learning rates rise over the first ``training.warmup_ratio`` of the steps (at least one, so the
+    first step already trains: the Trainer's warm-up starts at 0), then fall linearly to ``min_lr_ratio`` x
+    at the last step. Example: 10 steps, 0.1 and 0.1 -> factors 1.0, 0.9, 0.8, ..., 0.1.
+    Both 0: None, the Trainer's ``linear`` schedule (``trainer_settings``: 1.0, 0.9, ..., 0.1 over 10 steps)."""
+    t, steps = run.settings.training, run.max_steps
+    if not (t.warmup_ratio or t.min_lr_ratio):
+        return None
+    warm = max(1, round(t.warmup_ratio * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(t.min_lr_ratio, 1 - (1 - t.min_lr_ratio) * (step - warm + 1) / max(1, steps - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def trainer_settings(run) -> SimpleNamespace:
     """This run as the fields of chapter 03's config that ``training_args`` and ``CourseCallback`` read."""
     t = run.settings.training
     return SimpleNamespace(
         seed=run.seed, max_steps=run.max_steps, num_train_epochs=1.0, per_device_train_batch_size=1,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=run.max_grad_norm,
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,   # unless ``schedule`` makes one
+        max_grad_norm=run.max_grad_norm,
         optim="adamw_torch",     # never built: the Trainer is handed make_optimizer's
         bf16=False, fp16=False,  # no autocast: the model computes in the dtype it was loaded in
         max_length=None, use_liger_kernel=False, save_steps=run.save_steps, save_total_limit=run.save_total_limit,
@@ -146,6 +166,7 @@ def make_trainer(model, processor, train: list, run, *, out: Path, device: str, 
     settings = course.cfg
     args = training_args(settings, out, device, packing=False)
     args.remove_unused_columns = False     # every input the processor made (pixel_values, image_grid_thw, ...)
+    optimizer = make_optimizer(model, run, device)
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     dataset = Dataset.from_list(train).with_format("torch")   # each row an encoded example, tensors as they were
     # processing_class: what each checkpoint saves beside the adapter. The examples are encoded already, so
@@ -153,7 +174,7 @@ def make_trainer(model, processor, train: list, run, *, out: Path, device: str, 
     # torchvision, cannot save_pretrained itself)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
                          processing_class=processor.tokenizer, callbacks=[course],
-                         optimizers=(make_optimizer(model, run, device), None))
+                         optimizers=(optimizer, schedule(optimizer, run)))
     return quiet(trainer, model, dtypes=dtypes)      # TRL casts a 4-bit model's adapters to bf16: peft's dtype
 
 
