@@ -451,8 +451,9 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
     The peak is the largest of four phases: the forward pass at the loss, the backward pass at the
     loss, the backward pass through the top layer, and the optimizer step.
     ``loss_chunk``: ``None`` for ``model(**batch).loss`` (full ``[tokens, vocab]`` logits); a number of
-    rows for the chunked loss of ``qlora_helpers.ch03_sft.recipe`` (one chunk's logits at a time, plus the
-    gradient with respect to the last hidden states it forms during the forward pass).
+    rows for a chunked loss (Liger's fused linear cross-entropy, ``ch03_sft.trainer.causal_lm_loss``: one
+    chunk's logits at a time, plus the gradient with respect to the last hidden states it forms during the
+    forward pass).
     ``attention``: ``"sdpa"`` or ``"eager"``; ``None`` for what the installed transformers picks.
     ``int8_outliers``: for ``qlora8``, the share (0 to 1) of each 8-bit layer's input columns that
     LLM.int8 copies in 16-bit; ``None`` for the shares random weights give (``int8_outlier_share``).

@@ -37,7 +37,6 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-import bitsandbytes as bnb
 import torch
 from datasets import Dataset
 from trl import SFTTrainer
@@ -45,6 +44,7 @@ from trl import SFTTrainer
 from qlora_helpers.ch03_sft.trainer import CourseCallback, causal_lm_loss, quiet, resume_state, training_args
 from qlora_helpers.ch04_vlm.encode import answer_tokens
 from qlora_helpers.common.files import atomic_folder, atomic_write_json
+from qlora_helpers.common.optim import make_optimizer as course_optimizer
 
 HISTORY = "training_history.json"
 
@@ -57,10 +57,8 @@ def make_optimizer(model, run, device: str):
     groups = [{"params": [p for n, p in params.items() if "lora_" in n], "lr": t.learning_rate},
               {"params": [p for n, p in params.items() if "lora_" not in n], "lr": t.projector_learning_rate}]
     groups = [g for g in groups if g["params"]]
-    if not device.startswith("cuda") or t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=0.0)
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[t.optimizer]
-    return cls(groups, weight_decay=0.0)
+    name = t.optimizer if device.startswith("cuda") else "adamw"
+    return course_optimizer(name, groups, setting="training.optimizer", weight_decay=0.0)
 
 
 def _to(example: dict, device: str) -> dict:
