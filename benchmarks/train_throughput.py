@@ -56,8 +56,8 @@ the loss per step. Loss parity compares the held-out losses of ``sft`` and ``hf`
 
 ``benchmarks/results/throughput.json`` and ``throughput_peers.json`` hold earlier runs, with the rows of the
 hand-written recipe loop this script measured then (``recipe*``; the loop is gone: ``sft`` with its options
-replaced it). Needs ``trl`` and ``datasets`` (and ``liger-kernel`` for the Liger rows): ``pip install -e ".[gpu]"``
-(measured with trl 1.16.0, datasets 5.2.0 and liger-kernel 0.8.5).
+replaced it); without ``--out`` a run writes ``throughput_sft.json``. ``liger-kernel`` for the Liger rows:
+``pip install -e ".[gpu]"`` (measured with trl 1.16.0, datasets 5.2.0 and liger-kernel 0.8.5).
 """
 
 from __future__ import annotations
@@ -589,6 +589,8 @@ def plan_verdicts(rows: dict) -> dict:
 def resummarise(path: Path) -> None:
     """Recompute loss parity and targets from the rows of an existing file; the measurements are untouched."""
     data = json.loads(path.read_text())
+    if not any("sft" in e["rows"] for e in data["figures"]["shapes"].values()):
+        raise ValueError(f"{path} holds no sft row (a record of the earlier recipe path): its targets stay as written")
     for shape, entry in data["figures"]["shapes"].items():
         rows = entry["rows"]
         if has_parity(rows):
@@ -733,7 +735,9 @@ def write_figures(shapes, args) -> None:
                "base; attention scores and recomputation not counted)",
                "data": "chatterbot SFT train split, Qwen2.5 tokenizer and chat template, <= 512 tokens",
                "weights": "random at the real shape, 4-bit NF4 with double quantisation, bf16 compute"}
-    write_benchmark(Path(args.out).stem if args.out else "throughput", figures, args.out or None)
+    # throughput.json and throughput_peers.json hold the rows of the earlier recipe path (history shown by chapter
+    # 03): a run of this script writes its own record unless --out names one
+    write_benchmark(Path(args.out).stem if args.out else "throughput_sft", figures, args.out or None)
 
 
 if __name__ == "__main__":

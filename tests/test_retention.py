@@ -93,6 +93,9 @@ def test_an_init_adapter_that_does_not_fit_is_refused_in_one_line(stages, tmp_pa
         validate(SFTConfig(use_qlora=True, device="cpu", init_adapter=str(tmp_path / "nothing")))
     with pytest.raises(ValueError, match="init_adapter needs a LoRA mode"):
         validate(SFTConfig(device="cpu", init_adapter=str(tmp_path / "nothing")))
+    inside = tmp_path / "out" / "final"     # the folder this run rewrites: its adapter would be gone before loading
+    with pytest.raises(ValueError, match="init_adapter .* lies inside output_dir .* choose another output_dir"):
+        validate(SFTConfig(use_qlora=True, device="cpu", init_adapter=str(inside), output_dir=str(tmp_path / "out")))
     run = stage_run(tmp_path, earlier, "r4")
     run["config"]["lora"]["r"] = 4
     train_worker(run)

@@ -97,6 +97,9 @@ def test_plan_micro_batch_checkpoints_only_when_memory_needs_it():
     assert tight["gradient_checkpointing"] and tight["estimate_gib"] <= 9
     with pytest.raises(ValueError, match="memory_budget_gib=4: no micro-batch"):
         plan_micro_batch(cfg, 4, lora_r=64)
+    # without Liger the Trainer takes the loss over full fp32 logits (152k a token): a smaller micro-batch fits
+    full = plan_micro_batch(cfg, 20, lora_r=64, chunked=False)
+    assert full["tokens"] < plan_micro_batch(cfg, 20, lora_r=64)["tokens"] and full["estimate_gib"] <= 20
 
 
 def test_the_plan_is_the_estimators_largest_phase_for_a_loss_in_chunks():

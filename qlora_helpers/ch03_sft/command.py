@@ -257,6 +257,10 @@ def _check_lora(cfg: SFTConfig) -> None:
         raise ValueError(f"lora_alpha must be > 0 (often r/2 to 2r), not {cfg.lora_alpha!r}")
     if not 0 <= cfg.lora_dropout < 1:
         raise ValueError(f"lora_dropout must be in [0, 1), not {cfg.lora_dropout!r}")
+    if cfg.init_adapter and Path(cfg.output_dir).resolve() in (Path(cfg.init_adapter).resolve(),
+                                                                *Path(cfg.init_adapter).resolve().parents):
+        raise ValueError(f"init_adapter {cfg.init_adapter} lies inside output_dir {cfg.output_dir}, which this run "
+                         "rewrites: copy the adapter elsewhere or choose another output_dir")
     if cfg.init_adapter and not Path(cfg.init_adapter, "adapter_config.json").is_file():
         raise FileNotFoundError(f"init_adapter {cfg.init_adapter} holds no adapter_config.json: give the folder "
                                 "an earlier run saved its adapter in")
@@ -493,14 +497,15 @@ def save_final(model, tokenizer, out: Path) -> list[str]:
     return names
 
 
-def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_r: int = 16,
+def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_r: int = 16, chunked: bool = True,
                      candidates=(512, 1024, 2048, 4096, 8192, 16384, 32768), enough_tokens: int = 4096) -> dict:
     """The largest packed micro-batch (tokens) whose peak, as the chapter-01 estimator predicts it for a loss
-    taken in chunks (Liger's fused linear cross-entropy on a GPU), fits ``budget_gib``; and whether it needs
-    activation checkpointing. That costs a second forward pass, so it is chosen only when no micro-batch of
-    ``enough_tokens`` (4k: enough to keep a GPU's matrix units busy) fits without it, and it lets a larger one fit.
+    taken in chunks (``chunked``: Liger's fused linear cross-entropy, on a GPU) or over the full logits, fits
+    ``budget_gib``; and whether it needs activation checkpointing. That costs a second forward pass, so it is
+    chosen only when no micro-batch of ``enough_tokens`` (4k: enough to keep a GPU's matrix units busy) fits
+    without it, and it lets a larger one fit.
     """
-    chunk = max(64, min(8192, 2**28 // (4 * config.get_text_config().vocab_size)))   # ~256 MiB of fp32 logits
+    chunk = max(64, min(8192, 2**28 // (4 * config.get_text_config().vocab_size))) if chunked else None  # ~256 MiB
 
     def need(tokens: int, ckpt: bool) -> float:
         return estimate(config, method, batch_size=1, seq_len=tokens, lora_r=lora_r, grad_ckpt=ckpt,
@@ -531,7 +536,7 @@ def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
     except OSError as err:
         raise ValueError(f"model_name_or_path {base!r}: cannot read its config.json ({str(err).splitlines()[0]})") \
             from None
-    plan = plan_micro_batch(config, budget, method=method, lora_r=cfg.lora_r)
+    plan = plan_micro_batch(config, budget, method=method, lora_r=cfg.lora_r, chunked=bool(cfg.use_liger_kernel))
     rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     fits = max(1, plan["tokens"] // cfg.max_length)     # rows of max_length tokens in the planned micro-batch
     cfg.per_device_train_batch_size = max(d for d in range(1, min(fits, rows_per_step) + 1) if rows_per_step % d == 0)

@@ -147,7 +147,9 @@ def missed_targets(result: dict | None) -> list[str]:
 PEER_LABELS = {"trl-best": "TRL packed + Liger, checkpointing",
                "trl-best-no-ckpt": "TRL packed + Liger, no checkpointing", "unsloth": "Unsloth, its checkpointing",
                "recipe": "recipe, budget 0.7 x (a)",
-               "recipe-tight": "recipe, TRL's peak as budget", "recipe-max": "recipe, large micro-batch"}
+               "recipe-tight": "recipe, TRL's peak as budget", "recipe-max": "recipe, large micro-batch",
+               "sft": "sft command, trl-best's settings", "sft-tight": "sft command, TRL's peak as budget",
+               "sft-max": "sft command, memory to spare"}
 PEER_SHAPES = ("qwen2.5-0.5b", "qwen2.5-7b", "llama-3-8b")
 PEER_ROWS = ("trl-best", "trl-best-no-ckpt", "unsloth", "recipe-tight", "recipe-max")
 
