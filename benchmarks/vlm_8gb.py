@@ -44,7 +44,7 @@ from peft import prepare_model_for_kbit_training
 from qlora_helpers.ch04_vlm.config import preset as get_preset
 from qlora_helpers.ch04_vlm.hub_model import add_lora
 from qlora_helpers.ch04_vlm.records import photos_336
-from qlora_helpers.ch04_vlm.trainer import make_optimizer
+from qlora_helpers.ch04_vlm.trainer import vlm_optimizer
 from qlora_helpers.ch04_vlm.vram import KNOBS, estimate_vlm, with_changes
 from qlora_helpers.common.bench import WorkerError, emit, run_worker, write_benchmark
 from qlora_helpers.common.models import build_random, tiny_llava
@@ -140,7 +140,7 @@ def build_for_training(config, cfg, device: str, dtype, row: dict):
     model.config.use_cache = False
     # what the vlm command does: LoRA on the language model, the projector trained (peft's modules_to_save)
     model = add_lora(model, cfg.lora, train_projector=True, gradient_checkpointing=cfg.hardware.gradient_checkpointing)
-    opt = make_optimizer(model, SimpleNamespace(settings=cfg), device)
+    opt = vlm_optimizer(model, SimpleNamespace(settings=cfg), device)
     row["optimizer"] = f"{type(opt).__module__.split('.')[0]} {type(opt).__name__}"
     return model, opt
 

@@ -11,7 +11,7 @@ as the validation loss is. The VLM's part:
   them to the model per micro-batch. TRL's vision collator is not used: it would render and mask the
   conversations again. TRL treats the model as any causal LM (its fused loss runs the VLM's own
   backbone, images included), so the ``SFTTrainer`` serves as it is, not the plain HF ``Trainer``;
-- **two learning rates**: the optimizer (``make_optimizer``) is built here, LoRA at
+- **two learning rates**: the optimizer (``vlm_optimizer``) is built here, LoRA at
   ``training.learning_rate``, a trained projector at ``training.projector_learning_rate``; paged
   8-bit AdamW on CUDA as the preset says, torch's AdamW on the CPU; both follow ``schedule``
   (a warm-up whose first step is already at its rate, then linear down to ``training.min_lr_ratio``);
@@ -44,12 +44,12 @@ from trl import SFTTrainer
 from qlora_helpers.ch03_sft.trainer import CourseCallback, causal_lm_loss, quiet, resume_state, training_args
 from qlora_helpers.ch04_vlm.encode import answer_tokens
 from qlora_helpers.common.files import atomic_folder, atomic_write_json
-from qlora_helpers.common.optim import make_optimizer as course_optimizer
+from qlora_helpers.common.optim import make_optimizer
 
 HISTORY = "training_history.json"
 
 
-def make_optimizer(model, run, device: str):
+def vlm_optimizer(model, run, device: str):
     """AdamW over LoRA (``learning_rate``) and a trained projector (``projector_learning_rate``);
     the paged or 8-bit bitsandbytes kind on CUDA as ``training.optimizer`` says, torch's on the CPU."""
     t = run.settings.training
@@ -58,7 +58,7 @@ def make_optimizer(model, run, device: str):
               {"params": [p for n, p in params.items() if "lora_" not in n], "lr": t.projector_learning_rate}]
     groups = [g for g in groups if g["params"]]
     name = t.optimizer if device.startswith("cuda") else "adamw"
-    return course_optimizer(name, groups, setting="training.optimizer", weight_decay=0.0)
+    return make_optimizer(name, groups, setting="training.optimizer", weight_decay=0.0)
 
 
 def _to(example: dict, device: str) -> dict:
@@ -153,7 +153,7 @@ def trainer_settings(run) -> SimpleNamespace:
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,   # unless ``schedule`` makes one
         max_grad_norm=run.max_grad_norm,
-        optim="adamw_torch",     # never built: the Trainer is handed make_optimizer's
+        optim="adamw_torch",     # never built: the Trainer is handed vlm_optimizer's
         bf16=False, fp16=False,  # no autocast: the model computes in the dtype it was loaded in
         max_length=None, use_liger_kernel=False, save_steps=run.save_steps, save_total_limit=run.save_total_limit,
         eval_steps=run.eval_steps, logging_steps=1)
@@ -164,7 +164,7 @@ def make_trainer(model, processor, train: list, run, *, out: Path, device: str, 
     settings = course.cfg
     args = training_args(settings, out, device, packing=False)
     args.remove_unused_columns = False     # every input the processor made (pixel_values, image_grid_thw, ...)
-    optimizer = make_optimizer(model, run, device)
+    optimizer = vlm_optimizer(model, run, device)
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     dataset = Dataset.from_list(train).with_format("torch")   # each row an encoded example, tensors as they were
     # processing_class: what each checkpoint saves beside the adapter. The examples are encoded already, so
