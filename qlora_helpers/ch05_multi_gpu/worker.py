@@ -154,11 +154,11 @@ def base_model(model_id: str, folder: Path) -> str:
 
 def random_model(model_id: str, lora: dict):
     """``run_sft``'s ``model_factory`` for ``random:<preset>``: random 4-bit weights built layer by layer, LoRA on."""
-    from qlora_helpers.ch05_multi_gpu.model import add_lora, load_model  # peft, bitsandbytes: in the rank only
+    from qlora_helpers.ch03_sft.modes import compute_dtype  # peft, bitsandbytes: in the rank only
+    from qlora_helpers.ch05_multi_gpu.model import add_lora, load_model
 
     def build(cfg, device: str):
-        dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
-        model, _ = load_model(model_id, f"{cfg.quantization_bit}bit", dtype=dtype, device=device)
+        model, _ = load_model(model_id, f"{cfg.quantization_bit}bit", dtype=compute_dtype(cfg), device=device)
         return add_lora(model, lora, cfg.gradient_checkpointing, cfg.seed)
     return build
 
