@@ -134,7 +134,7 @@ def quantized_bytes(numel: int, bits: int = 4, *, rows: int = 1, double_quant: b
     return packed + _r512(blocks) + _r512(4 * math.ceil(blocks / BLOCK_ABSMAX)) + _r512(4)   # + offset
 
 
-def _state_bytes(numel: int, param_bytes: int, optimizer: str) -> tuple[int, int]:
+def state_bytes(numel: int, param_bytes: int, optimizer: str) -> tuple[int, int]:
     """AdamW state bytes of one tensor: (in PyTorch's allocator, paged outside it)."""
     if optimizer == "adamw":                                       # exp_avg, exp_avg_sq in the param dtype
         return 2 * _r512(numel * param_bytes), 0
@@ -356,7 +356,7 @@ def _optimizer(run: _Run, lora_tensors, optimizer: str) -> dict:
         pbytes = run.weight_bytes
     else:
         trainable, pbytes = lora_tensors, 4
-    states = [(c, _state_bytes(n, pbytes, optimizer)) for c, n in trainable]
+    states = [(c, state_bytes(n, pbytes, optimizer)) for c, n in trainable]
     temp = 0                                       # foreach AdamW: sqrt(exp_avg_sq) as one temporary
     if optimizer == "adamw":
         temp = sum(c * _r512(n * pbytes) for c, n in trainable)
@@ -499,26 +499,29 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
                           inputs, detail)
 
 
-def largest_fit(config, method: str, gpu_gib: float, *, vary: str, batch_size: int, seq_len: int,
-                limit: int = 1 << 20, **kwargs) -> int:
-    """The largest ``batch_size`` (``vary="batch_size"``) or ``seq_len`` (``vary="seq_len"``, in steps of
-    128 tokens) at which ``estimate`` still ``fits`` a card of ``gpu_gib``, the other held; 0 if none does.
-
-    The estimate grows with either, so a bisection finds it in a few dozen estimates.
-    """
-    step = 128 if vary == "seq_len" else 1
-    at = lambda k: {"batch_size": batch_size, "seq_len": seq_len, vary: k * step}
-    ok = lambda k: fits(estimate(config, method, **at(k), **kwargs), gpu_gib) == "fits"
+def largest(ok, limit: int) -> int:
+    """The largest whole ``k <= limit`` with ``ok(k)``, for an ``ok`` that holds up to some edge and not past
+    it (0 if ``ok(1)`` does not hold): doubling, then a bisection, so a few dozen calls at most."""
     if not ok(1):
         return 0
     lo, hi = 1, 2
-    while hi * step <= limit and ok(hi):
+    while hi <= limit and ok(hi):
         lo, hi = hi, hi * 2
-    hi = min(hi, limit // step + 1)
+    hi = min(hi, limit + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo * step
+    return lo
+
+
+def largest_fit(config, method: str, gpu_gib: float, *, vary: str, batch_size: int, seq_len: int,
+                limit: int = 1 << 20, **kwargs) -> int:
+    """The largest ``batch_size`` (``vary="batch_size"``) or ``seq_len`` (``vary="seq_len"``, in steps of
+    128 tokens) at which ``estimate`` still ``fits`` a card of ``gpu_gib``, the other held; 0 if none does."""
+    step = 128 if vary == "seq_len" else 1
+    at = lambda k: {"batch_size": batch_size, "seq_len": seq_len, vary: k * step}
+    return step * largest(lambda k: fits(estimate(config, method, **at(k), **kwargs), gpu_gib) == "fits",
+                          limit // step)
 
 
 def fit_report(est: MemoryEstimate, config, gpu_name: str, gpu_gib: float) -> dict:

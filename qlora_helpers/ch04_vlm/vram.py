@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from functools import cache
 
@@ -36,13 +35,12 @@ from transformers import (
     InstructBlipForConditionalGeneration,
 )
 
-from qlora_helpers.ch01_memory.estimator import estimate, model_shape, quantized_bytes
+from qlora_helpers.ch01_memory.estimator import GIB, estimate, largest, model_shape, quantized_bytes, state_bytes
 from qlora_helpers.ch01_memory.gpus import fits, needed_gib
 from qlora_helpers.ch04_vlm.config import PRESET_NOTES, validate
 from qlora_helpers.ch04_vlm.config import preset as get_preset
 from qlora_helpers.common.shapes import get_config
 
-GIB = 2**30
 CARDS_GB = (8, 12, 16, 24)
 GROUPS = {"model": ("quantized weights", "unquantized weights"), "adapter": ("LoRA weights",),
           "optimizer": ("optimizer states",), "gradients": ("gradients",),
@@ -74,12 +72,10 @@ def model_config(key: str):
     if key not in MODELS:
         raise ValueError(f"unknown model {key!r}: use one of {', '.join(MODELS)}")
     if key == "instructblip-7b":
-
         vicuna = dict(model_type="llama", vocab_size=32001, hidden_size=4096, intermediate_size=11008,
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6,
                       max_position_embeddings=2048, tie_word_embeddings=False)
         return InstructBlipConfig(text_config=vicuna, num_query_tokens=32)   # ViT-g/14 at 224 px, 12-layer Q-Former
-
     return get_config(key)
 
 
@@ -89,7 +85,6 @@ def parameter_groups(key: str) -> dict:
 
     Counted on an empty (meta-device) model, so no memory is used.
     """
-
     config = model_config(key)
     cls = InstructBlipForConditionalGeneration if key.startswith("instructblip") else AutoModelForImageTextToText
     with init_empty_weights():
@@ -116,9 +111,7 @@ def image_tokens(key: str, image_size: int) -> int:
     return config.num_query_tokens
 
 
-def method_name(cfg) -> str:
-    """The estimator's name for a config's method."""
-    return {"full": "full", "lora": "lora", "qlora": "qlora4"}[cfg.method]
+METHOD = {"full": "full", "lora": "lora", "qlora": "qlora4"}     # a config's method -> the estimator's name
 
 
 @dataclass
@@ -148,11 +141,10 @@ class VLMEstimate:
 
     @property
     def verdicts(self) -> dict:
-
+        """``fits`` on each of ``CARDS_GB``: the peak plus the allocator's slack and the CUDA context."""
         return {gb: fits(self.total_gib, gb) for gb in CARDS_GB}
 
     def needed_gib(self) -> float:
-
         return needed_gib(self.total_gib)
 
     def as_dict(self) -> dict:
@@ -166,39 +158,24 @@ class VLMEstimate:
                 "inputs": dict(self.inputs)}
 
 
-def _optimizer_bytes(n: int, pbytes: int, optimizer: str) -> tuple[int, int]:
-    """AdamW states of one ``n``-value tensor: (in PyTorch's allocator, paged outside it)."""
-    if optimizer == "adamw":
-        return 2 * n * pbytes, 0
-    states, scales = 2 * n, 2 * 4 * math.ceil(n / 256)
-    return (scales, states) if optimizer == "paged_adamw_8bit" else (states + scales, 0)
-
-
 def estimate_vlm(key: str, cfg, max_length: int | None = None, image_size: int | None = None,
                  gradient_accumulation_steps: int | None = None) -> VLMEstimate:
     """Predict the peak allocated memory of training registry model ``key`` with config ``cfg``.
 
     ``max_length``, ``image_size`` and ``gradient_accumulation_steps`` override the config's.
     """
-
-    spec = MODELS.get(key)
-    if spec is None:
-        raise ValueError(f"unknown model {key!r}: use one of {', '.join(MODELS)}")
     text_len = max_length or cfg.data.max_length
     size = image_size or cfg.data.image_size
     accum = gradient_accumulation_steps or cfg.training.gradient_accumulation_steps
     n_img = image_tokens(key, size)
     text = model_config(key).get_text_config()
-    method = method_name(cfg)
-    q, hw, t = cfg.quantization, cfg.hardware, cfg.training
-    dtype = hw.mixed_precision
+    method, q, hw, t = METHOD[cfg.method], cfg.quantization, cfg.hardware, cfg.training
+    kbit = q.prepare_kbit and q.load_in_4bit
     est = estimate(text, method, batch_size=t.batch_size, seq_len=text_len + n_img, lora_r=cfg.lora.rank,
                    targets=",".join(cfg.lora.targets), grad_ckpt=hw.gradient_checkpointing,
-                   prepare_kbit=q.prepare_kbit and q.load_in_4bit, optimizer=t.optimizer, dtype=dtype)
-    comp = dict(est.components)
-    outside = dict(est.outside)
-    groups = parameter_groups(key)
-    w = 4 if (q.prepare_kbit and q.load_in_4bit) else 2          # prepare_kbit upcasts every 16-bit weight
+                   prepare_kbit=kbit, optimizer=t.optimizer, dtype=hw.mixed_precision)
+    comp, outside, groups = dict(est.components), dict(est.outside), parameter_groups(key)
+    w = 4 if kbit else 2                                          # prepare_kbit upcasts every 16-bit weight
     comp["unquantized weights"] += (groups["vision"] + groups["projector"]) * w
     if getattr(hw, "embeddings_on_cpu", False) and not getattr(text, "tie_word_embeddings", False):
         table = text.vocab_size * text.hidden_size * w                 # hub_model.embeddings_on_cpu
@@ -208,9 +185,9 @@ def estimate_vlm(key: str, cfg, max_length: int | None = None, image_size: int |
         comp["quantized weights"] += sum(
             l.count * (quantized_bytes(l.fan_in * l.fan_out, double_quant=False)
                        - quantized_bytes(l.fan_in * l.fan_out)) for l in model_shape(text).linears)
-    proj = groups["projector"]
+    proj = groups["projector"]                                    # trained in full: one tensor's states
     comp["gradients"] += proj * w
-    dev, paged = _optimizer_bytes(proj, w, t.optimizer)
+    dev, paged = state_bytes(proj, w, t.optimizer)
     comp["optimizer states"] += dev
     if paged:
         outside["paged optimizer states"] = outside.get("paged optimizer states", 0) + paged
@@ -229,17 +206,10 @@ def estimate_vlm(key: str, cfg, max_length: int | None = None, image_size: int |
 def plan(preset: str = "ultra_low_memory", model: str = "llava-1.5-7b", *, max_length: int | None = None,
          show: bool = True) -> VLMEstimate:
     """Print the VRAM plan of training ``model`` with ``preset`` and return the estimate."""
-
     cfg = get_preset(preset)
     est = estimate_vlm(model, cfg, max_length=max_length)
-    if show:
-        print(format_plan(est, cfg, MODELS[model], note=PRESET_NOTES[preset]))
-    return est
-
-
-def format_plan(est: VLMEstimate, cfg, spec: VLMSpec, *, note: str = "") -> str:
     p = est.params
-    lines = [f"VRAM plan (estimate) - {spec.title}, preset {cfg.name}: {note}",
+    lines = [f"VRAM plan (estimate) - {MODELS[model].title}, preset {cfg.name}: {PRESET_NOTES[preset]}",
              f"  {cfg.summary()}",
              f"  sequence: {est.lm_tokens - est.image_tokens} text + {est.image_tokens} image tokens = "
              f"{est.lm_tokens} per sample",
@@ -252,29 +222,21 @@ def format_plan(est: VLMEstimate, cfg, spec: VLMSpec, *, note: str = "") -> str:
         lines.append(f"  + {name:<22}{b / GIB:6.2f} GiB (outside PyTorch's count)")
     lines.append(f"  a card needs ~{est.needed_gib():.1f} GiB (allocator slack + CUDA context)")
     lines.append("  " + "   ".join(f"{gb} GB: {v}" for gb, v in est.verdicts.items()))
-    return "\n".join(lines)
+    if show:
+        print("\n".join(lines))
+    return est
 
 
 def longest_text_that_fits(key: str, cfg, gpu_gb: float, *, step: int = 128, limit: int = 16384) -> int:
-    """The largest ``max_length`` (a multiple of ``step``, at most ``limit``) whose estimate ``fits`` the card.
-
-    Returns 0 when not even ``step`` text tokens fit.
-    """
-
-    lo, hi = 0, limit // step
-    while lo < hi:                                   # estimates grow with length: bisect
-        mid = (lo + hi + 1) // 2
-        if fits(estimate_vlm(key, cfg, max_length=mid * step).total_gib, gpu_gb) == "fits":
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo * step
+    """The largest ``max_length`` (a multiple of ``step``, at most ``limit``) whose estimate ``fits`` the card;
+    0 when not even ``step`` text tokens fit."""
+    ok = lambda k: fits(estimate_vlm(key, cfg, max_length=k * step).total_gib, gpu_gb) == "fits"
+    return step * largest(ok, limit // step)
 
 
 def registry_table(preset: str = "ultra_low_memory", max_length: int | None = None) -> list[dict]:
     """One row per registry model: the seed's claim, the estimate, its five parts, the verdicts and the
     longest text (tokens, besides the image) that fits an 8 and a 12 GB card."""
-
     cfg = get_preset(preset)
     rows = []
     for key, spec in MODELS.items():
@@ -300,7 +262,6 @@ KNOBS = {
 
 def with_changes(cfg, changes: dict):
     """``cfg`` with section fields replaced, e.g. ``{"lora": {"rank": 64}, "method": "lora"}``."""
-
     top = {}
     for key, value in changes.items():
         top[key] = replace(getattr(cfg, key), **value) if isinstance(value, dict) else value
@@ -309,7 +270,6 @@ def with_changes(cfg, changes: dict):
 
 def knob_table(model: str = "llava-1.5-7b", preset: str = "ultra_low_memory") -> list[dict]:
     """Estimated peak with each knob of ``KNOBS`` flipped from the preset, and the change."""
-
     cfg = get_preset(preset)
     base = estimate_vlm(model, cfg)
     rows = [{"knob": "preset as is", "total_gib": round(base.total_gib, 3), "delta_gib": 0.0}]
@@ -328,7 +288,6 @@ SEED_METHODS = (("full", 13.5, 50.0), ("lora", 13.5, 35.0), ("qlora", 3.4, 7.0))
 def method_table(model: str = "llava-1.5-7b", preset: str = "ultra_low_memory") -> list[dict]:
     """Full fine-tuning, LoRA and QLoRA of ``model``: the seed's totals beside two estimates, one with the
     preset's memory knobs and one plain (no gradient checkpointing, torch AdamW)."""
-
     cfg = get_preset(preset)
     plain = {"hardware": {"gradient_checkpointing": False}, "training": {"optimizer": "adamw"}}
     rows = []
@@ -361,7 +320,6 @@ def gpu_table(preset: str = "ultra_low_memory", models=("qwen2-vl-7b", "llava-1.
 
     Cards without bf16 (Turing, GTX 16xx) run the same plan in fp16: the same memory.
     """
-
     cfg = get_preset(preset)
     est = {m: estimate_vlm(m, cfg) for m in models}
     rows = []
@@ -381,7 +339,6 @@ def model_facts(key: str, preset: str = "ultra_low_memory") -> dict:
     their bf16 size, the image tokens, the 16-bit weights a QLoRA run keeps (tower, projector,
     embeddings, ``lm_head``) and the estimated logits-and-loss memory under ``preset``.
     """
-
     groups = parameter_groups(key)
     text = model_config(key).get_text_config()
     tied = bool(getattr(text, "tie_word_embeddings", False))
@@ -398,7 +355,6 @@ def quantization_arithmetic(key: str = "llava-1.5-7b") -> dict:
 
     Example (Llama-7B): 6.5 B weights, 12.1 GiB in bf16, 3.1 GiB in NF4 with double quantisation.
     """
-
     linears = [lin for lin in model_shape(model_config(key).get_text_config()).linears if lin.part == "lm"]
     n = sum(lin.fan_in * lin.fan_out * lin.count for lin in linears)
     nf4 = sum(lin.count * quantized_bytes(lin.fan_in * lin.fan_out) for lin in linears)
@@ -421,7 +377,6 @@ REMEDIES = {
 
 def remedy_table(model: str = "llava-1.5-7b", preset: str = "ultra_low_memory") -> list[dict]:
     """Estimated peak of each of ``REMEDIES`` against the preset on ``model``, and its 8 GB verdict."""
-
     cfg = get_preset(preset)
     base = estimate_vlm(model, cfg).total_gib
     rows = []
