@@ -67,8 +67,6 @@ class QuantizationSettings:
 
     def torch_dtype(self, device: str):
         """``compute_dtype`` on a GPU; on the CPU, bf16 only where it is native (``device.cpu_compute_dtype``)."""
-
-
         return getattr(torch, self.compute_dtype) if str(device).startswith("cuda") else cpu_compute_dtype()
 
 
@@ -148,6 +146,11 @@ def _flag(value, where: str) -> None:
         raise ValueError(f"{where} must be true or false, got {value!r}")
 
 
+def _number(value, where: str, ok, bounds: str, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"{where} must be a number {bounds}, got {value!r}: {hint}")
+
+
 def validate(cfg: VLMTrainConfig) -> VLMTrainConfig:
     """Check every field and the fields that must agree; return ``cfg`` or raise a one-line ValueError."""
     _one_of(cfg.method, METHODS, "method")
@@ -155,10 +158,8 @@ def validate(cfg: VLMTrainConfig) -> VLMTrainConfig:
     lo, q, d, hw, t = cfg.lora, cfg.quantization, cfg.data, cfg.hardware, cfg.training
     if cfg.method != "full":
         _whole(lo.rank, "lora.rank", 1, "try 8 or 16")
-        if isinstance(lo.alpha, bool) or not isinstance(lo.alpha, (int, float)) or lo.alpha <= 0:
-            raise ValueError(f"lora.alpha must be a number > 0, got {lo.alpha!r}: twice the rank is a common choice")
-        if isinstance(lo.dropout, bool) or not isinstance(lo.dropout, (int, float)) or not 0 <= lo.dropout < 1:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {lo.dropout!r}: 0.05 is usual")
+        _number(lo.alpha, "lora.alpha", lambda v: v > 0, "> 0", "twice the rank is a common choice")
+        _number(lo.dropout, "lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)", "0.05 is usual")
         targets = lo.targets
         if isinstance(targets, str) or not targets:
             raise ValueError(f"lora.targets must be a non-empty list of layer names, got {targets!r}: "
@@ -193,14 +194,10 @@ def validate(cfg: VLMTrainConfig) -> VLMTrainConfig:
     _whole(t.gradient_accumulation_steps, "training.gradient_accumulation_steps", 1,
            "raise it to keep the effective batch when batch_size is 1")
     for name in ("learning_rate", "projector_learning_rate"):
-        value = getattr(t, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise ValueError(f"training.{name} must be a number in (0, 1), got {value!r}: 2e-4 is usual for LoRA")
+        _number(getattr(t, name), f"training.{name}", lambda v: 0 < v < 1, "in (0, 1)", "2e-4 is usual for LoRA")
     _one_of(t.optimizer, OPTIMIZERS, "training.optimizer")
     for name in ("warmup_ratio", "min_lr_ratio"):
-        value = getattr(t, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ValueError(f"training.{name} must be a number in [0, 1), got {value!r}: 0.1 is usual")
+        _number(getattr(t, name), f"training.{name}", lambda v: 0 <= v < 1, "in [0, 1)", "0.1 is usual")
     return cfg
 
 
@@ -244,27 +241,21 @@ def to_json(cfg: VLMTrainConfig) -> str:
     return json.dumps(to_dict(cfg), indent=2) + "\n"
 
 
-def from_json(text: str) -> VLMTrainConfig:
+def from_json(text: str, source: str = "config JSON") -> VLMTrainConfig:
     try:
-        return from_dict(json.loads(text), "config JSON")
+        return from_dict(json.loads(text), source)
     except json.JSONDecodeError as err:
-        raise ValueError(f"config JSON: not valid JSON ({err.msg}, line {err.lineno})") from None
+        raise ValueError(f"{source}: not valid JSON ({err.msg}, line {err.lineno}); fix that line") from None
 
 
 def save(cfg: VLMTrainConfig, path: str | Path) -> Path:
-
     return atomic_write_text(path, to_json(validate(cfg)))
 
 
 def load(path: str | Path) -> VLMTrainConfig:
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise ValueError(f"{path}: no such config file")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno}); fix that line") from None
-    return from_dict(data, str(path))
+    return from_json(Path(path).read_text(), str(path))
 
 
 # name -> (budget in GB, what it trades, config)

@@ -270,14 +270,16 @@ def with_changes(cfg, changes: dict):
 
 def knob_table(model: str = "llava-1.5-7b", preset: str = "ultra_low_memory") -> list[dict]:
     """Estimated peak with each knob of ``KNOBS`` flipped from the preset, and the change."""
-    cfg = get_preset(preset)
-    base = estimate_vlm(model, cfg)
-    rows = [{"knob": "preset as is", "total_gib": round(base.total_gib, 3), "delta_gib": 0.0}]
-    for name, changes in KNOBS.items():
-        est = estimate_vlm(model, with_changes(cfg, changes))
-        rows.append({"knob": name, "total_gib": round(est.total_gib, 3),
-                     "delta_gib": round(est.total_gib - base.total_gib, 3), "verdict_8gb": est.verdicts[8]})
-    return rows
+    base = estimate_vlm(model, get_preset(preset)).total_gib
+    return [{"knob": "preset as is", "total_gib": round(base, 3), "delta_gib": 0.0}] + [
+        {"knob": name, **_changed(model, preset, changes, base)} for name, changes in KNOBS.items()]
+
+
+def _changed(model: str, preset: str, changes: dict, base: float) -> dict:
+    """The estimate of ``model`` with ``preset`` changed: its peak, the change from ``base`` and its 8 GB verdict."""
+    est = estimate_vlm(model, with_changes(get_preset(preset), changes))
+    return {"total_gib": round(est.total_gib, 3), "delta_gib": round(est.total_gib - base, 3),
+            "verdict_8gb": est.verdicts[8]}
 
 
 # The seed's claims for LLaVA-1.5-7B: its QLoRA breakdown (GB) and, per method, model size and total (GB)
@@ -322,14 +324,9 @@ def gpu_table(preset: str = "ultra_low_memory", models=("qwen2-vl-7b", "llava-1.
     """
     cfg = get_preset(preset)
     est = {m: estimate_vlm(m, cfg) for m in models}
-    rows = []
-    for name, mem, bf16, seed_qwen, seed_llava in SEED_GPUS:
-        row = {"gpu": name, "memory_gib": mem, "precision": "bf16" if bf16 else "fp16 (no bf16)",
-               "seed": {models[0]: seed_qwen, models[1]: seed_llava}}
-        for m in models:
-            row[m] = fits(est[m].total_gib, mem)
-        rows.append(row)
-    return rows
+    return [{"gpu": name, "memory_gib": mem, "precision": "bf16" if bf16 else "fp16 (no bf16)",
+             "seed": {models[0]: seed_qwen, models[1]: seed_llava}, **{m: fits(est[m].total_gib, mem) for m in models}}
+            for name, mem, bf16, seed_qwen, seed_llava in SEED_GPUS]
 
 
 def model_facts(key: str, preset: str = "ultra_low_memory") -> dict:
@@ -377,11 +374,6 @@ REMEDIES = {
 
 def remedy_table(model: str = "llava-1.5-7b", preset: str = "ultra_low_memory") -> list[dict]:
     """Estimated peak of each of ``REMEDIES`` against the preset on ``model``, and its 8 GB verdict."""
-    cfg = get_preset(preset)
-    base = estimate_vlm(model, cfg).total_gib
-    rows = []
-    for name, (other, changes) in REMEDIES.items():
-        est = estimate_vlm(other or model, with_changes(cfg, changes))
-        rows.append({"remedy": name, "model": MODELS[other or model].title, "total_gib": round(est.total_gib, 3),
-                     "delta_gib": round(est.total_gib - base, 3), "verdict_8gb": est.verdicts[8]})
-    return rows
+    base = estimate_vlm(model, get_preset(preset)).total_gib
+    return [{"remedy": name, "model": MODELS[other or model].title, **_changed(other or model, preset, changes, base)}
+            for name, (other, changes) in REMEDIES.items()]
