@@ -22,15 +22,16 @@ from qlora_helpers.ch01_memory.estimator import (
                                                  GIB,
                                                  MemoryEstimate,
                                                  estimate,
+                                                 largest_fit,
                                                  model_shape,
                                                  quantized_bytes,
                                                  resolve_targets,
 )
-from qlora_helpers.ch01_memory.gpus import CONTEXT_GIB, GPUS, fits, gpu_table, verdict, which_gpus
+from qlora_helpers.ch01_memory.gpus import CONTEXT_GIB, GPUS, fits, verdict, which_gpus
 from qlora_helpers.ch01_memory.validation import VALIDATION, benchmark_summary, validation_plot, validation_summary
 
 __all__ = ["CLAIM_COLUMNS", "COMPONENTS", "CONTEXT_GIB", "GIB", "GPUS", "MemoryEstimate", "VALIDATION",
            "benchmark_summary", "calculator", "card_lines",
            "estimate", "largest_fit",
-           "fits", "gpu_table", "model_shape", "quantized_bytes", "resolve_targets", "seed_claims", "seen",
+           "fits", "model_shape", "quantized_bytes", "resolve_targets", "seed_claims", "seen",
            "validation_plot", "validation_summary", "verdict", "which_gpus"]

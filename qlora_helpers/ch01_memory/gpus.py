@@ -61,30 +61,23 @@ def reserved_gib(total_gib: float, logits_gib: float = 0.0, recompute_gib: float
     return total_gib + LOGITS_SLACK * logits_gib + RECOMPUTE_SLACK * recompute_gib
 
 
-def needed_gib(total_gib, context_gib: float = CONTEXT_GIB, slack: float = SLACK) -> float:
+def needed_gib(total_gib) -> float:
     """Card memory a run needs: an estimate's ``device_gib`` (reserved memory, CUDA context, paged states),
-    or for a bare number of peak-allocated GiB that number plus ``slack`` and the CUDA context."""
-    if hasattr(total_gib, "device_gib"):
-        return total_gib.device_gib
-    return getattr(total_gib, "total_gib", total_gib) * (1 + slack) + context_gib
+    or for a bare number of peak-allocated GiB that number plus ``SLACK`` and the CUDA context."""
+    return total_gib.device_gib if hasattr(total_gib, "device_gib") else total_gib * (1 + SLACK) + CONTEXT_GIB
 
 
-def fits(total_gib, gpu_gib: float, *, context_gib: float = CONTEXT_GIB, slack: float = SLACK) -> str:
+def fits(total_gib, gpu_gib: float) -> str:
     """``"fits"``, ``"tight"`` or ``"no"`` (``VERDICT_TEXT`` words them for printing).
 
     For a ``MemoryEstimate``: ``"fits"`` with ``MARGIN`` of headroom over its ``device_gib``, ``"tight"``
     when ``device_gib`` is within ``MARGIN`` of the card (it may or may not fit), else ``"no"``.
-    For a bare number of GiB: ``"fits"`` with ``slack`` and the context added, ``"tight"`` without slack.
+    For a bare number of GiB: ``"fits"`` with ``SLACK`` and the context added, ``"tight"`` without slack.
     """
     if hasattr(total_gib, "device_gib"):
         need = total_gib.device_gib
         return "fits" if need * (1 + MARGIN) <= gpu_gib else "tight" if need * (1 - MARGIN) <= gpu_gib else "no"
-    total = getattr(total_gib, "total_gib", total_gib)
-    if needed_gib(total, context_gib, slack) <= gpu_gib:
-        return "fits"
-    if total + context_gib <= gpu_gib:
-        return "tight"
-    return "no"
+    return "fits" if needed_gib(total_gib) <= gpu_gib else "tight" if total_gib + CONTEXT_GIB <= gpu_gib else "no"
 
 
 def which_gpus(total_gib, gpus=GPUS) -> list[GPU]:
@@ -99,16 +92,11 @@ def verdict(total_gib, gpus=GPUS) -> str:
         >>> verdict(30.0)
         'needs ~37.0 GiB: smallest common card that fits is A100 40GB'
     """
-    need = needed_gib(total_gib)
     ok = which_gpus(total_gib, gpus)
     if not ok:
-        return f"needs ~{need:.1f} GiB: more than any single card listed ({max(g.memory_gib for g in gpus):.0f} GB)"
-    return f"needs ~{need:.1f} GiB: smallest common card that fits is {ok[0].name}"
-
-
-def gpu_table(total_gib, gpus=GPUS) -> list[dict]:
-    """One row per card: name, memory and fits / tight / no."""
-    return [{"gpu": g.name, "memory_gib": g.memory_gib, "verdict": fits(total_gib, g.memory_gib)} for g in gpus]
+        return (f"needs ~{needed_gib(total_gib):.1f} GiB: more than any single card listed "
+                f"({max(g.memory_gib for g in gpus):.0f} GB)")
+    return f"needs ~{needed_gib(total_gib):.1f} GiB: smallest common card that fits is {ok[0].name}"
 
 
 def find_gpu(name: str, gpus=GPUS) -> GPU:
