@@ -146,23 +146,18 @@ def with_attention(shape: Shape, attention: str) -> Shape:
     """``shape`` with its attention run by ``attention`` (``"sdpa"`` or ``"eager"``)."""
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"unknown attention {attention!r}: use sdpa or eager")
-    b = shape.block
-    masks = (1 + (0 < shape.sliding_layers < shape.layers)) if attention == "eager" else int(shape.sliding_layers > 0)
+    eager, b = attention == "eager", shape.block
+    masks = (1 + (0 < shape.sliding_layers < shape.layers)) if eager else int(shape.sliding_layers > 0)
     return replace(shape, block=replace(b, attention=attention, masks=masks,
-                                        attn_softcap=b.attn_softcap_field if attention == "eager" else None))
+                                        attn_softcap=b.attn_softcap_field if eager else None))
 
 
-def _block(text, kind: str, lay: dict) -> Block:
-    chosen = getattr(text, "_attn_implementation", None)
-    eager = (chosen or default_attention(kind)) == "eager"
-    window, n_sliding = _sliding(text)
-    masks = (1 + (0 < n_sliding < text.num_hidden_layers)) if eager else int(n_sliding > 0)
+def _block(lay: dict, text) -> Block:
+    """The layout's block, attention as ``with_attention`` then sets it."""
     return Block(qkv=lay["qkv"], o=lay["o"], mlp_in=lay["mlp_in"], mlp_out=lay["mlp_out"], gated=lay["gated"],
-                 norm=lay["norm"], post_norms=lay["post_norms"], attention="eager" if eager else "sdpa",
-                 attn_softcap=getattr(text, "attn_logit_softcapping", None) if eager else None,
+                 norm=lay["norm"], post_norms=lay["post_norms"],
                  attn_softcap_field=getattr(text, "attn_logit_softcapping", None),
-                 logit_softcap=getattr(text, "final_logit_softcapping", None),
-                 clip_qkv=getattr(text, "clip_qkv", None), masks=masks)
+                 logit_softcap=getattr(text, "final_logit_softcapping", None), clip_qkv=getattr(text, "clip_qkv", None))
 
 
 def text_shape(text) -> Shape:
@@ -194,8 +189,10 @@ def text_shape(text) -> Shape:
     if not tied:
         other["lm_head"] = vocab * h
     window, n_sliding = _sliding(text)
-    return Shape(h, inter, n, heads, kv, d, vocab, tied, tuple(lin), other, block=_block(text, kind, lay),
-                 sliding_window=window, sliding_layers=n_sliding, init_std=getattr(text, "initializer_range", 0.02))
+    shape = Shape(h, inter, n, heads, kv, d, vocab, tied, tuple(lin), other, block=_block(lay, text),
+                  sliding_window=window, sliding_layers=n_sliding, init_std=getattr(text, "initializer_range", 0.02))
+    eager = (getattr(text, "_attn_implementation", None) or default_attention(kind)) == "eager"
+    return with_attention(shape, "eager" if eager else "sdpa")
 
 
 def int8_outlier_share(shape: Shape, tokens: int) -> tuple[float, float]:
