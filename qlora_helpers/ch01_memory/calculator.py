@@ -19,15 +19,10 @@ SEQ_LENS = [128, 256, 512, 1024, 2048, 4096, 8192]
 
 def card_lines(config, e) -> list[str]:
     """One line per card of the table: the verdict and the largest batch size that fits there."""
-    i = e.inputs
-    kw = dict(seq_len=i["seq_len"], lora_r=i["lora_r"] or 8, targets=i["targets"] or "all-linear",
-              grad_ckpt=i["grad_ckpt"], optimizer=i["optimizer"])
-    lines = []
-    for g in GPUS:
-        best = largest_fit(config, i["method"], g.memory_gib, vary="batch_size", batch_size=1, limit=4096, **kw)
-        lines.append(f"  {g.name:<18} {VERDICT_TEXT[fits(e, g.memory_gib)]:<13} largest batch at "
-                     f"{i['seq_len']} tokens: {best}")
-    return lines
+    at = lambda gib: largest_fit(config, e.inputs["method"], gib, vary="batch_size", limit=4096,
+                                 **e.setting() | {"batch_size": 1})
+    return [f"  {g.name:<18} {VERDICT_TEXT[fits(e, g.memory_gib)]:<13} largest batch at {e.inputs['seq_len']} "
+            f"tokens: {at(g.memory_gib)}" for g in GPUS]
 
 
 def breakdown(model: str, method: str, *, lora_r: int, targets: str, batch_size: int, seq_len: int,

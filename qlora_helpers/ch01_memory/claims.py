@@ -6,8 +6,8 @@ batch or sequence length, ``claim_range`` checks it over 1 x 256 .. 8 x 1024 tok
 without checkpointing, and the verdict is "depends" if some of those settings match.
 
 Example:
-    >>> judge(3.4, 3.5, 0.10)
-    ('holds', 'claimed/estimate = 0.97')
+    >>> claim("003", "LoRA r=8 adapter is 0.20 GB", 0.20, 0.19, 0.10)["why"]
+    'claimed/estimate = 1.05'
 """
 
 from __future__ import annotations
@@ -19,23 +19,18 @@ from qlora_helpers.ch01_memory.gpus import CONTEXT_GIB, fits, verdict
 from qlora_helpers.common.files import repo_root
 from qlora_helpers.common.shapes import get_config
 
-VERDICTS = ("holds", "refuted", "depends")
-
 
 def seen(e) -> float:
     """What nvidia-smi would show, roughly: the peak allocated plus the CUDA context (GiB)."""
     return e.total_gib + CONTEXT_GIB
 
 
-def judge(claimed: float, ours: float, tol: float) -> tuple[str, str]:
-    ratio = claimed / ours
-    return ("holds" if abs(ratio - 1) <= tol else "refuted"), f"claimed/estimate = {ratio:.2f}"
-
-
 def claim(seed: str, text: str, claimed: float, ours: float, tol: float = 0.25, why: str = "") -> dict:
-    v, r = judge(claimed, ours, tol)
-    return {"seed": seed, "claim": text, "claimed": claimed, "estimate": round(ours, 3), "verdict": v,
-            "why": f"{r}; {why}".strip("; ")}
+    """A figure set against ``ours``: it holds when ``claimed / ours`` is within ``tol`` of 1."""
+    ratio = claimed / ours
+    return {"seed": seed, "claim": text, "claimed": claimed, "estimate": round(ours, 3),
+            "verdict": "holds" if abs(ratio - 1) <= tol else "refuted",
+            "why": f"claimed/estimate = {ratio:.2f}; {why}".strip("; ")}
 
 
 def claim_range(seed: str, text: str, cfg, method: str, claimed: float, **kw) -> dict:
@@ -98,7 +93,7 @@ def llava_other_claims(lora_dtypes: list[str]) -> list[dict]:
     ll = estimate(llava, "lora", batch_size=1, seq_len=512, lora_r=8, grad_ckpt=True)
     full = {opt: seen(estimate(llava, "full", batch_size=1, seq_len=512, grad_ckpt=True, optimizer=opt))
             for opt in ("adamw", "adamw_8bit")}
-    ok = [opt for opt, g in full.items() if judge(50, g, 0.25)[0] == "holds"]
+    ok = [opt for opt, g in full.items() if abs(50 / g - 1) <= 0.25]
     ln = estimate(llava, "qlora4", batch_size=1, seq_len=512, lora_r=8, grad_ckpt=False)
     return [
         claim("003", "LoRA (16-bit base) needs about 35 GB", 35, seen(ll), 0.25,

@@ -180,6 +180,13 @@ class MemoryEstimate:
     def components_gib(self) -> dict:
         return {k: v / GIB for k, v in self.components.items()}
 
+    def setting(self) -> dict:
+        """The keyword arguments of ``estimate`` that give this estimate again (to vary one of them)."""
+        i = self.inputs
+        return dict(batch_size=i["batch_size"], seq_len=i["seq_len"], lora_r=i["lora_r"] or 8,
+                    targets=i["targets"] or "all-linear", grad_ckpt=i["grad_ckpt"], prepare_kbit=i["prepare_kbit"],
+                    optimizer=i["optimizer"], dtype=i["dtype"], loss_chunk=i["loss_chunk"], attention=i["attention"])
+
     def as_dict(self) -> dict:
         return {"total_gib": round(self.total_gib, 4), "reserved_gib": round(self.reserved_gib, 4),
                 "device_gib": round(self.device_gib, 4),
@@ -526,15 +533,11 @@ def largest_fit(config, method: str, gpu_gib: float, *, vary: str, batch_size: i
 
 def fit_report(est: MemoryEstimate, config, gpu_name: str, gpu_gib: float) -> dict:
     """The verdict on one card and the largest batch size and sequence length that fit it."""
-    i = est.inputs
-    kw = dict(lora_r=i["lora_r"] or 8, targets=i["targets"] or "all-linear", grad_ckpt=i["grad_ckpt"],
-              prepare_kbit=i["prepare_kbit"], optimizer=i["optimizer"], dtype=i["dtype"], loss_chunk=i["loss_chunk"],
-              attention=i["attention"])
-    both = dict(batch_size=i["batch_size"], seq_len=i["seq_len"], **kw)
+    method = est.inputs["method"]
     return {"gpu": gpu_name, "gpu_gib": gpu_gib, "device_gib": round(est.device_gib, 3),
             "verdict": VERDICT_TEXT[fits(est, gpu_gib)],
-            "largest_batch_size": largest_fit(config, i["method"], gpu_gib, vary="batch_size", **both),
-            "largest_seq_len": largest_fit(config, i["method"], gpu_gib, vary="seq_len", **both)}
+            "largest_batch_size": largest_fit(config, method, gpu_gib, vary="batch_size", **est.setting()),
+            "largest_seq_len": largest_fit(config, method, gpu_gib, vary="seq_len", **est.setting())}
 
 
 def configure_parser(parser) -> None:

@@ -36,15 +36,15 @@ from pathlib import Path
 
 import torch
 
+from qlora_helpers.ch01_memory.estimator import DTYPES as PRECISIONS
+from qlora_helpers.ch01_memory.estimator import OPTIMIZERS, TARGET_PRESETS
 from qlora_helpers.common.device import cpu_compute_dtype
 from qlora_helpers.common.files import atomic_write_text
 
 METHODS = ("full", "lora", "qlora")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16")
-PRECISIONS = ("bf16", "fp16")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
-LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LM_TARGETS = TARGET_PRESETS["attention"] + TARGET_PRESETS["mlp"]   # the language model's linear layers
 PATCH = 14   # every registry model cuts images into 14 x 14 patches
 
 
