@@ -118,12 +118,12 @@ def one_thread():
 
 
 def test_temporal_adapter_shapes_identity_and_conv_equivalence():
-    from qlora_helpers.ch02_tad.adapters import PlainAdapter, TemporalAdapter, _TemporalMixer
+    from qlora_helpers.ch02_tad.adapters import TemporalAdapter, _TemporalMixer
 
     x = torch.randn(2 * 3, 8 * 4, 32)                 # 2 videos x 3 chunks, 8 steps x 2x2 patches, 32 dims
-    for adapter in (TemporalAdapter(32), PlainAdapter(32)):
+    for adapter in (TemporalAdapter(32), TemporalAdapter(32, plain=True)):
         assert torch.equal(adapter(x, 24, 2, 2), x)   # up_proj starts at zero
-    assert PlainAdapter(32).temporal is None and TemporalAdapter(32).temporal is not None
+    assert TemporalAdapter(32, plain=True).temporal is None and TemporalAdapter(32).temporal is not None
     mixer = _TemporalMixer(8)
     with torch.no_grad():
         mixer.dwconv.bias.normal_()

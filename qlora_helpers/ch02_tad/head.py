@@ -1,16 +1,9 @@
-"""An ActionFormer-style detection head: a temporal feature pyramid, per-moment classification and
-boundary regression, and the detector that puts backbone and head together.
+"""An ActionFormer-style detection head (a temporal feature pyramid, per-moment classes and boundary
+distances, focal + DIoU losses) and the detector that puts backbone and head together.
 
-Every pyramid level ``l`` (stride ``2**l``) has one point per feature step. A point is a positive for
-a ground-truth action when it lies near the action's centre (``center_radius`` strides) and the
-action's longer side from the point falls in the level's regression range, so short actions are
-learnt on fine levels and long ones on coarse levels. Each point predicts
-
-- a score per class, trained with the sigmoid focal loss over all points (normalised by positives);
-- its distances to the action's start and end (in strides), trained with the 1D DIoU loss on positives.
-
-At inference, the top-scoring (point, class) pairs become segments ``[c - left, c + right]``, which
-soft-NMS then prunes (see ``evaluate.soft_nms_1d``).
+Level ``l`` of the pyramid has stride ``2**l``. A point is a positive for a ground-truth action when it lies
+within ``center_radius`` strides of the action's centre and the action's longer side from it falls in the
+level's regression range, so short actions are learnt on fine levels and long ones on coarse levels.
 """
 
 from __future__ import annotations
@@ -40,16 +33,9 @@ class TemporalConv(nn.Module):
         return self.linear(window[:, ::self.stride])
 
 
-class ConvNorm(nn.Module):
+def conv_norm(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     """TemporalConv -> LayerNorm -> ReLU."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.conv = TemporalConv(cin, cout, stride)
-        self.norm = nn.LayerNorm(cout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.norm(self.conv(x)))
+    return nn.Sequential(TemporalConv(cin, cout, stride), nn.LayerNorm(cout), nn.ReLU())
 
 
 class TADHead(nn.Module):
@@ -61,10 +47,10 @@ class TADHead(nn.Module):
             raise ValueError(f"head: {levels} levels need {levels} regression_ranges, got {len(regression_ranges)}")
         self.num_classes, self.levels, self.center_radius = num_classes, levels, center_radius
         self.regression_ranges = [tuple(map(float, r)) for r in regression_ranges]
-        self.proj = nn.Sequential(ConvNorm(in_dims, dims), ConvNorm(dims, dims))
-        self.down = nn.ModuleList(ConvNorm(dims, dims, stride=2) for _ in range(levels - 1))
-        self.cls_tower = nn.Sequential(ConvNorm(dims, dims), ConvNorm(dims, dims))
-        self.reg_tower = nn.Sequential(ConvNorm(dims, dims), ConvNorm(dims, dims))
+        self.proj = nn.Sequential(conv_norm(in_dims, dims), conv_norm(dims, dims))
+        self.down = nn.ModuleList(conv_norm(dims, dims, stride=2) for _ in range(levels - 1))
+        self.cls_tower = nn.Sequential(conv_norm(dims, dims), conv_norm(dims, dims))
+        self.reg_tower = nn.Sequential(conv_norm(dims, dims), conv_norm(dims, dims))
         self.cls_out = TemporalConv(dims, num_classes)
         self.reg_out = TemporalConv(dims, 2)
         self.scales = nn.Parameter(torch.ones(levels))

@@ -1,18 +1,10 @@
-"""A VideoMAE-style vision transformer for untrimmed video, laid out the way AdaTAD runs it.
+"""A VideoMAE-style ViT over a long video, laid out the way AdaTAD runs it (notebook 02, section 3).
 
-- **Tubelet embedding**: a ``Conv3d`` with kernel = stride = (2, p, p) turns every 2 frames x p x p
-  pixels into one token; a fixed sine-cosine table gives positions.
-- **Chunked attention**: a long video (AdaTAD: 768 frames) is cut into 16-frame chunks; attention runs
-  inside a chunk only, so its cost grows linearly with video length.
-- **Adapters between blocks**: after each block an optional adapter sees the *whole* video again
-  (its temporal convolution crosses chunk borders), which is how AdaTAD gives a frozen clip model
-  temporal context.
-- **Activation checkpointing** (``with_cp``): each block's activations are recomputed in the backward
-  pass instead of stored.
-
-The layer names follow OpenTAD/VideoMAE (``blocks.N.attn.qkv``, ``q_bias``, ``v_bias``, ``mlp.fc1``,
-``fc_norm``), so parameter counts can be compared with the seed's: at ViT-S/16 shape the backbone
-has 21,879,936 parameters, as in its training log.
+A ``Conv3d`` tubelet embedding (2 frames x p x p pixels per token), attention inside 16-frame chunks only
+(cost linear in video length), an optional adapter after each block that sees the *whole* video, and
+optional activation checkpointing (``with_cp``). Layer names follow OpenTAD/VideoMAE (``blocks.N.attn.qkv``,
+``q_bias``, ``v_bias``, ``mlp.fc1``, ``fc_norm``): at ViT-S/16 shape the backbone has 21,879,936
+parameters, as in the seed's training log.
 
 Example:
     >>> vit = VideoViT(img_size=32, patch_size=8, in_chans=1, embed_dims=64, depth=2, num_heads=4)
@@ -22,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -93,16 +84,15 @@ class Block(nn.Module):
 class VideoViT(nn.Module):
     """VideoMAE-style ViT over a long video, attending within ``num_frames``-frame chunks.
 
-    ``adapter`` is a factory ``(embed_dims) -> nn.Module`` called once per block in ``adapter_index``
-    (all blocks by default); ``None`` gives the plain backbone. ``forward`` takes
+    ``adapter`` is a factory ``(embed_dims) -> nn.Module`` called once per block; ``None`` gives the
+    plain backbone. ``forward`` takes
     ``(batch, channels, frames, height, width)`` with frames a multiple of ``num_frames`` and returns
     spatially averaged features ``(batch, embed_dims, frames / tubelet_size)``.
     """
 
     def __init__(self, img_size: int = 32, patch_size: int = 8, in_chans: int = 1, *, embed_dims: int = 64,
                  depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, num_frames: int = 16,
-                 tubelet_size: int = 2, adapter: Callable[[int], nn.Module] | None = None,
-                 adapter_index: list[int] | None = None, with_cp: bool = False):
+                 tubelet_size: int = 2, adapter: Callable[[int], nn.Module] | None = None, with_cp: bool = False):
         super().__init__()
         if img_size % patch_size or num_frames % tubelet_size:
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}, and num_frames "
@@ -114,10 +104,8 @@ class VideoViT(nn.Module):
         grid = img_size // patch_size
         self.register_buffer("pos_embed", sinusoid_table(grid * grid * num_frames // tubelet_size, embed_dims),
                              persistent=False)
-        where = set(range(depth)) if adapter_index is None else set(adapter_index)
-        self.blocks = nn.ModuleList(
-            Block(embed_dims, num_heads, mlp_ratio, adapter=adapter(embed_dims) if adapter and i in where else None)
-            for i in range(depth))
+        self.blocks = nn.ModuleList(Block(embed_dims, num_heads, mlp_ratio, adapter=adapter and adapter(embed_dims))
+                                    for _ in range(depth))
         self.fc_norm = nn.LayerNorm(embed_dims, eps=1e-6)
         self.apply(self._init)
 
@@ -162,11 +150,3 @@ class VideoViT(nn.Module):
         """One pooled vector per ``num_frames``-frame clip, for clip-level pre-training."""
         return self.forward(clips).mean(2)
 
-
-def count_parameters(module: nn.Module) -> int:
-    """Parameters as the model defines them (a quantized weight counts its logical, unpacked size)."""
-    total = 0
-    for p in module.parameters():
-        shape = getattr(getattr(p, "quant_state", None), "shape", None)
-        total += math.prod(shape) if shape is not None else p.numel()
-    return total
