@@ -134,7 +134,7 @@ def test_temporal_adapter_shapes_identity_and_conv_equivalence():
 
 
 def test_tubelet_embedding_equals_conv3d():
-    from qlora_helpers.ch02_tad.vit import VideoViT
+    from qlora_helpers.ch02_tad.model import VideoViT
 
     vit = VideoViT(img_size=32, patch_size=16, embed_dims=32, depth=1, num_heads=2)
     clip = torch.randn(3, 1, 16, 32, 32)
@@ -238,7 +238,7 @@ def test_bad_config_gives_one_clear_line(field, value, message):
 
 
 def test_head_targets_and_losses():
-    from qlora_helpers.ch02_tad.head import TADHead, diou_loss_1d
+    from qlora_helpers.ch02_tad.model import TADHead, diou_loss_1d
 
     head = TADHead(16, 3, dims=8)
     cls_t, reg_t, pos = head.assign(16, torch.tensor([[4.0, 10.0]]), torch.tensor([2]))

@@ -24,8 +24,7 @@ import difflib
 from functools import partial
 
 from qlora_helpers.ch02_tad.adapters import QLoRAAdapter, TemporalAdapter, freeze_for_adapters, quantize_backbone
-from qlora_helpers.ch02_tad.head import Detector, TADHead
-from qlora_helpers.ch02_tad.vit import VideoViT
+from qlora_helpers.ch02_tad.model import Detector, TADHead, VideoViT
 
 GEOMETRY = {"img_size": 32, "patch_size": 8, "in_chans": 1, "embed_dims": 64, "depth": 4, "num_heads": 4,
             "mlp_ratio": 4.0, "num_frames": 16, "tubelet_size": 2, "with_cp": False}

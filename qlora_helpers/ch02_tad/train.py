@@ -22,7 +22,7 @@ from qlora_helpers.ch02_tad.adapters import is_quantized
 from qlora_helpers.ch02_tad.config import GEOMETRY, param_groups
 from qlora_helpers.ch02_tad.data import make_pretrain_clips
 from qlora_helpers.ch02_tad.evaluate import mean_ap
-from qlora_helpers.ch02_tad.vit import VideoViT
+from qlora_helpers.ch02_tad.model import VideoViT
 from qlora_helpers.common.assets import cache_dir
 from qlora_helpers.common.bench import cuda_peak_gib
 from qlora_helpers.common.files import atomic_open, state_digest
@@ -133,11 +133,6 @@ def _resume(ckpt: Path, trainable: dict, opt, *, run_id: dict, device: str) -> t
     return state["history"], state["step"]
 
 
-def _save(ckpt: Path, step: int, trainable: dict, opt, *, history: list, run_id: dict) -> None:
-    atomic_torch_save({"step": step, "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
-                       "optimizer": opt.state_dict(), "history": history, **run_id}, ckpt)
-
-
 def _step(model, opt, params: list, video: torch.Tensor, targets: list, *, device: str, autocast_dtype) -> dict:
     """One optimizer step on a batch; the rounded losses."""
     with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -188,7 +183,8 @@ def train_detector(model, cfg: dict, data, *, steps: int, batch_size: int = 4, s
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         if ckpt and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            _save(ckpt, step + 1, trainable, opt, history=history, run_id=run_id)
+            atomic_torch_save({"step": step + 1, "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
+                               "optimizer": opt.state_dict(), "history": history, **run_id}, ckpt)
     bar.close()
     return {"history": history, "step_seconds": step_seconds, "resumed_from": start}
 
