@@ -8,7 +8,7 @@ motion. Faces, non-faces and digits are split into disjoint train and validation
 annotation follows from ``VideoSpec`` (its ``seed`` included): the same spec gives the same bytes anywhere.
 
 Example:
-    >>> data = make_dataset(VideoSpec(n_train=4, n_val=2, frames=64))
+    >>> data = make_dataset(VideoSpec(n_train=4, n_val=2, frames=64, max_len=24), write_json=False)
     >>> data.videos["train"].shape, data.videos["train"].dtype
     ((4, 64, 32, 32), dtype('uint8'))
     >>> sorted(data.database["database"])[:1]
