@@ -176,7 +176,8 @@ def build_backbone(bcfg: dict, pretrained: dict | None = None, compute_dtype=Non
     return vit
 
 
-def build_model(cfg: dict, num_classes: int, pretrained: dict | None = None, device: str = "cpu", compute_dtype=None):
+def build_model(cfg: dict, num_classes: int, *, pretrained: dict | None = None, device: str = "cpu",
+                compute_dtype=None):
     """Validated config -> ``Detector`` on ``device`` (moving it there quantizes), frozen as its type says."""
     cfg = validate(cfg)
     bcfg = cfg["model"]["backbone"]
