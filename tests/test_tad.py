@@ -118,12 +118,12 @@ def one_thread():
 
 
 def test_temporal_adapter_shapes_identity_and_conv_equivalence():
-    from qlora_helpers.ch02_tad.adapters import PlainAdapter, TemporalAdapter, _TemporalMixer
+    from qlora_helpers.ch02_tad.adapters import TemporalAdapter, _TemporalMixer
 
     x = torch.randn(2 * 3, 8 * 4, 32)                 # 2 videos x 3 chunks, 8 steps x 2x2 patches, 32 dims
-    for adapter in (TemporalAdapter(32), PlainAdapter(32)):
+    for adapter in (TemporalAdapter(32), TemporalAdapter(32, plain=True)):
         assert torch.equal(adapter(x, 24, 2, 2), x)   # up_proj starts at zero
-    assert PlainAdapter(32).temporal is None and TemporalAdapter(32).temporal is not None
+    assert TemporalAdapter(32, plain=True).temporal is None and TemporalAdapter(32).temporal is not None
     mixer = _TemporalMixer(8)
     with torch.no_grad():
         mixer.dwconv.bias.normal_()
@@ -134,7 +134,7 @@ def test_temporal_adapter_shapes_identity_and_conv_equivalence():
 
 
 def test_tubelet_embedding_equals_conv3d():
-    from qlora_helpers.ch02_tad.vit import VideoViT
+    from qlora_helpers.ch02_tad.model import VideoViT
 
     vit = VideoViT(img_size=32, patch_size=16, embed_dims=32, depth=1, num_heads=2)
     clip = torch.randn(3, 1, 16, 32, 32)
@@ -238,7 +238,7 @@ def test_bad_config_gives_one_clear_line(field, value, message):
 
 
 def test_head_targets_and_losses():
-    from qlora_helpers.ch02_tad.head import TADHead, diou_loss_1d
+    from qlora_helpers.ch02_tad.model import TADHead, diou_loss_1d
 
     head = TADHead(16, 3, dims=8)
     cls_t, reg_t, pos = head.assign(16, torch.tensor([[4.0, 10.0]]), torch.tensor([2]))

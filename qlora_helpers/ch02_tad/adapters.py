@@ -1,20 +1,9 @@
 """AdaTAD's adapters, the seed's QLoRA adapter, a 4-bit backbone, and freezing that respects both.
 
-``TemporalAdapter`` (AdaTAD's temporal-informative adapter, TIA)::
-
-    x -> down_proj -> GELU -> (+ 1x1 conv(depthwise temporal conv over the whole video)) -> up_proj
-      -> x + gamma * that
-
-``up_proj`` starts at zero, so a fresh adapter is the identity and training starts from the pretrained
-model. ``PlainAdapter`` (``use_plain_adapter=True``) drops the temporal convolution.
-
-``QLoRAAdapter`` is the seed's variant: ``down_proj``/``up_proj`` become bitsandbytes ``Linear4bit``
-(bitsandbytes' default FP4, as the seed's call leaves it) or ``Linear8bitLt`` layers, frozen, and a
-LoRA pair ``B @ A`` scaled by ``lora_alpha / lora_r`` beside each learns instead. Note what is
-quantized: a *freshly initialised* projection (random down, zero up), not pretrained weights.
-
-``quantize_backbone`` is the textbook QLoRA alternative: the pretrained backbone's linear layers go to
-NF4 and stay frozen, adapters stay in full precision and train.
+``TemporalAdapter`` is AdaTAD's temporal-informative adapter (``plain=True``: without the temporal
+convolution); ``QLoRAAdapter`` the seed's variant with frozen bitsandbytes projections and LoRA pairs beside
+them; ``quantize_backbone`` the textbook QLoRA alternative (pretrained linears in NF4, adapters in full
+precision). Notebook 02, section 4, writes out what each computes.
 
 Example:
     >>> a = TemporalAdapter(64)
@@ -25,9 +14,9 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import math
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 
@@ -36,24 +25,9 @@ from qlora_helpers.common.quant import keep_cpu_training_layout
 BACKBONE_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
-def bnb_module():
-    """bitsandbytes, imported only when a quantized layer is built, with the fix if it is missing."""
-
-    # Its CPU backend logs a warning about an optional kernel for a packed inference path that
-    # ``quantized_linear`` switches off anyway; keep errors, drop that notice.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    try:
-        import bitsandbytes
-    except ImportError as err:
-        raise ImportError(f"bitsandbytes is needed for quantize_bits / backbone_quantize_bits ({err}): "
-                          "pip install 'bitsandbytes>=0.50.2', or use type='VisionTransformerAdapter'") from None
-    return bitsandbytes
-
-
 def quantized_linear(in_features: int, out_features: int, bits: int, *, bias: bool = False,
                      quant_type: str = "fp4", compute_dtype=None) -> nn.Module:
     """An (as yet unquantized) bitsandbytes linear layer; it quantizes when moved to a device."""
-    bnb = bnb_module()
     if bits == 4:
         layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, quant_type=quant_type,
                                   compute_dtype=compute_dtype)
@@ -100,7 +74,13 @@ class _TemporalMixer(nn.Module):
 
 
 class TemporalAdapter(nn.Module):
-    """AdaTAD's temporal-informative adapter; ``plain=True`` gives ``PlainAdapter`` (no temporal conv)."""
+    """AdaTAD's temporal-informative adapter (TIA); ``plain=True`` drops the temporal convolution::
+
+        x -> down_proj -> GELU -> (+ 1x1 conv(depthwise temporal conv over the whole video)) -> up_proj
+          -> x + gamma * that
+
+    ``up_proj`` starts at zero, so a fresh adapter is the identity and training starts from the pretrained model.
+    """
 
     def __init__(self, embed_dims: int, mlp_ratio: float = 0.25, plain: bool = False):
         super().__init__()
@@ -119,10 +99,6 @@ class TemporalAdapter(nn.Module):
         return x + self.gamma * self.up_proj(y)
 
 
-def PlainAdapter(embed_dims: int, mlp_ratio: float = 0.25) -> TemporalAdapter:  # noqa: N802 (OpenTAD's name)
-    return TemporalAdapter(embed_dims, mlp_ratio, plain=True)
-
-
 def _lora_pair(in_features: int, out_features: int, r: int) -> tuple[nn.Linear, nn.Linear]:
     """LoRA's A (Kaiming-uniform) and B (zero): their product starts at zero."""
     a, b = nn.Linear(in_features, r, bias=False), nn.Linear(r, out_features, bias=False)
@@ -132,8 +108,11 @@ def _lora_pair(in_features: int, out_features: int, r: int) -> tuple[nn.Linear, 
 
 
 class QLoRAAdapter(nn.Module):
-    """The seed's adapter: frozen quantized ``down_proj``/``up_proj``, trainable LoRA pairs beside them
-    (``down_lora_a/b``, ``up_lora_a/b``, the seed's names), the temporal convolution and ``gamma``."""
+    """The seed's adapter: frozen quantized ``down_proj``/``up_proj`` (``Linear4bit``, bitsandbytes' default FP4
+    as the seed's call leaves it, or ``Linear8bitLt``), trainable LoRA pairs beside them scaled by
+    ``lora_alpha / lora_r`` (``down_lora_a/b``, ``up_lora_a/b``, the seed's names), the temporal convolution and
+    ``gamma``. What is quantized is a *freshly initialised* projection (random down, zero up), not pretrained weights.
+    """
 
     def __init__(self, embed_dims: int, mlp_ratio: float = 0.25, *, lora_r: int = 16, lora_alpha: float = 32,
                  lora_dropout: float = 0.1, quantize_bits: int = 4, use_plain_adapter: bool = False,
@@ -161,11 +140,9 @@ class QLoRAAdapter(nn.Module):
 
 
 # --------------------------------------------------------------------------- quantized backbone
-def quantize_backbone(vit: nn.Module, bits: int = 4, *, quant_type: str = "nf4", compute_dtype=None) -> int:
+def quantize_backbone(vit: nn.Module, bits: int = 4, *, quant_type: str = "nf4", compute_dtype=None) -> None:
     """Swap every block's qkv/proj/fc1/fc2 for a bitsandbytes layer holding the *same* (pretrained)
-    weights; they quantize when the model is moved to a device. Adapters are left alone.
-    Returns how many layers were swapped."""
-    swapped = 0
+    weights; they quantize when the model is moved to a device. Adapters are left alone."""
     for block in vit.blocks:
         for path in BACKBONE_LINEARS:
             parent_name, name = path.split(".")
@@ -175,8 +152,6 @@ def quantize_backbone(vit: nn.Module, bits: int = 4, *, quant_type: str = "nf4",
                                    quant_type=quant_type, compute_dtype=compute_dtype)
             new.load_state_dict(old.state_dict())
             setattr(parent, name, new)
-            swapped += 1
-    return swapped
 
 
 # --------------------------------------------------------------------------- freezing and reports
@@ -186,20 +161,33 @@ def is_quantized(param: torch.Tensor) -> bool:
 
 
 def freeze_for_adapters(model: nn.Module, train_names=("adapter", "lora")) -> None:
-    """Freeze the backbone; train float parameters whose name holds one of ``train_names``.
+    """Freeze the backbone; train float parameters whose name holds one of ``train_names``, and the head.
 
     This is the rule seed 001 arrived at, written so that it cannot go wrong: quantized weights are
     recognised by their type or dtype (not by a layer name) and are never given ``requires_grad``
-    (PyTorch refuses: only floating point tensors can require gradients). Parameters outside
-    ``model.backbone`` (the detection head) stay trainable.
+    (PyTorch refuses: only floating point tensors can require gradients).
     """
-    for name, param in model.backbone.named_parameters():
-        wanted = any(key in name for key in train_names) and not is_quantized(param)
-        if param.requires_grad != wanted and not is_quantized(param):
-            param.requires_grad_(wanted)
     for name, param in model.named_parameters():
-        if not name.startswith("backbone.") and not is_quantized(param):
-            param.requires_grad_(True)
+        if not is_quantized(param):
+            param.requires_grad_(not name.startswith("backbone.") or any(key in name for key in train_names))
+
+
+def backbone_counts(backbone: nn.Module) -> dict:
+    """Parameters of the ViT and of its adapters (all, and trainable), and how many are quantized.
+
+    A quantized weight counts its logical, unpacked size, as OpenTAD's log line does.
+    """
+    counts = dict.fromkeys(("vit_params", "adapter_params", "adapter_trainable", "quantized_params",
+                            "quantized_bytes"), 0)
+    for name, p in backbone.named_parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        n = math.prod(shape) if shape is not None else p.numel()
+        counts["adapter_params" if "adapter" in name else "vit_params"] += n
+        counts["adapter_trainable"] += n if "adapter" in name and p.requires_grad else 0
+        if is_quantized(p):
+            counts["quantized_params"] += n
+            counts["quantized_bytes"] += p.numel() * p.element_size()
+    return counts
 
 
 def parameter_report(model: nn.Module) -> dict:
@@ -208,26 +196,13 @@ def parameter_report(model: nn.Module) -> dict:
     ``adapter_ratio_pct`` is what OpenTAD prints (all adapter parameters, frozen quantized ones
     included, over the ViT's); ``trainable_backbone_ratio_pct`` is the trainable share.
     """
-    backbone = model.backbone
-    vit, adapter, adapter_trainable, quantized, quantized_bytes = 0, 0, 0, 0, 0
-    for name, p in backbone.named_parameters():
-        shape = getattr(getattr(p, "quant_state", None), "shape", None)
-        n = math.prod(shape) if shape is not None else p.numel()
-        if "adapter" in name:
-            adapter += n
-            adapter_trainable += n if p.requires_grad else 0
-        else:
-            vit += n
-        if is_quantized(p):
-            quantized += n
-            quantized_bytes += p.numel() * p.element_size()
-    head = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    backbone_trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
-    return {"vit_params": vit, "adapter_params": adapter, "adapter_trainable": adapter_trainable,
-            "adapter_ratio_pct": round(100 * adapter / vit, 3),
+    c = backbone_counts(model.backbone)
+    backbone_trainable = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    return {**{k: c[k] for k in ("vit_params", "adapter_params", "adapter_trainable")},
+            "adapter_ratio_pct": round(100 * c["adapter_params"] / c["vit_params"], 3),
             "backbone_trainable": backbone_trainable,
-            "trainable_backbone_ratio_pct": round(100 * backbone_trainable / vit, 3),
-            "head_params": head, "trainable_params": trainable,
-            "quantized_params": quantized, "quantized_bytes": quantized_bytes,
+            "trainable_backbone_ratio_pct": round(100 * backbone_trainable / c["vit_params"], 3),
+            "head_params": sum(p.numel() for p in model.head.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "quantized_params": c["quantized_params"], "quantized_bytes": c["quantized_bytes"],
             "quantized_requiring_grad": sum(1 for p in model.parameters() if is_quantized(p) and p.requires_grad)}

@@ -1,18 +1,10 @@
-"""The seeds' numbers next to what this course measures, each with a verdict, and the GPU memory table.
+"""The seeds' numbers next to what this course counts and measures, each with a verdict, and the GPU memory table.
 
-Parameter claims are checked by building the seed's backbone at ViT-S/16 shape on the CPU
-(``seed_shape_counts``); memory claims need ``benchmarks/results/tad_memory.json`` from
-``benchmarks/tad_memory.py`` on a GPU. The seeds write "GB"; the benchmark measures GiB (2**30 bytes),
-a 7 % difference that no verdict below depends on. Verdicts use the peak *allocated* memory; the
-reserved figure (what the caching allocator holds, closer to what ``nvidia-smi`` shows, which also adds
-the CUDA context) is printed beside it, since the seeds do not say how they measured.
-
-``TAD_MEMORY`` is that file's table for ``common.results.table``, ``memory_figure`` its bars, and
-``checkpointing_rows`` (shown with ``CHECKPOINTING_COLUMNS``) what checkpointing saves per strategy;
-``QUANTIZED`` what the quantized weights take; ``benchmark_record`` is the part of the file a notebook's
-results keep. ``eight_bit_advice`` reads the same file for seed 000's "use 8-bit when out of memory".
-``learning_metrics`` and ``within_one_point`` turn the notebook's mAP table into the learning figures the
-tests assert on and into the verdict on seed 000's "within 1 % mAP of the plain adapter".
+Parameter claims are checked by building the seed's backbones at ViT-S/16 shape on the CPU; memory claims
+need ``benchmarks/results/tad_memory.json`` from ``benchmarks/tad_memory.py`` on a GPU. The seeds write "GB";
+the benchmark measures GiB (2**30 bytes), a 7 % difference that no verdict below depends on. Verdicts use the
+peak *allocated* memory; the reserved figure (closer to what ``nvidia-smi`` shows) is printed beside it, since
+the seeds do not say how they measured.
 """
 
 from __future__ import annotations
@@ -20,65 +12,58 @@ from __future__ import annotations
 import torch
 from matplotlib.figure import Figure
 
-from qlora_helpers.ch02_tad.config import VIDEOMAE_S, build_backbone, validate
-from qlora_helpers.ch02_tad.vit import count_parameters
-from qlora_helpers.common.results import Table, plot
+from qlora_helpers.ch02_tad.adapters import backbone_counts
+from qlora_helpers.ch02_tad.config import VIDEOMAE_S, build_backbone, strategy_config
+from qlora_helpers.common.results import Table, plot, select
 
 
 def seed_shape_counts() -> dict:
     """Parameter counts of the AdaTAD and seed-QLoRA backbones at ViT-S/16 shape (built on the meta
     device, adapters not quantized, so every weight counts at its logical size, as in OpenTAD's log line)."""
     out = {}
-    for name, kind, extra in (("adapter", "VisionTransformerAdapter", {}),
-                              ("seed_qlora", "VisionTransformerQLoRA", {"lora_r": 16, "lora_alpha": 32})):
-        bcfg = validate({"model": {"backbone": {"type": kind, **VIDEOMAE_S, **extra}}})["model"]["backbone"]
+    for name in ("adapter", "seed_qlora"):
         with torch.device("meta"):   # shapes only: no memory, no time spent on initialisation
-            vit = build_backbone(bcfg)
-        adapters = [b.adapter for b in vit.blocks if b.adapter is not None]
-        adapter = sum(count_parameters(a) for a in adapters)
-        projections = ("down_proj.weight", "up_proj.weight")
-        frozen = sum(p.numel() for a in adapters for n, p in a.named_parameters() if n in projections) \
-            if kind == "VisionTransformerQLoRA" else 0
-        vit_params = count_parameters(vit) - adapter
-        out[name] = {"vit_params": vit_params, "adapter_params": adapter, "adapter_trainable": adapter - frozen,
-                     "adapter_ratio_pct": round(100 * adapter / vit_params, 2),
-                     "trainable_ratio_pct": round(100 * (adapter - frozen) / vit_params, 2),
-                     "quantized_params": frozen}
+            c = backbone_counts(build_backbone(strategy_config(name, VIDEOMAE_S)["model"]["backbone"]))
+        out[name] = {"vit_params": c["vit_params"], "adapter_params": c["adapter_params"],
+                     "adapter_trainable": c["adapter_trainable"],
+                     "adapter_ratio_pct": round(100 * c["adapter_params"] / c["vit_params"], 2),
+                     "trainable_ratio_pct": round(100 * c["adapter_trainable"] / c["vit_params"], 2),
+                     "quantized_params": c["quantized_params"]}
     return out
 
 
-def memory_rows(benchmark: dict | None) -> list[dict]:
-    """Every configuration of ``benchmarks/results/tad_memory.json`` (``[]`` without one), failed ones included."""
-    return (benchmark or {}).get("figures", {}).get("rows", [])
+# The benchmark file as tables (``common.results.table``): every configuration with its peaks and step time,
+# or its status; what the quantized weights themselves take, beside the peak, with checkpointing on.
+TAD_MEMORY = Table("tad_memory", "figures.rows", columns=(
+    ("configuration", "name", ""), ("peak allocated (GiB)", "peak_allocated_gib", ".2f"),
+    ("peak reserved (GiB)", "peak_reserved_gib", ".2f"), ("s / step", "step_seconds", ".3f"), ("status", "status", "")))
+QUANTIZED = Table("tad_memory", "figures.rows", columns=(
+    ("configuration", "name", ""), ("quantized weights", "params.quantized_params", ","),
+    ("stored (MiB)", lambda r: r["params"]["quantized_bytes"] / 2**20, ".2f"),
+    ("in fp32 (MiB)", lambda r: r["params"]["quantized_params"] * 4 / 2**20, ".2f"),
+    ("peak allocated (GiB)", "peak_allocated_gib", ".2f")),
+    where=lambda r: r["status"] == "ok" and r["name"].endswith("-cp") and r["params"]["quantized_params"] > 0)
+MEASURED = Table("tad_memory", "figures.rows", where=lambda r: r.get("status") == "ok")
+CHECKPOINTING_COLUMNS = (("strategy", "strategy", ""), ("checkpointing on (GiB)", "on", ".3f"),
+                         ("off (GiB)", "off", ".3f"), ("checkpointing saves (GiB)", "saved", ".2f"),
+                         ("share", "saved_share", ".0%"), ("vs adapter, on (GiB)", "vs_adapter", "+.2f"))
+STRATEGIES = ("full_ft", "adapter", "seed_qlora4", "seed_qlora8", "qlora_backbone")
 
 
-def _rows(benchmark: dict) -> dict:
-    return {r["name"]: r for r in memory_rows(benchmark) if r.get("status") == "ok"}
-
-
-def _peak(rows: dict, name: str):
-    return rows[name]["peak_allocated_gib"] if name in rows else None
-
-
-def _where(rows: dict, name: str, label: str) -> str:
-    if name not in rows:
-        return f"{label}: not measured"
-    r = rows[name]
-    return f"{label}: peak {r['peak_allocated_gib']:.2f} GiB allocated, {r['peak_reserved_gib']:.2f} GiB reserved"
+def _peaks(benchmark: dict | None) -> dict:
+    """Peak allocated GiB per configuration that ran ("adapter-cp": 12.1, ...); ``{}`` without a file."""
+    return {r["name"]: r["peak_allocated_gib"] for r in select(benchmark, MEASURED)} if benchmark else {}
 
 
 def _range_verdict(value, lo, hi, unit="GiB") -> str:
     if value is None:
         return "not measured"
-    if lo <= value <= hi:
-        return f"holds ({value:.2f} {unit})"
-    return f"does not hold ({value:.2f} {unit})"
+    return f"{'holds' if lo <= value <= hi else 'does not hold'} ({value:.2f} {unit})"
 
 
-def check_claims(counts: dict, benchmark: dict | None = None) -> list[dict]:
-    """One row per seed claim: ``claim``, ``seed``, ``measured`` and ``verdict``."""
-    q, a = counts["seed_qlora"], counts["adapter"]
-    rows = [
+def _parameter_claims(q: dict, a: dict) -> list[dict]:
+    mib = q["quantized_params"] / 2**20
+    return [
         {"seed": "001", "claim": "ViT 21,879,936 params, QLoRA adapters 1,185,420, ratio 5.4 %",
          "measured": f"{q['vit_params']:,} / {q['adapter_params']:,} = {q['adapter_ratio_pct']} %",
          "verdict": "holds as counted, but it counts the frozen quantized projections"
@@ -91,63 +76,52 @@ def check_claims(counts: dict, benchmark: dict | None = None) -> list[dict]:
          "verdict": "holds" if 2e6 <= a["adapter_params"] <= 3e6
          else f"does not hold ({a['adapter_params'] / 1e6:.2f} M)"},
         {"seed": "001", "claim": "4-bit storage saves 75 % of the memory",
-         "measured": f"{q['quantized_params']:,} quantized weights: "
-                     f"{q['quantized_params'] * 2 / 2**20:.2f} MiB in bf16 "
-                     f"-> {q['quantized_params'] / 2 / 2**20:.2f} MiB in 4 bits",
-         "verdict": f"holds for those weights only: {q['quantized_params'] * 1.5 / 2**20:.2f} MiB saved in all"},
+         "measured": f"{q['quantized_params']:,} quantized weights: {mib * 2:.2f} MiB in bf16 "
+                     f"-> {mib / 2:.2f} MiB in 4 bits",
+         "verdict": f"holds for those weights only: {mib * 1.5:.2f} MiB saved in all"},
     ]
+
+
+def check_claims(counts: dict, benchmark: dict | None = None) -> list[dict]:
+    """One row per seed claim: ``claim``, ``seed``, ``measured`` and ``verdict``."""
+    rows = _parameter_claims(counts["seed_qlora"], counts["adapter"])
     if benchmark is None:
         return rows
-    m = _rows(benchmark)
-    full, adapter, q4, q8 = (_peak(m, f"{s}-cp") for s in ("full_ft", "adapter", "seed_qlora4", "seed_qlora8"))
-    q4_nocp = _peak(m, "seed_qlora4-nocp")
+    runs = {r["name"]: r for r in select(benchmark, MEASURED)}
+    full, adapter, q4, q8, q4_nocp = (_peaks(benchmark).get(name) for name in (
+        "full_ft-cp", "adapter-cp", "seed_qlora4-cp", "seed_qlora8-cp", "seed_qlora4-nocp"))
 
-    def saving(x, base):
-        return None if x is None or not base else 100 * (1 - x / base)
+    def where(name: str, label: str) -> str:
+        r = runs.get(name)
+        return f"{label}: peak {r['peak_allocated_gib']:.2f} GiB allocated, {r['peak_reserved_gib']:.2f} GiB reserved" \
+            if r else f"{label}: not measured"
 
-    s_adapter, s_full = saving(q4, adapter), saving(q4, full)
-    rows += [
-        {"seed": "000", "claim": "original adapter: about 12 GB",
-         "measured": _where(m, "adapter-cp", "adapter, checkpointing on"),
-         "verdict": _range_verdict(adapter, 10, 14)},
-        {"seed": "000", "claim": "QLoRA 4-bit: 6-8 GB",
-         "measured": _where(m, "seed_qlora4-cp", "seed QLoRA 4-bit, checkpointing on"),
-         "verdict": _range_verdict(q4, 6, 8)},
-        {"seed": "000", "claim": "QLoRA 8-bit: 8-10 GB",
-         "measured": _where(m, "seed_qlora8-cp", "seed QLoRA 8-bit, checkpointing on"),
-         "verdict": _range_verdict(q8, 8, 10)},
+    def saving(base):
+        return None if q4 is None or not base else 100 * (1 - q4 / base)
+
+    return rows + [
+        {"seed": "000", "claim": "original adapter: about 12 GB", "verdict": _range_verdict(adapter, 10, 14),
+         "measured": where("adapter-cp", "adapter, checkpointing on")},
+        {"seed": "000", "claim": "QLoRA 4-bit: 6-8 GB", "verdict": _range_verdict(q4, 6, 8),
+         "measured": where("seed_qlora4-cp", "seed QLoRA 4-bit, checkpointing on")},
+        {"seed": "000", "claim": "QLoRA 8-bit: 8-10 GB", "verdict": _range_verdict(q8, 8, 10),
+         "measured": where("seed_qlora8-cp", "seed QLoRA 8-bit, checkpointing on")},
         {"seed": "000", "claim": "QLoRA needs 50-75 % less memory than the original adapter",
          "measured": "1 - seed QLoRA 4-bit / adapter (checkpointing on)",
-         "verdict": _range_verdict(s_adapter, 50, 75, "%")},
+         "verdict": _range_verdict(saving(adapter), 50, 75, "%")},
         {"seed": "001", "claim": "QLoRA training takes about 16 GB",
          "measured": f"seed QLoRA 4-bit: {q4 if q4 is not None else '-'} GiB with, "
                      f"{q4_nocp if q4_nocp is not None else '-'} without checkpointing",
-         "verdict": _range_verdict(q4, 13, 19) if q4 is not None else "not measured"},
+         "verdict": _range_verdict(q4, 13, 19)},
         {"seed": "001", "claim": "50-60 % less memory than full fine-tuning",
          "measured": "1 - seed QLoRA 4-bit / full fine-tuning (checkpointing on)",
-         "verdict": _range_verdict(s_full, 50, 60, "%")},
+         "verdict": _range_verdict(saving(full), 50, 60, "%")},
     ]
-    return rows
-
-
-# --------------------------------------------------------------------------- the GPU memory table
-# The benchmark file as a table (``common.results.table``): per configuration its peaks and step time, or its status.
-TAD_MEMORY = Table("tad_memory", "figures.rows", columns=(
-    ("configuration", "name", ""), ("peak allocated (GiB)", "peak_allocated_gib", ".2f"),
-    ("peak reserved (GiB)", "peak_reserved_gib", ".2f"), ("s / step", "step_seconds", ".3f"), ("status", "status", "")))
-# What the quantized weights themselves take, beside the peak, with checkpointing on.
-QUANTIZED = Table("tad_memory", "figures.rows", columns=(
-    ("configuration", "name", ""), ("quantized weights", "params.quantized_params", ","),
-    ("stored (MiB)", lambda r: r["params"]["quantized_bytes"] / 2**20, ".2f"),
-    ("in fp32 (MiB)", lambda r: r["params"]["quantized_params"] * 4 / 2**20, ".2f"),
-    ("peak allocated (GiB)", "peak_allocated_gib", ".2f")),
-    where=lambda r: r["status"] == "ok" and r["name"].endswith("-cp") and r["params"]["quantized_params"] > 0)
-STRATEGIES = ("full_ft", "adapter", "seed_qlora4", "seed_qlora8", "qlora_backbone")
 
 
 def memory_figure(benchmark: dict) -> Figure:
     """Bars of the peak allocated GiB per strategy, activation checkpointing on and off."""
-    fig = plot(list(_rows(benchmark).values()), x="strategy", y="peak_allocated_gib", size=(9, 3.4),
+    fig = plot(select(benchmark, MEASURED), x="strategy", y="peak_allocated_gib", size=(9, 3.4),
                series=lambda r: f"checkpointing {'on' if r['activation_checkpointing'] else 'off'}",
                title="ViT-S/16, 768 frames x 160 px, batch 2 (seed config shape)")
     fig.axes[0].set_ylabel("peak allocated, GiB")
@@ -157,8 +131,7 @@ def memory_figure(benchmark: dict) -> Figure:
 def checkpointing_rows(benchmark: dict) -> list[dict]:
     """Per strategy: peak GiB with (``on``) and without (``off``) activation checkpointing, what checkpointing
     saves, and the difference to the plain adapter (both with checkpointing); ``None`` where not measured."""
-    peak = {name: r["peak_allocated_gib"] for name, r in _rows(benchmark).items()}
-    rows = []
+    peak, rows = _peaks(benchmark), []
     for strategy in STRATEGIES:
         on, off = peak.get(f"{strategy}-cp"), peak.get(f"{strategy}-nocp")
         both = on is not None and off is not None
@@ -169,16 +142,11 @@ def checkpointing_rows(benchmark: dict) -> list[dict]:
     return rows
 
 
-CHECKPOINTING_COLUMNS = (("strategy", "strategy", ""), ("checkpointing on (GiB)", "on", ".3f"),
-                         ("off (GiB)", "off", ".3f"), ("checkpointing saves (GiB)", "saved", ".2f"),
-                         ("share", "saved_share", ".0%"), ("vs adapter, on (GiB)", "vs_adapter", "+.2f"))
-
-
 def benchmark_record(benchmark: dict | None) -> dict | None:
     """What a notebook's results keep of the benchmark file: device, date and every row."""
     if benchmark is None:
         return None
-    return {"device": benchmark["device"], "date": benchmark["date"], "rows": memory_rows(benchmark)}
+    return {"device": benchmark["device"], "date": benchmark["date"], "rows": select(benchmark, TAD_MEMORY)}
 
 
 # --------------------------------------------------------------------------- learning and the 1 % claim
@@ -217,8 +185,8 @@ def within_one_point(map05: dict, *, tolerance: float = 0.01) -> dict:
 def eight_bit_advice(benchmark: dict | None) -> dict:
     """Seed 000's advice for CUDA out of memory, "use 8-bit quantization (quantize_bits=8)", against the
     measured peaks of the seed's adapter at 8 and at 4 bits (checkpointing on and off)."""
-    m = _rows(benchmark) if benchmark else {}
-    pairs = {cp: (_peak(m, f"seed_qlora8-{cp}"), _peak(m, f"seed_qlora4-{cp}")) for cp in ("cp", "nocp")}
+    peak = _peaks(benchmark)
+    pairs = {cp: (peak.get(f"seed_qlora8-{cp}"), peak.get(f"seed_qlora4-{cp}")) for cp in ("cp", "nocp")}
     measured = {cp: p for cp, p in pairs.items() if None not in p}
     if not measured:
         verdict = "not measured"
@@ -228,7 +196,8 @@ def eight_bit_advice(benchmark: dict | None) -> dict:
         verdict = "holds against 4-bit"
     else:
         verdict = "mixed"
-    weights = [m[f"seed_qlora{b}-cp"]["params"]["quantized_bytes"] / 2**20 if f"seed_qlora{b}-cp" in m else None
+    runs = {r["name"]: r for r in select(benchmark, MEASURED)} if benchmark else {}
+    weights = [runs[f"seed_qlora{b}-cp"]["params"]["quantized_bytes"] / 2**20 if f"seed_qlora{b}-cp" in runs else None
                for b in (8, 4)]
     return {"claim": "out of memory: use 8-bit quantization (quantize_bits=8)", "seed": "000",
             "peak_gib_8bit_vs_4bit": {("checkpointing on" if cp == "cp" else "checkpointing off"): list(p)

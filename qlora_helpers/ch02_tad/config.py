@@ -10,37 +10,24 @@ A config is a plain dict, as in OpenTAD::
                      backbone=dict(lr=0, weight_decay=0, custom=[dict(name="adapter", lr=2e-4, weight_decay=0.05),
                                                                  dict(name="lora", lr=2e-4, weight_decay=0.05)]))
 
-Backbone types:
-
-============================  ===========================================================================
-type                          what trains
-============================  ===========================================================================
-VisionTransformer             everything (full fine-tuning; give ``optimizer.backbone.lr`` > 0)
-VisionTransformerAdapter      AdaTAD adapters (``use_plain_adapter``); ``backbone_quantize_bits=4`` stores
-                              the frozen backbone's linears in NF4: the textbook QLoRA alternative
-VisionTransformerQLoRA        the seed: LoRA pairs, temporal conv and gamma of quantized adapters
-============================  ===========================================================================
-
-Bad values are refused with one line that names the field and the fix, e.g.
-``model.backbone.quantize_bits=3: use 4 (Linear4bit) or 8 (Linear8bitLt)``.
+Backbone types: ``VisionTransformer`` trains everything (full fine-tuning: give ``optimizer.backbone.lr`` > 0);
+``VisionTransformerAdapter`` trains AdaTAD adapters, and with ``backbone_quantize_bits=4`` stores the frozen
+backbone's linears in NF4 (the textbook QLoRA alternative); ``VisionTransformerQLoRA`` is the seed's: LoRA
+pairs, temporal conv and gamma of quantized adapters train. Bad values are refused with one line that names
+the field and the fix, e.g. ``model.backbone.quantize_bits=3: use 4 (Linear4bit) or 8 (Linear8bitLt)``.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+from functools import partial
 
-from qlora_helpers.ch02_tad.adapters import (
-    QLoRAAdapter,
-    TemporalAdapter,
-    freeze_for_adapters,
-    quantize_backbone,
-)
-from qlora_helpers.ch02_tad.head import Detector, TADHead
-from qlora_helpers.ch02_tad.vit import VideoViT
+from qlora_helpers.ch02_tad.adapters import QLoRAAdapter, TemporalAdapter, freeze_for_adapters, quantize_backbone
+from qlora_helpers.ch02_tad.model import Detector, TADHead, VideoViT
 
 GEOMETRY = {"img_size": 32, "patch_size": 8, "in_chans": 1, "embed_dims": 64, "depth": 4, "num_heads": 4,
-            "mlp_ratio": 4.0, "num_frames": 16, "tubelet_size": 2, "adapter_index": None, "with_cp": False}
+            "mlp_ratio": 4.0, "num_frames": 16, "tubelet_size": 2, "with_cp": False}
 ADAPTER_KEYS = {"use_plain_adapter": False, "adapter_mlp_ratio": 0.25}
 KEYS = {
     "VisionTransformer": {},
@@ -52,6 +39,31 @@ HEAD = {"dims": 64, "levels": 4, "regression_ranges": ((0, 4), (4, 8), (8, 16), 
 # ViT-S/16 as VideoMAE-S in the seed config (e2e_thumos_videomae_s_768x1_160_adapter_qlora): 768 frames, 160 px
 VIDEOMAE_S = {"img_size": 160, "patch_size": 16, "in_chans": 3, "embed_dims": 384, "depth": 12, "num_heads": 6,
               "mlp_ratio": 4.0, "num_frames": 16, "tubelet_size": 2}
+STRATEGIES = ("full_ft", "adapter", "seed_qlora", "qlora_backbone")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v, *, above: float | None = None, at_least: float | None = None, below: float = float("inf")) -> bool:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v < below
+    return ok and (above is None or v > above) and (at_least is None or v >= at_least)
+
+
+RULES = {  # backbone field: (test of its value, the fix)
+    **{key: (_positive_int, "must be a positive integer") for key in
+       ("img_size", "patch_size", "in_chans", "embed_dims", "depth", "num_heads", "num_frames", "tubelet_size")},
+    "with_cp": (lambda v: isinstance(v, bool), "use True or False"),
+    "use_plain_adapter": (lambda v: isinstance(v, bool), "use False (with temporal conv) or True (plain adapter)"),
+    "backbone_quantize_bits": (lambda v: v in (None, 4, 8), "use None (full precision), 4 (NF4) or 8 (LLM.int8)"),
+    "backbone_quant_type": (lambda v: v in ("nf4", "fp4"), "use 'nf4' or 'fp4'"),
+    "lora_r": (_positive_int, "must be a positive integer (the seed recommends 8-32)"),
+    "lora_alpha": (partial(_number, above=0), "must be > 0 (usually 2 * lora_r)"),
+    "lora_dropout": (partial(_number, at_least=0, below=1), "must be in [0, 1), e.g. 0.1"),
+    "quantize_bits": (lambda v: v in (4, 8) and not isinstance(v, bool), "use 4 (Linear4bit) or 8 (Linear8bitLt)"),
+    "quant_type": (lambda v: v in ("nf4", "fp4"), "use 'fp4' or 'nf4'"),
+}
 
 
 class ConfigError(ValueError):
@@ -76,69 +88,53 @@ def validate(cfg: dict) -> dict:
             near = difflib.get_close_matches(key, list(allowed), n=1)
             hint = f"did you mean {near[0]!r}?" if near else f"{kind} takes {', '.join(sorted(allowed))}"
             raise ConfigError(f"model.backbone.{key}: not a key of {kind}; {hint}")
-    backbone = cfg["model"]["backbone"] = {"type": kind, **allowed, **backbone}
-    f = "model.backbone."
-    for key in ("img_size", "patch_size", "in_chans", "embed_dims", "depth", "num_heads", "num_frames", "tubelet_size"):
-        _check(isinstance(backbone[key], int) and backbone[key] > 0, f + key, backbone[key],
-               "must be a positive integer")
-    _check(backbone["embed_dims"] % backbone["num_heads"] == 0, f + "num_heads", backbone["num_heads"],
-           f"must divide embed_dims={backbone['embed_dims']}")
-    _check(backbone["img_size"] % backbone["patch_size"] == 0, f + "img_size", backbone["img_size"],
-           f"must be a multiple of patch_size={backbone['patch_size']}")
-    _check(isinstance(backbone["with_cp"], bool), f + "with_cp", backbone["with_cp"], "use True or False")
+    b = cfg["model"]["backbone"] = {"type": kind, **allowed, **backbone}
+    for key, (test, fix) in RULES.items():
+        if key in b:
+            _check(test(b[key]), f"model.backbone.{key}", b[key], fix)
+    _check(b["embed_dims"] % b["num_heads"] == 0, "model.backbone.num_heads", b["num_heads"],
+           f"must divide embed_dims={b['embed_dims']}")
+    _check(b["img_size"] % b["patch_size"] == 0, "model.backbone.img_size", b["img_size"],
+           f"must be a multiple of patch_size={b['patch_size']}")
     if kind != "VisionTransformer":
-        _check(isinstance(backbone["use_plain_adapter"], bool), f + "use_plain_adapter", backbone["use_plain_adapter"],
-               "use False (with temporal conv) or True (plain adapter)")
-        hidden = int(backbone["embed_dims"] * backbone["adapter_mlp_ratio"])
-        _check(hidden >= 1, f + "adapter_mlp_ratio", backbone["adapter_mlp_ratio"], "gives no hidden units; use 0.25")
-    if kind == "VisionTransformerAdapter":
-        _check(backbone["backbone_quantize_bits"] in (None, 4, 8), f + "backbone_quantize_bits",
-               backbone["backbone_quantize_bits"], "use None (full precision), 4 (NF4) or 8 (LLM.int8)")
-        _check(backbone["backbone_quant_type"] in ("nf4", "fp4"), f + "backbone_quant_type",
-               backbone["backbone_quant_type"], "use 'nf4' or 'fp4'")
-    if kind == "VisionTransformerQLoRA":
-        r = backbone["lora_r"]
-        _check(isinstance(r, int) and not isinstance(r, bool) and r >= 1, f + "lora_r", r,
-               "must be a positive integer (the seed recommends 8-32)")
-        _check(r <= hidden, f + "lora_r", r, f"is above the adapter's hidden size {hidden}: use at most {hidden}")
-        _check(isinstance(backbone["lora_alpha"], (int, float)) and backbone["lora_alpha"] > 0, f + "lora_alpha",
-               backbone["lora_alpha"], "must be > 0 (usually 2 * lora_r)")
-        _check(isinstance(backbone["lora_dropout"], (int, float)) and 0 <= backbone["lora_dropout"] < 1,
-               f + "lora_dropout", backbone["lora_dropout"], "must be in [0, 1), e.g. 0.1")
-        _check(backbone["quantize_bits"] in (4, 8), f + "quantize_bits", backbone["quantize_bits"],
-               "use 4 (Linear4bit) or 8 (Linear8bitLt)")
-        _check(backbone["quant_type"] in ("nf4", "fp4"), f + "quant_type", backbone["quant_type"], "use 'fp4' or 'nf4'")
+        hidden = int(b["embed_dims"] * b["adapter_mlp_ratio"])
+        _check(hidden >= 1, "model.backbone.adapter_mlp_ratio", b["adapter_mlp_ratio"],
+               "gives no hidden units; use 0.25")
+        _check(b.get("lora_r", 0) <= hidden, "model.backbone.lora_r", b.get("lora_r"),
+               f"is above the adapter's hidden size {hidden}: use at most {hidden}")
     cfg["model"]["head"] = {**HEAD, **cfg["model"].get("head", {})}
     _validate_optimizer(cfg.setdefault("optimizer", {}), kind)
     return cfg
 
 
 def _validate_optimizer(opt: dict, kind: str) -> None:
+    """Fill the optimizer's defaults; every lr must be a number >= 0, and full fine-tuning needs a backbone lr."""
     _check(opt.setdefault("type", "AdamW") == "AdamW", "optimizer.type", opt["type"], "only 'AdamW' is supported")
-    for key, default in (("lr", 1e-4), ("weight_decay", 0.05)):
-        _check(isinstance(opt.setdefault(key, default), (int, float)) and opt[key] >= 0, f"optimizer.{key}", opt[key],
-               "must be >= 0")
+    opt.setdefault("lr", 1e-4)
+    opt.setdefault("weight_decay", 0.05)
     bb = opt.setdefault("backbone", {"lr": 0, "weight_decay": 0, "custom": []})
-    for i, group in enumerate(bb.setdefault("custom", [])):
+    bb.setdefault("lr", 0)
+    custom = bb.setdefault("custom", [])
+    for i, group in enumerate(custom):
         _check(isinstance(group, dict) and isinstance(group.get("name"), str) and group["name"],
                f"optimizer.backbone.custom[{i}]", group, "give dict(name=..., lr=..., weight_decay=...)")
-        _check(isinstance(group.get("lr"), (int, float)) and group["lr"] >= 0, f"optimizer.backbone.custom[{i}].lr",
-               group.get("lr"), "must be >= 0")
-    _check(isinstance(bb.setdefault("lr", 0), (int, float)) and bb["lr"] >= 0, "optimizer.backbone.lr", bb["lr"],
-           "must be >= 0")
+    fields = [("optimizer.lr", opt["lr"]), ("optimizer.weight_decay", opt["weight_decay"]),
+              ("optimizer.backbone.lr", bb["lr"])] + [(f"optimizer.backbone.custom[{i}].lr", g.get("lr"))
+                                                      for i, g in enumerate(custom)]
+    for field, value in fields:
+        _check(_number(value, at_least=0), field, value, "must be >= 0")
     if kind == "VisionTransformer":
         _check(bb["lr"] > 0, "optimizer.backbone.lr", bb["lr"],
                "full fine-tuning (type='VisionTransformer') needs a backbone lr > 0, e.g. 1e-4")
 
 
-def strategy_config(strategy: str, geometry: dict | None = None, lr: float = 1e-4, adapter_lr: float = 2e-4,
+def strategy_config(strategy: str, geometry: dict | None = None, *, lr: float = 1e-4, adapter_lr: float = 2e-4,
                     lora_r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.1, quantize_bits: int = 4,
                     use_plain_adapter: bool = False, head: dict | None = None) -> dict:
     """The config of one of the four compared strategies, in the seed's shape.
 
     ``full_ft`` | ``adapter`` | ``seed_qlora`` | ``qlora_backbone`` (NF4 backbone + full-precision adapter).
     """
-    geometry = {**GEOMETRY, **(geometry or {})}
     custom = [dict(name="adapter", lr=adapter_lr, weight_decay=0.05)]
     if strategy == "full_ft":
         backbone, bb_opt = {"type": "VisionTransformer"}, dict(lr=lr, weight_decay=0.05, custom=[])
@@ -154,28 +150,19 @@ def strategy_config(strategy: str, geometry: dict | None = None, lr: float = 1e-
         bb_opt = dict(lr=0, weight_decay=0, custom=custom + [dict(name="lora", lr=adapter_lr, weight_decay=0.05)])
     else:
         raise ConfigError(f"strategy={strategy!r}: use one of {', '.join(STRATEGIES)}")
-    cfg = {"model": {"backbone": {**backbone, **geometry}, "head": {**HEAD, **(head or {})}},
+    cfg = {"model": {"backbone": {**backbone, **GEOMETRY, **(geometry or {})}, "head": {**HEAD, **(head or {})}},
            "optimizer": {"type": "AdamW", "lr": lr, "weight_decay": 0.05, "paramwise": True, "backbone": bb_opt}}
     return validate(cfg)
 
 
-STRATEGIES = ("full_ft", "adapter", "seed_qlora", "qlora_backbone")
-
-
 def build_backbone(bcfg: dict, pretrained: dict | None = None, compute_dtype=None):
     """The ViT of a validated backbone config, pretrained weights loaded before anything is quantized."""
-
-    kind = bcfg["type"]
-    if kind == "VisionTransformerAdapter":
-        def adapter(dims):
-            return TemporalAdapter(dims, bcfg["adapter_mlp_ratio"], plain=bcfg["use_plain_adapter"])
-    elif kind == "VisionTransformerQLoRA":
-        def adapter(dims):
-            return QLoRAAdapter(dims, bcfg["adapter_mlp_ratio"], lora_r=bcfg["lora_r"], lora_alpha=bcfg["lora_alpha"],
-                                lora_dropout=bcfg["lora_dropout"], quantize_bits=bcfg["quantize_bits"],
-                                use_plain_adapter=bcfg["use_plain_adapter"], quant_type=bcfg["quant_type"])
-    else:
-        adapter = None
+    adapter = None
+    if bcfg["type"] == "VisionTransformerAdapter":
+        adapter = partial(TemporalAdapter, mlp_ratio=bcfg["adapter_mlp_ratio"], plain=bcfg["use_plain_adapter"])
+    elif bcfg["type"] == "VisionTransformerQLoRA":
+        adapter = partial(QLoRAAdapter, mlp_ratio=bcfg["adapter_mlp_ratio"], **{k: bcfg[k] for k in (
+            "lora_r", "lora_alpha", "lora_dropout", "quantize_bits", "use_plain_adapter", "quant_type")})
     vit = VideoViT(**{k: bcfg[k] for k in GEOMETRY}, adapter=adapter)
     if pretrained is not None:
         missing, unexpected = vit.load_state_dict(pretrained, strict=False)
@@ -183,18 +170,18 @@ def build_backbone(bcfg: dict, pretrained: dict | None = None, compute_dtype=Non
         if bad:
             raise ConfigError(f"pretrained weights do not fit this backbone (first mismatch: {bad[0]}): "
                               "pre-train with the same geometry")
-    if kind == "VisionTransformerAdapter" and bcfg["backbone_quantize_bits"]:
+    if bcfg.get("backbone_quantize_bits"):
         quantize_backbone(vit, bcfg["backbone_quantize_bits"], quant_type=bcfg["backbone_quant_type"],
                           compute_dtype=compute_dtype)
     return vit
 
 
-def build_model(cfg: dict, num_classes: int, pretrained: dict | None = None, device: str = "cpu", compute_dtype=None):
+def build_model(cfg: dict, num_classes: int, *, pretrained: dict | None = None, device: str = "cpu",
+                compute_dtype=None):
     """Validated config -> ``Detector`` on ``device`` (moving it there quantizes), frozen as its type says."""
-
     cfg = validate(cfg)
-    bcfg, hcfg = cfg["model"]["backbone"], cfg["model"]["head"]
-    head = TADHead(bcfg["embed_dims"], num_classes, **hcfg)
+    bcfg = cfg["model"]["backbone"]
+    head = TADHead(bcfg["embed_dims"], num_classes, **cfg["model"]["head"])
     model = Detector(build_backbone(bcfg, pretrained, compute_dtype), head).to(device)
     if bcfg["type"] != "VisionTransformer":
         freeze_for_adapters(model)
@@ -209,18 +196,13 @@ def param_groups(model, opt_cfg: dict) -> list[dict]:
     ``adapter``. Frozen parameters join no group; a trainable one that would get lr 0 is an error.
     """
     bb = opt_cfg["backbone"]
-    groups = {"head": {"name": "head", "lr": opt_cfg["lr"], "weight_decay": opt_cfg["weight_decay"], "params": []},
-              "backbone": {"name": "backbone", "lr": bb["lr"], "weight_decay": bb.get("weight_decay", 0), "params": []}}
-    for c in bb["custom"]:
-        groups[c["name"]] = {"name": c["name"], "lr": c["lr"], "weight_decay": c.get("weight_decay", 0), "params": []}
+    groups = {name: {"name": name, "lr": g["lr"], "weight_decay": g.get("weight_decay", 0), "params": []}
+              for name, g in [("head", opt_cfg), ("backbone", bb)] + [(c["name"], c) for c in bb["custom"]]}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if not name.startswith("backbone."):
-            key = "head"
-        else:
-            hits = [(name.rfind(c["name"]), c["name"]) for c in bb["custom"] if c["name"] in name]
-            key = max(hits)[1] if hits else "backbone"
+        hits = [(name.rfind(c["name"]), c["name"]) for c in bb["custom"] if c["name"] in name]
+        key = "head" if not name.startswith("backbone.") else max(hits)[1] if hits else "backbone"
         if groups[key]["lr"] == 0:
             raise ConfigError(f"{name} trains but its optimizer group '{key}' has lr 0: "
                               "freeze it or give the group an lr")

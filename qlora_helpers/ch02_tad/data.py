@@ -1,29 +1,14 @@
 """Untrimmed videos made of real images, with THUMOS-style annotations, deterministic from a seed.
 
-THUMOS14 cannot be downloaded here, so each video is composed from images that ship offline (see
-``qlora_helpers.common.assets.load_images``): a grey-scale crop of a real photograph (camera, astronaut,
-coffee, chelsea, china, flower) drifting slowly like a hand-held camera, sensor noise, and, during each
-action, a real LFW face or a real handwritten digit that moves in a way that defines the class:
-
-=====================  =========================================================================
-class                  what happens on screen
-=====================  =========================================================================
-face_slides_right      a face enters at the left edge and crosses to the right
-face_slides_left       a face crosses from right to left (same pixels, opposite motion)
-digit_rises            a handwritten digit moves from the bottom to the top
-face_zooms_in          a face grows from small to large in one place
-=====================  =========================================================================
-
-Half the videos also hold a *distractor*: a face, non-face or digit that appears and stands still for a
-while. It is not an action and is not annotated, so appearance alone does not find the actions: the
-detector has to see motion, which is what a temporal adapter is for.
-
-Faces, non-faces and digits are split into disjoint train and validation pools, so validation videos
-show people and digits that training never saw. The split, every frame and every annotation follow from
-``VideoSpec`` (its ``seed`` included): the same spec gives the same bytes on every machine.
+THUMOS14 cannot be downloaded here, so each video is a grey-scale crop of a real photograph drifting like a
+hand-held camera, with sensor noise; during each action a real LFW face or handwritten digit moves in the
+way that defines the class (``CLASSES``; notebook 02, section 1, shows them). Half the videos also hold a
+still, unannotated *distractor*, so appearance alone does not find the actions: the detector has to see
+motion. Faces, non-faces and digits are split into disjoint train and validation pools; every frame and
+annotation follows from ``VideoSpec`` (its ``seed`` included): the same spec gives the same bytes anywhere.
 
 Example:
-    >>> data = make_dataset(VideoSpec(n_train=4, n_val=2, frames=64))
+    >>> data = make_dataset(VideoSpec(n_train=4, n_val=2, frames=64, max_len=24), write_json=False)
     >>> data.videos["train"].shape, data.videos["train"].dtype
     ((4, 64, 32, 32), dtype('uint8'))
     >>> sorted(data.database["database"])[:1]
@@ -34,7 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -43,7 +29,6 @@ from qlora_helpers.common.files import atomic_write_json
 
 CLASSES = ("face_slides_right", "face_slides_left", "digit_rises", "face_zooms_in")
 PRETRAIN_KINDS = ("face", "nonface", "digit")
-PRETRAIN_MOTIONS = ("still", "right", "left", "up", "down")
 SPLITS = ("train", "val")
 SUBSET = {"train": "training", "val": "validation"}  # the ActivityNet/THUMOS json field
 BACKGROUNDS = ("camera", "astronaut", "coffee", "chelsea", "china", "flower")
@@ -83,8 +68,7 @@ class TADData:
     videos: dict                      # split -> uint8 array (videos, frames, size, size)
     video_ids: dict                   # split -> list of ids, in the order of ``videos``
     database: dict                    # the THUMOS-style annotation json
-    classes: tuple = CLASSES
-    annotation_path: object = field(default=None)
+    annotation_path: Path | None = None
 
     def segments(self, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per video of ``split``: (frame segments [k, 2] as start, end, labels [k])."""
@@ -261,7 +245,6 @@ def make_dataset(spec: VideoSpec = VideoSpec(), write_json: bool = True) -> TADD
            "database": database}
     data = TADData(spec, videos, ids, doc)
     if write_json:
-
         data.annotation_path = atomic_write_json(cache_dir() / "tad" / f"data-{spec.key()}" / "annotations.json", doc)
     _CACHE[spec.key()] = data
     return data

@@ -1,11 +1,9 @@
-"""Temporal IoU, 1D NMS and THUMOS-protocol mAP, in numpy.
+"""Temporal IoU, 1D NMS and THUMOS-protocol mAP, in numpy (the protocol ActionFormer and OpenTAD report).
 
-The protocol is the one ActionFormer and OpenTAD report for THUMOS14: for each class, all detections of
-all videos are sorted by score; a detection is a true positive when its tIoU with a not-yet-matched
-ground-truth segment of the same class and video reaches the threshold (each ground truth is matched
-at most once, to the highest-scoring detection that reaches it); AP is the area under the
-interpolated precision/recall curve (the ActivityNet/VOC all-point rule); mAP is the mean AP over the
-classes that have ground truth, reported at tIoU 0.3, 0.4, 0.5, 0.6, 0.7 and as their average.
+Per class, all detections of all videos are sorted by score; one is a true positive when its tIoU with a
+not-yet-matched ground truth of the same class and video reaches the threshold; AP is the area under the
+interpolated precision/recall curve; mAP is the mean over classes with ground truth, at tIoU 0.3 to 0.7
+and their average.
 
 Example (one ground truth, a perfect and a poor detection):
     >>> gt = [{"video_id": "v", "label_id": 0, "segment": [2.0, 6.0]}]
@@ -34,37 +32,12 @@ def tiou(segment, candidates) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
-def nms_1d(segments, scores, *, iou_threshold: float = 0.5, labels=None, max_keep: int | None = None) -> np.ndarray:
-    """Greedy hard NMS: indices of the kept segments, highest score first.
-
-    A segment is dropped when it overlaps an already kept one (of the same label, when ``labels`` is
-    given) with tIoU above ``iou_threshold``. Ties in score keep the earlier index.
-
-    Example: segments [[0, 10], [1, 10], [20, 30]], scores [0.9, 0.8, 0.7], threshold 0.5 -> [0, 2]
-    """
-    segments = np.asarray(segments, dtype=np.float64).reshape(-1, 2)
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.zeros(len(scores), dtype=np.int64) if labels is None else np.asarray(labels)
-    order = np.argsort(-scores, kind="stable")
-    keep: list[int] = []
-    suppressed = np.zeros(len(scores), dtype=bool)
-    for i in order:
-        if suppressed[i]:
-            continue
-        keep.append(int(i))
-        if max_keep is not None and len(keep) >= max_keep:
-            break
-        same = (labels == labels[i]) & ~suppressed
-        overlap = tiou(segments[i], segments) > iou_threshold
-        suppressed |= same & overlap
-        suppressed[i] = True
-    return np.array(keep, dtype=np.int64)
-
-
-def soft_nms_1d(segments, scores, *, sigma: float = 0.5, min_score: float = 1e-3, labels=None,
-                max_keep: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian soft-NMS (what ActionFormer uses on THUMOS): instead of dropping an overlapping segment,
-    multiply its score by ``exp(-tIoU^2 / sigma)``. Returns (indices, decayed scores), best first."""
+def soft_nms_1d(segments, scores, *, sigma: float = 0.5, min_score: float = 1e-3, iou_threshold: float | None = None,
+                labels=None, max_keep: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian soft-NMS (what ActionFormer uses on THUMOS): instead of dropping a segment that overlaps a
+    kept one (of the same label, when ``labels`` is given), multiply its score by ``exp(-tIoU^2 / sigma)``.
+    With ``iou_threshold`` it is hard NMS: an overlap above the threshold drops the segment. Returns
+    (indices, scores), best first; ties in score keep the earlier index."""
     segments = np.asarray(segments, dtype=np.float64).reshape(-1, 2)
     scores = np.asarray(scores, dtype=np.float64).copy()
     labels = np.zeros(len(scores), dtype=np.int64) if labels is None else np.asarray(labels)
@@ -76,9 +49,22 @@ def soft_nms_1d(segments, scores, *, sigma: float = 0.5, min_score: float = 1e-3
         kept_scores.append(scores[i])
         alive[i] = False
         same = alive & (labels == labels[i])
-        scores[same] *= np.exp(-tiou(segments[i], segments[same]) ** 2 / sigma)
+        overlap = tiou(segments[i], segments[same])
+        if iou_threshold is None:
+            scores[same] *= np.exp(-overlap ** 2 / sigma)
+        else:
+            alive[same] = overlap <= iou_threshold
         alive &= scores >= min_score
     return np.array(keep, dtype=np.int64), np.array(kept_scores)
+
+
+def nms_1d(segments, scores, *, iou_threshold: float = 0.5, labels=None, max_keep: int | None = None) -> np.ndarray:
+    """Greedy hard NMS: indices of the kept segments, highest score first.
+
+    Example: segments [[0, 10], [1, 10], [20, 30]], scores [0.9, 0.8, 0.7], threshold 0.5 -> [0, 2]
+    """
+    return soft_nms_1d(segments, scores, min_score=-np.inf, iou_threshold=iou_threshold, labels=labels,
+                       max_keep=max_keep)[0]
 
 
 def interpolated_ap(precision: np.ndarray, recall: np.ndarray) -> float:

@@ -1,13 +1,8 @@
 """Pre-training (cached), detector training with atomic checkpoints and exact resume, evaluation, costs.
 
-- ``pretrained_backbone`` trains the small ViT once on 16-frame clips (what VideoMAE-S's Kinetics
-  training is to AdaTAD) and caches the weights in ``<cache>/tad/``, written atomically.
-- ``train_detector`` runs AdamW with the config's paramwise groups, linear warm-up and cosine decay,
-  gradient clipping at 1 (the seed's ``clip_grad_norm=1``). Batches and dropout are seeded by the
-  step number, so a run resumed from a checkpoint continues exactly as if never stopped.
-- ``evaluate_detector`` gives THUMOS-protocol mAP on a split; ``cost_breakdown`` counts the bytes a
-  training step holds on the CPU (what can be counted exactly there: weights, gradients, AdamW state
-  and the tensors autograd saves for backward) or reads the CUDA peak on a GPU.
+``train_detector`` runs AdamW with the config's paramwise groups, linear warm-up and cosine decay, gradient
+clipping at 1 (the seed's ``clip_grad_norm=1``). Batches and dropout are seeded by the step number, so a run
+resumed from a checkpoint continues exactly as if never stopped.
 """
 
 from __future__ import annotations
@@ -27,10 +22,10 @@ from qlora_helpers.ch02_tad.adapters import is_quantized
 from qlora_helpers.ch02_tad.config import GEOMETRY, param_groups
 from qlora_helpers.ch02_tad.data import make_pretrain_clips
 from qlora_helpers.ch02_tad.evaluate import mean_ap
-from qlora_helpers.ch02_tad.vit import VideoViT
+from qlora_helpers.ch02_tad.model import VideoViT
 from qlora_helpers.common.assets import cache_dir
 from qlora_helpers.common.bench import cuda_peak_gib
-from qlora_helpers.common.files import atomic_open
+from qlora_helpers.common.files import atomic_open, state_digest
 
 MEAN, STD = 0.45, 0.25
 
@@ -41,12 +36,10 @@ def video_tensor(frames: np.ndarray, device="cpu") -> torch.Tensor:
     return ((x / 255.0 - MEAN) / STD).unsqueeze(1)
 
 
-def atomic_torch_save(obj, path: str | Path) -> Path:
+def atomic_torch_save(obj, path: str | Path) -> None:
     """``torch.save`` to a temporary file, then ``os.replace``: a crash never leaves half a checkpoint."""
-
     with atomic_open(path, "wb") as fh:
         torch.save(obj, fh)
-    return Path(path)
 
 
 def _key(obj) -> str:
@@ -61,8 +54,7 @@ def pretrained_backbone(geometry: dict, spec, *, steps: int = 800, batch_size: i
     The result is cached as ``<cache>/tad/pretrain-<key>.pt`` where the key covers every argument
     that changes the weights; a second call loads it in a second.
     """
-
-    geometry = {k: v for k, v in {**GEOMETRY, **geometry}.items() if k not in ("with_cp", "adapter_index")}
+    geometry = {k: v for k, v in {**GEOMETRY, **geometry}.items() if k != "with_cp"}
     key = _key({"geometry": geometry, "spec": spec.key(), "steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
                 "v": 1})
     path = cache_dir() / "tad" / f"pretrain-{key}.pt"
@@ -79,7 +71,7 @@ def pretrained_backbone(geometry: dict, spec, *, steps: int = 800, batch_size: i
     held_clips, held_labels = make_pretrain_clips(512, spec, seed=1000 + seed)
     rng = np.random.default_rng(seed)
     losses, t0 = [], time.perf_counter()
-    bar = _bar(steps, "pre-train ViT", progress)
+    bar = tqdm(total=steps, desc="pre-train ViT", disable=not progress, leave=False)
     for step in range(steps):
         idx = rng.integers(len(clips), size=batch_size)
         _set_lr(opt, [lr], step, steps)
@@ -109,13 +101,7 @@ def pretrained_backbone(geometry: dict, spec, *, steps: int = 800, batch_size: i
 
 def checkpoint_path(name: str, **settings) -> Path:
     """``<cache>/tad/runs/<key>/<name>.pt``, the key covering every setting that changes the run."""
-
     return cache_dir() / "tad" / "runs" / _key(settings) / f"{name}.pt"
-
-
-def _bar(total: int, desc: str, enabled: bool):
-
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
 def _set_lr(opt, base_lrs, step: int, steps: int, warmup: float = 0.1) -> None:
@@ -130,12 +116,8 @@ def _set_lr(opt, base_lrs, step: int, steps: int, warmup: float = 0.1) -> None:
 def frozen_digest(model) -> str:
     """sha256 over every frozen parameter and buffer (quantized bytes included): a resumed run must
     rebuild exactly the same frozen model, or its trainable weights would sit on different numbers."""
-    h = hashlib.sha256()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if not t.requires_grad:
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return state_digest({name: t for name, t in named if not t.requires_grad})[:16]
 
 
 def _resume(ckpt: Path, trainable: dict, opt, *, run_id: dict, device: str) -> tuple[list, int]:
@@ -149,11 +131,6 @@ def _resume(ckpt: Path, trainable: dict, opt, *, run_id: dict, device: str) -> t
             p.copy_(state["trainable"][n])
     opt.load_state_dict(state["optimizer"])
     return state["history"], state["step"]
-
-
-def _save(ckpt: Path, step: int, trainable: dict, opt, *, history: list, run_id: dict) -> None:
-    atomic_torch_save({"step": step, "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
-                       "optimizer": opt.state_dict(), "history": history, **run_id}, ckpt)
 
 
 def _step(model, opt, params: list, video: torch.Tensor, targets: list, *, device: str, autocast_dtype) -> dict:
@@ -192,7 +169,7 @@ def train_detector(model, cfg: dict, data, *, steps: int, batch_size: int = 4, s
         history, start = _resume(ckpt, trainable, opt, run_id=run_id, device=device)
     segments, videos = data.segments("train"), data.videos["train"]
     model.train()
-    bar = _bar(steps, desc, progress)
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     bar.update(min(start, steps))
     for step in range(start, steps):
         t0 = time.perf_counter()
@@ -206,7 +183,8 @@ def train_detector(model, cfg: dict, data, *, steps: int, batch_size: int = 4, s
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         if ckpt and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            _save(ckpt, step + 1, trainable, opt, history=history, run_id=run_id)
+            atomic_torch_save({"step": step + 1, "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
+                               "optimizer": opt.state_dict(), "history": history, **run_id}, ckpt)
     bar.close()
     return {"history": history, "step_seconds": step_seconds, "resumed_from": start}
 
@@ -228,7 +206,6 @@ def detections(model, data, split: str = "val", *, batch_size: int = 8, device: 
 
 def evaluate_detector(model, data, split: str = "val", *, device: str = "cpu") -> dict:
     """THUMOS-protocol mAP of ``model`` on ``split`` (see ``evaluate.mean_ap``)."""
-
     return mean_ap(detections(model, data, split, device=device), data.ground_truth(split))
 
 
@@ -267,7 +244,6 @@ def cost_breakdown(model, cfg: dict, data, *, batch_size: int = 4, device: str =
               "optimizer_state": 2 * sum(p.numel() * 4 for p in trainable),   # AdamW: two fp32 moments each
               "activations": sum(saved.values()), "batch_size": batch_size}
     if device.startswith("cuda"):
-
         result["cuda_peak"] = cuda_peak_gib()
     model.zero_grad(set_to_none=True)
     return result
