@@ -20,6 +20,14 @@ _QWEN25_COMMON = dict(
     model_type="qwen2", hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
     rope_theta=1_000_000.0, attention_dropout=0.0, bos_token_id=151643, eos_token_id=151645,
 )
+# the Qwen2.5 sizes differ only in these fields
+_QWEN25_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+_QWEN25_SIZES = {
+    "0.5b": (896, 4864, 24, 14, 2, 151936, True), "1.5b": (1536, 8960, 28, 12, 2, 151936, True),
+    "3b": (2048, 11008, 36, 16, 2, 151936, True), "7b": (3584, 18944, 28, 28, 4, 152064, False),
+    "14b": (5120, 13824, 48, 40, 8, 152064, False), "32b": (5120, 27648, 64, 40, 8, 152064, False),
+}
 _LLAMA7B = dict(
     model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, hidden_act="silu",
@@ -40,24 +48,8 @@ _PHI3_COMMON = dict(
 
 # name -> (kwargs of the transformers config, source checkpoint)
 PRESETS: dict[str, tuple[dict, str]] = {
-    "qwen2.5-0.5b": (dict(_QWEN25_COMMON, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                          tie_word_embeddings=True), "Qwen/Qwen2.5-0.5B-Instruct"),
-    "qwen2.5-1.5b": (dict(_QWEN25_COMMON, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                          tie_word_embeddings=True), "Qwen/Qwen2.5-1.5B-Instruct"),
-    "qwen2.5-3b": (dict(_QWEN25_COMMON, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                        num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
-                        tie_word_embeddings=True), "Qwen/Qwen2.5-3B-Instruct"),
-    "qwen2.5-7b": (dict(_QWEN25_COMMON, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                        tie_word_embeddings=False), "Qwen/Qwen2.5-7B-Instruct"),
-    "qwen2.5-14b": (dict(_QWEN25_COMMON, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
-                         num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
-                         tie_word_embeddings=False), "Qwen/Qwen2.5-14B-Instruct"),
-    "qwen2.5-32b": (dict(_QWEN25_COMMON, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                         num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
-                         tie_word_embeddings=False), "Qwen/Qwen2.5-32B-Instruct"),
+    **{f"qwen2.5-{size}": (dict(_QWEN25_COMMON, **dict(zip(_QWEN25_FIELDS, values))),
+                           f"Qwen/Qwen2.5-{size.upper()}-Instruct") for size, values in _QWEN25_SIZES.items()},
     "llama-7b": (dict(_LLAMA7B), "meta-llama/Llama-2-7b-hf"),
     "smollm2-135m": (dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                           num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, hidden_act="silu",
@@ -116,18 +108,18 @@ PRESETS: dict[str, tuple[dict, str]] = {
                            image_token_index=32000, projector_hidden_act="gelu",
                            vision_feature_layer=-2, vision_feature_select_strategy="default"),
                       "llava-hf/llava-1.5-13b-hf"),
-    "qwen2-vl-7b": (dict(model_type="qwen2_vl",
-                         text=dict(_QWEN25_COMMON, hidden_size=3584, intermediate_size=18944,
-                                   num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                                   vocab_size=152064, tie_word_embeddings=False),
+    "qwen2-vl-7b": (dict(model_type="qwen2_vl", image_token_id=151655, video_token_id=151656,
+                         text=dict(_QWEN25_COMMON, model_type="qwen2_vl_text", hidden_size=3584,
+                                   intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                                   num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
                          vision=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_chans=3,
                                      hidden_size=3584, patch_size=14, spatial_merge_size=2,
                                      temporal_patch_size=2)), "Qwen/Qwen2-VL-7B-Instruct"),
 }
 
 _VISION = {
-    "clip-vit-l-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                           num_attention_heads=16, image_size=336, patch_size=14,
+    "clip-vit-l-336": dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
                            projection_dim=768, hidden_act="quick_gelu"),
 }
 
@@ -162,18 +154,12 @@ def get_config(name_or_path: str | Path, **overrides):
     if key in PRESETS:
         kwargs, _source = PRESETS[key]
         kwargs = dict(kwargs, **overrides)
-        model_type = kwargs.pop("model_type")
-        if model_type == "llava":
-            vision = CONFIG_MAPPING["clip_vision_model"](**_VISION[kwargs.pop("vision")])
-            text_kwargs = dict(kwargs.pop("text"))
-            text = CONFIG_MAPPING[text_kwargs.pop("model_type")](**text_kwargs)
-            return CONFIG_MAPPING["llava"](vision_config=vision.to_dict(), text_config=text.to_dict(), **kwargs)
-        if model_type == "qwen2_vl":
-            text_kwargs = dict(kwargs.pop("text"))
-            text_kwargs.pop("model_type")
-            return CONFIG_MAPPING["qwen2_vl"](text_config=text_kwargs, vision_config=kwargs.pop("vision"),
-                                             image_token_id=151655, video_token_id=151656, **kwargs)
-        return CONFIG_MAPPING[model_type](**kwargs)
+        config_class = CONFIG_MAPPING[kwargs.pop("model_type")]
+        if "text" in kwargs:     # a VLM: the config builds its text and vision parts from their own fields
+            vision = kwargs.pop("vision")
+            vision = _VISION[vision] if isinstance(vision, str) else vision
+            return config_class(text_config=kwargs.pop("text"), vision_config=vision, **kwargs)
+        return config_class(**kwargs)
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "config.json"
