@@ -47,6 +47,7 @@ from qlora_helpers.common.files import (
     atomic_write_text,
     repo_root,
 )
+from qlora_helpers.common.results import markdown
 
 
 @dataclass
@@ -162,13 +163,10 @@ def _figures(results: dict, limit: int = 4) -> str:
 
 
 def summary_markdown(runs: list[NotebookRun]) -> str:
-    lines = ["| notebook | status | seconds | key figures |", "|---|---|---:|---|"]
-    for r in runs:
-        detail = r.error if r.status != "ok" else _figures(r.results)
-        lines.append(f"| {r.notebook} | {r.status} | {r.seconds:.1f} | {detail} |")
-    total = sum(r.seconds for r in runs)
-    lines.append(f"\n{sum(r.status == 'ok' for r in runs)} of {len(runs)} notebooks ok in {total:.0f} s")
-    return "\n".join(lines) + "\n"
+    rows = [{**asdict(r), "detail": r.error if r.status != "ok" else _figures(r.results)} for r in runs]
+    columns = (("notebook", "notebook"), ("status", "status"), ("seconds", "seconds", ".1f"), ("key figures", "detail"))
+    done = f"{sum(r.status == 'ok' for r in runs)} of {len(runs)} notebooks ok in {sum(r.seconds for r in runs):.0f} s"
+    return f"{markdown(rows, columns)}\n\n{done}\n"
 
 
 def _said(record: NotebookRun) -> NotebookRun:
@@ -228,13 +226,8 @@ def run_notebooks(names: list[str] | None = None, parameters: dict | None = None
                   run_dir: str | Path | None = None, *, kernel: str = "python3",
                   progress: bool = True, notebook_parameters: dict[str, dict] | None = None,
                   jobs: int = 1) -> tuple[Path, list[NotebookRun]]:
-    """Execute notebooks in order into ``run_dir`` and write ``summary.json`` / ``summary.md`` there.
-
-    ``parameters`` go to every notebook that declares them; ``notebook_parameters`` maps a notebook's
-    name (``03_qwen_sft``) to parameters for that notebook only, which win over ``parameters``.
-    ``jobs``: how many notebooks run at once (see the module's docstring). A relative ``run_dir`` is
-    taken from the current folder.
-    """
+    """Execute notebooks in order into ``run_dir`` (relative: to the current folder) and write ``summary.json``
+    and ``summary.md`` there; parameters and ``jobs`` as the module's docstring says."""
     if jobs < 1:
         raise ValueError(f"jobs={jobs}: run at least one notebook at a time (jobs >= 1)")
     books = discover(names)
