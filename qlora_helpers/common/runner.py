@@ -154,6 +154,8 @@ def run_one(notebook: Path, out_dir: Path, parameters: dict, *, kernel: str = "p
         record.results = json.loads(results.read_text())
     elif record.status == "ok":
         record.status, record.error = "failed", f"ran, but wrote no {results.name} (end it with save_results)"
+    if record.status != "ok":   # said as it happens, above the progress bars
+        tqdm.write(f"FAILED {record.notebook}.ipynb: {record.error}\n       executed copy: {record.executed}")
     return record
 
 
@@ -167,13 +169,6 @@ def summary_markdown(runs: list[NotebookRun]) -> str:
     columns = (("notebook", "notebook"), ("status", "status"), ("seconds", "seconds", ".1f"), ("key figures", "detail"))
     done = f"{sum(r.status == 'ok' for r in runs)} of {len(runs)} notebooks ok in {sum(r.seconds for r in runs):.0f} s"
     return f"{markdown(rows, columns)}\n\n{done}\n"
-
-
-def _said(record: NotebookRun) -> NotebookRun:
-    """``record``, its failure (if it failed) written above the progress bars as it happens."""
-    if record.status != "ok":
-        tqdm.write(f"FAILED {record.notebook}.ipynb: {record.error}\n       executed copy: {record.executed}")
-    return record
 
 
 def _run_alone(book: Path, out_dir: Path, params: dict, kernel: str, threads: int) -> NotebookRun:
@@ -196,7 +191,7 @@ def run_parallel(books: list[Path], run_dir: Path, params_of, *, kernel: str, jo
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_run_alone, b, run_dir / b.stem, params_of(b), kernel, threads): b
                    for b in longest_first(books)}
-        done = {futures[f]: _said(f.result()) for f in tqdm(as_completed(futures), total=len(futures),
+        done = {futures[f]: f.result() for f in tqdm(as_completed(futures), total=len(futures),
                                                             desc="notebooks", unit="nb", disable=not progress)}
     return [done[b] for b in books]
 
@@ -246,7 +241,7 @@ def run_notebooks(names: list[str] | None = None, parameters: dict | None = None
         runs = []
         for book in (bar := tqdm(books, desc="notebooks", unit="nb", disable=not progress)):
             bar.set_postfix_str(book.stem)
-            runs.append(_said(run_one(book, run_dir / book.stem, params_of(book), kernel=kernel, progress=progress)))
+            runs.append(run_one(book, run_dir / book.stem, params_of(book), kernel=kernel, progress=progress))
     atomic_write_json(run_dir / "summary.json", {
         "created": datetime.now().isoformat(timespec="seconds"), "parameters": parameters,
         "notebook_parameters": notebook_parameters, "versions": versions(), "notebooks": [asdict(r) for r in runs],
