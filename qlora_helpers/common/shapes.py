@@ -11,10 +11,9 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from transformers import CONFIG_MAPPING, AutoConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 _QWEN25_COMMON = dict(
     model_type="qwen2", hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -132,16 +131,6 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".json")
 
 
-def _hub_config(hub_id: str, overrides: dict):
-    """The config of a hub model (needs the network, or the hub cache)."""
-    try:
-        return AutoConfig.from_pretrained(hub_id, **overrides)
-    except Exception as err:    # offline, unknown id, gated model: one line either way
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ValueError(f"could not read the config of hub id {hub_id!r} ({first}): online, check the id; "
-                         "offline, give a path to its config.json") from None
-
-
 def get_config(name_or_path: str | Path, **overrides):
     """Return a transformers config for a preset name, a path to a ``config.json`` (or its folder), or a
     hub id such as ``google/gemma-2-2b`` where the machine is online (or the hub cache holds it).
@@ -160,27 +149,27 @@ def get_config(name_or_path: str | Path, **overrides):
             vision = _VISION[vision] if isinstance(vision, str) else vision
             return config_class(text_config=kwargs.pop("text"), vision_config=vision, **kwargs)
         return config_class(**kwargs)
-    path = Path(name_or_path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file() and _looks_like_hub_id(str(name_or_path)):
-        return _hub_config(str(name_or_path), overrides)
-    if not path.is_file():
-        raise ValueError(f"unknown model {name_or_path!r}: give a path to a config.json, a hub id (online) or one of "
+    name, path = str(name_or_path), Path(name_or_path)
+    if not (path / "config.json" if path.is_dir() else path).is_file() and not _looks_like_hub_id(name):
+        raise ValueError(f"unknown model {name!r}: give a path to a config.json, a hub id (online) or one of "
                          f"{', '.join(preset_names())}")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno}); fix or re-download it") from None
+        data = PretrainedConfig.get_config_dict(name)[0]     # a folder, its config.json, or a hub id
+    except Exception as err:    # not JSON, offline, unknown id, gated model: one line either way
+        raise ValueError(f"could not read the config of {name!r} ({_first_line(err)}): fix or re-download the file; "
+                         "for a hub id, check it online or give a path to its config.json offline") from None
     if "model_type" not in data:
-        raise ValueError(f"{path}: no 'model_type' field; is this a transformers config.json?")
+        raise ValueError(f"{name}: no 'model_type' field; is this a transformers config.json?")
     if overrides:
         data = {k: v for k, v in data.items() if k != "layer_types"} | overrides
     try:
         return AutoConfig.for_model(**data)
     except Exception as err:    # transformers and huggingface_hub check fields with several error types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: {first.rstrip(':')} ({str(err).strip().splitlines()[-1].strip()})") from None
+        raise ValueError(f"{name}: {_first_line(err)} ({str(err).strip().splitlines()[-1].strip()})") from None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(":")
 
 
 # the offline tokenizer assets (qlora_helpers.common.assets) and how many ids each has
