@@ -141,13 +141,11 @@ def bnb_config(quantize: str, compute_dtype, *, double_quant: bool = True, quant
 
 
 def _init_tensor(name: str, shape, std: float, device, dtype, generator):
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias":
+    if name.rsplit(".", 1)[-1] == "bias":
         return torch.zeros(shape, device=device, dtype=dtype)
     if "norm" in name or len(shape) == 1:
         return torch.ones(shape, device=device, dtype=dtype)
-    t = torch.empty(shape, device=device, dtype=dtype)
-    return t.normal_(0.0, std, generator=generator)
+    return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=generator)
 
 
 def build_random(config, quantize: str | None = None, *, device: str = "cuda", dtype=None, seed: int = 0,
