@@ -1,12 +1,9 @@
 """Command line: ``python -m qlora_helpers COMMAND ...``.
 
 Each command lives in the module that does the work; that module provides
-``configure_parser(parser)`` and ``cli(args) -> int``. Modules are imported only for the
-command being run, so ``--help`` stays fast.
-
-Bad input (a value, a file, a missing asset) stops with one line and exit status 2; ``--debug``
-anywhere on the line, or ``QLORA_DEBUG=1``, shows the traceback instead (``qlora_helpers.errors``).
-A command needs only its entry in ``COMMANDS``: parsing and errors come from here.
+``configure_parser(parser)`` and ``cli(args) -> int``, and its entry in ``COMMANDS`` is all the rest
+needs. Modules are imported only for the command being run, so ``--help`` stays fast. Bad input is one
+line and exit status 2 (``qlora_helpers.errors``).
 """
 
 from __future__ import annotations

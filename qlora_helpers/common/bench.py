@@ -5,11 +5,9 @@ with the device, library versions, the exact command, the date, and the figures.
 
 Benchmarks measure each configuration in a fresh worker process, so that no memory of one row counts
 towards the next and a crash loses one row only. The worker calls ``emit(row)`` for each result (one
-``ROW {json}`` line on its stdout); the parent calls ``run_worker(module, args, label=...)``, which runs
-``python -m module args`` from the repository root and returns the rows. A worker that exits non-zero,
-runs past its timeout or emits no row raises ``WorkerError``: one line naming the row and the last line
-of the worker's stderr (``adapter-cp: python -m benchmarks.tad_memory exited with status 1: RuntimeError: ...``),
-with the rows it did emit in ``.rows``::
+``ROW {json}`` line on its stdout); the parent gets the rows from ``run_worker``, or a ``WorkerError``
+naming the row and the worker's last error line
+(``adapter-cp: python -m benchmarks.tad_memory exited with status 1: RuntimeError: ...``)::
 
     rows = run_worker("benchmarks.tad_memory", ["--worker", "adapter-cp"], label="adapter-cp", timeout=150)
 """
@@ -23,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -100,17 +99,11 @@ def run_worker(module: str, args: list, *, label: str, timeout: float | None = N
     """
     cmd = [sys.executable, "-m", module, *map(str, args)]
     rows: list[dict] = []
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=repo_root(), env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                                stderr=err, text=True)
-        timed_out = threading.Event()
-
-        def expire():
-            if proc.poll() is None:
-                timed_out.set()
-                proc.kill()
-
-        timer = threading.Timer(timeout or 0, expire)
+    start = time.monotonic()
+    with tempfile.TemporaryFile("w+") as err, subprocess.Popen(
+            cmd, cwd=repo_root(), env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=err,
+            text=True) as proc:
+        timer = threading.Timer(timeout or 0, proc.kill)
         if timeout:
             timer.start()
         try:
@@ -122,14 +115,15 @@ def run_worker(module: str, args: list, *, label: str, timeout: float | None = N
                 elif echo:
                     print(line, end="", flush=True)
             code = proc.wait()
+        except BaseException:    # the parent stopped reading (Ctrl-C, a failing on_row): stop the worker
+            proc.kill()
+            raise
         finally:
             timer.cancel()
-            if proc.poll() is None:    # the parent stopped reading (Ctrl-C, a failing on_row): stop the worker
-                proc.kill()
-                proc.wait()
         err.seek(0)
         stderr = err.read()
-    problem = (f"timed out after {timeout:g} s" if timed_out.is_set() else f"exited with status {code}" if code
+    timed_out = bool(timeout) and code < 0 and time.monotonic() - start >= timeout
+    problem = (f"timed out after {timeout:g} s" if timed_out else f"exited with status {code}" if code
                else "exited without a row" if not rows else "")
     if problem:
         tail = next((ln.strip()[:300] for ln in reversed(stderr.splitlines()) if ln.strip()), "")

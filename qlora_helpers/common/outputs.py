@@ -78,17 +78,15 @@ def widget_state(nb: dict) -> list[str]:
     return found
 
 
-def _same_sources(executed: dict, committed: dict) -> bool:
-    def sources(nb):
-        return [(c["cell_type"], "".join(c["source"])) for c in nb["cells"]]
-    return sources(executed) == sources(committed)
+def _sources(nb: dict) -> list[tuple[str, str]]:
+    return [(c["cell_type"], "".join(c["source"])) for c in nb["cells"]]
 
 
 def write_back(executed_path: Path, notebook: Path, *, run_info: dict) -> Path:
     """Copy one executed notebook over ``notebook`` (atomically), once its sources are checked unchanged."""
     executed = json.loads(Path(executed_path).read_text(encoding="utf-8"))
     committed = json.loads(notebook.read_text(encoding="utf-8"))
-    if not _same_sources(executed, committed):
+    if _sources(executed) != _sources(committed):
         raise ValueError(f"{notebook.name} changed while it ran: run it again before writing it back")
     cleaned = clean_executed(executed, run_info=run_info)
     return atomic_write_text(notebook, json.dumps(cleaned, indent=1, ensure_ascii=False) + "\n")

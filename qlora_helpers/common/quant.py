@@ -46,7 +46,6 @@ def keep_cpu_training_layout(model) -> int:
 
 
 def _quantized(bits: int, reference, device: str):
-
     if bits == 4:
         layer = bnb.nn.Linear4bit(reference.in_features, reference.out_features, bias=True,
                                   compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)

@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+from unittest.mock import patch
 
 import papermill
 import yaml
@@ -46,6 +47,7 @@ from qlora_helpers.common.files import (
     atomic_write_text,
     repo_root,
 )
+from qlora_helpers.common.results import markdown
 
 
 @dataclass
@@ -73,8 +75,7 @@ def discover(names: list[str] | None = None) -> list[Path]:
         if path.suffix == ".ipynb" and path.is_file():
             chosen.append(path.resolve())
             continue
-        match = [p for p in all_books if p.stem == path.stem or p.stem.startswith(path.stem + "_")
-                 or p.name.split("_")[0] == path.stem]
+        match = [p for p in all_books if p.stem == path.stem or p.stem.startswith(path.stem + "_")]
         if not match:
             known = ", ".join(p.stem for p in all_books)
             raise ValueError(f"no notebook {name!r} in {notebooks_dir()}: choose from {known}")
@@ -93,7 +94,7 @@ def parameter_set(name: str) -> dict[str, dict]:
 
 
 def declared_parameters(notebook: Path) -> dict:
-
+    """The parameters cell of ``notebook``, as papermill reads it: name -> type, default and comment."""
     return papermill.inspect_notebook(str(notebook))
 
 
@@ -103,19 +104,13 @@ def check_value(stem: str, name: str, value, declared: dict):
     >>> check_value("03_qwen_sft", "lr_lora", 1, {"lr_lora": {"inferred_type_name": "float", "default": "2e-4"}})
     1.0
     """
-    spec = declared[name]
-    kind, default = spec.get("inferred_type_name"), spec.get("default")
-    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "bool": lambda v: isinstance(v, bool)}.get(kind)
-    if ok is not None and not ok(value):
-        example = {"int": default, "float": default, "bool": "true or false"}[kind]
+    kind, default = declared[name].get("inferred_type_name"), declared[name].get("default")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not {"int": number and isinstance(value, int), "float": number, "bool": isinstance(value, bool)}.get(kind, True):
+        example = "true or false" if kind == "bool" else default
         raise ValueError(f"parameter {name} of {stem} must be {kind} (its parameters cell: {name}: {kind} = "
                          f"{default}), not {value!r}: pass e.g. -p {name} {example}")
-    if kind == "float":
-        value = float(value)
-    elif kind == "str" and not isinstance(value, str):
-        value = str(value)
+    value = {"float": float, "str": str}.get(kind, lambda v: v)(value)
     if name == "profile":
         resolve_profile(value)      # unknown profile, or gpu without CUDA: refused here, not in cell 3
     return value
@@ -131,7 +126,6 @@ def parse_value(text: str):
 
 
 def _failure(err: Exception) -> str:
-
     if isinstance(err, PapermillExecutionError):
         return f"cell {err.cell_index} (execution count {err.exec_count}): {err.ename}: {err.evalue}".strip()
     return f"{type(err).__name__}: {err}"
@@ -139,31 +133,29 @@ def _failure(err: Exception) -> str:
 
 def run_one(notebook: Path, out_dir: Path, parameters: dict, *, kernel: str = "python3",
             progress: bool = True) -> NotebookRun:
-
+    """Execute one notebook into ``out_dir``, where its ``save_results`` writes (the kernel runs in ``notebooks/``,
+    so the folder is made absolute first)."""
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     declared = declared_parameters(notebook)
     params = {k: check_value(notebook.stem, k, v, declared) for k, v in parameters.items() if k in declared}
     record = NotebookRun(notebook=notebook.stem, executed=str(out_dir / notebook.name))
-    old = os.environ.get(RESULTS_ENV)
-    os.environ[RESULTS_ENV] = str(out_dir)  # the kernel inherits it: save_results writes here
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(str(notebook), record.executed, parameters=params, kernel_name=kernel,
-                                   cwd=str(notebook.parent), progress_bar=progress, log_output=False)
+        with patch.dict(os.environ, {RESULTS_ENV: str(out_dir)}):   # the kernel inherits it
+            papermill.execute_notebook(notebook, record.executed, parameters=params, kernel_name=kernel,
+                                       cwd=notebook.parent, progress_bar=progress, log_output=False)
         record.status = "ok"
     except Exception as err:  # a failing notebook must not stop the others
         record.status, record.error = "failed", _failure(err)
-    finally:
-        record.seconds = round(time.perf_counter() - start, 1)
-        if old is None:
-            os.environ.pop(RESULTS_ENV, None)
-        else:
-            os.environ[RESULTS_ENV] = old
+    record.seconds = round(time.perf_counter() - start, 1)
     results = out_dir / f"{notebook.stem}.json"
     if results.is_file():
         record.results = json.loads(results.read_text())
     elif record.status == "ok":
         record.status, record.error = "failed", f"ran, but wrote no {results.name} (end it with save_results)"
+    if record.status != "ok":   # said as it happens, above the progress bars
+        tqdm.write(f"FAILED {record.notebook}.ipynb: {record.error}\n       executed copy: {record.executed}")
     return record
 
 
@@ -173,20 +165,10 @@ def _figures(results: dict, limit: int = 4) -> str:
 
 
 def summary_markdown(runs: list[NotebookRun]) -> str:
-    lines = ["| notebook | status | seconds | key figures |", "|---|---|---:|---|"]
-    for r in runs:
-        detail = r.error if r.status != "ok" else _figures(r.results)
-        lines.append(f"| {r.notebook} | {r.status} | {r.seconds:.1f} | {detail} |")
-    total = sum(r.seconds for r in runs)
-    lines.append(f"\n{sum(r.status == 'ok' for r in runs)} of {len(runs)} notebooks ok in {total:.0f} s")
-    return "\n".join(lines) + "\n"
-
-
-def _said(record: NotebookRun) -> NotebookRun:
-    """``record``, its failure (if it failed) written above the progress bars as it happens."""
-    if record.status != "ok":
-        tqdm.write(f"FAILED {record.notebook}.ipynb: {record.error}\n       executed copy: {record.executed}")
-    return record
+    rows = [{**asdict(r), "detail": r.error if r.status != "ok" else _figures(r.results)} for r in runs]
+    columns = (("notebook", "notebook"), ("status", "status"), ("seconds", "seconds", ".1f"), ("key figures", "detail"))
+    done = f"{sum(r.status == 'ok' for r in runs)} of {len(runs)} notebooks ok in {sum(r.seconds for r in runs):.0f} s"
+    return f"{markdown(rows, columns)}\n\n{done}\n"
 
 
 def _run_alone(book: Path, out_dir: Path, params: dict, kernel: str, threads: int) -> NotebookRun:
@@ -206,33 +188,16 @@ def run_parallel(books: list[Path], run_dir: Path, params_of, *, kernel: str, jo
                  progress: bool) -> list[NotebookRun]:
     """Run ``books`` ``jobs`` at a time (the longest first); the records come back in ``books``' order."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_run_alone, b, run_dir / b.stem, params_of(b), kernel, threads): b
                    for b in longest_first(books)}
-        done = {}
-        for future in tqdm(as_completed(futures), total=len(futures), desc="notebooks", unit="nb",
-                           disable=not progress):
-            done[futures[future]] = _said(future.result())
+        done = {futures[f]: f.result() for f in tqdm(as_completed(futures), total=len(futures),
+                                                            desc="notebooks", unit="nb", disable=not progress)}
     return [done[b] for b in books]
 
 
-def run_notebooks(names: list[str] | None = None, parameters: dict | None = None,
-                  run_dir: str | Path | None = None, *, kernel: str = "python3",
-                  progress: bool = True, notebook_parameters: dict[str, dict] | None = None,
-                  jobs: int = 1) -> tuple[Path, list[NotebookRun]]:
-    """Execute notebooks in order into ``run_dir`` and write ``summary.json`` / ``summary.md`` there.
-
-    ``parameters`` go to every notebook that declares them; ``notebook_parameters`` maps a notebook's
-    name (``03_qwen_sft``) to parameters for that notebook only, which win over ``parameters``.
-    ``jobs``: how many notebooks run at once (see the module's docstring).
-    """
-    if jobs < 1:
-        raise ValueError(f"jobs={jobs}: run at least one notebook at a time (jobs >= 1)")
-
-    books = discover(names)
-    parameters = dict(parameters or {})
-    notebook_parameters = {k: dict(v) for k, v in (notebook_parameters or {}).items()}
+def _check_parameters(books: list[Path], parameters: dict, notebook_parameters: dict[str, dict]) -> None:
+    """Refuse, before any notebook starts, a parameter no notebook declares or a value of the wrong type."""
     declared = {b.stem: declared_parameters(b) for b in books}
     names = set().union(*declared.values())
     if unknown := sorted(set(parameters) - names):
@@ -246,12 +211,27 @@ def run_notebooks(names: list[str] | None = None, parameters: dict | None = None
         if stem in declared and (missing := set(extra) - set(declared[stem])):
             raise ValueError(f"{stem} declares no parameter(s) {', '.join(sorted(missing))}: "
                              f"check its parameters cell")
-    for book in books:   # every value against its declared type before the first notebook starts
-        for name, value in {**parameters, **notebook_parameters.get(book.stem, {})}.items():
-            if name in declared[book.stem]:
-                check_value(book.stem, name, value, declared[book.stem])
-    run_dir = Path(run_dir or repo_root() / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    for stem, names in declared.items():
+        for name, value in {**parameters, **notebook_parameters.get(stem, {})}.items():
+            if name in names:
+                check_value(stem, name, value, names)
+
+
+def run_notebooks(names: list[str] | None = None, parameters: dict | None = None,
+                  run_dir: str | Path | None = None, *, kernel: str = "python3",
+                  progress: bool = True, notebook_parameters: dict[str, dict] | None = None,
+                  jobs: int = 1) -> tuple[Path, list[NotebookRun]]:
+    """Execute notebooks in order into ``run_dir`` (relative: to the current folder) and write ``summary.json``
+    and ``summary.md`` there; parameters and ``jobs`` as the module's docstring says."""
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs}: run at least one notebook at a time (jobs >= 1)")
+    books = discover(names)
+    parameters = dict(parameters or {})
+    notebook_parameters = {k: dict(v) for k, v in (notebook_parameters or {}).items()}
+    _check_parameters(books, parameters, notebook_parameters)
+    run_dir = Path(run_dir or repo_root() / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+
     def params_of(book: Path) -> dict:
         return {**parameters, **notebook_parameters.get(book.stem, {})}
 
@@ -259,14 +239,12 @@ def run_notebooks(names: list[str] | None = None, parameters: dict | None = None
         runs = run_parallel(books, run_dir, params_of, kernel=kernel, jobs=jobs, progress=progress)
     else:
         runs = []
-        bar = tqdm(books, desc="notebooks", unit="nb", disable=not progress)
-        for book in bar:
+        for book in (bar := tqdm(books, desc="notebooks", unit="nb", disable=not progress)):
             bar.set_postfix_str(book.stem)
-            runs.append(_said(run_one(book, run_dir / book.stem, params_of(book), kernel=kernel, progress=progress)))
+            runs.append(run_one(book, run_dir / book.stem, params_of(book), kernel=kernel, progress=progress))
     atomic_write_json(run_dir / "summary.json", {
         "created": datetime.now().isoformat(timespec="seconds"), "parameters": parameters,
-        "notebook_parameters": notebook_parameters,
-        "versions": versions(), "notebooks": [asdict(r) for r in runs],
+        "notebook_parameters": notebook_parameters, "versions": versions(), "notebooks": [asdict(r) for r in runs],
         "total_seconds": round(sum(r.seconds for r in runs), 1)})
     atomic_write_text(run_dir / "summary.md", summary_markdown(runs))
     return run_dir, runs

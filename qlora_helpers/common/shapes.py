@@ -11,15 +11,22 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from transformers import CONFIG_MAPPING, AutoConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 _QWEN25_COMMON = dict(
     model_type="qwen2", hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
     rope_theta=1_000_000.0, attention_dropout=0.0, bos_token_id=151643, eos_token_id=151645,
 )
+# the Qwen2.5 sizes differ only in these fields
+_QWEN25_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+_QWEN25_SIZES = {
+    "0.5b": (896, 4864, 24, 14, 2, 151936, True), "1.5b": (1536, 8960, 28, 12, 2, 151936, True),
+    "3b": (2048, 11008, 36, 16, 2, 151936, True), "7b": (3584, 18944, 28, 28, 4, 152064, False),
+    "14b": (5120, 13824, 48, 40, 8, 152064, False), "32b": (5120, 27648, 64, 40, 8, 152064, False),
+}
 _LLAMA7B = dict(
     model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, hidden_act="silu",
@@ -40,24 +47,8 @@ _PHI3_COMMON = dict(
 
 # name -> (kwargs of the transformers config, source checkpoint)
 PRESETS: dict[str, tuple[dict, str]] = {
-    "qwen2.5-0.5b": (dict(_QWEN25_COMMON, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                          tie_word_embeddings=True), "Qwen/Qwen2.5-0.5B-Instruct"),
-    "qwen2.5-1.5b": (dict(_QWEN25_COMMON, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                          tie_word_embeddings=True), "Qwen/Qwen2.5-1.5B-Instruct"),
-    "qwen2.5-3b": (dict(_QWEN25_COMMON, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                        num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
-                        tie_word_embeddings=True), "Qwen/Qwen2.5-3B-Instruct"),
-    "qwen2.5-7b": (dict(_QWEN25_COMMON, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                        tie_word_embeddings=False), "Qwen/Qwen2.5-7B-Instruct"),
-    "qwen2.5-14b": (dict(_QWEN25_COMMON, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
-                         num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
-                         tie_word_embeddings=False), "Qwen/Qwen2.5-14B-Instruct"),
-    "qwen2.5-32b": (dict(_QWEN25_COMMON, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                         num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
-                         tie_word_embeddings=False), "Qwen/Qwen2.5-32B-Instruct"),
+    **{f"qwen2.5-{size}": (dict(_QWEN25_COMMON, **dict(zip(_QWEN25_FIELDS, values))),
+                           f"Qwen/Qwen2.5-{size.upper()}-Instruct") for size, values in _QWEN25_SIZES.items()},
     "llama-7b": (dict(_LLAMA7B), "meta-llama/Llama-2-7b-hf"),
     "smollm2-135m": (dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                           num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, hidden_act="silu",
@@ -116,18 +107,18 @@ PRESETS: dict[str, tuple[dict, str]] = {
                            image_token_index=32000, projector_hidden_act="gelu",
                            vision_feature_layer=-2, vision_feature_select_strategy="default"),
                       "llava-hf/llava-1.5-13b-hf"),
-    "qwen2-vl-7b": (dict(model_type="qwen2_vl",
-                         text=dict(_QWEN25_COMMON, hidden_size=3584, intermediate_size=18944,
-                                   num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                                   vocab_size=152064, tie_word_embeddings=False),
+    "qwen2-vl-7b": (dict(model_type="qwen2_vl", image_token_id=151655, video_token_id=151656,
+                         text=dict(_QWEN25_COMMON, model_type="qwen2_vl_text", hidden_size=3584,
+                                   intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                                   num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
                          vision=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_chans=3,
                                      hidden_size=3584, patch_size=14, spatial_merge_size=2,
                                      temporal_patch_size=2)), "Qwen/Qwen2-VL-7B-Instruct"),
 }
 
 _VISION = {
-    "clip-vit-l-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                           num_attention_heads=16, image_size=336, patch_size=14,
+    "clip-vit-l-336": dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
                            projection_dim=768, hidden_act="quick_gelu"),
 }
 
@@ -138,16 +129,6 @@ def preset_names() -> list[str]:
 
 def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".json")
-
-
-def _hub_config(hub_id: str, overrides: dict):
-    """The config of a hub model (needs the network, or the hub cache)."""
-    try:
-        return AutoConfig.from_pretrained(hub_id, **overrides)
-    except Exception as err:    # offline, unknown id, gated model: one line either way
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ValueError(f"could not read the config of hub id {hub_id!r} ({first}): online, check the id; "
-                         "offline, give a path to its config.json") from None
 
 
 def get_config(name_or_path: str | Path, **overrides):
@@ -162,39 +143,33 @@ def get_config(name_or_path: str | Path, **overrides):
     if key in PRESETS:
         kwargs, _source = PRESETS[key]
         kwargs = dict(kwargs, **overrides)
-        model_type = kwargs.pop("model_type")
-        if model_type == "llava":
-            vision = CONFIG_MAPPING["clip_vision_model"](**_VISION[kwargs.pop("vision")])
-            text_kwargs = dict(kwargs.pop("text"))
-            text = CONFIG_MAPPING[text_kwargs.pop("model_type")](**text_kwargs)
-            return CONFIG_MAPPING["llava"](vision_config=vision.to_dict(), text_config=text.to_dict(), **kwargs)
-        if model_type == "qwen2_vl":
-            text_kwargs = dict(kwargs.pop("text"))
-            text_kwargs.pop("model_type")
-            return CONFIG_MAPPING["qwen2_vl"](text_config=text_kwargs, vision_config=kwargs.pop("vision"),
-                                             image_token_id=151655, video_token_id=151656, **kwargs)
-        return CONFIG_MAPPING[model_type](**kwargs)
-    path = Path(name_or_path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file() and _looks_like_hub_id(str(name_or_path)):
-        return _hub_config(str(name_or_path), overrides)
-    if not path.is_file():
-        raise ValueError(f"unknown model {name_or_path!r}: give a path to a config.json, a hub id (online) or one of "
+        config_class = CONFIG_MAPPING[kwargs.pop("model_type")]
+        if "text" in kwargs:     # a VLM: the config builds its text and vision parts from their own fields
+            vision = kwargs.pop("vision")
+            vision = _VISION[vision] if isinstance(vision, str) else vision
+            return config_class(text_config=kwargs.pop("text"), vision_config=vision, **kwargs)
+        return config_class(**kwargs)
+    name, path = str(name_or_path), Path(name_or_path)
+    if not (path / "config.json" if path.is_dir() else path).is_file() and not _looks_like_hub_id(name):
+        raise ValueError(f"unknown model {name!r}: give a path to a config.json, a hub id (online) or one of "
                          f"{', '.join(preset_names())}")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno}); fix or re-download it") from None
+        data = PretrainedConfig.get_config_dict(name)[0]     # a folder, its config.json, or a hub id
+    except Exception as err:    # not JSON, offline, unknown id, gated model: one line either way
+        raise ValueError(f"could not read the config of {name!r} ({_first_line(err)}): fix or re-download the file; "
+                         "for a hub id, check it online or give a path to its config.json offline") from None
     if "model_type" not in data:
-        raise ValueError(f"{path}: no 'model_type' field; is this a transformers config.json?")
+        raise ValueError(f"{name}: no 'model_type' field; is this a transformers config.json?")
     if overrides:
         data = {k: v for k, v in data.items() if k != "layer_types"} | overrides
     try:
         return AutoConfig.for_model(**data)
     except Exception as err:    # transformers and huggingface_hub check fields with several error types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: {first.rstrip(':')} ({str(err).strip().splitlines()[-1].strip()})") from None
+        raise ValueError(f"{name}: {_first_line(err)} ({str(err).strip().splitlines()[-1].strip()})") from None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(":")
 
 
 # the offline tokenizer assets (qlora_helpers.common.assets) and how many ids each has

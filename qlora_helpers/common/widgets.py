@@ -27,28 +27,24 @@ _panel_running: list = []   # non-empty while a panel's button runs its step (se
 
 
 def _widget_for(name: str, value, choices: dict, ranges: dict):
-
-    style = {"description_width": "initial"}
-    layout = w.Layout(width="420px")
+    kw = dict(value=value, description=name, style={"description_width": "initial"})
+    wide = dict(kw, layout=w.Layout(width="420px"))
     if name in choices:
-        return w.Dropdown(options=list(choices[name]), value=value, description=name, style=style, layout=layout)
+        return w.Dropdown(options=list(choices[name]), **wide)
     if isinstance(value, bool):
-        return w.Checkbox(value=value, description=name, style=style)
+        return w.Checkbox(**kw)
     if isinstance(value, int):
         lo, hi, step = ranges.get(name, (0 if value == 0 else 1, max(4 * value, 10), 1))
-        return w.IntSlider(value=value, min=lo, max=hi, step=step, description=name, style=style, layout=layout)
+        return w.IntSlider(min=lo, max=hi, step=step, **wide)
     if isinstance(value, float):
         if name in ranges:
             lo, hi, step = ranges[name]
-            return w.FloatSlider(value=value, min=lo, max=hi, step=step, description=name, style=style,
-                                 layout=layout, readout_format=".3g")
+            return w.FloatSlider(min=lo, max=hi, step=step, readout_format=".3g", **wide)
         if 0 < value < 0.01:  # learning rates and the like: a log scale
             exp = math.floor(math.log10(value))
-            return w.FloatLogSlider(value=value, base=10, min=exp - 2, max=exp + 2, step=0.1, description=name,
-                                    style=style, layout=layout, readout_format=".1e")
-        return w.FloatSlider(value=value, min=0.0, max=max(1.0, 4 * value), step=0.01, description=name,
-                             style=style, layout=layout)
-    return w.Text(value=str(value), description=name, style=style, layout=layout)
+            return w.FloatLogSlider(base=10, min=exp - 2, max=exp + 2, step=0.1, readout_format=".1e", **wide)
+        return w.FloatSlider(min=0.0, max=max(1.0, 4 * value), step=0.01, **wide)
+    return w.Text(**dict(wide, value=str(value)))
 
 
 def parameter_panel(params: dict, run: Callable[[dict], object], *, choices: dict | None = None,
@@ -58,7 +54,6 @@ def parameter_panel(params: dict, run: Callable[[dict], object], *, choices: dic
     ``choices`` maps a name to the options of a dropdown; ``ranges`` maps a number to
     ``(min, max, step)``. Returns the panel; ``panel.values()`` reads the current values.
     """
-
     choices, ranges = choices or {}, ranges or {}
     controls = {name: _widget_for(name, value, choices, ranges) for name, value in params.items()}
     go = w.Button(description=button, button_style="primary", icon="play")
