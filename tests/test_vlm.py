@@ -218,7 +218,7 @@ def test_example_split_holds_out_images_and_balances_the_graded_ones(cached_asse
 
 
 def test_the_tower_learns_its_classes_and_the_folder_is_a_llava(practice):
-    from qlora_helpers.ch04_vlm.encode import encode
+    from qlora_helpers.ch04_vlm.records import encode
     from qlora_helpers.ch04_vlm.small_llava import probe_accuracy
 
     tower, head, info, pixels, labels = practice["tower"]
