@@ -164,12 +164,6 @@ def cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def device_and_dtype(run: VLMRun) -> tuple[str, torch.dtype]:
-    device = resolve_device(run)
-    q = run.settings.quantization
-    return device, (getattr(torch, q.compute_dtype) if device == "cuda" else cpu_compute_dtype())
-
-
 def cpu_threads() -> str:
     """Set torch's CPU threads for batch-1 training, and say why.
 
@@ -217,11 +211,11 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
     if not takes_images(run.model_id):
         raise ValueError(f"model_id {run.model_id!r} has no vision part (no vision_config): the vlm command trains "
                          "image-text-to-text models; train a text model with `python -m qlora_helpers sft`")
-    max_length = run.settings.data.max_length
-    train, val = encode_all(records[0], processor, max_length), encode_all(records[1], processor, max_length)
+    train, val = (encode_all(r, processor, run.settings.data.max_length) for r in records)
     out = _prepare_output_dir(run)
     atomic_write_json(out / "vlm_config.json", {**asdict(run), "settings": vc.to_dict(run.settings)})
-    device, dtype = device_and_dtype(run)
+    device = resolve_device(run)
+    dtype = getattr(torch, run.settings.quantization.compute_dtype) if device == "cuda" else cpu_compute_dtype()
     threads = cpu_threads() if device == "cpu" else "GPU run: CPU threads left as they are"
     set_seed(run.seed)
     model = load_vlm(run.model_id, quantization=run.settings.quantization, dtype=dtype, device=device)
@@ -232,8 +226,7 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
     history = train_vlm(model, train, val, run, processor=processor, out=out, device=device, fingerprint=fingerprint,
                         progress=progress, callbacks=callbacks)
     summary = {"model_id": run.model_id, "model_type": model.config.model_type, "device": device,
-               "dtype": str(dtype).removeprefix("torch."), "threads": threads,
-               "params": count_parameters(model),
+               "dtype": str(dtype).removeprefix("torch."), "threads": threads, "params": count_parameters(model),
                "linear_layers": quantized_share(model),
                "examples": {"train": len(train), "val": len(val)}, "history": history}
     atomic_write_json(out / "vlm_summary.json", summary)

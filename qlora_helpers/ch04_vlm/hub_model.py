@@ -4,20 +4,17 @@ The recipe, in the library calls a learner would write::
 
     bnb = bnb_config("4bit", torch.bfloat16, skip_modules=KEEP_16BIT)   # BitsAndBytesConfig: NF4, double quant
     model = AutoModelForImageTextToText.from_pretrained(model_id, quantization_config=bnb, dtype=torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=...language model only...))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=...the language model's...))
 
-``KEEP_16BIT`` names the vision tower and projector of LLaVA (``vision_tower``, ``multi_modal_projector``),
-Qwen2-VL / Qwen2.5-VL (``visual``, its ``merger`` inside) and Idefics3 / SmolVLM (``vision_model``,
-``connector``): they stay frozen in the 16-bit compute dtype (fp32 or bf16 on the CPU, see
-``device.cpu_compute_dtype``); only the language model's linear layers become NF4. The projector trains too
-when asked (peft's ``modules_to_save``, so it is saved with the adapter), in fp32 like the adapters.
+``KEEP_16BIT`` keeps the vision tower and projector of LLaVA, Qwen2-VL / Qwen2.5-VL and Idefics3 / SmolVLM
+frozen in the 16-bit compute dtype (``device.cpu_compute_dtype`` on a CPU): only the language model's linear
+layers become NF4. A projector trained on request is saved with the adapter (peft's ``modules_to_save``), in fp32.
 
-The processor (tokenizer + image processor + chat template) is ``AutoProcessor``'s. Qwen2-VL's also holds a
-video processor, which transformers 5 cannot build without torchvision, even for images alone; there it is
-built from its image processor and tokenizer with no video part (``image_only``), all the ``vlm`` command uses.
-``write_tiny_vlm(folder, "llava" | "qwen2_vl" | "idefics3")`` saves a random model of a few layers with a real
-tokenizer from the cache and the family's processor and chat template: a ``from_pretrained`` folder that the
-``vlm`` command trains in seconds on the CPU, exactly as it would train the hub model.
+The processor is ``AutoProcessor``'s. Qwen2-VL's also holds a video processor, which transformers 5 cannot build
+without torchvision, even for images alone: there it is built without one (``image_only``).
+``write_tiny_vlm(folder, "llava" | "qwen2_vl" | "idefics3")`` saves a random few-layer model with a real cached
+tokenizer and the family's processor: a ``from_pretrained`` folder the ``vlm`` command trains in seconds on a CPU,
+exactly as it would train the hub model.
 """
 
 from __future__ import annotations

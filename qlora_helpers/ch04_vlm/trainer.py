@@ -55,10 +55,6 @@ def vlm_optimizer(model, run, device: str):
     return make_optimizer(name, groups, setting="training.optimizer", weight_decay=0.0)
 
 
-def _to(example: dict, device: str) -> dict:
-    return {k: v.to(device) for k, v in example.items()}
-
-
 def evaluate(model, examples: list, device: str) -> float:
     """Mean cross-entropy over every answer token of ``examples`` (token-weighted)."""
     was_training = model.training
@@ -67,7 +63,7 @@ def evaluate(model, examples: list, device: str) -> float:
     with torch.no_grad():
         for example in examples:
             n = answer_tokens(example)
-            total += float(causal_lm_loss(model, _to(example, device))) * n
+            total += float(causal_lm_loss(model, {k: v.to(device) for k, v in example.items()})) * n
             count += n
     model.train(was_training)
     return total / max(count, 1)
