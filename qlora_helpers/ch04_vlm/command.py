@@ -138,8 +138,7 @@ def validate(run: VLMRun) -> VLMRun:
             raise ValueError(f"{key} must be >= 0 (0: never), not {getattr(run, key)}")
     if run.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {run.device!r}")
-    if run.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device: use --device cpu or auto")
+    resolve_device(run)                      # refuses cuda where torch sees none
     if run.resume and run.overwrite_output_dir:
         raise ValueError("resume and overwrite_output_dir contradict: keep one of them")
     return run
