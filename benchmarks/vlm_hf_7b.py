@@ -36,16 +36,15 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from qlora_helpers.ch04_vlm.command import config_from_args, run_vlm
-from qlora_helpers.ch04_vlm.encode import encode_all
-from qlora_helpers.ch04_vlm.encode import text_tokens as count_text_tokens
-from qlora_helpers.ch04_vlm.processors import (
+from qlora_helpers.ch04_vlm.hub_model import (
     cached_tokenizer,
     fit_llava_config,
     load_processor,
     make_processor,
     write_vlm_folder,
 )
-from qlora_helpers.ch04_vlm.records import read_records, write_example_files
+from qlora_helpers.ch04_vlm.records import encode_all, read_records, write_example_files
+from qlora_helpers.ch04_vlm.records import text_tokens as count_text_tokens
 from qlora_helpers.ch04_vlm.vram import estimate_vlm
 from qlora_helpers.cli import build_parser
 from qlora_helpers.common.assets import load_sft

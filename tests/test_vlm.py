@@ -218,7 +218,7 @@ def test_example_split_holds_out_images_and_balances_the_graded_ones(cached_asse
 
 
 def test_the_tower_learns_its_classes_and_the_folder_is_a_llava(practice):
-    from qlora_helpers.ch04_vlm.encode import encode
+    from qlora_helpers.ch04_vlm.records import encode
     from qlora_helpers.ch04_vlm.small_llava import probe_accuracy
 
     tower, head, info, pixels, labels = practice["tower"]
@@ -271,12 +271,19 @@ def test_gpu_benchmark_runs_end_to_end_on_a_tiny_model(cached_assets):
 
 
 def test_gpu_measurements_are_read_from_the_benchmark_file():
-    from qlora_helpers.ch04_vlm.measured import gpu_benchmark_summary, measured_knobs, measured_methods, proof_table
+    from qlora_helpers.ch04_vlm.measured import (
+        COMMAND_RUNS,
+        PROOFS,
+        gpu_benchmark_summary,
+        measured_knobs,
+        measured_methods,
+    )
     from qlora_helpers.common.files import load_benchmark
+    from qlora_helpers.common.results import table
 
     assert measured_methods(None) == {"qlora": None, "lora": None} and measured_knobs(None) == {}
     assert gpu_benchmark_summary(None) == {"present": False, "proofs": {}, "knobs_measured": []}
-    assert proof_table(None).startswith("no GPU measurement yet")
+    assert table(None, PROOFS).startswith("no GPU run yet: benchmarks/results/vlm_8gb.json is missing")
     bench = load_benchmark("vlm_8gb")
     methods = measured_methods(bench)
     assert 0 < methods["qlora"] < 7.5 < methods["lora"]
@@ -285,9 +292,14 @@ def test_gpu_measurements_are_read_from_the_benchmark_file():
     summary = gpu_benchmark_summary(bench)
     assert summary["present"] and summary["proofs"]["8gb-s512"]["status"] == "ok"
     assert summary["knobs_measured"] == list(knobs.values())
-    table = proof_table(bench).splitlines()
-    assert table[0].startswith("measured on ") and table[2].startswith("8gb-s512")
-    assert any(line.startswith("8gb-s512: ") and "cap to spare" in line for line in table)
+    p = summary["proofs"]["8gb-s512"]      # the room left under the cap and how far the estimate was off
+    row = f"| 8gb-s512 | 7.5 | {p['lm_tokens']} | {p['steps_completed']} | {p['peak_allocated_gib']:.2f} | "
+    off = p["estimate_gib"] / p["peak_allocated_gib"] - 1
+    assert f"| {off:+.1%} | {7.5 - p['peak_reserved_gib']:.2f} | ok |" in table(bench, PROOFS)
+    assert row in table(bench, PROOFS)
+    runs = table(load_benchmark("vlm_hf_7b"), COMMAND_RUNS).splitlines()
+    assert runs[2].startswith("| llava-1.5-7b | 7.5 | ") and "| out of memory | – |" in runs[3]
+    assert any(line.endswith("| ok | --hardware.embeddings_on_cpu |") for line in runs)
 
 
 def test_a_quantized_tower_copy_leaves_the_tower_alone(cached_assets):
@@ -332,7 +344,7 @@ def test_remedies_of_the_seed():
 
 
 def test_speed_verdict_from_step_seconds():
-    from qlora_helpers.ch04_vlm.measured import LORA_ROW, speed_report, speed_verdict
+    from qlora_helpers.ch04_vlm.measured import LORA_ROW, speed_report, speed_rows, speed_verdict
 
     def row(name, seconds):
         return {"name": name, "status": "ok", "steps": [{"seconds": s} for s in seconds]}
@@ -348,16 +360,19 @@ def test_speed_verdict_from_step_seconds():
     assert v["verdict"] == "mixed"
     v = speed_verdict(bench(row("8gb-s512", [9.0, 1.1])))
     assert v["verdict"] == "no verdict" and "no 16-bit LoRA baseline" in v["missing"]
-    assert "no verdict" in speed_report(v) and speed_verdict(None)["verdict"] == "no verdict"
+    assert "no verdict" in speed_report(v) and speed_verdict(None)["verdict"] == "no verdict" and not speed_rows(v)
 
 
 def test_speed_verdict_of_the_committed_benchmark():
-    from qlora_helpers.ch04_vlm.measured import speed_report, speed_verdict
+    from qlora_helpers.ch04_vlm.measured import speed_report, speed_rows, speed_verdict
     from qlora_helpers.common.files import load_benchmark
 
     v = speed_verdict(load_benchmark("vlm_8gb"))
     assert v["verdict"] in ("holds", "refuted", "mixed") and v["lora_s"] > 0 and v["runs"]
     assert f"the seed's 30-40 % slower: {v['verdict']}" in speed_report(v)
+    rows = speed_rows(v)
+    assert rows[0]["what"] == "LoRA, 16-bit base" and [r["slowdown_pct"] for r in rows[1:]] == [
+        r["slowdown_pct"] for r in v["runs"]]
 
 
 def test_matmul_timing_per_dtype():

@@ -23,10 +23,8 @@ from safetensors.torch import load_file
 from qlora_helpers import cli
 from qlora_helpers.ch04_vlm.command import build_run, run_vlm
 from qlora_helpers.ch04_vlm.config import preset
-from qlora_helpers.ch04_vlm.encode import encode_all
-from qlora_helpers.ch04_vlm.hub_model import embeddings_on_cpu, load_vlm, takes_images
-from qlora_helpers.ch04_vlm.processors import write_tiny_vlm
-from qlora_helpers.ch04_vlm.records import read_records, write_example_files
+from qlora_helpers.ch04_vlm.hub_model import embeddings_on_cpu, load_vlm, takes_images, write_tiny_vlm
+from qlora_helpers.ch04_vlm.records import encode_all, read_records, write_example_files
 from qlora_helpers.ch04_vlm.trainer import evaluate
 from qlora_helpers.ch04_vlm.vram import estimate_vlm, model_config
 

@@ -29,10 +29,15 @@ from transformers import set_seed
 from qlora_helpers.ch03_sft.command import _bool, check_output_dir, check_resume, load_config_file, resolve_device
 from qlora_helpers.ch03_sft.trainer import CHECKPOINTS
 from qlora_helpers.ch04_vlm import config as vc
-from qlora_helpers.ch04_vlm.encode import encode_all
-from qlora_helpers.ch04_vlm.hub_model import add_lora, embeddings_on_cpu, load_vlm, quantized_share, takes_images
-from qlora_helpers.ch04_vlm.processors import load_processor
-from qlora_helpers.ch04_vlm.records import read_records
+from qlora_helpers.ch04_vlm.hub_model import (
+    add_lora,
+    embeddings_on_cpu,
+    load_processor,
+    load_vlm,
+    quantized_share,
+    takes_images,
+)
+from qlora_helpers.ch04_vlm.records import encode_all, read_records
 from qlora_helpers.ch04_vlm.trainer import HISTORY, train_vlm
 from qlora_helpers.common.device import cpu_compute_dtype
 from qlora_helpers.common.files import atomic_write_json, remove_folder
@@ -42,40 +47,33 @@ from qlora_helpers.errors import check_keys
 RESUME_KEYS = ("model_id", "data_path", "max_steps", "seed", "train_projector")
 
 
+def _opt(default, help: str = ""):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class VLMRun:
-    model_id: str = ""                 # a from_pretrained folder or hub id (LLaVA, Qwen2-VL, Idefics3, ...)
-    data_path: str = ""                # training JSONL (ch04_vlm.records)
-    val_path: str = ""                 # validation JSONL; empty: no validation, no best adapter
+    model_id: str = _opt("", "a from_pretrained folder or hub id: LLaVA, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM")
+    data_path: str = _opt("", "training JSONL: {\"image\": \"a.png\", \"messages\": [...]} per line (ch04_vlm.records)")
+    val_path: str = _opt("", "validation JSONL; without it no validation loss and no best adapter")
     output_dir: str = "outputs/vlm"
-    preset: str = "ultra_low_memory"   # ultra_low_memory | balanced | quality
-    max_steps: int = 100               # optimizer steps
-    eval_steps: int = 20               # validation loss every N steps (and at the end)
-    save_steps: int = 20               # checkpoint every N steps (0: none)
+    preset: str = _opt("ultra_low_memory", "ultra_low_memory (8 GB) | balanced (12 GB) | quality (24 GB): "
+                                           "the settings flags change")
+    max_steps: int = _opt(100, "optimizer steps")
+    eval_steps: int = _opt(20, "validation loss every N steps (and at the end; 0: at the end only)")
+    save_steps: int = _opt(20, "a checkpoint every N steps, for --resume (0: none)")
     save_total_limit: int = 2
     max_grad_norm: float = 1.0
-    train_projector: bool = False      # train the image-to-text projector too (saved with the adapter)
+    train_projector: bool = _opt(False, "train the image-to-text projector too (saved with the adapter)")
     seed: int = 0
-    device: str = "auto"               # auto | cpu | cuda
-    resume: bool = False
-    overwrite_output_dir: bool = False
+    device: str = _opt("auto", "auto | cpu | cuda")
+    resume: bool = _opt(False, "continue from output_dir/checkpoints/latest: the same loss curve")
+    overwrite_output_dir: bool = _opt(False, "allow a non-empty output_dir (its checkpoints and adapters are "
+                                             "discarded)")
     settings: vc.VLMTrainConfig = field(default_factory=lambda: vc.preset("ultra_low_memory"))
 
 
 RUN_KEYS = [f.name for f in fields(VLMRun) if f.name != "settings"]
-HELP = {
-    "model_id": "a from_pretrained folder or hub id: LLaVA, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, ...",
-    "data_path": "training JSONL: {\"image\": \"a.png\", \"messages\": [...]} per line",
-    "val_path": "validation JSONL; without it no validation loss and no best adapter",
-    "preset": "ultra_low_memory (8 GB) | balanced (12 GB) | quality (24 GB): the settings flags change",
-    "max_steps": "optimizer steps",
-    "eval_steps": "validation loss every N steps (and at the end; 0: at the end only)",
-    "save_steps": "a checkpoint every N steps, for --resume (0: none)",
-    "train_projector": "train the image-to-text projector too (saved with the adapter)",
-    "device": "auto | cpu | cuda",
-    "resume": "continue from output_dir/checkpoints/latest: the same loss curve",
-    "overwrite_output_dir": "allow a non-empty output_dir (its checkpoints and adapters are discarded)",
-}
 CONFIG_KEYS = [f.name for f in fields(vc.VLMTrainConfig)]
 
 
@@ -83,28 +81,24 @@ def _names(text: str) -> tuple:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
-def _section_flags():
+def _flags():
+    """``(flag, default, help)`` of every run key, then of every ``section.key`` of the settings."""
+    for f in fields(VLMRun):
+        if f.name != "settings":
+            yield f.name, f.default, f"{f.metadata.get('help', '')} (default {f.default!r})".strip()
     for section, cls in vc.SECTIONS.items():
         for f in fields(cls):
-            yield f"{section}.{f.name}", getattr(cls(), f.name)
+            default = getattr(cls(), f.name)
+            yield f"{section}.{f.name}", default, f"the preset's unless given (ch04_vlm.config; e.g. {default!r})"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config_file", help="JSON file of settings; flags given here override it")
-    for f in fields(VLMRun):
-        if f.name == "settings":
-            continue
-        default = f.default
-        kind = _bool if isinstance(default, bool) else type(default)
-        parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
-                            help=f"{HELP.get(f.name, '')} (default {default!r})".strip(),
-                            **({"nargs": "?", "const": True} if isinstance(default, bool) else {}))
-    for key, default in _section_flags():
+    for key, default, text in _flags():
         kind = _bool if isinstance(default, bool) else _names if key == "lora.targets" else type(default)
-        parser.add_argument(f"--{key}", dest=key, type=kind, default=argparse.SUPPRESS,
-                            metavar=key.split(".")[1].upper(),
-                            help=f"the preset's unless given (ch04_vlm.config; e.g. {default!r})",
-                            **({"nargs": "?", "const": True} if isinstance(default, bool) else {}))
+        extra = {"nargs": "?", "const": True} if isinstance(default, bool) else {}
+        parser.add_argument(f"--{key}", dest=key, type=kind, default=argparse.SUPPRESS, help=text,
+                            metavar=key.split(".")[-1].upper(), **extra)
 
 
 def build_run(values: dict, flags: dict, source: str = "config") -> VLMRun:
@@ -144,8 +138,7 @@ def validate(run: VLMRun) -> VLMRun:
             raise ValueError(f"{key} must be >= 0 (0: never), not {getattr(run, key)}")
     if run.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {run.device!r}")
-    if run.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device: use --device cpu or auto")
+    resolve_device(run)                      # refuses cuda where torch sees none
     if run.resume and run.overwrite_output_dir:
         raise ValueError("resume and overwrite_output_dir contradict: keep one of them")
     return run
@@ -168,12 +161,6 @@ def cli(args: argparse.Namespace) -> int:
     print(f"{summary['model_type']} {run.settings.method}: {run.max_steps} steps, trainable "
           f"{summary['params']['trainable']:,} of {summary['params']['total']:,}; {val}adapters in {run.output_dir}")
     return 0
-
-
-def device_and_dtype(run: VLMRun) -> tuple[str, torch.dtype]:
-    device = resolve_device(run)
-    q = run.settings.quantization
-    return device, (getattr(torch, q.compute_dtype) if device == "cuda" else cpu_compute_dtype())
 
 
 def cpu_threads() -> str:
@@ -223,11 +210,11 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
     if not takes_images(run.model_id):
         raise ValueError(f"model_id {run.model_id!r} has no vision part (no vision_config): the vlm command trains "
                          "image-text-to-text models; train a text model with `python -m qlora_helpers sft`")
-    max_length = run.settings.data.max_length
-    train, val = encode_all(records[0], processor, max_length), encode_all(records[1], processor, max_length)
+    train, val = (encode_all(r, processor, run.settings.data.max_length) for r in records)
     out = _prepare_output_dir(run)
     atomic_write_json(out / "vlm_config.json", {**asdict(run), "settings": vc.to_dict(run.settings)})
-    device, dtype = device_and_dtype(run)
+    device = resolve_device(run)
+    dtype = getattr(torch, run.settings.quantization.compute_dtype) if device == "cuda" else cpu_compute_dtype()
     threads = cpu_threads() if device == "cpu" else "GPU run: CPU threads left as they are"
     set_seed(run.seed)
     model = load_vlm(run.model_id, quantization=run.settings.quantization, dtype=dtype, device=device)
@@ -238,8 +225,7 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
     history = train_vlm(model, train, val, run, processor=processor, out=out, device=device, fingerprint=fingerprint,
                         progress=progress, callbacks=callbacks)
     summary = {"model_id": run.model_id, "model_type": model.config.model_type, "device": device,
-               "dtype": str(dtype).removeprefix("torch."), "threads": threads,
-               "params": count_parameters(model),
+               "dtype": str(dtype).removeprefix("torch."), "threads": threads, "params": count_parameters(model),
                "linear_layers": quantized_share(model),
                "examples": {"train": len(train), "val": len(val)}, "history": history}
     atomic_write_json(out / "vlm_summary.json", summary)

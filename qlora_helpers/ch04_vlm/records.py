@@ -1,4 +1,4 @@
-"""Image-chat JSONL for the ``vlm`` command: read, check every line, and say what to fix; the course's examples.
+"""Image-chat JSONL for the ``vlm`` command: read, check every line, encode; the course's example files.
 
 One line is one training example: an image (or several) and a conversation about it::
 
@@ -6,25 +6,26 @@ One line is one training example: an image (or several) and a conversation about
         {"role": "user", "content": "Is this a face?"},
         {"role": "assistant", "content": "Yes"}]}
 
-``"images": [...]`` takes several images. A relative path is relative to the JSONL file. Where
-the images go in the conversation: ``{"type": "image"}`` parts in a ``content`` list, one per
-image; plain-text contents get them at the start of the first user turn. Contents come back as
-lists of parts (``[{"type": "image"}, {"type": "text", "text": ...}]``), the form the chat
-templates of LLaVA, Qwen2-VL and Idefics3 all read.
-
-A bad line stops the run before any model loads, with one line naming the file, the line and
-the fix: ``train.jsonl:7: image faces/x.png not found (looked in /data/faces/x.png); fix the path``.
+``"images": [...]`` takes several images; a relative path is relative to the JSONL file. The images go where
+``{"type": "image"}`` parts of a ``content`` list say, one per image, else at the start of the first user
+turn. Contents come back as lists of parts (``[{"type": "image"}, {"type": "text", "text": ...}]``), the
+form the chat templates of LLaVA, Qwen2-VL and Idefics3 all read. A bad line stops the run before any model
+loads, with one line naming the file, the line and the fix:
+``train.jsonl:7: image faces/x.png not found (looked in /data/faces/x.png); fix the path``.
 Not handled: videos, image URLs, tool calls.
 
-The course's examples (``write_example_files``): no image-caption pairs can be had offline, but two
-labelled image sets can (see ``assets``), so the questions and answers come from the labels:
+``encode``: the processor does the model-specific work: its chat template writes the conversation with
+image placeholders, and ``processor(text, images)`` expands each to as many image tokens as the vision tower
+produces (LLaVA-1.5: 576; Qwen2-VL: one per 28 x 28 pixels). Labels are ``-100`` except on the assistant
+turns, found by rendering the conversation up to each turn (``add_generation_prompt=True``) and up to its
+end, so any chat template that writes turns one after another works. Tiny LLaVA, one face question::
 
-=============  ===============================  ===========================================
-images         question                         answer (from the label)
-=============  ===============================  ===========================================
-LFW subset     ``Is this a face?``              ``Yes`` / ``No``
-digits         ``Which digit is this?``         ``0`` ... ``9``
-=============  ===============================  ===========================================
+    USER: <image><image><image><image>\\nIs this a face? ASSISTANT: No<|im_end|>
+    labels: -100 ...                                              No<|im_end|>
+
+The course's examples (``write_example_files``): no image-caption pairs can be had offline, but two labelled
+image sets can (see ``assets``), so the questions and answers come from the labels: LFW images,
+``Is this a face?`` ``Yes`` / ``No``; digits, ``Which digit is this?`` ``0`` ... ``9``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from qlora_helpers.common.assets import load_images
 from qlora_helpers.common.files import atomic_write_text
 
 ROLES = ("system", "user", "assistant")
+IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ def _parts(content, where: str) -> list:
         raise ValueError(f"{where}: content must be a string or a list of {{\"type\": \"text\"|\"image\"}} parts, "
                          f"not {json.dumps(content)[:60]}; fix that message")
     return [p if p["type"] == "text" else {"type": "image"} for p in content]
+
+
+def _images_in(messages: list) -> int:
+    return sum(p["type"] == "image" for m in messages for p in m["content"])
 
 
 def _text(parts: list) -> str:
@@ -106,7 +112,7 @@ def _image_paths(row: dict, folder: Path, where: str) -> tuple:
 
 def _place_images(messages: list, n: int, where: str) -> list:
     """Put ``n`` image parts at the start of the first user turn, unless the messages place them."""
-    placed = sum(p["type"] == "image" for m in messages for p in m["content"])
+    placed = _images_in(messages)
     if placed == 0:
         first = next((m for m in messages if m["role"] == "user"), None)
         if first is None:
@@ -145,6 +151,58 @@ def read_records(path: str | Path) -> list[Record]:
     return records
 
 
+# --------------------------------------------------------------------------- a record -> the model's inputs
+def image_token_id(processor) -> int | None:
+    token = getattr(processor, "image_token", None)
+    return processor.tokenizer.convert_tokens_to_ids(token) if token else None
+
+
+def text_tokens(ids: torch.Tensor, processor) -> int:
+    """Tokens of ``ids`` that are not image tokens (what ``data.max_length`` bounds)."""
+    image_id = image_token_id(processor)
+    return int((ids != image_id).sum()) if image_id is not None else ids.numel()
+
+
+def _render(processor, messages: list, images: list, *, prompt: bool) -> dict:
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+    return processor(text=[text], images=[images] if images else None, return_tensors="pt")   # a batch of one
+
+
+def encode(record, processor, max_length: int) -> dict:
+    """The record's model inputs (batch of one) with ``labels``; one-line ``ValueError`` if too long."""
+    images = [Image.open(p).convert("RGB") for p in record.images]
+    inputs = _render(processor, record.messages, images, prompt=False)
+    ids = inputs["input_ids"][0]
+    labels = torch.full_like(ids, IGNORE)
+    for i, message in enumerate(record.messages):
+        if message["role"] != "assistant":
+            continue
+        shown = images[:_images_in(record.messages[:i])]
+        start = _render(processor, record.messages[:i], shown, prompt=True)["input_ids"][0]
+        done = record.messages[:i + 1]     # the whole conversation is ``ids`` already: not rendered again
+        end = len(ids) if len(done) == len(record.messages) else len(
+            _render(processor, done, images[:_images_in(done)], prompt=False)["input_ids"][0])
+        if not torch.equal(ids[:len(start)], start):
+            raise ValueError(f"{record.where}: the chat template does not write turn {i} after the ones before it; "
+                             "use a model whose template renders turns in order")
+        labels[len(start):end] = ids[len(start):end]
+    n_text = text_tokens(ids, processor)
+    if n_text > max_length:
+        raise ValueError(f"{record.where}: {n_text} text tokens > data.max_length {max_length}; "
+                         "shorten the conversation or raise --data.max_length")
+    return {**inputs, "labels": labels[None]}
+
+
+def encode_all(records: list, processor, max_length: int) -> list[dict]:
+    return [encode(r, processor, max_length) for r in records]
+
+
+def answer_tokens(example: dict) -> int:
+    """Tokens that count in the loss (each label predicts the token after it: the first one never counts)."""
+    return int((example["labels"][:, 1:] != IGNORE).sum())
+
+
+# --------------------------------------------------------------------------- the course's examples
 QUESTIONS = {"face": "Is this a face?", "digit": "Which digit is this?"}
 ANSWERS = {"face": ("Yes", "No"), "digit": tuple(str(d) for d in range(10))}
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import timeit
 from copy import deepcopy
 from pathlib import Path
 
@@ -32,7 +33,6 @@ import torch
 from PIL import Image
 from transformers import (
     AutoTokenizer,
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
     LlavaConfig,
@@ -41,30 +41,19 @@ from transformers import (
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from qlora_helpers.ch04_vlm.processors import write_vlm_folder
+from qlora_helpers.ch04_vlm.hub_model import make_processor, write_vlm_folder
 from qlora_helpers.ch04_vlm.records import ANSWERS, QUESTIONS, question_answer
 from qlora_helpers.common.assets import load_smollm2, smollm2_path
 from qlora_helpers.common.quant import keep_cpu_training_layout
 
 N_CLASSES = 12   # digits 0-9, face, not a face
-IMAGE_TOKEN = "<image>"
-# SmolLM2's chat format (``<|im_start|>role ... <|im_end|>``) without its default system line, reading parts
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def small_processor(*, image_size: int = 24, patch_size: int = 8) -> LlavaProcessor:
-    """SmolLM2's tokenizer plus ``<image>``, a CLIP image processor at ``image_size`` px, ChatML:
-    each image becomes ``(image_size / patch_size)^2`` image tokens."""
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                   crop_size={"height": image_size, "width": image_size})
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch_size,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHATML_TEMPLATE)
+    """SmolLM2's tokenizer plus ``<image>``, a CLIP image processor at ``image_size`` px, SmolLM2's chat format
+    (ChatML): each image becomes ``(image_size / patch_size)^2`` image tokens."""
+    return make_processor("llava", AutoTokenizer.from_pretrained(smollm2_path()), image_size, patch_size=patch_size,
+                          template="chatml")
 
 
 def tower_inputs(records: list, processor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +162,7 @@ def write_small_llava(folder: str | Path, tower, processor, pixels, *, dtype=tor
     tokenizer = processor.tokenizer
     lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)   # <image>'s row is never read
     config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=lm.config.to_dict(),
-                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                          vision_feature_select_strategy="default", projector_hidden_act="gelu")
     with torch.device("meta"):
         vlm = LlavaForConditionalGeneration(config)
@@ -237,10 +226,5 @@ def matmul_seconds(dtypes, *, rows: int, inner: int, cols: int, repeats: int = 2
     for dtype in dtypes:
         x, y = a.to(dtype), b.to(dtype)
         x @ y                                      # warm-up: the first call picks a kernel
-        best = math.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            x @ y
-            best = min(best, time.perf_counter() - t0)
-        out[str(dtype)] = best
+        out[str(dtype)] = min(timeit.repeat(lambda x=x, y=y: x @ y, number=1, repeat=repeats))
     return out

@@ -1,35 +1,29 @@
 """The ``vlm`` command trains through TRL's ``SFTTrainer``; this module is what chapter 04 adds to it.
 
-The training (batch 1 x ``gradient_accumulation_steps``, clipping, stepping the schedule, resume with the
-optimizer, scheduler and random generators) is the HF ``Trainer``'s, as for chapter 03's ``sft``
-command (``ch03_sft.trainer``); a step's loss is the mean over every answer token of its micro-batches,
-as the validation loss is. The VLM's part:
+The training (batch 1 x ``gradient_accumulation_steps``, clipping, the schedule, resume with the optimizer,
+scheduler and random generators) is the HF ``Trainer``'s, as for chapter 03's ``sft`` command; a step's loss
+is the mean over every answer token of its micro-batches, as the validation loss is. The VLM's part:
 
-- **its data**: each example is encoded once by ``encode.encode`` (the processor's ``input_ids``,
-  ``pixel_values`` and the rest, with the loss on the assistant's tokens only) and goes in as it is:
-  the dataset holds the encoded examples (read back as the same tensors), ``collate`` hands one of
-  them to the model per micro-batch. TRL's vision collator is not used: it would render and mask the
-  conversations again. TRL treats the model as any causal LM (its fused loss runs the VLM's own
-  backbone, images included), so the ``SFTTrainer`` serves as it is, not the plain HF ``Trainer``;
-- **two learning rates**: the optimizer (``vlm_optimizer``) is built here, LoRA at
-  ``training.learning_rate``, a trained projector at ``training.projector_learning_rate``; paged
-  8-bit AdamW on CUDA as the preset says, torch's AdamW on the CPU; both follow ``schedule``
-  (a warm-up whose first step is already at its rate, then linear down to ``training.min_lr_ratio``);
-- **the validation loss** over every answer token (``evaluate``) before training, every ``eval_steps``
-  and at the last step, and the adapter with the lowest one in ``best/`` (``BestAdapter``);
-- chapter 03's whole checkpoints (``CourseCallback``): ``checkpoints/checkpoint-N`` marked complete by
-  its ``state.json`` (history and settings), then named in ``checkpoints/latest``.
+- **its data**: each example is encoded once (``records.encode``: the processor's ``input_ids``,
+  ``pixel_values`` and the rest, the loss on the assistant's tokens only) and ``collate`` hands one to the
+  model per micro-batch. TRL's vision collator would render and mask the conversations again; TRL treats
+  the model as any causal LM (its fused loss runs the VLM's own backbone, images included);
+- **two learning rates** (``vlm_optimizer``): LoRA at ``training.learning_rate``, a trained projector at
+  ``training.projector_learning_rate``, both on ``schedule``;
+- **the validation loss** over every answer token (``evaluate``) before training, every ``eval_steps`` and
+  at the last step, and the adapter with the lowest one in ``best/`` (``VLMCallback``, on chapter 03's
+  ``CourseCallback``: its records and whole checkpoints).
 
 What the output folder holds::
 
     best/                    the adapter with the lowest validation loss so far (peft format)
     final/                   the adapter after the last step
     checkpoints/checkpoint-N for --resume, every save_steps before the last step (the Trainer's checkpoint,
-                             complete once state.json is in it)
+                             complete once state.json is in it; checkpoints/latest names the newest)
     training_history.json    train loss per step, validation loss per evaluation, the best step
 
-``best`` and ``final`` are replaced whole (``files.atomic_folder``): ``PeftModel.from_pretrained``
-never sees half an adapter.
+``best`` and ``final`` are replaced whole (``files.atomic_folder``): ``PeftModel.from_pretrained`` never
+sees half an adapter.
 """
 
 from __future__ import annotations
@@ -42,7 +36,7 @@ from datasets import Dataset
 from trl import SFTTrainer
 
 from qlora_helpers.ch03_sft.trainer import CourseCallback, causal_lm_loss, quiet, resume_state, training_args
-from qlora_helpers.ch04_vlm.encode import answer_tokens
+from qlora_helpers.ch04_vlm.records import answer_tokens
 from qlora_helpers.common.files import atomic_folder, atomic_write_json
 from qlora_helpers.common.optim import make_optimizer
 
@@ -61,10 +55,6 @@ def vlm_optimizer(model, run, device: str):
     return make_optimizer(name, groups, setting="training.optimizer", weight_decay=0.0)
 
 
-def _to(example: dict, device: str) -> dict:
-    return {k: v.to(device) for k, v in example.items()}
-
-
 def evaluate(model, examples: list, device: str) -> float:
     """Mean cross-entropy over every answer token of ``examples`` (token-weighted)."""
     was_training = model.training
@@ -73,7 +63,7 @@ def evaluate(model, examples: list, device: str) -> float:
     with torch.no_grad():
         for example in examples:
             n = answer_tokens(example)
-            total += float(causal_lm_loss(model, _to(example, device))) * n
+            total += float(causal_lm_loss(model, {k: v.to(device) for k, v in example.items()})) * n
             count += n
     model.train(was_training)
     return total / max(count, 1)
@@ -90,37 +80,27 @@ def save_adapter(model, folder: Path) -> None:
     atomic_folder(folder, lambda tmp: model.save_pretrained(tmp))
 
 
-class BestAdapter:
-    """A record callback: the adapter goes to ``folder`` when a validation loss is the lowest so far.
-
-    ``history["best"]`` says which step it came from; step 0 (the untrained model) never counts.
-    """
-
-    def __init__(self, model, folder: Path, history: dict):
-        self.model, self.folder, self.history = model, folder, history
-
-    def __call__(self, record: dict) -> None:
-        loss, best = record.get("val_loss"), self.history["best"]
-        if loss is None or record["step"] == 0 or (best is not None and loss >= best["val_loss"]):
-            return
-        self.history["best"] = {"step": record["step"], "val_loss": loss}
-        save_adapter(self.model, self.folder)
-
-
 class VLMCallback(CourseCallback):
     """Chapter 03's records, checkpoints and step timing; the validation loss (``val_loss``) every ``eval_steps``
-    and at the last step, handed to the record callbacks (``BestAdapter`` first); ``training_history.json``
-    rewritten after each step."""
+    and at the last step, the adapter with the lowest one so far saved to ``best/`` (``history["best"]`` says
+    which step; step 0, the untrained model, never counts); ``training_history.json`` rewritten after each step."""
 
     EVAL_KEY, DIGITS = "val_loss", 6
+
+    def __init__(self, model, cfg, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.model = model
 
     def eval_due(self, step: int, last: int) -> bool:
         every = self.cfg.eval_steps
         return self.eval_loss is not None and (step == last or (every > 0 and step % every == 0))
 
     def validate(self, step: int) -> float:
-        loss = round(self.eval_loss(), 6)
+        loss, best = round(self.eval_loss(), 6), self.history["best"]
         self.history["eval"].append({"step": step, "val_loss": loss})
+        if step > 0 and (best is None or loss < best["val_loss"]):
+            self.history["best"] = {"step": step, "val_loss": loss}
+            save_adapter(self.model, self.output_dir / "best")
         return loss
 
     def after_record(self) -> None:
@@ -187,9 +167,9 @@ def train_vlm(model, train: list, val: list | None, run, *, processor, out, devi
     out = Path(out)
     ckpt, state = resume_state(out, run.resume, fingerprint)
     history = state["history"] if state else {"train": [], "eval": [], "best": None}
-    course = VLMCallback(trainer_settings(run), output_dir=out, eval_loss=(lambda: evaluate(model, val, device))
-                         if val else None, callbacks=[BestAdapter(model, out / "best", history), *callbacks],
-                         fingerprint=fingerprint, history=history, progress=progress)
+    course = VLMCallback(model, trainer_settings(run), output_dir=out, callbacks=callbacks, fingerprint=fingerprint,
+                         eval_loss=(lambda: evaluate(model, val, device)) if val else None, history=history,
+                         progress=progress)
     if val and ckpt is None:
         course.validate(0)
     trainer = make_trainer(model, processor, train, run, out=out, device=device, course=course)
