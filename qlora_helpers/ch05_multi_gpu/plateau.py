@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -116,7 +117,7 @@ class RunRecord(PlateauCallback):
         d = self.decisions[-1]
         at_max = 0 < args.max_steps <= state.global_step
         seconds = round(time.perf_counter() - self.clock["epoch"], 2)
-        record = {**d.as_dict(), "step": state.global_step, "train_loss": sum(s["loss"] for s in steps) / len(steps),
+        record = {**asdict(d), "step": state.global_step, "train_loss": sum(s["loss"] for s in steps) / len(steps),
                   "lr": steps[-1]["lr"], "next_lr": d.lr, "seconds": seconds,
                   "stop_reason": d.reason or ("max_steps" if at_max else None)}
         self.history["epochs"].append(record)
