@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import time
 import warnings
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import PartialState
-from accelerate.utils import gather_object, reduce
+from accelerate.utils import gather_object, patch_environment, reduce
 from safetensors.torch import save
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -60,15 +59,8 @@ CPU_PROCESSES = 2
 # --------------------------------------------------------------------------- the parent: no CUDA here
 def visible_gpus() -> int:
     """CUDA devices visible to this process, counted through NVML: CUDA stays uninitialised, so fork is safe."""
-    old = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
-    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    try:
+    with patch_environment(pytorch_nvml_based_cuda_check="1"):
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    finally:
-        if old is None:
-            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK")
-        else:
-            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = old
 
 
 def resolve_launch(profile: str, num_processes: int = 0, *, gpus: int | None = None) -> tuple[str, int]:
@@ -89,13 +81,6 @@ def resolve_launch(profile: str, num_processes: int = 0, *, gpus: int | None = N
     if n < 1:
         raise ValueError(f"num_processes must be 0 (automatic) or more, not {n}")
     return profile, n
-
-
-def free_port() -> str:
-    """A free TCP port for the rendezvous, so two runs on one machine do not collide."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- the run as sft settings
