@@ -74,8 +74,9 @@ def evaluate(model_path: str | Path, task: str = "all", *, data_dir: str | None 
     model = PeftModel.from_pretrained(model, run["model_path"])
     identities = json.loads((run["data_dir"] / "identities.json").read_text())
     scores = ask(model, tokenizer, identities, max_new_tokens=max_new_tokens, task=task)
+    answers = scores.pop("answers")
     return {"model_path": str(run["model_path"]), "task": task, "trained_task": run["trained_task"],
-            "identities": len(identities), **scores}
+            "identities": len(identities), "accuracy": scores, "answers": answers}
 
 
 def report(result: dict) -> str:
