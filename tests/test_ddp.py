@@ -12,19 +12,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from accelerate.utils import get_free_port
 
-from qlora_helpers.ch05_multi_gpu.worker import resolve_launch, steps_per_epoch
+from qlora_helpers.ch05_multi_gpu.worker import free_port, resolve_launch, steps_per_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 LAUNCH = textwrap.dedent("""
     import json, sys
     from accelerate import notebook_launcher
-    from accelerate.utils import get_free_port
     from qlora_helpers.ch05_multi_gpu import worker as ddp
     run = json.loads(sys.argv[1])
-    notebook_launcher(ddp.train_worker, (run,), num_processes=int(sys.argv[2]), use_port=get_free_port())
+    notebook_launcher(ddp.train_worker, (run,), num_processes=int(sys.argv[2]), use_port=ddp.free_port())
     print("heavy modules in the launching process:", [m for m in ("bitsandbytes", "peft") if m in sys.modules])
 """)
 
@@ -107,7 +105,7 @@ def test_two_machines_train_the_model_of_one(runs, tmp_path):
 
     two, one = runs
     run = run_dict(tmp_path, two.parent / "data", "m2", 1, 2)
-    out = run_machines(run, tmp_path / "launch", machines=2, port=get_free_port(), timeout=240)
+    out = run_machines(run, tmp_path / "launch", machines=2, port=free_port(), timeout=240)
     info = json.loads((out / "run.json").read_text())
     assert info["world_size"] == 2 and info["ranks_identical"] and info["steps"] == 3
     m0, m1 = (load_file(str(out / f"rank{r}_lora.safetensors")) for r in range(2))

@@ -229,9 +229,8 @@ def test_tad_detector_killed_at_random_then_resumed(cached_assets, tmp_path):
 DDP = textwrap.dedent("""
     import json, sys
     from accelerate import notebook_launcher
-    from accelerate.utils import get_free_port
     from qlora_helpers.ch05_multi_gpu import worker
-    notebook_launcher(worker.train_worker, (json.loads(sys.argv[1]),), num_processes=2, use_port=get_free_port())
+    notebook_launcher(worker.train_worker, (json.loads(sys.argv[1]),), num_processes=2, use_port=worker.free_port())
 """)
 
 

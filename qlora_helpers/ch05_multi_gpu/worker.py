@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 import time
 import warnings
@@ -81,6 +82,13 @@ def resolve_launch(profile: str, num_processes: int = 0, *, gpus: int | None = N
     if n < 1:
         raise ValueError(f"num_processes must be 0 (automatic) or more, not {n}")
     return profile, n
+
+
+def free_port() -> str:
+    """A free TCP port for the rendezvous, so two runs on one machine do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- the run as sft settings
