@@ -1,9 +1,8 @@
 """Data-parallel QLoRA started from a notebook: each rank runs the course's ``sft`` command on the reversal task.
 
-The notebook calls ``accelerate.notebook_launcher(train_worker, args=(run,), num_processes=N)``; the launcher
-forks N processes and each runs ``train_worker``. Everything that touches CUDA, bitsandbytes, peft or the
-model happens *inside* the child (a parent that has imported bitsandbytes cannot fork workers: the launcher
-refuses), so the training modules are imported in ``train_worker``, not at the top. Each rank:
+``accelerate.notebook_launcher(train_worker, args=(run,), num_processes=N)`` forks N processes, each running
+``train_worker``. What touches CUDA, bitsandbytes or peft is imported inside it (the launcher refuses to fork
+a parent that has imported bitsandbytes). Each rank:
 
 1. picks its precision (``qlora_helpers.ch05_multi_gpu.precision``: bf16, fp16 with loss scaling, or fp32);
 2. turns ``run`` into the ``sft`` command's settings (``sft_config``: QLoRA 4-bit, the YAML config's LoRA and
@@ -15,9 +14,8 @@ refuses), so the training modules are imported in ``train_worker``, not at the t
    ``RunRecord`` writes ``training_history.json`` (rank 0) and scores the questions before training;
 4. after training, asks both directions' questions (each rank its share) and rank 0 writes ``run.json``.
 
-On a CPU the same code runs with the gloo backend and 2 processes, which is how the tests check that
-gradients really synchronise. ``python -m qlora_helpers.ch05_multi_gpu.worker`` is the same run from a shell
-(``accelerate launch``, several machines included).
+On a CPU the same code runs on gloo with 2 processes (how the tests check that gradients synchronise);
+``python -m qlora_helpers.ch05_multi_gpu.worker`` is the same run from a shell (``accelerate launch``).
 """
 
 from __future__ import annotations
