@@ -12,7 +12,16 @@ the global batch of the notebook's two ranks (``tests/test_ddp.py``: the same st
     python -m benchmarks.face_retention --seeds 0 --max-steps 24
 
 Writes ``benchmarks/results/face_retention.json`` after every seed (unless ``--out`` says otherwise);
-``qlora_helpers.ch05_multi_gpu.retention`` reads it for notebook 05.
+notebook 05 shows it (``qlora_helpers.ch05_multi_gpu.tables.retention_report``).
+
+The verdict, per score, over the seeds measured (``step`` = one question of the ``2 n`` asked about A):
+
+- stage 1 did not lift A's choice score above the chance band (``learning.chance_band``): nothing was
+  learned, so nothing can be retained;
+- A's score without the pool stayed within one step of stage 1's: stage 2 did not make the model forget A,
+  so the pool had nothing to prevent;
+- A's score with the pool higher than without by at least one step in every seed: the pool kept A;
+- otherwise: no consistent difference.
 """
 
 from __future__ import annotations
@@ -25,8 +34,8 @@ from pathlib import Path
 
 import yaml
 
-from qlora_helpers.ch05_multi_gpu import retention
 from qlora_helpers.ch05_multi_gpu.evaluate import evaluate
+from qlora_helpers.ch05_multi_gpu.learning import chance_band
 from qlora_helpers.ch05_multi_gpu.reversal import WORDINGS, generate_data, make_identities, shared_identities
 from qlora_helpers.ch05_multi_gpu.worker import train_worker
 from qlora_helpers.common.assets import load_images
@@ -36,6 +45,39 @@ from qlora_helpers.errors import OneLineParser, run_main
 
 CONFIG = "data/configs/multi_gpu_cpu.yaml"
 CPU_RANKS = 2   # the notebook's processes on a CPU; one process here trains on their global batch
+ARMS = {"chat": "stage 2, general chat retained", "faces": "stage 2, A's faces retained (the pool)"}
+METRICS = ("choice", "generation")
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summary(figures: dict) -> dict:
+    """Mean over seeds of each score: A after stage 1 and after either stage 2, B after either stage 2."""
+    runs = figures["runs"]
+    out = {"seeds": [r["seed"] for r in runs], "identities": figures["identities"]}
+    for group, stages in (("A", ("stage1", *ARMS)), ("B", tuple(ARMS))):
+        out[group] = {s: {m: round(mean([r[group][s][m] for r in runs]), 6) for m in METRICS} for s in stages}
+    return out
+
+
+def verdict(figures: dict, metric: str = "choice") -> dict:
+    """The pool's effect on A's ``metric`` (choice or generation), decided as the module docstring says."""
+    n, runs = figures["identities"], figures["runs"]
+    step = 1 / (2 * n)
+    a1, chat, faces = (mean([r["A"][s][metric] for r in runs]) for s in ("stage1", "chat", "faces"))
+    gains = [r["A"]["faces"][metric] - r["A"]["chat"][metric] for r in runs]
+    where = (f"A's forward {metric} after stage 1 {a1:.3f}; after stage 2 {chat:.3f} without the pool, "
+             f"{faces:.3f} with it (mean of {len(runs)} seed(s), {n} identities)")
+    if mean([r["A"]["stage1"]["choice"] for r in runs]) <= chance_band(n)[2]:
+        return {"verdict": "not learned", "text": f"{where}: stage 1 left A inside the chance band, nothing to retain"}
+    if a1 - chat < step:
+        return {"verdict": "no forgetting", "text": f"{where}: without the pool A did not drop, nothing to prevent"}
+    if all(g >= step for g in gains):
+        return {"verdict": "kept", "text": f"{where}: the pool kept A in every seed (+{mean(gains):.3f})"}
+    return {"verdict": "no consistent difference",
+            "text": f"{where}: the pool's gain per seed {', '.join(f'{g:+.3f}' for g in gains)} is not consistent"}
 
 
 def other_seed(seed: int, n: int) -> int:
@@ -54,7 +96,7 @@ def scores(adapter: Path, data_dir: Path, max_new_tokens: int) -> dict:
     """Forward choice and generation accuracy of ``adapter`` on ``data_dir``'s identities, mean of both wordings."""
     acc = evaluate(adapter, "forward", data_dir=str(data_dir), device_map="cpu",
                    max_new_tokens=max_new_tokens)["accuracy"]["forward"]
-    return {m: round(retention.mean([acc[w][m] for w in WORDINGS]), 6) for m in retention.METRICS}
+    return {m: round(mean([acc[w][m] for w in WORDINGS]), 6) for m in METRICS}
 
 
 def train(run: dict, **changes) -> tuple[Path, dict]:
@@ -82,7 +124,7 @@ def measure_seed(seed: int, *, model_id: str, identities: int, max_steps: int, r
     stage1, trained1 = train(run, data_dir=str(a_dir), name="stage1")
     row = {"seed": seed, "a_seed": seed, "b_seed": b_seed, "training": {"stage1": trained1},
            "A": {"stage1": scores(stage1 / "final", a_dir, max_new_tokens)}, "B": {}}
-    for arm in retention.ARMS:
+    for arm in ARMS:
         pool = str(a_dir) if arm == "faces" else None
         out, trained = train(run, data_dir=str(b_dir), name=f"stage2_{arm}", face_retention_pool=pool,
                              init_adapter=str(stage1 / "final"))
@@ -106,16 +148,16 @@ def measure(seeds: list[int], *, model_id: str = "", identities: int = 6, max_st
     figures = {"model": model_id or "SmolLM2-135M-Instruct (cached)", "config": str(config), "task": "forward",
                "identities": identities, "retention_ratio": retention_ratio, "max_steps": max_steps,
                "global_batch": int(cfg["training"]["batch_size"]) * CPU_RANKS, "max_new_tokens": max_new_tokens,
-               "arms": retention.ARMS, "seeds_planned": list(seeds), "runs": []}
+               "arms": ARMS, "seeds_planned": list(seeds), "runs": []}
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for seed in seeds:
             figures["runs"].append(measure_seed(seed, model_id=model_id, identities=identities, max_steps=max_steps,
                                                 retention_ratio=retention_ratio, work=Path(tmp) / f"seed{seed}",
                                                 config=cfg, max_new_tokens=max_new_tokens))
-            figures["summary"] = retention.summary(figures)
-            figures["verdict"] = {m: retention.verdict(figures, m) for m in retention.METRICS}
+            figures["summary"] = summary(figures)
+            figures["verdict"] = {m: verdict(figures, m) for m in METRICS}
             path = write_benchmark("face_retention", figures, out)
-    for m in retention.METRICS:
+    for m in METRICS:
         print(figures["verdict"][m]["text"])
     return path
 

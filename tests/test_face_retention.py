@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from benchmarks.face_retention import measure, other_seed
-from qlora_helpers.ch05_multi_gpu import retention
+from benchmarks.face_retention import METRICS, measure, other_seed, verdict
+from qlora_helpers.ch05_multi_gpu import tables
 from qlora_helpers.ch05_multi_gpu.reversal import make_identities
 
 
@@ -22,11 +22,12 @@ def test_the_measurement_runs_end_to_end_and_writes_a_full_record(tiny_llama_dir
         assert set(scores) == {"choice", "generation"} and all(0 <= v <= 1 for v in scores.values())
     assert all(run["training"][s]["steps"] == 1 for s in ("stage1", "chat", "faces"))
     assert run["b_seed"] != run["a_seed"] and figures["summary"]["seeds"] == [0]
-    assert {figures["verdict"][m]["verdict"] for m in retention.METRICS} <= {
+    assert {figures["verdict"][m]["verdict"] for m in METRICS} <= {
         "not learned", "no forgetting", "kept", "no consistent difference"}
     assert [p.name for p in tmp_path.iterdir()] == ["face_retention.json"]   # the stages' folders are gone
-    text = retention.report(record).splitlines()
-    assert "seeds [0];" in text[0] and "planned" not in text[0] and len(text) == 2 + 5    # header, 5 adapter rows
+    text = tables.retention_report(record).splitlines()
+    assert "seeds [0];" in text[0] and "planned" not in text[0] and len(text) == 1 + 2 + 5    # the run, 5 adapters
+    assert tables.retention_plot(record).axes[0].get_ylim() == (0, 1.05)
 
 
 def test_the_second_stages_identities_share_no_face_and_no_name():
@@ -48,7 +49,7 @@ def figures(stage1, chat, faces, n=4):
     ([1.0, 1.0], [0.25, 0.5], [0.875, 0.5], "no consistent difference"),
 ])
 def test_the_verdict(stage1, chat, faces, expected):
-    assert retention.verdict(figures(stage1, chat, faces), "choice")["verdict"] == expected
+    assert verdict(figures(stage1, chat, faces), "choice")["verdict"] == expected
 
 
 def test_bad_settings_are_refused_in_one_line():

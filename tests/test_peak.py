@@ -3,7 +3,7 @@ on a 2-layer network; on the 4-bit tiny Llama, accumulation leaves the peak wher
 
 import torch
 
-from qlora_helpers.ch05_multi_gpu.peak import SavedBytes, measure
+from qlora_helpers.ch05_multi_gpu.model import SavedBytes, measure_peaks
 from qlora_helpers.ch05_multi_gpu.reversal import generate_data
 
 
@@ -23,7 +23,7 @@ def test_saved_bytes_by_hand():
 def test_accumulation_keeps_the_peak_of_one_micro_batch(tmp_path, cached_assets):
     data = generate_data(tmp_path / "data", num_identities=2, seed=0, pool_size=4)
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-    got = measure(str(data), model_id="tiny:llama", lora=lora)
+    got = measure_peaks(str(data), model_id="tiny:llama", lora=lora)
     peak = {(r["micro_batch"], r["accumulation"], r["summed"]): r["activations"] for r in got["rows"]}
     assert peak[1, 8, False] == peak[1, 4, False] > 0                     # accumulation: the same peak
     assert 1.8 * peak[1, 4, False] < peak[2, 4, False]                   # a larger micro-batch: about twice

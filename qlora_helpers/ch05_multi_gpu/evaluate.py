@@ -6,8 +6,8 @@
 ``--model_path`` is the ``best/`` or ``final/`` folder of a run. The run folder above it holds
 ``training_history.json``, which says where the run's data is (``--data_dir`` overrides it), how the base
 was quantised and in which dtype the run computed; the adapter's own ``adapter_config.json`` names its base
-model (``--base_model`` overrides it). The scores are those of ``reversal.evaluate_items``: the same
-questions, the same multiple choice and greedy answers as the worker's evaluation of ``final/``.
+model (``--base_model`` overrides it). The scores are the worker's (``worker.ask``): the same questions,
+the same multiple choice and greedy answers as its evaluation of ``final/``.
 
 It does not evaluate runs on random weights (``tiny:``, ``random:``): those weights were never saved;
 save the model first and train on its folder.
@@ -20,15 +20,14 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from qlora_helpers.ch05_multi_gpu import precision as P
 from qlora_helpers.ch05_multi_gpu.learning import reversal_verdict
-from qlora_helpers.ch05_multi_gpu.reversal import TASKS, WORDINGS, accuracy, eval_items, evaluate_items
+from qlora_helpers.ch05_multi_gpu.model import load_model
+from qlora_helpers.ch05_multi_gpu.reversal import TASKS, WORDINGS
+from qlora_helpers.ch05_multi_gpu.worker import ask
 from qlora_helpers.common.files import atomic_write_json
-from qlora_helpers.common.models import bnb_config
-from qlora_helpers.common.quant import keep_cpu_training_layout
 from qlora_helpers.errors import UserError
 
 CHOICES = (*TASKS, "all")
@@ -48,7 +47,9 @@ def read_run(model_path: str | Path, *, data_dir: str | None = None, base_model:
     if not (data / "identities.json").is_file():
         where = f"--data_dir {data}" if data_dir or history.get("data_dir") else f"{history_file} names no data_dir"
         raise UserError(f"{where}: no identities.json there; pass --data_dir, the folder the run trained on")
-    base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{path / 'adapter_config.json'} names no base model; pass --base_model, its folder")
     if not base_model and history.get("model_id", "").startswith(("tiny:", "random:")):
         raise UserError(f"{path} was trained on random weights ({history['model_id']}), which were not saved; "
                         "pass --base_model, the folder of the model it was trained on")
@@ -57,42 +58,25 @@ def read_run(model_path: str | Path, *, data_dir: str | None = None, base_model:
             "compute_dtype": history.get("precision", {}).get("compute_dtype", "fp32")}
 
 
-def load_adapter(model_path: Path, base: str, *, quantize: str, dtype, device_map):
-    """The base in 4-bit (or 8-bit) with the saved LoRA adapter on it, and the base's tokenizer."""
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb_config(quantize, dtype),
-                                                     device_map=device_map, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except OSError as err:
-        raise UserError(f"base model {base!r} of {model_path} cannot be loaded ({str(err).splitlines()[0]}); "
-                        "pass --base_model, a local model folder") from err
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    keep_cpu_training_layout(model)   # the layout the worker trained and evaluated with
-    return PeftModel.from_pretrained(model, model_path), tokenizer
-
-
 def evaluate(model_path: str | Path, task: str = "all", *, data_dir: str | None = None, base_model: str | None = None,
              device_map: str = "auto", max_new_tokens: int = 24) -> dict:
-    """Both scores of ``task``'s questions (or all of them) for the adapter at ``model_path``, and every answer.
-
-    ``max_new_tokens=0`` scores the multiple choice only: no answer is generated (on a CPU the greedy answers
-    take most of the time).
-    """
+    """Both scores of ``task``'s questions (or all of them) for the adapter at ``model_path``, and every answer;
+    ``max_new_tokens=0`` scores the multiple choice only (on a CPU the greedy answers take most of the time)."""
     if task not in CHOICES:
         raise UserError(f"task must be one of {', '.join(CHOICES)}, not {task!r}")
     run = read_run(model_path, data_dir=data_dir, base_model=base_model)
-    dtype = P.torch_dtype(run["compute_dtype"])
-    model, tokenizer = load_adapter(run["model_path"], run["base"], quantize=run["quantize"], dtype=dtype,
-                                    device_map=device_map if device_map == "auto" else {"": device_map})
+    try:   # the base as the worker trained it (its 4-bit layout on the CPU included)
+        model, tokenizer = load_model(run["base"], run["quantize"], dtype=P.torch_dtype(run["compute_dtype"]),
+                                      device=device_map)
+    except OSError as err:
+        raise UserError(f"base model {run['base']!r} of {run['model_path']} cannot be loaded "
+                        f"({str(err).splitlines()[0]}); pass --base_model, a local model folder") from err
+    model = PeftModel.from_pretrained(model, run["model_path"])
     identities = json.loads((run["data_dir"] / "identities.json").read_text())
-    items = [it for it in eval_items(identities) if task in ("all", it["direction"])]
-    rows = evaluate_items(model, tokenizer, items, identities=identities, device=next(model.parameters()).device,
-                          max_new_tokens=max_new_tokens, generate=max_new_tokens > 0)
-    order = lambda row: (row["direction"], row["wording"], row["identity"])
+    scores = ask(model, tokenizer, identities, max_new_tokens=max_new_tokens, task=task)
+    answers = scores.pop("answers")
     return {"model_path": str(run["model_path"]), "task": task, "trained_task": run["trained_task"],
-            "identities": len(identities), "accuracy": accuracy(rows, len(identities)),
-            "answers": sorted(rows, key=order)}
+            "identities": len(identities), "accuracy": scores, "answers": answers}
 
 
 def report(result: dict) -> str:

@@ -6,11 +6,9 @@ differs)::
     accelerate launch --config_file node0.yaml -m qlora_helpers.ch05_multi_gpu.worker --config ... --task forward
 
 ``accelerate launch`` starts ``torchrun``, which meets the other machines at ``main_process_ip:port``
-and gives each process its ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; ``worker.train_worker`` reads
-nothing else. ``run_machines`` starts N such machines as N process trees on this host, talking over the
-loopback address with gloo, which is how the tests and notebook 05 show that the worker trains one
-model across machines. It does not reach a second host: that needs the network and the firewall open
-between the nodes on the port.
+and gives each process its ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``, all ``worker.train_worker`` reads.
+``run_machines`` starts N such machines as process trees on this host, over loopback with gloo (a second
+host needs the network and the firewall open between the nodes on the port).
 """
 
 from __future__ import annotations

@@ -1,31 +1,25 @@
-"""Chapter 05's learning-rate rule on the HF ``Trainer``: ``schedule.PlateauSchedule`` as a callback.
+"""Chapter 05's learning-rate rule (``schedule.PlateauSchedule``) on the HF ``Trainer``, as a callback.
 
-Chapter 05 trains through the course's ``sft`` command (TRL's ``SFTTrainer``, one process or several):
-the Trainer keeps the warmup (``lr_scheduler_type="constant_with_warmup"``) and ``PlateauCallback``
-applies the chapter's rule at the end of every epoch:
-
-- the validation loss goes through ``PlateauSchedule.end_epoch`` (its tests are the rule's specification);
-- a reduction multiplies the rate of every parameter group, and the scheduler's base rates, by
-  ``lr_reduction_factor``, from the next step on;
-- a new lowest validation loss saves the adapter to ``best/`` (main process only, swapped in whole);
-- a stop (``val_loss < min_val_loss`` or ``lr < min_lr``) ends training there.
+The Trainer keeps the warmup (``lr_scheduler_type="constant_with_warmup"``); at every epoch end
+``PlateauCallback`` gives the validation loss to ``PlateauSchedule.end_epoch``, multiplies the rate of every
+parameter group and the scheduler's base rates by ``lr_reduction_factor`` on a reduction, saves the adapter
+to ``best/`` on a new lowest loss (main process, swapped in whole) and ends training on a stop.
 
 Why not the Trainer's own options: ``lr_scheduler_type="reduce_lr_on_plateau"`` has no warmup, clamps at
 ``min_lr`` instead of stopping, and reads the Trainer's batch-mean ``eval_loss``; ``EarlyStoppingCallback``
 measures an absolute threshold and needs ``load_best_model_at_end``; ``save_strategy="best"`` saves whole
 checkpoints, not the adapter a reader loads from ``best/``.
 
-``val_loss(model)`` must return the same number in every process (each rank scoring its share of the
-validation set and summing over ranks, as ``worker.validation_loss`` does), so that every process takes
-the same decision. ``RunRecord`` adds what the chapter shows of a run: ``training_history.json``.
-Importing this module loads transformers' Trainer, and with it peft and bitsandbytes:
-a rank imports it, never the notebook's kernel before ``notebook_launcher``.
+``val_loss(model)`` must return the same number in every process (``worker.validation_loss``: each rank
+scores its share, the sums are all-reduced), so every process decides alike. This module loads the
+Trainer, and with it peft and bitsandbytes: a rank imports it, never the kernel before ``notebook_launcher``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -38,11 +32,9 @@ RESUMED = ("lr", "reference", "best", "bad_epochs", "epoch")   # what a checkpoi
 
 
 class PlateauCallback(TrainerCallback, ExportableState):
-    """``PlateauSchedule``'s decision at each epoch end: lower the rate, save ``best/``, stop.
-
-    The rule's state (rate, reference and best loss, flat epochs) goes into every checkpoint's
-    ``trainer_state.json`` (``ExportableState``) and is read back when training resumes from it; the lowered
-    rates themselves come back with the optimizer's and the scheduler's saved states.
+    """``PlateauSchedule``'s decision at each epoch end: lower the rate, save ``best/``, stop. The rule's state
+    goes into every checkpoint's ``trainer_state.json`` (``ExportableState``) and comes back on a resume; the
+    lowered rates come back with the optimizer's and the scheduler's saved states.
 
     Example:
         >>> rule = PlateauCallback(PlateauSchedule(learning_rate=3e-3, min_lr=1e-4), val_loss,   # doctest: +SKIP
@@ -116,7 +108,7 @@ class RunRecord(PlateauCallback):
         d = self.decisions[-1]
         at_max = 0 < args.max_steps <= state.global_step
         seconds = round(time.perf_counter() - self.clock["epoch"], 2)
-        record = {**d.as_dict(), "step": state.global_step, "train_loss": sum(s["loss"] for s in steps) / len(steps),
+        record = {**asdict(d), "step": state.global_step, "train_loss": sum(s["loss"] for s in steps) / len(steps),
                   "lr": steps[-1]["lr"], "next_lr": d.lr, "seconds": seconds,
                   "stop_reason": d.reason or ("max_steps" if at_max else None)}
         self.history["epochs"].append(record)

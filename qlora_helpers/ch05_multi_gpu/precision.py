@@ -22,8 +22,6 @@ Example:
     ('fp16', 'bf16')
     >>> choose(None, False).compute_dtype, choose(None, True).compute_dtype
     ('fp32', 'bf16')
-
-What each rank trains, in those formats, is built in ``model`` (``load_model``, ``add_lora``).
 """
 
 from __future__ import annotations
@@ -94,8 +92,6 @@ def detect(device_index: int | None = None) -> tuple[tuple[int, int] | None, boo
 
     On the CPU "bf16 supported" is ``device.cpu_compute_dtype()``'s answer: native bf16 (or forced).
     """
-
-
     if device_index is None or not torch.cuda.is_available():
         return None, cpu_compute_dtype() == torch.bfloat16, "CPU"
     cap = torch.cuda.get_device_capability(device_index)
@@ -103,5 +99,4 @@ def detect(device_index: int | None = None) -> tuple[tuple[int, int] | None, boo
 
 
 def torch_dtype(name: str):
-
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]

@@ -10,8 +10,8 @@ The rule chapter 05 trains with, in the order it is applied at the end of every 
 3. training stops when the validation loss is below ``min_val_loss`` (good enough), or when the
    learning rate has fallen below ``min_lr`` (the plateau outlasted every reduction).
 
-During the first ``warmup_steps`` optimizer steps the rate climbs linearly to its value.
-No torch here: the rule is plain arithmetic, tested on scripted loss sequences.
+Before it the Trainer warms the rate up (``constant_with_warmup``) for ``warmup_steps``; ``plateau.PlateauCallback``
+applies the rule on the Trainer. No torch here: the rule is plain arithmetic, tested on scripted loss sequences.
 
 Example (the config of chapter 05: 1e-4, halve after 1 flat epoch, stop below 6e-5):
     >>> s = PlateauSchedule(learning_rate=1e-4, min_lr=6e-5, lr_reduction_factor=0.5,
@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from IPython.display import display
@@ -46,9 +46,6 @@ class Decision:
     lr: float             # the learning rate for the next epoch
     stop: bool
     reason: str | None    # "val_loss < min_val_loss", "lr < min_lr" or None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -91,17 +88,6 @@ class PlateauSchedule:
         values["lr_patience"] = int(values["lr_patience"])
         ratio = number(training.get("warmup_ratio", 0.0), "training.warmup_ratio")
         return cls(**values, warmup_steps=warmup_steps(total_steps, ratio))
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step ``step`` (0-based): linear warmup, then the plateau rate.
-
-        >>> s = PlateauSchedule(learning_rate=1e-4, warmup_steps=4)
-        >>> [round(s.lr_at(i), 12) for i in range(5)]
-        [2.5e-05, 5e-05, 7.5e-05, 0.0001, 0.0001]
-        """
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        return self.lr
 
     def end_epoch(self, val_loss: float) -> Decision:
         """Apply the rule to one epoch's validation loss; returns the decision (see module doc)."""
@@ -159,7 +145,6 @@ def plot_history(history: dict, fig=None):
 
     Returns a matplotlib ``Figure`` (made without pyplot, so a background thread may draw it).
     """
-
     fig = fig or Figure(figsize=(10, 3.4))
     fig.clear()
     ax_loss, ax_lr = fig.subplots(1, 2)
@@ -194,12 +179,10 @@ class LiveHistory:
     """
 
     def __init__(self, path, every: float = 2.0):
-
         self.path, self.every, self.seen = Path(path), every, None
         self.handle = self.fig = self.thread = self.stop = None
 
     def update(self) -> None:
-
         try:
             stamp = self.path.stat().st_mtime_ns
             if stamp == self.seen:
@@ -219,7 +202,6 @@ class LiveHistory:
             self.update()
 
     def __enter__(self):
-
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()

@@ -1,9 +1,8 @@
 """Data-parallel QLoRA started from a notebook: each rank runs the course's ``sft`` command on the reversal task.
 
-The notebook calls ``accelerate.notebook_launcher(train_worker, args=(run,), num_processes=N)``; the launcher
-forks N processes and each runs ``train_worker``. Everything that touches CUDA, bitsandbytes, peft or the
-model happens *inside* the child (a parent that has imported bitsandbytes cannot fork workers: the launcher
-refuses), so the training modules are imported in ``train_worker``, not at the top. Each rank:
+``accelerate.notebook_launcher(train_worker, args=(run,), num_processes=N)`` forks N processes, each running
+``train_worker``. What touches CUDA, bitsandbytes or peft is imported inside it (the launcher refuses to fork
+a parent that has imported bitsandbytes). Each rank:
 
 1. picks its precision (``qlora_helpers.ch05_multi_gpu.precision``: bf16, fp16 with loss scaling, or fp32);
 2. turns ``run`` into the ``sft`` command's settings (``sft_config``: QLoRA 4-bit, the YAML config's LoRA and
@@ -15,9 +14,8 @@ refuses), so the training modules are imported in ``train_worker``, not at the t
    ``RunRecord`` writes ``training_history.json`` (rank 0) and scores the questions before training;
 4. after training, asks both directions' questions (each rank its share) and rank 0 writes ``run.json``.
 
-On a CPU the same code runs with the gloo backend and 2 processes, which is how the tests check that
-gradients really synchronise. ``python -m qlora_helpers.ch05_multi_gpu.worker`` is the same run from a shell
-(``accelerate launch``, several machines included).
+On a CPU the same code runs on gloo with 2 processes (how the tests check that gradients synchronise);
+``python -m qlora_helpers.ch05_multi_gpu.worker`` is the same run from a shell (``accelerate launch``).
 """
 
 from __future__ import annotations
@@ -32,8 +30,9 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
+from accelerate import PartialState
+from accelerate.utils import gather_object, patch_environment, reduce
 from safetensors.torch import save
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -59,15 +58,8 @@ CPU_PROCESSES = 2
 # --------------------------------------------------------------------------- the parent: no CUDA here
 def visible_gpus() -> int:
     """CUDA devices visible to this process, counted through NVML: CUDA stays uninitialised, so fork is safe."""
-    old = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
-    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    try:
+    with patch_environment(pytorch_nvml_based_cuda_check="1"):
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    finally:
-        if old is None:
-            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK")
-        else:
-            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = old
 
 
 def resolve_launch(profile: str, num_processes: int = 0, *, gpus: int | None = None) -> tuple[str, int]:
@@ -95,33 +87,6 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
-
-
-# --------------------------------------------------------------------------- collectives (identity with one process)
-def _dist():
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a few numbers over all ranks (identity with one process)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if _dist():
-        _dist().all_reduce(t)
-    return t.tolist()
-
-
-def gather_objects(obj) -> list:
-    """``obj`` of every rank, in rank order (``[obj]`` with one process)."""
-    if not _dist():
-        return [obj]
-    out = [None] * _dist().get_world_size()
-    _dist().all_gather_object(out, obj)
-    return out
-
-
-def lora_state(model) -> dict:
-    """The trainable tensors by name, as float32 CPU copies."""
-    return {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 # --------------------------------------------------------------------------- the run as sft settings
@@ -210,21 +175,22 @@ def validation_loss(data, cfg, *, rank: int, world: int, pad_id: int):
     def loss(model) -> float:
         device = next(model.parameters()).device
         mean = evaluate(model, mine, cfg.per_device_eval_batch_size, pad_id, str(device), cfg) if tokens else 0.0
-        total, count = all_reduce_sum([mean * tokens, tokens], device)
+        total, count = reduce(torch.tensor([mean * tokens, tokens], dtype=torch.float64, device=device), "sum").tolist()
         return total / max(count, 1)
     return loss
 
 
-def ask(model, tokenizer, identities: list[dict], *, max_new_tokens: int, generate: bool = True) -> dict:
-    """Both directions' accuracy, each rank asking its share of the questions; the answers of all ranks."""
-    world, rank = (_dist().get_world_size(), _dist().get_rank()) if _dist() else (1, 0)
-    device = next(model.parameters()).device
-    items = eval_items(identities)[rank::world]
+def ask(model, tokenizer, identities: list[dict], *, max_new_tokens: int, task: str = "all") -> dict:
+    """``task``'s accuracy (both directions': ``all``), each rank asking its share of the questions; the answers
+    of all ranks. ``max_new_tokens=0`` scores the multiple choice only, generating nothing."""
+    state, device = PartialState(), next(model.parameters()).device
+    items = [it for it in eval_items(identities) if task in ("all", it["direction"])]
+    items = items[state.process_index::state.num_processes]
     was_training = model.training
     rows = evaluate_items(model, tokenizer, items, identities=identities, device=device,
-                          max_new_tokens=max_new_tokens, generate=generate) if items else []
+                          max_new_tokens=max_new_tokens, generate=max_new_tokens > 0) if items else []
     model.train(was_training)
-    everyone = [row for part in gather_objects(rows) for row in part]
+    everyone = gather_object(rows)
     order = lambda row: (row["direction"], row["wording"], row["identity"])
     return {**accuracy(everyone, len(identities)), "answers": sorted(everyone, key=order)}
 
@@ -242,8 +208,6 @@ def _quiet_libraries() -> None:
 def _start(run: dict):
     """This process joined to the others (accelerate's ``PartialState``: gloo on the CPU, NCCL on GPUs), its CPU
     threads shared with the other ranks of the machine, and its precision."""
-    from accelerate import PartialState
-
     gpu = run["profile"] == "gpu"
     if not gpu:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
@@ -300,7 +264,7 @@ def train_worker(run: dict) -> None:
     out = Path(cfg.output_dir).parent
     history = new_history(run, cfg, world=state.num_processes, prec=prec, per_epoch=per_epoch)
     max_new = run.get("max_new_tokens", 20)
-    before = (lambda m: ask(m, tokenizer, identities, max_new_tokens=0, generate=False)) \
+    before = (lambda m: ask(m, tokenizer, identities, max_new_tokens=0)) \
         if run.get("eval_before", True) else None   # multiple choice only: nothing to generate before training
     record = RunRecord(rule, validation_loss(val_data, cfg, rank=state.process_index, world=state.num_processes,
                                              pad_id=tokenizer.pad_token_id), out=out, history=history, before=before)
@@ -317,27 +281,25 @@ def train_worker(run: dict) -> None:
     result.model.config.use_cache = True     # generation with the cache, as after from_pretrained
     after = ask(result.model, result.tokenizer, identities, max_new_tokens=max_new) \
         if run.get("eval_after", True) else None
-    finish_run(run, result, record, devices=gather_objects(device), prec=prec, clock={
+    finish_run(run, result, record, devices=gather_object([device]), prec=prec, clock={
         "load": result.summary["load_seconds"], "train": trained - record.clock["train"],
         "evaluation": record.clock.get("before", 0.0) + time.perf_counter() - trained, "started": started},
         accuracy_before=record.before_result, accuracy_after=after)
-    if _dist():
-        _dist().barrier()              # no rank leaves before rank 0 has written run.json
-        _dist().destroy_process_group()
+    state.wait_for_everyone()          # no rank leaves before rank 0 has written run.json
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def finish_run(run: dict, result, record, *, devices: list, prec: P.Precision, clock: dict, accuracy_before,
                accuracy_after) -> None:
     """Every rank's digest (from ``sft_summary.json``) and GPU peak; rank 0 writes the history and ``run.json``."""
-    out, history = record.out, record.history
-    state = lora_state(result.model)
+    out, history, rank = record.out, record.history, PartialState().process_index
+    state = {n: p.detach().float().cpu() for n, p in result.model.named_parameters() if p.requires_grad}   # LoRA
     if run.get("save_rank_states"):
-        rank = _dist().get_rank() if _dist() else 0
         with atomic_open(out / f"rank{rank}_lora.safetensors", "wb") as fh:
             fh.write(save(state))
-    gpu = run["profile"] == "gpu"
-    peaks = gather_objects(torch.cuda.max_memory_allocated() / 2**30 if gpu else None)
-    if _dist() and _dist().get_rank() != 0:
+    peaks = gather_object([torch.cuda.max_memory_allocated() / 2**30 if run["profile"] == "gpu" else None])
+    if rank != 0:
         return
     last = history["epochs"][-1] if history["epochs"] else {}
     history.update(status="done", stop_reason=last.get("stop_reason") or "num_epochs", skipped_steps=record.skipped)
