@@ -69,8 +69,10 @@ from qlora_helpers.common.models import count_parameters
 from qlora_helpers.common.optim import OPTIMIZERS, optimizer_name
 from qlora_helpers.errors import check_keys
 
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-ATTENTION = ("auto", "sdpa", "eager", "varlen")
+# The settings that take one of a few values, and those values.
+CHOICES = {"bnb_4bit_quant_type": ("nf4", "fp4"), "optim": ("auto", *OPTIMIZERS), "device": ("auto", "cpu", "cuda"),
+           "attn_implementation": ("auto", "sdpa", "eager", "varlen"),
+           "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup")}
 # Keys that must match between an interrupted run and its --resume.
 RESUME_KEYS = ("mode", "model_name_or_path", "data_path", "lora_r", "lora_alpha", "lora_dropout",
                "lora_target_modules", "learning_rate", "per_device_train_batch_size",
@@ -218,9 +220,10 @@ def resolve_device(cfg: SFTConfig) -> str:
 def validate(cfg: SFTConfig) -> SFTConfig:
     """Raise ``ValueError`` with one line for the first invalid or contradictory setting.
 
-    Checked in this order: the mode, the LoRA settings, the optimisation, the choices that exclude
-    each other, what the device supports. A QLoRA mode without ``quantization_bit`` gets 4 on the way, and
-    ``bf16="auto"`` becomes true or false for the device (``resolve_bf16``).
+    Checked in this order: the mode, the LoRA settings, the settings of a few values (``CHOICES``) and the
+    optimisation, the choices that exclude each other, what the device supports. A QLoRA mode without
+    ``quantization_bit`` gets 4 on the way, and ``bf16="auto"`` becomes true or false for the device
+    (``resolve_bf16``).
     """
     _check_mode(cfg)
     if cfg.use_qlora and cfg.quantization_bit is None:
@@ -270,8 +273,9 @@ def _check_lora(cfg: SFTConfig) -> None:
 
 
 def _check_optimisation(cfg: SFTConfig) -> None:
-    if cfg.bnb_4bit_quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"bnb_4bit_quant_type must be nf4 or fp4, not {cfg.bnb_4bit_quant_type!r}")
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {getattr(cfg, key)!r}")
     if not cfg.learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, not {cfg.learning_rate!r}")
     if cfg.max_steps <= 0 and not cfg.num_train_epochs > 0:
@@ -281,22 +285,14 @@ def _check_optimisation(cfg: SFTConfig) -> None:
             raise ValueError(f"{key} must be >= 1, not {getattr(cfg, key)!r}")
     if cfg.max_length < 8:
         raise ValueError(f"max_length must be >= 8 tokens, not {cfg.max_length!r}")
-    if cfg.optim not in ("auto", *OPTIMIZERS):
-        raise ValueError(f"optim must be one of auto, {', '.join(OPTIMIZERS)}, not {cfg.optim!r}")
-    if cfg.attn_implementation not in ATTENTION:
-        raise ValueError(f"attn_implementation must be one of {', '.join(ATTENTION)}, not {cfg.attn_implementation!r}")
     if cfg.attn_implementation == "varlen" and not cfg.packing:
         raise ValueError("attn_implementation=varlen attends within the packed conversations of a row and needs "
                          "--packing: add it, or use auto or sdpa")
     if cfg.memory_budget_gib < 0 and cfg.memory_budget_gib != -1:
         raise ValueError(f"memory_budget_gib must be > 0 GiB, 0 (off) or -1 (the GPU's), not {cfg.memory_budget_gib!r}")
-    if cfg.lr_scheduler_type not in SCHEDULERS:
-        raise ValueError(f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, not {cfg.lr_scheduler_type!r}")
 
 
 def _check_choices(cfg: SFTConfig) -> None:
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {cfg.device!r}")
     if not (isinstance(cfg.bf16, bool) or cfg.bf16 == "auto"):
         raise ValueError(f"bf16 must be true, false or auto, not {cfg.bf16!r}")
     if cfg.bf16 is True and cfg.fp16:
@@ -435,18 +431,6 @@ def check_resume(cfg: SFTConfig, fingerprint: dict) -> None:
         check_fingerprint(ckpt, fingerprint)
 
 
-def prepare_output_dir(cfg: SFTConfig) -> Path:
-    """``check_output_dir``, then create the folder (with --overwrite_output_dir, stale checkpoints go)."""
-
-    out = check_output_dir(cfg)
-    if not cfg.resume and out.is_dir() and cfg.overwrite_output_dir:
-        remove_folder(out / CHECKPOINTS)      # stale checkpoints must not be resumed
-        for name in ("sft_summary.json", *LOADED_BY):   # the earlier run's model no longer loads
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def read_conversations(cfg: SFTConfig, train_conversations=None, eval_conversations=None) -> tuple:
     """(train, eval) conversations: given ones, the files of cfg, or the chatterbot splits; checked, not encoded."""
 
@@ -462,15 +446,6 @@ def read_conversations(cfg: SFTConfig, train_conversations=None, eval_conversati
     if eval_conversations is not None and cfg.max_eval_samples > 0:
         eval_conversations = eval_conversations[:cfg.max_eval_samples]
     return train_conversations, eval_conversations
-
-
-def load_data(cfg: SFTConfig, tokenizer, *, train_conversations=None, eval_conversations=None):
-    """Encoded train and eval data: given conversations, the files of cfg, or the chatterbot splits."""
-
-    train_conversations, eval_conversations = read_conversations(cfg, train_conversations, eval_conversations)
-    train = d.encode_all(train_conversations, tokenizer, cfg.max_length)   # with packing, TRL packs them
-    evald = d.encode_all(eval_conversations, tokenizer, cfg.max_length) if eval_conversations else None
-    return train, evald
 
 
 LOADED_BY = ("adapter_config.json", "config.json")   # what peft / transformers open first: moved in last
@@ -546,20 +521,18 @@ def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
 
-def resolve_for_device(cfg: SFTConfig, base: str, device: str) -> dict | None:
-    """The settings ``auto`` and the planner leave to the device, set in ``cfg``: the optimizer, Liger where
-    installed (CUDA), and with ``memory_budget_gib`` the micro-batch and checkpointing (the plan is returned)."""
-    cfg.optim = optimizer_name(cfg.optim, device)
-    cfg.use_liger_kernel = liger_on(cfg, device)
-    return plan_batch(cfg, base, device)
-
-
 def start_output_dir(cfg: SFTConfig, processes: PartialState, base: str) -> Path:
-    """``prepare_output_dir`` and ``sft_config.json``, by the main process once every process has checked the
-    folder (at ``run_sft``'s start): under ``accelerate launch`` the others wait until it is done."""
+    """The output folder (with --overwrite_output_dir, an earlier run's checkpoints and model go) and
+    ``sft_config.json``, by the main process once every process has checked the folder (at ``run_sft``'s start):
+    under ``accelerate launch`` the others wait until it is done."""
     processes.wait_for_everyone()
     if processes.is_main_process:
-        out = prepare_output_dir(cfg)
+        out = check_output_dir(cfg)
+        if not cfg.resume and out.is_dir() and cfg.overwrite_output_dir:
+            remove_folder(out / CHECKPOINTS)      # stale checkpoints must not be resumed
+            for name in ("sft_summary.json", *LOADED_BY):   # the earlier run's model no longer loads
+                (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "sft_config.json", {**cfg.to_dict(), "model_name_or_path": base, "mode": cfg.mode})
     processes.wait_for_everyone()
     return Path(cfg.output_dir)
@@ -605,14 +578,15 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     # the data files are read and checked before the tokenizer, the tokenizer before the model
     conversations = read_conversations(cfg, train_conversations, eval_conversations)
     base = model_path(cfg)
-    plan = resolve_for_device(cfg, base, device)
+    cfg.optim, cfg.use_liger_kernel = optimizer_name(cfg.optim, device), liger_on(cfg, device)   # auto, as it runs
+    plan = plan_batch(cfg, base, device)
     fingerprint = {k: (cfg.mode if k == "mode" else getattr(cfg, k)) for k in RESUME_KEYS}
     fingerprint["model_name_or_path"] = base
     fingerprint["processes"] = processes.num_processes    # the global batch, and each rank's random state
     check_resume(cfg, fingerprint)
     tokenizer = load_tokenizer(base)
-    train_data, eval_data = load_data(cfg, tokenizer, train_conversations=conversations[0],
-                                      eval_conversations=conversations[1])
+    train_data = d.encode_all(conversations[0], tokenizer, cfg.max_length)   # with packing, TRL packs them
+    eval_data = d.encode_all(conversations[1], tokenizer, cfg.max_length) if conversations[1] else None
     out = start_output_dir(cfg, processes, base)
 
     set_seed(cfg.seed)
