@@ -34,7 +34,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -79,58 +79,95 @@ RESUME_KEYS = ("mode", "model_name_or_path", "data_path", "lora_r", "lora_alpha"
                "gradient_accumulation_steps", "max_length", "packing", "seed", "optim", "max_train_samples")
 
 
+def _bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _bool_or_auto(text: str) -> bool | str:
+    return "auto" if str(text).lower() == "auto" else _bool(text)
+
+
+def _targets(text: str):
+    return None if text.lower() in ("null", "none", "auto") else text
+
+
+def setting(default, text: str = "", *, parse=None):
+    """A field of ``SFTConfig``: its default, its ``--help`` text, and how its flag parses (default: the type of
+    the default)."""
+    return field(default=default, metadata={"help": text, "parse": parse})
+
+
 @dataclass
 class SFTConfig:
+    """The ``sft`` command's settings: each is a key of a config file and a flag (``configure_parser``)."""
+
     # what to train
-    model_name_or_path: str = ""       # empty: the cached SmolLM2-135M-Instruct
-    data_path: str = ""                # empty: the chatterbot SFT train split
-    eval_data_path: str = ""           # empty: chatterbot validation when data_path is empty, else no eval
+    model_name_or_path: str = setting("", "local folder or hub id (default: the cached SmolLM2-135M-Instruct)")
+    data_path: str = setting("", "training JSONL, chat or instruction form (default: chatterbot train split)")
+    eval_data_path: str = setting("", "validation JSONL (default: chatterbot validation when data_path is not "
+                                      "given, else no eval)")
     output_dir: str = "outputs/sft"
     # the mode
-    full_finetune: bool = False
-    use_lora: bool = False
-    use_qlora: bool = False
-    quantization_bit: int | None = None  # 4 or 8, only with use_qlora (default 4)
+    full_finetune: bool = setting(False, "train every weight (the default when no mode is given)")
+    use_lora: bool = setting(False, "freeze the base, train LoRA adapters")
+    use_qlora: bool = setting(False, "LoRA on a base quantised to quantization_bit bits")
+    quantization_bit: int | None = setting(None, "4 (NF4, the default) or 8 (LLM.int8), with --use_qlora", parse=int)
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    lora_target_modules: str | list | None = None  # null: every linear layer; attention | mlp | all | "q_proj,v_proj"
-    init_adapter: str = ""             # an earlier run's adapter folder: its LoRA weights start this run
+    lora_target_modules: str | list | None = setting(
+        None, "attention | mlp | all | null (every linear layer) | q_proj,v_proj,...", parse=_targets)
+    init_adapter: str = setting("", "a saved adapter folder (same lora_r and targets): start from its weights, "
+                                    "e.g. a second stage")
     # optimisation
     learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
-    max_steps: int = -1                # > 0 overrides num_train_epochs
+    max_steps: int = setting(-1, "optimizer steps; > 0 overrides num_train_epochs")
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_length: int = 256
-    packing: bool = False
+    packing: bool = setting(False, "TRL's best-fit packing of whole conversations into padding-free rows of "
+                                   "max_length tokens")
     warmup_steps: int = 0
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: str = "auto"                # auto: paged_adamw_8bit on CUDA, adamw_torch on the CPU
-    gradient_checkpointing: bool = False
-    memory_budget_gib: float = 0.0     # > 0: micro-batch and checkpointing planned for it; -1: the GPU's memory
-    use_liger_kernel: bool = True      # Liger's kernels (Trainer option), on CUDA where liger-kernel is installed
-    attn_implementation: str = "auto"  # auto: varlen flash attention for packed bf16 rows on CUDA, else sdpa
-    kbit_upcast: bool = False          # QLoRA: peft's prepare_model_for_kbit_training (fp32 upcast), not the recipe
-    bf16: bool | str = "auto"          # auto: bf16 on a GPU that has it, on the CPU as cpu_compute_dtype() says
+    optim: str = setting("auto", "auto (paged_adamw_8bit on CUDA, adamw_torch on the CPU) | adamw_torch | adamw_8bit "
+                                 "| paged_adamw_8bit | paged_adamw_32bit (paged: CUDA only)")
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, more time")
+    memory_budget_gib: float = setting(0.0, "plan per_device_train_batch_size (same tokens per step) and "
+                                            "checkpointing for this many GiB with the chapter-01 estimator; "
+                                            "-1: the GPU's memory; 0: off")
+    use_liger_kernel: bool = setting(True, "Liger's fused kernels (a Trainer option), on CUDA where liger-kernel "
+                                           "is installed")
+    attn_implementation: str = setting("auto", "auto | sdpa | eager | varlen (flash attention over packed rows, "
+                                               "CUDA); auto: varlen for packed bf16 rows on CUDA, else sdpa")
+    kbit_upcast: bool = setting(False, "QLoRA: upcast frozen embeddings/norms/lm_head to fp32 (peft's "
+                                       "prepare_model_for_kbit_training), not the recipe")
+    bf16: bool | str = setting("auto", "true | false | auto: bf16 autocast (and bf16 frozen base for LoRA/QLoRA); "
+                                       "auto: on a GPU with bf16, and on a CPU that computes bf16 natively "
+                                       "(common.device.cpu_compute_dtype)", parse=_bool_or_auto)
     fp16: bool = False
     seed: int = 42
     # bookkeeping
-    max_train_samples: int = 0         # 0: all
-    max_eval_samples: int = 0
-    eval_before: bool = True           # eval loss of the untrained model too
-    eval_steps: int = 0                # 0: only at the end
-    save_steps: int = 100              # 0: no intermediate checkpoints
+    max_train_samples: int = setting(0, "0: all")
+    max_eval_samples: int = setting(0, "0: all")
+    eval_before: bool = setting(True, "eval loss of the untrained model too")
+    eval_steps: int = setting(0, "0: only at the end")
+    save_steps: int = setting(100, "write a checkpoint every N steps (0: none)")
     save_total_limit: int = 2
     logging_steps: int = 1
-    device: str = "auto"               # "auto" | "cpu" | "cuda"
-    overwrite_output_dir: bool = False
-    resume: bool = False
+    device: str = "auto"
+    overwrite_output_dir: bool = setting(False, "allow a non-empty output_dir (its checkpoints are discarded)")
+    resume: bool = setting(False, "continue from output_dir/checkpoints/latest")
 
     @property
     def mode(self) -> str:
@@ -143,33 +180,6 @@ class SFTConfig:
 
 
 KEYS = [f.name for f in fields(SFTConfig)]
-
-HELP = {
-    "model_name_or_path": "local folder or hub id (default: the cached SmolLM2-135M-Instruct)",
-    "data_path": "training JSONL, chat or instruction form (default: chatterbot train split)",
-    "eval_data_path": "validation JSONL (default: chatterbot validation when data_path is not given)",
-    "full_finetune": "train every weight (the default when no mode is given)",
-    "use_lora": "freeze the base, train LoRA adapters",
-    "use_qlora": "LoRA on a base quantised to quantization_bit bits",
-    "quantization_bit": "4 (NF4) or 8 (LLM.int8), with --use_qlora",
-    "lora_target_modules": "attention | mlp | all | null (every linear layer) | q_proj,v_proj,...",
-    "init_adapter": "a saved adapter folder (same lora_r and targets): start from its weights, e.g. a second stage",
-    "max_steps": "optimizer steps; > 0 overrides num_train_epochs",
-    "gradient_checkpointing": "recompute activations in backward: less memory, more time",
-    "memory_budget_gib": "plan per_device_train_batch_size (same tokens per step) and checkpointing for this many "
-                         "GiB with the chapter-01 estimator; -1: the GPU's memory; 0: off",
-    "use_liger_kernel": "Liger's fused kernels where installed, on CUDA",
-    "attn_implementation": "auto | sdpa | eager | varlen (flash attention over packed rows, CUDA)",
-    "packing": "TRL's best-fit packing of whole conversations into padding-free rows of max_length tokens",
-    "kbit_upcast": "QLoRA: upcast frozen embeddings/norms/lm_head to fp32 (peft's prepare_model_for_kbit_training)",
-    "optim": "auto (paged_adamw_8bit on CUDA, adamw_torch on the CPU) | adamw_torch | adamw_8bit | paged_adamw_8bit "
-             "| paged_adamw_32bit (paged: CUDA only)",
-    "bf16": "true | false | auto: bf16 autocast (and bf16 frozen base for LoRA/QLoRA); auto: on a GPU with bf16, "
-            "and on a CPU that computes bf16 natively (common.device.cpu_compute_dtype)",
-    "save_steps": "write a checkpoint every N steps (0: none)",
-    "resume": "continue from output_dir/checkpoints/latest",
-    "overwrite_output_dir": "allow a non-empty output_dir (its checkpoints are discarded)",
-}
 
 
 # --------------------------------------------------------------------------- building and checking a config
@@ -335,40 +345,17 @@ def _check_device(cfg: SFTConfig) -> None:
 
 
 # --------------------------------------------------------------------------- the command line
-def _bool(text: str) -> bool:
-    low = str(text).lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
-
-
-def _bool_or_auto(text: str) -> bool | str:
-    return "auto" if str(text).lower() == "auto" else _bool(text)
-
-
-def _targets(text: str):
-    return None if text.lower() in ("null", "none", "auto") else text
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """A flag per ``SFTConfig`` field, and ``--config_file``; a flag not given leaves the file's value or default."""
     parser.add_argument("--config_file", help="JSON file of settings; flags given here override it")
-    defaults = SFTConfig()
     for f in fields(SFTConfig):
-        value = getattr(defaults, f.name)
-        flag = f"--{f.name}"
-        text = HELP.get(f.name, "")
-        if isinstance(value, bool) or f.name == "bf16":
-            parser.add_argument(flag, nargs="?", const=True, type=_bool_or_auto if f.name == "bf16" else _bool,
-                                default=argparse.SUPPRESS, help=f"{text} (default {str(value).lower()})".strip())
-        elif f.name == "quantization_bit":
-            parser.add_argument(flag, type=int, default=argparse.SUPPRESS, help=text)
-        elif f.name == "lora_target_modules":
-            parser.add_argument(flag, type=_targets, default=argparse.SUPPRESS, help=f"{text} (default null)")
-        else:
-            parser.add_argument(flag, type=type(value), default=argparse.SUPPRESS,
-                                help=text if "(default" in text else f"{text} (default {value!r})".strip())
+        shown = "null" if f.default is None else str(f.default).lower() if f.type in ("bool", "bool | str") \
+            else repr(f.default)
+        text = f.metadata.get("help", "")
+        text = text if "(default" in text else f"{text} (default {shown})".strip()
+        parse = f.metadata.get("parse") or (_bool if f.type == "bool" else type(f.default))
+        boolean = {"nargs": "?", "const": True} if parse in (_bool, _bool_or_auto) else {}
+        parser.add_argument(f"--{f.name}", type=parse, default=argparse.SUPPRESS, help=text, **boolean)
 
 
 def config_from_args(args: argparse.Namespace) -> SFTConfig:
