@@ -57,6 +57,7 @@ from qlora_helpers.ch03_sft.trainer import (
     CHECKPOINTS,
     check_fingerprint,
     evaluate,
+    fsync_folder,
     latest_checkpoint,
     liger_on,
     tensor_bytes,
@@ -449,10 +450,9 @@ def save_final(model, tokenizer, out: Path) -> list[str]:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        fsync_folder(tmp)                  # on disk before any of it is moved in
         names = sorted((p.name for p in tmp.iterdir() if p.is_file()), key=lambda n: (n in LOADED_BY, n))
         for name in names:
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
