@@ -23,19 +23,15 @@ From the command line (the seed's ``inference_lora.py``)::
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from peft import PeftModel
-from peft.utils.integrations import dequantize_bnb_weight
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, logging
 
 from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
+from qlora_helpers.common.files import atomic_folder
 from qlora_helpers.common.models import bnb_config
 from qlora_helpers.errors import OneLineParser, run_main
 
@@ -125,55 +121,28 @@ def logit_difference(a, b) -> dict:
 
 
 def dequantize_model(model, dtype="bf16"):
-    """Replace every bitsandbytes layer by a plain ``nn.Linear`` holding its dequantised weight.
-
-    The result is the exact base a QLoRA adapter was trained against, as an ordinary model.
-    """
-
-    dtype = _dtype(dtype)
+    """The bitsandbytes layers of a quantised model as plain ``nn.Linear`` holding their dequantised weights
+    (transformers' ``dequantize``): the exact base a QLoRA adapter was trained against, as an ordinary model."""
     with trainable_4bit_layers(model):  # undo bitsandbytes' CPU inference packing, if a forward pass did it
         pass
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-            continue
-        weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(dtype)
-        plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                dtype=dtype, device=weight.device)
-        with torch.no_grad():
-            plain.weight.copy_(weight)
-            if module.bias is not None:
-                plain.bias.copy_(module.bias.to(dtype))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, plain)
-    for attr in ("quantization_config",):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
-        if hasattr(model, attr):
-            setattr(model, attr, False)
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-    model.quantization_method = None
-    return model.to(dtype)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()       # its note on the dtype it casts to
+    try:
+        model = model.dequantize(dtype=_dtype(dtype))
+    finally:
+        logging.set_verbosity(verbosity)
+    return model.to(_dtype(dtype))
 
 
-def _training_quantization(adapter_dir: Path):
+def training_quantization(adapter_dir: str | Path):
+    """The ``BitsAndBytesConfig`` a QLoRA adapter was trained with (from ``sft_config.json``), or ``None``."""
     cfg_path = Path(adapter_dir) / "sft_config.json"
-    if not cfg_path.is_file():
-        raise ValueError(f"{adapter_dir}: no sft_config.json, so the training quantisation is unknown; "
-                         "merge onto the original base instead")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     if not cfg.get("use_qlora"):
-        raise ValueError(f"{adapter_dir} was trained without quantisation: merge onto the original base")
+        return None
     return bnb_config("8bit" if (cfg.get("quantization_bit") or 4) == 8 else "4bit", torch.float32,
                       quant_type=cfg.get("bnb_4bit_quant_type", "nf4"),
                       double_quant=cfg.get("bnb_4bit_use_double_quant", True))
-
-
-def trained_quantized(adapter_dir: str | Path) -> bool:
-    """Whether ``sft_config.json`` says the adapter was trained on a quantised base (QLoRA)."""
-    cfg_path = Path(adapter_dir) / "sft_config.json"
-    return cfg_path.is_file() and bool(json.loads(cfg_path.read_text()).get("use_qlora"))
 
 
 def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, *, dtype="bf16", base: str = "auto",
@@ -185,38 +154,29 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, *, dty
     (the usual recipe, and for QLoRA the pitfall chapter 03 measures); ``base="dequantized"`` loads
     it the way QLoRA training saw it (4- or 8-bit, from ``sft_config.json``) and dequantises it
     first, so the merged model is the trained one.
-    With ``save_to`` the merged model and tokenizer go to a temporary folder renamed into
-    place when complete; an existing non-empty folder needs ``overwrite``.
+    With ``save_to`` the merged model and tokenizer replace that folder at once (``common.files.atomic_folder``);
+    an existing non-empty folder needs ``overwrite``.
     """
-
-    dtype = _dtype(dtype)
-    path = base_model or base_of(adapter_dir)
+    path, quantization = base_model or base_of(adapter_dir), training_quantization(adapter_dir)
     if base == "auto":
-        base = "dequantized" if trained_quantized(adapter_dir) else "original"
+        base = "dequantized" if quantization else "original"
     if base == "original":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype))
     elif base == "dequantized":
+        if quantization is None:
+            raise ValueError(f"{adapter_dir}: no sft_config.json of a QLoRA run, so the training quantisation is "
+                             "unknown; merge onto the original base instead")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"},
-                                                     quantization_config=_training_quantization(adapter_dir))
+                                                     quantization_config=quantization)
         model = dequantize_model(model, dtype)
     else:
         raise ValueError(f"base must be 'auto', 'original' or 'dequantized', not {base!r}")
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
     if save_to is not None:
-        save_to = Path(save_to)
-        if save_to.exists() and any(save_to.iterdir()) and not overwrite:
+        if Path(save_to).exists() and any(Path(save_to).iterdir()) and not overwrite:
             raise ValueError(f"{save_to} already holds files: pass --overwrite or choose another folder")
-        save_to.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{save_to.name}.tmp-", dir=save_to.parent))
-        merged.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
-        old = None
-        if save_to.exists():
-            old = save_to.parent / f".{save_to.name}.old-{os.getpid()}"
-            os.replace(save_to, old)
-        os.replace(tmp, save_to)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        atomic_folder(save_to, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     return merged
 
 
@@ -251,7 +211,7 @@ def _main(argv) -> int:
     if args.merge_to:
         base = args.merge_base
         if base == "auto":
-            base = "dequantized" if trained_quantized(args.lora_model) else "original"
+            base = "dequantized" if training_quantization(args.lora_model) else "original"
         merge_adapter(args.lora_model, args.base_model, dtype="bf16", base=base, save_to=args.merge_to,
                       overwrite=args.overwrite)
         print(f"merged into the {base} base in bf16 and saved to {args.merge_to}")

@@ -34,7 +34,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ from qlora_helpers.ch03_sft.trainer import (
     CHECKPOINTS,
     check_fingerprint,
     evaluate,
+    fsync_folder,
     latest_checkpoint,
     liger_on,
     tensor_bytes,
@@ -69,66 +70,105 @@ from qlora_helpers.common.models import count_parameters
 from qlora_helpers.common.optim import OPTIMIZERS, optimizer_name
 from qlora_helpers.errors import check_keys
 
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-ATTENTION = ("auto", "sdpa", "eager", "varlen")
+# The settings that take one of a few values, and those values.
+CHOICES = {"bnb_4bit_quant_type": ("nf4", "fp4"), "optim": ("auto", *OPTIMIZERS), "device": ("auto", "cpu", "cuda"),
+           "attn_implementation": ("auto", "sdpa", "eager", "varlen"),
+           "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup")}
 # Keys that must match between an interrupted run and its --resume.
 RESUME_KEYS = ("mode", "model_name_or_path", "data_path", "lora_r", "lora_alpha", "lora_dropout",
                "lora_target_modules", "learning_rate", "per_device_train_batch_size",
                "gradient_accumulation_steps", "max_length", "packing", "seed", "optim", "max_train_samples")
 
 
+def _bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _bool_or_auto(text: str) -> bool | str:
+    return "auto" if str(text).lower() == "auto" else _bool(text)
+
+
+def _targets(text: str):
+    return None if text.lower() in ("null", "none", "auto") else text
+
+
+def setting(default, text: str = "", *, parse=None):
+    """A field of ``SFTConfig``: its default, its ``--help`` text, and how its flag parses (default: the type of
+    the default)."""
+    return field(default=default, metadata={"help": text, "parse": parse})
+
+
 @dataclass
 class SFTConfig:
+    """The ``sft`` command's settings: each is a key of a config file and a flag (``configure_parser``)."""
+
     # what to train
-    model_name_or_path: str = ""       # empty: the cached SmolLM2-135M-Instruct
-    data_path: str = ""                # empty: the chatterbot SFT train split
-    eval_data_path: str = ""           # empty: chatterbot validation when data_path is empty, else no eval
+    model_name_or_path: str = setting("", "local folder or hub id (default: the cached SmolLM2-135M-Instruct)")
+    data_path: str = setting("", "training JSONL, chat or instruction form (default: chatterbot train split)")
+    eval_data_path: str = setting("", "validation JSONL (default: chatterbot validation when data_path is not "
+                                      "given, else no eval)")
     output_dir: str = "outputs/sft"
     # the mode
-    full_finetune: bool = False
-    use_lora: bool = False
-    use_qlora: bool = False
-    quantization_bit: int | None = None  # 4 or 8, only with use_qlora (default 4)
+    full_finetune: bool = setting(False, "train every weight (the default when no mode is given)")
+    use_lora: bool = setting(False, "freeze the base, train LoRA adapters")
+    use_qlora: bool = setting(False, "LoRA on a base quantised to quantization_bit bits")
+    quantization_bit: int | None = setting(None, "4 (NF4, the default) or 8 (LLM.int8), with --use_qlora", parse=int)
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    lora_target_modules: str | list | None = None  # null: every linear layer; attention | mlp | all | "q_proj,v_proj"
-    init_adapter: str = ""             # an earlier run's adapter folder: its LoRA weights start this run
+    lora_target_modules: str | list | None = setting(
+        None, "attention | mlp | all | null (every linear layer) | q_proj,v_proj,...", parse=_targets)
+    init_adapter: str = setting("", "a saved adapter folder (same lora_r and targets): start from its weights, "
+                                    "e.g. a second stage")
     # optimisation
     learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
-    max_steps: int = -1                # > 0 overrides num_train_epochs
+    max_steps: int = setting(-1, "optimizer steps; > 0 overrides num_train_epochs")
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_length: int = 256
-    packing: bool = False
+    packing: bool = setting(False, "TRL's best-fit packing of whole conversations into padding-free rows of "
+                                   "max_length tokens")
     warmup_steps: int = 0
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: str = "auto"                # auto: paged_adamw_8bit on CUDA, adamw_torch on the CPU
-    gradient_checkpointing: bool = False
-    memory_budget_gib: float = 0.0     # > 0: micro-batch and checkpointing planned for it; -1: the GPU's memory
-    use_liger_kernel: bool = True      # Liger's kernels (Trainer option), on CUDA where liger-kernel is installed
-    attn_implementation: str = "auto"  # auto: varlen flash attention for packed bf16 rows on CUDA, else sdpa
-    kbit_upcast: bool = False          # QLoRA: peft's prepare_model_for_kbit_training (fp32 upcast), not the recipe
-    bf16: bool | str = "auto"          # auto: bf16 on a GPU that has it, on the CPU as cpu_compute_dtype() says
+    optim: str = setting("auto", "auto (paged_adamw_8bit on CUDA, adamw_torch on the CPU) | adamw_torch | adamw_8bit "
+                                 "| paged_adamw_8bit | paged_adamw_32bit (paged: CUDA only)")
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, more time")
+    memory_budget_gib: float = setting(0.0, "plan per_device_train_batch_size (same tokens per step) and "
+                                            "checkpointing for this many GiB with the chapter-01 estimator; "
+                                            "-1: the GPU's memory; 0: off")
+    use_liger_kernel: bool = setting(True, "Liger's fused kernels (a Trainer option), on CUDA where liger-kernel "
+                                           "is installed")
+    attn_implementation: str = setting("auto", "auto | sdpa | eager | varlen (flash attention over packed rows, "
+                                               "CUDA); auto: varlen for packed bf16 rows on CUDA, else sdpa")
+    kbit_upcast: bool = setting(False, "QLoRA: upcast frozen embeddings/norms/lm_head to fp32 (peft's "
+                                       "prepare_model_for_kbit_training), not the recipe")
+    bf16: bool | str = setting("auto", "true | false | auto: bf16 autocast (and bf16 frozen base for LoRA/QLoRA); "
+                                       "auto: on a GPU with bf16, and on a CPU that computes bf16 natively "
+                                       "(common.device.cpu_compute_dtype)", parse=_bool_or_auto)
     fp16: bool = False
     seed: int = 42
     # bookkeeping
-    max_train_samples: int = 0         # 0: all
-    max_eval_samples: int = 0
-    eval_before: bool = True           # eval loss of the untrained model too
-    eval_steps: int = 0                # 0: only at the end
-    save_steps: int = 100              # 0: no intermediate checkpoints
+    max_train_samples: int = setting(0, "0: all")
+    max_eval_samples: int = setting(0, "0: all")
+    eval_before: bool = setting(True, "eval loss of the untrained model too")
+    eval_steps: int = setting(0, "0: only at the end")
+    save_steps: int = setting(100, "write a checkpoint every N steps (0: none)")
     save_total_limit: int = 2
     logging_steps: int = 1
-    device: str = "auto"               # "auto" | "cpu" | "cuda"
-    overwrite_output_dir: bool = False
-    resume: bool = False
+    device: str = "auto"
+    overwrite_output_dir: bool = setting(False, "allow a non-empty output_dir (its checkpoints are discarded)")
+    resume: bool = setting(False, "continue from output_dir/checkpoints/latest")
 
     @property
     def mode(self) -> str:
@@ -141,33 +181,6 @@ class SFTConfig:
 
 
 KEYS = [f.name for f in fields(SFTConfig)]
-
-HELP = {
-    "model_name_or_path": "local folder or hub id (default: the cached SmolLM2-135M-Instruct)",
-    "data_path": "training JSONL, chat or instruction form (default: chatterbot train split)",
-    "eval_data_path": "validation JSONL (default: chatterbot validation when data_path is not given)",
-    "full_finetune": "train every weight (the default when no mode is given)",
-    "use_lora": "freeze the base, train LoRA adapters",
-    "use_qlora": "LoRA on a base quantised to quantization_bit bits",
-    "quantization_bit": "4 (NF4) or 8 (LLM.int8), with --use_qlora",
-    "lora_target_modules": "attention | mlp | all | null (every linear layer) | q_proj,v_proj,...",
-    "init_adapter": "a saved adapter folder (same lora_r and targets): start from its weights, e.g. a second stage",
-    "max_steps": "optimizer steps; > 0 overrides num_train_epochs",
-    "gradient_checkpointing": "recompute activations in backward: less memory, more time",
-    "memory_budget_gib": "plan per_device_train_batch_size (same tokens per step) and checkpointing for this many "
-                         "GiB with the chapter-01 estimator; -1: the GPU's memory; 0: off",
-    "use_liger_kernel": "Liger's fused kernels where installed, on CUDA",
-    "attn_implementation": "auto | sdpa | eager | varlen (flash attention over packed rows, CUDA)",
-    "packing": "TRL's best-fit packing of whole conversations into padding-free rows of max_length tokens",
-    "kbit_upcast": "QLoRA: upcast frozen embeddings/norms/lm_head to fp32 (peft's prepare_model_for_kbit_training)",
-    "optim": "auto (paged_adamw_8bit on CUDA, adamw_torch on the CPU) | adamw_torch | adamw_8bit | paged_adamw_8bit "
-             "| paged_adamw_32bit (paged: CUDA only)",
-    "bf16": "true | false | auto: bf16 autocast (and bf16 frozen base for LoRA/QLoRA); auto: on a GPU with bf16, "
-            "and on a CPU that computes bf16 natively (common.device.cpu_compute_dtype)",
-    "save_steps": "write a checkpoint every N steps (0: none)",
-    "resume": "continue from output_dir/checkpoints/latest",
-    "overwrite_output_dir": "allow a non-empty output_dir (its checkpoints are discarded)",
-}
 
 
 # --------------------------------------------------------------------------- building and checking a config
@@ -218,9 +231,10 @@ def resolve_device(cfg: SFTConfig) -> str:
 def validate(cfg: SFTConfig) -> SFTConfig:
     """Raise ``ValueError`` with one line for the first invalid or contradictory setting.
 
-    Checked in this order: the mode, the LoRA settings, the optimisation, the choices that exclude
-    each other, what the device supports. A QLoRA mode without ``quantization_bit`` gets 4 on the way, and
-    ``bf16="auto"`` becomes true or false for the device (``resolve_bf16``).
+    Checked in this order: the mode, the LoRA settings, the settings of a few values (``CHOICES``) and the
+    optimisation, the choices that exclude each other, what the device supports. A QLoRA mode without
+    ``quantization_bit`` gets 4 on the way, and ``bf16="auto"`` becomes true or false for the device
+    (``resolve_bf16``).
     """
     _check_mode(cfg)
     if cfg.use_qlora and cfg.quantization_bit is None:
@@ -270,8 +284,9 @@ def _check_lora(cfg: SFTConfig) -> None:
 
 
 def _check_optimisation(cfg: SFTConfig) -> None:
-    if cfg.bnb_4bit_quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"bnb_4bit_quant_type must be nf4 or fp4, not {cfg.bnb_4bit_quant_type!r}")
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {getattr(cfg, key)!r}")
     if not cfg.learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, not {cfg.learning_rate!r}")
     if cfg.max_steps <= 0 and not cfg.num_train_epochs > 0:
@@ -281,22 +296,14 @@ def _check_optimisation(cfg: SFTConfig) -> None:
             raise ValueError(f"{key} must be >= 1, not {getattr(cfg, key)!r}")
     if cfg.max_length < 8:
         raise ValueError(f"max_length must be >= 8 tokens, not {cfg.max_length!r}")
-    if cfg.optim not in ("auto", *OPTIMIZERS):
-        raise ValueError(f"optim must be one of auto, {', '.join(OPTIMIZERS)}, not {cfg.optim!r}")
-    if cfg.attn_implementation not in ATTENTION:
-        raise ValueError(f"attn_implementation must be one of {', '.join(ATTENTION)}, not {cfg.attn_implementation!r}")
     if cfg.attn_implementation == "varlen" and not cfg.packing:
         raise ValueError("attn_implementation=varlen attends within the packed conversations of a row and needs "
                          "--packing: add it, or use auto or sdpa")
     if cfg.memory_budget_gib < 0 and cfg.memory_budget_gib != -1:
         raise ValueError(f"memory_budget_gib must be > 0 GiB, 0 (off) or -1 (the GPU's), not {cfg.memory_budget_gib!r}")
-    if cfg.lr_scheduler_type not in SCHEDULERS:
-        raise ValueError(f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, not {cfg.lr_scheduler_type!r}")
 
 
 def _check_choices(cfg: SFTConfig) -> None:
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {cfg.device!r}")
     if not (isinstance(cfg.bf16, bool) or cfg.bf16 == "auto"):
         raise ValueError(f"bf16 must be true, false or auto, not {cfg.bf16!r}")
     if cfg.bf16 is True and cfg.fp16:
@@ -339,40 +346,17 @@ def _check_device(cfg: SFTConfig) -> None:
 
 
 # --------------------------------------------------------------------------- the command line
-def _bool(text: str) -> bool:
-    low = str(text).lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
-
-
-def _bool_or_auto(text: str) -> bool | str:
-    return "auto" if str(text).lower() == "auto" else _bool(text)
-
-
-def _targets(text: str):
-    return None if text.lower() in ("null", "none", "auto") else text
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """A flag per ``SFTConfig`` field, and ``--config_file``; a flag not given leaves the file's value or default."""
     parser.add_argument("--config_file", help="JSON file of settings; flags given here override it")
-    defaults = SFTConfig()
     for f in fields(SFTConfig):
-        value = getattr(defaults, f.name)
-        flag = f"--{f.name}"
-        text = HELP.get(f.name, "")
-        if isinstance(value, bool) or f.name == "bf16":
-            parser.add_argument(flag, nargs="?", const=True, type=_bool_or_auto if f.name == "bf16" else _bool,
-                                default=argparse.SUPPRESS, help=f"{text} (default {str(value).lower()})".strip())
-        elif f.name == "quantization_bit":
-            parser.add_argument(flag, type=int, default=argparse.SUPPRESS, help=text)
-        elif f.name == "lora_target_modules":
-            parser.add_argument(flag, type=_targets, default=argparse.SUPPRESS, help=f"{text} (default null)")
-        else:
-            parser.add_argument(flag, type=type(value), default=argparse.SUPPRESS,
-                                help=text if "(default" in text else f"{text} (default {value!r})".strip())
+        shown = "null" if f.default is None else str(f.default).lower() if f.type in ("bool", "bool | str") \
+            else repr(f.default)
+        text = f.metadata.get("help", "")
+        text = text if "(default" in text else f"{text} (default {shown})".strip()
+        parse = f.metadata.get("parse") or (_bool if f.type == "bool" else type(f.default))
+        boolean = {"nargs": "?", "const": True} if parse in (_bool, _bool_or_auto) else {}
+        parser.add_argument(f"--{f.name}", type=parse, default=argparse.SUPPRESS, help=text, **boolean)
 
 
 def config_from_args(args: argparse.Namespace) -> SFTConfig:
@@ -435,18 +419,6 @@ def check_resume(cfg: SFTConfig, fingerprint: dict) -> None:
         check_fingerprint(ckpt, fingerprint)
 
 
-def prepare_output_dir(cfg: SFTConfig) -> Path:
-    """``check_output_dir``, then create the folder (with --overwrite_output_dir, stale checkpoints go)."""
-
-    out = check_output_dir(cfg)
-    if not cfg.resume and out.is_dir() and cfg.overwrite_output_dir:
-        remove_folder(out / CHECKPOINTS)      # stale checkpoints must not be resumed
-        for name in ("sft_summary.json", *LOADED_BY):   # the earlier run's model no longer loads
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def read_conversations(cfg: SFTConfig, train_conversations=None, eval_conversations=None) -> tuple:
     """(train, eval) conversations: given ones, the files of cfg, or the chatterbot splits; checked, not encoded."""
 
@@ -464,15 +436,6 @@ def read_conversations(cfg: SFTConfig, train_conversations=None, eval_conversati
     return train_conversations, eval_conversations
 
 
-def load_data(cfg: SFTConfig, tokenizer, *, train_conversations=None, eval_conversations=None):
-    """Encoded train and eval data: given conversations, the files of cfg, or the chatterbot splits."""
-
-    train_conversations, eval_conversations = read_conversations(cfg, train_conversations, eval_conversations)
-    train = d.encode_all(train_conversations, tokenizer, cfg.max_length)   # with packing, TRL packs them
-    evald = d.encode_all(eval_conversations, tokenizer, cfg.max_length) if eval_conversations else None
-    return train, evald
-
-
 LOADED_BY = ("adapter_config.json", "config.json")   # what peft / transformers open first: moved in last
 
 
@@ -487,10 +450,9 @@ def save_final(model, tokenizer, out: Path) -> list[str]:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        fsync_folder(tmp)                  # on disk before any of it is moved in
         names = sorted((p.name for p in tmp.iterdir() if p.is_file()), key=lambda n: (n in LOADED_BY, n))
         for name in names:
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -546,20 +508,18 @@ def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
 
-def resolve_for_device(cfg: SFTConfig, base: str, device: str) -> dict | None:
-    """The settings ``auto`` and the planner leave to the device, set in ``cfg``: the optimizer, Liger where
-    installed (CUDA), and with ``memory_budget_gib`` the micro-batch and checkpointing (the plan is returned)."""
-    cfg.optim = optimizer_name(cfg.optim, device)
-    cfg.use_liger_kernel = liger_on(cfg, device)
-    return plan_batch(cfg, base, device)
-
-
 def start_output_dir(cfg: SFTConfig, processes: PartialState, base: str) -> Path:
-    """``prepare_output_dir`` and ``sft_config.json``, by the main process once every process has checked the
-    folder (at ``run_sft``'s start): under ``accelerate launch`` the others wait until it is done."""
+    """The output folder (with --overwrite_output_dir, an earlier run's checkpoints and model go) and
+    ``sft_config.json``, by the main process once every process has checked the folder (at ``run_sft``'s start):
+    under ``accelerate launch`` the others wait until it is done."""
     processes.wait_for_everyone()
     if processes.is_main_process:
-        out = prepare_output_dir(cfg)
+        out = check_output_dir(cfg)
+        if not cfg.resume and out.is_dir() and cfg.overwrite_output_dir:
+            remove_folder(out / CHECKPOINTS)      # stale checkpoints must not be resumed
+            for name in ("sft_summary.json", *LOADED_BY):   # the earlier run's model no longer loads
+                (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "sft_config.json", {**cfg.to_dict(), "model_name_or_path": base, "mode": cfg.mode})
     processes.wait_for_everyone()
     return Path(cfg.output_dir)
@@ -605,14 +565,15 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     # the data files are read and checked before the tokenizer, the tokenizer before the model
     conversations = read_conversations(cfg, train_conversations, eval_conversations)
     base = model_path(cfg)
-    plan = resolve_for_device(cfg, base, device)
+    cfg.optim, cfg.use_liger_kernel = optimizer_name(cfg.optim, device), liger_on(cfg, device)   # auto, as it runs
+    plan = plan_batch(cfg, base, device)
     fingerprint = {k: (cfg.mode if k == "mode" else getattr(cfg, k)) for k in RESUME_KEYS}
     fingerprint["model_name_or_path"] = base
     fingerprint["processes"] = processes.num_processes    # the global batch, and each rank's random state
     check_resume(cfg, fingerprint)
     tokenizer = load_tokenizer(base)
-    train_data, eval_data = load_data(cfg, tokenizer, train_conversations=conversations[0],
-                                      eval_conversations=conversations[1])
+    train_data = d.encode_all(conversations[0], tokenizer, cfg.max_length)   # with packing, TRL packs them
+    eval_data = d.encode_all(conversations[1], tokenizer, cfg.max_length) if conversations[1] else None
     out = start_output_dir(cfg, processes, base)
 
     set_seed(cfg.seed)

@@ -112,45 +112,44 @@ def _utf8_lines(path: Path) -> list[str]:
                         hint="save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
+def _json(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        return err
+
+
 def read_jsonl(path: str | Path) -> list[list[dict]]:
     """All conversations of a JSONL file; raises ``DataError`` naming every bad line (blank lines are skipped)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file; give --data_path a JSONL file")
+    records = [(f"{path}:{n}", _json(line)) for n, line in enumerate(_utf8_lines(path), start=1) if line.strip()]
+    return _checked(records, str(path), hint=f"{{}} in {path.name}; fix or remove those lines",
+                    empty="the file is empty; add one JSON object per line")
+
+
+def records_to_conversations(records: list[dict], source: str = "records") -> list[list[dict]]:
+    """Like ``read_jsonl`` for records already in memory (``where`` is ``source[index]``)."""
+    return _checked([(f"{source}[{i}]", r) for i, r in enumerate(records)], source, empty="nothing to train on")
+
+
+def _checked(records: list[tuple], source: str, *, hint: str = "", empty: str) -> list[list[dict]]:
+    """The conversations of ``(where, record)`` pairs (a record that is a ``JSONDecodeError``: a line that is not
+    JSON); every problem raised at once, their count in ``hint``'s ``{}``."""
     conversations, problems = [], []
-    for lineno, line in enumerate(_utf8_lines(path), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+    for where, record in records:
+        if isinstance(record, json.JSONDecodeError):
+            problems.append(f"{where}: not valid JSON ({record.msg} at column {record.colno})")
             continue
         messages, found = record_to_messages(record, where)
         problems += found
         if messages is not None:
             conversations.append(messages)
     if problems:
-        raise DataError(problems, hint=f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in {path.name}; "
-                                       "fix or remove those lines")
+        raise DataError(problems, hint=hint.format(f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"))
     if not conversations:
-        raise DataError([f"{path}: no records"], hint="the file is empty; add one JSON object per line")
-    return conversations
-
-
-def records_to_conversations(records: list[dict], source: str = "records") -> list[list[dict]]:
-    """Like ``read_jsonl`` for records already in memory (``where`` is ``source[index]``)."""
-    conversations, problems = [], []
-    for i, record in enumerate(records):
-        messages, found = record_to_messages(record, f"{source}[{i}]")
-        problems += found
-        if messages is not None:
-            conversations.append(messages)
-    if problems:
-        raise DataError(problems)
-    if not conversations:
-        raise DataError([f"{source}: no records"], hint="nothing to train on")
+        raise DataError([f"{source}: no records"], hint=empty)
     return conversations
 
 

@@ -85,25 +85,17 @@ def compute_dtype(cfg):
     return torch.bfloat16 if cfg.bf16 is True else torch.float16 if cfg.fp16 else torch.float32
 
 
-class _OnceFilter(logging.Filter):
-    """Let a repeated bitsandbytes warning through once (8-bit layers log it on every call on the CPU)."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix, self.seen = prefix, False
-
-    def filter(self, record) -> bool:
-        if record.getMessage().startswith(self.prefix):
-            if self.seen:
-                return False
-            self.seen = True
-        return True
-
-
 def _quiet_int8_cast_warning() -> None:
-    log = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _OnceFilter) for f in log.filters):
-        log.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
+    """Let bitsandbytes' int8 cast warning through once (8-bit layers log it on every call on the CPU)."""
+    log, seen = logging.getLogger("bitsandbytes.autograd._functions"), []
+
+    def once(record) -> bool:
+        if not record.getMessage().startswith("MatMul8bitLt: inputs will be cast"):
+            return True
+        seen.append(record)
+        return len(seen) == 1
+    if not log.filters:
+        log.addFilter(once)
 
 
 def bnb_quantization_config(cfg):
@@ -158,23 +150,16 @@ def build_model(cfg, device: str):
     gc_kwargs = {"use_reentrant": False}
     if cfg.mode == "full":
         model = load_base(cfg, device, dtype=torch.float32)  # fp32 master weights; bf16/fp16 via autocast
-        model.requires_grad_(True)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-    elif cfg.use_qlora:
-        model = load_base(cfg, device, quantization_bit=cfg.quantization_bit or 4, dtype=compute_dtype(cfg))
-        if cfg.kbit_upcast:   # the seed's way: frozen embeddings, norms and lm_head upcast to fp32
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                    gradient_checkpointing_kwargs=gc_kwargs)
-        else:                 # they stay frozen in the compute dtype; non-reentrant checkpointing needs no input hook
-            model.requires_grad_(False)
-            if cfg.gradient_checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     else:
-        model = load_base(cfg, device, dtype=compute_dtype(cfg))
-        model.requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model = load_base(cfg, device, quantization_bit=(cfg.quantization_bit or 4) if cfg.use_qlora else None,
+                          dtype=compute_dtype(cfg))
+    model.requires_grad_(cfg.mode == "full")
+    if cfg.use_qlora and cfg.kbit_upcast:   # the seed's way: frozen embeddings, norms and lm_head upcast to fp32
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif cfg.gradient_checkpointing:        # else they stay frozen in the compute dtype
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        if cfg.mode == "lora":              # the input hook: QLoRA's non-reentrant checkpointing needs none
             model.enable_input_require_grads()
     # Liger's kernels come through the Trainer's use_liger_kernel; varlen attention is switched on here
     model.attention_kernel = use_varlen_attention(model) if wants_varlen(cfg) else "sdpa (not asked)"

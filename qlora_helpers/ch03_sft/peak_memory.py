@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import threading
 import time
 
@@ -26,12 +25,8 @@ import torch
 
 
 def rss_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc``; ``psutil`` elsewhere)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return psutil.Process().memory_info().rss
+    """Resident set size of this process."""
+    return psutil.Process().memory_info().rss
 
 
 def _release_freed_memory() -> None:

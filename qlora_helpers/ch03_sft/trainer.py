@@ -162,7 +162,8 @@ def check_fingerprint(path: Path, fingerprint: dict | None) -> dict:
     return state
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Every file under ``folder`` on disk (before a rename or a marker makes it visible)."""
     for f in folder.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -240,7 +241,7 @@ class CourseCallback(TrainerCallback):
             return
         root = Path(args.output_dir)
         path = root / f"checkpoint-{state.global_step}"
-        _fsync_folder(path)
+        fsync_folder(path)
         atomic_write_json(path / COMPLETE, {"step": state.global_step, "history": self.history,
                                             "fingerprint": self.fingerprint})
         atomic_write_text(root / LATEST, path.name + "\n")
