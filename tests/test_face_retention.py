@@ -26,7 +26,7 @@ def test_the_measurement_runs_end_to_end_and_writes_a_full_record(tiny_llama_dir
         "not learned", "no forgetting", "kept", "no consistent difference"}
     assert [p.name for p in tmp_path.iterdir()] == ["face_retention.json"]   # the stages' folders are gone
     text = tables.retention_report(record).splitlines()
-    assert "seeds [0];" in text[0] and "planned" not in text[0] and len(text) == 1 + 2 + 5    # the run, 5 adapters
+    assert "seeds [0];" in text[0] and "planned" not in text[0] and len(text) == 9   # run, blank, 7 table lines
     assert tables.retention_plot(record).axes[0].get_ylim() == (0, 1.05)
 
 

@@ -54,7 +54,7 @@ def plan_against_writeup(plan) -> str:
                             ("write-up (GB)", "writeup", ".1f")))
     gap = {row: WRITEUP_GB[row] - est * 2**30 / 1e9 for row, est in rows.items()}   # write-up GB vs GiB
     widest, total_gb = max(gap, key=lambda row: abs(gap[row])), plan.total_gib * 2**30 / 1e9
-    return (f"{text}\nV100-{V100_GB}GB: {fits(plan.total_gib, V100_GB)}; estimate "
+    return (f"{text}\n\nV100-{V100_GB}GB: {fits(plan.total_gib, V100_GB)}; estimate "
             f"{'below' if total_gb < WRITEUP_TOTAL_GB else 'above'} the write-up by "
             f"{abs(WRITEUP_TOTAL_GB - total_gb):.1f} GB in all; the widest gap: {widest} "
             f"({gap[widest]:+.1f} GB in the write-up)")
@@ -86,7 +86,7 @@ def gpu_report(runs: dict[str, dict | None]) -> str:
             claim = record["figures"]["claimed"]
             parts += [table(record, V100_ROWS), f"the write-up claims ~{claim['model_gb']:g} GB for the 4-bit model "
                                                 f"and ~{claim['per_gpu_gb']:g} GB per GPU"]
-    return "\n".join(parts)
+    return "\n\n".join(parts)
 
 
 # --------------------------------------------------------------------------- the face retention pool
@@ -108,7 +108,7 @@ def retention_report(record: dict) -> str:
     done = f["summary"]["seeds"]
     stopped = f" (of {f['seeds_planned']} planned: stopped early)" if len(done) < len(f["seeds_planned"]) else ""
     return (f"{f['model']}, {f['identities']} + {f['identities']} identities, retained share {f['retention_ratio']}, "
-            f"at most {f['max_steps']} steps per stage; seeds {done}{stopped}; {stamp(record, ('torch',))}\n"
+            f"at most {f['max_steps']} steps per stage; seeds {done}{stopped}; {stamp(record, ('torch',))}\n\n"
             + table(record, RETENTION))
 
 
@@ -187,6 +187,6 @@ def peak_table(result: dict) -> str:
              "sequences": r["micro_batch"] * r["accumulation"], "mb": r["activations"] / 1e6,
              "all": (fixed + r["activations"]) / 1e6} for r in result["rows"]]
     return (f"{result['model']}, 4-bit, LoRA r=8 q/k/v/o, {max(result['tokens'])} tokens per sequence; "
-            f"weights, LoRA, gradients and AdamW states: {fixed / 1e6:.1f} MB in every row\n"
+            f"weights, LoRA, gradients and AdamW states: {fixed / 1e6:.1f} MB in every row\n\n"
             + markdown(rows, (("micro-batch x accumulation", "name", ""), ("sequences/step", "sequences", "d"),
                               ("activations (MB)", "mb", ".1f"), ("in all (MB)", "all", ".1f"))))
