@@ -48,11 +48,11 @@ def read_run(model_path: str | Path, *, data_dir: str | None = None, base_model:
         where = f"--data_dir {data}" if data_dir or history.get("data_dir") else f"{history_file} names no data_dir"
         raise UserError(f"{where}: no identities.json there; pass --data_dir, the folder the run trained on")
     base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{path / 'adapter_config.json'} names no base model; pass --base_model, its folder")
     if not base_model and history.get("model_id", "").startswith(("tiny:", "random:")):
         raise UserError(f"{path} was trained on random weights ({history['model_id']}), which were not saved; "
                         "pass --base_model, the folder of the model it was trained on")
+    if not base:
+        raise UserError(f"{path / 'adapter_config.json'} names no base model; pass --base_model, its folder")
     return {"model_path": path, "base": base, "data_dir": data, "trained_task": history.get("task"),
             "quantize": history.get("quantize", "4bit"),
             "compute_dtype": history.get("precision", {}).get("compute_dtype", "fp32")}
