@@ -87,15 +87,16 @@ def compute_dtype(cfg):
 
 def _quiet_int8_cast_warning() -> None:
     """Let bitsandbytes' int8 cast warning through once (8-bit layers log it on every call on the CPU)."""
-    log, seen = logging.getLogger("bitsandbytes.autograd._functions"), []
+    log, seen = logging.getLogger("bitsandbytes.autograd._functions"), False
 
-    def once(record) -> bool:
+    def int8_cast_once(record) -> bool:
+        nonlocal seen
         if not record.getMessage().startswith("MatMul8bitLt: inputs will be cast"):
             return True
-        seen.append(record)
-        return len(seen) == 1
-    if not log.filters:
-        log.addFilter(once)
+        first, seen = not seen, True
+        return first
+    if not any(getattr(f, "__name__", "") == "int8_cast_once" for f in log.filters):
+        log.addFilter(int8_cast_once)
 
 
 def bnb_quantization_config(cfg):
