@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from qlora_helpers.ch03_sft.command import _bool, check_output_dir, check_resume, load_config_file, resolve_device
+from qlora_helpers.ch03_sft.command import (
+    _bool,
+    check_output_dir,
+    check_resume,
+    load_config_file,
+    resolve_device,
+    setting,
+)
 from qlora_helpers.ch03_sft.trainer import CHECKPOINTS
 from qlora_helpers.ch04_vlm import config as vc
 from qlora_helpers.ch04_vlm.hub_model import (
@@ -47,28 +54,25 @@ from qlora_helpers.errors import check_keys
 RESUME_KEYS = ("model_id", "data_path", "max_steps", "seed", "train_projector")
 
 
-def _opt(default, help: str = ""):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class VLMRun:
-    model_id: str = _opt("", "a from_pretrained folder or hub id: LLaVA, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM")
-    data_path: str = _opt("", "training JSONL: {\"image\": \"a.png\", \"messages\": [...]} per line (ch04_vlm.records)")
-    val_path: str = _opt("", "validation JSONL; without it no validation loss and no best adapter")
+    model_id: str = setting("", "a from_pretrained folder or hub id: LLaVA, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM")
+    data_path: str = setting("", "training JSONL: {\"image\": \"a.png\", \"messages\": [...]} per line "
+                                 "(ch04_vlm.records)")
+    val_path: str = setting("", "validation JSONL; without it no validation loss and no best adapter")
     output_dir: str = "outputs/vlm"
-    preset: str = _opt("ultra_low_memory", "ultra_low_memory (8 GB) | balanced (12 GB) | quality (24 GB): "
+    preset: str = setting("ultra_low_memory", "ultra_low_memory (8 GB) | balanced (12 GB) | quality (24 GB): "
                                            "the settings flags change")
-    max_steps: int = _opt(100, "optimizer steps")
-    eval_steps: int = _opt(20, "validation loss every N steps (and at the end; 0: at the end only)")
-    save_steps: int = _opt(20, "a checkpoint every N steps, for --resume (0: none)")
+    max_steps: int = setting(100, "optimizer steps")
+    eval_steps: int = setting(20, "validation loss every N steps (and at the end; 0: at the end only)")
+    save_steps: int = setting(20, "a checkpoint every N steps, for --resume (0: none)")
     save_total_limit: int = 2
     max_grad_norm: float = 1.0
-    train_projector: bool = _opt(False, "train the image-to-text projector too (saved with the adapter)")
+    train_projector: bool = setting(False, "train the image-to-text projector too (saved with the adapter)")
     seed: int = 0
-    device: str = _opt("auto", "auto | cpu | cuda")
-    resume: bool = _opt(False, "continue from output_dir/checkpoints/latest: the same loss curve")
-    overwrite_output_dir: bool = _opt(False, "allow a non-empty output_dir (its checkpoints and adapters are "
+    device: str = setting("auto", "auto | cpu | cuda")
+    resume: bool = setting(False, "continue from output_dir/checkpoints/latest: the same loss curve")
+    overwrite_output_dir: bool = setting(False, "allow a non-empty output_dir (its checkpoints and adapters are "
                                              "discarded)")
     settings: vc.VLMTrainConfig = field(default_factory=lambda: vc.preset("ultra_low_memory"))
 
