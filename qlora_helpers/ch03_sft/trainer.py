@@ -256,6 +256,7 @@ class CourseCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:
             self.bar.close()
+        PartialState().wait_for_everyone()  # every process has left the Trainer's own scan of this folder
         root = self.output_dir / CHECKPOINTS
         if state.is_world_process_zero and root.is_dir() and not any(root.iterdir()):
             root.rmdir()                   # made by the Trainer, which saved nothing in it (save_steps 0)
