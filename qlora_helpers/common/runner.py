@@ -27,6 +27,7 @@ import difflib
 import json
 import multiprocessing
 import os
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -64,9 +65,17 @@ def notebooks_dir() -> Path:
     return repo_root() / "notebooks"
 
 
+def is_companion(notebook: Path | str) -> bool:
+    """Whether ``notebook`` is a chapter's companion (``03b_speed_and_memory``) rather than its core path."""
+    return re.fullmatch(r"\d\d[a-z]_.+", Path(notebook).stem) is not None
+
+
 def discover(names: list[str] | None = None) -> list[Path]:
-    """The course notebooks in order, or the named ones (``00_setup``, ``00_setup.ipynb`` or a path)."""
-    all_books = sorted(notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+    """The course notebooks in order, or the named ones (``00_setup``, ``00_setup.ipynb`` or a path).
+
+    A chapter's core notebook is ``NN_name.ipynb``; its companions (``NNb_name.ipynb``, ``NNc_...``) hold
+    the measurement-heavy sections and run after it."""
+    all_books = sorted(notebooks_dir().glob("[0-9][0-9]*_*.ipynb"))
     if not names:
         return all_books
     chosen = []
