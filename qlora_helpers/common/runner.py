@@ -46,6 +46,7 @@ from qlora_helpers.common.files import (
     RESULTS_ENV,
     atomic_write_json,
     atomic_write_text,
+    optional_benchmark,
     repo_root,
 )
 from qlora_helpers.common.results import markdown
@@ -90,6 +91,28 @@ def discover(names: list[str] | None = None) -> list[Path]:
             raise ValueError(f"no notebook {name!r} in {notebooks_dir()}: choose from {known}")
         chosen.extend(match)
     return chosen
+
+
+READING_WPM = 150   # words of prose and code a minute, for a reader who runs each cell and reads its output
+
+
+def chapter_time(notebook: str) -> str:
+    """How long ``notebook`` takes a learner, as its opening cell says it: reading (its words at
+    ``READING_WPM``) and running on the 2-core CPU of ``benchmarks/results/course_cpu.json``, in the slower
+    of its two timings (an AVX2 laptop's, computing in fp32)."""
+    book = discover([notebook])[0]
+    words = sum(len("".join(c["source"]).split()) for c in json.loads(book.read_text(encoding="utf-8"))["cells"])
+    reading = f"about {max(1, round(words / READING_WPM))} minutes of reading"
+    timing = optional_benchmark("course_cpu")
+    mode = timing and timing["figures"]["modes"].get(timing["figures"]["slower_mode"], {})
+    entry = (mode or {}).get("notebooks", {}).get(book.stem)
+    if not entry:
+        return f"{reading}; its running time is not measured yet (python -m benchmarks.course_time --only {book.stem})"
+    cores, seconds = timing["device"].get("count", "?"), entry["seconds"]
+    running = f"{seconds / 60:.0f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
+    kind = "without" if not mode.get("cpu", {}).get("bf16") else "with"
+    return (f"{reading}, and {running} of running on a {cores}-core CPU {kind} native bf16 "
+            f"(measured {entry['measured'][:10]}, benchmarks/results/course_cpu.json)")
 
 
 def parameter_set(name: str) -> dict[str, dict]:

@@ -1,0 +1,47 @@
+"""Library messages that tell a learner of this course nothing, each dropped by its exact text, with its cause.
+
+A notebook's output should hold what its cells mean to show. The libraries the course stands on print a
+few messages on every run that are about themselves, not about the learner's code; each is listed here
+with the reason it is safe to drop, and ``install()`` (called when ``qlora_helpers`` is imported, so before
+bitsandbytes, peft or transformers first print them) drops exactly those. Any other warning still shows.
+"""
+
+import logging
+import re
+import warnings
+
+# logger name -> (start of the message, why it says nothing here)
+LOGGED = {
+    "bitsandbytes.backends.cpu.ops": (
+        "Failed to load CPU gemm_4bit_forward from kernels-community",
+        "on a CPU with AVX-512 BF16, importing bitsandbytes asks the Hugging Face hub for an optional faster "
+        "4-bit kernel; the course runs offline and bitsandbytes uses its own CPU kernel (device_info() says which)"),
+    "bitsandbytes.autograd._functions": (
+        "MatMul8bitLt: inputs will be cast from",
+        "LLM.int8 quantises activations from fp16: on a CPU computing in fp32 or bf16 every 8-bit call casts "
+        "them first, as chapter 03 explains"),
+}
+# (category, start of the message, why it says nothing here)
+WARNED = [
+    (FutureWarning, "`is_gradient_checkpointing` is deprecated",
+     "peft 0.21 (the newest) reads transformers 5's renamed property whenever it wraps a model"),
+]
+
+
+class _DropKnown(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def install() -> None:
+    """Drop exactly the messages above (again harmless: each logger gets its filter once)."""
+    for name, (start, _why) in LOGGED.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnown) for f in logger.filters):
+            logger.addFilter(_DropKnown(start))
+    for category, start, _why in WARNED:
+        warnings.filterwarnings("ignore", message=re.escape(start), category=category)
