@@ -49,7 +49,7 @@ from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 from qlora_helpers.ch01_memory.estimator import model_shape, quantized_bytes
 from qlora_helpers.common.bench import write_benchmark
 from qlora_helpers.common.files import state_digest
-from qlora_helpers.common.models import bnb_config, tiny_qwen2
+from qlora_helpers.common.models import bnb_config, enable_checkpointing, tiny_qwen2
 from qlora_helpers.common.shapes import get_config
 from qlora_helpers.errors import OneLineParser, run_main
 
@@ -156,7 +156,7 @@ def build_sharded(config, args, device, dtype):
     model = replace_with_bnb_linear(model, modules_to_not_convert=["lm_head"], quantization_config=qconfig)
     model.config.quantization_config = qconfig
     model.is_loaded_in_4bit = True
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM"),

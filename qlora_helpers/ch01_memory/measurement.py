@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, Qwen2VLForConditionalGeneration
 
 from qlora_helpers.ch01_memory.estimator import GIB, model_shape, resolve_targets
-from qlora_helpers.common.models import bnb_config, build_random
+from qlora_helpers.common.models import bnb_config, build_random, enable_checkpointing
 from qlora_helpers.common.optim import make_optimizer
 from qlora_helpers.common.shapes import get_config
 
@@ -76,11 +76,12 @@ def load(folder, method: str, *, dtype, device: str = "cuda"):
 def _wrap(model, method: str, *, lora_r: int, targets, grad_ckpt: bool, prepare_kbit: bool):
     """The model as the method trains it: everything trainable (full), or frozen with LoRA on ``targets``."""
     ckpt_kwargs = {"use_reentrant": False}
+    model.config.use_cache = not grad_ckpt      # the key/value cache is for generation; checkpointing refuses it
     if prepare_kbit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
     elif grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        enable_checkpointing(model)
     if method == "full":
         model.requires_grad_(True)
     else:

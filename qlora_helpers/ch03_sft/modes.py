@@ -21,8 +21,6 @@ and speed for nothing, see ``benchmarks/results/throughput.json``).
 
 from __future__ import annotations
 
-import logging
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_helpers.ch03_sft.fast_kernels import use_varlen_attention
 from qlora_helpers.common.assets import smollm2_path
-from qlora_helpers.common.models import bnb_config
+from qlora_helpers.common.models import bnb_config, enable_checkpointing
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -85,20 +83,6 @@ def compute_dtype(cfg):
     return torch.bfloat16 if cfg.bf16 is True else torch.float16 if cfg.fp16 else torch.float32
 
 
-def _quiet_int8_cast_warning() -> None:
-    """Let bitsandbytes' int8 cast warning through once (8-bit layers log it on every call on the CPU)."""
-    log, seen = logging.getLogger("bitsandbytes.autograd._functions"), False
-
-    def int8_cast_once(record) -> bool:
-        nonlocal seen
-        if not record.getMessage().startswith("MatMul8bitLt: inputs will be cast"):
-            return True
-        first, seen = not seen, True
-        return first
-    if not any(getattr(f, "__name__", "") == "int8_cast_once" for f in log.filters):
-        log.addFilter(int8_cast_once)
-
-
 def bnb_quantization_config(cfg):
     """The ``BitsAndBytesConfig`` of a QLoRA mode (4-bit NF4 + double quantisation, or LLM.int8)."""
 
@@ -131,8 +115,6 @@ def load_base(cfg, device: str, *, quantization_bit: int | None = None, dtype=No
     if getattr(cfg, "attn_implementation", "auto") == "eager":
         kwargs["attn_implementation"] = "eager"
     if quantization_bit:
-        if quantization_bit == 8:
-            _quiet_int8_cast_warning()
         kwargs.update(quantization_config=bnb_quantization_config(cfg), device_map={"": device})
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -159,7 +141,7 @@ def build_model(cfg, device: str):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
     elif cfg.gradient_checkpointing:        # else they stay frozen in the compute dtype
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        enable_checkpointing(model)
         if cfg.mode == "lora":              # the input hook: QLoRA's non-reentrant checkpointing needs none
             model.enable_input_require_grads()
     # Liger's kernels come through the Trainer's use_liger_kernel; varlen attention is switched on here
@@ -169,9 +151,7 @@ def build_model(cfg, device: str):
     targets = resolve_target_modules(cfg.lora_target_modules, model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    with warnings.catch_warnings():   # peft reads transformers' deprecated ``is_gradient_checkpointing``
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        return get_peft_model(model, lora)
+    return get_peft_model(model, lora)
 
 
 @contextmanager

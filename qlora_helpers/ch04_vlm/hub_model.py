@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import types
-import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -47,7 +46,15 @@ from transformers.processing_utils import ProcessorMixin
 
 from qlora_helpers.common.assets import TOKENIZER_FILES, verify
 from qlora_helpers.common.files import write_new_folder
-from qlora_helpers.common.models import VISION_PARTS, bnb_config, build_tiny, tiny_llama, tiny_llava, tiny_qwen2
+from qlora_helpers.common.models import (
+    VISION_PARTS,
+    bnb_config,
+    build_tiny,
+    enable_checkpointing,
+    tiny_llama,
+    tiny_llava,
+    tiny_qwen2,
+)
 from qlora_helpers.common.quant import keep_cpu_training_layout
 
 # transformers 5.2x matches these from the start of a module's name (so ".*visual"); earlier 5.x as substrings
@@ -264,16 +271,12 @@ def add_lora(model, lora, *, train_projector: bool = False, gradient_checkpointi
             raise ValueError(f"train_projector: {type(model).__name__} has none of {', '.join(PROJECTORS)}; "
                              "drop --train_projector")
         modules_to_save = [name]
-    if gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):   # its name since 5.2x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        enable_checkpointing(model)
     targets = rf".*({'|'.join(LANGUAGE_MODELS)})\..*\.({'|'.join(lora.targets)})$"   # inside the language model
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                         target_modules=targets, modules_to_save=modules_to_save)
-    with warnings.catch_warnings():   # peft reads transformers' deprecated ``is_gradient_checkpointing``
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        model = get_peft_model(model, config)
+    model = get_peft_model(model, config)
     for name, module in model.named_modules():
         if modules_to_save and name.endswith(f"{modules_to_save[0]}.modules_to_save.default"):
             train_in_fp32(module)

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qlora_helpers.ch05_multi_gpu.precision import torch_dtype
 from qlora_helpers.ch05_multi_gpu.reversal import collate, encode, read_jsonl
 from qlora_helpers.common import assets
-from qlora_helpers.common.models import bnb_config, build_random, tiny_llama, tiny_qwen2
+from qlora_helpers.common.models import bnb_config, build_random, enable_checkpointing, tiny_llama, tiny_qwen2
 from qlora_helpers.common.quant import keep_cpu_training_layout
 from qlora_helpers.common.shapes import get_config, tokenizer_asset
 
@@ -82,7 +82,7 @@ def lora_config(lora: dict) -> LoraConfig:
 def add_lora(model, lora: dict, gradient_checkpointing: bool, seed: int):
     """LoRA adapters (fp32) on the config's target modules; the same seed on every rank."""
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     torch.manual_seed(seed)
     return get_peft_model(model, lora_config(lora))
 

@@ -196,10 +196,9 @@ def ask(model, tokenizer, identities: list[dict], *, max_new_tokens: int, task: 
 
 
 def _quiet_libraries() -> None:
-    """Silence what every rank would print alike: transformers' progress bars and two known warnings."""
+    """Silence what every rank would print alike: transformers' progress bars and a known warning."""
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     # bitsandbytes' CPU 4-bit op warns that it has no autograd kernel; LoRA gradients through the layer equal
     # those through the dequantised fp32 weights (tests/test_ddp.py::test_qlora_gradients_on_cpu_are_exact)
     warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")

@@ -25,6 +25,9 @@ LOGGED = {
 WARNED = [
     (FutureWarning, "`is_gradient_checkpointing` is deprecated",
      "peft 0.21 (the newest) reads transformers 5's renamed property whenever it wraps a model"),
+    (FutureWarning, "`gradient_checkpointing_enable` is deprecated",
+     "peft 0.21's prepare_model_for_kbit_training calls the old name; the course's own code calls the new one "
+     "(common.models.enable_checkpointing)"),
 ]
 
 

@@ -40,6 +40,15 @@ from qlora_helpers.common.shapes import get_config, tokenizer_asset
 QUANTIZE = (None, "4bit", "8bit")
 
 
+def enable_checkpointing(model, **kwargs) -> None:
+    """Activation ("gradient") checkpointing, non-reentrant, by the name this transformers gives it (renamed
+    ``activation_checkpointing_enable`` in 5.2x; the old name warns there). ``kwargs``: the new name's extras."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}, **kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _tiny(config_class, vocab_size: int, hidden_size: int, layers: int, overrides: dict, **special):
     kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
