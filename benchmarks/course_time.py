@@ -4,7 +4,8 @@ On the CPU the course is timed twice: as this CPU runs it (bf16 where it compute
 as an AVX2 laptop runs it, with torch and oneDNN held to their AVX2 kernels
 (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``), so that the course computes in fp32 and
 any bf16 left in it runs as slowly as on such a laptop. ``total_seconds`` is the slower of the two:
-the time the README tells a learner to expect.
+the time the README tells a learner to expect; ``core_seconds`` the same run without the companion notebooks
+(``03b_...``: the measurement-heavy sections), the chapters' core path.
 
 Writes ``benchmarks/results/course_cpu.json`` (or ``course_gpu.json`` on a GPU, one run). ``--only``
 re-times some notebooks and keeps the other entries of an existing file (each says when it was
@@ -25,7 +26,7 @@ from pathlib import Path
 from qlora_helpers.common.bench import emit, run_worker, write_benchmark
 from qlora_helpers.common.device import device_info
 from qlora_helpers.common.files import read_result_file, repo_root
-from qlora_helpers.common.runner import run_notebooks, write_back_run
+from qlora_helpers.common.runner import is_companion, run_notebooks, write_back_run
 from qlora_helpers.errors import OneLineParser, run_main
 
 # how each CPU mode is run: extra environment of the notebook kernels
@@ -87,9 +88,11 @@ def main(argv=None) -> None:
                 print(f"outputs written back to {path}")
         results[mode] = {"environment": env, "cpu": cpu_facts(env),
                          "total_seconds": round(sum(e["seconds"] for e in entries.values()), 1),
+                         "core_seconds": round(sum(e["seconds"] for n, e in entries.items() if not is_companion(n)), 1),
                          "notebooks": entries}
     slower = max(results, key=lambda m: results[m]["total_seconds"])
-    write_benchmark(f"course_{kind}", {"total_seconds": results[slower]["total_seconds"], "slower_mode": slower,
+    write_benchmark(f"course_{kind}", {"total_seconds": results[slower]["total_seconds"],
+                                       "core_seconds": results[slower].get("core_seconds"), "slower_mode": slower,
                                        "modes": results}, out)
 
 
