@@ -3,6 +3,7 @@
 =========  ===============================================================================================
 module     what it holds
 =========  ===============================================================================================
+config     the YAML training config, read and checked before the launch (one line naming file, line, key)
 worker     the function each rank runs: the run as the ``sft`` command's settings, ``run_sft``, the scores
 precision  bf16, fp16 with loss scaling, or fp32, decided per device
 schedule   warm-up, the plateau learning-rate rule and early stopping; live history plot
@@ -22,6 +23,7 @@ are not imported here, and ``worker`` imports chapter 03's ``sft`` command insid
 """
 
 from qlora_helpers.ch05_multi_gpu import learning, reversal, tables, worker
+from qlora_helpers.ch05_multi_gpu.config import load_config
 from qlora_helpers.ch05_multi_gpu.schedule import LiveHistory, PlateauSchedule
 
-__all__ = ["LiveHistory", "PlateauSchedule", "learning", "reversal", "tables", "worker"]
+__all__ = ["LiveHistory", "PlateauSchedule", "learning", "load_config", "reversal", "tables", "worker"]
