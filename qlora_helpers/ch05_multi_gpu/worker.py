@@ -111,8 +111,9 @@ def check_run_folder(run: dict) -> Path:
     out = Path(run["output_dir"]) / name
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} is a file: choose another output_dir or name")
-    mine = sorted(p.name for p in out.glob("*") if (p.name in RUN_FILES or p.match("rank*_lora.safetensors"))
-                  and not (p.is_dir() and not p.is_symlink() and not any(p.iterdir())))   # an empty folder: nothing
+    empty = lambda p: p.is_dir() and not p.is_symlink() and all(q.name.startswith(".") for q in p.iterdir())
+    mine = sorted(p.name for p in out.glob("*")      # (a folder holding only a killed write's hidden leftovers: none)
+                  if (p.name in RUN_FILES or p.match("rank*_lora.safetensors")) and not empty(p))
     if mine and not _earlier_run(out) or (out / "best").exists() and not (out / "best").is_symlink():
         raise ValueError(f"output folder {out} holds {', '.join(mine)}, which no run of this chapter wrote and a run "
                          "would replace: choose another output_dir or name")
