@@ -254,7 +254,8 @@ def test_what_each_family_brings():
 def test_a_config_it_cannot_model_names_the_field(tmp_path, change, field):
     data = {**PUBLISHED["olmo-7b"], **change}
     if change.get("model_type") == "gpt_neox":
-        data = {"model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+        data = {"model_type": "gpt_neox", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "vocab_size": 512}
     path = write_config(tmp_path, data)
     with pytest.raises(ValueError, match=field) as err:
         estimate(get_config(path), "qlora4", batch_size=1, seq_len=64)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import warnings
 from dataclasses import dataclass, field, replace
 
 from qlora_helpers.ch01_memory.architectures import (
@@ -32,7 +34,7 @@ from qlora_helpers.ch01_memory.architectures import (
     with_attention,
 )
 from qlora_helpers.ch01_memory.gpus import CONTEXT_GIB, VERDICT_TEXT, find_gpu, fits, reserved_gib, verdict
-from qlora_helpers.common.shapes import get_config
+from qlora_helpers.common.shapes import AssumedField, get_config
 
 METHODS = ("full", "lora", "qlora4", "qlora8")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -531,13 +533,23 @@ def largest_fit(config, method: str, gpu_gib: float, *, vary: str, batch_size: i
                           limit // step)
 
 
+def max_text_tokens(config, est: MemoryEstimate) -> int | None:
+    """The longest ``seq_len`` the model has positions for: ``max_position_embeddings`` less the image tokens of a
+    sample (a VLM's); ``None`` when the config has no such field."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return limit - (est.inputs["lm_tokens_per_sample"] - est.inputs["seq_len"]) if limit else None
+
+
 def fit_report(est: MemoryEstimate, config, gpu_name: str, gpu_gib: float) -> dict:
-    """The verdict on one card and the largest batch size and sequence length that fit it."""
+    """The verdict on one card and the largest batch size and sequence length (up to the model's positions) that
+    fit it."""
     method = est.inputs["method"]
+    longest = max_text_tokens(config, est) or 1 << 20
     return {"gpu": gpu_name, "gpu_gib": gpu_gib, "device_gib": round(est.device_gib, 3),
             "verdict": VERDICT_TEXT[fits(est, gpu_gib)],
             "largest_batch_size": largest_fit(config, method, gpu_gib, vary="batch_size", **est.setting()),
-            "largest_seq_len": largest_fit(config, method, gpu_gib, vary="seq_len", **est.setting())}
+            "largest_seq_len": largest_fit(config, method, gpu_gib, vary="seq_len", limit=longest,
+                                           **est.setting())}
 
 
 def configure_parser(parser) -> None:
@@ -562,10 +574,23 @@ def cli(args) -> int:
     if args.gpu_gib is not None and args.gpu_gib <= 0:
         raise ValueError(f"--gpu-gib must be a positive number of GiB, got {args.gpu_gib}")
     card = find_gpu(args.gpu) if args.gpu else None
-    config = get_config(args.model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AssumedField)
+        config = get_config(args.model)
+    notes = [str(w.message) for w in caught if issubclass(w.category, AssumedField)]
     est = estimate(config, args.method, batch_size=args.batch_size, seq_len=args.seq_len,
                    lora_r=args.lora_r, targets=args.targets, grad_ckpt=args.grad_ckpt,
                    prepare_kbit=args.prepare_kbit, optimizer=args.optimizer, dtype=args.dtype)
+    longest = max_text_tokens(config, est)
+    if longest is not None and args.seq_len > longest:
+        assumed = " (its config class's default: the file states none)" * any("max_position_embeddings" in n
+                                                                               for n in notes)
+        images = est.inputs["lm_tokens_per_sample"] - args.seq_len
+        raise ValueError(f"--seq-len {args.seq_len}{f' + {images} image tokens' if images else ''} is beyond "
+                         f"{args.model}'s max_position_embeddings, {longest + images}{assumed}, the longest sequence "
+                         f"the model takes: give --seq-len {longest} or less")
+    for note in notes:     # what the estimate stands on that the file does not say, one line each
+        print(f"note: {note}", file=sys.stderr)
     report = None
     if card or args.gpu_gib is not None:
         name, gib = (card.name, card.memory_gib) if card else (f"{args.gpu_gib:g} GiB card", args.gpu_gib)

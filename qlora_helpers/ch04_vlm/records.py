@@ -39,7 +39,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from qlora_helpers.common.assets import load_images
-from qlora_helpers.common.files import atomic_write_text
+from qlora_helpers.common.files import atomic_write_json, atomic_write_text
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
@@ -256,18 +256,36 @@ def example_split(*, held_out: float = 0.2, face_share: float = 1 / 3, n_val: in
     return split
 
 
+EXAMPLES_MANIFEST = "examples.json"   # the files write_example_files wrote into a folder: it replaces only those
+
+
+def _claim(folder: Path, names: list[str]) -> None:
+    """Add ``names`` to the folder's manifest, refusing (one line) a file there that no earlier call wrote."""
+    manifest = folder / EXAMPLES_MANIFEST
+    ours = json.loads(manifest.read_text()) if manifest.is_file() else []
+    if manifest.exists() and not (isinstance(ours, list) and all(isinstance(n, str) for n in ours)):
+        raise ValueError(f"{manifest} is not a list of example files: write the examples into another folder")
+    if taken := [n for n in names if (folder / n).exists() and n not in ours]:
+        raise ValueError(f"{folder} already holds {', '.join(taken[:3])}, which the course's examples would replace: "
+                         "write them into a new or empty folder")
+    atomic_write_json(manifest, sorted({*ours, *names}))    # before the files: a killed call leaves none unclaimed
+
+
 def write_example_files(folder: str | Path, *, n_train: int | None = None, n_val: int = 40, size: int = 56,
                         seed: int = 0, held_out: float = 0.2) -> dict:
     """Write ``example_split``'s images as PNGs and each split as a JSONL file in the format above.
 
     The question is "Is this a face?" (answer from the LFW label) or "Which digit is this?".
     ``n_train`` keeps the first so many training lines (``None``: all). Returns
-    ``{"train": path, "val": path, "test": path}``.
+    ``{"train": path, "val": path, "test": path}``. A file of the same name that an earlier call did not write
+    (``examples.json`` lists those) is refused, not replaced.
     """
     folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
     split = example_split(held_out=held_out, n_val=n_val, seed=seed)
     split["train"] = split["train"][:n_train]
+    images = sorted({f"images/{item[3]}" for items in split.values() for item in items})
+    _claim(folder, [f"{name}.jsonl" for name in split] + images)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
     out, written = {}, set()
     for name, items in split.items():
         rows = []

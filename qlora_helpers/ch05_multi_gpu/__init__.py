@@ -3,6 +3,7 @@
 =========  ===============================================================================================
 module     what it holds
 =========  ===============================================================================================
+config     the YAML training config, read and checked before the launch (one line naming file, line, key)
 worker     the function each rank runs: the run as the ``sft`` command's settings, ``run_sft``, the scores
 precision  bf16, fp16 with loss scaling, or fp32, decided per device
 schedule   warm-up, the plateau learning-rate rule and early stopping; live history plot
@@ -18,10 +19,13 @@ nodes      the accelerate config of one node; the worker as several machines on 
 
 Importing this package loads neither peft nor bitsandbytes: the notebook's kernel must not have them
 before ``notebook_launcher`` starts the ranks. ``model``, ``plateau`` and ``evaluate`` (which load them)
-are not imported here, and ``worker`` imports chapter 03's ``sft`` command inside the rank.
+are not imported here, and ``worker`` imports chapter 03's ``sft`` command inside the rank. ``worker`` is imported
+where it is used (``from qlora_helpers.ch05_multi_gpu import worker``), not here: ``python -m
+qlora_helpers.ch05_multi_gpu.worker`` would otherwise find it imported already and warn.
 """
 
-from qlora_helpers.ch05_multi_gpu import learning, reversal, tables, worker
+from qlora_helpers.ch05_multi_gpu import learning, reversal, tables
+from qlora_helpers.ch05_multi_gpu.config import load_config
 from qlora_helpers.ch05_multi_gpu.schedule import LiveHistory, PlateauSchedule
 
-__all__ = ["LiveHistory", "PlateauSchedule", "learning", "reversal", "tables", "worker"]
+__all__ = ["LiveHistory", "PlateauSchedule", "learning", "load_config", "reversal", "tables", "worker"]

@@ -23,15 +23,14 @@ import argparse
 import json
 import weakref
 from collections import Counter
-from pathlib import Path
 
 import torch
-import yaml
 from accelerate import init_empty_weights
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qlora_helpers.ch05_multi_gpu.config import load_config
 from qlora_helpers.ch05_multi_gpu.precision import torch_dtype
 from qlora_helpers.ch05_multi_gpu.reversal import collate, encode, read_jsonl
 from qlora_helpers.common import assets
@@ -194,7 +193,7 @@ def main(argv=None) -> None:
     if a.what == "peaks":
         print(json.dumps(measure_peaks(a.data_dir, model_id=a.model_id)))
     else:
-        print(json.dumps(adapter_size(a.preset, yaml.safe_load(Path(a.config).read_text())["lora"], a.dtype)))
+        print(json.dumps(adapter_size(a.preset, load_config(a.config)["lora"], a.dtype)))
 
 
 if __name__ == "__main__":

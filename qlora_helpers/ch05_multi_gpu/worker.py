@@ -30,7 +30,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import PartialState
 from accelerate.utils import gather_object, patch_environment, reduce
 from safetensors.torch import save
@@ -38,6 +37,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from qlora_helpers.ch05_multi_gpu import precision as P
+from qlora_helpers.ch05_multi_gpu.config import check_config, load_config
 from qlora_helpers.ch05_multi_gpu.reversal import (
     TASKS,
     accuracy,
@@ -53,6 +53,7 @@ from qlora_helpers.common.shapes import get_config, tokenizer_asset
 from qlora_helpers.errors import OneLineParser, run_main
 
 CPU_PROCESSES = 2
+RUN_FILES = ("final", "best", "training_history.json", "run.json")   # what a run writes into OUTPUT_DIR/NAME_TASK
 
 
 # --------------------------------------------------------------------------- the parent: no CUDA here
@@ -87,6 +88,36 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def _earlier_run(out: Path) -> bool:
+    """Whether ``out`` holds an earlier run: the ``sft`` command's settings in ``final/``, or this worker's history."""
+    if (out / "final" / "sft_config.json").is_file():
+        return True
+    try:
+        return {"task", "steps"} <= set(json.loads((out / "training_history.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_run_folder(run: dict) -> Path:
+    """The run's folder ``output_dir/NAME_TASK``; refused in one line when the run would replace what no earlier run
+    wrote there (``RUN_FILES``, ``rank*_lora.safetensors``). A run replaces only those, and an earlier run's
+    ``final/`` (the ``sft`` settings' ``overwrite_output_dir``): a user's other files there stay as they are."""
+    name = f"{run['name']}_{run['task']}"
+    if Path(name).name != name or name.startswith("."):
+        raise ValueError(f"name {run['name']!r} must be a plain folder name (no '/', no leading '.'), "
+                         "e.g. lfw_reversal")
+    out = Path(run["output_dir"]) / name
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is a file: choose another output_dir or name")
+    empty = lambda p: p.is_dir() and not p.is_symlink() and all(q.name.startswith(".") for q in p.iterdir())
+    mine = sorted(p.name for p in out.glob("*")      # (a folder holding only a killed write's hidden leftovers: none)
+                  if (p.name in RUN_FILES or p.match("rank*_lora.safetensors")) and not empty(p))
+    if mine and not _earlier_run(out) or (out / "best").exists() and not (out / "best").is_symlink():
+        raise ValueError(f"output folder {out} holds {', '.join(mine)}, which no run of this chapter wrote and a run "
+                         "would replace: choose another output_dir or name")
+    return out
 
 
 # --------------------------------------------------------------------------- the run as sft settings
@@ -158,7 +189,7 @@ def sft_config(run: dict, prec: P.Precision, *, model: str, n_train: int, world:
         gradient_checkpointing=bool(tr.get("gradient_checkpointing", False)), use_liger_kernel=False,
         bf16=prec.compute_dtype == "bf16", fp16=prec.compute_dtype == "fp16", seed=int(tr.get("seed", 0)),
         eval_before=False, save_steps=0, logging_steps=1, device="cuda" if cuda else "cpu",
-        overwrite_output_dir=True)
+        overwrite_output_dir=True)    # final/ of an earlier run only: check_run_folder refuses anyone else's
     return cfg, rule, per_epoch
 
 
@@ -246,6 +277,8 @@ def train_worker(run: dict) -> None:
     from qlora_helpers.common.quant import keep_cpu_training_layout
 
     started = time.perf_counter()
+    run = {**run, "config": check_config(run["config"], "the run's config")}   # the notebook checked it: a guard
+    check_run_folder(run)
     _quiet_libraries()
     state, prec, device = _start(run)
     seed, model_id = int(run["config"]["training"].get("seed", 0)), run.get("model_id") or ""
@@ -347,10 +380,14 @@ def main(argv=None) -> None:
     p.add_argument("--max-steps", type=int, default=0, help="0: no limit but the schedule's")
     a = p.parse_args(argv)
     if a.run:
-        return train_worker(json.loads(Path(a.run).read_text()))
-    cfg = yaml.safe_load(Path(a.config).read_text())
+        run = json.loads(Path(a.run).read_text())
+        check_config(run.get("config"), f"{a.run}: config")
+        check_run_folder(run)
+        return train_worker(run)
+    cfg = load_config(a.config)
     if a.seed is not None:
         cfg["training"]["seed"] = a.seed
+    check_run_folder(dict(output_dir=a.output_dir, name=a.name, task=a.task))
     generate_data(a.data_dir, a.num_identities, int(cfg["training"].get("seed", 0)))   # atomic, identical per rank
     train_worker(dict(profile=a.profile, model_id=a.model_id, quantize="4bit", precision=a.precision, config=cfg,
                       data_dir=a.data_dir, task=a.task, name=a.name, output_dir=a.output_dir,

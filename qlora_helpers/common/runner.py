@@ -13,8 +13,10 @@ named) into a run folder::
 ``run_notebooks(..., notebook_parameters={"03_qwen_sft": {"model_id": path}})`` adds parameters
 for one notebook only, over the common ones (the tests give chapter 03 a tiny model this way).
 Every value is checked against the type its parameters cell declares (``max_steps: int = 20``
-refuses ``abc``), and ``profile`` against the profiles this machine can run, before any notebook
-starts. A failing notebook is reported by name, cell and error, and the others still run.
+refuses ``abc``; an ``int`` parameter counts something, steps, sizes or a seed, so it refuses ``-5``
+too), and ``profile`` against the profiles this machine can run, before any notebook starts; so is the
+run folder (a new one, an empty one or an earlier run's, never a file or a folder of other files).
+A failing notebook is reported by name, cell and error, and the others still run.
 
 ``jobs=2`` (``--jobs 2``) runs two notebooks at a time, each kernel held to its share of the CPU's
 threads (``OMP_NUM_THREADS``), the longest first by the last timing in ``course_cpu.json``: on a small
@@ -50,6 +52,8 @@ from qlora_helpers.common.files import (
     repo_root,
 )
 from qlora_helpers.common.results import markdown
+
+SUMMARY_FILES = ("summary.json", "summary.md")
 
 
 @dataclass
@@ -133,6 +137,8 @@ def declared_parameters(notebook: Path) -> dict:
 def check_value(stem: str, name: str, value, declared: dict):
     """``value`` as the type the parameters cell of ``stem`` declares for ``name``; one-line error if it is not.
 
+    An ``int`` parameter is a count (steps, sizes, a seed: every one the course declares), never negative.
+
     >>> check_value("03_qwen_sft", "lr_lora", 1, {"lr_lora": {"inferred_type_name": "float", "default": "2e-4"}})
     1.0
     """
@@ -142,6 +148,10 @@ def check_value(stem: str, name: str, value, declared: dict):
         example = "true or false" if kind == "bool" else default
         raise ValueError(f"parameter {name} of {stem} must be {kind} (its parameters cell: {name}: {kind} = "
                          f"{default}), not {value!r}: pass e.g. -p {name} {example}")
+    if kind == "int" and value < 0:
+        raise ValueError(f"parameter {name} of {stem} is a count and cannot be negative (its parameters cell: "
+                         f"{name}: int = {default}  # {declared[name].get('help', '')}), not {value}: "
+                         f"pass 0 or more, e.g. -p {name} {default}")
     value = {"float": float, "str": str}.get(kind, lambda v: v)(value)
     if name == "profile":
         resolve_profile(value)      # unknown profile, or gpu without CUDA: refused here, not in cell 3
@@ -196,8 +206,13 @@ def _figures(results: dict, limit: int = 4) -> str:
     return ", ".join(f"{k}={v}" for k, v in flat[:limit])
 
 
+def _one_line(text: str) -> str:
+    """An error's lines joined by ``; ``: one table row per notebook, whatever the error says (``|`` is escaped)."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def summary_markdown(runs: list[NotebookRun]) -> str:
-    rows = [{**asdict(r), "detail": r.error if r.status != "ok" else _figures(r.results)} for r in runs]
+    rows = [{**asdict(r), "detail": _one_line(r.error) if r.status != "ok" else _figures(r.results)} for r in runs]
     columns = (("notebook", "notebook"), ("status", "status"), ("seconds", "seconds", ".1f"), ("key figures", "detail"))
     done = f"{sum(r.status == 'ok' for r in runs)} of {len(runs)} notebooks ok in {sum(r.seconds for r in runs):.0f} s"
     return f"{markdown(rows, columns)}\n\n{done}\n"
@@ -249,6 +264,21 @@ def _check_parameters(books: list[Path], parameters: dict, notebook_parameters: 
                 check_value(stem, name, value, names)
 
 
+def check_run_dir(run_dir: str | Path, books: list[Path]) -> Path:
+    """``run_dir`` made absolute, refused in one line when it is (or lies under) a file, or holds anything the
+    runner did not write (its files go there: one folder per notebook, ``summary.json``, ``summary.md``)."""
+    path, probe = Path(run_dir).resolve(), Path(run_dir).resolve()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"--run-dir {run_dir}: {probe} is a file, not a folder; give a folder (a new one is created)")
+    ours = {*SUMMARY_FILES, *(b.stem for b in discover()), *(b.stem for b in books)}
+    if path.is_dir() and (other := sorted(p.name for p in path.iterdir() if p.name not in ours)):
+        raise ValueError(f"--run-dir {run_dir} already holds {', '.join(other[:3])}, which the runner did not write: "
+                         "give a new or empty folder, or an earlier run's")
+    return path
+
+
 def run_notebooks(names: list[str] | None = None, parameters: dict | None = None,
                   run_dir: str | Path | None = None, *, kernel: str = "python3",
                   progress: bool = True, notebook_parameters: dict[str, dict] | None = None,
@@ -261,7 +291,7 @@ def run_notebooks(names: list[str] | None = None, parameters: dict | None = None
     parameters = dict(parameters or {})
     notebook_parameters = {k: dict(v) for k, v in (notebook_parameters or {}).items()}
     _check_parameters(books, parameters, notebook_parameters)
-    run_dir = Path(run_dir or repo_root() / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    run_dir = check_run_dir(run_dir or repo_root() / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S"), books)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     def params_of(book: Path) -> dict:

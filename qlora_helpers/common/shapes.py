@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
@@ -123,6 +124,17 @@ _VISION = {
 }
 
 
+# what a decoder's size is made of: a config.json without one is refused (its config class would put in another
+# model's value: LlamaConfig's are Llama-2-7B's); a VLM's language model may rely on them (llava-1.5's file does)
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+# taken from the config class when a file lacks them, as transformers builds the model, and named (AssumedField)
+DEFAULTED = ("tie_word_embeddings", "max_position_embeddings")
+
+
+class AssumedField(UserWarning):
+    """A field a config.json lacks, taken from its config class's defaults; the message is one line naming it."""
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 
@@ -163,9 +175,28 @@ def get_config(name_or_path: str | Path, **overrides):
     if overrides:
         data = {k: v for k, v in data.items() if k != "layer_types"} | overrides
     try:
-        return AutoConfig.for_model(**data)
+        config = AutoConfig.for_model(**data)
     except Exception as err:    # transformers and huggingface_hub check fields with several error types
         raise ValueError(f"{name}: {_first_line(err)} ({str(err).strip().splitlines()[-1].strip()})") from None
+    _check_stated(name, data, config)
+    return config
+
+
+def _check_stated(name: str, data: dict, config) -> None:
+    """Refuse a decoder's config.json that lacks a field of ``SIZE_FIELDS``; warn (``AssumedField``) once for each
+    field taken from the config class instead: ``DEFAULTED`` ones, and a VLM's language model's size."""
+    text = config.get_text_config()
+    stated = {**data, **(data.get("text_config") or {})}
+    aliases = type(text).attribute_map
+    said = lambda f: f in stated or any(a in stated for a, target in aliases.items() if target == f)
+    missing = [f for f in SIZE_FIELDS if not said(f)]
+    if missing and text is config:
+        raise ValueError(f"{name}: no {', '.join(missing)}; a decoder's config.json states its size, else its config "
+                         f"class would put in another model's: copy {'them' if len(missing) > 1 else 'it'} from the "
+                         "model's own config.json")
+    for field in [*missing, *(f for f in DEFAULTED if not said(f))]:
+        warnings.warn(f"{name}: no {field}; taken as {getattr(text, field)!r}, {type(text).__name__}'s default, "
+                      "as transformers builds the model", AssumedField, stacklevel=3)
 
 
 def _first_line(err: Exception) -> str:
