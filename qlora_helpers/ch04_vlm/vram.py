@@ -11,7 +11,7 @@ beside it:
 - the projector between the two is trained in full: weights, gradients and optimizer states;
 - gradients of the adapters stay allocated between the micro-steps of gradient accumulation;
 - ``double_quant=False`` stores the 4-bit block scales as fp32 instead of 8-bit codes;
-- the loss: ``model(**batch).loss`` (``benchmarks/vlm_8gb.py``'s loop, section 7's step) builds the
+- the loss: ``model(**batch).loss`` (``benchmarks/vlm_8gb.py``'s loop, chapter 04's hand-written step) builds the
   ``[tokens, vocab]`` logits in fp32; the ``vlm`` command never does: it trains through TRL's fused LM head,
   which multiplies only the labelled rows (the answer's tokens) by ``lm_head``, tile by tile. Its estimate
   passes ``loss_rows=ANSWER_TOKENS`` (the estimator's chunked loss). Counting full logits there put
