@@ -13,7 +13,8 @@ adds ``--hardware.embeddings_on_cpu`` to the command (the input embedding table 
 lets Qwen2-VL-7B's 152,064-token table leave the 7.5 GiB).
 
 Beside each peak: the chapter-01 estimator's prediction for the same run, through
-``ch04_vlm.vram.estimate_vlm``. What differs from the hub models: LLaVA's vocabulary is SmolLM2's
+``ch04_vlm.vram.estimate_vlm`` with the command's fused loss (``loss_rows``: only the answer's rows meet
+``lm_head``). What differs from the hub models: LLaVA's vocabulary is SmolLM2's
 (49,153 ids with ``<image>``, for Llama's 32,064: no Llama tokenizer is offline), and Qwen2-VL's
 images are capped at 336 x 336 pixels (144 image tokens).
 
@@ -45,7 +46,7 @@ from qlora_helpers.ch04_vlm.hub_model import (
 )
 from qlora_helpers.ch04_vlm.records import encode_all, read_records, write_example_files
 from qlora_helpers.ch04_vlm.records import text_tokens as count_text_tokens
-from qlora_helpers.ch04_vlm.vram import estimate_vlm
+from qlora_helpers.ch04_vlm.vram import ANSWER_TOKENS, estimate_vlm
 from qlora_helpers.cli import build_parser
 from qlora_helpers.common.assets import load_sft
 from qlora_helpers.common.bench import WorkerError, command_line, cuda_peak_gib, emit, run_worker, write_benchmark
@@ -122,7 +123,7 @@ def worker(shape: str, model: Path, data: dict, out: Path, cap_gib: float, flags
     row.update(seconds=round(time.perf_counter() - start, 1), **{f"peak_{k}": v for k, v in cuda_peak_gib().items()})
     settings = run.settings
     row["estimate_gib"] = round(estimate_vlm(shape, settings, max_length=max(row["text_tokens"]),
-                                             image_size=IMAGE_SIZE).total_gib, 3)
+                                             image_size=IMAGE_SIZE, loss_rows=ANSWER_TOKENS).total_gib, 3)
     emit(row)
 
 

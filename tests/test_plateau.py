@@ -18,13 +18,18 @@ RULE = dict(learning_rate=1e-3, min_lr=2e-4, lr_reduction_factor=0.5, lr_patienc
 
 
 class StepRates(TrainerCallback):
-    """The rate each optimizer step is taken with (read before the step)."""
+    """The rate each optimizer step is taken with (read before the step), and the rate the Trainer logs for it
+    (what chapter 05's history and live log show)."""
 
     def __init__(self):
-        self.rates = []
+        self.rates, self.logged = [], []
 
     def on_step_begin(self, args, state, control, optimizer=None, **kw):
         self.rates.append(optimizer.param_groups[0]["lr"])
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if "learning_rate" in (logs or {}):
+            self.logged.append(logs["learning_rate"])
 
 
 def run(tmp_path, losses, *, warmup_steps=0, epochs=6, save=False, resume=None):
@@ -45,9 +50,10 @@ def run(tmp_path, losses, *, warmup_steps=0, epochs=6, save=False, resume=None):
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=epochs,
                              learning_rate=RULE["learning_rate"], lr_scheduler_type="constant_with_warmup",
                              warmup_steps=warmup_steps, save_strategy="epoch" if save else "no", report_to="none",
-                             use_cpu=True, disable_tqdm=True, logging_strategy="no", seed=0)
+                             use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0)
     Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=[rule, rates]).train(
         resume_from_checkpoint=resume)
+    run.logged = rates.logged
     return rule, rates.rates, saved, model
 
 
@@ -56,6 +62,7 @@ def test_a_plateau_halves_the_rate_and_a_good_loss_stops(tmp_path):
     assert [(d.improved, d.reduced, d.reason) for d in rule.decisions] == [
         (True, False, None), (False, True, None), (True, False, None), (True, False, "val_loss < min_val_loss")]
     assert rates == pytest.approx([1e-3] * 4 + [5e-4] * 4), "epochs 1-2 at the rate, 3-4 at half of it"
+    assert run.logged == pytest.approx(rates), "each step logs the rate it took, the first after a halving too"
     best = load_file(str(tmp_path / "best" / "adapter_model.safetensors"))
     last = {k.replace(".default", ""): v for k, v in saved[0.1].items()}
     assert set(best) == set(last) and all(torch.equal(best[k], last[k]) for k in best), "best/ is epoch 4's"

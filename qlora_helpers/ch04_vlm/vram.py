@@ -10,7 +10,12 @@ beside it:
   count, its activations do not (nothing in it needs a gradient);
 - the projector between the two is trained in full: weights, gradients and optimizer states;
 - gradients of the adapters stay allocated between the micro-steps of gradient accumulation;
-- ``double_quant=False`` stores the 4-bit block scales as fp32 instead of 8-bit codes.
+- ``double_quant=False`` stores the 4-bit block scales as fp32 instead of 8-bit codes;
+- the loss: ``model(**batch).loss`` (``benchmarks/vlm_8gb.py``'s loop, chapter 04's hand-written step) builds the
+  ``[tokens, vocab]`` logits in fp32; the ``vlm`` command never does: it trains through TRL's fused LM head,
+  which multiplies only the labelled rows (the answer's tokens) by ``lm_head``, tile by tile. Its estimate
+  passes ``loss_rows=ANSWER_TOKENS`` (the estimator's chunked loss). Counting full logits there put
+  Qwen2-VL-7B (152,064-token vocabulary) 21 % over the command's measured peak.
 
 The estimator's own LLaVA path assumes peft matches target names everywhere, so ``q_proj``
 would also wrap the CLIP tower's attention; here LoRA stays in the language model (a regex
@@ -42,6 +47,7 @@ from qlora_helpers.ch04_vlm.config import preset as get_preset
 from qlora_helpers.common.shapes import get_config
 
 CARDS_GB = (8, 12, 16, 24)
+ANSWER_TOKENS = 64     # the vlm command's loss: the labelled rows it multiplies by lm_head (an answer's tokens)
 GROUPS = {"model": ("quantized weights", "unquantized weights"), "adapter": ("LoRA weights",),
           "optimizer": ("optimizer states",), "gradients": ("gradients",),
           "activations": ("activations", "logits and loss", "temporary buffers")}
@@ -159,10 +165,12 @@ class VLMEstimate:
 
 
 def estimate_vlm(key: str, cfg, max_length: int | None = None, image_size: int | None = None,
-                 gradient_accumulation_steps: int | None = None) -> VLMEstimate:
+                 gradient_accumulation_steps: int | None = None, *, loss_rows: int | None = None) -> VLMEstimate:
     """Predict the peak allocated memory of training registry model ``key`` with config ``cfg``.
 
     ``max_length``, ``image_size`` and ``gradient_accumulation_steps`` override the config's.
+    ``loss_rows``: ``None`` for ``model(**batch).loss`` (full fp32 logits); a number of labelled rows for a
+    loss that multiplies only those by ``lm_head`` (the ``vlm`` command's: ``ANSWER_TOKENS``).
     """
     text_len = max_length or cfg.data.max_length
     size = image_size or cfg.data.image_size
@@ -173,7 +181,8 @@ def estimate_vlm(key: str, cfg, max_length: int | None = None, image_size: int |
     kbit = q.prepare_kbit and q.load_in_4bit
     est = estimate(text, method, batch_size=t.batch_size, seq_len=text_len + n_img, lora_r=cfg.lora.rank,
                    targets=",".join(cfg.lora.targets), grad_ckpt=hw.gradient_checkpointing,
-                   prepare_kbit=kbit, optimizer=t.optimizer, dtype=hw.mixed_precision)
+                   prepare_kbit=kbit, optimizer=t.optimizer, dtype=hw.mixed_precision,
+                   loss_chunk=min(loss_rows, text_len) if loss_rows else None)
     comp, outside, groups = dict(est.components), dict(est.outside), parameter_groups(key)
     w = 4 if kbit else 2                                          # prepare_kbit upcasts every 16-bit weight
     comp["unquantized weights"] += (groups["vision"] + groups["projector"]) * w
@@ -334,7 +343,8 @@ def model_facts(key: str, preset: str = "ultra_low_memory") -> dict:
 
     Parameters in all and by part, the vocabulary, whether input and output embeddings are tied,
     their bf16 size, the image tokens, the 16-bit weights a QLoRA run keeps (tower, projector,
-    embeddings, ``lm_head``) and the estimated logits-and-loss memory under ``preset``.
+    embeddings, ``lm_head``) and the size of one sample's ``[tokens, vocab]`` logits in fp32 under ``preset``
+    (what ``model(**batch).loss`` builds, three times over at its peak; the ``vlm`` command's fused loss never).
     """
     groups = parameter_groups(key)
     text = model_config(key).get_text_config()
@@ -344,7 +354,7 @@ def model_facts(key: str, preset: str = "ultra_low_memory") -> dict:
             "embeddings_gib": text.vocab_size * text.hidden_size * (1 if tied else 2) * 2 / GIB,
             "image_tokens": est.image_tokens, "lm_tokens": est.lm_tokens,
             "unquantized_gib": est.components["unquantized weights"] / GIB,
-            "logits_gib": est.components["logits and loss"] / GIB}
+            "logits_gib": 4 * est.lm_tokens * text.vocab_size / GIB}
 
 
 def quantization_arithmetic(key: str = "llava-1.5-7b") -> dict:

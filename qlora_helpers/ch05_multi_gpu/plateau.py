@@ -65,6 +65,9 @@ class PlateauCallback(TrainerCallback, ExportableState):
                 group["lr"] *= factor
             if lr_scheduler is not None:              # and every rate the scheduler computes after it
                 lr_scheduler.base_lrs = [lr * factor for lr in lr_scheduler.base_lrs]
+                # get_last_lr(), the rate the Trainer logs for the next step, is read before the scheduler
+                # steps again: without this the first step after a halving logs the old rate
+                lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         if decision.new_best and self.best_dir is not None and args.should_save:
             atomic_folder(self.best_dir, model.save_pretrained)
         if decision.stop:
@@ -117,7 +120,7 @@ class RunRecord(PlateauCallback):
         if state.is_world_process_zero:
             s = self.schedule
             note = ("improved" if d.improved else f"no {s.improvement_threshold:.0%} gain") + \
-                (f", lr x{s.lr_reduction_factor}" if d.reduced else "") + \
+                (f", next epoch's lr x{s.lr_reduction_factor}" if d.reduced else "") + \
                 (f", stop: {record['stop_reason']}" if record["stop_reason"] else "")
             print(f"epoch {d.epoch:2d}  step {state.global_step:3d}  train {record['train_loss']:.4f}  "
                   f"val {d.val_loss:.4f}  lr {record['lr']:.2e}  ({note})  {record['seconds']:.1f} s", flush=True)
