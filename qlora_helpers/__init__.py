@@ -14,4 +14,12 @@ package             chapter
 A notebook imports from its own chapter's package; a chapter imports only ``common`` and earlier chapters.
 """
 
+import logging
+
+from qlora_helpers.errors import QUIET_LOGGERS
+
 __version__ = "0.1.0"
+
+# set before any chapter imports bitsandbytes, whose import logs the note (a command's output would start with it)
+for _name in QUIET_LOGGERS:
+    logging.getLogger(_name).setLevel(logging.ERROR)
