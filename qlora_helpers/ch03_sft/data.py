@@ -289,10 +289,10 @@ def encode_all(conversations: list[list[dict]], tokenizer, max_length: int, pack
 
 def losses(data: SFTData, max_length: int) -> list[str]:
     """One line for each kind of loss to ``max_length``: conversations cut short, and conversations dropped."""
-    lines = []
-    if data.n_truncated:
-        lines.append(f"data: {data.n_truncated} of {data.n_records} conversations are longer than max_length="
-                     f"{max_length} tokens and were cut to it (raise --max_length to keep them whole)")
+    lines, cut = [], data.n_truncated - data.n_dropped     # a dropped conversation was cut too
+    if cut:
+        lines.append(f"data: {cut} of {data.n_records} conversations are longer than max_length={max_length} tokens "
+                     "and were cut to it (raise --max_length to keep them whole)")
     if data.n_dropped:
         lines.append(f"data: {data.n_dropped} of {data.n_records} conversations were dropped: max_length="
                      f"{max_length} cut off every assistant token (raise --max_length to train on them)")
