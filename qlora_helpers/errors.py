@@ -31,7 +31,8 @@ class UserError(ValueError):
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 USER_ERROR_NAMES = ("AssetError",)
 # Loggers whose import-time notes would add a line to every error: bitsandbytes warns on a CPU with
-# AVX512-BF16 that the optional ``kernels`` package is absent, which the course does not use.
+# AVX512-BF16 that the optional ``kernels`` package's kernel cannot be had, which the course does not use.
+# The package's ``__init__`` quiets them before any chapter imports bitsandbytes (``python -m`` of a module).
 QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 
 

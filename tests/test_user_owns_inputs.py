@@ -120,7 +120,7 @@ def test_overwrite_replaces_only_an_earlier_merge_which_stays_a_real_folder(f, r
     assert out.is_dir() and not out.is_symlink() and listed == {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", COURSE_FILES} <= listed
     refused(_call("chat", "--lora_model", f["adapter"], "--merge_to", out),
-            names=["holds an earlier merged model", "pass --overwrite"], keep=[out])
+            names=["already holds files of an earlier merge", "pass --overwrite"], keep=[out])
     assert chat_main(["--lora_model", str(f["adapter"]), "--merge_to", str(out), "--overwrite"]) == 0
     assert out.is_dir() and not out.is_symlink() and course_files(out) == listed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]          # no hidden version left beside it

@@ -235,8 +235,8 @@ def check_merge_target(save_to, adapter_dir, base_path, *, overwrite: bool) -> N
         raise UserError(f"--merge_to {save_to} holds files this command did not write ({shown}): --overwrite "
                         "replaces only a merged model it wrote there; choose another --merge_to")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise UserError(f"--merge_to {save_to} holds an earlier merged model: pass --overwrite to replace it, or "
-                        "choose another folder")
+        raise UserError(f"--merge_to {save_to} already holds files of an earlier merge: pass --overwrite to replace "
+                        "them, or choose another folder")
 
 
 # --------------------------------------------------------------------------- command line

@@ -251,6 +251,7 @@ def load_causal_lm(model_id: str = "", **kwargs):
 
 # --------------------------------------------------------------------------- checking a model folder before it loads
 AGAIN = "copy or download the model folder again"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")   # what from_pretrained may read
 
 
 def _json_file(path: Path, fix: str = AGAIN) -> dict:
@@ -292,7 +293,7 @@ def _check_weights(folder: Path) -> None:
             check_safetensors(folder / shard)
     elif (folder / "model.safetensors").is_file():
         check_safetensors(folder / "model.safetensors")
-    elif not any(folder.glob("*.bin")):
+    elif not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
         raise UserError(f"{folder} holds no weights (no model.safetensors): {AGAIN}")
 
 
