@@ -181,7 +181,7 @@ def test_bad_device_names(f, refused, call):
                 names=["--device_map 'tpu' is not a device", "use auto, cpu, cuda or cuda:N"])
     else:
         refused(_call("chat", "--lora_model", f["adapter"], "--device", "tpu", "--prompt", "hi"),
-                names=["--device 'tpu' is not a device name", "use cpu, cuda or cuda:N"], keep=[f["work"]])
+                names=["--device 'tpu' is not a device", "use cpu, cuda or cuda:N"], keep=[f["work"]])
 
 
 @pytest.mark.parametrize("command", ["chat", "sft", "evaluate", "vlm", "merge"])

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
+from qlora_helpers.common.device import check_device_name
 from qlora_helpers.common.files import COURSE_FILES, foreign_files, record_course_files, replace_folder
 from qlora_helpers.common.models import (
     bnb_config,
@@ -56,16 +57,6 @@ def base_of(adapter_dir: str | Path) -> str:
     if not cfg.get("base_model_name_or_path"):
         raise UserError(f"{Path(adapter_dir) / 'adapter_config.json'} names no base model: pass --base_model")
     return cfg["base_model_name_or_path"]
-
-
-def check_device(device: str) -> str:
-    """``cpu``, ``cuda`` or ``cuda:N`` (with a GPU torch sees); anything else is refused in one line."""
-    name, _, index = device.partition(":")
-    if name not in ("cpu", "cuda") or (index and (name == "cpu" or not index.isdigit())):
-        raise UserError(f"--device {device!r} is not a device name: use cpu, cuda or cuda:N")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: torch sees no CUDA device; use --device cpu")
-    return device
 
 
 def load_for_inference(model_dir: str | Path, base_model: str | None = None, *, load_in_4bit: bool = False,
@@ -269,7 +260,7 @@ def _main(argv) -> int:
         p.error("--load_in_4bit and --load_in_8bit contradict: choose one")
     if args.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be >= 1 (64 answers a short question), not {args.max_new_tokens}")
-    check_device(args.device)
+    check_device_name(args.device, "--device")
     logging.disable_progress_bar()      # loading bars would come before the answer, or before an error line
     if args.merge_to:
         base = args.merge_base

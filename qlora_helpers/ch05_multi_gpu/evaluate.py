@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from transformers.utils import logging as hf_logging
 
 from qlora_helpers.ch05_multi_gpu import precision as P
@@ -26,6 +25,7 @@ from qlora_helpers.ch05_multi_gpu.learning import reversal_verdict
 from qlora_helpers.ch05_multi_gpu.model import load_model
 from qlora_helpers.ch05_multi_gpu.reversal import TASKS, WORDINGS
 from qlora_helpers.ch05_multi_gpu.worker import ask
+from qlora_helpers.common.device import check_device_name
 from qlora_helpers.common.files import atomic_write_json
 from qlora_helpers.common.models import check_adapter_folder, check_model_folder, load_adapter
 from qlora_helpers.errors import UserError
@@ -106,21 +106,12 @@ def configure_parser(p) -> None:
     p.add_argument("--max_new_tokens", type=int, default=24, help="0: the multiple choice only, nothing generated")
 
 
-def check_device_map(device_map: str) -> None:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (CUDA only where torch sees it); anything else in one line."""
-    name, _, index = device_map.partition(":")
-    if name not in ("auto", "cpu", "cuda") or (index and (name != "cuda" or not index.isdigit())):
-        raise UserError(f"--device_map {device_map!r} is not a device: use auto, cpu, cuda or cuda:N")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device_map {device_map}: torch sees no CUDA device; use --device_map cpu or auto")
-
-
 def cli(args) -> int:
     if args.save_examples and Path(args.save_examples).is_dir():
         raise UserError(f"--save_examples {args.save_examples} is a folder; give a file name (examples.json)")
     if args.max_new_tokens < 0:
         raise UserError(f"--max_new_tokens must be >= 0 (0: the multiple choice only), not {args.max_new_tokens}")
-    check_device_map(args.device_map)
+    check_device_name(args.device_map, "--device_map", auto=True)
     hf_logging.disable_progress_bar()
     result = evaluate(args.model_path, args.task, data_dir=args.data_dir or None, base_model=args.base_model or None,
                       device_map=args.device_map, max_new_tokens=args.max_new_tokens)
