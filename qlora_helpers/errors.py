@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -31,10 +30,8 @@ class UserError(ValueError):
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 USER_ERROR_NAMES = ("AssetError",)
 # Loggers whose import-time notes would add a line to every error: bitsandbytes warns on a CPU with
-# AVX512-BF16 that the optional ``kernels`` package is absent, which the course does not use.
-QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
-
-
+# AVX512-BF16 that the optional ``kernels`` package's kernel cannot be had, which the course does not use.
+# The package's ``__init__`` quiets them before any chapter imports bitsandbytes (``python -m`` of a module).
 def one_line(text: str) -> str:
     """``text`` with its lines joined by ``; `` (a message must never spill over several lines)."""
     return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
@@ -75,8 +72,6 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes", "on")
     argv = [a for a in argv if a != DEBUG_FLAG]
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return int(main(argv) or 0)
     except Exception as err:

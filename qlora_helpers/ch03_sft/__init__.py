@@ -15,6 +15,8 @@ gpu_results   the GPU benchmark results the notebook shows: table specs, lines a
 ============  ========================================================================================
 """
 
+import warnings
+
 from qlora_helpers.ch03_sft.chat import (
     PROBE_PROMPTS,
     chat,
@@ -66,6 +68,10 @@ from qlora_helpers.ch03_sft.report import (
     run_line,
 )
 from qlora_helpers.ch03_sft.trainer import LiveLossPlot, evaluate
+
+# `python -m qlora_helpers.ch03_sft.chat` runs chat as __main__ after this package imported it for the names above,
+# which runpy reports as a RuntimeWarning before the command's first line; both copies are the same code
+warnings.filterwarnings("ignore", r"'qlora_helpers\.ch03_sft\.chat' found in sys\.modules", RuntimeWarning)
 
 __all__ = ["ABLATIONS", "MERGE_COLUMNS", "MODE_COLUMNS", "PEER_COLUMNS", "PLANS", "PROBE_PROMPTS", "SFT_MODES",
            "SFT_ROW", "TARGETS", "answer_scores", "batch_order", "build_model", "chat", "collate",

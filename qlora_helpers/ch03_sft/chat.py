@@ -27,13 +27,19 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, logging
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
 
 from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
-from qlora_helpers.common.files import atomic_folder
-from qlora_helpers.common.models import bnb_config
-from qlora_helpers.errors import OneLineParser, run_main
+from qlora_helpers.common.device import check_device_name
+from qlora_helpers.common.files import COURSE_FILES, foreign_files, record_course_files, replace_folder
+from qlora_helpers.common.models import (
+    bnb_config,
+    check_adapter_folder,
+    check_model_folder,
+    load_adapter,
+)
+from qlora_helpers.errors import OneLineParser, UserError, run_main
 
 PROBE_PROMPTS = ["What is AI?", "Tell me a joke.", "Do you like music?"]
 
@@ -47,7 +53,9 @@ def _dtype(name):
 
 def base_of(adapter_dir: str | Path) -> str:
     """The base model an adapter was trained on, as recorded in its ``adapter_config.json``."""
-    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    cfg = check_adapter_folder(adapter_dir, setting="--lora_model")
+    if not cfg.get("base_model_name_or_path"):
+        raise UserError(f"{Path(adapter_dir) / 'adapter_config.json'} names no base model: pass --base_model")
     return cfg["base_model_name_or_path"]
 
 
@@ -56,6 +64,8 @@ def load_for_inference(model_dir: str | Path, base_model: str | None = None, *, 
     """A trained output folder ready to generate: adapter on its base (optionally quantised), or a full model."""
 
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise UserError(f"--lora_model {model_dir} is a file, not a folder: give the sft output folder that holds it")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no such model folder; train one with `python -m qlora_helpers sft`")
     if not (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
@@ -63,19 +73,22 @@ def load_for_inference(model_dir: str | Path, base_model: str | None = None, *, 
                                 "give the output_dir of `python -m qlora_helpers sft`")
     if load_in_4bit and load_in_8bit:
         raise ValueError("load_in_4bit and load_in_8bit contradict: choose one")
+    adapter = (model_dir / "adapter_config.json").is_file()
+    base_path = (base_model or base_of(model_dir)) if adapter else str(model_dir)
+    check_model_folder(base_path, setting="--base_model" if base_model else
+                       f"the base of {model_dir}" if adapter else "--lora_model")
     dtype = _dtype(dtype)
     kwargs = {"dtype": dtype}
     if load_in_4bit or load_in_8bit:
         q = bnb_config("4bit" if load_in_4bit else "8bit", dtype)
         kwargs.update(quantization_config=q, device_map={"": device})
-    if (model_dir / "adapter_config.json").is_file():
-        base_path = base_model or base_of(model_dir)
+    if adapter:
         try:
             base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
         except OSError as err:
             raise ValueError(f"{model_dir}: its base model {base_path!r} cannot be loaded "
                              f"({str(err).splitlines()[0]}); pass --base_model with a local model folder") from None
-        model = PeftModel.from_pretrained(base, model_dir)
+        model = load_adapter(base, model_dir, base_path)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if "device_map" not in kwargs:
@@ -154,10 +167,13 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, *, dty
     (the usual recipe, and for QLoRA the pitfall chapter 03 measures); ``base="dequantized"`` loads
     it the way QLoRA training saw it (4- or 8-bit, from ``sft_config.json``) and dequantises it
     first, so the merged model is the trained one.
-    With ``save_to`` the merged model and tokenizer replace that folder at once (``common.files.atomic_folder``);
-    an existing non-empty folder needs ``overwrite``.
+    With ``save_to`` the merged model and tokenizer are written into that folder, listed in its
+    ``.course_files.json``; ``check_merge_target`` says which folders it may replace, checked before anything loads.
     """
     path, quantization = base_model or base_of(adapter_dir), training_quantization(adapter_dir)
+    check_model_folder(path, setting="--base_model" if base_model else f"the base of {adapter_dir}")
+    if save_to is not None:
+        check_merge_target(save_to, adapter_dir, path, overwrite=overwrite)
     if base == "auto":
         base = "dequantized" if quantization else "original"
     if base == "original":
@@ -171,13 +187,47 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, *, dty
         model = dequantize_model(model, dtype)
     else:
         raise ValueError(f"base must be 'auto', 'original' or 'dequantized', not {base!r}")
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
+    merged = load_adapter(model, adapter_dir, path).merge_and_unload().eval()
     if save_to is not None:
-        if Path(save_to).exists() and any(Path(save_to).iterdir()) and not overwrite:
-            raise ValueError(f"{save_to} already holds files: pass --overwrite or choose another folder")
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-        atomic_folder(save_to, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        replace_folder(save_to, lambda tmp: _save_merged(merged, tokenizer, tmp))
     return merged
+
+
+def _save_merged(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    record_course_files(folder, [p.name for p in folder.iterdir()] + [COURSE_FILES])
+
+
+def _overlap(target: Path, other: Path) -> str:
+    """How folder ``target`` meets folder ``other``: ``"is"``, ``"holds"``, ``"is inside"`` or ``""``."""
+    other = other.resolve()
+    return "is" if target == other else "holds" if target in other.parents else "is inside" \
+        if other in target.parents else ""
+
+
+def check_merge_target(save_to, adapter_dir, base_path, *, overwrite: bool) -> None:
+    """Refuse, before anything loads, a merge folder that would replace what the user owns: the adapter being
+    merged or its base (or a folder holding or inside either), a file, a folder holding files the course did
+    not write (an earlier merge lists its own in ``.course_files.json``), and a non-empty one without ``overwrite``."""
+    target = Path(save_to).resolve()
+    for what, other in (("the adapter being merged", adapter_dir), ("its base model", base_path)):
+        other = Path(str(other)).expanduser()
+        how = _overlap(target, other) if other.exists() else ""
+        if how:
+            raise UserError(f"--merge_to {save_to} {how} {what} ({other}), which the merge must not replace: "
+                            f"choose a new folder, e.g. {other.resolve().name}-merged beside it")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--merge_to {save_to} is a file, not a folder: choose a folder name")
+    foreign = foreign_files(target)
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise UserError(f"--merge_to {save_to} holds files this command did not write ({shown}): --overwrite "
+                        "replaces only a merged model it wrote there; choose another --merge_to")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise UserError(f"--merge_to {save_to} already holds files of an earlier merge: pass --overwrite to replace "
+                        "them, or choose another folder")
 
 
 # --------------------------------------------------------------------------- command line
@@ -208,6 +258,10 @@ def _main(argv) -> int:
     args = p.parse_args(argv)
     if args.load_in_4bit and args.load_in_8bit:
         p.error("--load_in_4bit and --load_in_8bit contradict: choose one")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1 (64 answers a short question), not {args.max_new_tokens}")
+    check_device_name(args.device, "--device")
+    logging.disable_progress_bar()      # loading bars would come before the answer, or before an error line
     if args.merge_to:
         base = args.merge_base
         if base == "auto":

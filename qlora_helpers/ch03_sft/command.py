@@ -66,7 +66,7 @@ from qlora_helpers.ch03_sft.trainer import (
 from qlora_helpers.common.assets import sft_paths
 from qlora_helpers.common.device import cpu_compute_dtype
 from qlora_helpers.common.files import atomic_write_json, remove_folder, state_digest
-from qlora_helpers.common.models import count_parameters
+from qlora_helpers.common.models import check_model_folder, count_parameters
 from qlora_helpers.common.optim import OPTIMIZERS, optimizer_name
 from qlora_helpers.errors import check_keys
 
@@ -74,6 +74,12 @@ from qlora_helpers.errors import check_keys
 CHOICES = {"bnb_4bit_quant_type": ("nf4", "fp4"), "optim": ("auto", *OPTIMIZERS), "device": ("auto", "cpu", "cuda"),
            "attn_implementation": ("auto", "sdpa", "eager", "varlen"),
            "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup")}
+# Settings that count something, and what their smallest value means; none may be negative.
+COUNTS = {"max_train_samples": "0: all", "max_eval_samples": "0: all", "eval_steps": "0: only at the end",
+          "save_steps": "0: no checkpoints", "save_total_limit": "0: keep every checkpoint",
+          "logging_steps": "1: every step", "warmup_steps": "0: no warmup"}
+# What only a LoRA or QLoRA run uses: given to full fine-tuning, a sign that a mode flag is missing.
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 # Keys that must match between an interrupted run and its --resume.
 RESUME_KEYS = ("mode", "model_name_or_path", "data_path", "lora_r", "lora_alpha", "lora_dropout",
                "lora_target_modules", "learning_rate", "per_device_train_batch_size",
@@ -228,15 +234,16 @@ def resolve_device(cfg: SFTConfig) -> str:
     return cfg.device
 
 
-def validate(cfg: SFTConfig) -> SFTConfig:
+def validate(cfg: SFTConfig, given=None) -> SFTConfig:
     """Raise ``ValueError`` with one line for the first invalid or contradictory setting.
 
     Checked in this order: the mode, the LoRA settings, the settings of a few values (``CHOICES``) and the
     optimisation, the choices that exclude each other, what the device supports. A QLoRA mode without
     ``quantization_bit`` gets 4 on the way, and ``bf16="auto"`` becomes true or false for the device
-    (``resolve_bf16``).
+    (``resolve_bf16``). ``given``: the keys the user set (a config file's and the flags), to refuse LoRA settings
+    with full fine-tuning; by default the keys whose value is not the default.
     """
-    _check_mode(cfg)
+    _check_mode(cfg, given)
     if cfg.use_qlora and cfg.quantization_bit is None:
         cfg.quantization_bit = 4
     if cfg.use_lora or cfg.use_qlora:
@@ -249,11 +256,16 @@ def validate(cfg: SFTConfig) -> SFTConfig:
     return cfg
 
 
-def _check_mode(cfg: SFTConfig) -> None:
+def _check_mode(cfg: SFTConfig, given=None) -> None:
     if cfg.full_finetune and (cfg.use_lora or cfg.use_qlora):
         other = "use_qlora" if cfg.use_qlora else "use_lora"
         raise ValueError(f"full_finetune and {other} contradict: full fine-tuning trains every weight, "
                          f"{other} freezes the base and trains an adapter; keep one of them")
+    defaults = SFTConfig()
+    given = [k for k in LORA_KEYS if (k in given if given is not None else getattr(cfg, k) != getattr(defaults, k))]
+    if cfg.mode == "full" and given:
+        raise ValueError(f"{given[0]} is a LoRA setting, but this run is full fine-tuning (no --use_lora or "
+                         f"--use_qlora): add --use_lora or --use_qlora to train an adapter, or drop {given[0]}")
     if cfg.quantization_bit is not None:
         if cfg.quantization_bit not in (4, 8):
             raise ValueError(f"quantization_bit must be 4 or 8, not {cfg.quantization_bit!r} "
@@ -289,8 +301,19 @@ def _check_optimisation(cfg: SFTConfig) -> None:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {getattr(cfg, key)!r}")
     if not cfg.learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, not {cfg.learning_rate!r}")
+    if cfg.max_steps < -1 or cfg.num_train_epochs < 0:
+        key = "max_steps" if cfg.max_steps < -1 else "num_train_epochs"
+        raise ValueError(f"{key} must not be negative, not {getattr(cfg, key)!r}: give max_steps > 0, or -1 to train "
+                         "num_train_epochs > 0")
     if cfg.max_steps <= 0 and not cfg.num_train_epochs > 0:
         raise ValueError("nothing to train: set max_steps > 0 or num_train_epochs > 0")
+    for key, meaning in COUNTS.items():
+        least = 1 if key == "logging_steps" else 0
+        if getattr(cfg, key) < least:
+            raise ValueError(f"{key} must be >= {least} ({meaning}), not {getattr(cfg, key)!r}")
+    for key in ("weight_decay", "max_grad_norm"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key} must be >= 0 (0: off), not {getattr(cfg, key)!r}")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, not {getattr(cfg, key)!r}")
@@ -366,12 +389,12 @@ def config_from_args(args: argparse.Namespace) -> SFTConfig:
     for key in KEYS:
         if hasattr(args, key):
             setattr(cfg, key, getattr(args, key))
-    return validate(cfg)
+    return validate(cfg, given={*values, *(k for k in KEYS if hasattr(args, k))})
 
 
 def cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    summary = run_sft(cfg).summary
+    summary = run_sft(cfg, echo=print).summary
     if not PartialState().is_main_process:      # under accelerate launch: one line, from the main process
         return 0
     ev = {k: "n/a" if v is None else f"{v:.4f}" for k, v in summary["eval_loss"].items()}
@@ -549,13 +572,14 @@ class SFTResult:
 
 
 def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, callbacks=(),
-            progress: bool = True, *, trainer_callbacks=(), model_factory=None) -> SFTResult:
+            progress: bool = True, *, trainer_callbacks=(), model_factory=None, echo=None) -> SFTResult:
     """Validate, load, train, evaluate and save one mode.
 
     ``train_conversations``/``eval_conversations`` (lists of message lists) replace the data
     files, as the notebook does to train on the English records only. ``trainer_callbacks`` go to the
     Trainer (chapter 05's plateau rule); ``model_factory(cfg, device)``, when given, builds the model with
-    its adapter instead of ``modes.build_model`` (chapter 05's random-weight models).
+    its adapter instead of ``modes.build_model`` (chapter 05's random-weight models). ``echo`` (``print`` from the
+    command) receives a line for each kind of conversation the data lost to ``max_length``, before training.
     """
 
     validate(cfg)
@@ -571,8 +595,11 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     fingerprint["model_name_or_path"] = base
     fingerprint["processes"] = processes.num_processes    # the global batch, and each rank's random state
     check_resume(cfg, fingerprint)
+    check_model_folder(base, setting="model_name_or_path")
     tokenizer = load_tokenizer(base)
     train_data = d.encode_all(conversations[0], tokenizer, cfg.max_length)   # with packing, TRL packs them
+    for line in d.losses(train_data, cfg.max_length) if echo and processes.is_main_process else []:
+        echo(line)
     eval_data = d.encode_all(conversations[1], tokenizer, cfg.max_length) if conversations[1] else None
     out = start_output_dir(cfg, processes, base)
 

@@ -30,6 +30,7 @@ import torch
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 5  # bad records named in the one-line error; the rest are counted
+MAX_LINE_BYTES = 2**20  # one conversation per line: 1 MiB is ~250k tokens, far beyond any max_length
 
 
 class DataError(ValueError):
@@ -101,15 +102,23 @@ def record_to_messages(record, where: str = "record") -> tuple[list[dict] | None
     return None, [f"{where}: no 'messages' and no 'instruction'/'output' field (keys: {keys}); {FORMS_HINT}"]
 
 
-def _utf8_lines(path: Path) -> list[str]:
-    """The file's lines; a file that is not UTF-8 is refused naming the file, line and byte."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8").split("\n")   # not splitlines(): U+2028 may sit inside a JSON string
-    except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise DataError([f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})"],
-                        hint="save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+def jsonl_lines(path: Path, limit: int = MAX_LINE_BYTES):
+    """``(line number, text)`` of every line, read one at a time: a line longer than ``limit`` bytes is refused
+    without being read whole, a line that is not UTF-8 naming its byte (lines end at ``\\n`` only: U+2028 may
+    sit inside a JSON string)."""
+    offset = 0
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(iter(lambda: fh.readline(limit + 1), b""), start=1):
+            if len(raw.rstrip(b"\r\n")) > limit:
+                raise DataError([f"{path}:{n}: line longer than {limit // 2**20} MiB, the limit for one record"],
+                                hint="split it into shorter conversations, or remove it") from None
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError([f"{path}:{n}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset "
+                                 f"{offset + err.start})"],
+                                hint="save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+            offset += len(raw)
 
 
 def _json(line: str):
@@ -124,7 +133,7 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file; give --data_path a JSONL file")
-    records = [(f"{path}:{n}", _json(line)) for n, line in enumerate(_utf8_lines(path), start=1) if line.strip()]
+    records = [(f"{path}:{n}", _json(line)) for n, line in jsonl_lines(path) if line.strip()]
     return _checked(records, str(path), hint=f"{{}} in {path.name}; fix or remove those lines",
                     empty="the file is empty; add one JSON object per line")
 
@@ -276,6 +285,18 @@ def encode_all(conversations: list[list[dict]], tokenizer, max_length: int, pack
                   "trained_tokens": sum(e.n_trained for e in data.examples),
                   "max_len": max(len(e.input_ids) for e in data.examples)}
     return data
+
+
+def losses(data: SFTData, max_length: int) -> list[str]:
+    """One line for each kind of loss to ``max_length``: conversations cut short, and conversations dropped."""
+    lines, cut = [], data.n_truncated - data.n_dropped     # a dropped conversation was cut too
+    if cut:
+        lines.append(f"data: {cut} of {data.n_records} conversations are longer than max_length={max_length} tokens "
+                     "and were cut to it (raise --max_length to keep them whole)")
+    if data.n_dropped:
+        lines.append(f"data: {data.n_dropped} of {data.n_records} conversations were dropped: max_length="
+                     f"{max_length} cut off every assistant token (raise --max_length to train on them)")
+    return lines
 
 
 # --------------------------------------------------------------------------- batching

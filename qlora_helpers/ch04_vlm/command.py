@@ -48,7 +48,7 @@ from qlora_helpers.ch04_vlm.records import encode_all, read_records
 from qlora_helpers.ch04_vlm.trainer import HISTORY, train_vlm
 from qlora_helpers.common.device import cpu_compute_dtype
 from qlora_helpers.common.files import atomic_write_json, remove_folder
-from qlora_helpers.common.models import count_parameters
+from qlora_helpers.common.models import check_model_folder, count_parameters
 from qlora_helpers.errors import check_keys
 
 RESUME_KEYS = ("model_id", "data_path", "max_steps", "seed", "train_projector")
@@ -140,6 +140,8 @@ def validate(run: VLMRun) -> VLMRun:
     for key in ("eval_steps", "save_steps"):
         if getattr(run, key) < 0:
             raise ValueError(f"{key} must be >= 0 (0: never), not {getattr(run, key)}")
+    if run.max_grad_norm < 0:
+        raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), not {run.max_grad_norm}")
     if run.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {run.device!r}")
     resolve_device(run)                      # refuses cuda where torch sees none
@@ -210,6 +212,7 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
     records = read_records(run.data_path), read_records(run.val_path) if run.val_path else []
     fingerprint = {k: getattr(run, k) for k in RESUME_KEYS} | {"settings": vc.to_dict(run.settings)}
     check_resume(run, fingerprint)
+    check_model_folder(run.model_id, setting="model_id", kind="vision")
     processor = load_processor(run.model_id)
     if not takes_images(run.model_id):
         raise ValueError(f"model_id {run.model_id!r} has no vision part (no vision_config): the vlm command trains "

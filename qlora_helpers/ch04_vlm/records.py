@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from qlora_helpers.ch03_sft.data import jsonl_lines
 from qlora_helpers.common.assets import load_images
 from qlora_helpers.common.files import atomic_write_json, atomic_write_text
 
@@ -141,11 +142,7 @@ def read_records(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file; give --data_path a JSONL file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 (byte {err.start}); save the file as UTF-8") from None
-    records = [parse_line(t, path.parent, f"{path}:{n}") for n, t in enumerate(lines, 1) if t.strip()]
+    records = [parse_line(t, path.parent, f"{path}:{n}") for n, t in jsonl_lines(path) if t.strip()]
     if not records:
         raise ValueError(f"{path}: no examples; add one JSON line per image and conversation")
     return records

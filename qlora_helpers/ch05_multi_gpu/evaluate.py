@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from peft import PeftModel
 from transformers.utils import logging as hf_logging
 
 from qlora_helpers.ch05_multi_gpu import precision as P
@@ -27,7 +25,9 @@ from qlora_helpers.ch05_multi_gpu.learning import reversal_verdict
 from qlora_helpers.ch05_multi_gpu.model import load_model
 from qlora_helpers.ch05_multi_gpu.reversal import TASKS, WORDINGS
 from qlora_helpers.ch05_multi_gpu.worker import ask
+from qlora_helpers.common.device import check_device_name
 from qlora_helpers.common.files import atomic_write_json
+from qlora_helpers.common.models import check_adapter_folder, check_model_folder, load_adapter
 from qlora_helpers.errors import UserError
 
 CHOICES = (*TASKS, "all")
@@ -37,22 +37,26 @@ def read_run(model_path: str | Path, *, data_dir: str | None = None, base_model:
     """What evaluating ``model_path`` needs, checked before any model loads: the base, the data, the dtype."""
     path = Path(model_path)
     fix = "give the best/ or final/ folder of a chapter-05 run (outputs/NAME_TASK/best)"
+    if path.is_file():
+        raise UserError(f"--model_path {path} is a file, not a folder; {fix}")
     if not path.is_dir():
         raise UserError(f"--model_path {path}: no such folder; {fix}")
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"--model_path {path} holds no adapter_config.json; {fix}")
+    adapter = check_adapter_folder(path, setting="--model_path")
     history_file = path.parent / "training_history.json"
     history = json.loads(history_file.read_text()) if history_file.is_file() else {}
     data = Path(data_dir or history.get("data_dir") or "")
     if not (data / "identities.json").is_file():
         where = f"--data_dir {data}" if data_dir or history.get("data_dir") else f"{history_file} names no data_dir"
         raise UserError(f"{where}: no identities.json there; pass --data_dir, the folder the run trained on")
-    base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = base_model or adapter.get("base_model_name_or_path")
     if not base_model and history.get("model_id", "").startswith(("tiny:", "random:")):
         raise UserError(f"{path} was trained on random weights ({history['model_id']}), which were not saved; "
                         "pass --base_model, the folder of the model it was trained on")
     if not base:
         raise UserError(f"{path / 'adapter_config.json'} names no base model; pass --base_model, its folder")
+    check_model_folder(base, setting="--base_model" if base_model else f"the base of {path}")
     return {"model_path": path, "base": base, "data_dir": data, "trained_task": history.get("task"),
             "quantize": history.get("quantize", "4bit"),
             "compute_dtype": history.get("precision", {}).get("compute_dtype", "fp32")}
@@ -71,7 +75,7 @@ def evaluate(model_path: str | Path, task: str = "all", *, data_dir: str | None 
     except OSError as err:
         raise UserError(f"base model {run['base']!r} of {run['model_path']} cannot be loaded "
                         f"({str(err).splitlines()[0]}); pass --base_model, a local model folder") from err
-    model = PeftModel.from_pretrained(model, run["model_path"])
+    model = load_adapter(model, run["model_path"], run["base"])
     identities = json.loads((run["data_dir"] / "identities.json").read_text())
     scores = ask(model, tokenizer, identities, max_new_tokens=max_new_tokens, task=task)
     answers = scores.pop("answers")
@@ -105,8 +109,9 @@ def configure_parser(p) -> None:
 def cli(args) -> int:
     if args.save_examples and Path(args.save_examples).is_dir():
         raise UserError(f"--save_examples {args.save_examples} is a folder; give a file name (examples.json)")
-    if args.device_map.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device_map {args.device_map}: torch sees no CUDA device; use --device_map cpu or auto")
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max_new_tokens must be >= 0 (0: the multiple choice only), not {args.max_new_tokens}")
+    check_device_name(args.device_map, "--device_map", auto=True)
     hf_logging.disable_progress_bar()
     result = evaluate(args.model_path, args.task, data_dir=args.data_dir or None, base_model=args.base_model or None,
                       device_map=args.device_map, max_new_tokens=args.max_new_tokens)

@@ -32,6 +32,18 @@ def resolve_profile(profile: str) -> str:
     return profile
 
 
+def check_device_name(name: str, setting: str, *, auto: bool = False) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (and ``auto`` where the command places the model itself), CUDA only where
+    torch sees it; anything else is refused in one line naming ``setting``."""
+    kind, _, index = name.partition(":")
+    allowed = ("auto", "cpu", "cuda") if auto else ("cpu", "cuda")
+    if kind not in allowed or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"{setting} {name!r} is not a device: use {', '.join(allowed)} or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{setting} {name}: torch sees no CUDA device; use {setting} cpu")
+    return name
+
+
 def default_device(profile: str) -> str:
     return "cuda" if resolve_profile(profile) == "gpu" else "cpu"
 

@@ -98,6 +98,72 @@ def atomic_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
     return folder
 
 
+COURSE_FILES = ".course_files.json"   # in a folder the course wrote whole: the names it wrote there
+
+
+def course_files(folder: str | Path) -> set[str] | None:
+    """The names ``record_course_files`` listed in ``folder`` (the manifest itself included), or ``None`` when it
+    holds no readable manifest: then the folder is the user's, and the course replaces none of it."""
+    try:
+        names = json.loads((Path(folder) / COURSE_FILES).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {str(n) for n in names} | {COURSE_FILES} if isinstance(names, list) else None
+
+
+def record_course_files(folder: str | Path, names) -> Path:
+    """Write ``folder/.course_files.json``, the list of files the course wrote there, so that a later run may
+    replace exactly those (``course_files``) and refuses a folder holding anything else."""
+    return atomic_write_json(Path(folder) / COURSE_FILES, {"files": sorted(set(names))})
+
+
+def foreign_files(folder: str | Path) -> list[str]:
+    """The names in ``folder`` (top level) the course did not write: all of them when it holds no manifest."""
+    folder = Path(folder)
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    ours = course_files(folder) or set()
+    return [n for n in present if n not in ours]
+
+
+def replace_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
+    """Write a whole folder and put it in place of ``folder``, which stays a real folder (not a link).
+
+    ``write(tmp)`` fills a hidden folder beside it; only then is the old one renamed aside
+    (``.NAME.old-PID``), the new one renamed to ``folder`` and the old one deleted. A crash while writing leaves
+    the old folder as it was; between the two renames, the old version waits in ``.NAME.old-PID``. The caller
+    decides beforehand that the old folder may go (``foreign_files``).
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new-"))
+    aside = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(tmp, (folder.stat().st_mode & 0o7777) if folder.is_dir() else 0o777 & ~mask)   # not mkdtemp's 0700
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+        if folder.is_symlink():         # a version written by ``atomic_folder``: the link goes, then its target
+            aside = folder.parent / os.readlink(folder)
+            folder.unlink()
+        elif folder.exists():
+            os.replace(folder, aside)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if aside.parent == folder.parent and aside.name.startswith(f".{folder.name}."):
+        shutil.rmtree(aside, ignore_errors=True)
+    return folder
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under ``folder`` on disk (before a rename makes them visible)."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
 def write_new_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
     """Write a folder once: ``write(tmp)`` fills a new folder beside it, one rename puts it in place.
 

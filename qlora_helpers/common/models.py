@@ -13,12 +13,17 @@ Example:
 from __future__ import annotations
 
 import copy
+import json
+import re
 import shutil
+import struct
+import warnings
 from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
 from accelerate import init_empty_weights
+from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -36,6 +41,7 @@ from transformers.quantizers import AutoHfQuantizer
 from qlora_helpers.common.assets import TOKENIZER_FILES, load_smollm2, verify
 from qlora_helpers.common.files import write_new_folder
 from qlora_helpers.common.shapes import get_config, tokenizer_asset
+from qlora_helpers.errors import UserError
 
 QUANTIZE = (None, "4bit", "8bit")
 
@@ -250,3 +256,113 @@ def load_causal_lm(model_id: str = "", **kwargs):
     model = build_random(get_config(name), device=kwargs.pop("device", "cpu"), dtype=kwargs.pop("dtype", None),
                          progress=False)
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------- checking a model folder before it loads
+AGAIN = "copy or download the model folder again"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")   # what from_pretrained may read
+
+
+def _json_file(path: Path, fix: str = AGAIN) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is cut or not JSON ({str(err).splitlines()[0][:80]}): {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds no JSON object: {fix}")
+    return data
+
+
+def check_safetensors(path: Path, fix: str = AGAIN) -> None:
+    """Refuse a ``.safetensors`` file shorter than its header says (a copy or download cut short), reading the
+    header only: 8 bytes of header length, the JSON header, then every tensor's ``data_offsets`` must fit."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+        try:
+            header = json.loads(fh.read(n)) if 8 + n <= size else None
+        except (ValueError, UnicodeDecodeError):
+            header = None
+    need = 8 + n + max((t["data_offsets"][1] for k, t in (header or {}).items() if k != "__metadata__"), default=0)
+    if header is None or need > size:
+        whole = f" of {need:,}" if header is not None else ""
+        raise UserError(f"{path} is truncated ({size:,}{whole} bytes): {fix}")
+
+
+def _check_weights(folder: Path) -> None:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_json_file(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise UserError(f"{folder / missing[0]} is missing ({len(missing)} of the {len(shards)} shards that "
+                            f"{index.name} lists): {AGAIN}")
+        for shard in shards:
+            check_safetensors(folder / shard)
+    elif (folder / "model.safetensors").is_file():
+        check_safetensors(folder / "model.safetensors")
+    elif not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
+        raise UserError(f"{folder} holds no weights (no model.safetensors): {AGAIN}")
+
+
+def check_model_folder(path, *, setting: str, kind: str = "text") -> dict | None:
+    """Refuse, in one line naming the file and the fix, a local model folder ``from_pretrained`` would fail on
+    with a long message: a file given for the folder, ``config.json`` missing or cut, weights truncated or a
+    shard missing, or the wrong kind of model (``kind``: ``"text"`` for the text commands, ``"vision"`` for
+    ``vlm``). Returns its config; ``None`` for a path that is not on this machine (a hub id)."""
+    folder = Path(str(path)).expanduser()
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        inside = f" (give {folder.parent})" if folder.name.endswith((".json", ".safetensors")) else ""
+        raise UserError(f"{setting} {folder} is a file, not a model folder: give the folder that holds "
+                        f"config.json{inside}")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{setting} {folder}: no config.json there; give a folder written by save_pretrained")
+    config = _json_file(folder / "config.json")
+    vision = "vision_config" in config
+    if kind == "text" and vision:
+        raise UserError(f"{setting} {folder} is an image-text-to-text model ({config.get('model_type', '?')}), "
+                        "not a text model: train it with `python -m qlora_helpers vlm`, or give a text model")
+    if kind == "vision" and not vision:
+        raise UserError(f"{setting} {folder} has no vision part (no vision_config in config.json): the vlm command "
+                        "trains image-text-to-text models; train a text model with `python -m qlora_helpers sft`")
+    _check_weights(folder)
+    return config
+
+
+def check_adapter_folder(path, *, setting: str) -> dict:
+    """An adapter folder's ``adapter_config.json`` (refused in one line when missing or cut) after checking that
+    its weights are whole."""
+    folder = Path(str(path)).expanduser()
+    fix = "save the adapter again, or give another folder"
+    if folder.is_file():
+        raise UserError(f"{setting} {folder} is a file, not an adapter folder: give the folder that holds "
+                        "adapter_config.json")
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"{setting} {folder} holds no adapter_config.json: give the folder a LoRA or QLoRA run "
+                        "saved its adapter in")
+    config = _json_file(folder / "adapter_config.json", fix)
+    if (folder / "adapter_model.safetensors").is_file():
+        check_safetensors(folder / "adapter_model.safetensors", fix)
+    return config
+
+
+def load_adapter(model, adapter_dir, base: str, **kwargs):
+    """``PeftModel.from_pretrained(model, adapter_dir)``; an adapter whose tensors do not fit ``model`` (trained on
+    another base) is refused in one line naming both bases."""
+    trained_on = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    with warnings.catch_warnings():   # peft reads transformers' deprecated ``is_gradient_checkpointing``
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        try:
+            return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+        except RuntimeError as err:
+            if "size mismatch" not in str(err):
+                raise
+            found = re.search(r"size mismatch for (?:base_model\.model\.)?(\S+?)(?:\.default)?\.weight: .*?"
+                              r"torch\.Size\((\[[^]]*\])\).*?torch\.Size\((\[[^]]*\])\)", str(err))
+            first = f"; first {found[1]}: {found[2]} in the adapter, {found[3]} in the base" if found else ""
+            raise UserError(f"{adapter_dir} was trained on base {trained_on} (its adapter_config.json), and its "
+                            f"tensors do not fit base {base} ({str(err).count('size mismatch')} size mismatches"
+                            f"{first}): pass --base_model {trained_on}, or the model it was trained on") from None
