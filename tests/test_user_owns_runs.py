@@ -211,3 +211,82 @@ def test_resume_refuses_a_changed_data_file(run_copy, tiny_llama_dir, data, tmp_
     refused(lambda: sft(*flags(tiny_llama_dir, changed, run_copy), "--resume"),
             names=[f"data_path {changed} has changed since checkpoint-2 was written", "--overwrite_output_dir"],
             keep=[run_copy])
+
+
+# --------------------------------------------------------------------------- the vlm command: the same rules
+@pytest.fixture(scope="module")
+def vlm_files(tmp_path_factory, cached_assets):
+    from qlora_helpers.ch04_vlm.hub_model import write_tiny_vlm
+    from qlora_helpers.ch04_vlm.records import write_example_files
+
+    root = tmp_path_factory.mktemp("vlm")
+    return {"data": write_example_files(root / "data", n_train=4, n_val=2),
+            "model": write_tiny_vlm(root / "llava", "llava"), "root": root}
+
+
+def vlm_flags(files, out, **kw) -> list[str]:
+    values = {"model_id": files["model"], "data_path": files["data"]["train"], "val_path": files["data"]["val"],
+              "output_dir": out, "max_steps": 3, "eval_steps": 0, "save_steps": 1, "device": "cpu",
+              "training.gradient_accumulation_steps": 1} | kw
+    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+
+
+def vlm(*args) -> int:
+    return cli.main(["vlm", *args])
+
+
+@pytest.fixture(scope="module")
+def vlm_run(vlm_files):
+    out = vlm_files["root"] / "first"
+    assert vlm(*vlm_flags(vlm_files, out)) == 0
+    return out
+
+
+def test_vlm_overwrite_keeps_the_users_files_and_refuses_before_anything_changes(vlm_run, vlm_files, tiny_llama_dir,
+                                                                                 refused, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(vlm_run, out, symlinks=True)
+    (out / "notes.txt").write_text("my notes")
+    refused(lambda: vlm(*vlm_flags(vlm_files, out, model_id=tiny_llama_dir, overwrite_output_dir=True)),
+            names=["has no vision part", "python -m qlora_helpers sft"], keep=[out])
+    assert vlm(*vlm_flags(vlm_files, out, overwrite_output_dir=True, max_steps=1, save_steps=0)) == 0
+    assert (out / "notes.txt").read_text() == "my notes" and not (out / "checkpoints").exists()
+    assert [r["step"] for r in json.loads((out / "training_history.json").read_text())["train"]] == [1]
+
+
+@pytest.mark.parametrize("flag, old, new", [("training.warmup_ratio", 0.0, 0.5), ("max_grad_norm", 1.0, 0.5),
+                                            ("lora.rank", 8, 4)])
+def test_vlm_resume_refuses_a_changed_setting_and_keeps_its_config(flag, old, new, vlm_run, vlm_files, refused):
+    refused(lambda: vlm(*vlm_flags(vlm_files, vlm_run, **{flag: new}), "--resume"),
+            names=[f"was written with {flag}={old!r}, this run has {flag}={new!r}", "resume with its settings"],
+            keep=[vlm_run])
+
+
+def test_vlm_resume_refuses_a_changed_data_file(vlm_run, vlm_files, tmp_path, refused):
+    train = vlm_files["data"]["train"]
+    changed = train.parent / "changed.jsonl"
+    changed.write_text(train.read_text().replace('"Yes"', '"No"', 1))
+    refused(lambda: vlm(*vlm_flags(vlm_files, vlm_run, data_path=changed), "--resume"),
+            names=[f"data_path {changed} has changed since checkpoint-2", "--overwrite_output_dir"], keep=[vlm_run])
+
+
+def test_vlm_run_stopped_before_its_first_checkpoint_resumes_from_step_0(vlm_files, refused, capfd, tmp_path):
+    from qlora_helpers.ch04_vlm.command import build_run, run_vlm
+
+    out = tmp_path / "stopped"
+    args = dict(zip(["model_id", "data_path", "val_path", "output_dir"],
+                    map(str, [vlm_files["model"], vlm_files["data"]["train"], vlm_files["data"]["val"], out])))
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_vlm(build_run({}, {**args, "max_steps": 3, "eval_steps": 0, "save_steps": 2, "device": "cpu",
+                               "training.gradient_accumulation_steps": 1}), progress=False, callbacks=[stop])
+    refused(lambda: vlm(*vlm_flags(vlm_files, out, save_steps=2)), names=["stopped before its first checkpoint"],
+            keep=[out])
+    capfd.readouterr()
+    assert vlm(*vlm_flags(vlm_files, out, save_steps=2), "--resume") == 0
+    assert "--resume starts it from step 0" in capfd.readouterr().out
+    history = json.loads((out / "training_history.json").read_text())
+    assert [r["step"] for r in history["train"]] == [1, 2, 3] and latest_checkpoint(out).name == "checkpoint-2"
