@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 from qlora_helpers import cli
 from qlora_helpers.ch03_sft import trainer as sft_trainer
 from qlora_helpers.ch03_sft.command import SFTConfig, run_sft
-from qlora_helpers.common.run_folder import MANIFEST, latest_checkpoint
+from qlora_helpers.common.run_folder import MANIFEST, aside_name, latest_checkpoint
 
 ROWS = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                       {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(8)]
@@ -122,12 +122,14 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tiny_llama
                           save_steps=2, device="cpu", bf16=False), callbacks=[killed], progress=False)
     (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)      # as SIGKILL during the first save leaves it
     (out / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(b"half")
+    (out / "checkpoints" / "latest").write_text("checkpoint-2\n")       # and a pointer to it, stale
     args = flags(tiny_llama_dir, data, out, save_steps=2)
     refused(lambda: sft(*args), names=["stopped before its first checkpoint", "pass --resume to start it again"],
             keep=[out])
     capfd.readouterr()
     assert sft(*args, "--resume") == 0
-    assert "--resume starts it from step 0" in capfd.readouterr().out
+    said = capfd.readouterr().out
+    assert "--resume starts it from step 0" in said and "latest named checkpoint-2, which is not a whole" in said
     assert summary(out)["resumed_from"] == 0 and summary(out)["steps"] == 3
     assert latest_checkpoint(out).name == "checkpoint-2"
 
@@ -150,6 +152,7 @@ def test_a_truncated_checkpoint_file_falls_back_to_the_last_whole_checkpoint(nam
     said = capfd.readouterr().out
     assert str(damaged) in said and "resuming from checkpoint-1, the last whole checkpoint" in said
     assert summary(run_copy)["resumed_from"] == 1 and (run_copy / "checkpoints" / "damaged-checkpoint-2").is_dir()
+    assert aside_name(run_copy / "checkpoints" / "checkpoint-2").name == "damaged-checkpoint-2.2"   # never over one
 
     only = run_copy / "checkpoints" / "checkpoint-2" / name            # now the only whole checkpoint: damage it
     shutil.rmtree(run_copy / "checkpoints" / "checkpoint-1", ignore_errors=True)

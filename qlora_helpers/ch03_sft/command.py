@@ -21,9 +21,11 @@ invalid settings stop before anything loads, with one line naming the key and th
 The output folder receives, at the end, the adapter (``adapter_config.json``,
 ``adapter_model.safetensors``) or the full model, the tokenizer, ``sft_config.json`` and
 ``sft_summary.json``; every ``save_steps`` steps a checkpoint goes to ``checkpoints/`` (see
-``qlora_helpers.ch03_sft.trainer``: the training is TRL's ``SFTTrainer``). An output folder that already
-holds files is refused unless ``--resume`` (continue from ``checkpoints/latest``) or
-``--overwrite_output_dir`` is given.
+``qlora_helpers.ch03_sft.trainer``: the training is TRL's ``SFTTrainer``). ``.course_files.json`` lists what
+the course wrote there. An output folder that already holds files is refused unless ``--resume`` (continue from
+``checkpoints/latest``, or from step 0 when the run stopped before its first checkpoint) or
+``--overwrite_output_dir`` (the course's files go, yours stay) is given; nothing in it changes before the model
+has loaded, and a resume takes the checkpoint's settings and data (``qlora_helpers.common.run_folder``).
 """
 
 from __future__ import annotations
@@ -174,8 +176,10 @@ class SFTConfig:
     save_total_limit: int = 2
     logging_steps: int = 1
     device: str = "auto"
-    overwrite_output_dir: bool = setting(False, "allow a non-empty output_dir (its checkpoints are discarded)")
-    resume: bool = setting(False, "continue from output_dir/checkpoints/latest")
+    overwrite_output_dir: bool = setting(False, "allow a non-empty output_dir: the files an earlier run wrote there "
+                                                "go (.course_files.json lists them), yours stay")
+    resume: bool = setting(False, "continue from output_dir/checkpoints/latest (from step 0 if the run stopped "
+                                  "before its first checkpoint)")
 
     @property
     def mode(self) -> str:

@@ -10,7 +10,8 @@ precision, several processes under ``accelerate launch``) is the HF ``Trainer``'
   Only once that is complete does ``CourseCallback.on_save`` add ``state.json`` (the run's history
   and settings), then point ``checkpoints/latest`` at it (one atomic rename), then remove older ones
   (each hidden by one rename first). A folder without ``state.json`` was cut short and is never
-  loaded: the next start removes it, and ``--resume`` continues from the one ``latest`` names;
+  loaded: the next start removes it, and ``--resume`` continues from the one ``latest`` names (the command
+  checks its files and settings first, and repairs ``latest``: ``common.run_folder``);
 - **a history of every step** (loss, learning rate, tokens, seconds) and the held-out loss weighted
   by tokens (``evaluate``), before training, every ``eval_steps`` and at the end;
 - the notebook's callbacks (``LiveLossPlot``), called with each record, and one ``tqdm`` bar.
@@ -299,9 +300,9 @@ def train(model, tokenizer, data: SFTData, cfg, *, output_dir, device: str, eval
     """Train ``model`` in place through ``SFTTrainer``; returns the history, step times and the final eval loss.
 
     ``callbacks`` are called with each log record (``{"step", "loss", "lr", "tokens", "seconds"}`` and,
-    at eval points, ``"eval_loss"``). ``fingerprint`` (settings that must not change across a resume)
-    goes into each checkpoint and is checked on resume; ``initial_eval`` is kept as step 0. ``trainer_callbacks``
-    are ``TrainerCallback``s given to the Trainer itself (chapter 05's plateau rule).
+    at eval points, ``"eval_loss"``). ``fingerprint`` (the run's settings and data digest, which a resume
+    compares: ``common.run_folder.check_settings``) goes into each checkpoint; ``initial_eval`` is kept as step 0.
+    ``trainer_callbacks`` are ``TrainerCallback``s given to the Trainer itself (chapter 05's plateau rule).
     """
     out = Path(output_dir)
     ckpt, state = resume_state(out, resume)

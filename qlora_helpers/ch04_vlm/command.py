@@ -67,9 +67,10 @@ class VLMRun:
     train_projector: bool = setting(False, "train the image-to-text projector too (saved with the adapter)")
     seed: int = 0
     device: str = setting("auto", "auto | cpu | cuda")
-    resume: bool = setting(False, "continue from output_dir/checkpoints/latest: the same loss curve")
-    overwrite_output_dir: bool = setting(False, "allow a non-empty output_dir (its checkpoints and adapters are "
-                                             "discarded)")
+    resume: bool = setting(False, "continue from output_dir/checkpoints/latest: the same loss curve (from step 0 if "
+                                  "the run stopped before its first checkpoint)")
+    overwrite_output_dir: bool = setting(False, "allow a non-empty output_dir: the files an earlier run wrote there "
+                                                "go (.course_files.json lists them), yours stay")
     settings: vc.VLMTrainConfig = field(default_factory=lambda: vc.preset("ultra_low_memory"))
 
 

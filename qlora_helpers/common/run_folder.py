@@ -35,7 +35,6 @@ from pathlib import Path
 from safetensors import safe_open
 
 from qlora_helpers.common.files import atomic_write_json, atomic_write_text, remove_folder, remove_leftovers
-from qlora_helpers.errors import UserError
 
 MANIFEST = ".course_files.json"
 CHECKPOINTS = "checkpoints"
@@ -175,19 +174,31 @@ class RunFolder:
         """Make the changes planned (by the main process, once every check passed): the earlier run's files go
         (``--overwrite_output_dir``), damaged checkpoints are moved aside, ``latest`` is repaired; ``names`` are
         recorded and ``config`` (file name, settings) written; the notes are shown."""
-        if self.overwrite:
-            remove_course_files(self.out)
-        for path in self.aside:
-            os.replace(path, path.parent / f"{DAMAGED}{path.name}")
-        if self.repoint:
-            atomic_write_text(self.out / CHECKPOINTS / LATEST, f"{self.checkpoint.name}\n")
-        self.out.mkdir(parents=True, exist_ok=True)
-        record(self.out, *names, *([config[0]] if config else []))
-        if config:
-            atomic_write_json(self.out / config[0], config[1])
+        with disk_full_is_one_line(self.out):
+            if self.overwrite:
+                remove_course_files(self.out)
+            for path in self.aside:
+                os.replace(path, aside_name(path))
+            if self.repoint and self.checkpoint is None:
+                (self.out / CHECKPOINTS / LATEST).unlink()
+            elif self.repoint:
+                atomic_write_text(self.out / CHECKPOINTS / LATEST, f"{self.checkpoint.name}\n")
+            self.out.mkdir(parents=True, exist_ok=True)
+            record(self.out, *names, *([config[0]] if config else []))
+            if config:
+                atomic_write_json(self.out / config[0], config[1])
         for line in self.notes:
             show(line)
         return self.out
+
+
+def aside_name(path: Path) -> Path:
+    """Where a damaged checkpoint is moved: ``damaged-checkpoint-N`` beside it (``.2``, ``.3`` ... if taken)."""
+    target, n = path.parent / f"{DAMAGED}{path.name}", 1
+    while target.exists():
+        n += 1
+        target = path.parent / f"{DAMAGED}{path.name}.{n}"
+    return target
 
 
 def _writable_folder(out: Path) -> None:
@@ -268,7 +279,7 @@ def _resume_plan(out: Path, finished: str) -> RunFolder:
         raise ValueError(f"{broken[0]}: the checkpoint is damaged and no earlier one is whole; pass "
                          "--overwrite_output_dir to train again from step 0 (or restore the file)")
     for why, path in zip(broken, plan.aside):
-        plan.notes.append(f"{why}: moved {path.name} aside to {DAMAGED}{path.name} and resuming from "
+        plan.notes.append(f"{why}: moved {path.name} aside to {aside_name(path).name} and resuming from "
                           f"{plan.checkpoint.name}, the last whole checkpoint")
     if plan.checkpoint is None:
         if finished and (out / finished).is_file():
@@ -277,7 +288,8 @@ def _resume_plan(out: Path, finished: str) -> RunFolder:
         plan.notes.append(f"no checkpoint in {out / CHECKPOINTS} yet (the run stopped before its first save): "
                           "--resume starts it from step 0")
         if named:
-            plan.notes.append(f"{pointer} named {named}, which is not a whole checkpoint: left as it is")
+            plan.repoint = True
+            plan.notes.append(f"{pointer} named {named}, which is not a whole checkpoint: removed it")
     elif named != plan.checkpoint.name:
         plan.repoint = True
         if not broken:
@@ -347,7 +359,7 @@ def disk_full_is_one_line(out: Path):
     naming the folder and the ``--resume`` that continues; the checkpoint it cut short is removed first."""
     try:
         yield
-    except (OSError, RuntimeError) as err:
+    except Exception as err:            # OSError, torch's RuntimeError, safetensors' SafetensorError alike
         if not _disk_full(err):
             raise
         cut = sorted(p.name for p in (Path(out) / CHECKPOINTS).glob("checkpoint-*") if not (p / COMPLETE).exists())
@@ -355,5 +367,5 @@ def disk_full_is_one_line(out: Path):
         whole = latest_checkpoint(out)
         removed = f" ({CHECKPOINTS}/{', '.join(cut)} cut short: removed)" if cut else ""
         then = f"continues from {whole.name}" if whole else "starts again from step 0"
-        raise UserError(f"no space left on the disk of {out} while saving{removed}: free some space, then pass "
+        raise ValueError(f"no space left on the disk of {out} while saving{removed}: free some space, then pass "
                         f"--resume ({then})") from None
