@@ -10,6 +10,7 @@ plain asserts on what the folder holds afterwards. The model is the 2-layer rand
 
 import errno
 import json
+import os
 import shutil
 
 import pytest
@@ -254,6 +255,8 @@ def test_vlm_overwrite_keeps_the_users_files_and_refuses_before_anything_changes
             names=["has no vision part", "python -m qlora_helpers sft"], keep=[out])
     assert vlm(*vlm_flags(vlm_files, out, overwrite_output_dir=True, max_steps=1, save_steps=0)) == 0
     assert (out / "notes.txt").read_text() == "my notes" and not (out / "checkpoints").exists()
+    current = {MANIFEST, *(os.readlink(out / name) for name in ("best", "final"))}   # the old versions went
+    assert {p.name for p in out.iterdir() if p.name.startswith(".")} == current
     assert [r["step"] for r in json.loads((out / "training_history.json").read_text())["train"]] == [1]
 
 

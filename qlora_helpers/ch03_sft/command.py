@@ -406,7 +406,7 @@ def run_settings(cfg: SFTConfig, base: str, processes: int, conversations: list)
     rank's random state) and the digest of the training conversations: what each checkpoint records."""
     digest = hashlib.sha256(json.dumps(conversations, sort_keys=True).encode()).hexdigest()
     return {**cfg.to_dict(), "mode": cfg.mode, "model_name_or_path": base, "processes": processes,
-            "data_path": cfg.data_path or str(sft_paths()["train"]), "data_sha256": digest}
+            "data_sha256": digest}
 
 
 def check_targets(cfg: SFTConfig, base: str) -> None:
