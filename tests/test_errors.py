@@ -167,7 +167,7 @@ CASES = [
     ("sft: output_dir under a file", LORA + ("--output_dir", "{a_file}/out"), {},
      ["a_file is a file, not a folder", "choose another --output_dir"]),
     ("sft: output_dir holds an earlier run", LORA + ("--output_dir", "{used_out}"), {},
-     ["already holds adapter_model.safetensors", "--resume", "--overwrite_output_dir"]),
+     ["holds adapter_model.safetensors, not written by a course run", "choose another --output_dir"]),
     ("sft: output_dir holds a different run", LORA + ("--output_dir", "{other_run}", "--resume"), {},
      ["holds a different run: step-000002 was written with mode='full', this run has mode='lora'",
       "resume with its settings"]),

@@ -217,7 +217,9 @@ def test_output_dir_is_never_clobbered(tiny, tmp_path, capsys):
     common = ["--use_lora", "--model_name_or_path", str(tiny / "model"), "--data_path", str(tiny / "train.jsonl"),
               "--output_dir", str(out), "--max_steps", "1"]
     code, err = run_cli(common, capsys)
-    assert code == 2 and "already holds adapter_model.safetensors: pass --resume" in err
+    assert code == 2 and "holds adapter_model.safetensors, not written by a course run, which this run would" in err
+    code, err = run_cli([*common, "--overwrite_output_dir"], capsys)
+    assert code == 2 and "move it elsewhere or choose another --output_dir" in err
     code, err = run_cli([*common, "--resume"], capsys)
     assert code == 2 and "nothing to resume" in err
     assert (out / "adapter_model.safetensors").read_text() == "precious"

@@ -213,11 +213,13 @@ def test_output_folder_errors_name_the_folder_and_the_fix(trained, files):
     """Refused before any model loads, and nothing in the folder changes."""
     out = files["root"] / "llava-full"
     before = sorted(p.name for p in out.rglob("*"))
-    assert "pass --resume to continue it" in _one_line_error(_run(files, "llava", "llava-full"))
-    message = _one_line_error(_run(files, "llava", "llava-full", resume=True, max_steps=6))
-    assert "holds a different run: checkpoint-3 was written with max_steps=4, this run has max_steps=6" in message
+    assert "checkpoints up to checkpoint-3: pass --resume to continue it" in _one_line_error(
+        _run(files, "llava", "llava-full"))
+    message = _one_line_error(_run(files, "llava", "llava-full", resume=True, **{"training.learning_rate": 0.02}))
+    assert "holds a different run: checkpoint-3 was written with training.learning_rate=0.01, this run has " \
+           "training.learning_rate=0.02" in message and "a resume may change only max_steps" in message
     message = _one_line_error(_run(files, "llava", "llava-nothing", resume=True))
-    assert "llava-nothing: no checkpoints/latest; run without --resume" in message
+    assert "nothing to resume in" in message and "llava-nothing: no course run there; run without --resume" in message
     assert sorted(p.name for p in out.rglob("*")) == before
 
 

@@ -21,14 +21,17 @@ invalid settings stop before anything loads, with one line naming the key and th
 The output folder receives, at the end, the adapter (``adapter_config.json``,
 ``adapter_model.safetensors``) or the full model, the tokenizer, ``sft_config.json`` and
 ``sft_summary.json``; every ``save_steps`` steps a checkpoint goes to ``checkpoints/`` (see
-``qlora_helpers.ch03_sft.trainer``: the training is TRL's ``SFTTrainer``). An output folder that already
-holds files is refused unless ``--resume`` (continue from ``checkpoints/latest``) or
-``--overwrite_output_dir`` is given.
+``qlora_helpers.ch03_sft.trainer``: the training is TRL's ``SFTTrainer``). ``.course_files.json`` lists what
+the course wrote there. An output folder that already holds files is refused unless ``--resume`` (continue from
+``checkpoints/latest``, or from step 0 when the run stopped before its first checkpoint) or
+``--overwrite_output_dir`` (the course's files go, yours stay) is given; nothing in it changes before the model
+has loaded, and a resume takes the checkpoint's settings and data (``qlora_helpers.common.run_folder``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -38,11 +41,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
+from accelerate import PartialState, init_empty_weights
 from accelerate.utils import gather_object
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoConfig, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
 from qlora_helpers.ch01_memory.estimator import estimate
 from qlora_helpers.ch03_sft import data as d
@@ -50,24 +53,24 @@ from qlora_helpers.ch03_sft.modes import (
     build_model,
     load_tokenizer,
     model_path,
+    resolve_target_modules,
     trainable_4bit_layers,
 )
 from qlora_helpers.ch03_sft.peak_memory import PeakMemory
 from qlora_helpers.ch03_sft.trainer import (
     CHECKPOINTS,
-    check_fingerprint,
     evaluate,
     fsync_folder,
-    latest_checkpoint,
     liger_on,
     tensor_bytes,
     train,
 )
 from qlora_helpers.common.assets import sft_paths
 from qlora_helpers.common.device import cpu_compute_dtype
-from qlora_helpers.common.files import atomic_write_json, remove_folder, state_digest
+from qlora_helpers.common.files import atomic_write_json, state_digest
 from qlora_helpers.common.models import check_model_folder, count_parameters
 from qlora_helpers.common.optim import OPTIMIZERS, optimizer_name
+from qlora_helpers.common.run_folder import MAY_CHANGE, RunFolder, disk_full_is_one_line, inspect_folder, record
 from qlora_helpers.errors import check_keys
 
 # The settings that take one of a few values, and those values.
@@ -80,10 +83,16 @@ COUNTS = {"max_train_samples": "0: all", "max_eval_samples": "0: all", "eval_ste
           "logging_steps": "1: every step", "warmup_steps": "0: no warmup"}
 # What only a LoRA or QLoRA run uses: given to full fine-tuning, a sign that a mode flag is missing.
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-# Keys that must match between an interrupted run and its --resume.
-RESUME_KEYS = ("mode", "model_name_or_path", "data_path", "lora_r", "lora_alpha", "lora_dropout",
-               "lora_target_modules", "learning_rate", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "max_length", "packing", "seed", "optim", "max_train_samples")
+# What a --resume may change (common.run_folder's rule): every other setting must be the checkpoint's.
+SFT_MAY_CHANGE = (*MAY_CHANGE, "num_train_epochs", "eval_data_path", "max_eval_samples", "per_device_eval_batch_size",
+                  "eval_before", "logging_steps", "gradient_checkpointing", "memory_budget_gib", "use_liger_kernel",
+                  "attn_implementation")
+CONFIG, SUMMARY = "sft_config.json", "sft_summary.json"
+# The names a run writes into output_dir, by what it saves (a user's file of such a name is refused, never replaced).
+WRITES = {"any": (CONFIG, SUMMARY, CHECKPOINTS, "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+                  "chat_template.jinja", "vocab.json", "merges.txt"),
+          "full": ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json"),
+          "adapter": ("adapter_*", "README.md")}
 
 
 def _bool(text: str) -> bool:
@@ -173,8 +182,10 @@ class SFTConfig:
     save_total_limit: int = 2
     logging_steps: int = 1
     device: str = "auto"
-    overwrite_output_dir: bool = setting(False, "allow a non-empty output_dir (its checkpoints are discarded)")
-    resume: bool = setting(False, "continue from output_dir/checkpoints/latest")
+    overwrite_output_dir: bool = setting(False, "allow a non-empty output_dir: the files an earlier run wrote there "
+                                                "go (.course_files.json lists them), yours stay")
+    resume: bool = setting(False, "continue from output_dir/checkpoints/latest (from step 0 if the run stopped "
+                                  "before its first checkpoint)")
 
     @property
     def mode(self) -> str:
@@ -405,41 +416,34 @@ def cli(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- running it
-def _writable_folder(out: Path) -> None:
-    """Refuse an output_dir that cannot be created or written, naming the part of the path at fault."""
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"output_dir {out} cannot be created: {probe} is a file, not a folder; "
-                         "choose another --output_dir")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"output_dir {out} is not writable ({probe} refuses writes for this user): "
-                         "choose a folder you can write to with --output_dir")
+def inspect_output_dir(cfg: SFTConfig) -> RunFolder:
+    """What ``output_dir`` holds and what this run will do to it, changing nothing (``common.run_folder``): a
+    folder holding files needs --resume or --overwrite_output_dir, and --resume a run to continue."""
+    writes = WRITES["any"] + WRITES["full" if cfg.mode == "full" else "adapter"]
+    return inspect_folder(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, writes=writes,
+                          finished=SUMMARY)
 
 
-def check_output_dir(cfg: SFTConfig) -> Path:
-    """Refuse to clobber earlier work, changing nothing: a non-empty output_dir needs --resume or
-    --overwrite_output_dir, and --resume needs a checkpoint to continue."""
-
-    out = Path(cfg.output_dir)
-    _writable_folder(out)
-    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if cfg.resume:
-        if latest_checkpoint(out) is None:
-            raise ValueError(f"nothing to resume in {out}: no {CHECKPOINTS}/latest; run without --resume")
-    elif existing and not cfg.overwrite_output_dir:
-        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
-        raise ValueError(f"output_dir {out} already holds {shown}: pass --resume to continue it, "
-                         "--overwrite_output_dir to replace it, or choose another --output_dir")
-    return out
+def run_settings(cfg: SFTConfig, base: str, processes: int, conversations: list) -> dict:
+    """Every setting of the run as it trains (``auto`` resolved), the number of processes (the global batch, each
+    rank's random state) and the digest of the training conversations: what each checkpoint records."""
+    digest = hashlib.sha256(json.dumps(conversations, sort_keys=True).encode()).hexdigest()
+    return {**cfg.to_dict(), "mode": cfg.mode, "model_name_or_path": base, "processes": processes,
+            "data_sha256": digest}
 
 
-def check_resume(cfg: SFTConfig, fingerprint: dict) -> None:
-    """With --resume, the checkpoint must come from a run with the same settings (checked before any model loads)."""
-    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    if ckpt is not None:
-        check_fingerprint(ckpt, fingerprint)
+def check_targets(cfg: SFTConfig, base: str) -> None:
+    """``lora_target_modules`` against the model's layers, on a model built from its config on the meta device (no
+    weights read): a wrong name stops the run before the output folder changes."""
+    if cfg.mode == "full":
+        return
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError):
+        return                            # the model's own load reports it
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    resolve_target_modules(cfg.lora_target_modules, model)
 
 
 def read_conversations(cfg: SFTConfig, train_conversations=None, eval_conversations=None) -> tuple:
@@ -475,6 +479,7 @@ def save_final(model, tokenizer, out: Path) -> list[str]:
         tokenizer.save_pretrained(tmp)
         fsync_folder(tmp)                  # on disk before any of it is moved in
         names = sorted((p.name for p in tmp.iterdir() if p.is_file()), key=lambda n: (n in LOADED_BY, n))
+        record(out, *names)                # the course's files from now on (--overwrite_output_dir removes them)
         for name in names:
             os.replace(tmp / name, out / name)
     finally:
@@ -531,25 +536,27 @@ def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
 
-def start_output_dir(cfg: SFTConfig, processes: PartialState, base: str) -> Path:
-    """The output folder (with --overwrite_output_dir, an earlier run's checkpoints and model go) and
-    ``sft_config.json``, by the main process once every process has checked the folder (at ``run_sft``'s start):
-    under ``accelerate launch`` the others wait until it is done."""
+def start_output_dir(cfg: SFTConfig, processes: PartialState, folder: RunFolder, base: str) -> Path:
+    """The output folder, once the model has loaded: the changes ``folder`` planned (with --overwrite_output_dir
+    the earlier run's files go), ``sft_config.json`` for a run from step 0 (a resume writes it when it ends, so a
+    failed one leaves the earlier file), by the main process while the others wait."""
     processes.wait_for_everyone()
     if processes.is_main_process:
-        out = check_output_dir(cfg)
-        if not cfg.resume and out.is_dir() and cfg.overwrite_output_dir:
-            remove_folder(out / CHECKPOINTS)      # stale checkpoints must not be resumed
-            for name in ("sft_summary.json", *LOADED_BY):   # the earlier run's model no longer loads
-                (out / name).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "sft_config.json", {**cfg.to_dict(), "model_name_or_path": base, "mode": cfg.mode})
+        config = None if folder.checkpoint else (CONFIG, sft_config(cfg, base))
+        folder.start((CHECKPOINTS, SUMMARY), config=config)
     processes.wait_for_everyone()
     return Path(cfg.output_dir)
 
 
-def finish_output_dir(processes: PartialState, model, tokenizer, out: Path, summary: dict) -> dict:
-    """The final model and ``sft_summary.json``, written by the main process alone, the others waiting.
+def sft_config(cfg: SFTConfig, base: str) -> dict:
+    """What ``sft_config.json`` holds: the settings, the base model's path and the mode."""
+    return {**cfg.to_dict(), "model_name_or_path": base, "mode": cfg.mode}
+
+
+def finish_output_dir(processes: PartialState, model, tokenizer, out: Path, summary: dict, *,
+                      config: dict | None = None) -> dict:
+    """The final model and ``sft_summary.json`` (and, ending a resume, ``config``: ``sft_config.json``), written by
+    the main process alone, the others waiting.
 
     ``summary`` gains ``processes``: every process's digest of its trainable weights (equal digests: the processes
     of a data-parallel run hold bit-identical weights) and, on the main process, the files written.
@@ -559,7 +566,9 @@ def finish_output_dir(processes: PartialState, model, tokenizer, out: Path, summ
                             "identical": len(set(digests)) == 1}
     if processes.is_main_process:
         summary["files"] = save_final(model, tokenizer, out)
-        atomic_write_json(out / "sft_summary.json", summary)
+        if config is not None:
+            atomic_write_json(out / CONFIG, config)
+        atomic_write_json(out / SUMMARY, summary)
     processes.wait_for_everyone()     # no process returns before the files are whole
     return summary
 
@@ -585,23 +594,23 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     validate(cfg)
     device = resolve_device(cfg)
     processes = PartialState(cpu=device == "cpu")   # one, or this one of accelerate launch's (gloo on the CPU)
-    check_output_dir(cfg)
+    folder = inspect_output_dir(cfg)                # nothing in output_dir changes before the model has loaded
     # the data files are read and checked before the tokenizer, the tokenizer before the model
     conversations = read_conversations(cfg, train_conversations, eval_conversations)
     base = model_path(cfg)
     cfg.optim, cfg.use_liger_kernel = optimizer_name(cfg.optim, device), liger_on(cfg, device)   # auto, as it runs
     plan = plan_batch(cfg, base, device)
-    fingerprint = {k: (cfg.mode if k == "mode" else getattr(cfg, k)) for k in RESUME_KEYS}
-    fingerprint["model_name_or_path"] = base
-    fingerprint["processes"] = processes.num_processes    # the global batch, and each rank's random state
-    check_resume(cfg, fingerprint)
+    cfg.resume = folder.checkpoint is not None      # a run that stopped before its first checkpoint: from step 0
+    fingerprint = folder.check_settings(run_settings(cfg, base, processes.num_processes, conversations[0]),
+                                        may_change=SFT_MAY_CHANGE)
     check_model_folder(base, setting="model_name_or_path")
     tokenizer = load_tokenizer(base)
     train_data = d.encode_all(conversations[0], tokenizer, cfg.max_length)   # with packing, TRL packs them
     for line in d.losses(train_data, cfg.max_length) if echo and processes.is_main_process else []:
         echo(line)
     eval_data = d.encode_all(conversations[1], tokenizer, cfg.max_length) if conversations[1] else None
-    out = start_output_dir(cfg, processes, base)
+    if model_factory is None:
+        check_targets(cfg, base)
 
     set_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -610,9 +619,10 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
         if cfg.init_adapter:
             load_initial_adapter(model, cfg.init_adapter)
         load_seconds = time.perf_counter() - t0
+        out = start_output_dir(cfg, processes, folder, base)
         params = count_parameters(model)
         before = None
-        with trainable_4bit_layers(model):  # eval before, training and eval after all take the same path
+        with trainable_4bit_layers(model), disk_full_is_one_line(out):   # eval before, training, eval after alike
             if eval_data is not None and cfg.eval_before and not cfg.resume:
                 before = evaluate(model, eval_data, cfg.per_device_eval_batch_size, tokenizer.pad_token_id,
                                   device, cfg)
@@ -621,7 +631,10 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
                            fingerprint=fingerprint, initial_eval=before, trainer_callbacks=trainer_callbacks)
     summary = make_summary(cfg, base, device, model=model, data=(train_data, eval_data), result=result,
                            params=params, load_seconds=load_seconds, peak=mem.as_dict(), plan=plan)
-    return SFTResult(finish_output_dir(processes, model, tokenizer, out, summary), model, tokenizer)
+    with disk_full_is_one_line(out):
+        summary = finish_output_dir(processes, model, tokenizer, out, summary,
+                                    config=sft_config(cfg, base) if cfg.resume else None)
+    return SFTResult(summary, model, tokenizer)
 
 
 def load_initial_adapter(model, folder) -> None:

@@ -10,7 +10,8 @@ precision, several processes under ``accelerate launch``) is the HF ``Trainer``'
   Only once that is complete does ``CourseCallback.on_save`` add ``state.json`` (the run's history
   and settings), then point ``checkpoints/latest`` at it (one atomic rename), then remove older ones
   (each hidden by one rename first). A folder without ``state.json`` was cut short and is never
-  loaded: the next start removes it, and ``--resume`` continues from the one ``latest`` names;
+  loaded: the next start removes it, and ``--resume`` continues from the one ``latest`` names (the command
+  checks its files and settings first, and repairs ``latest``: ``common.run_folder``);
 - **a history of every step** (loss, learning rate, tokens, seconds) and the held-out loss weighted
   by tokens (``evaluate``), before training, every ``eval_steps`` and at the end;
 - the notebook's callbacks (``LiveLossPlot``), called with each record, and one ``tqdm`` bar.
@@ -41,13 +42,17 @@ from trl import SFTTrainer
 
 from qlora_helpers.ch03_sft.data import IGNORE_INDEX, SFTData, collate
 from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
-from qlora_helpers.common.files import atomic_write_json, atomic_write_text, remove_folder, remove_leftovers
+from qlora_helpers.common.files import atomic_write_json, atomic_write_text, remove_folder
 from qlora_helpers.common.optim import optimizer_name, trainer_optim
+from qlora_helpers.common.run_folder import (
+    CHECKPOINTS,
+    COMPLETE,
+    LATEST,
+    clean_partial_checkpoints,
+    latest_checkpoint,
+)
 from qlora_helpers.common.widgets import LiveFigure
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-COMPLETE = "state.json"     # written last into a checkpoint: its presence means the checkpoint is whole
 # transformers 5.24 renamed gradient_checkpointing (the old name warns); the model is set up before the Trainer
 CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in TRLConfig.__dataclass_fields__ \
     else "gradient_checkpointing"
@@ -126,42 +131,6 @@ def evaluate(model, data: SFTData, batch_size: int, pad_id: int, device: str, cf
 
 
 # --------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint ``checkpoints/latest`` names, if it is complete; else ``None``."""
-    pointer = Path(output_dir) / CHECKPOINTS / LATEST
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / COMPLETE).is_file() else None
-
-
-def clean_partial_checkpoints(output_dir) -> int:
-    """Remove what a killed run left: checkpoints cut short (no ``state.json``), old ones mid-removal."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return 0
-    cut_short = [p for p in root.glob("checkpoint-*") if p.is_dir() and not (p / COMPLETE).is_file()]
-    for path in cut_short:
-        remove_folder(path)
-    return len(cut_short) + remove_leftovers(root)
-
-
-def check_fingerprint(path: Path, fingerprint: dict | None) -> dict:
-    """The checkpoint's state; refuses, in one line, one written with other settings than ``fingerprint``."""
-    path = Path(path)
-    try:
-        state = json.loads((path / COMPLETE).read_text())
-    except json.JSONDecodeError:
-        raise ValueError(f"{path / COMPLETE} is not valid JSON: pass --overwrite_output_dir to start again") from None
-    for key, value in (fingerprint or {}).items():
-        old = state.get("fingerprint", {}).get(key)
-        if old != value:
-            raise ValueError(f"output_dir {path.parent.parent} holds a different run: {path.name} was written with "
-                             f"{key}={old!r}, this run has {key}={value!r}; resume with its settings, or choose "
-                             "another --output_dir")
-    return state
-
-
 def fsync_folder(folder: Path) -> None:
     """Every file under ``folder`` on disk (before a rename or a marker makes it visible)."""
     for f in folder.rglob("*"):
@@ -262,9 +231,9 @@ class CourseCallback(TrainerCallback):
             root.rmdir()                   # made by the Trainer, which saved nothing in it (save_steps 0)
 
 
-def resume_state(output_dir: Path, resume: bool, fingerprint: dict | None) -> tuple[Path | None, dict | None]:
-    """What a killed run left removed; with ``resume``, the checkpoint ``latest`` names and its state (its
-    settings checked against ``fingerprint``). Nothing to resume is one line."""
+def resume_state(output_dir: Path, resume: bool) -> tuple[Path | None, dict | None]:
+    """What a killed run left removed; with ``resume``, the checkpoint ``latest`` names and its state (the command
+    checked its settings and files: ``common.run_folder``)."""
     processes = PartialState()        # this one, or those of ``accelerate launch`` (``run_sft`` joined them)
     if processes.is_main_process:
         clean_partial_checkpoints(output_dir)
@@ -272,7 +241,7 @@ def resume_state(output_dir: Path, resume: bool, fingerprint: dict | None) -> tu
     ckpt = latest_checkpoint(output_dir) if resume else None
     if resume and ckpt is None:
         raise ValueError(f"nothing to resume in {output_dir}: no complete {CHECKPOINTS}/{LATEST}; drop --resume")
-    return ckpt, check_fingerprint(ckpt, fingerprint) if ckpt else None
+    return ckpt, json.loads((ckpt / COMPLETE).read_text()) if ckpt else None
 
 
 # --------------------------------------------------------------------------- the Trainer's settings and the run
@@ -331,12 +300,12 @@ def train(model, tokenizer, data: SFTData, cfg, *, output_dir, device: str, eval
     """Train ``model`` in place through ``SFTTrainer``; returns the history, step times and the final eval loss.
 
     ``callbacks`` are called with each log record (``{"step", "loss", "lr", "tokens", "seconds"}`` and,
-    at eval points, ``"eval_loss"``). ``fingerprint`` (settings that must not change across a resume)
-    goes into each checkpoint and is checked on resume; ``initial_eval`` is kept as step 0. ``trainer_callbacks``
-    are ``TrainerCallback``s given to the Trainer itself (chapter 05's plateau rule).
+    at eval points, ``"eval_loss"``). ``fingerprint`` (the run's settings and data digest, which a resume
+    compares: ``common.run_folder.check_settings``) goes into each checkpoint; ``initial_eval`` is kept as step 0.
+    ``trainer_callbacks`` are ``TrainerCallback``s given to the Trainer itself (chapter 05's plateau rule).
     """
     out = Path(output_dir)
-    ckpt, state = resume_state(out, resume, fingerprint)
+    ckpt, state = resume_state(out, resume)
     history = state.get("history") if state else None
 
     def eval_loss() -> float:

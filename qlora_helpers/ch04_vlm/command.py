@@ -21,20 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 
 import torch
 from transformers import set_seed
 
-from qlora_helpers.ch03_sft.command import (
-    _bool,
-    check_output_dir,
-    check_resume,
-    load_config_file,
-    resolve_device,
-    setting,
-)
-from qlora_helpers.ch03_sft.trainer import CHECKPOINTS
+from qlora_helpers.ch03_sft.command import _bool, load_config_file, resolve_device, setting
 from qlora_helpers.ch04_vlm import config as vc
 from qlora_helpers.ch04_vlm.hub_model import (
     add_lora,
@@ -47,11 +38,16 @@ from qlora_helpers.ch04_vlm.hub_model import (
 from qlora_helpers.ch04_vlm.records import encode_all, read_records
 from qlora_helpers.ch04_vlm.trainer import HISTORY, train_vlm
 from qlora_helpers.common.device import cpu_compute_dtype
-from qlora_helpers.common.files import atomic_write_json, remove_folder
+from qlora_helpers.common.files import atomic_write_json
 from qlora_helpers.common.models import check_model_folder, count_parameters
+from qlora_helpers.common.run_folder import CHECKPOINTS, MAY_CHANGE, data_digest, disk_full_is_one_line, inspect_folder
 from qlora_helpers.errors import check_keys
 
-RESUME_KEYS = ("model_id", "data_path", "max_steps", "seed", "train_projector")
+# What a --resume may change (common.run_folder's rule, as for sft): every other setting must be the checkpoint's.
+VLM_MAY_CHANGE = (*MAY_CHANGE, "val_path", "preset", "name", "budget_gb", "hardware.gradient_checkpointing",
+                  "hardware.embeddings_on_cpu")
+CONFIG, SUMMARY = "vlm_config.json", "vlm_summary.json"
+VLM_WRITES = (CONFIG, SUMMARY, HISTORY, CHECKPOINTS, "best", "final")   # the names a run writes into output_dir
 
 
 @dataclass
@@ -71,9 +67,10 @@ class VLMRun:
     train_projector: bool = setting(False, "train the image-to-text projector too (saved with the adapter)")
     seed: int = 0
     device: str = setting("auto", "auto | cpu | cuda")
-    resume: bool = setting(False, "continue from output_dir/checkpoints/latest: the same loss curve")
-    overwrite_output_dir: bool = setting(False, "allow a non-empty output_dir (its checkpoints and adapters are "
-                                             "discarded)")
+    resume: bool = setting(False, "continue from output_dir/checkpoints/latest: the same loss curve (from step 0 if "
+                                  "the run stopped before its first checkpoint)")
+    overwrite_output_dir: bool = setting(False, "allow a non-empty output_dir: the files an earlier run wrote there "
+                                                "go (.course_files.json lists them), yours stay")
     settings: vc.VLMTrainConfig = field(default_factory=lambda: vc.preset("ultra_low_memory"))
 
 
@@ -187,14 +184,14 @@ def cpu_threads() -> str:
     return f"load average {load:.1f} on {cores} cores ({why}): torch runs on {n} thread{'s' * (n > 1)}"
 
 
-def _prepare_output_dir(run: VLMRun) -> Path:
-    out = Path(run.output_dir)
-    if out.is_dir() and run.overwrite_output_dir:
-        for name in (CHECKPOINTS, "best", "final"):
-            remove_folder(out / name)
-        (out / HISTORY).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def run_settings(run: VLMRun) -> dict:
+    """Every setting of the run and the digest of its data file: what each checkpoint records."""
+    return {**{k: getattr(run, k) for k in RUN_KEYS}, **vc.to_dict(run.settings),
+            "data_sha256": data_digest(run.data_path)}
+
+
+def vlm_config(run: VLMRun) -> dict:
+    return {**asdict(run), "settings": vc.to_dict(run.settings)}
 
 
 @dataclass
@@ -208,18 +205,17 @@ class VLMResult:
 def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
     """Check, encode, load, train, save; returns the summary (also ``vlm_summary.json``) and the model."""
     validate(run)
-    check_output_dir(run)
+    folder = inspect_folder(run.output_dir, resume=run.resume, overwrite=run.overwrite_output_dir,
+                            writes=VLM_WRITES, finished=SUMMARY)    # nothing changes there before the model loads
     records = read_records(run.data_path), read_records(run.val_path) if run.val_path else []
-    fingerprint = {k: getattr(run, k) for k in RESUME_KEYS} | {"settings": vc.to_dict(run.settings)}
-    check_resume(run, fingerprint)
+    fingerprint = folder.check_settings(run_settings(run), may_change=VLM_MAY_CHANGE)
+    run = replace(run, resume=folder.checkpoint is not None)       # stopped before its first checkpoint: step 0
     check_model_folder(run.model_id, setting="model_id", kind="vision")
     processor = load_processor(run.model_id)
     if not takes_images(run.model_id):
         raise ValueError(f"model_id {run.model_id!r} has no vision part (no vision_config): the vlm command trains "
                          "image-text-to-text models; train a text model with `python -m qlora_helpers sft`")
     train, val = (encode_all(r, processor, run.settings.data.max_length) for r in records)
-    out = _prepare_output_dir(run)
-    atomic_write_json(out / "vlm_config.json", {**asdict(run), "settings": vc.to_dict(run.settings)})
     device = resolve_device(run)
     dtype = getattr(torch, run.settings.quantization.compute_dtype) if device == "cuda" else cpu_compute_dtype()
     threads = cpu_threads() if device == "cpu" else "GPU run: CPU threads left as they are"
@@ -229,11 +225,15 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
         embeddings_on_cpu(model, device)
     model = add_lora(model, run.settings.lora, train_projector=run.train_projector,
                      gradient_checkpointing=run.settings.hardware.gradient_checkpointing)
-    history = train_vlm(model, train, val, run, processor=processor, out=out, device=device, fingerprint=fingerprint,
-                        progress=progress, callbacks=callbacks)
-    summary = {"model_id": run.model_id, "model_type": model.config.model_type, "device": device,
-               "dtype": str(dtype).removeprefix("torch."), "threads": threads, "params": count_parameters(model),
-               "linear_layers": quantized_share(model),
-               "examples": {"train": len(train), "val": len(val)}, "history": history}
-    atomic_write_json(out / "vlm_summary.json", summary)
+    out = folder.start(VLM_WRITES, config=None if run.resume else (CONFIG, vlm_config(run)))   # a resume: at the end
+    with disk_full_is_one_line(out):
+        history = train_vlm(model, train, val, run, processor=processor, out=out, device=device,
+                            fingerprint=fingerprint, progress=progress, callbacks=callbacks)
+        summary = {"model_id": run.model_id, "model_type": model.config.model_type, "device": device,
+                   "dtype": str(dtype).removeprefix("torch."), "threads": threads, "params": count_parameters(model),
+                   "linear_layers": quantized_share(model),
+                   "examples": {"train": len(train), "val": len(val)}, "history": history}
+        if run.resume:
+            atomic_write_json(out / CONFIG, vlm_config(run))
+        atomic_write_json(out / SUMMARY, summary)
     return VLMResult(summary, model, processor, val)

@@ -165,7 +165,7 @@ def train_vlm(model, train: list, val: list | None, run, *, processor, out, devi
     from ``checkpoints/latest``.
     """
     out = Path(out)
-    ckpt, state = resume_state(out, run.resume, fingerprint)
+    ckpt, state = resume_state(out, run.resume)
     history = state["history"] if state else {"train": [], "eval": [], "best": None}
     course = VLMCallback(model, trainer_settings(run), output_dir=out, callbacks=callbacks, fingerprint=fingerprint,
                          eval_loss=(lambda: evaluate(model, val, device)) if val else None, history=history,

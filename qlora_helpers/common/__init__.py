@@ -15,6 +15,7 @@ shapes      named real model shapes (Qwen2.5 0.5B-32B, Llama, Mistral, SmolLM2, 
 models      tiny random models for tests, random weights at real shapes, ``load_causal_lm``
 quant       bitsandbytes: the backend, a 4-bit / 8-bit check on one layer, CPU training layout
 optim       the course's optimizer names: the Trainer's name for each, and the class that runs it
+run_folder  the output folder of ``sft`` and ``vlm``: the course's files, checkpoints, what a resume may change
 ==========  ==========================================================================================
 
 The notebooks' set-up cells take the few names below from here; everything else is imported from its

@@ -79,11 +79,15 @@ def atomic_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
         if stale.name != current:
             shutil.rmtree(stale, ignore_errors=True)
     version = Path(tempfile.mkdtemp(prefix=f".{folder.name}.v", dir=parent))
-    write(version)
-    for f in version.rglob("*"):            # contents on disk before the rename makes them visible
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+    try:
+        write(version)
+        for f in version.rglob("*"):        # contents on disk before the rename makes them visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:                   # a failed write (a full disk) leaves no partial version behind
+        shutil.rmtree(version, ignore_errors=True)
+        raise
     link = parent / f".{folder.name}.link-{os.getpid()}"
     link.unlink(missing_ok=True)
     os.symlink(version.name, link)
