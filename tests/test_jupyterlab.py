@@ -59,7 +59,7 @@ def test_lab_lists_the_notebooks(lab):
     assert session.get(f"{base}/lab", timeout=10).status_code == 200
     listing = session.get(f"{base}/api/contents/notebooks", timeout=10).json()
     names = {item["name"] for item in listing["content"]}
-    assert {p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")} <= names
+    assert {p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb")} <= names   # companions too
     assert "00_setup.ipynb" in names
 
 

@@ -166,6 +166,51 @@ def check_03_qwen_sft(r):
     assert all(c["verdict"].split(":")[0] in {"holds", "refuted"} for c in r["quality_claims"])
 
 
+def check_03b_speed_and_memory(r):
+    nb = "03b_speed_and_memory"
+    assert r["profile"] == "cpu" and r["max_steps"] == course_value(nb, "max_steps")
+    assert r["model"] == "SmolLM2-135M-Instruct (cached)" and r["eval_samples"] == course_value(nb, "eval_samples")
+    targets = {"attention": (576 + 576) * 2 + (576 + 192) * 2, "mlp": (576 + 1536) * 3}   # fan_in + fan_out, a block
+    targets["all-linear"] = targets["attention"] + targets["mlp"]
+    r16 = course_value(nb, "lora_r")
+    for name, per_rank_and_block in targets.items():   # what peft wrapped = r x (fan_in + fan_out) x 30 blocks
+        t = r["targets"][name]
+        assert t["trainable"] == 30 * r16 * per_rank_and_block
+        assert t["percent"] == pytest.approx(100 * t["trainable"] / 134_515_008)   # LoRA over SmolLM2's parameters
+        assert 0 < t["after"] < 10 and t["before"] == r["targets"]["all-linear"]["before"]
+    trained = {name: t["trainable"] for name, t in r["targets"].items()}
+    assert trained["attention"] < trained["mlp"] < trained["all-linear"]
+    shares = {row["model"]: row for row in r["rank_shares"]}
+    assert list(shares) == ["smollm2-135m", "qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-32b"]
+    assert shares["smollm2-135m"]["params"] == 134_515_008 and shares["qwen2.5-0.5b"]["params"] == 494_032_768
+    assert shares["smollm2-135m"]["r=8"] == 30 * 8 * targets["all-linear"] / 134_515_008
+    for rank in ("r=8", "r=16", "r=32", "r=64"):       # the same rank is a smaller share of a wider model
+        column = [row[rank] for row in r["rank_shares"]]
+        assert column == sorted(column, reverse=True) and 0 < column[-1]
+    low, high = (course_value(nb, name) for name in ("low_rank", "high_rank"))
+    ranks = r["ranks"]
+    assert set(ranks) == {str(low), str(high)} and ranks[str(high)]["trainable_params"] * low == \
+        ranks[str(low)]["trainable_params"] * high
+    assert all(0 < v["eval_loss_after"] < 10 and v["lora_alpha"] == 2 * int(k) for k, v in ranks.items())
+    q = r["quantization"]
+    err = {(e["quant_type"], e["double_quant"]): e for e in q["errors"]}
+    assert set(err) == {("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)}
+    for dq in (True, False):                            # NF4's levels fit normal-shaped weights better
+        assert 0 < err["nf4", dq]["rel_error"] < err["fp4", dq]["rel_error"] < 0.2
+    for qt in ("nf4", "fp4"):                           # 4 + 32/64 bits without, 4 + 8/64 + 32/(64 x 256) with
+        assert err[qt, False]["bits_per_weight"] == 4.5
+        assert err[qt, True]["bits_per_weight"] == pytest.approx(4 + 8 / 64 + 32 / 64 / 256, abs=1e-3)
+        assert err[qt, True]["rel_error"] == pytest.approx(err[qt, False]["rel_error"], rel=0.01)
+    assert 3 < q["level_entropy_bits"]["fp4"] < q["level_entropy_bits"]["nf4"] <= 4
+    losses = r["quant_type_losses"]                     # quantising costs held-out loss, before any training
+    unquantised = losses["unquantised"]["before"]
+    assert 0 < unquantised < losses["nf4"]["before"] and unquantised < losses["fp4"]["before"]
+    seed_run = r["targets"]["all-linear"]                # the NF4 run is section 2's all-linear one
+    assert losses["nf4"] == {"before": seed_run["before"], "after": seed_run["after"]}
+    assert set(r["throughput_targets"]) == {"qwen2.5-0.5b", "qwen2.5-7b"}   # the committed GPU file was read
+    assert r["seconds"] > 0
+
+
 def check_04_vlm_8gb(r):
     assert r["profile"] == "cpu" and r["preset"]["name"] == "ultra_low_memory" and r["preset"]["budget_gb"] == 8
     p = r["plan"]

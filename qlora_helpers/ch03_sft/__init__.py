@@ -12,6 +12,7 @@ peak_memory   peak memory of a block of code (CPU RSS or CUDA peak)
 fast_kernels  on a GPU: varlen flash attention for packed rows (``--attn_implementation``)
 report        the four runs side by side and the merges compared: columns, a figure, results, scores
 gpu_results   the GPU benchmark results the notebook shows: table specs, lines and figures
+lora_choices  which layers, which rank, which 4-bit type: trainable shares at real shapes, quantisation error
 ============  ========================================================================================
 """
 

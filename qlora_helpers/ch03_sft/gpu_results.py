@@ -65,6 +65,15 @@ TARGETS = Table("throughput", _targets, script="train_throughput", columns=(
     ("met?", lambda r: "yes" if r["met"] else f"no, by {abs(r['value'] - r['target']):.3f}", "")))
 
 
+def _not_measured(row: dict) -> str:
+    """Why an ablation row has no figures: the error it recorded (type and first line), or, for an exception
+    raised without a message (a bare ``assert``), that it had none."""
+    error = row.get("error", "no row")
+    kind, _, message = error.partition(": ")
+    return f"not measured: {error[:100]}" if message.strip() or kind == error else \
+        f"not measured: {kind} raised without a message"
+
+
 def _ablation(result: dict) -> list[dict]:
     rows = []
     for shape, entry in result["figures"]["shapes"].items():
@@ -75,7 +84,7 @@ def _ablation(result: dict) -> list[dict]:
             if not name.startswith(ABLATION):
                 continue
             if "tokens_per_second" not in row:
-                rows.append({**lever, "kernels": f"not measured: {row.get('error', 'no row')[:100]}"})
+                rows.append({**lever, "kernels": _not_measured(row)})
                 continue
             rows.append({**row, **lever, "speed": row["tokens_per_second"] / base["tokens_per_second"],
                          "memory": row["peak_allocated_gib"] - base["peak_allocated_gib"],
