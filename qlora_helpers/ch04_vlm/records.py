@@ -40,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 
 from qlora_helpers.ch03_sft.data import jsonl_lines
 from qlora_helpers.common.assets import load_images
-from qlora_helpers.common.files import atomic_write_json, atomic_write_text
+from qlora_helpers.common.files import atomic_write_text, course_files, record_course_files
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
@@ -253,19 +253,15 @@ def example_split(*, held_out: float = 0.2, face_share: float = 1 / 3, n_val: in
     return split
 
 
-EXAMPLES_MANIFEST = "examples.json"   # the files write_example_files wrote into a folder: it replaces only those
-
-
 def _claim(folder: Path, names: list[str]) -> None:
-    """Add ``names`` to the folder's manifest, refusing (one line) a file there that no earlier call wrote."""
-    manifest = folder / EXAMPLES_MANIFEST
-    ours = json.loads(manifest.read_text()) if manifest.is_file() else []
-    if manifest.exists() and not (isinstance(ours, list) and all(isinstance(n, str) for n in ours)):
-        raise ValueError(f"{manifest} is not a list of example files: write the examples into another folder")
+    """Add ``names`` to the folder's record of course files, refusing (one line) a file there that no earlier call
+    wrote (``files.course_files``)."""
+    ours = course_files(folder) or set()
     if taken := [n for n in names if (folder / n).exists() and n not in ours]:
         raise ValueError(f"{folder} already holds {', '.join(taken[:3])}, which the course's examples would replace: "
                          "write them into a new or empty folder")
-    atomic_write_json(manifest, sorted({*ours, *names}))    # before the files: a killed call leaves none unclaimed
+    folder.mkdir(parents=True, exist_ok=True)
+    record_course_files(folder, ours | set(names))    # before the files: a killed call leaves none unclaimed
 
 
 def write_example_files(folder: str | Path, *, n_train: int | None = None, n_val: int = 40, size: int = 56,
@@ -275,7 +271,7 @@ def write_example_files(folder: str | Path, *, n_train: int | None = None, n_val
     The question is "Is this a face?" (answer from the LFW label) or "Which digit is this?".
     ``n_train`` keeps the first so many training lines (``None``: all). Returns
     ``{"train": path, "val": path, "test": path}``. A file of the same name that an earlier call did not write
-    (``examples.json`` lists those) is refused, not replaced.
+    (``.course_files.json`` lists those) is refused, not replaced.
     """
     folder = Path(folder)
     split = example_split(held_out=held_out, n_val=n_val, seed=seed)

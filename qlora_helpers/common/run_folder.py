@@ -34,9 +34,17 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from qlora_helpers.common.files import atomic_write_json, atomic_write_text, remove_folder, remove_leftovers
+from qlora_helpers.common.files import (
+    COURSE_FILES,
+    atomic_write_json,
+    atomic_write_text,
+    course_files,
+    record_course_files,
+    remove_folder,
+    remove_leftovers,
+)
 
-MANIFEST = ".course_files.json"
+MANIFEST = COURSE_FILES
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "state.json"     # written last into a checkpoint: its presence means the checkpoint is whole
@@ -50,22 +58,15 @@ UNCOMPARED = ("output_dir", "resume", "overwrite_output_dir")
 
 # --------------------------------------------------------------------------- what the course wrote
 def recorded(out: Path) -> set[str]:
-    """The names the course recorded writing into ``out`` (``.course_files.json``)."""
-    path = Path(out) / MANIFEST
-    if not path.is_file():
-        return set()
-    try:
-        return set(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError):
-        raise ValueError(f"{path} is not a list of names: the course cannot tell its files from yours; move the "
-                         "folder's own files elsewhere and delete it") from None
+    """The names the course recorded writing into ``out`` (``files.COURSE_FILES``); none when it holds no record."""
+    return course_files(out) or set()
 
 
 def record(out: Path, *names: str) -> None:
     """Add ``names`` to ``out``'s record, before they are written (a kill in between leaves a name too many)."""
     names_now = recorded(out)
     if not set(names) <= names_now:
-        atomic_write_json(Path(out) / MANIFEST, sorted(names_now | set(names)))
+        record_course_files(out, names_now | set(names))
 
 
 def _leftover_of(name: str, course: set[str]) -> bool:
@@ -91,7 +92,7 @@ def remove_course_files(out: Path) -> None:
             remove_folder(path)
         else:
             path.unlink()
-    atomic_write_json(Path(out) / MANIFEST, [])
+    record_course_files(out, [])
 
 
 # --------------------------------------------------------------------------- checkpoints
