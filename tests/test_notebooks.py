@@ -143,9 +143,11 @@ def check_03_qwen_sft(r):
     merge = r["merge"]
     assert merge["lora → fp32 base"]["max_abs_logit_diff"] < 1e-3 < merge["lora → bf16 base"]["max_abs_logit_diff"]
     assert r["merge_logit_diff"] == merge["lora → bf16 base"]["max_abs_logit_diff"]
-    assert isinstance(r["qlora_lora_share_qwen05b_r64"]["all linear layers"], float)
-    targets = r["throughput_targets"]   # benchmarks/results/throughput.json is committed: the notebook reads it
-    assert set(targets) == {"qwen2.5-0.5b", "qwen2.5-7b"} and "mfu" in targets["qwen2.5-7b"]
+    # the dequantised-base merge moves the logits about as far as bf16 rounding moves LoRA's (the notebook's sentence)
+    assert merge["qlora-4bit → dequantized bf16 base"]["max_abs_logit_diff"] <= 2 * r["merge_logit_diff"]
+    assert merge["qlora-4bit → dequantized bf16 base"]["top1_agree"] > merge["qlora-4bit → 4-bit layers"]["top1_agree"]
+    share = r["qlora_lora_share_qwen05b_r64"]
+    assert 7.0 < share["all linear layers"] < 7.2 and 1.7 < share["attention only"] < 1.8   # 7.12 and 1.75
     plain = r["plain_qlora"]   # the short loop in plain transformers + peft + bitsandbytes (section 3)
     assert plain["trainable_params"] == adapter
     assert plain["unquantised_params"] == 49_152 * 576 + 61 * 576   # SmolLM2's tied embedding and its 61 RMSNorms
@@ -163,7 +165,22 @@ def check_03_qwen_sft(r):
     assert resume["steps"] == r["max_steps"] and resume["max_abs_loss_diff"] < 1e-6
     assert set(r["answer_f1"]) == {"base", *modes} and all(0 <= v <= 1 for v in r["answer_f1"].values())
     assert r["quality_vs_full"]["full"] == 1.0 and len(r["quality_claims"]) == 3
-    assert all(c["verdict"].split(":")[0] in {"holds", "refuted"} for c in r["quality_claims"])
+    assert all(c["verdict"] in {"holds", "not supported"} for c in r["quality_claims"])
+    # the course run is the one tests/learning_seeds.json repeated over seeds: the QLoRA claim is judged on them
+    assert r["quality_claims"][0]["evidence"] == f"this run: one seed, {r['max_steps']} steps"
+    assert r["quality_claims"][2]["evidence"].startswith("3 seeds (42, 43, 44)")
+    # the memory in use after each step: the run's callback saw every step of every mode
+    memory = r["memory_after_steps_mib"]
+    assert set(memory) == set(modes) and all(len(m["mib"]) == r["max_steps"] for m in memory.values())
+    # a loop-stopping decoding setting repeats no more word 3-grams than greedy decoding of the same model
+    d = r["decoding"]
+    assert d["mode"] in modes and set(d) == {"mode", "greedy", "repetition_penalty=1.3", "no_repeat_ngram_size=3"}
+    assert d["no_repeat_ngram_size=3"]["repeated_3grams"] <= d["greedy"]["repeated_3grams"]
+    # the merged QLoRA-4 model, reloaded in a new process, streamed an answer to two questions
+    assert len(r["streamed_answers"]) == 2 and all(a.strip() for a in r["streamed_answers"].values())
+    # bf16 emulated by AVX2 kernels is slower than fp32 (chapter 00: ~50x); natively it is not (AVX512-BF16/AMX)
+    bf16 = r["cpu_bf16_over_fp32"]
+    assert bf16["AVX2 kernels only"] > 3 and (bf16["as it is"] < 1.5 or not r["device"]["bf16"])
 
 
 def check_03b_speed_and_memory(r):

@@ -10,14 +10,23 @@ Example:
 
 from __future__ import annotations
 
+import json
 import re
+import warnings
 from collections import Counter
 
+from accelerate import init_empty_weights
 from matplotlib.figure import Figure
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from qlora_helpers.ch03_sft.data import encode_all
 from qlora_helpers.ch03_sft.trainer import evaluate
 from qlora_helpers.common.device import device_info
+from qlora_helpers.common.files import repo_root
+from qlora_helpers.common.shapes import get_config
+
+NOTEBOOK = "03_qwen_sft"
 
 MODE_COLORS = ["#555555", "#1f77b4", "#2ca02c", "#ff7f0e"]
 MEMORY_PARTS = (("weights", "#999999"), ("grads", "#d62728"), ("optimizer", "#9467bd"))
@@ -104,6 +113,19 @@ def merge_results(merge_rows: dict) -> dict:
                     "top1_agree": d["top1_agree"], "eval_loss": loss} for label, (d, loss) in merge_rows.items()}
 
 
+def merge_sentence(merge_rows: dict) -> str:
+    """What the QLoRA merge onto the dequantised base is, read from the merge table: the trained model up to bf16
+    rounding when its logits move no more than twice as far as LoRA's merged onto a bf16 base (pure rounding)."""
+    deq, trained = merge_rows["qlora-4bit → dequantized bf16 base"], merge_rows["qlora-4bit unmerged (as trained)"]
+    rounding, fp32 = merge_rows["lora → bf16 base"][0], merge_rows["lora → fp32 base"][0]
+    verdict = ("the trained model up to bf16 rounding" if deq[0]["max_abs"] <= 2 * rounding["max_abs"]
+               else "further from the trained model than bf16 rounding explains")
+    return (f"QLoRA-4 merged onto the dequantised base is {verdict}: its logits move by up to "
+            f"{deq[0]['max_abs']:.3g} (top-1 token agrees {deq[0]['top1_agree']:.0%}), where bf16 rounding alone "
+            f"moves LoRA's by {rounding['max_abs']:.3g} and an fp32 merge by {fp32['max_abs']:.1e}; eval loss "
+            f"{deq[1]:.3f} against {trained[1]:.3f} as trained")
+
+
 def token_f1(answer: str, reference: str) -> float:
     """Word-overlap F1 of an answer against the reference answer (lower-cased words, punctuation dropped)."""
     def words(text: str) -> list[str]:
@@ -157,20 +179,82 @@ def learning_metrics(runs: dict, scores: dict[str, float], preference: dict[str,
     return {k: round(v, 6) for k, v in metrics.items()}
 
 
-def quality_claims(runs: dict, *, close: float = 0.05) -> list[tuple[str, str, str]]:
-    """Seed 002's ranking of the modes, judged on held-out loss after training: (claim, verdict, numbers).
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+
+def lora_share(preset: str, r: int, targets=ALL_LINEAR) -> float:
+    """Percent of a ``common.shapes`` preset's parameters that LoRA of rank ``r`` on ``targets`` trains, counted
+    on an empty (meta-device) model: ``lora_share("qwen2.5-0.5b", 64)`` -> about 7.1."""
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(get_config(preset))
+    model.tie_weights()
+    total = sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():   # peft reads transformers' deprecated ``is_gradient_checkpointing``
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        peft_model = get_peft_model(model, LoraConfig(r=r, target_modules=list(targets)))
+    return 100 * sum(p.numel() for p in peft_model.parameters() if p.requires_grad) / total
+
+
+def seed_spread(parameters: dict) -> dict | None:
+    """``learning_metrics`` of this chapter's runs over several seeds (``tests/learning_seeds.json``), when they
+    were measured with the same ``parameters`` as this run (a value it does not name counts as equal); else None."""
+    path = repo_root() / "tests" / "learning_seeds.json"
+    entry = json.loads(path.read_text())["notebooks"].get(NOTEBOOK) if path.is_file() else None
+    if entry is None or any(parameters.get(k, v) != v for k, v in entry["parameters"].items()):
+        return None
+    return {"seeds": entry["seeds"], **{k: m["values"] for k, m in entry["metrics"].items()}}
+
+
+def quality_claims(runs: dict, *, steps: int, spread: dict | None = None,
+                   close: float = 0.05) -> list[tuple[str, str, str, str]]:
+    """Seed 002's ranking of the modes, judged on held-out loss after training: (claim, verdict, evidence, numbers).
+
+    A verdict is "holds" or "not supported", and ``evidence`` says on what: this run (one seed, ``steps``
+    steps), or for QLoRA against LoRA the seeds of ``spread`` (``seed_spread``), judged on the worst of them.
     "Close" means within ``close`` (5 %) of the other mode's loss."""
     ratio = quality_ratios(runs)
     best = min(ratio, key=ratio.get)
-    q4_vs_lora = ratio["qlora-4bit"] / ratio["lora"]
+    one_run = f"this run: one seed, {steps} steps"
+    q4 = [ratio["qlora-4bit"] / ratio["lora"]]
+    q4_evidence = one_run
+    if spread:
+        q4 = [1 / v for v in spread["lora_over_qlora4_loss"]]
+        q4_evidence = f"{len(q4)} seeds ({', '.join(map(str, spread['seeds']))}), {steps} steps"
+    verdict = lambda ok: "holds" if ok else "not supported"
     shown = ", ".join(f"{name} {r:.3f}" for name, r in ratio.items())
     return [
-        ("full fine-tuning: usually the best", "holds" if best == "full" else "refuted",
+        ("full fine-tuning: usually the best", verdict(best == "full"), one_run,
          f"lowest held-out loss: {best} (loss over full's: {shown})"),
-        ("LoRA: close to full fine-tuning", "holds" if abs(ratio["lora"] - 1) <= close else "refuted",
+        ("LoRA: close to full fine-tuning", verdict(abs(ratio["lora"] - 1) <= close), one_run,
          f"LoRA's loss is {ratio['lora']:.3f} × full's (close: within {close:.0%})"),
-        ("QLoRA: slightly below LoRA, still good",
-         "holds" if 1 <= q4_vs_lora <= 1 + close else ("refuted: better than LoRA" if q4_vs_lora < 1 else "refuted"),
-         f"QLoRA-4's loss is {q4_vs_lora:.3f} × LoRA's, QLoRA-8's {ratio['qlora-8bit'] / ratio['lora']:.3f} ×"),
+        ("QLoRA: slightly below LoRA, still good", verdict(all(1 <= r <= 1 + close for r in q4)), q4_evidence,
+         f"QLoRA-4's loss is {min(q4):.3f}–{max(q4):.3f} × LoRA's (slightly: within {close:.0%}); "
+         f"this run's QLoRA-8: {ratio['qlora-8bit'] / ratio['lora']:.3f} ×"),
     ]
+
+
+def repeated_ngrams(text: str, n: int = 3) -> int:
+    """How many of the word ``n``-grams of ``text`` repeat an earlier one: the signature of a decoding loop.
+
+    Example: ``repeated_ngrams("a body and a body and a body")`` -> 3 ("a body and", "body and a" and
+    "a body and" again follow their first occurrences)."""
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+def course_time_line(notebook: str = NOTEBOOK) -> str:
+    """How long ``notebook`` ran in the last course timing (``benchmarks/results/course_cpu.json``): on that
+    CPU as it is, and held to AVX2 kernels as a laptop without AVX-512 runs it."""
+    path = repo_root() / "benchmarks" / "results" / "course_cpu.json"
+    if not path.is_file():
+        return f"no course timing yet ({path.name} is missing: `python -m benchmarks.course_time` writes it)"
+    timing = json.loads(path.read_text())
+    runs = {mode: m["notebooks"][notebook] for mode, m in timing["figures"]["modes"].items()
+            if notebook in m.get("notebooks", {})}
+    cpu = timing["device"]
+    how = {"avx2": "held to AVX2 kernels, as on most laptops", "native": "as the CPU is"}
+    said = "; ".join(f"{r['seconds'] / 60:.0f} min {how.get(mode, mode)} ({r['measured'][:10]})"
+                     for mode, r in runs.items())
+    return (f"running it with its default parameters on a {cpu['count']}-core {cpu['name']} CPU "
+            f"({cpu['capability']}): {said or 'not timed yet'} (benchmarks/results/{path.name})")
