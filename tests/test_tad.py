@@ -289,8 +289,10 @@ def test_resume_from_an_epoch_file_continues_the_same_curve(cached_assets, tmp_p
     assert len(lines) == 2 and all(" = cls " in line and " + reg " in line for line in lines)
     _, resumed = _model("seed_qlora")
     again = train_detector(resumed, cfg, data, steps=6, batch_size=2, resume_from=tmp_path / "epoch_2.pth",
-                           progress=False)
+                           log_every=3, progress=False, desc="straight")
     assert again["resumed_from"] == 4 and len(again["step_seconds"]) == 2
+    assert capsys.readouterr().out.splitlines() == [lines[0], "straight                 resumed from epoch_2.pth at "
+                                                    "step 4 of 6", lines[1]]    # the file's lines, then the rest
     assert [h["loss"] for h in again["history"]] == [h["loss"] for h in run["history"]]
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name

@@ -192,6 +192,9 @@ def train_detector(model, cfg: dict, data, *, steps: int, batch_size: int = 4, s
     history, step_seconds, start = [], [], 0
     if source:
         history, start = _resume(source, trainable, opt, run_id=run_id, device=device)
+        for n in range(1, start + 1) if log_every else ():    # the lines of the steps the file holds, as trained
+            if n % log_every == 0 or n == steps:
+                _log(desc, history[:n], steps, log_every)
         if log_every:
             print(f"{desc:<24} resumed from {source.name} at step {start} of {steps}")
     segments, videos = data.segments("train"), data.videos["train"]
