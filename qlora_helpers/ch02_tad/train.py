@@ -2,7 +2,8 @@
 
 ``train_detector`` runs AdamW with the config's paramwise groups, linear warm-up and cosine decay, gradient
 clipping at 1 (the seed's ``clip_grad_norm=1``). Batches and dropout are seeded by the step number, so a run
-resumed from a checkpoint continues exactly as if never stopped.
+resumed from a checkpoint (its latest, or an ``epoch_<n>.pth`` as OpenTAD keeps) continues exactly as if never
+stopped. It can print a line every few steps with the loss split into classification and regression.
 """
 
 from __future__ import annotations
