@@ -115,13 +115,32 @@ def check_02_tad_quantized_adapters(r):
     assert s["seed_qlora"]["quantized_params"] > 0
     assert s["qlora_backbone"]["quantized_params"] > s["qlora_backbone"]["vit_params"] // 2
     assert s["qlora_backbone"]["bytes"]["weights"] < s["adapter"]["bytes"]["weights"]
+    for v in s.values():   # the detection loss is classification + regression, both falling to the end
+        f = v["final_losses"]
+        assert f["cls_loss"] > 0 and f["reg_loss"] > 0 and math.isclose(f["loss"], f["cls_loss"] + f["reg_loss"],
+                                                                           abs_tol=1e-3)
+    assert r["written_out_adapter_max_abs_diff"] == 0.0       # the seed's adapter written out == QLoRAAdapter
+    resume = r["resume_from_epoch"]                           # an epoch is 192 videos / batch 4 = 48 steps
+    assert resume["file"] == "epoch_2.pth" and resume["step"] == 96 and resume["steps_trained"] == r["max_steps"] - 96
+    assert resume["same_losses"] is True and resume["map"] == resume["map_uninterrupted"]
+    tries = r["try_this"]
+    assert set(tries) == {"quantize_bits_8", "lora_r_32"}
+    assert all(0 <= t["map"] <= 1 and t["step_seconds"] > 0 for t in tries.values())
+    assert tries["lora_r_32"]["trainable"] > s["seed_qlora"]["trainable_params"]
+    assert tries["quantize_bits_8"]["trainable"] == s["seed_qlora"]["trainable_params"]
+
+
+def check_02b_tad_memory_claims(r):
+    assert r["profile"] == "cpu"
     q = r["seed_counts"]["seed_qlora"]
     assert (q["vit_params"], q["adapter_params"], q["adapter_trainable"]) == (21_879_936, 1_185_420, 300_684)
     assert r["seed_counts"]["adapter"]["adapter_params"] == 1_006_860
     verdicts = {c["claim"]: c["verdict"] for c in r["claims"]}
     assert verdicts["QLoRA trains < 1 % of the parameters"].startswith("does not hold")
     assert len(r["claims"]) == (10 if r["gpu_benchmark"] else 4)
-    assert r["written_out_adapter_max_abs_diff"] == 0.0       # the seed's adapter written out == QLoRAAdapter
+    assert r["eight_bit_advice"]["verdict"] == ("contradicted: 8-bit needs more memory than 4-bit"
+                                                if r["gpu_benchmark"] else "not measured")
+    assert r["int8_layer_bytes"] == {"has_fp16_weights=True": 4 * 16 * 64, "has_fp16_weights=False": 16 * 64}
 
 
 def check_03_qwen_sft(r):

@@ -273,6 +273,59 @@ def test_resume_continues_exactly(cached_assets, tmp_path, monkeypatch):
         train_detector(other, other_cfg, data, steps=3, batch_size=2, checkpoint=ckpt, progress=False)
 
 
+def test_resume_from_an_epoch_file_continues_the_same_curve(cached_assets, tmp_path, monkeypatch, capsys):
+    """OpenTAD's ``--resume .../epoch_X.pth``: one file per epoch, and a run resumed from one of them continues
+    the uninterrupted run's losses and ends on its weights; progress lines split the loss into cls + reg."""
+    from qlora_helpers.ch02_tad.data import VideoSpec, make_dataset
+    from qlora_helpers.ch02_tad.train import train_detector
+
+    monkeypatch.setenv("QLORA_CACHE_DIR", str(cached_assets.cache_dir()))
+    data = make_dataset(VideoSpec(n_train=4, n_val=1, frames=32, min_len=6, max_len=14, seed=9), write_json=False)
+    cfg, straight = _model("seed_qlora")
+    run = train_detector(straight, cfg, data, steps=6, batch_size=2, epoch_dir=tmp_path, log_every=3, progress=False,
+                         desc="straight")                        # an epoch: 4 videos / batch 2 = 2 steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pth", "epoch_2.pth", "epoch_3.pth"]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(" = cls " in line and " + reg " in line for line in lines)
+    _, resumed = _model("seed_qlora")
+    again = train_detector(resumed, cfg, data, steps=6, batch_size=2, resume_from=tmp_path / "epoch_2.pth",
+                           log_every=3, progress=False, desc="straight")
+    assert again["resumed_from"] == 4 and len(again["step_seconds"]) == 2
+    assert capsys.readouterr().out.splitlines() == [lines[0], "straight                 resumed from epoch_2.pth at "
+                                                    "step 4 of 6", lines[1]]    # the file's lines, then the rest
+    assert [h["loss"] for h in again["history"]] == [h["loss"] for h in run["history"]]
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    h = run["history"][-1]
+    assert math.isclose(h["loss"], h["cls_loss"] + h["reg_loss"], abs_tol=2e-4)
+
+
+@pytest.mark.parametrize("strategy,bits", [("adapter", 4), ("seed_qlora", 4), ("seed_qlora", 8)])
+def test_a_fresh_adapter_leaves_the_pretrained_vit_as_it_was(strategy, bits):
+    """AdaTAD's adapters and LoRA start as the identity: zero up_proj, zero LoRA B, inside the built ViT too
+    (the ViT's own initialisation once overwrote them with random values)."""
+    from qlora_helpers.ch02_tad.config import build_model, strategy_config
+
+    _, plain = _model("full_ft")
+    weights = plain.backbone.state_dict()
+    cfg = strategy_config(strategy, SMALL, lora_r=4, lora_alpha=8, quantize_bits=bits, head={"dims": 16})
+    torch.manual_seed(1)
+    model = build_model(cfg, num_classes=4, pretrained=weights)
+    zero = [p for n, p in model.backbone.named_parameters() if n.endswith(("up_proj.weight", "lora_b.weight"))]
+    assert zero and all(not p.float().any() for p in zero if p.is_floating_point())
+    video = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.backbone(video), plain.backbone(video), atol=1e-6)
+
+
+def test_lora_r_reaches_the_seeds_32_on_the_small_vit():
+    from qlora_helpers.ch02_tad.config import ConfigError, strategy_config
+
+    assert strategy_config("seed_qlora", lora_r=32)["model"]["backbone"]["lora_r"] == 32    # adapter width 16
+    with pytest.raises(ConfigError, match="lora_r=33: is above twice the adapter's hidden size 16: use at most 32"):
+        strategy_config("seed_qlora", lora_r=33)
+
+
 def test_memory_claims_verdicts_from_a_benchmark_file():
     from qlora_helpers.ch02_tad.claims import check_claims
 

@@ -130,13 +130,18 @@ class QLoRAAdapter(nn.Module):
         self.temporal = None if use_plain_adapter else _TemporalMixer(hidden)
         self.gamma = nn.Parameter(torch.ones(1))
 
+    def _frozen(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A frozen quantized projection. LLM.int8 quantizes fp16 inputs: an 8-bit layer gets them in fp16
+        (bitsandbytes would cast them itself, and log a warning on every call)."""
+        return layer(x.half() if self.quantize_bits == 8 else x).to(x.dtype)
+
     def forward(self, x: torch.Tensor, t: int, h: int, w: int) -> torch.Tensor:
         down = self.down_lora_b(self.down_lora_a(self.lora_dropout(x))) * self.scaling
-        y = self.act(self.down_proj(x).to(x.dtype) + down)
+        y = self.act(self._frozen(self.down_proj, x) + down)
         if self.temporal is not None:
             y = y + self.temporal(y, t, h, w)
         up = self.up_lora_b(self.up_lora_a(self.lora_dropout(y))) * self.scaling
-        return x + self.gamma * (self.up_proj(y).to(x.dtype) + up)
+        return x + self.gamma * (self._frozen(self.up_proj, y) + up)
 
 
 # --------------------------------------------------------------------------- quantized backbone

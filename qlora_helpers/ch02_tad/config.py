@@ -100,8 +100,10 @@ def validate(cfg: dict) -> dict:
         hidden = int(b["embed_dims"] * b["adapter_mlp_ratio"])
         _check(hidden >= 1, "model.backbone.adapter_mlp_ratio", b["adapter_mlp_ratio"],
                "gives no hidden units; use 0.25")
-        _check(b.get("lora_r", 0) <= hidden, "model.backbone.lora_r", b.get("lora_r"),
-               f"is above the adapter's hidden size {hidden}: use at most {hidden}")
+        # a pair's update x A B has rank <= the adapter's hidden size: a larger r only adds parameters;
+        # twice that is allowed, so that the seed's advice "16 -> 32" can be tried on the small ViT (hidden 16)
+        _check(b.get("lora_r", 0) <= 2 * hidden, "model.backbone.lora_r", b.get("lora_r"),
+               f"is above twice the adapter's hidden size {hidden}: use at most {2 * hidden}")
     cfg["model"]["head"] = {**HEAD, **cfg["model"].get("head", {})}
     _validate_optimizer(cfg.setdefault("optimizer", {}), kind)
     return cfg

@@ -109,11 +109,13 @@ class VideoViT(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dims, num_heads, mlp_ratio, adapter=adapter and adapter(embed_dims))
                                     for _ in range(depth))
         self.fc_norm = nn.LayerNorm(embed_dims, eps=1e-6)
-        self.apply(self._init)
+        for name, m in self.named_modules():
+            if "adapter" not in name.split("."):   # adapters initialise their own layers: zero up_proj, LoRA B
+                self._init(m)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
-        if type(m) is nn.Linear:  # adapters initialise their own layers
+        if type(m) is nn.Linear:
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -2,7 +2,8 @@
 
 ``train_detector`` runs AdamW with the config's paramwise groups, linear warm-up and cosine decay, gradient
 clipping at 1 (the seed's ``clip_grad_norm=1``). Batches and dropout are seeded by the step number, so a run
-resumed from a checkpoint continues exactly as if never stopped.
+resumed from a checkpoint (its latest, or an ``epoch_<n>.pth`` as OpenTAD keeps) continues exactly as if never
+stopped. It can print a line every few steps with the loss split into classification and regression.
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ def pretrained_backbone(geometry: dict, spec, *, steps: int = 800, batch_size: i
 
 
 def checkpoint_path(name: str, **settings) -> Path:
-    """``<cache>/tad/runs/<key>/<name>.pt``, the key covering every setting that changes the run."""
-    return cache_dir() / "tad" / "runs" / _key(settings) / f"{name}.pt"
+    """``<cache>/tad/runs/<key>/<name>.pt``, the key covering every setting that changes the run (and ``v``,
+    the version of the code's initialisation: 2 since adapters start as the identity)."""
+    return cache_dir() / "tad" / "runs" / _key({**settings, "v": 2}) / f"{name}.pt"
 
 
 def _set_lr(opt, base_lrs, step: int, steps: int, warmup: float = 0.1) -> None:
@@ -146,14 +148,37 @@ def _step(model, opt, params: list, video: torch.Tensor, targets: list, *, devic
     return {k: round(out[k].item(), 4) for k in ("loss", "cls_loss", "reg_loss")}
 
 
+def _save(path: Path, step: int, trainable: dict, opt, history: list, run_id: dict) -> None:
+    atomic_torch_save({"step": step, "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
+                       "optimizer": opt.state_dict(), "history": history, **run_id}, path)
+
+
+def final_losses(history: list, last: int = 20) -> dict:
+    """The mean ``loss``, ``cls_loss`` (focal classification) and ``reg_loss`` (DIoU regression) of the
+    last ``last`` steps of a run's history; ``loss`` is the sum of the other two."""
+    tail = history[-last:]
+    return {k: round(sum(h[k] for h in tail) / len(tail), 4) for k in ("loss", "cls_loss", "reg_loss")}
+
+
+def _log(desc: str, history: list, steps: int, every: int) -> None:
+    """One line: the mean loss of the last ``every`` steps, and its classification and regression parts."""
+    mean = final_losses(history, every)
+    print(f"{desc:<24} step {history[-1]['step']:>4}/{steps}  loss {mean['loss']:.3f} = "
+          f"cls {mean['cls_loss']:.3f} + reg {mean['reg_loss']:.3f}")
+
+
 def train_detector(model, cfg: dict, data, *, steps: int, batch_size: int = 4, seed: int = 0, device: str = "cpu",
                    checkpoint: str | Path | None = None, checkpoint_every: int = 50, resume: bool = True,
+                   epoch_dir: str | Path | None = None, resume_from: str | Path | None = None, log_every: int = 0,
                    progress: bool = True, desc: str = "train", autocast_dtype=None) -> dict:
     """Train ``model`` for ``steps`` steps on ``data``'s training split.
 
     With ``checkpoint`` the trainable weights, optimizer, step and history are written atomically every
     ``checkpoint_every`` steps and at the end; with ``resume`` an existing checkpoint of the same config
-    and frozen weights is loaded and training continues from its step. Returns ``{"history": [...],
+    and frozen weights is loaded and training continues from its step. ``epoch_dir`` also keeps one file per
+    epoch (``len(train videos) // batch_size`` steps), ``epoch_<n>.pth`` as in OpenTAD's checkpoint folder;
+    ``resume_from`` continues from such a file (OpenTAD's ``--resume .../epoch_X.pth``). ``log_every`` prints
+    the mean loss, classification + regression, every that many steps. Returns ``{"history": [...],
     "step_seconds": [...], "resumed_from": step}``.
     """
     groups = param_groups(model, cfg["optimizer"])
@@ -164,10 +189,17 @@ def train_detector(model, cfg: dict, data, *, steps: int, batch_size: int = 4, s
     ckpt = Path(checkpoint) if checkpoint else None
     for leftover in ckpt.parent.glob(f".{ckpt.name}.*.tmp") if ckpt else []:
         leftover.unlink()                          # a killed save's temporary file; the checkpoint itself is whole
+    source = Path(resume_from) if resume_from else ckpt if resume and ckpt and ckpt.is_file() else None
     history, step_seconds, start = [], [], 0
-    if ckpt and resume and ckpt.is_file():
-        history, start = _resume(ckpt, trainable, opt, run_id=run_id, device=device)
+    if source:
+        history, start = _resume(source, trainable, opt, run_id=run_id, device=device)
+        for n in range(1, start + 1) if log_every else ():    # the lines of the steps the file holds, as trained
+            if n % log_every == 0 or n == steps:
+                _log(desc, history[:n], steps, log_every)
+        if log_every:
+            print(f"{desc:<24} resumed from {source.name} at step {start} of {steps}")
     segments, videos = data.segments("train"), data.videos["train"]
+    epoch = len(videos) // batch_size
     model.train()
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     bar.update(min(start, steps))
@@ -182,9 +214,12 @@ def train_detector(model, cfg: dict, data, *, steps: int, batch_size: int = 4, s
         history.append({"step": step + 1, **losses, "seconds": round(step_seconds[-1], 4)})
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+            _log(desc, history, steps, log_every)
         if ckpt and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            atomic_torch_save({"step": step + 1, "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
-                               "optimizer": opt.state_dict(), "history": history, **run_id}, ckpt)
+            _save(ckpt, step + 1, trainable, opt, history, run_id)
+        if epoch_dir and (step + 1) % epoch == 0:
+            _save(Path(epoch_dir) / f"epoch_{(step + 1) // epoch}.pth", step + 1, trainable, opt, history, run_id)
     bar.close()
     return {"history": history, "step_seconds": step_seconds, "resumed_from": start}
 
