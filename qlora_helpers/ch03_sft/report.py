@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections import Counter
 
-from accelerate import init_empty_weights
 from matplotlib.figure import Figure
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from qlora_helpers.ch03_sft.data import encode_all
 from qlora_helpers.ch03_sft.trainer import evaluate
 from qlora_helpers.common.device import device_info
 from qlora_helpers.common.files import repo_root
-from qlora_helpers.common.shapes import get_config
 
 NOTEBOOK = "03_qwen_sft"
 
@@ -179,22 +174,6 @@ def learning_metrics(runs: dict, scores: dict[str, float], preference: dict[str,
     return {k: round(v, 6) for k, v in metrics.items()}
 
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def lora_share(preset: str, r: int, targets=ALL_LINEAR) -> float:
-    """Percent of a ``common.shapes`` preset's parameters that LoRA of rank ``r`` on ``targets`` trains, counted
-    on an empty (meta-device) model: ``lora_share("qwen2.5-0.5b", 64)`` -> about 7.1."""
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(get_config(preset))
-    model.tie_weights()
-    total = sum(p.numel() for p in model.parameters())
-    with warnings.catch_warnings():   # peft reads transformers' deprecated ``is_gradient_checkpointing``
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        peft_model = get_peft_model(model, LoraConfig(r=r, target_modules=list(targets)))
-    return 100 * sum(p.numel() for p in peft_model.parameters() if p.requires_grad) / total
-
-
 def seed_spread(parameters: dict) -> dict | None:
     """``learning_metrics`` of this chapter's runs over several seeds (``tests/learning_seeds.json``), when they
     were measured with the same ``parameters`` as this run (a value it does not name counts as equal); else None."""
@@ -243,18 +222,3 @@ def repeated_ngrams(text: str, n: int = 3) -> int:
     return len(grams) - len(set(grams))
 
 
-def course_time_line(notebook: str = NOTEBOOK) -> str:
-    """How long ``notebook`` ran in the last course timing (``benchmarks/results/course_cpu.json``): on that
-    CPU as it is, and held to AVX2 kernels as a laptop without AVX-512 runs it."""
-    path = repo_root() / "benchmarks" / "results" / "course_cpu.json"
-    if not path.is_file():
-        return f"no course timing yet ({path.name} is missing: `python -m benchmarks.course_time` writes it)"
-    timing = json.loads(path.read_text())
-    runs = {mode: m["notebooks"][notebook] for mode, m in timing["figures"]["modes"].items()
-            if notebook in m.get("notebooks", {})}
-    cpu = timing["device"]
-    how = {"avx2": "held to AVX2 kernels, as on most laptops", "native": "as the CPU is"}
-    said = "; ".join(f"{r['seconds'] / 60:.0f} min {how.get(mode, mode)} ({r['measured'][:10]})"
-                     for mode, r in runs.items())
-    return (f"running it with its default parameters on a {cpu['count']}-core {cpu['name']} CPU "
-            f"({cpu['capability']}): {said or 'not timed yet'} (benchmarks/results/{path.name})")
