@@ -85,5 +85,12 @@ def test_readme_lists_every_notebook_and_each_core_time():
     readme = (runner.repo_root() / "README.md").read_text(encoding="utf-8")
     missing = [p.name for p in BOOKS if p.name not in readme]
     assert not missing, f"README.md does not list {missing}"
+    for p in BOOKS:     # its time as the notebook's opening says it (runner.chapter_time)
+        said = re.match(r"about (\d+) minutes of reading, and (\d+) (minutes|seconds) of running",
+                        runner.chapter_time(p.stem))
+        assert said, f"{p.stem}: time it with python -m benchmarks.course_time"
+        row = next(line for line in readme.splitlines() if f"`notebooks/{p.name}`" in line)
+        want = f"| {said[1]} min + {said[2]} {'min' if said[3] == 'minutes' else 's'} |"
+        assert want in row, f"README.md's row of {p.name} should say {want}"
     course = runner.parameter_set("course")
     assert {p.stem for p in BOOKS} <= set(course), "give every notebook an entry in data/parameter_sets/course.yaml"
