@@ -29,9 +29,8 @@ class UserError(ValueError):
 # AssetError is a RuntimeError; it is matched by name so this module imports nothing heavy.
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 USER_ERROR_NAMES = ("AssetError",)
-# Loggers whose import-time notes would add a line to every error: bitsandbytes warns on a CPU with
-# AVX512-BF16 that the optional ``kernels`` package's kernel cannot be had, which the course does not use.
-# The package's ``__init__`` quiets them before any chapter imports bitsandbytes (``python -m`` of a module).
+
+
 def one_line(text: str) -> str:
     """``text`` with its lines joined by ``; `` (a message must never spill over several lines)."""
     return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())

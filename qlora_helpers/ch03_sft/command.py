@@ -603,7 +603,8 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     cfg.resume = folder.checkpoint is not None      # a run that stopped before its first checkpoint: from step 0
     fingerprint = folder.check_settings(run_settings(cfg, base, processes.num_processes, conversations[0]),
                                         may_change=SFT_MAY_CHANGE)
-    check_model_folder(base, setting="model_name_or_path")
+    if model_factory is None:                       # a factory builds the weights: the folder holds none
+        check_model_folder(base, setting="model_name_or_path")
     tokenizer = load_tokenizer(base)
     train_data = d.encode_all(conversations[0], tokenizer, cfg.max_length)   # with packing, TRL packs them
     for line in d.losses(train_data, cfg.max_length) if echo and processes.is_main_process else []:

@@ -41,7 +41,6 @@ from transformers.quantizers import AutoHfQuantizer
 from qlora_helpers.common.assets import TOKENIZER_FILES, load_smollm2, verify
 from qlora_helpers.common.files import write_new_folder
 from qlora_helpers.common.shapes import get_config, tokenizer_asset
-from qlora_helpers.errors import UserError
 
 QUANTIZE = (None, "4bit", "8bit")
 
@@ -267,9 +266,9 @@ def _json_file(path: Path, fix: str = AGAIN) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is cut or not JSON ({str(err).splitlines()[0][:80]}): {fix}") from None
+        raise ValueError(f"{path} is cut or not JSON ({str(err).splitlines()[0][:80]}): {fix}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path} holds no JSON object: {fix}")
+        raise ValueError(f"{path} holds no JSON object: {fix}")
     return data
 
 
@@ -287,7 +286,7 @@ def check_safetensors(path: Path, fix: str = AGAIN) -> None:
     need = 8 + n + max((t["data_offsets"][1] for k, t in (header or {}).items() if k != "__metadata__"), default=0)
     if header is None or need > size:
         whole = f" of {need:,}" if header is not None else ""
-        raise UserError(f"{path} is truncated ({size:,}{whole} bytes): {fix}")
+        raise ValueError(f"{path} is truncated ({size:,}{whole} bytes): {fix}")
 
 
 def _check_weights(folder: Path) -> None:
@@ -296,14 +295,14 @@ def _check_weights(folder: Path) -> None:
         shards = sorted(set(_json_file(index).get("weight_map", {}).values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
-            raise UserError(f"{folder / missing[0]} is missing ({len(missing)} of the {len(shards)} shards that "
+            raise ValueError(f"{folder / missing[0]} is missing ({len(missing)} of the {len(shards)} shards that "
                             f"{index.name} lists): {AGAIN}")
         for shard in shards:
             check_safetensors(folder / shard)
     elif (folder / "model.safetensors").is_file():
         check_safetensors(folder / "model.safetensors")
     elif not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
-        raise UserError(f"{folder} holds no weights (no model.safetensors): {AGAIN}")
+        raise ValueError(f"{folder} holds no weights (no model.safetensors): {AGAIN}")
 
 
 def check_model_folder(path, *, setting: str, kind: str = "text") -> dict | None:
@@ -316,17 +315,17 @@ def check_model_folder(path, *, setting: str, kind: str = "text") -> dict | None
         return None
     if not folder.is_dir():
         inside = f" (give {folder.parent})" if folder.name.endswith((".json", ".safetensors")) else ""
-        raise UserError(f"{setting} {folder} is a file, not a model folder: give the folder that holds "
+        raise ValueError(f"{setting} {folder} is a file, not a model folder: give the folder that holds "
                         f"config.json{inside}")
     if not (folder / "config.json").is_file():
-        raise UserError(f"{setting} {folder}: no config.json there; give a folder written by save_pretrained")
+        raise ValueError(f"{setting} {folder}: no config.json there; give a folder written by save_pretrained")
     config = _json_file(folder / "config.json")
     vision = "vision_config" in config
     if kind == "text" and vision:
-        raise UserError(f"{setting} {folder} is an image-text-to-text model ({config.get('model_type', '?')}), "
+        raise ValueError(f"{setting} {folder} is an image-text-to-text model ({config.get('model_type', '?')}), "
                         "not a text model: train it with `python -m qlora_helpers vlm`, or give a text model")
     if kind == "vision" and not vision:
-        raise UserError(f"{setting} {folder} has no vision part (no vision_config in config.json): the vlm command "
+        raise ValueError(f"{setting} {folder} has no vision part (no vision_config in config.json): the vlm command "
                         "trains image-text-to-text models; train a text model with `python -m qlora_helpers sft`")
     _check_weights(folder)
     return config
@@ -338,10 +337,10 @@ def check_adapter_folder(path, *, setting: str) -> dict:
     folder = Path(str(path)).expanduser()
     fix = "save the adapter again, or give another folder"
     if folder.is_file():
-        raise UserError(f"{setting} {folder} is a file, not an adapter folder: give the folder that holds "
+        raise ValueError(f"{setting} {folder} is a file, not an adapter folder: give the folder that holds "
                         "adapter_config.json")
     if not (folder / "adapter_config.json").is_file():
-        raise UserError(f"{setting} {folder} holds no adapter_config.json: give the folder a LoRA or QLoRA run "
+        raise ValueError(f"{setting} {folder} holds no adapter_config.json: give the folder a LoRA or QLoRA run "
                         "saved its adapter in")
     config = _json_file(folder / "adapter_config.json", fix)
     if (folder / "adapter_model.safetensors").is_file():
@@ -363,6 +362,6 @@ def load_adapter(model, adapter_dir, base: str, **kwargs):
             found = re.search(r"size mismatch for (?:base_model\.model\.)?(\S+?)(?:\.default)?\.weight: .*?"
                               r"torch\.Size\((\[[^]]*\])\).*?torch\.Size\((\[[^]]*\])\)", str(err))
             first = f"; first {found[1]}: {found[2]} in the adapter, {found[3]} in the base" if found else ""
-            raise UserError(f"{adapter_dir} was trained on base {trained_on} (its adapter_config.json), and its "
+            raise ValueError(f"{adapter_dir} was trained on base {trained_on} (its adapter_config.json), and its "
                             f"tensors do not fit base {base} ({str(err).count('size mismatch')} size mismatches"
                             f"{first}): pass --base_model {trained_on}, or the model it was trained on") from None
