@@ -16,6 +16,6 @@ A notebook imports from its own chapter's package; a chapter imports only ``comm
 
 __version__ = "0.1.0"
 
-from qlora_helpers.common.library_messages import install as _drop_known_library_messages  # noqa: E402
+from qlora_helpers.library_messages import install as _drop_known_library_messages  # noqa: E402
 
 _drop_known_library_messages()
