@@ -16,6 +16,10 @@ LOGGED = {
         "Failed to load CPU gemm_4bit_forward from kernels-community",
         "on a CPU with AVX-512 BF16, importing bitsandbytes asks the Hugging Face hub for an optional faster "
         "4-bit kernel; the course runs offline and bitsandbytes uses its own CPU kernel (device_info() says which)"),
+    "kernels._internals.hf_hub": (
+        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+        "the same look-up with the hub switched off (HF_HUB_OFFLINE): the kernels package says it cannot check "
+        "the kernel's publisher; bitsandbytes then falls back to its own kernel as above"),
     "bitsandbytes.autograd._functions": (
         "MatMul8bitLt: inputs will be cast from",
         "LLM.int8 quantises activations from fp16: on a CPU computing in fp32 or bf16 every 8-bit call casts "
