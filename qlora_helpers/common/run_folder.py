@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import hashlib
 import json
 import os
 import zipfile
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from qlora_helpers.common.assets import sha256_file
 from qlora_helpers.common.files import (
     COURSE_FILES,
     atomic_write_json,
@@ -302,12 +302,8 @@ def _resume_plan(out: Path, finished: str) -> RunFolder:
 
 # --------------------------------------------------------------------------- the settings of a resume
 def data_digest(path) -> str:
-    """sha256 of a data file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a data file's bytes (``assets.sha256_file``, as the assets are checked)."""
+    return sha256_file(Path(path))
 
 
 def plain(settings: dict) -> dict:
