@@ -533,10 +533,29 @@ def largest_fit(config, method: str, gpu_gib: float, *, vary: str, batch_size: i
                           limit // step)
 
 
+ROPE_EXTENDS = ("linear", "dynamic", "yarn", "llama3")   # rope types whose ``factor`` stretches the positions
+
+
+def position_limit(text_config) -> tuple[int | None, str]:
+    """The longest sequence a language model takes, and where that number comes from: ``max_position_embeddings``,
+    or, under a rope scaling that stretches it (``rope_parameters``/``rope_scaling`` with a ``factor``: a yarn
+    config added to Qwen2.5's for 128K tokens), ``original_max_position_embeddings`` (else the former) times the
+    factor when that is longer."""
+    limit = getattr(text_config, "max_position_embeddings", None)
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
+    if not limit or kind not in ROPE_EXTENDS or not isinstance(factor, (int, float)):
+        return limit, "max_position_embeddings"
+    original = int(rope.get("original_max_position_embeddings") or limit)
+    if original * factor <= limit:       # llama3's: max_position_embeddings states the stretched length already
+        return limit, "max_position_embeddings"
+    return int(original * factor), f"{original} positions × its {kind} rope scaling factor {factor:g}"
+
+
 def max_text_tokens(config, est: MemoryEstimate) -> int | None:
-    """The longest ``seq_len`` the model has positions for: ``max_position_embeddings`` less the image tokens of a
-    sample (a VLM's); ``None`` when the config has no such field."""
-    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    """The longest ``seq_len`` the model has positions for (``position_limit``) less the image tokens of a sample
+    (a VLM's); ``None`` when the config has no such field."""
+    limit = position_limit(config.get_text_config())[0]
     return limit - (est.inputs["lm_tokens_per_sample"] - est.inputs["seq_len"]) if limit else None
 
 
@@ -586,8 +605,9 @@ def cli(args) -> int:
         assumed = " (its config class's default: the file states none)" * any("max_position_embeddings" in n
                                                                                for n in notes)
         images = est.inputs["lm_tokens_per_sample"] - args.seq_len
+        source = position_limit(config.get_text_config())[1]
         raise ValueError(f"--seq-len {args.seq_len}{f' + {images} image tokens' if images else ''} is beyond "
-                         f"{args.model}'s max_position_embeddings, {longest + images}{assumed}, the longest sequence "
+                         f"{args.model}'s {source}, {longest + images}{assumed}, the longest sequence "
                          f"the model takes: give --seq-len {longest} or less")
     for note in notes:     # what the estimate stands on that the file does not say, one line each
         print(f"note: {note}", file=sys.stderr)
