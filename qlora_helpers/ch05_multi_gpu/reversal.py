@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from qlora_helpers.common.assets import load_images, load_sft
-from qlora_helpers.common.files import atomic_write_json, atomic_write_text
+from qlora_helpers.common.files import atomic_write_text, course_files, record_course_files
 
 TASKS = ("forward", "reverse")
 SYLLABLES = (("ba", "ko", "ne", "su", "ta", "vi"), ("ri", "lo", "ma", "pe", "du", "ha"),
@@ -132,8 +132,8 @@ def task_records(identities: list[dict], direction: str, split: str) -> list[dic
             for t in templates for ident in identities]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -146,19 +146,32 @@ def generate_data(data_dir: str | Path, num_identities: int = 4, seed: int = 0, 
 
     ``identities.json``; ``forward_train/val.jsonl``, ``reverse_train/val.jsonl``; and
     ``retention_pool.jsonl`` (``pool_size`` English chatterbot training records, seeded).
-    """
 
+    The folder may hold other files, which stay as they are. A file of one of those names is replaced only when
+    the folder's ``.course_files.json`` lists it (an earlier call wrote it) or it already holds the same bytes;
+    otherwise the call is refused before anything is written. The list is written before the files, so
+    processes that generate the same data at once (every rank of a launch) accept each other's.
+    """
     data_dir = Path(data_dir)
     identities = make_identities(num_identities, seed)
-    atomic_write_json(data_dir / "identities.json", identities)
+    texts = {"identities.json": json.dumps(identities, indent=2, ensure_ascii=False, default=str) + "\n"}
     for direction in TASKS:
         for split in ("train", "val"):
-            _write_jsonl(data_dir / f"{direction}_{split}.jsonl", task_records(identities, direction, split))
+            texts[f"{direction}_{split}.jsonl"] = _jsonl(task_records(identities, direction, split))
     pool = load_sft("train", languages=("en",))
     random.Random(seed).shuffle(pool)
-    pool = [{**r, "messages": [{"role": "system", "content": SYSTEM}] + r["messages"], "kind": "retention"}
-            for r in pool[:pool_size]]
-    _write_jsonl(data_dir / "retention_pool.jsonl", pool)
+    texts["retention_pool.jsonl"] = _jsonl(
+        [{**r, "messages": [{"role": "system", "content": SYSTEM}] + r["messages"], "kind": "retention"}
+         for r in pool[:pool_size]])
+    ours = course_files(data_dir) or set()
+    for name, text in texts.items():
+        path = data_dir / name
+        if path.exists() and name not in ours and not (path.is_file() and path.read_bytes() == text.encode()):
+            raise ValueError(f"{path} is not a file this course wrote, and the data would replace it: give another "
+                             "data folder (--data-dir), or move the file away")
+    record_course_files(data_dir, ours | set(texts))
+    for name, text in texts.items():
+        atomic_write_text(data_dir / name, text)
     return data_dir
 
 
