@@ -207,7 +207,8 @@ def quality_claims(runs: dict, *, steps: int, spread: dict | None = None,
         ("LoRA: close to full fine-tuning", verdict(abs(ratio["lora"] - 1) <= close), one_run,
          f"LoRA's loss is {ratio['lora']:.3f} × full's (close: within {close:.0%})"),
         ("QLoRA: slightly below LoRA, still good", verdict(all(1 <= r <= 1 + close for r in q4)), q4_evidence,
-         f"QLoRA-4's loss is {min(q4):.3f}–{max(q4):.3f} × LoRA's (slightly: within {close:.0%}); "
+         f"QLoRA-4's loss is {min(q4):.3f}{f'–{max(q4):.3f}' if len(q4) > 1 else ''} × LoRA's "
+         f"(slightly: within {close:.0%}); "
          f"this run's QLoRA-8: {ratio['qlora-8bit'] / ratio['lora']:.3f} ×"),
     ]
 

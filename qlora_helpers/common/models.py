@@ -17,7 +17,6 @@ import json
 import re
 import shutil
 import struct
-import warnings
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -352,16 +351,14 @@ def load_adapter(model, adapter_dir, base: str, **kwargs):
     """``PeftModel.from_pretrained(model, adapter_dir)``; an adapter whose tensors do not fit ``model`` (trained on
     another base) is refused in one line naming both bases."""
     trained_on = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    with warnings.catch_warnings():   # peft reads transformers' deprecated ``is_gradient_checkpointing``
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        try:
-            return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
-        except RuntimeError as err:
-            if "size mismatch" not in str(err):
-                raise
-            found = re.search(r"size mismatch for (?:base_model\.model\.)?(\S+?)(?:\.default)?\.weight: .*?"
-                              r"torch\.Size\((\[[^]]*\])\).*?torch\.Size\((\[[^]]*\])\)", str(err))
-            first = f"; first {found[1]}: {found[2]} in the adapter, {found[3]} in the base" if found else ""
-            raise ValueError(f"{adapter_dir} was trained on base {trained_on} (its adapter_config.json), and its "
-                            f"tensors do not fit base {base} ({str(err).count('size mismatch')} size mismatches"
-                            f"{first}): pass --base_model {trained_on}, or the model it was trained on") from None
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        found = re.search(r"size mismatch for (?:base_model\.model\.)?(\S+?)(?:\.default)?\.weight: .*?"
+                          r"torch\.Size\((\[[^]]*\])\).*?torch\.Size\((\[[^]]*\])\)", str(err))
+        first = f"; first {found[1]}: {found[2]} in the adapter, {found[3]} in the base" if found else ""
+        raise ValueError(f"{adapter_dir} was trained on base {trained_on} (its adapter_config.json), and its "
+                        f"tensors do not fit base {base} ({str(err).count('size mismatch')} size mismatches"
+                        f"{first}): pass --base_model {trained_on}, or the model it was trained on") from None
