@@ -42,7 +42,7 @@ from qlora_helpers.ch03_sft.chat import main as chat_main
 from qlora_helpers.ch03_sft.command import SFTConfig, run_sft
 from qlora_helpers.ch04_vlm.hub_model import write_tiny_vlm
 from qlora_helpers.ch04_vlm.records import write_example_files
-from qlora_helpers.ch05_multi_gpu import load_config, worker
+from qlora_helpers.ch05_multi_gpu import load_config, reversal, worker
 from qlora_helpers.ch05_multi_gpu.config import OPTIMIZERS, check_config
 from qlora_helpers.common import runner
 from qlora_helpers.common.files import COURSE_FILES, course_files
@@ -686,12 +686,23 @@ def test_a_negative_count_is_refused_up_front(tmp_path, refused):
     assert not (tmp_path / "run").exists(), line
 
 
-def test_every_declared_int_parameter_is_a_count():
-    """The rule the runner applies (an ``int`` parameter is never negative) holds for every course notebook."""
+@pytest.mark.parametrize("name, value, says", [("lr_lora", "-0.0002", "cannot be negative"),
+                                               ("lora_dropout", "1.5", "pass 0 to 1"),
+                                               ("lr_full", ".inf", "a finite number")])
+def test_a_negative_or_out_of_range_float_is_refused_up_front(tmp_path, refused, name, value, says):
+    refused(lambda: cli.main(["run", "03", "-p", name, value, "--run-dir", str(tmp_path / "run")]),
+            names=[name, "03_qwen_sft", says, f"-p {name} "], keep=[tmp_path])
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_declared_number_parameter_keeps_the_rule():
+    """The rule the runner applies (an ``int`` or ``float`` parameter is never negative; a dropout or ratio at most
+    1) holds for every course notebook's defaults, and 0 passes."""
     for book in runner.discover():
         for name, spec in runner.declared_parameters(book).items():
-            if spec["inferred_type_name"] == "int":
-                assert int(spec["default"]) >= 0, (book.stem, name)
+            if spec["inferred_type_name"] in ("int", "float"):
+                default = (int if spec["inferred_type_name"] == "int" else float)(spec["default"])
+                assert runner.check_value(book.stem, name, default, {name: spec}) == default, (book.stem, name)
                 assert runner.check_value(book.stem, name, 0, {name: spec}) == 0
 
 
@@ -711,6 +722,24 @@ def test_a_length_beyond_the_model_is_refused(refused):
     refused(lambda: cli.main(["estimate", "--model", "qwen2.5-7b", "--method", "qlora4", "--batch-size", "1",
                               "--seq-len", "100000000000"]),
             names=["--seq-len 100000000000", "max_position_embeddings, 32768", "--seq-len 32768 or less"])
+
+
+@pytest.mark.parametrize("rope, longest", [
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}, 2048),   # Qwen2.5's 128K recipe
+    ({"type": "linear", "factor": 2.0}, 1024),                                              # the older key name
+    ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0}, 512),                                                          # already stretched
+])
+def test_a_rope_scaling_that_stretches_the_positions_is_read(tmp_path, capfd, rope, longest):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**DECODER, "rope_scaling": {"rope_theta": 10000.0, **rope}}))
+    base = ["estimate", "--model", str(path), "--method", "qlora4", "--batch-size", "1"]
+    assert cli.main([*base, "--seq-len", str(longest)]) == 0
+    capfd.readouterr()
+    assert cli.main([*base, "--seq-len", str(longest + 1)]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and f"{longest}, the longest sequence" in err
+    assert ("rope scaling factor" in err) == (longest > DECODER["max_position_embeddings"])
 
 
 DECODER = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
@@ -790,6 +819,22 @@ def test_the_worker_reuses_an_earlier_runs_folder(tmp_path):
     (out / "final" / "sft_config.json").unlink()
     (out / "training_history.json").write_text(json.dumps({"task": "forward", "steps": []}))
     assert worker.check_run_folder(dict(output_dir=str(tmp_path), name="lfw", task="forward")) == out
+
+
+def test_the_worker_data_never_replaces_a_users_file(tmp_path, refused, cached_assets):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("mine")
+    (data / "forward_train.jsonl").write_text('{"mine": true}\n')
+    argv = ["--config", str(CPU_CONFIG), "--profile", "cpu", "--output-dir", str(tmp_path / "outputs"),
+            "--data-dir", str(data)]
+    refused(lambda: run_main(worker.main, argv), names=[str(data / "forward_train.jsonl"), "--data-dir", "move"],
+            keep=[tmp_path])
+    assert sorted(p.name for p in data.iterdir()) == ["forward_train.jsonl", "notes.txt"]   # nothing written
+    (data / "forward_train.jsonl").unlink()
+    reversal.generate_data(data, num_identities=4, seed=0)
+    again = reversal.generate_data(data, num_identities=6, seed=1)       # the course's own files: replaced
+    assert len(json.loads((again / "identities.json").read_text())) == 6 and (data / "notes.txt").read_text() == "mine"
 
 
 def test_the_example_files_never_replace_a_users_file(tmp_path, refused):

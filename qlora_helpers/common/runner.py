@@ -137,7 +137,8 @@ def declared_parameters(notebook: Path) -> dict:
 def check_value(stem: str, name: str, value, declared: dict):
     """``value`` as the type the parameters cell of ``stem`` declares for ``name``; one-line error if it is not.
 
-    An ``int`` parameter is a count (steps, sizes, a seed: every one the course declares), never negative.
+    An ``int`` parameter is a count (steps, sizes, a seed) and a ``float`` one a rate, scale or share: every one the
+    course declares is never negative, a float is finite, and a dropout or a ratio is at most 1.
 
     >>> check_value("03_qwen_sft", "lr_lora", 1, {"lr_lora": {"inferred_type_name": "float", "default": "2e-4"}})
     1.0
@@ -148,10 +149,15 @@ def check_value(stem: str, name: str, value, declared: dict):
         example = "true or false" if kind == "bool" else default
         raise ValueError(f"parameter {name} of {stem} must be {kind} (its parameters cell: {name}: {kind} = "
                          f"{default}), not {value!r}: pass e.g. -p {name} {example}")
-    if kind == "int" and value < 0:
-        raise ValueError(f"parameter {name} of {stem} is a count and cannot be negative (its parameters cell: "
-                         f"{name}: int = {default}  # {declared[name].get('help', '')}), not {value}: "
+    cell = f"its parameters cell: {name}: {kind} = {default}  # {declared[name].get('help', '')}"
+    if kind in ("int", "float") and not value >= 0:     # also NaN
+        what = "a count" if kind == "int" else "a rate, scale or share"
+        raise ValueError(f"parameter {name} of {stem} is {what} and cannot be negative ({cell}), not {value}: "
                          f"pass 0 or more, e.g. -p {name} {default}")
+    if kind == "float" and (value == float("inf") or (value > 1 and ("dropout" in name or "ratio" in name))):
+        raise ValueError(f"parameter {name} of {stem} is out of range ({cell}), not {value}: "
+                         f"pass {'0 to 1' if 'dropout' in name or 'ratio' in name else 'a finite number'}, "
+                         f"e.g. -p {name} {default}")
     value = {"float": float, "str": str}.get(kind, lambda v: v)(value)
     if name == "profile":
         resolve_profile(value)      # unknown profile, or gpu without CUDA: refused here, not in cell 3
