@@ -2,7 +2,8 @@
 
 A committed output holds what its cell means to show. Anything a library or a failing cell printed on the
 way (warnings, tracebacks, hub look-ups, empty lines, temporary folder names) fails here, except in a cell
-tagged ``troubleshooting``: such a cell demonstrates that very message.
+tagged ``troubleshooting``: such a cell demonstrates that very message. A cell tagged ``generated-text`` prints a
+model's sampled answer as it streams: blank lines inside it are the model's own, and only they are let through.
 """
 
 import json
@@ -15,6 +16,7 @@ from qlora_helpers.common import runner
 BOOKS = runner.discover()
 CORE = [p for p in BOOKS if not runner.is_companion(p)]
 TAG = "troubleshooting"
+GENERATED = "generated-text"   # a cell printing a model's sampled text verbatim: its blank lines are the model's
 # what no committed output may hold outside a troubleshooting cell
 NOISE = {
     "a warning": re.compile(r"\b\w*Warning\b|warnings\.warn\(|^WARNING", re.M),
@@ -47,8 +49,9 @@ def noise(cell: dict) -> list[str]:
             found.append("a stderr stream: " + "".join(output["text"])[:80].replace("\n", " "))
         for text in _texts(output):
             found += [f"{what}: {m.group(0)!r}" for what, rx in NOISE.items() if (m := rx.search(text))]
+            generated = GENERATED in cell.get("metadata", {}).get("tags", [])
             if output["output_type"] == "stream" and (not text.strip() or text.startswith("\n")
-                                                      or text.endswith("\n\n") or "\n\n\n" in text):
+                                                      or text.endswith("\n\n") or ("\n\n\n" in text and not generated)):
                 found.append("an empty line at the start or end of a printed block")
     return found
 

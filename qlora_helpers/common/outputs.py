@@ -6,6 +6,8 @@ copies each executed notebook into ``notebooks/``, cleaned by ``clean_executed``
 - papermill's per-cell bookkeeping (timings, status) and the run's paths are dropped;
 - widget views (progress bars, panels) are dropped with the notebook's widget state: a committed
   widget only shows "model not found" until its kernel runs;
+- consecutive chunks of one stream (a streamer's pieces, text printed on both sides of a dropped bar) become one
+  output, as Jupyter shows them;
 - every code cell records the sha1 of its source (``metadata.qlora_helpers.source``).
 
 ``stale_cells`` compares that record with the source: a cell edited since the run, or added without
@@ -33,11 +35,23 @@ def _keep_output(output: dict) -> bool:
     return WIDGET_VIEW not in output.get("data", {})
 
 
+def _merge_streams(outputs: list[dict]) -> list[dict]:
+    merged = []
+    for o in outputs:
+        last = merged[-1] if merged else {}
+        if o.get("output_type") == "stream" == last.get("output_type") and o.get("name") == last.get("name"):
+            merged[-1] = {**last, "text": "".join(last["text"]) + "".join(o["text"])}
+        else:
+            merged.append(o)
+    return [{**o, "text": "".join(o["text"]).splitlines(keepends=True)} if o.get("output_type") == "stream" else o
+            for o in merged]
+
+
 def _clean_cell(cell: dict) -> dict:
     meta = {k: v for k, v in cell.get("metadata", {}).items() if k not in ("papermill", "execution", KEY)}
     cell = {**cell, "metadata": meta}
     if cell["cell_type"] == "code":
-        cell["outputs"] = [o for o in cell["outputs"] if _keep_output(o)]
+        cell["outputs"] = _merge_streams([o for o in cell["outputs"] if _keep_output(o)])
         meta[KEY] = {"source": source_digest(cell)}
     return cell
 
