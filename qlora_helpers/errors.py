@@ -36,12 +36,17 @@ def one_line(text: str) -> str:
     return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def did_you_mean(word: str, known, otherwise: str, quote: str = "") -> str:
+    """``"did you mean X?"`` with the closest of ``known`` to a misspelt ``word``, else ``otherwise``."""
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f"did you mean {quote}{close[0]}{quote}?" if close else otherwise
+
+
 def check_keys(values, known, source: str, command: str) -> None:
     """Refuse the first key of ``values`` not in ``known`` in one line, with the closest known one."""
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"see `python -m qlora_helpers {command} --help`"
+            hint = did_you_mean(key, known, f"see `python -m qlora_helpers {command} --help`", quote="'")
             raise ValueError(f"{source}: unknown key '{key}': {hint}")
 
 

@@ -20,11 +20,11 @@ the field and the fix, e.g. ``model.backbone.quantize_bits=3: use 4 (Linear4bit)
 from __future__ import annotations
 
 import copy
-import difflib
 from functools import partial
 
 from qlora_helpers.ch02_tad.adapters import QLoRAAdapter, TemporalAdapter, freeze_for_adapters, quantize_backbone
 from qlora_helpers.ch02_tad.model import Detector, TADHead, VideoViT
+from qlora_helpers.errors import did_you_mean
 
 GEOMETRY = {"img_size": 32, "patch_size": 8, "in_chans": 1, "embed_dims": 64, "depth": 4, "num_heads": 4,
             "mlp_ratio": 4.0, "num_frames": 16, "tubelet_size": 2, "with_cp": False}
@@ -85,8 +85,7 @@ def validate(cfg: dict) -> dict:
     allowed = {**GEOMETRY, **KEYS[kind]}
     for key in backbone:
         if key != "type" and key not in allowed:
-            near = difflib.get_close_matches(key, list(allowed), n=1)
-            hint = f"did you mean {near[0]!r}?" if near else f"{kind} takes {', '.join(sorted(allowed))}"
+            hint = did_you_mean(key, allowed, f"{kind} takes {', '.join(sorted(allowed))}", quote="'")
             raise ConfigError(f"model.backbone.{key}: not a key of {kind}; {hint}")
     b = cfg["model"]["backbone"] = {"type": kind, **allowed, **backbone}
     for key, (test, fix) in RULES.items():

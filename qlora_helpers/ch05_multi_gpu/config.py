@@ -13,12 +13,12 @@ No torch here: the notebook's kernel reads the config before it forks the ranks.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import yaml
 
 from qlora_helpers.ch05_multi_gpu.schedule import PlateauSchedule
+from qlora_helpers.errors import did_you_mean
 
 # course optimizer names (qlora_helpers.common.optim.OPTIMIZERS, which imports bitsandbytes: not in this kernel)
 OPTIMIZERS = ("adamw", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
@@ -82,8 +82,7 @@ def check_config(data, source: str, lines: dict | None = None) -> dict:
                          "see data/configs/multi_gpu_32b.yaml")
     for name in [s for s in data if s not in SCHEMA] + [f"{s}.{k}" for s in SCHEMA if isinstance(data.get(s), dict)
                                                         for k in data[s] if k not in SCHEMA[s]]:
-        close = difflib.get_close_matches(name, KNOWN + list(SCHEMA), n=1)
-        hint = f"did you mean {close[0]}?" if close else "see data/configs/multi_gpu_32b.yaml for every key"
+        hint = did_you_mean(name, KNOWN + list(SCHEMA), "see data/configs/multi_gpu_32b.yaml for every key")
         raise ValueError(f"{at(name)}: unknown key {name}: {hint}")
     checked = {}
     for section, keys in SCHEMA.items():
