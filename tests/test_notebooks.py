@@ -165,6 +165,9 @@ def check_03_qwen_sft(r):
     # the dequantised-base merge moves the logits about as far as bf16 rounding moves LoRA's (the notebook's sentence)
     assert merge["qlora-4bit → dequantized bf16 base"]["max_abs_logit_diff"] <= 2 * r["merge_logit_diff"]
     assert merge["qlora-4bit → dequantized bf16 base"]["top1_agree"] > merge["qlora-4bit → 4-bit layers"]["top1_agree"]
+    # the sum formed in fp32 and rounded once is nearer the trained model than the sum formed in bf16
+    in_bf16 = merge["qlora-4bit → dequantized bf16 base, summed in bf16"]
+    assert merge["qlora-4bit → dequantized bf16 base"]["mean_abs_logit_diff"] < in_bf16["mean_abs_logit_diff"]
     share = r["qlora_lora_share_qwen05b_r64"]
     assert 7.0 < share["all linear layers"] < 7.2 and 1.7 < share["attention only"] < 1.8   # 7.12 and 1.75
     plain = r["plain_qlora"]   # the short loop in plain transformers + peft + bitsandbytes (section 3)

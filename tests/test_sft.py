@@ -317,6 +317,8 @@ def test_fresh_process_reload_with_plain_peft_gives_the_same_logits(mode, bits, 
 
 
 def test_chat_and_merge(trained, tmp_path):
+    import torch
+
     from qlora_helpers.ch03_sft.chat import chat, load_for_inference, logit_difference, merge_adapter, prompt_logits
 
     cfg, result = trained["lora"]
@@ -339,6 +341,9 @@ def test_chat_and_merge(trained, tmp_path):
                                                                        dtype="fp32"), tok))
     assert by_default == onto_dequantized            # QLoRA merges onto what it trained with unless asked
     assert onto_dequantized["mean_abs"] < onto_original["mean_abs"]
+    # a bf16 merge is the fp32 merge rounded once: W + BA is never summed in bf16, where small updates round away
+    fp32, bf16 = (merge_adapter(qcfg.output_dir, dtype=d).state_dict() for d in ("fp32", "bf16"))
+    assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], fp32[k].to(torch.bfloat16)) for k in fp32)
 
 
 def test_corpus_preference_is_the_difference_of_two_answer_losses_hand_computed(tiny):

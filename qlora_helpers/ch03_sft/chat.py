@@ -10,8 +10,10 @@ The pitfall with QLoRA: the adapter was trained against the *dequantised 4-bit* 
 ``Q(W)``, not ``W``. Merging into the 4-bit layers re-quantises ``Q(W) + BA`` and part of the
 small update rounds away; merging onto the original bf16 ``W`` gives ``W + BA``, a model that
 was never trained (it also drops the quantisation error the adapter learned around).
-``merge_adapter(..., base="dequantized")`` merges onto ``Q(W)`` held in bf16, which is the
-trained model; ``logit_difference`` measures each choice.
+``merge_adapter(..., base="dequantized")`` merges onto ``Q(W)``, which is the trained model;
+``logit_difference`` measures each choice. Every merge forms ``W + BA`` in fp32 and rounds it to bf16
+once: added to a bf16 weight, an update smaller than half a bf16 step of that weight would round away
+(for a QLoRA adapter, most of it: chapter 03 measures the two).
 
 From the command line (the seed's ``inference_lora.py``)::
 
@@ -167,8 +169,10 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, *, dty
     (the usual recipe, and for QLoRA the pitfall chapter 03 measures); ``base="dequantized"`` loads
     it the way QLoRA training saw it (4- or 8-bit, from ``sft_config.json``) and dequantises it
     first, so the merged model is the trained one.
-    With ``save_to`` the merged model and tokenizer are written into that folder, listed in its
-    ``.course_files.json``; ``check_merge_target`` says which folders it may replace, checked before anything loads.
+    The sum is formed in fp32 and rounded to ``dtype`` once at the end (the memory of the model in fp32 while
+    merging: 4 bytes a parameter). With ``save_to`` the merged model and tokenizer are written into that folder,
+    listed in its ``.course_files.json``; ``check_merge_target`` says which folders it may replace, checked before
+    anything loads.
     """
     path, quantization = base_model or base_of(adapter_dir), training_quantization(adapter_dir)
     check_model_folder(path, setting="--base_model" if base_model else f"the base of {adapter_dir}")
@@ -177,17 +181,17 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, *, dty
     if base == "auto":
         base = "dequantized" if quantization else "original"
     if base == "original":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     elif base == "dequantized":
         if quantization is None:
             raise ValueError(f"{adapter_dir}: no sft_config.json of a QLoRA run, so the training quantisation is "
                              "unknown; merge onto the original base instead")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"},
                                                      quantization_config=quantization)
-        model = dequantize_model(model, dtype)
+        model = dequantize_model(model, "fp32")
     else:
         raise ValueError(f"base must be 'auto', 'original' or 'dequantized', not {base!r}")
-    merged = load_adapter(model, adapter_dir, path).merge_and_unload().eval()
+    merged = load_adapter(model, adapter_dir, path).merge_and_unload().eval().to(_dtype(dtype))
     if save_to is not None:
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
         replace_folder(save_to, lambda tmp: _save_merged(merged, tokenizer, tmp))
