@@ -22,7 +22,6 @@ precision, several processes under ``accelerate launch``) is the HF ``Trainer``'
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import nullcontext
 from importlib.util import find_spec
@@ -42,7 +41,7 @@ from trl import SFTTrainer
 
 from qlora_helpers.ch03_sft.data import IGNORE_INDEX, SFTData, collate
 from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
-from qlora_helpers.common.files import atomic_write_json, atomic_write_text, remove_folder
+from qlora_helpers.common.files import atomic_write_json, atomic_write_text, fsync_tree, remove_folder
 from qlora_helpers.common.optim import optimizer_name, trainer_optim
 from qlora_helpers.common.run_folder import (
     CHECKPOINTS,
@@ -131,14 +130,6 @@ def evaluate(model, data: SFTData, batch_size: int, pad_id: int, device: str, cf
 
 
 # --------------------------------------------------------------------------- checkpoints
-def fsync_folder(folder: Path) -> None:
-    """Every file under ``folder`` on disk (before a rename or a marker makes it visible)."""
-    for f in folder.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 # --------------------------------------------------------------------------- what the course adds, as a callback
 class CourseCallback(TrainerCallback):
     """Per-step records, the token-weighted eval loss, whole checkpoints, the notebook's callbacks, one bar."""
@@ -210,7 +201,7 @@ class CourseCallback(TrainerCallback):
             return
         root = Path(args.output_dir)
         path = root / f"checkpoint-{state.global_step}"
-        fsync_folder(path)
+        fsync_tree(path)
         atomic_write_json(path / COMPLETE, {"step": state.global_step, "history": self.history,
                                             "fingerprint": self.fingerprint})
         atomic_write_text(root / LATEST, path.name + "\n")

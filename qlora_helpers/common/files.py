@@ -81,10 +81,7 @@ def atomic_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
     version = Path(tempfile.mkdtemp(prefix=f".{folder.name}.v", dir=parent))
     try:
         write(version)
-        for f in version.rglob("*"):        # contents on disk before the rename makes them visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        fsync_tree(version)                 # contents on disk before the rename makes them visible
     except BaseException:                   # a failed write (a full disk) leaves no partial version behind
         shutil.rmtree(version, ignore_errors=True)
         raise
