@@ -40,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 
 from qlora_helpers.ch03_sft.data import jsonl_lines
 from qlora_helpers.common.assets import load_images
-from qlora_helpers.common.files import atomic_write_text, course_files, record_course_files
+from qlora_helpers.common.files import atomic_write_text, claim_course_files
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
@@ -255,13 +255,10 @@ def example_split(*, held_out: float = 0.2, face_share: float = 1 / 3, n_val: in
 
 def _claim(folder: Path, names: list[str]) -> None:
     """Add ``names`` to the folder's record of course files, refusing (one line) a file there that no earlier call
-    wrote (``files.course_files``)."""
-    ours = course_files(folder) or set()
-    if taken := [n for n in names if (folder / n).exists() and n not in ours]:
+    wrote (``files.claim_course_files``)."""
+    if taken := claim_course_files(folder, names):
         raise ValueError(f"{folder} already holds {', '.join(taken[:3])}, which the course's examples would replace: "
                          "write them into a new or empty folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    record_course_files(folder, ours | set(names))    # before the files: a killed call leaves none unclaimed
 
 
 def write_example_files(folder: str | Path, *, n_train: int | None = None, n_val: int = 40, size: int = 56,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from qlora_helpers.common.assets import load_images, load_sft
-from qlora_helpers.common.files import atomic_write_text, course_files, record_course_files
+from qlora_helpers.common.files import atomic_write_text, claim_course_files
 
 TASKS = ("forward", "reverse")
 SYLLABLES = (("ba", "ko", "ne", "su", "ta", "vi"), ("ri", "lo", "ma", "pe", "du", "ha"),
@@ -163,13 +163,10 @@ def generate_data(data_dir: str | Path, num_identities: int = 4, seed: int = 0, 
     texts["retention_pool.jsonl"] = _jsonl(
         [{**r, "messages": [{"role": "system", "content": SYSTEM}] + r["messages"], "kind": "retention"}
          for r in pool[:pool_size]])
-    ours = course_files(data_dir) or set()
-    for name, text in texts.items():
-        path = data_dir / name
-        if path.exists() and name not in ours and not (path.is_file() and path.read_bytes() == text.encode()):
-            raise ValueError(f"{path} is not a file this course wrote, and the data would replace it: give another "
-                             "data folder (--data-dir), or move the file away")
-    record_course_files(data_dir, ours | set(texts))
+    same = lambda path: path.is_file() and path.read_bytes() == texts[path.name].encode()
+    if taken := claim_course_files(data_dir, texts, unchanged=same):
+        raise ValueError(f"{data_dir / taken[0]} is not a file this course wrote, and the data would replace it: "
+                         "give another data folder (--data-dir), or move the file away")
     for name, text in texts.items():
         atomic_write_text(data_dir / name, text)
     return data_dir

@@ -118,6 +118,21 @@ def record_course_files(folder: str | Path, names) -> Path:
     return atomic_write_json(Path(folder) / COURSE_FILES, {"files": sorted(set(names))})
 
 
+def claim_course_files(folder: str | Path, names, *, unchanged: Callable[[Path], bool] = lambda path: False
+                       ) -> list[str]:
+    """Record ``names`` in ``folder``'s ``.course_files.json`` before the course writes them (a killed write leaves
+    none unrecorded), unless the folder holds a file of one of those names that the course did not write: then
+    nothing is recorded and those names come back, for the caller's one-line refusal. ``unchanged(path)``: such a
+    file may stay, as the write leaves it as it is (it holds the same bytes)."""
+    folder = Path(folder)
+    ours = course_files(folder) or set()
+    taken = [n for n in names if (folder / n).exists() and n not in ours and not unchanged(folder / n)]
+    if not taken:
+        folder.mkdir(parents=True, exist_ok=True)
+        record_course_files(folder, ours | set(names))
+    return taken
+
+
 def foreign_files(folder: str | Path) -> list[str]:
     """The names in ``folder`` (top level) the course did not write: all of them when it holds no manifest."""
     folder = Path(folder)
