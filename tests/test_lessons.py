@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from qlora_helpers.common import runner
+from qlora_helpers.common import outputs, runner
 
 BOOKS = runner.discover()
 CORE = [p for p in BOOKS if not runner.is_companion(p)]
@@ -35,21 +35,15 @@ def _texts(output: dict) -> list[str]:
 
 def noise(cell: dict) -> list[str]:
     """What is wrong with a cell's committed outputs, one phrase each (empty when clean)."""
-    found, outputs = [], []
-    for output in cell.get("outputs", []):       # a printed block may reach the notebook in several chunks
-        if outputs and output["output_type"] == "stream" == outputs[-1]["output_type"] \
-                and output["name"] == outputs[-1]["name"]:
-            outputs[-1] = {**output, "text": "".join(outputs[-1]["text"]) + "".join(output["text"])}
-        else:
-            outputs.append(output)
-    for output in outputs:
+    found = []
+    generated = GENERATED in cell.get("metadata", {}).get("tags", [])
+    for output in outputs.merge_streams(cell.get("outputs", [])):   # a printed block may come in several chunks
         if output["output_type"] == "error":
             found.append(f"an error ({output.get('ename')})")
         if output["output_type"] == "stream" and output["name"] == "stderr":
             found.append("a stderr stream: " + "".join(output["text"])[:80].replace("\n", " "))
         for text in _texts(output):
             found += [f"{what}: {m.group(0)!r}" for what, rx in NOISE.items() if (m := rx.search(text))]
-            generated = GENERATED in cell.get("metadata", {}).get("tags", [])
             if output["output_type"] == "stream" and (not text.strip() or text.startswith("\n")
                                                       or text.endswith("\n\n") or ("\n\n\n" in text and not generated)):
                 found.append("an empty line at the start or end of a printed block")

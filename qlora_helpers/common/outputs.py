@@ -35,7 +35,8 @@ def _keep_output(output: dict) -> bool:
     return WIDGET_VIEW not in output.get("data", {})
 
 
-def _merge_streams(outputs: list[dict]) -> list[dict]:
+def merge_streams(outputs: list[dict]) -> list[dict]:
+    """``outputs`` with consecutive chunks of one stream joined into one output, its text as a list of lines."""
     merged = []
     for o in outputs:
         last = merged[-1] if merged else {}
@@ -51,7 +52,7 @@ def _clean_cell(cell: dict) -> dict:
     meta = {k: v for k, v in cell.get("metadata", {}).items() if k not in ("papermill", "execution", KEY)}
     cell = {**cell, "metadata": meta}
     if cell["cell_type"] == "code":
-        cell["outputs"] = _merge_streams([o for o in cell["outputs"] if _keep_output(o)])
+        cell["outputs"] = merge_streams([o for o in cell["outputs"] if _keep_output(o)])
         meta[KEY] = {"source": source_digest(cell)}
     return cell
 
