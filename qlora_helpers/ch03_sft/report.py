@@ -121,10 +121,13 @@ def merge_sentence(merge_rows: dict) -> str:
             f"{deq[1]:.3f} against {trained[1]:.3f} as trained")
 
 
+def words(text: str) -> list[str]:
+    """The lower-cased words of ``text``, punctuation dropped: what ``token_f1`` and ``repeated_ngrams`` count."""
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
 def token_f1(answer: str, reference: str) -> float:
     """Word-overlap F1 of an answer against the reference answer (lower-cased words, punctuation dropped)."""
-    def words(text: str) -> list[str]:
-        return re.findall(r"[a-z0-9']+", text.lower())
     a, r = Counter(words(answer)), Counter(words(reference))
     common = sum((a & r).values())
     if not common:
@@ -218,8 +221,8 @@ def repeated_ngrams(text: str, n: int = 3) -> int:
 
     Example: ``repeated_ngrams("a body and a body and a body")`` -> 3 ("a body and", "body and a" and
     "a body and" again follow their first occurrences)."""
-    words = re.findall(r"[a-z0-9']+", text.lower())
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    said = words(text)
+    grams = [tuple(said[i:i + n]) for i in range(len(said) - n + 1)]
     return len(grams) - len(set(grams))
 
 

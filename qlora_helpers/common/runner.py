@@ -154,10 +154,10 @@ def check_value(stem: str, name: str, value, declared: dict):
         what = "a count" if kind == "int" else "a rate, scale or share"
         raise ValueError(f"parameter {name} of {stem} is {what} and cannot be negative ({cell}), not {value}: "
                          f"pass 0 or more, e.g. -p {name} {default}")
-    if kind == "float" and (value == float("inf") or (value > 1 and ("dropout" in name or "ratio" in name))):
+    share = kind == "float" and ("dropout" in name or "ratio" in name)      # at most 1
+    if kind == "float" and (value == float("inf") or share and value > 1):
         raise ValueError(f"parameter {name} of {stem} is out of range ({cell}), not {value}: "
-                         f"pass {'0 to 1' if 'dropout' in name or 'ratio' in name else 'a finite number'}, "
-                         f"e.g. -p {name} {default}")
+                         f"pass {'0 to 1' if share else 'a finite number'}, e.g. -p {name} {default}")
     value = {"float": float, "str": str}.get(kind, lambda v: v)(value)
     if name == "profile":
         resolve_profile(value)      # unknown profile, or gpu without CUDA: refused here, not in cell 3
