@@ -295,7 +295,7 @@ def _check_weights(folder: Path) -> None:
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise ValueError(f"{folder / missing[0]} is missing ({len(missing)} of the {len(shards)} shards that "
-                            f"{index.name} lists): {AGAIN}")
+                             f"{index.name} lists): {AGAIN}")
         for shard in shards:
             check_safetensors(folder / shard)
     elif (folder / "model.safetensors").is_file():
@@ -315,17 +315,17 @@ def check_model_folder(path, *, setting: str, kind: str = "text") -> dict | None
     if not folder.is_dir():
         inside = f" (give {folder.parent})" if folder.name.endswith((".json", ".safetensors")) else ""
         raise ValueError(f"{setting} {folder} is a file, not a model folder: give the folder that holds "
-                        f"config.json{inside}")
+                         f"config.json{inside}")
     if not (folder / "config.json").is_file():
         raise ValueError(f"{setting} {folder}: no config.json there; give a folder written by save_pretrained")
     config = _json_file(folder / "config.json")
     vision = "vision_config" in config
     if kind == "text" and vision:
         raise ValueError(f"{setting} {folder} is an image-text-to-text model ({config.get('model_type', '?')}), "
-                        "not a text model: train it with `python -m qlora_helpers vlm`, or give a text model")
+                         "not a text model: train it with `python -m qlora_helpers vlm`, or give a text model")
     if kind == "vision" and not vision:
         raise ValueError(f"{setting} {folder} has no vision part (no vision_config in config.json): the vlm command "
-                        "trains image-text-to-text models; train a text model with `python -m qlora_helpers sft`")
+                         "trains image-text-to-text models; train a text model with `python -m qlora_helpers sft`")
     _check_weights(folder)
     return config
 
@@ -337,10 +337,10 @@ def check_adapter_folder(path, *, setting: str) -> dict:
     fix = "save the adapter again, or give another folder"
     if folder.is_file():
         raise ValueError(f"{setting} {folder} is a file, not an adapter folder: give the folder that holds "
-                        "adapter_config.json")
+                         "adapter_config.json")
     if not (folder / "adapter_config.json").is_file():
         raise ValueError(f"{setting} {folder} holds no adapter_config.json: give the folder a LoRA or QLoRA run "
-                        "saved its adapter in")
+                         "saved its adapter in")
     config = _json_file(folder / "adapter_config.json", fix)
     if (folder / "adapter_model.safetensors").is_file():
         check_safetensors(folder / "adapter_model.safetensors", fix)
@@ -360,5 +360,5 @@ def load_adapter(model, adapter_dir, base: str, **kwargs):
                           r"torch\.Size\((\[[^]]*\])\).*?torch\.Size\((\[[^]]*\])\)", str(err))
         first = f"; first {found[1]}: {found[2]} in the adapter, {found[3]} in the base" if found else ""
         raise ValueError(f"{adapter_dir} was trained on base {trained_on} (its adapter_config.json), and its "
-                        f"tensors do not fit base {base} ({str(err).count('size mismatch')} size mismatches"
-                        f"{first}): pass --base_model {trained_on}, or the model it was trained on") from None
+                         f"tensors do not fit base {base} ({str(err).count('size mismatch')} size mismatches"
+                         f"{first}): pass --base_model {trained_on}, or the model it was trained on") from None
