@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora_helpers.ch03_sft.fast_kernels import use_varlen_attention
+from qlora_helpers.ch03_sft.fused_lora import use_fused_lora
 from qlora_helpers.common.assets import smollm2_path
 from qlora_helpers.common.models import bnb_config, enable_checkpointing
 
@@ -144,6 +146,8 @@ def build_model(cfg, device: str):
         enable_checkpointing(model)
         if cfg.mode == "lora":              # the input hook: QLoRA's non-reentrant checkpointing needs none
             model.enable_input_require_grads()
+    model.checkpointing = keep_activations(model, getattr(cfg, "checkpoint_keep_layers", 0)) \
+        if cfg.gradient_checkpointing else "off"
     # Liger's kernels come through the Trainer's use_liger_kernel; varlen attention is switched on here
     model.attention_kernel = use_varlen_attention(model) if wants_varlen(cfg) else "sdpa (not asked)"
     if cfg.mode == "full":
@@ -151,7 +155,18 @@ def build_model(cfg, device: str):
     targets = resolve_target_modules(cfg.lora_target_modules, model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    model.lora_kernel = use_fused_lora(model) if getattr(cfg, "fused_lora", False) is True else "peft"
+    return model
+
+
+def keep_activations(model, layers: int) -> str:
+    """Selective checkpointing: the last ``layers`` decoder layers of a checkpointed ``model`` keep their
+    activations (no second forward pass through them); returns how many of how many are checkpointed."""
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for block in blocks[len(blocks) - layers:] if layers else []:
+        block.gradient_checkpointing = False
+    return f"{len(blocks) - min(layers, len(blocks))} of {len(blocks)} layers"
 
 
 @contextmanager

@@ -250,6 +250,7 @@ def training_args(cfg, output_dir: Path, device: str, *, packing: bool) -> TRLCo
         packing=packing, packing_strategy="bfd", padding_free=packing,
         dataset_kwargs=None if packing else {"skip_prepare_dataset": True},
         use_liger_kernel=liger_on(cfg, device),
+        activation_offloading=bool(getattr(cfg, "activation_offloading", False)),
         **{CHECKPOINTING: False},   # the model is set up already
         logging_steps=1, eval_strategy="no", save_strategy="steps" if save else "no",
         save_steps=cfg.save_steps if save else 500, save_total_limit=None, report_to="none",

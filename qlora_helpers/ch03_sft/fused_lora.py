@@ -1,0 +1,150 @@
+"""One autograd step for a frozen layer and its LoRA branch: the ``sft`` command's ``--fused_lora``.
+
+peft computes a LoRA layer as autograd sees each piece of it::
+
+    result = base_layer(x).clone()                    # 4-bit: dequantise W, x @ W.T, then a copy
+    result = result + lora_B(lora_A(dropout(x))) * scaling
+
+Each piece is its own kernel and keeps its own tensors for the backward pass: the copy, the product by
+``scaling`` and the sum each read and write a ``[tokens, out]`` tensor, and the backward pass multiplies the
+incoming gradient by ``scaling`` once more. ``LoRALinear`` does the same arithmetic in one
+``torch.autograd.Function``: the low-rank product is added into the base product by the matrix multiply
+itself (``addmm_`` with ``alpha=scaling``), the dropout mask is kept (one byte a value) instead of the dropped
+copy, and the backward pass is written out::
+
+    y  = x @ W.T + s * (drop(x) @ A.T) @ B.T         h = drop(x) @ A.T   (saved: [tokens, r])
+    dx = dy @ W + s * mask * ((dy @ B) @ A)           dequantise W again: nothing 16-bit is kept
+    dB = s * dy.T @ h          dA = s * (dy @ B).T @ drop(x)
+
+The random numbers are drawn exactly as peft draws them (one ``dropout`` call per layer, in the same
+order), so a fused run and a peft run of the same seed drop the same values. It is what Unsloth's LoRA
+kernels do without Triton, and it applies where the arithmetic is exactly peft's: one active LoRA adapter
+(no DoRA or other variant, not merged, no per-sample adapters) on a frozen 4-bit ``Linear4bit`` or a plain
+``Linear``, while gradients are being taken; everything else runs peft's own ``forward``.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch.nn import functional as F
+
+try:
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+except ImportError:      # the plain-Linear path works without bitsandbytes
+    bnb = dequantize_4bit = None
+
+
+def frozen_weight(base, dtype) -> torch.Tensor:
+    """The base layer's weight as a ``[out, in]`` tensor of ``dtype`` (a 4-bit one dequantised)."""
+    weight = base.weight
+    if bnb is not None and isinstance(base, bnb.nn.Linear4bit):
+        weight = dequantize_4bit(weight.data, weight.quant_state)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+class LoRALinear(torch.autograd.Function):
+    """``y = base(x) + s * B(A(dropout(x)))`` with the base frozen, as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, base, scaling: float, p: float, dtype):
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        bias = base.bias if base.bias is None or base.bias.dtype == dtype else base.bias.to(dtype)
+        y = F.linear(x2, frozen_weight(base, dtype), bias)
+        xd, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)
+        h = xd @ a.t()
+        y.addmm_(h, b.t(), alpha=scaling)
+        ctx.base, ctx.scaling, ctx.p, ctx.x_dtype = base, scaling, p, x.dtype
+        ctx.save_for_backward(xd, mask, h, a, b)       # without dropout xd is the input itself, shared
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xd, mask, h, a, b = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.dtype != xd.dtype:
+            dy2 = dy2.to(xd.dtype)
+        g = (dy2 @ b).mul_(ctx.scaling)                    # [tokens, r]: the gradient reaching A's output
+        db = (dy2.t() @ h).mul_(ctx.scaling)
+        da = g.t() @ xd
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = dy2 @ frozen_weight(ctx.base, xd.dtype)   # dequantised again: nothing 16-bit was kept
+            if mask is None:
+                dx.addmm_(g, a)
+            else:                                          # through the dropout: the kept values, scaled
+                dx.add_((g @ a).mul_(mask), alpha=1 / (1 - ctx.p))
+            dx = dx.view(*dy.shape[:-1], dx.shape[-1])
+            dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
+        return dx, da, db, None, None, None, None
+
+
+def fusable(layer) -> bool:
+    """Whether ``layer`` (a peft LoRA layer) computes exactly what ``LoRALinear`` does."""
+    base = layer.get_base_layer()
+    plain = type(base) is torch.nn.Linear and not base.weight.requires_grad
+    four_bit = bnb is not None and isinstance(base, bnb.nn.Linear4bit)
+    adapters = layer.active_adapters
+    return ((plain or four_bit) and len(adapters) == 1 and adapters[0] in layer.lora_A
+            and not getattr(layer, "lora_variant", {}) and not layer.use_dora.get(adapters[0], False)
+            and type(layer.lora_A[adapters[0]]) is torch.nn.Linear and layer.lora_A[adapters[0]].bias is None
+            and type(layer.lora_B[adapters[0]]) is torch.nn.Linear and layer.lora_B[adapters[0]].bias is None)
+
+
+def compute_dtype(layer, x) -> torch.dtype | None:
+    """The dtype peft's products would run in: autocast's, or else the base's and the adapter's when they agree
+    (None: they differ, and only peft's own casts give its numbers)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    base = layer.get_base_layer()
+    dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
+    if bnb is not None and isinstance(base, bnb.nn.Linear4bit):
+        dtype = base.compute_dtype or x.dtype
+    adapter = layer.lora_A[layer.active_adapters[0]].weight.dtype
+    return dtype if dtype == adapter == x.dtype else None
+
+
+
+def _forward(self, x, *args, **kwargs):
+    """A LoRA layer's forward: ``LoRALinear`` while gradients are taken through the adapter it was fused for, else
+    peft's (``use_fused_lora`` checked the layer's kind once; what a user can switch is checked at every call)."""
+    if (args or kwargs or self.disable_adapters or self.merged or not torch.is_grad_enabled()
+            or self.active_adapters != self._fused_adapters or self.lora_variant):
+        return self._peft_forward(x, *args, **kwargs)
+    dtype = compute_dtype(self, x)
+    if dtype is None:
+        return self._peft_forward(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    if a.dtype != dtype:      # fp32 adapters under autocast: a 16-bit copy, as autocast makes (its gradient flows
+        a, b = a.to(dtype), b.to(dtype)     # back to the fp32 weights through the cast)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return LoRALinear.apply(x, a, b, self.get_base_layer(), self.scaling[name], p, dtype)
+
+
+def use_fused_lora(model, on: bool = True) -> str:
+    """Route every fusable LoRA layer of a peft ``model`` through ``LoRALinear`` (``on=False``: back to peft's own
+    forward); returns what it did."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "get_base_layer")]
+    fused = [m for m in layers if fusable(m)] if on else []
+    for layer in layers:
+        if "forward" in vars(layer):        # an instance attribute: an earlier call routed it here
+            del layer.forward
+        if layer in fused:
+            layer._peft_forward = type(layer).forward.__get__(layer)
+            layer._fused_adapters = list(layer.active_adapters)
+            layer.forward = types.MethodType(_forward, layer)
+    if not on:
+        return "peft"
+    if not fused:
+        return "peft (no layer it fuses: 4-bit or plain base, one plain adapter)"
+    return f"fused ({len(fused)} of {len(layers)} LoRA layers)"
