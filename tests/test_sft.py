@@ -434,9 +434,11 @@ def test_the_planner_keeps_the_rows_per_step_and_adds_checkpointing(tiny, tmp_pa
 
     cfg = tiny_cfg(tiny, tmp_path / "out", use_qlora=True, per_device_train_batch_size=2,
                    gradient_accumulation_steps=3, max_length=256, memory_budget_gib=8.0)
-    monkeypatch.setattr(command, "plan_micro_batch", lambda *a, **kw: {"tokens": 1024, "gradient_checkpointing": True})
+    monkeypatch.setattr(command, "plan_micro_batch", lambda *a, **kw: {"tokens": 1024, "gradient_checkpointing": True,
+                                                                       "checkpoint_keep_layers": 1})
     plan = command.plan_batch(validate(cfg), cfg.model_name_or_path, "cpu")   # 4 rows fit; 6 rows per step
     assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (3, 2) and cfg.gradient_checkpointing
+    assert cfg.checkpoint_keep_layers == 1
     assert plan["per_device_train_batch_size"] == 3
     monkeypatch.undo()
     roomy = tiny_cfg(tiny, tmp_path / "out", use_qlora=True, per_device_train_batch_size=2,

@@ -97,24 +97,68 @@ def test_plan_micro_batch_checkpoints_only_when_memory_needs_it():
     assert tight["gradient_checkpointing"] and tight["estimate_gib"] <= 9
     with pytest.raises(ValueError, match="memory_budget_gib=4: no micro-batch"):
         plan_micro_batch(cfg, 4, lora_r=64)
-    # without Liger the Trainer takes the loss over full fp32 logits (152k a token): a smaller micro-batch fits
-    full = plan_micro_batch(cfg, 20, lora_r=64, chunked=False)
-    assert full["tokens"] < plan_micro_batch(cfg, 20, lora_r=64)["tokens"] and full["estimate_gib"] <= 20
+    # without Liger the Trainer takes the loss over full fp32 logits (152k a token): less of the budget is left
+    full, chunked = plan_micro_batch(cfg, 20, lora_r=64, chunked=False), plan_micro_batch(cfg, 20, lora_r=64)
+    mine = lambda plan: (plan["tokens"], plan["checkpoint_keep_layers"])
+    assert mine(full) < mine(chunked) and full["estimate_gib"] <= 20
 
 
 def test_the_plan_is_the_estimators_largest_phase_for_a_loss_in_chunks():
-    """The planned peak is the estimator's own maximum over phases for a chunked loss (256 MiB of fp32 logits),
-    not the full-logits peak phase with its logits taken out (which hid the recomputed layer under checkpointing)."""
-    from qlora_helpers.ch01_memory.estimator import GIB, estimate
+    """The planned peak is the estimator's own maximum over phases for Liger's chunked loss, not the full-logits
+    peak phase with its logits taken out (which hid the recomputed layer under checkpointing)."""
+    from qlora_helpers.ch01_memory.estimator import GIB, estimate, liger_loss_chunk
     from qlora_helpers.common.shapes import get_config
 
     cfg = get_config("qwen2.5-7b")
     plan = plan_micro_batch(cfg, 30, lora_r=64, candidates=(16384,))
     assert plan["tokens"] == 16384 and plan["gradient_checkpointing"]
     est = estimate(cfg, "qlora4", batch_size=1, seq_len=16384, lora_r=64, grad_ckpt=True,
-                   loss_chunk=2**28 // (4 * cfg.vocab_size))
+                   loss_chunk=liger_loss_chunk(16384, cfg.vocab_size, cfg.hidden_size),
+                   keep_layers=plan["checkpoint_keep_layers"])
     assert plan["estimate_gib"] == round(est.total_gib, 3) and est.total_gib == max(est.phases.values()) / GIB
     assert est.peak_phase == "backward (top layer)"
+
+
+def test_the_planner_spends_leftover_memory_on_layers_that_keep_their_activations():
+    """Checkpointed micro-batches stop at 4k tokens; what the budget leaves goes to selective checkpointing, the most
+    layers the estimate allows, and a budget between two settings never gets the larger one."""
+    from qlora_helpers.ch01_memory.estimator import estimate, liger_loss_chunk
+    from qlora_helpers.common.shapes import get_config
+
+    cfg = get_config("qwen2.5-7b")
+    engine = {"lora_impl": "fused", "lora_dropout": 0.1, "liger": True}
+    at = lambda keep: estimate(cfg, "qlora4", batch_size=1, seq_len=4096, lora_r=64, grad_ckpt=True, keep_layers=keep,
+                               loss_chunk=liger_loss_chunk(4096, cfg.vocab_size, cfg.hidden_size), **engine).total_gib
+    budget = (at(5) + at(6)) / 2
+    plan = plan_micro_batch(cfg, budget, lora_r=64, engine=engine)
+    assert (plan["tokens"], plan["gradient_checkpointing"], plan["checkpoint_keep_layers"]) == (4096, True, 5)
+    assert plan["estimate_gib"] == round(at(5), 3) <= budget
+    assert at(0) < at(1) < at(5)                         # each kept layer costs its activations
+    lean = plan_micro_batch(cfg, at(0) + 0.01, lora_r=64, engine=engine)
+    assert lean["checkpoint_keep_layers"] == 0
+
+
+def test_engine_levers_in_the_estimate():
+    """bf16 adapters halve the adapters, their gradients and AdamW's states; Liger's SwiGLU and RMSNorm keep less;
+    offloading leaves little on the GPU; ``engine_levers`` reads them off a run's settings."""
+    from qlora_helpers.ch01_memory.estimator import estimate
+    from qlora_helpers.ch03_sft.command import SFTConfig, engine_levers
+
+    est = lambda **kw: estimate("qwen2.5-7b", "qlora4", batch_size=1, seq_len=4096, lora_r=64, loss_chunk=128, **kw)
+    fp32, bf16 = est(), est(lora_impl="peft-bf16")
+    assert bf16.components["LoRA weights"] * 2 == pytest.approx(fp32.components["LoRA weights"], rel=1e-3)
+    assert bf16.components["optimizer states"] * 2 == pytest.approx(fp32.components["optimizer states"], rel=1e-3)
+    assert est(lora_impl="fused", liger=True).total_gib < est(lora_impl="fused").total_gib
+    assert est(lora_impl="fused", lora_dropout=0.1).total_gib > est(lora_impl="fused").total_gib   # masks, copies
+    offloaded, kept = est(lora_impl="fused", offload=True), est(lora_impl="fused")
+    assert offloaded.components["activations"] < 0.05 * kept.components["activations"]   # a layer at a time
+    assert est().inputs.get("lora_impl") is None and est(liger=True).inputs["liger"]   # old records stay as they were
+    with pytest.raises(ValueError, match="unknown lora_impl 'triton'"):
+        est(lora_impl="triton")
+    cfg = SFTConfig(use_qlora=True, bf16=True, fused_lora=True, lora_dropout=0.1, use_liger_kernel=True)
+    assert engine_levers(cfg) == {"lora_impl": "fused", "lora_dropout": 0.1, "offload": False, "liger": True}
+    cfg.fused_lora = False
+    assert engine_levers(cfg)["lora_impl"] == "peft-bf16"
 
 
 def test_qlora_mode_keeps_frozen_weights_in_the_compute_dtype(tmp_path):

@@ -38,6 +38,10 @@ from qlora_helpers.common.shapes import AssumedField, get_config
 
 METHODS = ("full", "lora", "qlora4", "qlora8")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+# How the LoRA branch runs: peft with its fp32 adapters (peft's default), peft with the adapters in bf16 (what TRL's
+# SFTTrainer does to a quantized model's), the course's fused layer (ch03_sft.fused_lora, bf16 adapters)
+LORA_IMPLS = ("peft-fp32", "peft-bf16", "fused")
+ENGINE_DEFAULTS = dict(lora_impl="peft-fp32", lora_dropout=0.0, keep_layers=0, offload=False, liger=False)
 DTYPES = ("bf16", "fp16")
 TARGET_PRESETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 # (the Llama names; resolve_targets takes a model's own names from its block layout)
@@ -187,7 +191,8 @@ class MemoryEstimate:
         i = self.inputs
         return dict(batch_size=i["batch_size"], seq_len=i["seq_len"], lora_r=i["lora_r"] or 8,
                     targets=i["targets"] or "all-linear", grad_ckpt=i["grad_ckpt"], prepare_kbit=i["prepare_kbit"],
-                    optimizer=i["optimizer"], dtype=i["dtype"], loss_chunk=i["loss_chunk"], attention=i["attention"])
+                    optimizer=i["optimizer"], dtype=i["dtype"], loss_chunk=i["loss_chunk"], attention=i["attention"],
+                    **{k: i.get(k, v) for k, v in ENGINE_DEFAULTS.items()})
 
     def as_dict(self) -> dict:
         return {"total_gib": round(self.total_gib, 4), "reserved_gib": round(self.reserved_gib, 4),
@@ -214,15 +219,17 @@ CLIP_BLOCK = Block(qkv=("q_proj", "k_proj", "v_proj"), o="out_proj", mlp_in=("fc
 QWEN2VL_BLOCK = Block(qkv=("qkv",), o="proj", mlp_in=("fc1",), mlp_out="fc2", gated=False)
 
 
-def _norm_saved(saved: dict, key: str, req: bool, *, kind: str, N: int, h: int, a: int, full: bool) -> bool:
+def _norm_saved(saved: dict, key: str, req: bool, *, kind: str, N: int, h: int, a: int, full: bool,
+                liger: bool = False) -> bool:
     """What one norm keeps for backward; returns whether its output requires grad.
 
     rms: an fp32 copy of the input and 1/rms per token (+ the cast output when the weight trains);
     gemma: the same, the fp32 ``1 + weight`` and, when the weight trains, the fp32 normed output;
     layer_no_weight (OLMo): the fp32 input, mean and 1/std per token; layer: the input itself, mean and 1/std.
+    ``liger``: Liger's RMSNorm keeps the input as it is (16-bit) and 1/rms.
     """
     if req:
-        if kind == "layer":
+        if kind == "layer" or (liger and kind == "rms"):
             saved[key + ".in"], saved[key + ".stats"] = a * N * h, 8 * N
         else:
             saved[key + ".in"] = 4 * N * h
@@ -249,7 +256,8 @@ def _attention_saved(saved: dict, blk: Block, *, N, B, S, q, kv, heads, a) -> No
 
 
 def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8, blk: Block = LLAMA_BLOCK,
-                 outliers: tuple = (0.0, 0.0)):
+                 outliers: tuple = (0.0, 0.0), lora_impl: str = "peft-fp32", dropout: bool = False,
+                 liger: bool = False):
     """Bytes one transformer block keeps for backward without checkpointing: ``(all, kept by bnb)``.
 
     ``a``: bytes per activation value (2 = bf16; 4 when prepare_model_for_kbit_training upcast the
@@ -260,19 +268,29 @@ def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8,
     its 6.0 threshold (``outliers``: the share of such columns in the normed inputs and in the MLP output
     projection's input), on ``ctx`` rather than through autograd, so those tensors survive gradient
     checkpointing: they are also returned separately.
+    With 16-bit adapters (``lora_impl`` peft-bf16 or fused) there is no fp32 copy: LoRA A's input is kept as it is
+    (shared by the layers that read it) or, with ``dropout``, each layer's dropped copy and its one-byte mask; the
+    fused layer keeps the same. ``liger``: Liger's RMSNorm (``_norm_saved``) and SwiGLU, which keeps gate and up and
+    recomputes act(gate) in the backward pass.
     """
     saved, pinned = {}, set()
 
     def readers(key, width, names, x_req):
         for m in names:                               # LoRA A saves its (fp32) input, B saves A's output
-            if m in lora:
+            if m not in lora:
+                continue
+            if lora_impl == "peft-fp32":
                 saved[key if a == 4 else f"{key}>{m}"] = 4 * N * width
                 saved[f"{m}.A"] = 4 * N * r
+                continue
+            saved[f"{key}>{m}" if dropout else key] = a * N * width
+            saved.update({f"{m}.mask": N * width} if dropout else {})
+            saved[f"{m}.A"] = a * N * r
         if full or (q8 and x_req):                    # full: for weight grads; 8-bit: bnb keeps its input
             saved[key] = a * N * width
             pinned.update([key] if q8 else [])
 
-    norm = lambda key, req: _norm_saved(saved, key, req, kind=blk.norm, N=N, h=h, a=a, full=full)
+    norm = lambda key, req: _norm_saved(saved, key, req, kind=blk.norm, N=N, h=h, a=a, full=full, liger=liger)
     x1 = norm("norm1", g_in)
     readers("x1", h, blk.qkv, x1)
     att = x1 or full or bool(set(blk.qkv) & lora)
@@ -284,7 +302,7 @@ def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8,
     readers("x2", h, blk.mlp_in, x2)
     g = x2 or full or bool(set(blk.mlp_in) & lora)
     if g and blk.gated:                               # act(gate) * up keeps gate, act(gate), up
-        saved.update(gate=a * N * inter, act=a * N * inter, up=a * N * inter)
+        saved.update(gate=a * N * inter, up=a * N * inter, **({} if liger else {"act": a * N * inter}))
     elif g:                                           # gelu keeps its input; fc2 reads gelu's output
         saved.update(fc1=a * N * inter)
     readers("p", inter, (blk.mlp_out,), g)
@@ -332,6 +350,15 @@ class _Run:
     grad_ckpt: bool
     prepare_kbit: bool
     outliers: tuple = (0.0, 0.0)   # share of 8-bit input columns bnb copies in 16-bit: (normed inputs, MLP output)
+    lora_impl: str = "peft-fp32"   # LORA_IMPLS
+    dropout: bool = False          # LoRA dropout > 0: a one-byte mask per LoRA layer (16-bit adapters)
+    keep_layers: int = 0           # under checkpointing, layers that keep their activations
+    offload: bool = False          # saved activations wait in CPU memory (TRL's activation_offloading)
+    liger: bool = False            # Liger's RMSNorm and SwiGLU (the Trainer's use_liger_kernel)
+
+    @property
+    def lora_bytes(self) -> int:
+        return 4 if self.lora_impl == "peft-fp32" else 2
 
     @property
     def N(self) -> int:
@@ -352,7 +379,7 @@ def _weights(run: _Run) -> tuple[int, int, int, list]:
     unq += sum(_r512(n * (a if quant else w)) for n in s.other.values())
     lora_tensors = [(l.count, run.r * l.fan_in) for l in s.linears if l.name in run.lora]
     lora_tensors += [(l.count, run.r * l.fan_out) for l in s.linears if l.name in run.lora]
-    lora_w = sum(c * _r512(4 * n) for c, n in lora_tensors)            # peft keeps LoRA weights in fp32
+    lora_w = sum(c * _r512(run.lora_bytes * n) for c, n in lora_tensors)   # peft's default: fp32
     return qbytes, unq, lora_w, lora_tensors
 
 
@@ -364,7 +391,7 @@ def _optimizer(run: _Run, lora_tensors, optimizer: str) -> dict:
         trainable += [(l.count, l.fan_out) for l in s.linears if l.bias] + [(1, n) for n in s.other.values()]
         pbytes = run.weight_bytes
     else:
-        trainable, pbytes = lora_tensors, 4
+        trainable, pbytes = lora_tensors, run.lora_bytes
     states = [(c, state_bytes(n, pbytes, optimizer)) for c, n in trainable]
     temp = 0                                       # foreach AdamW: sqrt(exp_avg_sq) as one temporary
     if optimizer == "adamw":
@@ -377,7 +404,8 @@ def _optimizer(run: _Run, lora_tensors, optimizer: str) -> dict:
 def _activations(run: _Run) -> dict:
     """Bytes saved for backward (``saved``), one layer recomputed under checkpointing, and parts."""
     s, a, N, blk = run.shape, run.act_bytes, run.N, run.shape.block
-    kw = dict(full=run.full, lora=run.lora, a=a, q8=run.quant == 8, blk=blk, outliers=run.outliers)
+    kw = dict(full=run.full, lora=run.lora, a=a, q8=run.quant == 8, blk=blk, outliers=run.outliers,
+              lora_impl=run.lora_impl, dropout=run.dropout, liger=run.liger)
     qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
     layer = lambda g_in: _block_saved(N, run.B, run.S, s.hidden, qd, kvd, s.inter, s.heads, run.r, g_in=g_in,
                                       **kw)[0]
@@ -385,16 +413,21 @@ def _activations(run: _Run) -> dict:
     first_g = run.full or (run.prepare_kbit and run.grad_ckpt)   # peft's input-grad hook: kbit + checkpointing
     rope = 2 * run.S * s.head_dim * a                             # cos / sin, shared by all layers
     final = {}
-    _norm_saved(final, "final", True, kind=blk.norm, N=N, h=s.hidden, a=a, full=run.full)
+    _norm_saved(final, "final", True, kind=blk.norm, N=N, h=s.hidden, a=a, full=run.full, liger=run.liger)
     head = sum(final.values()) + (a * N * s.hidden if run.full else 0)   # final norm (+ lm_head input)
     vision = _vision_activations(run)
     masks = blk.masks * run.B * run.S * run.S * (run.weight_bytes if blk.attention == "eager" else 1)
-    if run.grad_ckpt:
-        saved = s.layers * (_r512(a * N * s.hidden) + pinned) + head + rope + vision + masks
+    if run.grad_ckpt:        # the checkpointed layers keep their inputs, the kept layers everything
+        keep = min(run.keep_layers, s.layers)
+        inputs = 0 if run.offload else (s.layers - keep) * _r512(a * N * s.hidden)
+        kept = 0 if run.offload else keep * layer(True)
+        saved = inputs + kept + s.layers * pinned + head + rope + vision + masks
         recompute = layer(True)
     else:
         saved = layer(first_g) + (s.layers - 1) * layer(True) + head + rope + vision
         recompute = 0
+        if run.offload:      # in CPU memory until the backward pass fetches each layer's back
+            saved, recompute = head + rope + vision + s.layers * pinned, layer(True)
     return {"saved": saved, "recompute": recompute, "rope": rope, "one_layer": layer(True),
             "masks": masks if run.grad_ckpt else 0}
 
@@ -454,7 +487,8 @@ def _params(run: _Run, lora_tensors, trainable) -> dict:
 def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int = 8, targets="all-linear",
              grad_ckpt: bool = False, prepare_kbit: bool = False, optimizer: str = "adamw",
              dtype: str = "bf16", loss_chunk: int | None = None, attention: str | None = None,
-             int8_outliers: float | None = None) -> MemoryEstimate:
+             int8_outliers: float | None = None, lora_impl: str = "peft-fp32", lora_dropout: float = 0.0,
+             keep_layers: int = 0, offload: bool = False, liger: bool = False) -> MemoryEstimate:
     """Predict peak ``torch.cuda.max_memory_allocated`` of steady-state training (see module doc).
 
     The peak is the largest of four phases: the forward pass at the loss, the backward pass at the
@@ -466,8 +500,15 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
     ``attention``: ``"sdpa"`` or ``"eager"``; ``None`` for what the installed transformers picks.
     ``int8_outliers``: for ``qlora8``, the share (0 to 1) of each 8-bit layer's input columns that
     LLM.int8 copies in 16-bit; ``None`` for the shares random weights give (``int8_outlier_share``).
+    ``lora_impl``: how the LoRA branch runs (``LORA_IMPLS``; ``lora_dropout`` > 0 adds its masks to the 16-bit
+    ones). ``keep_layers``: with ``grad_ckpt``, decoder layers that keep their activations (selective
+    checkpointing). ``offload``: the activations saved for backward wait in CPU memory (TRL's
+    ``activation_offloading``), brought back a layer at a time. ``liger``: Liger's RMSNorm and SwiGLU keep less
+    (with ``loss_chunk``, its fused linear cross-entropy: what the Trainer's ``use_liger_kernel`` turns on).
     """
     _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk)
+    if lora_impl not in LORA_IMPLS:
+        raise ValueError(f"unknown lora_impl {lora_impl!r}: use one of {', '.join(LORA_IMPLS)}")
     s = model_shape(get_config(config) if isinstance(config, str) else config)
     if attention is not None:
         s = with_attention(s, attention)
@@ -475,7 +516,8 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
     run = _Run(shape=s, full=full, quant=quant, lora=set() if full else resolve_targets(s, targets),
                r=0 if full else lora_r, weight_bytes=2, act_bytes=4 if prepare_kbit else 2, B=batch_size,
                S=seq_len + (s.vision["lm_tokens"] if s.vision else 0), grad_ckpt=grad_ckpt,
-               prepare_kbit=prepare_kbit)
+               prepare_kbit=prepare_kbit, lora_impl=lora_impl, dropout=lora_dropout > 0, keep_layers=keep_layers,
+               offload=offload, liger=liger)
     if quant == 8:
         run.outliers = int8_outlier_share(s, run.N) if int8_outliers is None else (float(int8_outliers),) * 2
     qbytes, unq, lora_w, lora_tensors = _weights(run)
@@ -497,6 +539,9 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
                   targets=sorted(run.lora), grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer,
                   dtype=dtype, loss_chunk=loss_chunk, attention=s.block.attention,
                   int8_outliers=list(run.outliers) if quant == 8 else None)
+    engine = dict(lora_impl=lora_impl, lora_dropout=lora_dropout, keep_layers=keep_layers, offload=offload,
+                  liger=liger)
+    inputs.update(engine if engine != ENGINE_DEFAULTS else {})     # the sft engine's levers, where used
     kept = (4 + (run.act_bytes if run.quant else 2) * bool(s.block.logit_softcap)) * run.N * s.vocab
     detail = {"saved for backward": act["saved"] + (kept if loss_chunk is None else 0) + labels,
               "rope": act["rope"], "one layer saved": act["one_layer"], "recomputed layer": act["recompute"],
@@ -506,6 +551,17 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
               "logits block": 0 if prepare_kbit else 4 * min(run.N, loss_chunk or run.N) * s.vocab}
     return MemoryEstimate(phases[peak], totals, peak, outside, _params(run, lora_tensors, opt["trainable"]),
                           inputs, detail)
+
+
+def liger_loss_chunk(tokens: int, vocab: int, hidden: int) -> int:
+    """The rows of logits Liger's fused linear cross-entropy forms at a time: ``tokens`` split so that one chunk's
+    logits hold about as many values as the hidden states (a power of two, at most ``tokens``).
+
+        >>> liger_loss_chunk(4096, 152064, 3584), liger_loss_chunk(4096, 151936, 896)
+        (128, 32)
+    """
+    chunk = -(-tokens // -(-vocab // hidden))
+    return min(1 << (chunk - 1).bit_length(), tokens)
 
 
 def largest(ok, limit: int) -> int:

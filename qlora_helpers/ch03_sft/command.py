@@ -47,7 +47,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
-from qlora_helpers.ch01_memory.estimator import estimate
+from qlora_helpers.ch01_memory.estimator import estimate, liger_loss_chunk
 from qlora_helpers.ch03_sft import data as d
 from qlora_helpers.ch03_sft.modes import (
     build_model,
@@ -79,13 +79,14 @@ CHOICES = {"bnb_4bit_quant_type": ("nf4", "fp4"), "optim": ("auto", *OPTIMIZERS)
 # Settings that count something, and what their smallest value means; none may be negative.
 COUNTS = {"max_train_samples": "0: all", "max_eval_samples": "0: all", "eval_steps": "0: only at the end",
           "save_steps": "0: no checkpoints", "save_total_limit": "0: keep every checkpoint",
-          "logging_steps": "1: every step", "warmup_steps": "0: no warmup"}
+          "logging_steps": "1: every step", "warmup_steps": "0: no warmup",
+          "checkpoint_keep_layers": "0: every layer checkpointed"}
 # What only a LoRA or QLoRA run uses: given to full fine-tuning, a sign that a mode flag is missing.
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 # What a --resume may change (common.run_folder's rule): every other setting must be the checkpoint's.
 SFT_MAY_CHANGE = (*MAY_CHANGE, "num_train_epochs", "eval_data_path", "max_eval_samples", "per_device_eval_batch_size",
                   "eval_before", "logging_steps", "gradient_checkpointing", "memory_budget_gib", "use_liger_kernel",
-                  "attn_implementation")
+                  "attn_implementation", "fused_lora", "checkpoint_keep_layers", "activation_offloading")
 CONFIG, SUMMARY = "sft_config.json", "sft_summary.json"
 # The names a run writes into output_dir, by what it saves (a user's file of such a name is refused, never replaced).
 WRITES = {"any": (CONFIG, SUMMARY, CHECKPOINTS, "tokenizer*", "special_tokens_map.json", "added_tokens.json",
@@ -163,6 +164,13 @@ class SFTConfig:
                                             "-1: the GPU's memory; 0: off")
     use_liger_kernel: bool = setting(True, "Liger's fused kernels (a Trainer option), on CUDA where liger-kernel "
                                            "is installed")
+    fused_lora: bool | str = setting("auto", "one autograd step for each frozen layer and its LoRA branch "
+                                             "(ch03_sft.fused_lora): true | false | auto (on CUDA)",
+                                     parse=_bool_or_auto)
+    checkpoint_keep_layers: int = setting(0, "with gradient_checkpointing, the last N decoder layers keep their "
+                                             "activations (faster, more memory); memory_budget_gib plans it")
+    activation_offloading: bool = setting(False, "TRL's: the activations saved for backward wait in CPU memory "
+                                                 "(less GPU memory, a copy each way; CUDA)")
     attn_implementation: str = setting("auto", "auto | sdpa | eager | varlen (flash attention over packed rows, "
                                                "CUDA); auto: varlen for packed bf16 rows on CUDA, else sdpa")
     kbit_upcast: bool = setting(False, "QLoRA: upcast frozen embeddings/norms/lm_head to fp32 (peft's "
@@ -373,6 +381,8 @@ def _check_device(cfg: SFTConfig) -> None:
         raise ValueError("attn_implementation=varlen is PyTorch's flash kernel and needs CUDA: use auto or sdpa")
     if device == "cpu" and cfg.memory_budget_gib == -1:
         raise ValueError("memory_budget_gib=-1 plans for the GPU's memory and needs CUDA: give a number of GiB or 0")
+    if device == "cpu" and cfg.activation_offloading:
+        raise ValueError("activation_offloading moves a GPU's activations to CPU memory and needs CUDA: drop it")
     if device == "cpu" and cfg.optim.startswith("paged_"):
         raise ValueError(f"optim={cfg.optim} pages optimizer state between GPU and CPU memory and needs CUDA: "
                          "use adamw_torch on the CPU")
@@ -486,19 +496,30 @@ def save_final(model, tokenizer, out: Path) -> list[str]:
     return names
 
 
-def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_r: int = 16, chunked: bool = True,
-                     candidates=(512, 1024, 2048, 4096, 8192, 16384, 32768), enough_tokens: int = 4096) -> dict:
-    """The largest packed micro-batch (tokens) whose peak, as the chapter-01 estimator predicts it for a loss
-    taken in chunks (``chunked``: Liger's fused linear cross-entropy, on a GPU) or over the full logits, fits
-    ``budget_gib``; and whether it needs activation checkpointing. That costs a second forward pass, so it is
-    chosen only when no micro-batch of ``enough_tokens`` (4k: enough to keep a GPU's matrix units busy) fits
-    without it, and it lets a larger one fit.
-    """
-    chunk = max(64, min(8192, 2**28 // (4 * config.get_text_config().vocab_size))) if chunked else None  # ~256 MiB
+PLAN_TOKENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)     # the micro-batches the planner weighs
 
-    def need(tokens: int, ckpt: bool) -> float:
+
+def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_r: int = 16, chunked: bool = True,
+                     engine: dict | None = None, candidates=PLAN_TOKENS,
+                     enough_tokens: int = 4096) -> dict:
+    """The packed micro-batch (tokens) and the checkpointing that fit ``budget_gib`` as the chapter-01 estimator
+    predicts the peak, for a loss taken in chunks (``chunked``: Liger's fused linear cross-entropy, on a GPU) or over
+    the full logits, and for the engine's levers (``engine``: ``estimate``'s ``lora_impl``, ``lora_dropout``,
+    ``offload`` and ``liger``).
+
+    Without checkpointing, the largest micro-batch that fits: fewer, larger micro-batches launch fewer kernels per
+    token. Checkpointing costs a second forward pass, so it is chosen only when no micro-batch of ``enough_tokens``
+    (4k: enough to keep a GPU's matrix units busy) fits without it; then the micro-batch is the largest that fits up
+    to ``enough_tokens``, and the memory left over goes to selective checkpointing: the most decoder layers that can
+    keep their activations (``checkpoint_keep_layers``) are spared the second pass.
+    """
+    text = config.get_text_config()
+    layers = text.num_hidden_layers
+
+    def need(tokens: int, ckpt: bool, keep: int = 0) -> float:
+        chunk = liger_loss_chunk(tokens, text.vocab_size, text.hidden_size) if chunked else None
         return estimate(config, method, batch_size=1, seq_len=tokens, lora_r=lora_r, grad_ckpt=ckpt,
-                        loss_chunk=chunk).total_gib
+                        loss_chunk=chunk, keep_layers=keep, **(engine or {})).total_gib
 
     fits = {ckpt: [t for t in candidates if need(t, ckpt) <= budget_gib] for ckpt in (False, True)}
     if not fits[True]:
@@ -506,9 +527,18 @@ def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_
                          "even with checkpointing; raise the budget or use a smaller model")
     best_plain, best_ckpt = max(fits[False], default=0), max(fits[True])
     ckpt = best_plain < min(enough_tokens, best_ckpt)
-    tokens = best_ckpt if ckpt else best_plain
-    return {"tokens": tokens, "gradient_checkpointing": ckpt, "estimate_gib": round(need(tokens, ckpt), 3),
-            "budget_gib": budget_gib}
+    tokens = max(t for t in fits[True] if t <= max(enough_tokens, min(fits[True]))) if ckpt else best_plain
+    keep = max((k for k in range(layers) if need(tokens, True, k) <= budget_gib), default=0) if ckpt else 0
+    return {"tokens": tokens, "gradient_checkpointing": ckpt, "checkpoint_keep_layers": keep,
+            "estimate_gib": round(need(tokens, ckpt, keep), 3), "budget_gib": budget_gib}
+
+
+def engine_levers(cfg: SFTConfig) -> dict:
+    """``estimate``'s keywords for how this run computes: the LoRA branch (fused, or peft with the bf16 adapters TRL
+    gives a quantized model, or peft's fp32 ones), its dropout, activation offloading, Liger's kernels."""
+    impl = ("fused" if cfg.fused_lora is True else "peft-bf16") if cfg.use_qlora and cfg.bf16 is True else "peft-fp32"
+    return {"lora_impl": impl, "lora_dropout": cfg.lora_dropout, "offload": bool(cfg.activation_offloading),
+            "liger": bool(cfg.use_liger_kernel)}
 
 
 def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
@@ -525,12 +555,16 @@ def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
     except OSError as err:
         raise ValueError(f"model_name_or_path {base!r}: cannot read its config.json ({str(err).splitlines()[0]})") \
             from None
-    plan = plan_micro_batch(config, budget, method=method, lora_r=cfg.lora_r, chunked=bool(cfg.use_liger_kernel))
     rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    most = rows_per_step * cfg.max_length          # no micro-batch holds more than a step's rows
+    plan = plan_micro_batch(config, budget, method=method, lora_r=cfg.lora_r, chunked=bool(cfg.use_liger_kernel),
+                            engine=engine_levers(cfg) if cfg.mode != "full" else None,
+                            candidates=[t for t in PLAN_TOKENS if t <= max(most, PLAN_TOKENS[0])])
     fits = max(1, plan["tokens"] // cfg.max_length)     # rows of max_length tokens in the planned micro-batch
     cfg.per_device_train_batch_size = max(d for d in range(1, min(fits, rows_per_step) + 1) if rows_per_step % d == 0)
     cfg.gradient_accumulation_steps = rows_per_step // cfg.per_device_train_batch_size   # the same rows per step
     cfg.gradient_checkpointing = cfg.gradient_checkpointing or plan["gradient_checkpointing"]
+    cfg.checkpoint_keep_layers = plan["checkpoint_keep_layers"] if plan["gradient_checkpointing"] else 0
     return {**plan, "per_device_train_batch_size": cfg.per_device_train_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
@@ -598,6 +632,7 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     conversations = read_conversations(cfg, train_conversations, eval_conversations)
     base = model_path(cfg)
     cfg.optim, cfg.use_liger_kernel = optimizer_name(cfg.optim, device), liger_on(cfg, device)   # auto, as it runs
+    cfg.fused_lora = cfg.fused_lora is True or (cfg.fused_lora == "auto" and device.startswith("cuda"))
     plan = plan_batch(cfg, base, device)
     cfg.resume = folder.checkpoint is not None      # a run that stopped before its first checkpoint: from step 0
     fingerprint = folder.check_settings(run_settings(cfg, base, processes.num_processes, conversations[0]),
@@ -674,6 +709,7 @@ def make_summary(cfg: SFTConfig, base: str, device: str, *, model, data, result:
                               **{k: round(v / 2**20, 1) for k, v in result["state_bytes"].items()}},
         "history": result["history"], "files": [], "plan": plan,
         "kernels": {"attention": getattr(model, "attention_kernel", "sdpa"),
-                    "liger_trainer": bool(cfg.use_liger_kernel)},
+                    "liger_trainer": bool(cfg.use_liger_kernel), "lora": getattr(model, "lora_kernel", "peft"),
+                    "checkpointing": getattr(model, "checkpointing", "off")},
         "torch_threads": torch.get_num_threads(),
     }
