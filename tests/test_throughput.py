@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from benchmarks import train_throughput as tt
-from qlora_helpers.ch03_sft import PEER_COLUMNS, peer_figure, peer_points, unmeasured_peer_rows
+from qlora_helpers.ch03_sft import (
+    PEER_COLUMNS,
+    PEER_TARGET_COLUMNS,
+    lever_rows,
+    peer_figure,
+    peer_points,
+    peer_targets,
+    unmeasured_peer_rows,
+)
 from qlora_helpers.common.files import optional_benchmark
 from qlora_helpers.common.results import markdown
 
@@ -147,8 +155,42 @@ def test_chapter_03_peer_table_and_plot_read_the_committed_files():
     assert [(p["shape"], -p["tokens_per_second"]) for p in points] == sorted((p["shape"], -p["tokens_per_second"])
                                                                              for p in points)   # fastest first
     assert len(peer_figure(points).axes[0].collections) == len(points)
-    lines = unmeasured_peer_rows(peers)
-    assert any(line.startswith("llama-3-8b") for line in lines)
+    assert unmeasured_peer_rows(peers) == []            # every row at every shape, errors included, is in the file
+
+
+def test_the_peer_record_is_one_gpu_every_row_and_its_targets_recomputed_from_its_rows():
+    """throughput_peers.json: one H100 or H200, every row at the three shapes, and the targets the file states are
+    the ones its rows give (the verdict code run again on them)."""
+    peers = optional_benchmark("throughput_peers")
+    name = peers["device"]["name"]
+    assert peers["device"]["type"] == "cuda" and ("H100" in name or "H200" in name)
+    for shape in ("qwen2.5-0.5b", "qwen2.5-7b", "llama-3-8b"):
+        entry = peers["figures"]["shapes"][shape]
+        assert set(tt.PEERS[1:]) | {"sft-tight", "sft-max"} <= set(entry["rows"]), shape
+        assert all(r.get("tokens_per_second") for n, r in entry["rows"].items()), shape
+        assert entry["targets"] == tt.verdicts(shape, entry["rows"])
+        assert {"vs_fastest_peer_tight", "vs_fastest_peer_spare", "plan_error_sft-tight"} <= set(entry["targets"])
+        tight = entry["rows"]["sft-tight"]["plan"]
+        assert tight["budget_gib"] == entry["rows"]["trl-best"]["peak_allocated_gib"]   # the fastest tight peer
+        assert all(t["met"] or t["why"] for t in entry["targets"].values())
+    rows = peer_targets(peers)
+    assert {r["shape"] for r in rows} == {"qwen2.5-0.5b", "qwen2.5-7b", "llama-3-8b"}
+    assert markdown(rows, PEER_TARGET_COLUMNS).count("\n") == len(rows) + 1
+
+
+def test_each_lever_of_the_sft_command_is_measured_with_its_loss_parity():
+    levers = optional_benchmark("sft_levers")
+    variants, parity = levers["figures"]["variants"], levers["figures"]["parity"]
+    assert {"peft", "fused", "fused-no-ckpt", "peft-no-ckpt", "fused-keep2", "fused-offload"} <= set(variants)
+    for name, check in parity.items():
+        row, ref = variants[name], variants[check["against"]]
+        assert check["speed_ratio"] == pytest.approx(row["tokens_per_second"] / ref["tokens_per_second"], abs=1e-3)
+        worst = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(row["steps"], ref["steps"]))
+        assert check["step_loss_rel"] == pytest.approx(worst, abs=1e-5) and check["met"] == (
+            worst <= 0.005 and check["eval_loss_rel"] <= 0.005)
+    assert variants["fused"]["kernels"]["lora"].startswith("fused") and variants["peft"]["kernels"]["lora"] == "peft"
+    rows = lever_rows(levers)
+    assert len(rows) == len(variants) and all(r["peak_gib"] and r["estimate_gib"] for r in rows)
 
 
 def test_the_sft_command_runs_at_trl_bests_speed_and_memory_on_the_gpu():
