@@ -316,8 +316,11 @@ def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8,
     return sum(saved.values()), sum(saved[k] for k in pinned)
 
 
-def _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk) -> None:
+def _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk,
+           lora_impl: str = "peft-fp32") -> None:
     """One line for the first input ``estimate`` cannot take."""
+    if lora_impl not in LORA_IMPLS:
+        raise ValueError(f"unknown lora_impl {lora_impl!r}: use one of {', '.join(LORA_IMPLS)}")
     for value, allowed, what in ((method, METHODS, "method"), (optimizer, OPTIMIZERS, "optimizer"),
                                  (dtype, DTYPES, "dtype")):
         if value not in allowed:
@@ -506,9 +509,7 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
     ``activation_offloading``), brought back a layer at a time. ``liger``: Liger's RMSNorm and SwiGLU keep less
     (with ``loss_chunk``, its fused linear cross-entropy: what the Trainer's ``use_liger_kernel`` turns on).
     """
-    _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk)
-    if lora_impl not in LORA_IMPLS:
-        raise ValueError(f"unknown lora_impl {lora_impl!r}: use one of {', '.join(LORA_IMPLS)}")
+    _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk, lora_impl)
     s = model_shape(get_config(config) if isinstance(config, str) else config)
     if attention is not None:
         s = with_attention(s, attention)
@@ -535,13 +536,8 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
     peak = max(totals, key=totals.get)
     outside = {"CUDA context": int(CONTEXT_GIB * GIB)} | (
         {"paged optimizer states": opt["paged"]} if opt["paged"] else {})
-    inputs = dict(method=method, batch_size=batch_size, seq_len=seq_len, lm_tokens_per_sample=run.S, lora_r=run.r,
-                  targets=sorted(run.lora), grad_ckpt=grad_ckpt, prepare_kbit=prepare_kbit, optimizer=optimizer,
-                  dtype=dtype, loss_chunk=loss_chunk, attention=s.block.attention,
-                  int8_outliers=list(run.outliers) if quant == 8 else None)
-    engine = dict(lora_impl=lora_impl, lora_dropout=lora_dropout, keep_layers=keep_layers, offload=offload,
-                  liger=liger)
-    inputs.update(engine if engine != ENGINE_DEFAULTS else {})     # the sft engine's levers, where used
+    inputs = _inputs(run, method=method, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, dtype=dtype,
+                     loss_chunk=loss_chunk, lora_dropout=lora_dropout)
     kept = (4 + (run.act_bytes if run.quant else 2) * bool(s.block.logit_softcap)) * run.N * s.vocab
     detail = {"saved for backward": act["saved"] + (kept if loss_chunk is None else 0) + labels,
               "rope": act["rope"], "one layer saved": act["one_layer"], "recomputed layer": act["recompute"],
@@ -551,6 +547,18 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
               "logits block": 0 if prepare_kbit else 4 * min(run.N, loss_chunk or run.N) * s.vocab}
     return MemoryEstimate(phases[peak], totals, peak, outside, _params(run, lora_tensors, opt["trainable"]),
                           inputs, detail)
+
+
+def _inputs(run: _Run, *, method, batch_size, seq_len, optimizer, dtype, loss_chunk, lora_dropout) -> dict:
+    """What ``estimate`` was asked, as its record keeps it (the sft engine's levers only where used, so that
+    earlier records read the same)."""
+    inputs = dict(method=method, batch_size=batch_size, seq_len=seq_len, lm_tokens_per_sample=run.S, lora_r=run.r,
+                  targets=sorted(run.lora), grad_ckpt=run.grad_ckpt, prepare_kbit=run.prepare_kbit,
+                  optimizer=optimizer, dtype=dtype, loss_chunk=loss_chunk, attention=run.shape.block.attention,
+                  int8_outliers=list(run.outliers) if run.quant == 8 else None)
+    engine = dict(lora_impl=run.lora_impl, lora_dropout=lora_dropout, keep_layers=run.keep_layers,
+                  offload=run.offload, liger=run.liger)
+    return inputs | (engine if engine != ENGINE_DEFAULTS else {})
 
 
 def liger_loss_chunk(tokens: int, vocab: int, hidden: int) -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import types
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch.nn import functional as F
 
 try:
@@ -132,8 +133,6 @@ def _forward(self, x, *args, **kwargs):
 def use_fused_lora(model, on: bool = True) -> str:
     """Route every fusable LoRA layer of a peft ``model`` through ``LoRALinear`` (``on=False``: back to peft's own
     forward); returns what it did."""
-    from peft.tuners.lora import LoraLayer
-
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "get_base_layer")]
     fused = [m for m in layers if fusable(m)] if on else []
     for layer in layers:
