@@ -39,14 +39,18 @@ from qlora_helpers.ch03_sft.data import (
 )
 from qlora_helpers.ch03_sft.gpu_results import (
     ABLATIONS,
+    LEVER_COLUMNS,
     PEER_COLUMNS,
+    PEER_TARGET_COLUMNS,
     PLANS,
     SFT_MODES,
     SFT_ROW,
     TARGETS,
+    lever_rows,
     missed_targets,
     peer_figure,
     peer_points,
+    peer_targets,
     sft_modes_setting,
     step_profiles,
     throughput_figure,
@@ -74,13 +78,14 @@ from qlora_helpers.ch03_sft.trainer import LiveLossPlot, evaluate
 # which runpy reports as a RuntimeWarning before the command's first line; both copies are the same code
 warnings.filterwarnings("ignore", r"'qlora_helpers\.ch03_sft\.chat' found in sys\.modules", RuntimeWarning)
 
-__all__ = ["ABLATIONS", "MERGE_COLUMNS", "MODE_COLUMNS", "PEER_COLUMNS", "PLANS", "PROBE_PROMPTS", "SFT_MODES",
+__all__ = ["ABLATIONS", "LEVER_COLUMNS", "MERGE_COLUMNS", "MODE_COLUMNS", "PEER_COLUMNS", "PEER_TARGET_COLUMNS",
+           "PLANS", "PROBE_PROMPTS", "SFT_MODES",
            "SFT_ROW", "TARGETS", "answer_scores", "batch_order", "build_model", "chat", "collate",
            "corpus_preference", "DataError", "encode_all", "encode_chat", "evaluate", "from_dict", "learning_metrics",
            "LiveLossPlot",
-           "load_config_file", "load_for_inference", "load_tokenizer", "logit_difference",
+           "lever_rows", "load_config_file", "load_for_inference", "load_tokenizer", "logit_difference",
            "merge_adapter", "merge_results", "missed_targets", "mode_results", "modes_figure",
-           "modes_note", "peer_figure", "peer_points",
+           "modes_note", "peer_figure", "peer_points", "peer_targets",
            "prompt_logits", "quality_claims", "quality_ratios",
            "read_jsonl", "records_to_conversations", "run_line", "run_sft", "sft_modes_setting", "SFTConfig",
            "show_mask", "step_profiles", "throughput_figure", "throughput_targets",

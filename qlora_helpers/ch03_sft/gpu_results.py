@@ -155,12 +155,13 @@ def missed_targets(result: dict | None) -> list[str]:
 # The stacks of the peer comparison: TRL configured well, Unsloth, and the recipe at its two memory settings.
 PEER_LABELS = {"trl-best": "TRL packed + Liger, checkpointing",
                "trl-best-no-ckpt": "TRL packed + Liger, no checkpointing", "unsloth": "Unsloth, its checkpointing",
-               "recipe": "recipe, budget 0.7 x (a)",
-               "recipe-tight": "recipe, TRL's peak as budget", "recipe-max": "recipe, large micro-batch",
-               "sft": "sft command, trl-best's settings", "sft-tight": "sft command, TRL's peak as budget",
-               "sft-max": "sft command, memory to spare"}
+               "sft-tight": "sft, planned for the fastest peer's peak", "sft-max": "sft, planned for 0.6 x the GPU",
+               "sft": "sft command, trl-best's settings", "recipe": "recipe, budget 0.7 x (a)",
+               "recipe-tight": "recipe, TRL's peak as budget", "recipe-max": "recipe, large micro-batch"}
+PEER_COLORS = dict(zip(PEER_LABELS, ("tab:blue", "tab:cyan", "tab:green", "tab:red", "tab:orange", "tab:pink",
+                                     "tab:gray", "tab:olive", "tab:brown")))
 PEER_SHAPES = ("qwen2.5-0.5b", "qwen2.5-7b", "llama-3-8b")
-PEER_ROWS = ("trl-best", "trl-best-no-ckpt", "unsloth", "recipe-tight", "recipe-max")
+PEER_ROWS = ("trl-best", "trl-best-no-ckpt", "unsloth", "sft-tight", "sft-max")
 
 
 def peer_points(peers: dict | None, throughput: dict | None) -> list[dict]:
@@ -199,7 +200,7 @@ def peer_figure(points: list[dict]) -> Figure:
     """Speed against peak memory, one point per stack and shape (up and to the left is better)."""
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
-    colors = dict(zip(PEER_LABELS, ("tab:blue", "tab:cyan", "tab:green", "tab:gray", "tab:orange", "tab:red")))
+    colors = PEER_COLORS
     markers = dict(zip(PEER_SHAPES, "osD"))
     for p in points:
         hollow = p["file"] == "throughput.json"
@@ -233,6 +234,58 @@ def unmeasured_peer_rows(peers: dict | None) -> list[str]:
             lines.append(f"{shape}: not yet in throughput_peers.json: {absent}"
                          + (f"; failed: {', '.join(errors)}" if errors else ""))
     return lines
+
+
+def peer_targets(peers: dict | None) -> list[dict]:
+    """The targets ``train_throughput`` computed for each shape of ``throughput_peers.json``: the value, the target,
+    met or not, and where missed the reason it wrote."""
+    names = {"vs_fastest_peer_tight": "tight: sft-tight / fastest peer, no more memory",
+             "vs_fastest_peer_spare": "spare: sft-max / fastest peer at its best",
+             "mfu": "MFU of sft-max (7B)", "plan_error_sft-tight": "sft-tight: |peak / estimate - 1|",
+             "plan_error_sft-max": "sft-max: |peak / estimate - 1|"}
+    rows = []
+    for shape, entry in (peers["figures"]["shapes"] if peers else {}).items():
+        for name, t in entry.get("targets", {}).items():
+            if name in names:
+                rows.append({"shape": shape, "target": names[name], "value": t["value"], "wanted": t["target"],
+                             "met": "yes" if t["met"] else "no", "why": t.get("why", "")})
+    return rows
+
+
+PEER_TARGET_COLUMNS = (("shape", "shape", ""), ("target", "target", ""), ("value", "value", ".3f"),
+                       ("wanted", "wanted", "g"), ("met", "met", ""), ("why missed", "why", ""))
+
+
+# --------------------------------------------------------------------------- sft_levers.json
+LEVER_LABELS = {"peft": "peft's LoRA layers (TRL's bf16 adapters), all layers checkpointed",
+                "fused": "--fused_lora", "fused-keep2": "--fused_lora, 2 layers keep their activations",
+                "fused-keep8": "--fused_lora, 8 layers keep their activations",
+                "fused-offload": "--fused_lora --activation_offloading",
+                "fused-no-ckpt": "--fused_lora, no checkpointing", "peft-no-ckpt": "peft's layers, no checkpointing",
+                "fused-no-ckpt-compile": "--fused_lora, no checkpointing, each layer torch.compile'd"}
+
+
+def lever_rows(levers: dict | None) -> list[dict]:
+    """Each lever of ``sft_levers.json``: its speed against the variant without it, peak memory against the
+    estimate, and whether its losses stayed within 0.5 % of that variant's."""
+    if not levers:
+        return []
+    figures = levers["figures"]
+    rows = []
+    for name, row in figures["variants"].items():
+        par = figures["parity"].get(name, {})
+        rows.append({"variant": LEVER_LABELS.get(name, name), "tokens_per_second": row.get("tokens_per_second"),
+                     "against": par.get("against", ""), "speed_ratio": par.get("speed_ratio"),
+                     "peak_gib": row.get("peak_allocated_gib"), "estimate_gib": row.get("estimate_gib"),
+                     "loss": (f"failed: {row['error']}" if row.get("error") else
+                              ("within 0.5 %" if par.get("met") else "differ by more") if par else "the reference")})
+    return rows
+
+
+LEVER_COLUMNS = (("variant", "variant", ""), ("tokens/s", "tokens_per_second", ",.0f"),
+                 ("against", "against", ""), ("speed x", "speed_ratio", ".2f"),
+                 ("peak (GiB)", "peak_gib", ".2f"), ("estimate (GiB)", "estimate_gib", ".2f"),
+                 ("losses", "loss", ""))
 
 
 # --------------------------------------------------------------------------- recipe_profile.json
