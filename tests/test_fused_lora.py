@@ -71,6 +71,27 @@ def test_it_steps_aside_where_peft_computes_something_else():
     assert use_fused_lora(model, on=False) == "peft" and "forward" not in vars(layer)
     dora = peft_model("4bit", 0.0, use_dora=True)
     assert use_fused_lora(dora).startswith("peft (no layer it fuses")
+    biased = peft_model(None, 0.0, bias="all")          # q, k, v train their bias: those gradients are peft's
+    assert use_fused_lora(biased) == "fused (8 of 14 LoRA layers)"
+    assert "forward" not in vars(biased.get_base_model().model.layers[0].self_attn.q_proj)
+
+
+def test_switching_keeps_a_wrapper_that_was_on_the_layer():
+    model = peft_model("4bit", 0.0)
+    layer = model.get_base_model().model.layers[0].mlp.up_proj
+    calls = []
+    peft_own = layer.forward
+
+    def wrapped(*a, **kw):                  # what a hook library sets on an instance
+        calls.append(1)
+        return peft_own(*a, **kw)
+    layer.forward = wrapped
+    use_fused_lora(model)
+    with torch.no_grad():                   # not fused without gradients: through the wrapper
+        layer(torch.randn(1, 3, layer.in_features))
+    assert calls == [1]
+    use_fused_lora(model, on=False)
+    assert layer.forward is wrapped
 
 
 def test_keep_activations_spares_the_last_layers_the_second_pass():
@@ -79,3 +100,4 @@ def test_keep_activations_spares_the_last_layers_the_second_pass():
     assert keep_activations(model, 1) == "1 of 2 layers"
     assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]
     assert keep_activations(model, 5) == "0 of 2 layers"
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [False, False]

@@ -428,15 +428,20 @@ def test_sft_trainer_trains_on_the_course_masks_of_the_real_smollm2(packing, cac
 
 # --------------------------------------------------------------------------- options of the sft command
 def test_the_planner_keeps_the_rows_per_step_and_adds_checkpointing(tiny, tmp_path, monkeypatch):
-    """``memory_budget_gib``: the micro-batch is the largest divisor of the rows per step that fits the plan, the
-    accumulation makes up the rest, and checkpointing is the plan's or the user's."""
+    """``memory_budget_gib``: the micro-batch is planned in whole rows, a divisor of the rows per step, the
+    accumulation makes up the rest, and checkpointing (and the layers it spares) is the plan's or the user's."""
     from qlora_helpers.ch03_sft import command
 
     cfg = tiny_cfg(tiny, tmp_path / "out", use_qlora=True, per_device_train_batch_size=2,
                    gradient_accumulation_steps=3, max_length=256, memory_budget_gib=8.0)
-    monkeypatch.setattr(command, "plan_micro_batch", lambda *a, **kw: {"tokens": 1024, "gradient_checkpointing": True,
-                                                                       "checkpoint_keep_layers": 1})
-    plan = command.plan_batch(validate(cfg), cfg.model_name_or_path, "cpu")   # 4 rows fit; 6 rows per step
+    asked = {}
+
+    def plan(*a, candidates, **kw):
+        asked["candidates"] = candidates
+        return {"tokens": 768, "gradient_checkpointing": True, "checkpoint_keep_layers": 1}
+    monkeypatch.setattr(command, "plan_micro_batch", plan)
+    plan = command.plan_batch(validate(cfg), cfg.model_name_or_path, "cpu")   # 3 of the 6 rows per step fit
+    assert asked["candidates"] == [256, 512, 768, 1536]       # whole rows, a divisor of the step's 6
     assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (3, 2) and cfg.gradient_checkpointing
     assert cfg.checkpoint_keep_layers == 1
     assert plan["per_device_train_batch_size"] == 3

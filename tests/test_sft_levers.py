@@ -8,6 +8,7 @@ from qlora_helpers.ch03_sft.command import plan_micro_batch
 from qlora_helpers.ch03_sft.data import Example, collate, pack, pack_lengths
 from qlora_helpers.ch03_sft.trainer import causal_lm_loss
 from qlora_helpers.common.models import build_tiny, tiny_llama
+from qlora_helpers.common.shapes import get_config
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +134,31 @@ def test_the_planner_spends_leftover_memory_on_layers_that_keep_their_activation
     plan = plan_micro_batch(cfg, budget, lora_r=64, engine=engine)
     assert (plan["tokens"], plan["gradient_checkpointing"], plan["checkpoint_keep_layers"]) == (4096, True, 5)
     assert plan["estimate_gib"] == round(at(5), 3) <= budget
-    assert at(0) < at(1) < at(5)                         # each kept layer costs its activations
-    lean = plan_micro_batch(cfg, at(0) + 0.01, lora_r=64, engine=engine)
-    assert lean["checkpoint_keep_layers"] == 0
+    assert at(1) < at(2) < at(5)                         # each kept layer costs its activations (the first one
+    assert at(1) - at(0) < at(2) - at(1)                 # also spares the top layer's recomputation)
+    lean = plan_micro_batch(cfg, at(1) + 0.001, lora_r=64, engine=engine)
+    assert lean["checkpoint_keep_layers"] == 1           # the top layer kept costs no more than recomputing it
+
+
+def test_a_row_longer_than_4k_tokens_is_planned_as_it_runs():
+    """With max_length 8192 the micro-batch is a whole row: the kept layers are chosen for the 8k tokens that run,
+    not for a 4k micro-batch no row can make."""
+    from qlora_helpers.ch03_sft.command import SFTConfig, plan_batch
+
+    cfg = SFTConfig(use_qlora=True, quantization_bit=4, bf16=True, fused_lora=True, lora_r=64, lora_dropout=0.1,
+                    max_length=8192,
+                    per_device_train_batch_size=1, gradient_accumulation_steps=4, memory_budget_gib=16.0,
+                    use_liger_kernel=True)
+    config = get_config("qwen2.5-7b")
+    import qlora_helpers.ch03_sft.command as command
+    original = command.AutoConfig.from_pretrained
+    command.AutoConfig.from_pretrained = lambda *a, **kw: config
+    try:
+        plan = plan_batch(cfg, "qwen2.5-7b", "cpu")
+    finally:
+        command.AutoConfig.from_pretrained = original
+    assert plan["tokens"] == 8192 and cfg.per_device_train_batch_size == 1 and plan["estimate_gib"] <= 16.0
+    assert cfg.checkpoint_keep_layers == plan["checkpoint_keep_layers"] and cfg.gradient_checkpointing
 
 
 def test_engine_levers_in_the_estimate():
@@ -155,6 +178,8 @@ def test_engine_levers_in_the_estimate():
     assert est().inputs.get("lora_impl") is None and est(liger=True).inputs["liger"]   # old records stay as they were
     with pytest.raises(ValueError, match="unknown lora_impl 'triton'"):
         est(lora_impl="triton")
+    with pytest.raises(ValueError, match="keep_layers must be a whole number >= 0"):
+        est(keep_layers=-1)
     cfg = SFTConfig(use_qlora=True, bf16=True, fused_lora=True, lora_dropout=0.1, use_liger_kernel=True)
     assert engine_levers(cfg) == {"lora_impl": "fused", "lora_dropout": 0.1, "offload": False, "liger": True}
     cfg.fused_lora = False

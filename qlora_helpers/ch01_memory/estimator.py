@@ -317,10 +317,12 @@ def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8,
 
 
 def _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk,
-           lora_impl: str = "peft-fp32") -> None:
+           lora_impl: str = "peft-fp32", keep_layers: int = 0) -> None:
     """One line for the first input ``estimate`` cannot take."""
     if lora_impl not in LORA_IMPLS:
         raise ValueError(f"unknown lora_impl {lora_impl!r}: use one of {', '.join(LORA_IMPLS)}")
+    if not isinstance(keep_layers, int) or keep_layers < 0:
+        raise ValueError(f"keep_layers must be a whole number >= 0 (0: every layer checkpointed), not {keep_layers!r}")
     for value, allowed, what in ((method, METHODS, "method"), (optimizer, OPTIMIZERS, "optimizer"),
                                  (dtype, DTYPES, "dtype")):
         if value not in allowed:
@@ -423,9 +425,11 @@ def _activations(run: _Run) -> dict:
     if run.grad_ckpt:        # the checkpointed layers keep their inputs, the kept layers everything
         keep = min(run.keep_layers, s.layers)
         inputs = 0 if run.offload else (s.layers - keep) * _r512(a * N * s.hidden)
-        kept = 0 if run.offload else keep * layer(True)
-        saved = inputs + kept + s.layers * pinned + head + rope + vision + masks
-        recompute = layer(True)
+        kept = 0 if run.offload else keep * layer(True)           # their pinned tensors included
+        pins = (s.layers if run.offload else s.layers - keep) * pinned
+        saved = inputs + kept + pins + head + rope + vision + masks
+        # the top layers keep theirs: by the first recomputed layer, more than it needs has been freed
+        recompute = layer(True) if not keep or run.offload else 0
     else:
         saved = layer(first_g) + (s.layers - 1) * layer(True) + head + rope + vision
         recompute = 0
@@ -509,7 +513,7 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
     ``activation_offloading``), brought back a layer at a time. ``liger``: Liger's RMSNorm and SwiGLU keep less
     (with ``loss_chunk``, its fused linear cross-entropy: what the Trainer's ``use_liger_kernel`` turns on).
     """
-    _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk, lora_impl)
+    _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk, lora_impl, keep_layers)
     s = model_shape(get_config(config) if isinstance(config, str) else config)
     if attention is not None:
         s = with_attention(s, attention)

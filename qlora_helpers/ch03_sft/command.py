@@ -511,7 +511,9 @@ def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_
     token. Checkpointing costs a second forward pass, so it is chosen only when no micro-batch of ``enough_tokens``
     (4k: enough to keep a GPU's matrix units busy) fits without it; then the micro-batch is the largest that fits up
     to ``enough_tokens``, and the memory left over goes to selective checkpointing: the most decoder layers that can
-    keep their activations (``checkpoint_keep_layers``) are spared the second pass.
+    keep their activations (``checkpoint_keep_layers``) are spared the second pass. The top layer is recomputed the
+    moment the backward pass starts, so keeping it costs no more memory than recomputing it: a plan keeps at least
+    that one.
     """
     text = config.get_text_config()
     layers = text.num_hidden_layers
@@ -521,10 +523,11 @@ def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_
         return estimate(config, method, batch_size=1, seq_len=tokens, lora_r=lora_r, grad_ckpt=ckpt,
                         loss_chunk=chunk, keep_layers=keep, **(engine or {})).total_gib
 
-    fits = {ckpt: [t for t in candidates if need(t, ckpt) <= budget_gib] for ckpt in (False, True)}
+    fits = {False: [t for t in candidates if need(t, False) <= budget_gib],   # checkpointed: the top layer kept
+            True: [t for t in candidates if min(need(t, True), need(t, True, 1)) <= budget_gib]}   # may cost less
     if not fits[True]:
         raise ValueError(f"memory_budget_gib={budget_gib}: no micro-batch of {candidates[0]} tokens or more fits "
-                         "even with checkpointing; raise the budget or use a smaller model")
+                         "even with checkpointing; raise the budget, shorten max_length or use a smaller model")
     best_plain, best_ckpt = max(fits[False], default=0), max(fits[True])
     ckpt = best_plain < min(enough_tokens, best_ckpt)
     tokens = max(t for t in fits[True] if t <= max(enough_tokens, min(fits[True]))) if ckpt else best_plain
@@ -556,12 +559,11 @@ def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
         raise ValueError(f"model_name_or_path {base!r}: cannot read its config.json ({str(err).splitlines()[0]})") \
             from None
     rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    most = rows_per_step * cfg.max_length          # no micro-batch holds more than a step's rows
+    # whole rows of max_length, as many as divide a step's rows: what can run is what is planned
+    rows = [d * cfg.max_length for d in range(1, rows_per_step + 1) if rows_per_step % d == 0]
     plan = plan_micro_batch(config, budget, method=method, lora_r=cfg.lora_r, chunked=bool(cfg.use_liger_kernel),
-                            engine=engine_levers(cfg) if cfg.mode != "full" else None,
-                            candidates=[t for t in PLAN_TOKENS if t <= max(most, PLAN_TOKENS[0])])
-    fits = max(1, plan["tokens"] // cfg.max_length)     # rows of max_length tokens in the planned micro-batch
-    cfg.per_device_train_batch_size = max(d for d in range(1, min(fits, rows_per_step) + 1) if rows_per_step % d == 0)
+                            engine=engine_levers(cfg) if cfg.mode != "full" else None, candidates=rows)
+    cfg.per_device_train_batch_size = plan["tokens"] // cfg.max_length
     cfg.gradient_accumulation_steps = rows_per_step // cfg.per_device_train_batch_size   # the same rows per step
     cfg.gradient_checkpointing = cfg.gradient_checkpointing or plan["gradient_checkpointing"]
     cfg.checkpoint_keep_layers = plan["checkpoint_keep_layers"] if plan["gradient_checkpointing"] else 0

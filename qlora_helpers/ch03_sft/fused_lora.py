@@ -88,8 +88,9 @@ class LoRALinear(torch.autograd.Function):
 def fusable(layer) -> bool:
     """Whether ``layer`` (a peft LoRA layer) computes exactly what ``LoRALinear`` does."""
     base = layer.get_base_layer()
-    plain = type(base) is torch.nn.Linear and not base.weight.requires_grad
-    four_bit = bnb is not None and isinstance(base, bnb.nn.Linear4bit)
+    frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+    plain = type(base) is torch.nn.Linear and frozen
+    four_bit = bnb is not None and isinstance(base, bnb.nn.Linear4bit) and frozen
     adapters = layer.active_adapters
     return ((plain or four_bit) and len(adapters) == 1 and adapters[0] in layer.lora_A
             and not getattr(layer, "lora_variant", {}) and not layer.use_dora.get(adapters[0], False)
@@ -114,8 +115,10 @@ def compute_dtype(layer, x) -> torch.dtype | None:
 def _forward(self, x, *args, **kwargs):
     """A LoRA layer's forward: ``LoRALinear`` while gradients are taken through the adapter it was fused for, else
     peft's (``use_fused_lora`` checked the layer's kind once; what a user can switch is checked at every call)."""
+    base = self.base_layer
     if (args or kwargs or self.disable_adapters or self.merged or not torch.is_grad_enabled()
-            or self.active_adapters != self._fused_adapters or self.lora_variant):
+            or self.active_adapters != self._fused_adapters or self.lora_variant or base.weight.requires_grad
+            or (base.bias is not None and base.bias.requires_grad)):     # a trained base: its gradients are peft's
         return self._peft_forward(x, *args, **kwargs)
     dtype = compute_dtype(self, x)
     if dtype is None:
@@ -136,10 +139,14 @@ def use_fused_lora(model, on: bool = True) -> str:
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "get_base_layer")]
     fused = [m for m in layers if fusable(m)] if on else []
     for layer in layers:
-        if "forward" in vars(layer):        # an instance attribute: an earlier call routed it here
-            del layer.forward
-        if layer in fused:
-            layer._peft_forward = type(layer).forward.__get__(layer)
+        if getattr(vars(layer).get("forward"), "__func__", None) is _forward:   # an earlier call routed it here:
+            if layer._before_fused is None:                                    # what was there before comes back
+                del layer.forward
+            else:
+                layer.forward = layer._before_fused
+        if layer in fused:                  # peft's forward, or what wraps it on this layer (a hook's wrapper)
+            layer._before_fused = vars(layer).get("forward")
+            layer._peft_forward = layer._before_fused or type(layer).forward.__get__(layer)
             layer._fused_adapters = list(layer.active_adapters)
             layer.forward = types.MethodType(_forward, layer)
     if not on:

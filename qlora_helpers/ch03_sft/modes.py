@@ -164,7 +164,7 @@ def keep_activations(model, layers: int) -> str:
     """Selective checkpointing: the last ``layers`` decoder layers of a checkpointed ``model`` keep their
     activations (no second forward pass through them); returns how many of how many are checkpointed."""
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for block in blocks[len(blocks) - layers:] if layers else []:
+    for block in blocks[max(0, len(blocks) - layers):] if layers else []:
         block.gradient_checkpointing = False
     return f"{len(blocks) - min(layers, len(blocks))} of {len(blocks)} layers"
 
