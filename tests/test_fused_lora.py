@@ -101,3 +101,38 @@ def test_keep_activations_spares_the_last_layers_the_second_pass():
     assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]
     assert keep_activations(model, 5) == "0 of 2 layers"
     assert [layer.gradient_checkpointing for layer in model.model.layers] == [False, False]
+
+
+def test_what_a_fused_layer_keeps_for_backward_is_what_the_estimator_counts():
+    """Every tensor autograd saves in one decoder layer (bf16, 4-bit base, LoRA with dropout on every linear layer,
+    SDPA), counted by storage, against ``estimate``'s ``one layer saved`` for the fused path: equal."""
+    from transformers import Qwen2Config
+
+    from qlora_helpers.ch01_memory.estimator import estimate
+
+    cfg = Qwen2Config(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    base = build_random(cfg, quantize="4bit", device="cpu", dtype=torch.bfloat16, seed=0, progress=False)
+    keep_cpu_training_layout(base)
+    base.requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16) if p.requires_grad else p.data    # TRL's bf16 adapters
+    use_fused_lora(model)
+    model.train()
+    tokens, layer = 512, model.get_base_model().model.layers[1]
+    x = torch.randn(1, tokens, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    position_ids = torch.arange(tokens)[None]
+    rope = model.get_base_model().model.rotary_emb(x, position_ids)
+    known = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), *rope, x)}
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, position_embeddings=rope, attention_mask=None, position_ids=position_ids)
+    kept = sum(n for ptr, n in saved.items() if ptr not in known)
+    est = estimate(cfg, "qlora4", batch_size=1, seq_len=tokens, lora_r=8, lora_impl="fused", lora_dropout=0.1,
+                   attention="sdpa")
+    assert kept == est.detail["one layer saved"]
