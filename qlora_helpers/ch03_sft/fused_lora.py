@@ -85,12 +85,16 @@ class LoRALinear(torch.autograd.Function):
         return dx, da, db, None, None, None, None
 
 
+def frozen(base) -> bool:
+    """Whether nothing of a base layer trains (a trained weight or bias takes its gradient through peft)."""
+    return not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+
+
 def fusable(layer) -> bool:
     """Whether ``layer`` (a peft LoRA layer) computes exactly what ``LoRALinear`` does."""
     base = layer.get_base_layer()
-    frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-    plain = type(base) is torch.nn.Linear and frozen
-    four_bit = bnb is not None and isinstance(base, bnb.nn.Linear4bit) and frozen
+    plain = type(base) is torch.nn.Linear and frozen(base)
+    four_bit = bnb is not None and isinstance(base, bnb.nn.Linear4bit) and frozen(base)
     adapters = layer.active_adapters
     return ((plain or four_bit) and len(adapters) == 1 and adapters[0] in layer.lora_A
             and not getattr(layer, "lora_variant", {}) and not layer.use_dora.get(adapters[0], False)
@@ -104,21 +108,17 @@ def compute_dtype(layer, x) -> torch.dtype | None:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     base = layer.get_base_layer()
-    dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
-    if bnb is not None and isinstance(base, bnb.nn.Linear4bit):
-        dtype = base.compute_dtype or x.dtype
+    four_bit = bnb is not None and isinstance(base, bnb.nn.Linear4bit)
+    dtype = (base.compute_dtype or x.dtype) if four_bit else base.weight.dtype
     adapter = layer.lora_A[layer.active_adapters[0]].weight.dtype
     return dtype if dtype == adapter == x.dtype else None
-
 
 
 def _forward(self, x, *args, **kwargs):
     """A LoRA layer's forward: ``LoRALinear`` while gradients are taken through the adapter it was fused for, else
     peft's (``use_fused_lora`` checked the layer's kind once; what a user can switch is checked at every call)."""
-    base = self.base_layer
     if (args or kwargs or self.disable_adapters or self.merged or not torch.is_grad_enabled()
-            or self.active_adapters != self._fused_adapters or self.lora_variant or base.weight.requires_grad
-            or (base.bias is not None and base.bias.requires_grad)):     # a trained base: its gradients are peft's
+            or self.active_adapters != self._fused_adapters or self.lora_variant or not frozen(self.base_layer)):
         return self._peft_forward(x, *args, **kwargs)
     dtype = compute_dtype(self, x)
     if dtype is None:

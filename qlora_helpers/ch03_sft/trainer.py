@@ -129,7 +129,6 @@ def evaluate(model, data: SFTData, batch_size: int, pad_id: int, device: str, cf
     return total / max(count, 1)
 
 
-# --------------------------------------------------------------------------- checkpoints
 # --------------------------------------------------------------------------- what the course adds, as a callback
 class CourseCallback(TrainerCallback):
     """Per-step records, the token-weighted eval loss, whole checkpoints, the notebook's callbacks, one bar."""
