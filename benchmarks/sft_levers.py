@@ -32,20 +32,19 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import TrainerCallback
 
-from benchmarks.train_throughput import LORA, LR, ROW_TOKENS, matmul_params, peak_flops, step_plan
+from benchmarks.train_throughput import LORA, LR, ROW_TOKENS, workload, write_plan
 from qlora_helpers.ch01_memory.estimator import estimate, liger_loss_chunk
 from qlora_helpers.ch03_sft import command as sft_command
-from qlora_helpers.ch03_sft.data import encode_all, read_jsonl
+from qlora_helpers.ch03_sft.data import read_jsonl
 from qlora_helpers.ch03_sft.fast_kernels import use_varlen_attention
 from qlora_helpers.ch03_sft.fused_lora import use_fused_lora
 from qlora_helpers.ch03_sft.modes import keep_activations, linear_layer_names
 from qlora_helpers.common import assets
 from qlora_helpers.common.bench import error_line, write_benchmark
-from qlora_helpers.common.models import build_random, enable_checkpointing, tiny_qwen2
+from qlora_helpers.common.models import build_random, enable_checkpointing
 from qlora_helpers.common.quant import keep_cpu_training_layout
-from qlora_helpers.common.shapes import get_config, tokenizer_asset
 from qlora_helpers.errors import OneLineParser, run_main
 
 PARITY = 0.005
@@ -69,8 +68,8 @@ def loss_chunk(config, tokens: int) -> int:
 class Model:
     """The one model of the run: built on first use, its LoRA weights reset for every variant."""
 
-    def __init__(self, config, device: str):
-        self.config, self.device, self.model, self.init = config, device, None, None
+    def __init__(self, config):
+        self.config, self.model, self.init = config, None, None
 
     def __call__(self, cfg, device):
         if self.model is None:
@@ -175,9 +174,7 @@ def run_variant(name, model_factory, cfg, config, skip: int, profile: bool = Fal
     est = estimate(config, "qlora4", batch_size=1, seq_len=ROW_TOKENS, lora_r=LORA["r"],
                    grad_ckpt=cfg.gradient_checkpointing,
                    loss_chunk=loss_chunk(config, ROW_TOKENS) if cfg.use_liger_kernel else None,
-                   lora_impl="fused" if cfg.fused_lora else "peft-bf16", lora_dropout=LORA["dropout"],
-                   keep_layers=cfg.checkpoint_keep_layers, offload=cfg.activation_offloading,
-                   liger=bool(cfg.use_liger_kernel))
+                   keep_layers=cfg.checkpoint_keep_layers, **sft_command.engine_levers(cfg))
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None   # the model's weights included
     out = {"variant": name, "settings": VARIANTS[name], "kernels": result.summary.get("kernels"),
            "tokens_per_second": round(tps, 1) if tps else None,
@@ -221,27 +218,18 @@ def main(argv=None) -> None:
     p.add_argument("--profile", nargs="*", default=[], metavar="VARIANT",
                    help="variants whose last step runs under torch.profiler (its time excluded from tokens/s)")
     args = p.parse_args(argv)
-    asset = "qwen-tokenizer" if args.shape == "tiny" else tokenizer_asset(args.shape)
-    tokenizer_dir = assets.verify(asset, only=assets.TOKENIZER_FILES)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = tiny_qwen2(vocab_size=len(tokenizer)) if args.shape == "tiny" else get_config(args.shape)
-    paths = assets.sft_paths()
-    conversations = read_jsonl(paths["train"])
-    examples = encode_all(conversations, tokenizer, 512).examples
-    plan = step_plan(examples, args.step_tokens, args.steps)
+    config, data, shape = workload(args)         # train_throughput's: the same tokenizer, conversations and steps
     rows, meta = {}, {"shape": args.shape, "steps": args.steps, "skip": args.skip, "step_tokens": args.step_tokens,
-                      "n_params": matmul_params(config), "lora": LORA, "learning_rate": LR}
+                      "n_params": shape["n_params"], "lora": LORA, "learning_rate": LR}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         folder.mkdir()
         config.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        plan_file, eval_file = Path(tmp) / "plan.jsonl", Path(tmp) / "eval.jsonl"
-        plan_file.write_text("".join(json.dumps({"messages": conversations[i]}, ensure_ascii=False) + "\n"
-                                     for step in plan for i in step), encoding="utf-8")
+        data["tokenizer"].save_pretrained(folder)
+        plan_file, eval_file = write_plan(Path(tmp) / "plan.jsonl", data), Path(tmp) / "eval.jsonl"
         eval_file.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n"
-                                     for c in read_jsonl(paths["validation"])[:64]), encoding="utf-8")
-        factory = Model(config, args.device)
+                                     for c in read_jsonl(assets.sft_paths()["validation"])[:64]), encoding="utf-8")
+        factory = Model(config)
         for name in args.variants:
             cfg = variant_config(name, folder, plan_file, eval_file, args.steps, args.device)
             try:
@@ -252,8 +240,7 @@ def main(argv=None) -> None:
             print(json.dumps({k: row.get(k) for k in ("variant", "tokens_per_second", "peak_allocated_gib",
                                                       "estimate_gib", "eval_loss", "error")}), flush=True)
             figures = {**meta, "static_gib": factory.static_gib if factory.model is not None else None,
-                       "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                       "peak_flops": peak_flops(torch.cuda.get_device_name()) if args.device == "cuda" else None,
+                       "device_name": shape["device_name"], "peak_flops": shape["peak_flops"],
                        "variants": rows, "parity": parity(rows)}
             write_benchmark("sft_levers", figures, args.out or None)
 

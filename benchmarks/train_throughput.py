@@ -323,22 +323,22 @@ def run_trl_best(config, data, device, tmp: Path, ckpt: bool) -> dict:
     return {**out, "kernels": kernels}
 
 
-def run_sft_command(config, data, device, tmp: Path, budget_gib: float = 0.0, model_dir: str = "") -> dict:
+def run_sft_command(config, data, device, tmp: Path, budget_gib: float = 0.0) -> dict:
     """``sft``: the course's command at ``trl-best``'s settings, given a model folder and a JSONL file as a user would;
     with ``budget_gib`` (``sft-tight``, ``sft-max``) its ``--memory_budget_gib``, which plans the micro-batch and
     checkpointing (the tokens per step kept).
 
     The folder holds ``trl-best``'s random weights (the same seed, device and dtype, so the same 4-bit model once
-    the command quantises it) and the benchmark's tokenizer; it is deleted once the command returns.
+    the command quantises it) and the benchmark's tokenizer: the shape's shared folder (``data["model_dir"]``, written
+    by the first row that needs it), or one of its own, deleted once the command returns.
     Step seconds run from one step's end to the next, as ``train_with_sft_trainer`` times them."""
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
+    model_dir = data.get("model_dir")
     folder = write_model_folder(Path(model_dir) if model_dir else tmp / "model",     # an existing one is kept
                                 lambda tok: build_random(config, device=device, dtype=dtype, seed=0, progress=False),
                                 data["tokenizer_asset"])
-    plan_file = tmp / "plan.jsonl"
-    plan_file.write_text("".join(json.dumps({"messages": data["conversations"][i]}, ensure_ascii=False) + "\n"
-                                 for step in data["plan"] for i in step), encoding="utf-8")
+    plan_file = write_plan(tmp / "plan.jsonl", data)
     peer = peer_settings(data, True, device)
     cfg = sft_command.SFTConfig(
         model_name_or_path=str(folder), data_path=str(plan_file), output_dir=str(tmp / "sft"),
@@ -367,6 +367,13 @@ def run_sft_command(config, data, device, tmp: Path, budget_gib: float = 0.0, mo
     out["eval_loss"] = held_out_loss(result.model, data, device)
     out["versions"] = {"trl": trl_version}
     return out
+
+
+def write_plan(path: Path, data) -> Path:
+    """The plan's conversations, step by step in order, as the chat JSONL a user gives the ``sft`` command."""
+    path.write_text("".join(json.dumps({"messages": data["conversations"][i]}, ensure_ascii=False) + "\n"
+                            for step in data["plan"] for i in step), encoding="utf-8")
+    return path
 
 
 def command_row(summary: dict, stamps: list[float], cuda: bool) -> dict:
@@ -419,7 +426,7 @@ def command_budget(row: str, device: str, peaks: dict) -> float | None:
     return peaks.get("tight") or None
 
 
-def measure_row(config, data, device, tmp: Path, *, row: str, peaks: dict, model_dir: str = "") -> dict:
+def measure_row(config, data, device, tmp: Path, *, row: str, peaks: dict) -> dict:
     """One row (the worker records a failure)."""
     if row == "hf":
         return run_hf(config, data, device)
@@ -431,7 +438,7 @@ def measure_row(config, data, device, tmp: Path, *, row: str, peaks: dict, model
     if budget is None:
         return {"error": "not planned: its budget is the peak of the fastest tight peer (trl-best, unsloth); "
                          "measure one of them too"}
-    return run_sft_command(config, data, device, tmp, budget_gib=budget, model_dir=model_dir)
+    return run_sft_command(config, data, device, tmp, budget_gib=budget)
 
 
 def workload(args) -> tuple:
@@ -458,7 +465,7 @@ def worker(args, measure=None) -> None:
     config, data, meta = workload(args)
     data["model_dir"] = args.model_dir
     peaks = {"tight": args.tight_peak}
-    measure = measure or functools.partial(measure_row, row=args.rows[0], peaks=peaks, model_dir=args.model_dir)
+    measure = measure or functools.partial(measure_row, row=args.rows[0], peaks=peaks)
     try:           # a missing kernel, an OOM, a stack that does not load: the row records it, the others go on
         with tempfile.TemporaryDirectory() as tmp:
             result = measure(config, data, args.device, Path(tmp))

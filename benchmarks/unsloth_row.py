@@ -52,7 +52,7 @@ def run_unsloth(config, data, device: str, tmp: Path) -> dict:
     if FastLanguageModel is None:
         return {"error": error_line(UNSLOTH_ERROR)}
     # the shape's model folder (the command rows' too: the same random weights), written once; this row's own
-    # folder links its weights and holds its tokenizer
+    # folder links its weights and holds the tokenizer
     shared = write_model_folder(Path(data["model_dir"]) if data.get("model_dir") else tmp / "weights",
                                 lambda tok: build_random(config, device=device, dtype=torch.bfloat16, seed=0,
                                                          progress=False), data["tokenizer_asset"])
@@ -61,12 +61,7 @@ def run_unsloth(config, data, device: str, tmp: Path) -> dict:
     for f in shared.iterdir():
         if f.name in ("config.json", "generation_config.json") or ".safetensors" in f.name:
             (folder / f.name).symlink_to(f.resolve())
-    tokenizer = data["tokenizer"]
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= config.vocab_size:
-        # Llama-3's shape has fewer ids than the Qwen tokenizer (the benchmark folds them): Unsloth refuses a pad
-        # token outside the model's vocabulary, so the folder names one inside it, as a Llama-3 user sets one
-        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(data["pad_id"])
-    tokenizer.save_pretrained(folder)
+    data["tokenizer"].save_pretrained(folder)     # its ids, the pad token's included, all fit the shape (workload)
     settings = peer_settings(data, ckpt=True, device=device)
     model, _ = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=settings["max_length"],
                                                  dtype=torch.bfloat16, load_in_4bit=True)
