@@ -21,6 +21,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, Qwen2VLForConditionalGeneration
 
 from qlora_helpers.ch01_memory.estimator import GIB, model_shape, resolve_targets
+from qlora_helpers.common.bench import reset_cuda_peak
 from qlora_helpers.common.models import bnb_config, build_random, enable_checkpointing
 from qlora_helpers.common.optim import make_optimizer
 from qlora_helpers.common.shapes import get_config
@@ -96,7 +97,7 @@ def _gib(nbytes) -> float:
 
 def _phase(fn, device):
     """Run ``fn`` with the peak counter reset: (its result, peak allocated GiB, peak reserved GiB)."""
-    torch.cuda.reset_peak_memory_stats(device)
+    reset_cuda_peak()
     result = fn()
     return result, _gib(torch.cuda.max_memory_allocated(device)), torch.cuda.max_memory_reserved(device) / GIB
 

@@ -25,7 +25,7 @@ from qlora_helpers.ch02_tad.data import make_pretrain_clips
 from qlora_helpers.ch02_tad.evaluate import mean_ap
 from qlora_helpers.ch02_tad.model import VideoViT
 from qlora_helpers.common.assets import cache_dir
-from qlora_helpers.common.bench import cuda_peak_gib
+from qlora_helpers.common.bench import cuda_peak_gib, reset_cuda_peak
 from qlora_helpers.common.files import atomic_open, state_digest
 
 MEAN, STD = 0.45, 0.25
@@ -245,6 +245,14 @@ def evaluate_detector(model, data, split: str = "val", *, device: str = "cpu") -
 
 
 # --------------------------------------------------------------------------- costs
+COUNTED = ("weights", "gradients", "optimizer_state", "activations")
+
+
+def counted_gib(costs: dict) -> float:
+    """What ``cost_breakdown`` counted for one training step, in GiB: the chapter's estimate of a run's peak."""
+    return sum(costs[k] for k in COUNTED) / 2**30
+
+
 def cost_breakdown(model, cfg: dict, data, *, batch_size: int = 4, device: str = "cpu", autocast_dtype=None) -> dict:
     """Bytes of one training step, by kind.
 
@@ -267,7 +275,7 @@ def cost_breakdown(model, cfg: dict, data, *, batch_size: int = 4, device: str =
     model.train()
     model.zero_grad(set_to_none=True)
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        reset_cuda_peak()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = model.loss(video, [s for s, _ in segments], [l for _, l in segments])

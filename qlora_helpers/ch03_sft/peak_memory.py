@@ -23,6 +23,8 @@ import time
 import psutil
 import torch
 
+from qlora_helpers.common.bench import reset_cuda_peak
+
 
 def rss_bytes() -> int:
     """Resident set size of this process."""
@@ -53,7 +55,7 @@ class PeakMemory:
         _release_freed_memory()
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            reset_cuda_peak()
             self._base = torch.cuda.memory_allocated()
             self.what = "peak torch.cuda.max_memory_allocated above the start of the block (GPU tensors)"
         else:

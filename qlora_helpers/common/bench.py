@@ -22,7 +22,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,6 +63,68 @@ def cuda_peak_gib(reset: bool = False) -> dict:
     if reset:
         torch.cuda.reset_peak_memory_stats()
     return peak
+
+
+# --------------------------------------------------------------------------- a notebook's training cells on a GPU
+GPU_SECTIONS: list[dict] = []     # this kernel's measured sections, in order: what a notebook's results file records
+_OPEN: list[dict] = []            # sections being measured now, innermost last
+SECTION_LINE = "GPU memory, {section}: peak allocated {peak_allocated_gib:.3f} GiB, reserved {peak_reserved_gib:.3f} " \
+               "GiB; estimate {estimate_gib:.3f} GiB ({estimate_of})"
+
+
+def _fold_peaks() -> None:
+    for rec in _OPEN:
+        rec["peak_allocated_gib"] = max(rec["peak_allocated_gib"], torch.cuda.max_memory_allocated() / 2**30)
+        rec["peak_reserved_gib"] = max(rec["peak_reserved_gib"], torch.cuda.max_memory_reserved() / 2**30)
+
+
+def reset_cuda_peak() -> None:
+    """``torch.cuda.reset_peak_memory_stats()``, first folding the peak so far into every open ``gpu_memory``
+    section: code that measures its own part of a cell (a step, a run) leaves the cell's peak whole."""
+    torch.cuda.synchronize()
+    _fold_peaks()
+    torch.cuda.reset_peak_memory_stats()
+
+
+class _Section(dict):
+    def estimate(self, gib: float, of: str) -> None:
+        """The chapter's estimate of this section's peak allocated memory, and what it counts."""
+        self.update(estimate_gib=round(gib, 3), estimate_of=of)
+
+
+@contextmanager
+def gpu_memory(section: str, device: str) -> Iterator[_Section]:
+    """Around a training cell (or one run of it) on a GPU: the peak ``torch.cuda.max_memory_allocated`` and
+    ``max_memory_reserved`` while the block ran (from zero: the cell's model and data included), printed at its
+    end beside the chapter's estimate (``.estimate(gib, of)`` inside the block), and kept in ``GPU_SECTIONS``.
+    On a CPU it measures and prints nothing."""
+    rec = _Section(section=section)
+    if not str(device).startswith("cuda"):
+        yield rec
+        return
+    reset_cuda_peak()
+    rec.update(peak_allocated_gib=0.0, peak_reserved_gib=0.0, estimate_gib=None, estimate_of="")
+    _OPEN.append(rec)
+    try:
+        yield rec
+        torch.cuda.synchronize()
+        _fold_peaks()
+    finally:
+        _OPEN.remove(rec)
+    if rec["estimate_gib"] is None:
+        raise ValueError(f"gpu_memory section {section!r} ended without its estimate: call .estimate(gib, of)")
+    report_section(**rec)
+
+
+def report_section(section: str, peak_allocated_gib: float, peak_reserved_gib: float, estimate_gib: float,
+                   estimate_of: str) -> None:
+    """Print and keep one measured section (``gpu_memory`` calls it; so does a notebook for peaks its worker
+    processes measured)."""
+    rec = {"section": section, "peak_allocated_gib": round(peak_allocated_gib, 3),
+           "peak_reserved_gib": round(peak_reserved_gib, 3), "estimate_gib": round(estimate_gib, 3),
+           "estimate_of": estimate_of}
+    GPU_SECTIONS.append(rec)
+    print(SECTION_LINE.format(**rec))
 
 
 # --------------------------------------------------------------------------- worker processes
