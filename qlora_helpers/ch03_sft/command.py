@@ -544,6 +544,26 @@ def engine_levers(cfg: SFTConfig) -> dict:
             "liger": bool(cfg.use_liger_kernel)}
 
 
+def run_estimate(cfg: SFTConfig, base: str) -> dict:
+    """The chapter-01 estimate of this run's peak ``max_memory_allocated`` on a GPU, as it trains: micro-batches of
+    ``per_device_train_batch_size`` rows of ``max_length`` tokens (a padded batch is as long as its longest row: an
+    upper bound), its checkpointing, optimizer, loss (Liger's chunks or the full logits) and levers."""
+    text = AutoConfig.from_pretrained(base).get_text_config()
+    method = {"full": "full", "lora": "lora"}.get(cfg.mode, f"qlora{cfg.quantization_bit}")
+    tokens = cfg.per_device_train_batch_size * cfg.max_length
+    chunk = liger_loss_chunk(tokens, text.vocab_size, text.hidden_size) if cfg.use_liger_kernel else None
+    optimizer = {"adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}.get(cfg.optim, "adamw")
+    spec = cfg.lora_target_modules
+    targets = spec if isinstance(spec, list) else {None: "all-linear", "all": "all-linear"}.get(spec, spec)
+    gib = estimate(text, method, batch_size=cfg.per_device_train_batch_size, seq_len=cfg.max_length,
+                   lora_r=cfg.lora_r, targets=targets, grad_ckpt=bool(cfg.gradient_checkpointing),
+                   optimizer=optimizer, loss_chunk=chunk,
+                   keep_layers=cfg.checkpoint_keep_layers if cfg.gradient_checkpointing else 0,
+                   **(engine_levers(cfg) if cfg.mode != "full" else {})).total_gib
+    return {"gib": round(gib, 3), "of": f"chapter 01's estimate, {cfg.mode}, {cfg.per_device_train_batch_size} x "
+                                        f"{cfg.max_length} tokens, {optimizer}"}
+
+
 def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
     """With ``memory_budget_gib``, the chapter-01 estimator's plan for it (before the model loads): the micro-batch
     (rows of ``max_length`` tokens, the tokens per optimizer step kept) and whether to checkpoint; ``cfg`` is set."""
@@ -668,6 +688,7 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
                            fingerprint=fingerprint, initial_eval=before, trainer_callbacks=trainer_callbacks)
     summary = make_summary(cfg, base, device, model=model, data=(train_data, eval_data), result=result,
                            params=params, load_seconds=load_seconds, peak=mem.as_dict(), plan=plan)
+    summary["estimate"] = run_estimate(cfg, base)
     with disk_full_is_one_line(out):
         summary = finish_output_dir(processes, model, tokenizer, out, summary,
                                     config=sft_config(cfg, base) if cfg.resume else None)

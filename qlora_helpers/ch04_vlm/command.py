@@ -35,8 +35,9 @@ from qlora_helpers.ch04_vlm.hub_model import (
     quantized_share,
     takes_images,
 )
-from qlora_helpers.ch04_vlm.records import encode_all, read_records
+from qlora_helpers.ch04_vlm.records import encode_all, image_token_id, read_records
 from qlora_helpers.ch04_vlm.trainer import HISTORY, train_vlm
+from qlora_helpers.ch04_vlm.vram import ANSWER_TOKENS, estimate_vlm
 from qlora_helpers.common.device import cpu_compute_dtype
 from qlora_helpers.common.files import atomic_write_json
 from qlora_helpers.common.models import check_model_folder, count_parameters
@@ -202,6 +203,18 @@ class VLMResult:
     val: list            # the encoded validation examples
 
 
+def run_estimate(run: VLMRun, examples: list, processor) -> dict:
+    """Chapter 04's estimate of this run's peak allocated memory on a GPU (``vram.estimate_vlm``, the chapter-01
+    estimator's language model plus the vision side): its longest example's text and image tokens."""
+    images = [int((e["input_ids"] == image_token_id(processor)).sum()) for e in examples]
+    longest = max(range(len(examples)), key=lambda i: examples[i]["input_ids"].shape[-1])
+    text = examples[longest]["input_ids"].shape[-1] - images[longest]
+    est = estimate_vlm(run.model_id, run.settings, max_length=text, loss_rows=ANSWER_TOKENS,
+                       image_tokens_per_sample=images[longest])
+    return {"gib": round(est.total_gib, 3),
+            "of": f"chapter 04's estimate, {run.settings.method}, {text} text + {images[longest]} image tokens"}
+
+
 def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
     """Check, encode, load, train, save; returns the summary (also ``vlm_summary.json``) and the model."""
     validate(run)
@@ -230,6 +243,7 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
         history = train_vlm(model, train, val, run, processor=processor, out=out, device=device,
                             fingerprint=fingerprint, progress=progress, callbacks=callbacks)
         summary = {"model_id": run.model_id, "model_type": model.config.model_type, "device": device,
+                   "estimate": run_estimate(run, train, processor),
                    "dtype": str(dtype).removeprefix("torch."), "threads": threads, "params": count_parameters(model),
                    "linear_layers": quantized_share(model),
                    "examples": {"train": len(train), "val": len(val)}, "history": history}

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import cache
+from pathlib import Path
 
 from accelerate import init_empty_weights
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
@@ -74,7 +76,10 @@ MODELS = {
 
 @cache
 def model_config(key: str):
-    """The transformers config of a registry model (real shape, from its ``config.json``); shared, do not edit."""
+    """The transformers config of a registry model (real shape, from its ``config.json``), or of a model folder's
+    ``config.json``; shared, do not edit."""
+    if key not in MODELS and (Path(key) / "config.json").is_file():
+        return AutoConfig.from_pretrained(key)
     if key not in MODELS:
         raise ValueError(f"unknown model {key!r}: use one of {', '.join(MODELS)}")
     if key == "instructblip-7b":
@@ -165,17 +170,19 @@ class VLMEstimate:
 
 
 def estimate_vlm(key: str, cfg, max_length: int | None = None, image_size: int | None = None,
-                 gradient_accumulation_steps: int | None = None, *, loss_rows: int | None = None) -> VLMEstimate:
-    """Predict the peak allocated memory of training registry model ``key`` with config ``cfg``.
+                 gradient_accumulation_steps: int | None = None, *, loss_rows: int | None = None,
+                 image_tokens_per_sample: int | None = None) -> VLMEstimate:
+    """Predict the peak allocated memory of training registry model ``key`` (or a model folder) with config ``cfg``.
 
-    ``max_length``, ``image_size`` and ``gradient_accumulation_steps`` override the config's.
+    ``max_length``, ``image_size`` and ``gradient_accumulation_steps`` override the config's;
+    ``image_tokens_per_sample`` the image tokens ``image_size`` gives (what a run's processor made).
     ``loss_rows``: ``None`` for ``model(**batch).loss`` (full fp32 logits); a number of labelled rows for a
     loss that multiplies only those by ``lm_head`` (the ``vlm`` command's: ``ANSWER_TOKENS``).
     """
     text_len = max_length or cfg.data.max_length
     size = image_size or cfg.data.image_size
     accum = gradient_accumulation_steps or cfg.training.gradient_accumulation_steps
-    n_img = image_tokens(key, size)
+    n_img = image_tokens(key, size) if image_tokens_per_sample is None else image_tokens_per_sample
     text = model_config(key).get_text_config()
     method, q, hw, t = METHOD[cfg.method], cfg.quantization, cfg.hardware, cfg.training
     kbit = q.prepare_kbit and q.load_in_4bit
