@@ -203,6 +203,7 @@ def test_each_mode_trains_and_saves(kw, layer, tiny, tmp_path):
     ev = s["eval_loss"]
     assert ev["before"] is not None and ev["after"] < ev["before"]  # lr 1e-3 on a random model: it must learn
     assert s["peak_memory"]["peak_gib"] > 0 and "RSS" in s["peak_memory"]["measured"]
+    assert s["estimate"]["gib"] > 0 and cfg.mode in s["estimate"]["of"]   # what a GPU would allocate at the peak
     tm = s["tensor_memory_mib"]
     assert tm["optimizer"] == pytest.approx(2 * tm["grads"], abs=0.2)  # AdamW: two fp32 moments per trainable value
     if cfg.mode == "full":

@@ -182,16 +182,13 @@ def practice(cached_assets, tmp_path_factory):
     from qlora_helpers.ch04_vlm.command import build_run, run_vlm
     from qlora_helpers.ch04_vlm.hub_model import load_vlm
     from qlora_helpers.ch04_vlm.records import read_records, write_example_files
-    from qlora_helpers.common.models import load_causal_lm
 
     root = tmp_path_factory.mktemp("practice")
     files = write_example_files(root / "data", n_train=8, n_val=40, size=24)
     processor = sl.small_processor(image_size=24, patch_size=8)
     pixels, labels = sl.tower_inputs(read_records(files["test"]), processor)
     tower, head, info = sl.pretrain_tower(pixels, labels, epochs=2)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sl, "load_smollm2", lambda dtype: load_causal_lm("tiny:llama", dtype=dtype))
-        scale = sl.write_small_llava(root / "small-llava", tower, processor, pixels[:16])
+    scale = sl.write_small_llava(root / "small-llava", tower, processor, pixels[:16], language_model="tiny:llama")
     graded = read_records(files["val"])[::4]
     untrained = load_vlm(str(root / "small-llava"), quantization=vc.preset("ultra_low_memory").quantization,
                          dtype=torch.float32, device="cpu")

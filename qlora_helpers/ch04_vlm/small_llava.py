@@ -43,7 +43,8 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from qlora_helpers.ch04_vlm.hub_model import make_processor, write_vlm_folder
 from qlora_helpers.ch04_vlm.records import ANSWERS, QUESTIONS, question_answer
-from qlora_helpers.common.assets import load_smollm2, smollm2_path
+from qlora_helpers.common.assets import TOKENIZER_FILES, verify
+from qlora_helpers.common.models import load_causal_lm
 from qlora_helpers.common.quant import keep_cpu_training_layout
 
 N_CLASSES = 12   # digits 0-9, face, not a face
@@ -52,8 +53,8 @@ N_CLASSES = 12   # digits 0-9, face, not a face
 def small_processor(*, image_size: int = 24, patch_size: int = 8) -> LlavaProcessor:
     """SmolLM2's tokenizer plus ``<image>``, a CLIP image processor at ``image_size`` px, SmolLM2's chat format
     (ChatML): each image becomes ``(image_size / patch_size)^2`` image tokens."""
-    return make_processor("llava", AutoTokenizer.from_pretrained(smollm2_path()), image_size, patch_size=patch_size,
-                          template="chatml")
+    tokenizer = AutoTokenizer.from_pretrained(verify("smollm2", only=TOKENIZER_FILES))
+    return make_processor("llava", tokenizer, image_size, patch_size=patch_size, template="chatml")
 
 
 def tower_inputs(records: list, processor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,10 +156,12 @@ def match_projector_scale(vlm, pixels) -> dict:
             "factor": round(factor, 3)}
 
 
-def write_small_llava(folder: str | Path, tower, processor, pixels, *, dtype=torch.float32, seed: int = 0) -> dict:
+def write_small_llava(folder: str | Path, tower, processor, pixels, *, dtype=torch.float32, seed: int = 0,
+                      language_model: str = "") -> dict:
     """Save ``LlavaForConditionalGeneration`` of ``tower``, a fresh projector (seeded, rescaled on ``pixels``)
-    and SmolLM2 in ``dtype``, with ``processor``, as one ``from_pretrained`` folder. Returns the rescale."""
-    lm, _ = load_smollm2(dtype=dtype)
+    and SmolLM2 in ``dtype`` (``language_model``: ``""`` its real weights, ``"random:smollm2-135m"`` random ones at
+    its shape), with ``processor``, as one ``from_pretrained`` folder. Returns the rescale."""
+    lm, _ = load_causal_lm(language_model, dtype=dtype)
     tokenizer = processor.tokenizer
     lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)   # <image>'s row is never read
     config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=lm.config.to_dict(),

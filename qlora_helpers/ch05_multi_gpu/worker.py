@@ -30,9 +30,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
+from accelerate import PartialState, notebook_launcher
 from accelerate.utils import gather_object, patch_environment, reduce
 from safetensors.torch import save
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -48,6 +49,7 @@ from qlora_helpers.ch05_multi_gpu.reversal import (
 )
 from qlora_helpers.ch05_multi_gpu.schedule import PlateauSchedule, number
 from qlora_helpers.common import assets
+from qlora_helpers.common.bench import report_section
 from qlora_helpers.common.files import atomic_open, atomic_write_json, write_new_folder
 from qlora_helpers.common.shapes import get_config, tokenizer_asset
 from qlora_helpers.errors import OneLineParser, run_main
@@ -88,6 +90,32 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def launch(function, args=(), *, num_processes: int, use_port: str) -> None:
+    """accelerate's ``notebook_launcher``, also for a single process. Given one, the launcher would run ``function``
+    in this kernel, which must stay free of CUDA and bitsandbytes (the launches after it fork it); here one process
+    is forked the way the launcher starts the ranks of several (torch's elastic launch): a process group of one."""
+    if num_processes > 1:
+        notebook_launcher(function, args=args, num_processes=num_processes, use_port=use_port)
+        return
+    print("Launching training in one process, a group of one.")
+    # LaunchConfig asks CUDA how many GPUs there are: through NVML, or this kernel could no longer fork
+    with patch_environment(nproc=1, node_rank=0, world_size=1, master_addr="127.0.0.1", master_port=use_port,
+                           pytorch_nvml_based_cuda_check="1"):
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1, run_id="none", rdzv_backend="static",
+                              rdzv_endpoint=f"127.0.0.1:{use_port}", rdzv_configs={"rank": 0}, max_restarts=0,
+                              monitor_interval=0.1, start_method="fork")
+        elastic_launch(config=config, entrypoint=function)(*args)
+
+
+def report_peaks(summary: dict, section: str) -> None:
+    """A GPU run's peaks, each rank's (``run.json``), beside the run's estimate, as a section of the notebook's GPU
+    record (``common.bench.report_section``); a CPU run has none."""
+    for rank, (allocated, reserved) in enumerate(zip(summary["peak_allocated_gib"], summary["peak_reserved_gib"])):
+        if allocated is not None:
+            report_section(f"{section}, rank {rank}", allocated, reserved, summary["estimate"]["gib"],
+                           summary["estimate"]["of"])
 
 
 def _earlier_run(out: Path) -> bool:
@@ -330,7 +358,9 @@ def finish_run(run: dict, result, record, *, devices: list, prec: P.Precision, c
     if run.get("save_rank_states"):
         with atomic_open(out / f"rank{rank}_lora.safetensors", "wb") as fh:
             fh.write(save(state))
-    peaks = gather_object([torch.cuda.max_memory_allocated() / 2**30 if run["profile"] == "gpu" else None])
+    gpu = run["profile"] == "gpu"
+    peaks = gather_object([(round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                            round(torch.cuda.max_memory_reserved() / 2**30, 3)) if gpu else (None, None)])
     if rank != 0:
         return
     last = history["epochs"][-1] if history["epochs"] else {}
@@ -343,7 +373,9 @@ def finish_run(run: dict, result, record, *, devices: list, prec: P.Precision, c
         "quantize": run.get("quantize", "4bit"), "steps": result.summary["steps"], "epochs": len(history["epochs"]),
         "stop_reason": history["stop_reason"], "skipped_steps": record.skipped, "rank_digests": digests,
         "ranks_identical": len(set(digests)) == 1, "lora_parameters": sum(t.numel() for t in state.values()),
-        "peak_allocated_gib": peaks, "seconds": {**seconds, "total": round(time.perf_counter() - clock["started"], 1)},
+        "peak_allocated_gib": [a for a, _ in peaks], "peak_reserved_gib": [r for _, r in peaks],
+        "estimate": result.summary["estimate"],
+        "seconds": {**seconds, "total": round(time.perf_counter() - clock["started"], 1)},
         "accuracy_before": accuracy_before, "accuracy": accuracy_after, "best_val_loss": record.schedule.best,
         "output_dir": str(out)})
 

@@ -118,6 +118,15 @@ def write_model_folder(folder, make_model, tokenizer_asset: str) -> Path:
     return write_new_folder(folder, write)
 
 
+def random_model_folder(preset: str, folder) -> Path:
+    """Random weights at ``preset``'s real shape (bf16, built on the GPU where there is one) saved with its family's
+    tokenizer as a ``from_pretrained`` folder, once: what a notebook loads in place of real weights it cannot have,
+    the way it loads a real model (``write_model_folder`` says how the folder is written)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return write_model_folder(folder, lambda tok: build_random(get_config(preset), device=device, progress=False),
+                              tokenizer_asset(preset))
+
+
 def write_tiny_model(folder, family: str = "llama", seed: int = 0) -> Path:
     """Save a 2-layer random model with its family's real tokenizer as a ``from_pretrained`` folder.
 
