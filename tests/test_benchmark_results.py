@@ -114,7 +114,7 @@ def test_build_random_never_holds_bf16_weights():
     assert rows[("qwen2.5-32b", "8bit")]["peak_allocated_gib"] < big["bf16_weights_gib"] * 0.6
 
 
-# notebooks whose GPU run the record still lacks, and why: each a failed row of the record (re-run it, then drop it here)
+# notebooks whose GPU run the record still lacks, and why: each a failed row of the record (re-run, then drop it)
 PENDING = {"05_multi_gpu_32b": "its GPU run of 2026-12-07 failed (the kernel could no longer fork its one rank: "
                                "torch's LaunchConfig had asked CUDA for the GPUs); worker.launch asks through NVML "
                                "since, and the run waits to be repeated"}
