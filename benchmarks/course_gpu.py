@@ -14,9 +14,11 @@ measured sections) with ``summary.md``. The run folder itself (adapters, checkpo
 
     python -m benchmarks.course_gpu
     python -m benchmarks.course_gpu --only 03_qwen_sft -p max_steps 4 --out /tmp/try
+    python -m benchmarks.course_gpu --resummarise          # summary.md again from summary.json
 """
 
 import json
+import re
 import shutil
 import sys
 from datetime import datetime
@@ -97,12 +99,28 @@ def write_record(runs, run_dir: Path, out: Path, parameters: dict, *, keep: bool
     figures = {"notebooks": rows, "ok": sum(r["status"] == "ok" for r in rows),
                "total_seconds": round(sum(r["seconds"] for r in rows), 1)}
     path = write_benchmark("course_gpu", figures, out=out / "summary.json")
+    atomic_write_text(out / "summary.md", summary_markdown(figures))
+    return path
+
+
+def error_line(error: str) -> str:
+    """A failed notebook's error in one line: its cell, and the last line naming an exception (a failed rank's cause,
+    under the launcher's report), else its first line."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b.*:", line)]
+    return " ... ".join(dict.fromkeys(lines[:1] + causes[-1:])) if lines else ""
+
+
+def summary_markdown(figures: dict) -> str:
+    """``summary.md``: each notebook's status, seconds and measured sections (an error in one line), the
+    total, and every measured section's peaks beside its estimate."""
+    rows = figures["notebooks"]
     sections = [{"notebook": r["notebook"], **s} for r in rows for s in r["gpu_memory"]]
     status = markdown(rows, (("notebook", "notebook", ""), ("status", "status", ""), ("seconds", "seconds", ".0f"),
-                             ("sections measured", lambda r: len(r["gpu_memory"]), ""), ("error", "error", "")))
+                             ("sections measured", lambda r: len(r["gpu_memory"]), ""),
+                             ("error", lambda r: error_line(r["error"]), "")))
     totals = f"{figures['ok']} of {len(rows)} notebooks ok in {figures['total_seconds']:.0f} s"
-    atomic_write_text(out / "summary.md", f"{status}\n\n{totals}\n\n{markdown(sections, SECTION_COLUMNS)}\n")
-    return path
+    return f"{status}\n\n{totals}\n\n{markdown(sections, SECTION_COLUMNS)}\n"
 
 
 def main(argv=None) -> None:
@@ -113,7 +131,14 @@ def main(argv=None) -> None:
                         help="set a parameter in every notebook that declares it (a shorter try: -p max_steps 2)")
     parser.add_argument("--out", default=str(RECORD), help=f"the record's folder (default: {RECORD})")
     parser.add_argument("--run-dir", help="the run folder (default: runs/course-gpu-<time>)")
+    parser.add_argument("--resummarise", action="store_true",
+                        help="only write summary.md again from the record's summary.json (no GPU needed)")
     args = parser.parse_args(argv)
+    if args.resummarise:
+        record = read_result_file(Path(args.out) / "summary.json", keys=("figures.notebooks",),
+                                  rewrite="python -m benchmarks.course_gpu")
+        atomic_write_text(Path(args.out) / "summary.md", summary_markdown(record["figures"]))
+        return
     resolve_profile("gpu")      # refused in one line without CUDA
     books = discover(args.only)
     parameters = {"profile": "gpu", **{k: parse_value(v) for k, v in args.parameter}}

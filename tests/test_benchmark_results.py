@@ -151,7 +151,7 @@ def test_the_whole_course_ran_on_one_gpu():
 def test_gpu_memory_sections_on_a_cpu_and_the_record_they_make(tmp_path, capsys):
     """On a CPU a section measures and prints nothing; a section a worker measured prints the line the record's test
     reads back; ``--only`` keeps the record's other notebooks, in the course's order."""
-    from benchmarks.course_gpu import write_record
+    from benchmarks.course_gpu import error_line, write_record
     from qlora_helpers.common import bench
     from qlora_helpers.common.runner import NotebookRun
 
@@ -184,6 +184,8 @@ def test_gpu_memory_sections_on_a_cpu_and_the_record_they_make(tmp_path, capsys)
     kept = (out / "00_setup.ipynb").read_text()
     assert section_lines(kept) == [line] and "widgets" not in json.loads(kept)["metadata"]
     assert "| 00_setup | 4. the run, rank 0 | 19.512 |" in (out / "summary.md").read_text()
+    failed = "cell 12 (execution count 8): ChildFailedError: \n=====\n  traceback: ...\n  RuntimeError: Cannot fork\n"
+    assert error_line(failed) == "cell 12 (execution count 8): ChildFailedError: ... RuntimeError: Cannot fork"
     assert "papermill" not in json.loads(kept)["cells"][0]["metadata"]
 
 
