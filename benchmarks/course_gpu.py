@@ -24,7 +24,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from qlora_helpers.common.bench import SECTION_LINE, command_line, write_benchmark
+from qlora_helpers.common.bench import SECTION_PREFIX, command_line, write_benchmark
 from qlora_helpers.common.device import resolve_profile
 from qlora_helpers.common.files import atomic_write_text, read_result_file, repo_root
 from qlora_helpers.common.outputs import WIDGET_VIEW, merge_streams
@@ -45,7 +45,8 @@ SECTION_COLUMNS = (("notebook", "notebook", ""), ("section", "section", ""),
                    ("peak allocated (GiB)", "peak_allocated_gib", ".3f"),
                    ("reserved (GiB)", "peak_reserved_gib", ".3f"),
                    ("estimate (GiB)", "estimate_gib", ".3f"),
-                   ("estimate off", lambda r: r["estimate_gib"] / r["peak_allocated_gib"] - 1, "+.1%"),
+                   ("estimate off", lambda r: r["estimate_gib"] / r["peak_allocated_gib"] - 1
+                    if r["estimate_gib"] is not None and r["peak_allocated_gib"] else None, "+.1%"),
                    ("the estimate", "estimate_of", ""))
 
 
@@ -62,11 +63,10 @@ def record_notebook(executed: Path) -> str:
 
 
 def section_lines(notebook_text: str) -> list[str]:
-    """The measured sections' lines as the executed notebook printed them (``SECTION_LINE``)."""
+    """The measured sections' lines as the executed notebook printed them (``common.bench.section_line``)."""
     nb = json.loads(notebook_text)
-    head = SECTION_LINE.split("{", 1)[0]
     text = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"])
-    return [line for line in text.splitlines() if line.startswith(head)]
+    return [line for line in text.splitlines() if line.startswith(SECTION_PREFIX)]
 
 
 def earlier_rows(out: Path, keep: bool) -> dict:

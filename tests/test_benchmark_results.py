@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.course_gpu import section_lines
+from benchmarks.course_gpu import error_line, section_lines, write_record
 from benchmarks.memory_validation import prediction
 from qlora_helpers.ch01_memory.gpus import CONTEXT_GIB
-from qlora_helpers.common.bench import SECTION_LINE, WorkerError, run_worker
-from qlora_helpers.common.runner import discover
+from qlora_helpers.common import bench
+from qlora_helpers.common.bench import WorkerError, run_worker, section_line
+from qlora_helpers.common.runner import NotebookRun, discover
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
@@ -141,28 +142,28 @@ def test_the_whole_course_ran_on_one_gpu():
         results = json.loads((folder / f"{name}.json").read_text())
         assert results["profile"] == "gpu" and "widgets" not in json.loads(executed)["metadata"], name
         assert row["gpu_memory"] == results.get("gpu_memory", []), name
-        assert section_lines(executed) == [SECTION_LINE.format(**s) for s in row["gpu_memory"]], name
+        assert section_lines(executed) == [section_line(s) for s in row["gpu_memory"]], name
         for s in row["gpu_memory"]:
             assert 0 < s["peak_allocated_gib"] <= s["peak_reserved_gib"] and s["estimate_gib"] >= 0, (name, s)
             assert s["estimate_of"], (name, s)
     assert all(rows[name]["gpu_memory"] for name in TRAINING_NOTEBOOKS if name not in PENDING)
 
 
-def test_gpu_memory_sections_on_a_cpu_and_the_record_they_make(tmp_path, capsys):
-    """On a CPU a section measures and prints nothing; a section a worker measured prints the line the record's test
-    reads back; ``--only`` keeps the record's other notebooks, in the course's order."""
-    from benchmarks.course_gpu import error_line, write_record
-    from qlora_helpers.common import bench
-    from qlora_helpers.common.runner import NotebookRun
-
-    before = list(bench.GPU_SECTIONS)
+def test_gpu_memory_sections_on_a_cpu_and_the_record_they_make(tmp_path, capsys, monkeypatch):
+    """On a CPU a section measures and prints nothing, but wants its estimate; a section a worker measured prints the
+    line the record's test reads back; ``--only`` keeps the record's other notebooks, in the course's order."""
+    monkeypatch.setattr(bench, "GPU_SECTIONS", [])
     with bench.gpu_memory("a CPU cell", "cpu") as peak:
         peak.estimate(1.0, "anything")
-    assert bench.GPU_SECTIONS == before and capsys.readouterr().out == ""
+    assert bench.GPU_SECTIONS == [] and capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="without its estimate"), bench.gpu_memory("no estimate", "cpu"):
+        pass
     bench.report_section("4. the run, rank 0", 19.51234, 20.2, 19.38, "chapter 01's estimate")
     line = capsys.readouterr().out.strip()
     section = bench.GPU_SECTIONS.pop()
-    assert line == SECTION_LINE.format(**section) and "19.512 GiB" in line
+    assert line == section_line(section) and "19.512 GiB" in line
+    bench.report_section("x", 1.0, 1.5, None, "no estimate: unknown LoRA target")
+    assert capsys.readouterr().out.strip().endswith("; no estimate (no estimate: unknown LoRA target)")
 
     def run(stem: str) -> NotebookRun:
         folder = tmp_path / "run" / stem

@@ -50,6 +50,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 from qlora_helpers.ch01_memory.estimator import estimate, liger_loss_chunk
 from qlora_helpers.ch03_sft import data as d
 from qlora_helpers.ch03_sft.modes import (
+    TARGET_PRESETS,
     build_model,
     load_tokenizer,
     model_path,
@@ -545,23 +546,29 @@ def engine_levers(cfg: SFTConfig) -> dict:
 
 
 def run_estimate(cfg: SFTConfig, base: str) -> dict:
-    """The chapter-01 estimate of this run's peak ``max_memory_allocated`` on a GPU, as it trains: micro-batches of
-    ``per_device_train_batch_size`` rows of ``max_length`` tokens (a padded batch is as long as its longest row: an
-    upper bound), its checkpointing, optimizer, loss (Liger's chunks or the full logits) and levers."""
-    text = AutoConfig.from_pretrained(base).get_text_config()
-    method = {"full": "full", "lora": "lora"}.get(cfg.mode, f"qlora{cfg.quantization_bit}")
-    tokens = cfg.per_device_train_batch_size * cfg.max_length
-    chunk = liger_loss_chunk(tokens, text.vocab_size, text.hidden_size) if cfg.use_liger_kernel else None
+    """The chapter-01 estimate of this run's training peak ``max_memory_allocated`` on a GPU (loading and evaluation
+    aside): micro-batches of ``per_device_train_batch_size`` rows of ``max_length`` tokens (a padded batch is as long
+    as its longest row: an upper bound), its checkpointing, optimizer, loss (Liger's chunks or the full logits) and
+    levers. ``gib`` is None, and ``of`` says why, where the estimator does not model the model or its targets."""
+    method = {"full": "full", "lora": "lora"}.get(cfg.mode, f"qlora{cfg.quantization_bit or 4}")
     optimizer = {"adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}.get(cfg.optim, "adamw")
-    spec = cfg.lora_target_modules
-    targets = spec if isinstance(spec, list) else {None: "all-linear", "all": "all-linear"}.get(spec, spec)
-    gib = estimate(text, method, batch_size=cfg.per_device_train_batch_size, seq_len=cfg.max_length,
-                   lora_r=cfg.lora_r, targets=targets, grad_ckpt=bool(cfg.gradient_checkpointing),
-                   optimizer=optimizer, loss_chunk=chunk,
-                   keep_layers=cfg.checkpoint_keep_layers if cfg.gradient_checkpointing else 0,
-                   **(engine_levers(cfg) if cfg.mode != "full" else {})).total_gib
-    return {"gib": round(gib, 3), "of": f"chapter 01's estimate, {cfg.mode}, {cfg.per_device_train_batch_size} x "
-                                        f"{cfg.max_length} tokens, {optimizer}"}
+    spec = cfg.lora_target_modules        # what modes.resolve_target_modules takes, as the estimator names it
+    if spec in (None, "auto", "null", ""):
+        spec = "all-linear"
+    targets = TARGET_PRESETS.get(spec, spec) if isinstance(spec, str) else spec
+    try:
+        text = AutoConfig.from_pretrained(base).get_text_config()
+        tokens = cfg.per_device_train_batch_size * cfg.max_length
+        chunk = liger_loss_chunk(tokens, text.vocab_size, text.hidden_size) if cfg.use_liger_kernel else None
+        gib = estimate(text, method, batch_size=cfg.per_device_train_batch_size, seq_len=cfg.max_length,
+                       lora_r=cfg.lora_r, targets=targets, grad_ckpt=bool(cfg.gradient_checkpointing),
+                       optimizer=optimizer, loss_chunk=chunk, prepare_kbit=bool(cfg.use_qlora and cfg.kbit_upcast),
+                       keep_layers=cfg.checkpoint_keep_layers if cfg.gradient_checkpointing else 0,
+                       **(engine_levers(cfg) if cfg.mode != "full" else {})).total_gib
+    except (ValueError, OSError) as err:   # an architecture or a target the estimator does not model
+        return {"gib": None, "of": f"no estimate: {str(err).splitlines()[0]}"}
+    return {"gib": round(gib, 3), "of": f"chapter 01's estimate of training, {cfg.mode}, "
+                                        f"{cfg.per_device_train_batch_size} x {cfg.max_length} tokens, {optimizer}"}
 
 
 def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
@@ -668,6 +675,7 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     eval_data = d.encode_all(conversations[1], tokenizer, cfg.max_length) if conversations[1] else None
     if model_factory is None:
         check_targets(cfg, base)
+    expected = run_estimate(cfg, base)              # before training: nothing after it can fail on an estimate
 
     set_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -688,7 +696,7 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
                            fingerprint=fingerprint, initial_eval=before, trainer_callbacks=trainer_callbacks)
     summary = make_summary(cfg, base, device, model=model, data=(train_data, eval_data), result=result,
                            params=params, load_seconds=load_seconds, peak=mem.as_dict(), plan=plan)
-    summary["estimate"] = run_estimate(cfg, base)
+    summary["estimate"] = expected
     with disk_full_is_one_line(out):
         summary = finish_output_dir(processes, model, tokenizer, out, summary,
                                     config=sft_config(cfg, base) if cfg.resume else None)

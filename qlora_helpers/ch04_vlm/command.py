@@ -35,7 +35,7 @@ from qlora_helpers.ch04_vlm.hub_model import (
     quantized_share,
     takes_images,
 )
-from qlora_helpers.ch04_vlm.records import encode_all, image_token_id, read_records
+from qlora_helpers.ch04_vlm.records import encode_all, read_records, text_tokens
 from qlora_helpers.ch04_vlm.trainer import HISTORY, train_vlm
 from qlora_helpers.ch04_vlm.vram import ANSWER_TOKENS, estimate_vlm
 from qlora_helpers.common.device import cpu_compute_dtype
@@ -204,15 +204,19 @@ class VLMResult:
 
 
 def run_estimate(run: VLMRun, examples: list, processor) -> dict:
-    """Chapter 04's estimate of this run's peak allocated memory on a GPU (``vram.estimate_vlm``, the chapter-01
-    estimator's language model plus the vision side): its longest example's text and image tokens."""
-    images = [int((e["input_ids"] == image_token_id(processor)).sum()) for e in examples]
-    longest = max(range(len(examples)), key=lambda i: examples[i]["input_ids"].shape[-1])
-    text = examples[longest]["input_ids"].shape[-1] - images[longest]
-    est = estimate_vlm(run.model_id, run.settings, max_length=text, loss_rows=ANSWER_TOKENS,
-                       image_tokens_per_sample=images[longest])
+    """Chapter 04's estimate of this run's training peak allocated memory on a GPU (``vram.estimate_vlm``: the
+    chapter-01 estimator's language model plus the vision side) at its longest example's text and image tokens;
+    ``gib`` is None, and ``of`` says why, where the estimator does not model the model."""
+    longest = max(examples, key=lambda e: e["input_ids"].shape[-1])
+    text = text_tokens(longest["input_ids"], processor)
+    images = longest["input_ids"].shape[-1] - text
+    try:
+        est = estimate_vlm(run.model_id, run.settings, max_length=text, loss_rows=ANSWER_TOKENS,
+                           image_tokens_per_sample=images)
+    except (ValueError, OSError) as err:
+        return {"gib": None, "of": f"no estimate: {str(err).splitlines()[0]}"}
     return {"gib": round(est.total_gib, 3),
-            "of": f"chapter 04's estimate, {run.settings.method}, {text} text + {images[longest]} image tokens"}
+            "of": f"chapter 04's estimate of training, {run.settings.method}, {text} text + {images} image tokens"}
 
 
 def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
@@ -232,7 +236,8 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
     device = resolve_device(run)
     dtype = getattr(torch, run.settings.quantization.compute_dtype) if device == "cuda" else cpu_compute_dtype()
     threads = cpu_threads() if device == "cpu" else "GPU run: CPU threads left as they are"
-    set_seed(run.seed)
+    expected = run_estimate(run, train, processor)   # before training, and before the seed: it builds no weights,
+    set_seed(run.seed)                               # but an empty model, whose init may draw random numbers
     model = load_vlm(run.model_id, quantization=run.settings.quantization, dtype=dtype, device=device)
     if run.settings.hardware.embeddings_on_cpu:
         embeddings_on_cpu(model, device)
@@ -243,7 +248,7 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
         history = train_vlm(model, train, val, run, processor=processor, out=out, device=device,
                             fingerprint=fingerprint, progress=progress, callbacks=callbacks)
         summary = {"model_id": run.model_id, "model_type": model.config.model_type, "device": device,
-                   "estimate": run_estimate(run, train, processor),
+                   "estimate": expected,
                    "dtype": str(dtype).removeprefix("torch."), "threads": threads, "params": count_parameters(model),
                    "linear_layers": quantized_share(model),
                    "examples": {"train": len(train), "val": len(val)}, "history": history}

@@ -68,8 +68,15 @@ def cuda_peak_gib(reset: bool = False) -> dict:
 # --------------------------------------------------------------------------- a notebook's training cells on a GPU
 GPU_SECTIONS: list[dict] = []     # this kernel's measured sections, in order: what a notebook's results file records
 _OPEN: list[dict] = []            # sections being measured now, innermost last
-SECTION_LINE = "GPU memory, {section}: peak allocated {peak_allocated_gib:.3f} GiB, reserved {peak_reserved_gib:.3f} " \
-               "GiB; estimate {estimate_gib:.3f} GiB ({estimate_of})"
+SECTION_PREFIX = "GPU memory, "
+
+
+def section_line(rec: dict) -> str:
+    """How a measured section prints: ``GPU memory, <section>: peak allocated A GiB, reserved R GiB; estimate E GiB
+    (<what the estimate counts>)``."""
+    estimate = "no estimate" if rec["estimate_gib"] is None else f"estimate {rec['estimate_gib']:.3f} GiB"
+    return (f"{SECTION_PREFIX}{rec['section']}: peak allocated {rec['peak_allocated_gib']:.3f} GiB, reserved "
+            f"{rec['peak_reserved_gib']:.3f} GiB; {estimate} ({rec['estimate_of']})")
 
 
 def _fold_peaks() -> None:
@@ -87,23 +94,30 @@ def reset_cuda_peak() -> None:
 
 
 class _Section(dict):
-    def estimate(self, gib: float, of: str) -> None:
-        """The chapter's estimate of this section's peak allocated memory, and what it counts."""
-        self.update(estimate_gib=round(gib, 3), estimate_of=of)
+    def estimate(self, gib: float | None, of: str) -> None:
+        """The chapter's estimate of this section's peak allocated memory (None: none could be made), and what it
+        counts (or why there is none)."""
+        self.update(estimate_gib=None if gib is None else round(gib, 3), estimate_of=of)
+
+
+def _require_estimate(rec: _Section) -> None:
+    if "estimate_gib" not in rec:
+        raise ValueError(f"gpu_memory section {rec['section']!r} ended without its estimate: call .estimate(gib, of)")
 
 
 @contextmanager
 def gpu_memory(section: str, device: str) -> Iterator[_Section]:
     """Around a training cell (or one run of it) on a GPU: the peak ``torch.cuda.max_memory_allocated`` and
-    ``max_memory_reserved`` while the block ran (from zero: the cell's model and data included), printed at its
-    end beside the chapter's estimate (``.estimate(gib, of)`` inside the block), and kept in ``GPU_SECTIONS``.
-    On a CPU it measures and prints nothing."""
+    ``max_memory_reserved`` while the block ran, printed at its end beside the chapter's estimate (``.estimate(gib,
+    of)`` inside the block) and kept in ``GPU_SECTIONS``. The peak counts all the GPU holds, what earlier cells left
+    there included. On a CPU it measures and prints nothing (the estimate is still required)."""
     rec = _Section(section=section)
     if not str(device).startswith("cuda"):
         yield rec
+        _require_estimate(rec)
         return
     reset_cuda_peak()
-    rec.update(peak_allocated_gib=0.0, peak_reserved_gib=0.0, estimate_gib=None, estimate_of="")
+    rec.update(peak_allocated_gib=0.0, peak_reserved_gib=0.0)
     _OPEN.append(rec)
     try:
         yield rec
@@ -111,20 +125,19 @@ def gpu_memory(section: str, device: str) -> Iterator[_Section]:
         _fold_peaks()
     finally:
         _OPEN.remove(rec)
-    if rec["estimate_gib"] is None:
-        raise ValueError(f"gpu_memory section {section!r} ended without its estimate: call .estimate(gib, of)")
+    _require_estimate(rec)
     report_section(**rec)
 
 
-def report_section(section: str, peak_allocated_gib: float, peak_reserved_gib: float, estimate_gib: float,
+def report_section(section: str, peak_allocated_gib: float, peak_reserved_gib: float, estimate_gib: float | None,
                    estimate_of: str) -> None:
     """Print and keep one measured section (``gpu_memory`` calls it; so does a notebook for peaks its worker
     processes measured)."""
     rec = {"section": section, "peak_allocated_gib": round(peak_allocated_gib, 3),
-           "peak_reserved_gib": round(peak_reserved_gib, 3), "estimate_gib": round(estimate_gib, 3),
-           "estimate_of": estimate_of}
+           "peak_reserved_gib": round(peak_reserved_gib, 3),
+           "estimate_gib": None if estimate_gib is None else round(estimate_gib, 3), "estimate_of": estimate_of}
     GPU_SECTIONS.append(rec)
-    print(SECTION_LINE.format(**rec))
+    print(section_line(rec))
 
 
 # --------------------------------------------------------------------------- worker processes
