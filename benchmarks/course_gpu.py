@@ -43,6 +43,7 @@ GPU_PARAMETERS = {
 }
 SECTION_COLUMNS = (("notebook", "notebook", ""), ("section", "section", ""),
                    ("peak allocated (GiB)", "peak_allocated_gib", ".3f"),
+                   ("held at its start (GiB)", "start_gib", ".3f"),
                    ("reserved (GiB)", "peak_reserved_gib", ".3f"),
                    ("estimate (GiB)", "estimate_gib", ".3f"),
                    ("estimate off", lambda r: r["estimate_gib"] / r["peak_allocated_gib"] - 1

@@ -162,8 +162,11 @@ def test_gpu_memory_sections_on_a_cpu_and_the_record_they_make(tmp_path, capsys,
     line = capsys.readouterr().out.strip()
     section = bench.GPU_SECTIONS.pop()
     assert line == section_line(section) and "19.512 GiB" in line
-    bench.report_section("x", 1.0, 1.5, None, "no estimate: unknown LoRA target")
-    assert capsys.readouterr().out.strip().endswith("; no estimate (no estimate: unknown LoRA target)")
+    bench.report_section("x", 1.0, 1.5, None, "no estimate: unknown LoRA target", start_gib=0.25)
+    assert capsys.readouterr().out.strip() == ("GPU memory, x: peak allocated 1.000 GiB (0.250 GiB of it held when the "
+                                               "section began), reserved 1.500 GiB; no estimate (no estimate: "
+                                               "unknown LoRA target)")
+    bench.GPU_SECTIONS.pop()
 
     def run(stem: str) -> NotebookRun:
         folder = tmp_path / "run" / stem

@@ -75,7 +75,8 @@ def section_line(rec: dict) -> str:
     """How a measured section prints: ``GPU memory, <section>: peak allocated A GiB, reserved R GiB; estimate E GiB
     (<what the estimate counts>)``."""
     estimate = "no estimate" if rec["estimate_gib"] is None else f"estimate {rec['estimate_gib']:.3f} GiB"
-    return (f"{SECTION_PREFIX}{rec['section']}: peak allocated {rec['peak_allocated_gib']:.3f} GiB, reserved "
+    held = "" if rec.get("start_gib") is None else f" ({rec['start_gib']:.3f} GiB of it held when the section began)"
+    return (f"{SECTION_PREFIX}{rec['section']}: peak allocated {rec['peak_allocated_gib']:.3f} GiB{held}, reserved "
             f"{rec['peak_reserved_gib']:.3f} GiB; {estimate} ({rec['estimate_of']})")
 
 
@@ -109,15 +110,16 @@ def _require_estimate(rec: _Section) -> None:
 def gpu_memory(section: str, device: str) -> Iterator[_Section]:
     """Around a training cell (or one run of it) on a GPU: the peak ``torch.cuda.max_memory_allocated`` and
     ``max_memory_reserved`` while the block ran, printed at its end beside the chapter's estimate (``.estimate(gib,
-    of)`` inside the block) and kept in ``GPU_SECTIONS``. The peak counts all the GPU holds, what earlier cells left
-    there included. On a CPU it measures and prints nothing (the estimate is still required)."""
+    of)`` inside the block) and kept in ``GPU_SECTIONS``. The peak counts all the GPU holds, so the line also says
+    how much of it earlier cells left there when the block began (the estimate counts the section's run alone).
+    On a CPU it measures and prints nothing (the estimate is still required)."""
     rec = _Section(section=section)
     if not str(device).startswith("cuda"):
         yield rec
         _require_estimate(rec)
         return
     reset_cuda_peak()
-    rec.update(peak_allocated_gib=0.0, peak_reserved_gib=0.0)
+    rec.update(peak_allocated_gib=0.0, start_gib=torch.cuda.memory_allocated() / 2**30, peak_reserved_gib=0.0)
     _OPEN.append(rec)
     try:
         yield rec
@@ -130,10 +132,11 @@ def gpu_memory(section: str, device: str) -> Iterator[_Section]:
 
 
 def report_section(section: str, peak_allocated_gib: float, peak_reserved_gib: float, estimate_gib: float | None,
-                   estimate_of: str) -> None:
+                   estimate_of: str, start_gib: float | None = None) -> None:
     """Print and keep one measured section (``gpu_memory`` calls it; so does a notebook for peaks its worker
-    processes measured)."""
+    processes measured). ``start_gib``: what the GPU held when the section began (earlier cells' tensors)."""
     rec = {"section": section, "peak_allocated_gib": round(peak_allocated_gib, 3),
+           "start_gib": None if start_gib is None else round(start_gib, 3),
            "peak_reserved_gib": round(peak_reserved_gib, 3),
            "estimate_gib": None if estimate_gib is None else round(estimate_gib, 3), "estimate_of": estimate_of}
     GPU_SECTIONS.append(rec)
