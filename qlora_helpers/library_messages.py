@@ -32,6 +32,9 @@ WARNED = [
     (FutureWarning, "`gradient_checkpointing_enable` is deprecated",
      "peft 0.21's prepare_model_for_kbit_training calls the old name; the course's own code calls the new one "
      "(common.models.enable_checkpointing)"),
+    (FutureWarning, "`use_liger_kernel=True` is deprecated",
+     "TRL 1.16 points every run with Liger's kernels to the Hugging Face hub's kernels instead, which an offline "
+     "machine cannot fetch; the sft command takes Liger's kernels from the liger-kernel package, on a GPU only"),
 ]
 
 
