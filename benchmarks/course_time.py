@@ -8,8 +8,8 @@ course is written for (``quoted_mode``): the time the README and each notebook's
 ``core_seconds`` the same run without the companion notebooks (``03b_...``: the measurement-heavy sections),
 the chapters' core path. The native run is kept beside it.
 
-Writes ``benchmarks/results/course_cpu.json`` (or ``course_gpu.json`` on a GPU, one run). ``--only``
-re-times some notebooks and keeps the other entries of an existing file (each says when it was
+Writes ``benchmarks/results/course_cpu.json`` (on a GPU, ``python -m benchmarks.course_gpu`` runs and records the
+course instead). ``--only`` re-times some notebooks and keeps the other entries of an existing file (each says when it was
 measured); a mode not timed now keeps its entry. ``--write-back`` also writes the native run's
 executed notebooks into ``notebooks/``: the committed outputs and the timing come from one run.
 
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="re-time these, keep the other entries")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=sorted(MODES),
                         help="CPU modes to time (default: both)")
-    parser.add_argument("--out", help="result file (default: benchmarks/results/course_<cpu|gpu>.json)")
+    parser.add_argument("--out", help="result file (default: benchmarks/results/course_cpu.json)")
     parser.add_argument("--write-back", action="store_true",
                         help="also write the native run's outputs back into notebooks/ (the committed outputs)")
     parser.add_argument("--cpu-facts", action="store_true", help=argparse.SUPPRESS)   # internal: cpu_facts' worker
@@ -71,14 +71,16 @@ def main(argv=None) -> None:
         facts = device_info()
         emit({k: facts[k] for k in ("capability", "bf16", "compute_dtype")})
         return
-    kind = "gpu" if device_info()["type"] == "cuda" else "cpu"
-    out = Path(args.out or repo_root() / "benchmarks" / "results" / f"course_{kind}.json")
+    if device_info()["type"] == "cuda":
+        raise ValueError("course_time times the course on a CPU (hide the GPU: CUDA_VISIBLE_DEVICES= python -m "
+                         "benchmarks.course_time); on a GPU, python -m benchmarks.course_gpu runs and records it")
+    out = Path(args.out or repo_root() / "benchmarks" / "results" / "course_cpu.json")
     old = {}
     if out.is_file():   # modes not timed now, and with --only the other notebooks, keep their entries
         old = read_result_file(out, keys=("figures.modes",), rewrite="python -m benchmarks.course_time (no --only)")
         old = old["figures"]["modes"]
-    modes = {"native": {}} if kind == "gpu" else {m: MODES[m] for m in args.modes}
-    if args.write_back and (kind != "cpu" or "native" not in modes):
+    modes = {m: MODES[m] for m in args.modes}
+    if args.write_back and "native" not in modes:
         raise SystemExit("error: --write-back takes the native CPU run: run on a CPU with --modes native")
     results = {m: old[m] for m in old if m not in modes}     # modes not timed now keep their entries
     for mode, env in modes.items():
@@ -91,8 +93,8 @@ def main(argv=None) -> None:
                          "total_seconds": round(sum(e["seconds"] for e in entries.values()), 1),
                          "core_seconds": round(sum(e["seconds"] for n, e in entries.items() if not is_companion(n)), 1),
                          "notebooks": entries}
-    quoted = "avx2" if "avx2" in results else "native"     # a GPU run has the native one only
-    write_benchmark(f"course_{kind}", {"total_seconds": results[quoted]["total_seconds"],
+    quoted = "avx2" if "avx2" in results else "native"
+    write_benchmark("course_cpu", {"total_seconds": results[quoted]["total_seconds"],
                                        "core_seconds": results[quoted].get("core_seconds"), "quoted_mode": quoted,
                                        "modes": results}, out)
 
