@@ -9,8 +9,8 @@ course is written for (``quoted_mode``): the time the README and each notebook's
 the chapters' core path. The native run is kept beside it.
 
 Writes ``benchmarks/results/course_cpu.json`` (on a GPU, ``python -m benchmarks.course_gpu`` runs and records the
-course instead). ``--only`` re-times some notebooks and keeps the other entries of an existing file (each says when it was
-measured); a mode not timed now keeps its entry. ``--write-back`` also writes the native run's
+course instead). ``--only`` re-times some notebooks and keeps the other entries of an existing file (each says
+when it was measured); a mode not timed now keeps its entry. ``--write-back`` also writes the native run's
 executed notebooks into ``notebooks/``: the committed outputs and the timing come from one run.
 
     python -m benchmarks.course_time
