@@ -50,11 +50,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 from qlora_helpers.ch01_memory.estimator import estimate, liger_loss_chunk
 from qlora_helpers.ch03_sft import data as d
 from qlora_helpers.ch03_sft.modes import (
-    TARGET_PRESETS,
     build_model,
     load_tokenizer,
     model_path,
     resolve_target_modules,
+    target_names,
     trainable_4bit_layers,
 )
 from qlora_helpers.ch03_sft.peak_memory import PeakMemory
@@ -545,24 +545,26 @@ def engine_levers(cfg: SFTConfig) -> dict:
             "liger": bool(cfg.use_liger_kernel)}
 
 
+def estimator_method(cfg: SFTConfig) -> str:
+    """The chapter-01 estimator's name for this run's mode: full, lora, qlora4 or qlora8."""
+    return {"full": "full", "lora": "lora"}.get(cfg.mode, f"qlora{cfg.quantization_bit or 4}")
+
+
 def run_estimate(cfg: SFTConfig, base: str) -> dict:
     """The chapter-01 estimate of this run's training peak ``max_memory_allocated`` on a GPU (loading and evaluation
     aside): micro-batches of ``per_device_train_batch_size`` rows of ``max_length`` tokens (a padded batch is as long
     as its longest row: an upper bound), its checkpointing, optimizer, loss (Liger's chunks or the full logits) and
     levers. ``gib`` is None, and ``of`` says why, where the estimator does not model the model or its targets."""
-    method = {"full": "full", "lora": "lora"}.get(cfg.mode, f"qlora{cfg.quantization_bit or 4}")
     optimizer = {"adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}.get(cfg.optim, "adamw")
-    spec = cfg.lora_target_modules        # what modes.resolve_target_modules takes, as the estimator names it
-    if spec in (None, "auto", "null", ""):
-        spec = "all-linear"
-    targets = TARGET_PRESETS.get(spec, spec) if isinstance(spec, str) else spec
+    targets = target_names(cfg.lora_target_modules) or "all-linear"
     try:
         text = AutoConfig.from_pretrained(base).get_text_config()
         tokens = cfg.per_device_train_batch_size * cfg.max_length
         chunk = liger_loss_chunk(tokens, text.vocab_size, text.hidden_size) if cfg.use_liger_kernel else None
-        gib = estimate(text, method, batch_size=cfg.per_device_train_batch_size, seq_len=cfg.max_length,
-                       lora_r=cfg.lora_r, targets=targets, grad_ckpt=bool(cfg.gradient_checkpointing),
-                       optimizer=optimizer, loss_chunk=chunk, prepare_kbit=bool(cfg.use_qlora and cfg.kbit_upcast),
+        gib = estimate(text, estimator_method(cfg), batch_size=cfg.per_device_train_batch_size,
+                       seq_len=cfg.max_length, lora_r=cfg.lora_r, targets=targets,
+                       grad_ckpt=bool(cfg.gradient_checkpointing), optimizer=optimizer, loss_chunk=chunk,
+                       prepare_kbit=bool(cfg.use_qlora and cfg.kbit_upcast),
                        keep_layers=cfg.checkpoint_keep_layers if cfg.gradient_checkpointing else 0,
                        **(engine_levers(cfg) if cfg.mode != "full" else {})).total_gib
     except (ValueError, OSError) as err:   # an architecture or a target the estimator does not model
@@ -579,7 +581,6 @@ def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
     budget = cfg.memory_budget_gib
     if budget == -1:
         budget = round(0.92 * torch.cuda.get_device_properties(0).total_memory / 2**30, 2)   # the allocator's margin
-    method = {"full": "full", "lora": "lora"}.get(cfg.mode, f"qlora{cfg.quantization_bit}")
     try:
         config = AutoConfig.from_pretrained(base)
     except OSError as err:
@@ -588,7 +589,8 @@ def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
     rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     # whole rows of max_length, as many as divide a step's rows: what can run is what is planned
     rows = [d * cfg.max_length for d in range(1, rows_per_step + 1) if rows_per_step % d == 0]
-    plan = plan_micro_batch(config, budget, method=method, lora_r=cfg.lora_r, chunked=bool(cfg.use_liger_kernel),
+    plan = plan_micro_batch(config, budget, method=estimator_method(cfg), lora_r=cfg.lora_r,
+                            chunked=bool(cfg.use_liger_kernel),
                             engine=engine_levers(cfg) if cfg.mode != "full" else None, candidates=rows)
     cfg.per_device_train_batch_size = plan["tokens"] // cfg.max_length
     cfg.gradient_accumulation_steps = rows_per_step // cfg.per_device_train_batch_size   # the same rows per step

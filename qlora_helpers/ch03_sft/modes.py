@@ -60,13 +60,22 @@ def linear_layer_names(model) -> list[str]:
     return sorted(names)
 
 
-def resolve_target_modules(spec, model) -> list[str]:
-    """``None``/"auto" -> every linear layer; "attention"/"mlp"/"all" -> presets; else names or "a,b,c"."""
-    available = linear_layer_names(model)
+def target_names(spec) -> list[str] | None:
+    """``lora_target_modules`` as module names: None for every linear layer (``None``, "auto", "null", ""), a
+    preset's names ("attention", "mlp", "all"), else the names given (a list or "a,b,c")."""
     if spec is None or spec in ("auto", "null", ""):
-        return available
+        return None
     if isinstance(spec, str):
-        spec = TARGET_PRESETS.get(spec) or [s.strip() for s in spec.split(",") if s.strip()]
+        return TARGET_PRESETS.get(spec) or [s.strip() for s in spec.split(",") if s.strip()]
+    return list(spec)
+
+
+def resolve_target_modules(spec, model) -> list[str]:
+    """``target_names(spec)`` checked against ``model``'s linear layers (None: all of them)."""
+    available = linear_layer_names(model)
+    spec = target_names(spec)
+    if spec is None:
+        return available
     unknown = [s for s in spec if s not in available]
     if unknown:
         raise ValueError(f"lora_target_modules: {', '.join(unknown)} not found in {type(model).__name__}; "
