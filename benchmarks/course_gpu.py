@@ -70,13 +70,17 @@ def section_lines(notebook_text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(SECTION_PREFIX)]
 
 
+def read_record(out: Path) -> dict:
+    """The record's ``summary.json`` (a file of an older schema: one line saying how to write it again)."""
+    return read_result_file(out / "summary.json", keys=("figures.notebooks",),
+                            rewrite="python -m benchmarks.course_gpu")
+
+
 def earlier_rows(out: Path, keep: bool) -> dict:
     """With ``--only``, the rows of the record's other notebooks, each with the command and date that ran it."""
-    summary = out / "summary.json"
-    if not keep or not summary.is_file():
+    if not keep or not (out / "summary.json").is_file():
         return {}
-    record = read_result_file(summary, keys=("figures.notebooks",), rewrite="python -m benchmarks.course_gpu")
-    return {r["notebook"]: r for r in record["figures"]["notebooks"]}
+    return {r["notebook"]: r for r in read_record(out)["figures"]["notebooks"]}
 
 
 def write_record(runs, run_dir: Path, out: Path, parameters: dict, *, keep: bool = False) -> Path:
@@ -136,9 +140,7 @@ def main(argv=None) -> None:
                         help="only write summary.md again from the record's summary.json (no GPU needed)")
     args = parser.parse_args(argv)
     if args.resummarise:
-        record = read_result_file(Path(args.out) / "summary.json", keys=("figures.notebooks",),
-                                  rewrite="python -m benchmarks.course_gpu")
-        atomic_write_text(Path(args.out) / "summary.md", summary_markdown(record["figures"]))
+        atomic_write_text(Path(args.out) / "summary.md", summary_markdown(read_record(Path(args.out))["figures"]))
         return
     resolve_profile("gpu")      # refused in one line without CUDA
     books = discover(args.only)

@@ -61,7 +61,7 @@ def cuda_peak_gib(reset: bool = False) -> dict:
     peak = {"allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
             "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
     if reset:
-        torch.cuda.reset_peak_memory_stats()
+        reset_cuda_peak()
     return peak
 
 
@@ -98,7 +98,7 @@ class _Section(dict):
     def estimate(self, gib: float | None, of: str) -> None:
         """The chapter's estimate of this section's peak allocated memory (None: none could be made), and what it
         counts (or why there is none)."""
-        self.update(estimate_gib=None if gib is None else round(gib, 3), estimate_of=of)
+        self.update(estimate_gib=gib, estimate_of=of)      # report_section rounds it
 
 
 def _require_estimate(rec: _Section) -> None:
