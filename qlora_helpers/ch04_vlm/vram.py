@@ -74,12 +74,16 @@ MODELS = {
 }
 
 
-@cache
 def model_config(key: str):
-    """The transformers config of a registry model (real shape, from its ``config.json``), or of a model folder's
-    ``config.json``; shared, do not edit."""
+    """The transformers config of a registry model (real shape, from its ``config.json``; shared, do not edit), or
+    of a model folder's ``config.json`` (read each time: a folder can be written again)."""
     if key not in MODELS and (Path(key) / "config.json").is_file():
         return AutoConfig.from_pretrained(key)
+    return _registry_config(key)
+
+
+@cache
+def _registry_config(key: str):
     if key not in MODELS:
         raise ValueError(f"unknown model {key!r}: use one of {', '.join(MODELS)}")
     if key == "instructblip-7b":
@@ -90,14 +94,23 @@ def model_config(key: str):
     return get_config(key)
 
 
-@cache
 def parameter_groups(key: str) -> dict:
-    """Parameters of the language model, the frozen vision side and the trained projector.
+    """Parameters of the language model, the frozen vision side and the trained projector, of a registry model
+    (counted once) or a model folder.
 
     Counted on an empty (meta-device) model, so no memory is used.
     """
-    config = model_config(key)
-    cls = InstructBlipForConditionalGeneration if key.startswith("instructblip") else AutoModelForImageTextToText
+    return _registry_groups(key) if key in MODELS else _count_groups(model_config(key))
+
+
+@cache
+def _registry_groups(key: str) -> dict:
+    return _count_groups(model_config(key))
+
+
+def _count_groups(config) -> dict:
+    blip = config.model_type == "instructblip"
+    cls = InstructBlipForConditionalGeneration if blip else AutoModelForImageTextToText
     with init_empty_weights():
         model = (cls(config) if cls is InstructBlipForConditionalGeneration else cls.from_config(config))
     out = {"language": 0, "vision": 0, "projector": 0}
