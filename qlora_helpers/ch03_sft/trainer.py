@@ -42,7 +42,7 @@ from trl import SFTTrainer
 from qlora_helpers.ch03_sft.data import IGNORE_INDEX, SFTData, collate
 from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
 from qlora_helpers.common.files import atomic_write_json, atomic_write_text, fsync_tree, remove_folder
-from qlora_helpers.common.optim import optimizer_name, trainer_optim
+from qlora_helpers.common.optim import optimizer_name, scoped_bnb_overrides, trainer_optim
 from qlora_helpers.common.run_folder import (
     CHECKPOINTS,
     COMPLETE,
@@ -309,7 +309,7 @@ def train(model, tokenizer, data: SFTData, cfg, *, output_dir, device: str, eval
         course.emit({"step": 0, "eval_loss": initial_eval})
     args = training_args(cfg, out, device, packing=cfg.packing)
     trainer = make_trainer(model, tokenizer, data, cfg, args, course, trainer_callbacks)
-    with trainable_4bit_layers(model):
+    with trainable_4bit_layers(model), scoped_bnb_overrides(model):
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         steps = trainer.state.global_step
         final_eval = None
