@@ -454,3 +454,17 @@ def test_the_seed_adapter_is_its_written_out_forward():
     y = x + module.gamma * (up(h) + lora(h, "up_lora_a.weight", "up_lora_b.weight"))
     assert torch.equal(module(x, 8, 1, 1), y)
     assert not torch.allclose(y, x)
+
+
+def test_one_pretraining_step_counted():
+    """The pre-training's estimate: 16 bytes a parameter (fp32 weight, gradient, two AdamW moments) and what autograd
+    saves for one batch, more for a larger batch."""
+    from qlora_helpers.ch02_tad import train
+    from qlora_helpers.ch02_tad.data import VideoSpec
+
+    geometry = dict(img_size=32, patch_size=16, in_chans=1, embed_dims=32, depth=2, num_heads=2, num_frames=16,
+                    tubelet_size=2)
+    vit, classifier = train._pretrain_modules(geometry, 0, "cpu")
+    params = sum(p.numel() for m in (vit, classifier) for p in m.parameters())
+    small, large = (train.pretrain_counted_gib(geometry, VideoSpec(seed=0), batch_size=b) * 2**30 for b in (2, 8))
+    assert 16 * params < small < large

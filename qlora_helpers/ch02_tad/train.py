@@ -12,6 +12,8 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,25 @@ def _key(obj) -> str:
 
 
 # --------------------------------------------------------------------------- pre-training
+def _pretrain_modules(geometry: dict, seed: int, device: str) -> tuple[VideoViT, torch.nn.Linear]:
+    """The ViT to pre-train and its 15-way clip classifier, seeded."""
+    torch.manual_seed(seed)
+    vit = VideoViT(**{k: v for k, v in {**GEOMETRY, **geometry}.items() if k != "with_cp"}).to(device)
+    return vit, torch.nn.Linear(vit.embed_dims, 15).to(device)
+
+
+def pretrain_counted_gib(geometry: dict, spec, *, batch_size: int = 32, device: str = "cpu") -> float:
+    """What one step of ``pretrained_backbone`` holds, counted as ``cost_breakdown`` counts a detector's step: the
+    chapter's estimate of the pre-training's peak. Every weight trains in fp32, so a parameter costs 16 bytes
+    (weight, gradient, AdamW's two moments); to these the tensors autograd saves for one batch of clips."""
+    vit, classifier = _pretrain_modules(geometry, 0, device)
+    model = torch.nn.ModuleList([vit, classifier])
+    clips, _ = make_pretrain_clips(batch_size, spec, seed=0)
+    with _saved_tensors(model) as saved:
+        classifier(vit.clip_features(video_tensor(clips, device)))
+    return (16 * sum(p.numel() for p in model.parameters()) + sum(saved.values())) / 2**30
+
+
 def pretrained_backbone(geometry: dict, spec, *, steps: int = 800, batch_size: int = 32, lr: float = 3e-3,
                         seed: int = 0, device: str = "cpu", progress: bool = True) -> tuple[dict, dict]:
     """Weights of the ViT (``geometry``) pre-trained on 15-way clip classification, and a summary.
@@ -63,9 +84,7 @@ def pretrained_backbone(geometry: dict, spec, *, steps: int = 800, batch_size: i
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return saved["state_dict"], {**saved["info"], "cached": True, "path": str(path)}
 
-    torch.manual_seed(seed)
-    vit = VideoViT(**geometry).to(device)
-    classifier = torch.nn.Linear(vit.embed_dims, 15).to(device)
+    vit, classifier = _pretrain_modules(geometry, seed, device)
     params = list(vit.parameters()) + list(classifier.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     clips, labels = make_pretrain_clips(min(steps * batch_size, 4096) if steps else 0, spec, seed=1 + seed)
@@ -253,14 +272,10 @@ def counted_gib(costs: dict) -> float:
     return sum(costs[k] for k in COUNTED) / 2**30
 
 
-def cost_breakdown(model, cfg: dict, data, *, batch_size: int = 4, device: str = "cpu", autocast_dtype=None) -> dict:
-    """Bytes of one training step, by kind.
-
-    On the CPU (no allocator peak to read) it counts tensors exactly: ``weights`` as stored (quantized
-    ones at their packed size), ``gradients`` and ``optimizer_state`` (AdamW's two moments) of the
-    trainable parameters, and ``activations``: every tensor autograd saves for the backward pass,
-    parameters excluded, each storage once. On CUDA it adds the allocator's peak (``cuda_peak``).
-    """
+@contextmanager
+def _saved_tensors(model) -> Iterator[dict[int, int]]:
+    """Within the block: the bytes of every tensor autograd saves for the backward pass, by storage (each storage
+    once), ``model``'s parameters excluded."""
     params = {p.data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -270,15 +285,27 @@ def cost_breakdown(model, cfg: dict, data, *, batch_size: int = 4, device: str =
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
+def cost_breakdown(model, cfg: dict, data, *, batch_size: int = 4, device: str = "cpu", autocast_dtype=None) -> dict:
+    """Bytes of one training step, by kind.
+
+    On the CPU (no allocator peak to read) it counts tensors exactly: ``weights`` as stored (quantized
+    ones at their packed size), ``gradients`` and ``optimizer_state`` (AdamW's two moments) of the
+    trainable parameters, and ``activations``: every tensor autograd saves for the backward pass,
+    parameters excluded, each storage once. On CUDA it adds the allocator's peak (``cuda_peak``).
+    """
     segments = data.segments("train")[:batch_size]
     video = video_tensor(data.videos["train"][:batch_size], device)
     model.train()
     model.zero_grad(set_to_none=True)
     if device.startswith("cuda"):
         reset_cuda_peak()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model.loss(video, [s for s, _ in segments], [l for _, l in segments])
+    with _saved_tensors(model) as saved, torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype,
+                                                        enabled=autocast_dtype is not None):
+        out = model.loss(video, [s for s, _ in segments], [l for _, l in segments])
     out["loss"].backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
     result = {"weights": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())),
