@@ -20,6 +20,13 @@ LOGGED = {
         "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
         "the same look-up with the hub switched off (HF_HUB_OFFLINE): the kernels package says it cannot check "
         "the kernel's publisher; bitsandbytes then falls back to its own kernel as above"),
+    "transformers.trainer_utils": (
+        "The tokenizer has new PAD/BOS/EOS tokens that differ from the model config and generation config. The model "
+        "config and generation config were aligned accordingly, being updated with the tokenizer's values. Updated "
+        "tokens: {'bos_token_id': None}.",
+        "this exact message only: transformers before 5.2x reports a token the tokenizer leaves undefined (Qwen2.5's "
+        "has no BOS) as changed on every run of a real Qwen2.5 folder; newer versions keep the config's value and "
+        "say nothing. Any other alignment still shows"),
     "bitsandbytes.autograd._functions": (
         "MatMul8bitLt: inputs will be cast from",
         "LLM.int8 quantises activations from fp16: on a CPU computing in fp32 or bf16 every 8-bit call casts "
@@ -32,6 +39,10 @@ WARNED = [
     (FutureWarning, "`gradient_checkpointing_enable` is deprecated",
      "peft 0.21's prepare_model_for_kbit_training calls the old name; the course's own code calls the new one "
      "(common.models.enable_checkpointing)"),
+    (UserWarning, "inner dimension (16) is not aligned for fast kernel with blocksize=64",
+     "bitsandbytes' CUDA kernel for small 4-bit batches wants a layer's input size to be a multiple of its block; "
+     "chapter 02's adapters at the practice size take 16 inputs, so it uses its other kernel (dequantise, then "
+     "a plain matrix product): the same result"),
     (FutureWarning, "`use_liger_kernel=True` is deprecated",
      "TRL 1.16 points every run with Liger's kernels to the Hugging Face hub's kernels instead, which an offline "
      "machine cannot fetch; the sft command takes Liger's kernels from the liger-kernel package, on a GPU only"),

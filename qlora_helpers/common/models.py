@@ -123,8 +123,15 @@ def random_model_folder(preset: str, folder) -> Path:
     tokenizer as a ``from_pretrained`` folder, once: what a notebook loads in place of real weights it cannot have,
     the way it loads a real model (``write_model_folder`` says how the folder is written)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return write_model_folder(folder, lambda tok: build_random(get_config(preset), device=device, progress=False),
-                              tokenizer_asset(preset))
+
+    def make(tok):
+        model = build_random(get_config(preset), device=device, progress=False)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):   # the tokenizer's, as a real folder has
+            if getattr(tok, name) is not None:
+                setattr(model.config, name, getattr(tok, name))
+                setattr(model.generation_config, name, getattr(tok, name))
+        return model
+    return write_model_folder(folder, make, tokenizer_asset(preset))
 
 
 def write_tiny_model(folder, family: str = "llama", seed: int = 0) -> Path:
