@@ -237,3 +237,19 @@ def test_random_weights_at_a_presets_shape_train_through_the_model_factory(tmp_p
     base = tmp_path / "models" / "random-smollm2-135m"
     assert sorted(p.name for p in base.iterdir()) == ["chat_template.jinja", "config.json", "tokenizer.json",
                                                       "tokenizer_config.json"]
+
+
+def test_a_ranks_kept_peak_reaches_the_kernels_record(tmp_path, capsys, monkeypatch):
+    """``keep_peak`` writes nothing on a CPU; a GPU rank's file is printed once by ``report_kept_peaks`` as a section
+    of the record, beside the estimate, and removed (a later launch never reads it again)."""
+    from qlora_helpers.ch05_multi_gpu import worker
+    from qlora_helpers.common import bench
+
+    monkeypatch.setattr(bench, "GPU_SECTIONS", [])
+    worker.keep_peak(tmp_path, 0)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "rank1.json").write_text(json.dumps({"allocated": 0.5, "reserved": 0.75}))
+    worker.report_kept_peaks(tmp_path, "4. one step", {"gib": 0.4, "of": "a count"}, num_processes=2)
+    assert capsys.readouterr().out.strip() == ("GPU memory, 4. one step, rank 1: peak allocated 0.500 GiB, reserved "
+                                               "0.750 GiB; estimate 0.400 GiB (a count)")
+    assert [s["section"] for s in bench.GPU_SECTIONS] == ["4. one step, rank 1"] and list(tmp_path.iterdir()) == []

@@ -118,6 +118,26 @@ def report_peaks(summary: dict, section: str) -> None:
                            summary["estimate"]["of"])
 
 
+def keep_peak(folder, rank: int) -> None:
+    """In a rank on a GPU: its peak so far (``max_memory_allocated``, ``max_memory_reserved``) as
+    ``folder/rank<r>.json``, for ``report_kept_peaks`` in the kernel, which may not touch CUDA; on a CPU, nothing."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        atomic_write_json(Path(folder) / f"rank{rank}.json", {"allocated": torch.cuda.max_memory_allocated() / 2**30,
+                                                               "reserved": torch.cuda.max_memory_reserved() / 2**30})
+
+
+def report_kept_peaks(folder, section: str, estimate: dict, num_processes: int) -> None:
+    """In the kernel, after a launch: each rank's peak ``keep_peak`` wrote, beside ``estimate`` (``gib``, ``of``), as
+    a section of the notebook's GPU record (``common.bench.report_section``). The files are read once (removed)."""
+    for rank in range(num_processes):
+        path = Path(folder) / f"rank{rank}.json"
+        if path.is_file():
+            peak = json.loads(path.read_text())
+            path.unlink()
+            report_section(f"{section}, rank {rank}", peak["allocated"], peak["reserved"], estimate["gib"],
+                           estimate["of"])
+
+
 def _earlier_run(out: Path) -> bool:
     """Whether ``out`` holds an earlier run: the ``sft`` command's settings in ``final/``, or this worker's history."""
     if (out / "final" / "sft_config.json").is_file():
