@@ -26,7 +26,7 @@ from pathlib import Path
 
 from qlora_helpers.common.bench import SECTION_PREFIX, command_line, write_benchmark
 from qlora_helpers.common.device import resolve_profile
-from qlora_helpers.common.files import atomic_write_text, read_result_file, repo_root
+from qlora_helpers.common.files import atomic_write_json, atomic_write_text, read_result_file, repo_root
 from qlora_helpers.common.outputs import WIDGET_VIEW, merge_streams
 from qlora_helpers.common.results import markdown
 from qlora_helpers.common.runner import discover, parse_value, run_notebooks
@@ -42,10 +42,10 @@ GPU_PARAMETERS = {
     "05_multi_gpu_32b": {"model_id": "random:qwen2.5-32b"},
 }
 SECTION_COLUMNS = (("notebook", "notebook", ""), ("section", "section", ""),
-                   ("peak allocated (GiB)", "peak_allocated_gib", ".3f"),
-                   ("held at its start (GiB)", "start_gib", ".3f"),
-                   ("reserved (GiB)", "peak_reserved_gib", ".3f"),
-                   ("estimate (GiB)", "estimate_gib", ".3f"),
+                   ("peak allocated (GiB)", "peak_allocated_gib", ".4f"),
+                   ("held at its start (GiB)", "start_gib", ".4f"),
+                   ("reserved (GiB)", "peak_reserved_gib", ".4f"),
+                   ("estimate (GiB)", "estimate_gib", ".4f"),
                    ("estimate off", lambda r: r["estimate_gib"] / r["peak_allocated_gib"] - 1
                     if r["estimate_gib"] is not None and r["peak_allocated_gib"] else None, "+.1%"),
                    ("the estimate", "estimate_of", ""))
@@ -76,6 +76,32 @@ def read_record(out: Path) -> dict:
                             rewrite="python -m benchmarks.course_gpu")
 
 
+def device_name(results: dict) -> str | None:
+    """The GPU a notebook ran on: its results' ``device``, or the one name all its ranks give (chapter 05's kernel
+    never touches CUDA: its ranks report their devices)."""
+    if results.get("device"):
+        return results["device"].get("name")
+    names = {d.get("name") for d in results.get("devices", [])}
+    return names.pop() if len(names) == 1 else None
+
+
+def measured(results: dict) -> dict:
+    """What a row takes from its notebook's results file: the GPU it ran on and its measured sections."""
+    return {"device": device_name(results), "gpu_memory": results.get("gpu_memory", [])}
+
+
+def resummarise(out: Path) -> None:
+    """The rows' devices and sections read again from the record's results files (of the notebooks that ran ok), and
+    ``summary.md`` written again; the record's environment, commands and dates stay. No GPU needed."""
+    record = read_record(out)
+    for row in record["figures"]["notebooks"]:
+        results = out / f"{row['notebook']}.json"
+        if row["status"] == "ok" and results.is_file():
+            row.update(measured(json.loads(results.read_text())))
+    atomic_write_json(out / "summary.json", record)
+    atomic_write_text(out / "summary.md", summary_markdown(record["figures"]))
+
+
 def earlier_rows(out: Path, keep: bool) -> dict:
     """With ``--only``, the rows of the record's other notebooks, each with the command and date that ran it."""
     if not keep or not (out / "summary.json").is_file():
@@ -98,8 +124,7 @@ def write_record(runs, run_dir: Path, out: Path, parameters: dict, *, keep: bool
             shutil.copyfile(results, out / results.name)
         kept[r.notebook] = {"notebook": r.notebook, "status": r.status, "seconds": r.seconds, "error": r.error,
                             "parameters": {**parameters, **GPU_PARAMETERS.get(r.notebook, {})},
-                            "device": r.results.get("device", {}).get("name"),
-                            "gpu_memory": r.results.get("gpu_memory", []), **now}
+                            **measured(r.results), **now}
     rows = [kept[b.stem] for b in discover() if b.stem in kept]
     figures = {"notebooks": rows, "ok": sum(r["status"] == "ok" for r in rows),
                "total_seconds": round(sum(r["seconds"] for r in rows), 1)}
@@ -137,10 +162,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(RECORD), help=f"the record's folder (default: {RECORD})")
     parser.add_argument("--run-dir", help="the run folder (default: runs/course-gpu-<time>)")
     parser.add_argument("--resummarise", action="store_true",
-                        help="only write summary.md again from the record's summary.json (no GPU needed)")
+                        help="only read the rows' devices and sections again from the record's results files and "
+                             "write summary.md again (no GPU needed)")
     args = parser.parse_args(argv)
     if args.resummarise:
-        atomic_write_text(Path(args.out) / "summary.md", summary_markdown(read_record(Path(args.out))["figures"]))
+        resummarise(Path(args.out))
         return
     resolve_profile("gpu")      # refused in one line without CUDA
     books = discover(args.only)

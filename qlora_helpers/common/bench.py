@@ -71,13 +71,18 @@ _OPEN: list[dict] = []            # sections being measured now, innermost last
 SECTION_PREFIX = "GPU memory, "
 
 
+def _size(gib: float) -> str:
+    """``1.234 GiB``, or ``12.3 MiB`` below a tenth of a GiB (a one-layer example's count is a few KiB)."""
+    return f"{gib * 1024:.1f} MiB" if gib < 0.1 else f"{gib:.3f} GiB"
+
+
 def section_line(rec: dict) -> str:
     """How a measured section prints: ``GPU memory, <section>: peak allocated A GiB, reserved R GiB; estimate E GiB
     (<what the estimate counts>)``."""
-    estimate = "no estimate" if rec["estimate_gib"] is None else f"estimate {rec['estimate_gib']:.3f} GiB"
-    held = "" if rec.get("start_gib") is None else f" ({rec['start_gib']:.3f} GiB of it held when the section began)"
-    return (f"{SECTION_PREFIX}{rec['section']}: peak allocated {rec['peak_allocated_gib']:.3f} GiB{held}, reserved "
-            f"{rec['peak_reserved_gib']:.3f} GiB; {estimate} ({rec['estimate_of']})")
+    estimate = "no estimate" if rec["estimate_gib"] is None else f"estimate {_size(rec['estimate_gib'])}"
+    held = "" if rec.get("start_gib") is None else f" ({_size(rec['start_gib'])} of it held when the section began)"
+    return (f"{SECTION_PREFIX}{rec['section']}: peak allocated {_size(rec['peak_allocated_gib'])}{held}, reserved "
+            f"{_size(rec['peak_reserved_gib'])}; {estimate} ({rec['estimate_of']})")
 
 
 def _fold_peaks() -> None:
@@ -135,10 +140,10 @@ def report_section(section: str, peak_allocated_gib: float, peak_reserved_gib: f
                    estimate_of: str, start_gib: float | None = None) -> None:
     """Print and keep one measured section (``gpu_memory`` calls it; so does a notebook for peaks its worker
     processes measured). ``start_gib``: what the GPU held when the section began (earlier cells' tensors)."""
-    rec = {"section": section, "peak_allocated_gib": round(peak_allocated_gib, 3),
-           "start_gib": None if start_gib is None else round(start_gib, 3),
-           "peak_reserved_gib": round(peak_reserved_gib, 3),
-           "estimate_gib": None if estimate_gib is None else round(estimate_gib, 3), "estimate_of": estimate_of}
+    rec = {"section": section, "peak_allocated_gib": round(peak_allocated_gib, 5),
+           "start_gib": None if start_gib is None else round(start_gib, 5),
+           "peak_reserved_gib": round(peak_reserved_gib, 5),
+           "estimate_gib": None if estimate_gib is None else round(estimate_gib, 5), "estimate_of": estimate_of}
     GPU_SECTIONS.append(rec)
     print(section_line(rec))
 
