@@ -476,19 +476,27 @@ def test_optimizer_auto_and_the_attention_choice():
 
 def test_a_run_leaves_no_model_behind(tiny, tmp_path, monkeypatch):
     """Given an 8-bit optimizer the Trainer registers the model's embeddings with bitsandbytes' process-wide
-    GlobalOptimManager; the run takes them out again, so a finished run's model is freed (on a GPU each left
-    one bf16 embedding in memory: 0.25 GiB a run at Qwen2.5-0.5B)."""
+    GlobalOptimManager; the run takes them out again, so a finished run's model is freed (on a GPU each left one bf16
+    embedding in memory: 0.25 GiB a run at Qwen2.5-0.5B), and the optimizer positions and parameter ids the overrides
+    reached (a full fine-tune trains the embedding) are as before the run, for the next run's optimizer."""
     manager = bnb.optim.GlobalOptimManager.get_instance()
-    registered = []
-    register = manager.register_module_override
+    before = (list(manager.module_weight_config_triple), dict(manager.index2config), dict(manager.pid2config))
+    registered, seen = [], {}
+    register, check = manager.register_module_override, bnb.optim.optimizer.Optimizer8bit.check_overrides
     monkeypatch.setattr(manager, "register_module_override", lambda m, *a: registered.append(m) or register(m, *a))
+    monkeypatch.setattr(bnb.optim.optimizer.Optimizer8bit, "check_overrides",
+                        lambda opt: check(opt) or seen.update(manager.index2config))
     other = torch.nn.Embedding(2, 2)
-    manager.register_module_override(other, "weight", {"optim_bits": 32})   # another model's entry stays
-    result = run_sft(tiny_cfg(tiny, tmp_path / "out", use_lora=True, optim="adamw_8bit", max_steps=1), progress=False)
-    assert registered[1:] and all(any(m is n for n in result.model.modules()) for m in registered[1:])
-    embedding = weakref.ref(result.model.get_input_embeddings())
-    del result, registered[:]
-    gc.collect()
-    assert embedding() is None
-    assert [t[0] for t in manager.module_weight_config_triple] == [other]
-    manager.module_weight_config_triple.clear()
+    try:
+        manager.register_module_override(other, "weight", {"optim_bits": 32})   # another model's entry stays
+        result = run_sft(tiny_cfg(tiny, tmp_path / "out", optim="adamw_8bit", max_steps=1), progress=False)  # full
+        assert registered[1:] and all(any(m is n for n in result.model.modules()) for m in registered[1:])
+        assert seen                                   # the run's optimizer placed the embedding's override
+        embedding = weakref.ref(result.model.get_input_embeddings())
+        del result, registered[:]
+        gc.collect()
+        assert embedding() is None
+        assert [t[0] for t in manager.module_weight_config_triple] == [*before[0], other]
+        assert (manager.index2config, manager.pid2config) == before[1:]
+    finally:
+        manager.module_weight_config_triple[:], manager.index2config, manager.pid2config = before

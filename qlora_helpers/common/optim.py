@@ -52,16 +52,21 @@ def make_optimizer(name: str, params, *, setting: str = "optimizer", **kwargs):
 
 @contextmanager
 def scoped_bnb_overrides(model) -> Iterator[None]:
-    """Around a ``Trainer`` run: on leaving, bitsandbytes forgets ``model``'s modules again.
+    """Around a ``Trainer`` run: on leaving, bitsandbytes' per-process optimizer settings are as they were before it.
 
     Given an 8-bit optimizer, the HF ``Trainer`` registers every ``nn.Embedding`` of the model with bitsandbytes'
     ``GlobalOptimManager`` (one per process) so that their optimizer states stay in 32 bits, and never removes
-    them: each trained model's embeddings then stay in memory until the process ends (0.25 GiB a run at
-    Qwen2.5-0.5B's shape, six runs in one notebook kernel 1.5 GiB)."""
+    them: each trained model's embeddings then stayed in memory until the process ended (0.25 GiB a run at
+    Qwen2.5-0.5B's shape, six runs in one notebook kernel 1.5 GiB), and the positions the optimizer gave those
+    overrides (``index2config``, and ``pid2config`` by the id of a parameter since freed) applied to whatever
+    parameter a later run's optimizer holds there. The model's registrations (its own, too) are dropped, and the
+    two maps restored."""
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    positions, ids = dict(manager.index2config), dict(manager.pid2config)
     try:
         yield
     finally:
-        manager = bnb.optim.GlobalOptimManager.get_instance()
         mine = {id(m) for m in model.modules()}
         manager.module_weight_config_triple[:] = [t for t in manager.module_weight_config_triple
                                                   if id(t[0]) not in mine]
+        manager.index2config, manager.pid2config = positions, ids
