@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qlora_helpers.ch05_multi_gpu import worker
 from qlora_helpers.ch05_multi_gpu.worker import free_port, resolve_launch, steps_per_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,16 +241,21 @@ def test_random_weights_at_a_presets_shape_train_through_the_model_factory(tmp_p
 
 
 def test_a_ranks_kept_peak_reaches_the_kernels_record(tmp_path, capsys, monkeypatch):
-    """``keep_peak`` writes nothing on a CPU; a GPU rank's file is printed once by ``report_kept_peaks`` as a section
-    of the record, beside the estimate, and removed (a later launch never reads it again)."""
-    from qlora_helpers.ch05_multi_gpu import worker
+    """``keep_peak`` writes nothing for a CPU rank (whatever CUDA state the process has); each GPU rank's file is
+    printed by ``report_kept_peaks`` as a section of the record, beside the estimate, in rank order, and the launch's
+    folder is removed."""
     from qlora_helpers.common import bench
 
     monkeypatch.setattr(bench, "GPU_SECTIONS", [])
-    worker.keep_peak(tmp_path, 0)
-    assert list(tmp_path.iterdir()) == []
-    (tmp_path / "rank1.json").write_text(json.dumps({"allocated": 0.5, "reserved": 0.75}))
-    worker.report_kept_peaks(tmp_path, "4. one step", {"gib": 0.4, "of": "a count"}, num_processes=2)
-    assert capsys.readouterr().out.strip() == ("GPU memory, 4. one step, rank 1: peak allocated 0.500 GiB, reserved "
-                                               "0.750 GiB; estimate 0.400 GiB (a count)")
-    assert [s["section"] for s in bench.GPU_SECTIONS] == ["4. one step, rank 1"] and list(tmp_path.iterdir()) == []
+    folder = tmp_path / "peaks"
+    folder.mkdir()
+    worker.keep_peak(folder, 0, "cpu")
+    assert list(folder.iterdir()) == []
+    for rank, allocated in ((10, 0.625), (2, 0.5)):
+        (folder / f"rank{rank}.json").write_text(json.dumps({"allocated": allocated, "reserved": 0.75}))
+    worker.report_kept_peaks(folder, "4. one step", {"gib": 0.4, "of": "a count"})
+    assert capsys.readouterr().out.splitlines() == [
+        "GPU memory, 4. one step, rank 2: peak allocated 0.500 GiB, reserved 0.750 GiB; estimate 0.400 GiB (a count)",
+        "GPU memory, 4. one step, rank 10: peak allocated 0.625 GiB, reserved 0.750 GiB; estimate 0.400 GiB (a count)"]
+    assert [s["section"] for s in bench.GPU_SECTIONS] == ["4. one step, rank 2", "4. one step, rank 10"]
+    assert not folder.exists()

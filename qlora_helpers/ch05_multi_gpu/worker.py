@@ -118,24 +118,28 @@ def report_peaks(summary: dict, section: str) -> None:
                            summary["estimate"]["of"])
 
 
-def keep_peak(folder, rank: int) -> None:
-    """In a rank on a GPU: its peak so far (``max_memory_allocated``, ``max_memory_reserved``) as
-    ``folder/rank<r>.json``, for ``report_kept_peaks`` in the kernel, which may not touch CUDA; on a CPU, nothing."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        atomic_write_json(Path(folder) / f"rank{rank}.json", {"allocated": torch.cuda.max_memory_allocated() / 2**30,
-                                                               "reserved": torch.cuda.max_memory_reserved() / 2**30})
+def keep_peak(folder, rank: int, device) -> None:
+    """In a rank on a GPU (``device``, this rank's): its peak so far (``max_memory_allocated``,
+    ``max_memory_reserved``) as ``folder/rank<r>.json``, for ``report_kept_peaks`` in the kernel, which may not touch
+    CUDA; on a CPU, nothing."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        atomic_write_json(Path(folder) / f"rank{rank}.json",
+                          {"allocated": torch.cuda.max_memory_allocated(device) / 2**30,
+                           "reserved": torch.cuda.max_memory_reserved(device) / 2**30})
 
 
-def report_kept_peaks(folder, section: str, estimate: dict, num_processes: int) -> None:
-    """In the kernel, after a launch: each rank's peak ``keep_peak`` wrote, beside ``estimate`` (``gib``, ``of``), as
-    a section of the notebook's GPU record (``common.bench.report_section``). The files are read once (removed)."""
-    for rank in range(num_processes):
-        path = Path(folder) / f"rank{rank}.json"
-        if path.is_file():
-            peak = json.loads(path.read_text())
-            path.unlink()
-            report_section(f"{section}, rank {rank}", peak["allocated"], peak["reserved"], estimate["gib"],
-                           estimate["of"])
+def report_kept_peaks(folder, section: str, estimate: dict) -> None:
+    """In the kernel, after a launch: each rank's peak ``keep_peak`` wrote into ``folder`` (a fresh one for each
+    launch: ``tempfile.mkdtemp()``), beside ``estimate`` (``gib``, ``of``), as a section of the notebook's GPU record
+    (``common.bench.report_section``). The folder is removed."""
+    folder = Path(folder)
+    for path in sorted(folder.glob("rank*.json"), key=lambda p: int(p.stem[4:])):
+        peak = json.loads(path.read_text())
+        path.unlink()
+        report_section(f"{section}, {path.stem[:4]} {path.stem[4:]}", peak["allocated"], peak["reserved"],
+                       estimate["gib"], estimate["of"])
+    folder.rmdir()
 
 
 def _earlier_run(out: Path) -> bool:
