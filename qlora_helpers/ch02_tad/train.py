@@ -61,11 +61,12 @@ def pretrain_counted_gib(geometry: dict, spec, *, batch_size: int = 32, device: 
     """What one step of ``pretrained_backbone`` holds, counted as ``cost_breakdown`` counts a detector's step: the
     chapter's estimate of the pre-training's peak. Every weight trains in fp32, so a parameter costs 16 bytes
     (weight, gradient, AdamW's two moments); to these the tensors autograd saves for one batch of clips."""
-    vit, classifier = _pretrain_modules(geometry, 0, device)
-    model = torch.nn.ModuleList([vit, classifier])
-    clips, _ = make_pretrain_clips(batch_size, spec, seed=0)
-    with _saved_tensors(model) as saved:
-        classifier(vit.clip_features(video_tensor(clips, device)))
+    with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):   # RNG kept
+        vit, classifier = _pretrain_modules(geometry, 0, device)
+        model = torch.nn.ModuleList([vit, classifier])
+        clips, _ = make_pretrain_clips(batch_size, spec, seed=0)
+        with _saved_tensors(model) as saved:
+            classifier(vit.clip_features(video_tensor(clips, device)))
     return (16 * sum(p.numel() for p in model.parameters()) + sum(saved.values())) / 2**30
 
 
