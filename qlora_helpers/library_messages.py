@@ -24,9 +24,9 @@ LOGGED = {
         "The tokenizer has new PAD/BOS/EOS tokens that differ from the model config and generation config. The model "
         "config and generation config were aligned accordingly, being updated with the tokenizer's values. Updated "
         "tokens: {'bos_token_id': None}.",
-        "this exact message only: transformers before 5.2x reports a token the tokenizer leaves undefined (Qwen2.5's "
-        "has no BOS) as changed on every run of a real Qwen2.5 folder; newer versions keep the config's value and "
-        "say nothing. Any other alignment still shows"),
+        "this exact message only: transformers 5.17 (the course's oldest supported version) reports a token the "
+        "tokenizer leaves undefined (Qwen2.5's has no BOS) as changed on every run of a real Qwen2.5 folder; 5.25 "
+        "keeps the config's value and says nothing. Any other alignment still shows"),
     "bitsandbytes.autograd._functions": (
         "MatMul8bitLt: inputs will be cast from",
         "LLM.int8 quantises activations from fp16: on a CPU computing in fp32 or bf16 every 8-bit call casts "
