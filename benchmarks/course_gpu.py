@@ -14,7 +14,7 @@ measured sections) with ``summary.md``. The run folder itself (adapters, checkpo
 
     python -m benchmarks.course_gpu
     python -m benchmarks.course_gpu --only 03_qwen_sft -p max_steps 4 --out /tmp/try
-    python -m benchmarks.course_gpu --resummarise          # summary.md again from summary.json
+    python -m benchmarks.course_gpu --resummarise   # rows' devices and sections from the results files, summary.md
 """
 
 import json

@@ -47,6 +47,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
+from qlora_helpers.ch01_memory.estimator import OPTIMIZERS as ESTIMATED_OPTIMIZERS
 from qlora_helpers.ch01_memory.estimator import estimate, liger_loss_chunk
 from qlora_helpers.ch03_sft import data as d
 from qlora_helpers.ch03_sft.modes import (
@@ -555,7 +556,7 @@ def run_estimate(cfg: SFTConfig, base: str) -> dict:
     aside): micro-batches of ``per_device_train_batch_size`` rows of ``max_length`` tokens (a padded batch is as long
     as its longest row: an upper bound), its checkpointing, optimizer, loss (Liger's chunks or the full logits) and
     levers. ``gib`` is None, and ``of`` says why, where the estimator does not model the model or its targets."""
-    optimizer = {"adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}.get(cfg.optim, "adamw")
+    optimizer = cfg.optim if cfg.optim in ESTIMATED_OPTIMIZERS else "adamw"   # (paged 32-bit AdamW: as AdamW)
     targets = target_names(cfg.lora_target_modules) or "all-linear"
     try:
         text = AutoConfig.from_pretrained(base).get_text_config()

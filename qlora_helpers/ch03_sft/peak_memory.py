@@ -54,8 +54,7 @@ class PeakMemory:
     def __enter__(self):
         _release_freed_memory()
         if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            reset_cuda_peak()
+            reset_cuda_peak()                # (it synchronizes first)
             self._base = torch.cuda.memory_allocated()
             self.what = "peak torch.cuda.max_memory_allocated above the start of the block (GPU tensors)"
         else:

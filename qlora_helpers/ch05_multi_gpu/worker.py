@@ -137,7 +137,7 @@ def report_kept_peaks(folder, section: str, estimate: dict) -> None:
     for path in sorted(folder.glob("rank*.json"), key=lambda p: int(p.stem[4:])):
         peak = json.loads(path.read_text())
         path.unlink()
-        report_section(f"{section}, {path.stem[:4]} {path.stem[4:]}", peak["allocated"], peak["reserved"],
+        report_section(f"{section}, rank {path.stem.removeprefix('rank')}", peak["allocated"], peak["reserved"],
                        estimate["gib"], estimate["of"])
     folder.rmdir()
 
