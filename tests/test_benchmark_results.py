@@ -115,7 +115,7 @@ def test_build_random_never_holds_bf16_weights():
     assert rows[("qwen2.5-32b", "8bit")]["peak_allocated_gib"] < big["bf16_weights_gib"] * 0.6
 
 
-# notebooks whose GPU run the record still lacks, and why: each a failed row of the record (re-run, then drop it)
+# the notebooks that train: each has measured sections in the record
 TRAINING_NOTEBOOKS = ("00_setup", "01_memory_math", "02_tad_quantized_adapters", "03_qwen_sft", "03b_speed_and_memory",
                       "04_vlm_8gb", "05_multi_gpu_32b")
 
