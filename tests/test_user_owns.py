@@ -133,6 +133,14 @@ def test_overwrite_with_a_bad_target_module_keeps_the_old_run(run_copy, tiny_lla
     assert {"notes.txt", "config.json"}.isdisjoint(json.loads((run_copy / MANIFEST).read_text()))
 
 
+def test_a_users_file_among_the_checkpoints_is_refused_not_removed(run_copy, tiny_llama_dir, data, refused):
+    """--overwrite_output_dir removes the course's checkpoints/ whole: a file of the user's there stops it first."""
+    (run_copy / "checkpoints" / "mine.txt").write_text("mine")
+    refused(lambda: sft(*flags(tiny_llama_dir, data, run_copy, overwrite_output_dir=True)),
+            names=["checkpoints holds mine.txt", "not written by a course run", "move it elsewhere"], keep=[run_copy])
+    assert (run_copy / "checkpoints" / "mine.txt").read_text() == "mine"
+
+
 def test_a_users_file_with_a_name_the_run_writes_is_refused_not_replaced(run_copy, tiny_llama_dir, data, refused):
     (run_copy / MANIFEST).write_text(json.dumps(["checkpoints", "sft_config.json"]))   # the adapter is not the course's
     refused(lambda: sft(*flags(tiny_llama_dir, data, run_copy, overwrite_output_dir=True)),

@@ -54,6 +54,10 @@ DAMAGED = "damaged-"        # the prefix of a checkpoint moved aside
 # that start it, not settings of the run.
 MAY_CHANGE = ("max_steps", "eval_steps", "save_steps", "save_total_limit", "data_path", "device")
 UNCOMPARED = ("output_dir", "resume", "overwrite_output_dir")
+# what a run writes into checkpoints/: the Trainer's checkpoint-N (tmp-checkpoint-N while it saves), the pointer,
+# damaged checkpoints moved aside, and the hidden leftovers of killed writes and removals
+CHECKPOINT_NAMES = ("checkpoint-*", "tmp-checkpoint-*", LATEST, f"{DAMAGED}*", ".checkpoint-*", f".{LATEST}.*",
+                    f".{DAMAGED}*")
 
 
 # --------------------------------------------------------------------------- what the course wrote
@@ -80,6 +84,14 @@ def _entries(out: Path) -> tuple[list[str], list[str]]:
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     mine = [n for n in names if n in course or n == MANIFEST or _leftover_of(n, course)]
     return mine, [n for n in names if n not in mine]
+
+
+def _users_checkpoint_files(out: Path) -> list[str]:
+    """The names in the course's ``checkpoints/`` that no run writes there (``CHECKPOINT_NAMES``): a user's."""
+    root = out / CHECKPOINTS
+    if CHECKPOINTS not in recorded(out) or root.is_symlink() or not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if not any(fnmatch.fnmatch(p.name, n) for n in CHECKPOINT_NAMES))
 
 
 def remove_course_files(out: Path) -> None:
@@ -234,6 +246,11 @@ def inspect_folder(output_dir, *, resume: bool, overwrite: bool, writes=(), fini
         raise ValueError(f"output_dir {out} holds {_shown(clashes)}, not written by a course run, which this run "
                          "would replace: move it elsewhere or choose another --output_dir")
     if overwrite:
+        foreign = _users_checkpoint_files(out)
+        if foreign:
+            raise ValueError(f"output_dir {out / CHECKPOINTS} holds {_shown(foreign)}, not written by a course run, "
+                             "which --overwrite_output_dir would remove with the checkpoints: move it elsewhere "
+                             "or choose another --output_dir")
         return RunFolder(out, overwrite=bool(mine))
     has_run = bool(recorded(out)) or (out / CHECKPOINTS / LATEST).is_file()
     if resume:
