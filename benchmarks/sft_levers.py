@@ -11,6 +11,8 @@ tokens a step, Liger's kernels, varlen attention, AdamW, bf16) and one lever cha
 - ``fused-keepK``: ``--checkpoint_keep_layers K``: the last K layers keep their activations;
 - ``fused-offload``: ``--activation_offloading`` (TRL's);
 - ``fused-no-ckpt`` / ``peft-no-ckpt``: no checkpointing (memory to spare);
+- ``fused-no-ckpt-dequantized``: no checkpointing, and each frozen 4-bit weight kept as a 16-bit copy
+  (``--keep_dequantized``: no dequantisation in the passes);
 - ``fused-no-ckpt-compile``: each decoder layer through ``torch.compile`` as well (regional compilation).
 
 Per variant: tokens/s (steps after ``--skip``), peak allocated memory and the chapter-01 estimate for the same
@@ -54,9 +56,11 @@ VARIANTS = {"peft": {"fused_lora": False},
             "fused-keep8": {"checkpoint_keep_layers": 8},
             "fused-offload": {"activation_offloading": True},
             "fused-no-ckpt": {"gradient_checkpointing": False},
+            "fused-no-ckpt-dequantized": {"gradient_checkpointing": False, "keep_dequantized": True},
             "peft-no-ckpt": {"fused_lora": False, "gradient_checkpointing": False},
             "fused-no-ckpt-compile": {"gradient_checkpointing": False, "compile": True}}
-REFERENCE = {"fused": "peft", "peft-no-ckpt": "peft", "fused-no-ckpt-compile": "fused-no-ckpt"}   # else "fused"
+REFERENCE = {"fused": "peft", "peft-no-ckpt": "peft", "fused-no-ckpt-compile": "fused-no-ckpt",
+             "fused-no-ckpt-dequantized": "fused-no-ckpt"}   # else "fused"
 
 
 def loss_chunk(config, tokens: int) -> int:
@@ -97,7 +101,7 @@ class Model:
         else:
             (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
             model.checkpointing = "off"
-        model.lora_kernel = use_fused_lora(model, on=cfg.fused_lora is True)
+        model.lora_kernel = use_fused_lora(model, on=cfg.fused_lora is True, dequantized=cfg.keep_dequantized)
         model.attention_kernel = use_varlen_attention(base) if device.startswith("cuda") else "sdpa"
         return model
 
@@ -174,7 +178,8 @@ def run_variant(name, model_factory, cfg, config, skip: int, profile: bool = Fal
     est = estimate(config, "qlora4", batch_size=1, seq_len=ROW_TOKENS, lora_r=LORA["r"],
                    grad_ckpt=cfg.gradient_checkpointing,
                    loss_chunk=loss_chunk(config, ROW_TOKENS) if cfg.use_liger_kernel else None,
-                   keep_layers=cfg.checkpoint_keep_layers, **sft_command.engine_levers(cfg))
+                   keep_layers=cfg.checkpoint_keep_layers, accumulate=cfg.gradient_accumulation_steps > 1,
+                   **sft_command.engine_levers(cfg))
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None   # the model's weights included
     out = {"variant": name, "settings": VARIANTS[name], "kernels": result.summary.get("kernels"),
            "tokens_per_second": round(tps, 1) if tps else None,

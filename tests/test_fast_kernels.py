@@ -17,16 +17,26 @@ from qlora_helpers.common.models import build_tiny, tiny_qwen2
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
-    """torch.nn.attention.varlen.varlen_attn's signature (PyTorch 2.11, no grouped heads): [tokens, heads, d]
-    in and out, causal attention inside each [cu[i], cu[i+1])."""
+    """torch.nn.attention.varlen.varlen_attn's signature (PyTorch 2.11, no ``enable_gqa``): [tokens, heads, d]
+    in and out, causal attention inside each [cu[i], cu[i+1]); fewer key/value heads than query heads are taken as
+    flash attention takes them (each serves a group of query heads)."""
     assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and tuple(window_size) == (-1, 0)
-    assert k.shape[1] == q.shape[1] and scale == q.shape[-1] ** -0.5
+    assert q.shape[1] % k.shape[1] == 0 and scale in (None, q.shape[-1] ** -0.5)
     assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
     out = torch.empty_like(q)
     for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
         qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))   # [1, heads, len, d]
-        out[a:b] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1)
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])[0].transpose(0, 1)
     return out
+
+
+def ungrouped_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    """A kernel that refuses fewer key/value heads than query heads, as a build without grouped heads would."""
+    if k.shape[1] != q.shape[1]:
+        raise RuntimeError("Number of heads in key/value must equal the number of heads in query")
+    return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=return_aux, scale=scale,
+                            window_size=window_size)
 
 
 def _packed_batch(vocab=300, seed=0):
@@ -58,23 +68,41 @@ def test_boundaries_start_a_conversation_wherever_the_position_is_zero():
     assert fast_kernels.boundaries(torch.tensor([[2, 3, 0, 1]])) is None   # left padding: not packed
 
 
-def test_varlen_path_matches_block_masked_sdpa_in_loss_and_gradients(monkeypatch):
+@pytest.mark.parametrize("grouped", [True, False])
+def test_varlen_path_matches_block_masked_sdpa_in_loss_and_gradients(monkeypatch, grouped):
+    """Whether the kernel takes the model's grouped key/value heads as they are or is handed copies for every query
+    head (``grouped_heads``), the loss and gradients are those of the block-masked SDPA path."""
     batch = _packed_batch()
     assert (batch["position_ids"] == 0).sum() > batch["input_ids"].shape[0]   # several conversations a row
     model = _model().train()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
     ref_loss, ref_grads = _loss_and_grads(model, batch)
 
     calls = []
-    kernel = lambda *a, **k: calls.append(1) or reference_varlen(*a, **k)
+    base = reference_varlen if grouped else ungrouped_varlen
+    kernel = lambda *a, **k: calls.append(a[1].shape[1]) or base(*a, **k)
     kernel.__signature__ = inspect.signature(reference_varlen)
     monkeypatch.setattr(fast_kernels, "varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(fast_kernels, "grouped_heads", lambda device: grouped)
     fast_kernels.register()
     model.set_attn_implementation(fast_kernels.ATTENTION)
     loss, grads = _loss_and_grads(model, batch)
     assert len(calls) == model.config.num_hidden_layers                  # every layer went through varlen
+    heads = model.config.num_key_value_heads if grouped else model.config.num_attention_heads
+    assert set(calls) == {heads}                                         # no copies where the kernel groups
     assert torch.allclose(loss, ref_loss, rtol=1e-2)
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, rtol=5e-2, atol=5e-3)
+
+
+def test_grouped_heads_asks_the_kernel_once(monkeypatch):
+    """The probe runs the kernel forward and backward on grouped heads: a kernel that refuses them gets copies."""
+    for kernel, expected in ((reference_varlen, True), (ungrouped_varlen, False)):
+        monkeypatch.setattr(fast_kernels, "varlen_kernel", lambda kernel=kernel: kernel)
+        fast_kernels.grouped_heads.cache_clear()
+        with torch.no_grad():                      # as in an evaluation: the probe takes its own gradients
+            assert fast_kernels.grouped_heads(torch.device("cpu")) is expected
+    fast_kernels.grouped_heads.cache_clear()
 
 
 def test_outside_a_packed_training_step_it_answers_through_masked_sdpa(monkeypatch):

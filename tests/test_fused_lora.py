@@ -46,6 +46,26 @@ def test_fused_layers_give_peft_s_loss_and_gradients(quant, dropout):
         assert torch.allclose(g, ref[name], rtol=1e-4, atol=1e-7), name
 
 
+def test_kept_16_bit_copies_give_the_same_numbers_and_go_after_training():
+    """``dequantized=True``: each 4-bit layer's weight dequantised once and kept; the loss and gradients are those
+    of dequantising at every product, and ``release_dequantized`` leaves nothing behind."""
+    from qlora_helpers.ch03_sft.fused_lora import release_dequantized
+
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(2))
+    plain = peft_model("4bit", 0.1)
+    use_fused_lora(plain)
+    ref_loss, ref = loss_and_grads(plain, ids)
+    kept = peft_model("4bit", 0.1)
+    assert use_fused_lora(kept, dequantized=True) == "fused (14 of 14 LoRA layers, 14 weights kept 16-bit)"
+    copies = [m for m in kept.modules() if getattr(m, "_dequantized", None) is not None]
+    assert len(copies) == 14 and all(not m._dequantized.requires_grad for m in copies)
+    loss, grads = loss_and_grads(kept, ids)
+    assert loss == ref_loss and all(torch.equal(g, ref[n]) for n, g in grads.items())
+    assert not any("_dequantized" in n for n in kept.state_dict())       # nothing saved sees the copies
+    release_dequantized(kept)
+    assert not any(getattr(m, "_dequantized", None) is not None for m in kept.modules())
+
+
 def test_under_bf16_autocast_and_checkpointing_it_stays_within_bf16_rounding():
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     runs = []

@@ -115,7 +115,7 @@ def test_the_plan_is_the_estimators_largest_phase_for_a_loss_in_chunks():
     assert plan["tokens"] == 16384 and plan["gradient_checkpointing"]
     est = estimate(cfg, "qlora4", batch_size=1, seq_len=16384, lora_r=64, grad_ckpt=True,
                    loss_chunk=liger_loss_chunk(16384, cfg.vocab_size, cfg.hidden_size),
-                   keep_layers=plan["checkpoint_keep_layers"])
+                   keep_layers=plan["checkpoint_keep_layers"], accumulate=False)   # 16k tokens: the whole step
     assert plan["estimate_gib"] == round(est.total_gib, 3) and est.total_gib == max(est.phases.values()) / GIB
     assert est.peak_phase == "backward (top layer)"
 
@@ -129,7 +129,8 @@ def test_the_planner_spends_leftover_memory_on_layers_that_keep_their_activation
     cfg = get_config("qwen2.5-7b")
     engine = {"lora_impl": "fused", "lora_dropout": 0.1, "liger": True}
     at = lambda keep: estimate(cfg, "qlora4", batch_size=1, seq_len=4096, lora_r=64, grad_ckpt=True, keep_layers=keep,
-                               loss_chunk=liger_loss_chunk(4096, cfg.vocab_size, cfg.hidden_size), **engine).total_gib
+                               loss_chunk=liger_loss_chunk(4096, cfg.vocab_size, cfg.hidden_size), accumulate=True,
+                               **engine).total_gib       # 4k of a 32k step: gradients held between micro-batches
     budget = (at(5) + at(6)) / 2
     plan = plan_micro_batch(cfg, budget, lora_r=64, engine=engine)
     assert (plan["tokens"], plan["gradient_checkpointing"], plan["checkpoint_keep_layers"]) == (4096, True, 5)
@@ -181,7 +182,8 @@ def test_engine_levers_in_the_estimate():
     with pytest.raises(ValueError, match="keep_layers must be a whole number >= 0"):
         est(keep_layers=-1)
     cfg = SFTConfig(use_qlora=True, bf16=True, fused_lora=True, lora_dropout=0.1, use_liger_kernel=True)
-    assert engine_levers(cfg) == {"lora_impl": "fused", "lora_dropout": 0.1, "offload": False, "liger": True}
+    assert engine_levers(cfg) == {"lora_impl": "fused", "lora_dropout": 0.1, "offload": False, "liger": True,
+                                  "dequant_cache": False}
     cfg.fused_lora = False
     assert engine_levers(cfg)["lora_impl"] == "peft-bf16"
 
@@ -210,3 +212,32 @@ def test_an_unvalidated_bf16_auto_computes_in_fp32():
     cfg = SFTConfig(use_lora=True, packing=True)
     assert cfg.bf16 == "auto" and compute_dtype(cfg) == torch.float32 and not wants_varlen(cfg)
     assert type(autocast(cfg, "cpu")).__name__ == "nullcontext"
+
+
+def test_the_planner_offloads_layer_inputs_only_where_that_fits_a_larger_micro_batch():
+    """Between keeping the checkpointed layers' inputs and a smaller micro-batch, a CUDA plan sends the inputs to CPU
+    memory (checkpointing stays: every activation crossing would be slower than recomputing); with memory to spare it
+    offloads nothing, and keeps 16-bit copies of the 4-bit weights where they fit. Micro-batches below the step's
+    tokens hold the earlier ones' gradients."""
+    from qlora_helpers.ch01_memory.estimator import estimate, liger_loss_chunk
+    from qlora_helpers.common.shapes import get_config
+
+    cfg = get_config("qwen2.5-7b")
+    engine = {"lora_impl": "fused", "lora_dropout": 0.1, "liger": True}
+    rows = (4096, 8192, 16384)
+    at = lambda **kw: estimate(cfg, "qlora4", batch_size=1, seq_len=4096, lora_r=64, grad_ckpt=True,
+                               loss_chunk=liger_loss_chunk(4096, cfg.vocab_size, cfg.hidden_size), **engine,
+                               **{"accumulate": True, **kw}).total_gib
+    assert at() - at(accumulate=False) == pytest.approx(0.301, abs=0.01)        # bf16 LoRA gradients, r=64
+    budget = (at(offload=True) + at()) / 2                                       # 4k fits only offloaded
+    plan = plan_micro_batch(cfg, budget, lora_r=64, engine=engine, candidates=rows, may_offload=True)
+    assert (plan["tokens"], plan["gradient_checkpointing"], plan["activation_offloading"]) == (4096, True, True)
+    assert plan["checkpoint_keep_layers"] == 0 and plan["estimate_gib"] == round(at(offload=True), 3)
+    with pytest.raises(ValueError, match="no micro-batch of 4096 tokens"):       # no CUDA: no offloading
+        plan_micro_batch(cfg, budget, lora_r=64, engine=engine, candidates=rows)
+    roomy = plan_micro_batch(cfg, 47.5, lora_r=64, engine=engine, candidates=rows, may_offload=True)
+    assert not roomy["activation_offloading"] and not roomy["gradient_checkpointing"] and roomy["keep_dequantized"]
+    copies = estimate(cfg, "qlora4", batch_size=1, seq_len=4096, lora_r=64, dequant_cache=True).components
+    plain = estimate(cfg, "qlora4", batch_size=1, seq_len=4096, lora_r=64).components
+    linears = 28 * (3584 * (3584 + 512 + 512 + 3584) + 3 * 3584 * 18944)        # the decoder's 4-bit weights
+    assert copies["quantized weights"] - plain["quantized weights"] == pytest.approx(2 * linears, rel=1e-3)

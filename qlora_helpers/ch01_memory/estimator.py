@@ -41,7 +41,8 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 # How the LoRA branch runs: peft with its fp32 adapters (peft's default), peft with the adapters in bf16 (what TRL's
 # SFTTrainer does to a quantized model's), the course's fused layer (ch03_sft.fused_lora, bf16 adapters)
 LORA_IMPLS = ("peft-fp32", "peft-bf16", "fused")
-ENGINE_DEFAULTS = dict(lora_impl="peft-fp32", lora_dropout=0.0, keep_layers=0, offload=False, liger=False)
+ENGINE_DEFAULTS = dict(lora_impl="peft-fp32", lora_dropout=0.0, keep_layers=0, offload=False, liger=False,
+                       accumulate=False, dequant_cache=False)
 DTYPES = ("bf16", "fp16")
 TARGET_PRESETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 # (the Llama names; resolve_targets takes a model's own names from its block layout)
@@ -360,6 +361,8 @@ class _Run:
     keep_layers: int = 0           # under checkpointing, layers that keep their activations
     offload: bool = False          # saved activations wait in CPU memory (TRL's activation_offloading)
     liger: bool = False            # Liger's RMSNorm and SwiGLU (the Trainer's use_liger_kernel)
+    accumulate: bool = False       # gradient accumulation: earlier micro-batches' gradients live through the next
+    dequant_cache: bool = False    # fused LoRA: each frozen quantized weight also kept as its 16-bit copy
 
     @property
     def lora_bytes(self) -> int:
@@ -378,6 +381,7 @@ def _weights(run: _Run) -> tuple[int, int, int, list]:
         wn = l.fan_in * l.fan_out
         if quant and l.part == "lm":
             qbytes += l.count * quantized_bytes(wn, quant, rows=l.fan_out)
+            qbytes += l.count * _r512(2 * wn) if run.dequant_cache and l.name in run.lora else 0
         else:
             unq += l.count * _r512(wn * (a if quant else w))
         unq += l.count * _r512(l.fan_out * (a if quant else w)) if l.bias else 0
@@ -477,7 +481,7 @@ def _temporaries(run: _Run) -> tuple[int, int, int]:
     """(a dequantised weight, one layer's backward buffers, the lm_head gradient of full training)."""
     s, a = run.shape, run.act_bytes
     big = max(l.fan_in * l.fan_out for l in s.linears if l.part == "lm")
-    deq = 2 * big if run.quant else 0
+    deq = 2 * big if run.quant and not run.dequant_cache else 0
     layer_tmp = run.N * s.inter * 2 * a + deq
     head_grad = _r512(s.vocab * s.hidden * run.weight_bytes) if run.full else 0
     return deq, layer_tmp, head_grad
@@ -495,7 +499,8 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
              grad_ckpt: bool = False, prepare_kbit: bool = False, optimizer: str = "adamw",
              dtype: str = "bf16", loss_chunk: int | None = None, attention: str | None = None,
              int8_outliers: float | None = None, lora_impl: str = "peft-fp32", lora_dropout: float = 0.0,
-             keep_layers: int = 0, offload: bool = False, liger: bool = False) -> MemoryEstimate:
+             keep_layers: int = 0, offload: bool = False, liger: bool = False, accumulate: bool = False,
+             dequant_cache: bool = False) -> MemoryEstimate:
     """Predict peak ``torch.cuda.max_memory_allocated`` of steady-state training (see module doc).
 
     The peak is the largest of four phases: the forward pass at the loss, the backward pass at the
@@ -512,6 +517,9 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
     checkpointing). ``offload``: the activations saved for backward wait in CPU memory (TRL's
     ``activation_offloading``), brought back a layer at a time. ``liger``: Liger's RMSNorm and SwiGLU keep less
     (with ``loss_chunk``, its fused linear cross-entropy: what the Trainer's ``use_liger_kernel`` turns on).
+    ``accumulate``: more than one micro-batch a step (gradient accumulation), so from the second on the gradients
+    of the earlier ones are held through the forward and backward passes. ``dequant_cache``: the fused LoRA path
+    keeps a 16-bit copy of each frozen quantized weight it wraps (``ch03_sft.fused_lora``), dequantised once.
     """
     _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk, lora_impl, keep_layers)
     s = model_shape(get_config(config) if isinstance(config, str) else config)
@@ -522,7 +530,7 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
                r=0 if full else lora_r, weight_bytes=2, act_bytes=4 if prepare_kbit else 2, B=batch_size,
                S=seq_len + (s.vision["lm_tokens"] if s.vision else 0), grad_ckpt=grad_ckpt,
                prepare_kbit=prepare_kbit, lora_impl=lora_impl, dropout=lora_dropout > 0, keep_layers=keep_layers,
-               offload=offload, liger=liger)
+               offload=offload, liger=liger, accumulate=accumulate, dequant_cache=dequant_cache and bool(quant))
     if quant == 8:
         run.outliers = int8_outlier_share(s, run.N) if int8_outliers is None else (float(int8_outliers),) * 2
     qbytes, unq, lora_w, lora_tensors = _weights(run)
@@ -532,9 +540,10 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
     deq, layer_tmp, head_grad = _temporaries(run)
     comp = lambda g, acts, lg, tmp: dict(zip(COMPONENTS, (qbytes, unq, lora_w, g, opt["on_device"], acts, lg,
                                                           tmp + CUBLAS_WORKSPACE)))
-    phases = {"forward (at the loss)": comp(0, act["saved"], loss_fwd, deq),
-              "backward (at the loss)": comp(0, act["saved"], loss_bwd, 0),
-              "backward (top layer)": comp(head_grad, act["saved"] + act["recompute"], 0, layer_tmp),
+    held = opt["grads"] if accumulate else 0        # the earlier micro-batches' gradients
+    phases = {"forward (at the loss)": comp(held, act["saved"], loss_fwd, deq),
+              "backward (at the loss)": comp(held, act["saved"], loss_bwd, 0),
+              "backward (top layer)": comp(held + head_grad, act["saved"] + act["recompute"], 0, layer_tmp),
               "optimizer step": comp(opt["grads"], 0, 0, max(opt["temporary"], head_grad if full and s.tied else 0))}
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak = max(totals, key=totals.get)
@@ -562,7 +571,8 @@ def _inputs(run: _Run, *, method, batch_size, seq_len, optimizer, dtype, loss_ch
                   int8_outliers=list(run.outliers) if run.quant == 8 else None)
     engine = dict(lora_impl=run.lora_impl, lora_dropout=lora_dropout, keep_layers=run.keep_layers,
                   offload=run.offload, liger=run.liger)
-    return inputs | (engine if engine != ENGINE_DEFAULTS else {})
+    flags = {k: True for k in ("accumulate", "dequant_cache") if getattr(run, k)}   # later levers: only when on
+    return inputs | (engine if engine != {k: ENGINE_DEFAULTS[k] for k in engine} else {}) | flags
 
 
 def liger_loss_chunk(tokens: int, vocab: int, hidden: int) -> int:

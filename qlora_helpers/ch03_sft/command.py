@@ -50,6 +50,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 from qlora_helpers.ch01_memory.estimator import OPTIMIZERS as ESTIMATED_OPTIMIZERS
 from qlora_helpers.ch01_memory.estimator import estimate, liger_loss_chunk
 from qlora_helpers.ch03_sft import data as d
+from qlora_helpers.ch03_sft.fused_lora import release_dequantized
 from qlora_helpers.ch03_sft.modes import (
     build_model,
     load_tokenizer,
@@ -88,7 +89,8 @@ LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 # What a --resume may change (common.run_folder's rule): every other setting must be the checkpoint's.
 SFT_MAY_CHANGE = (*MAY_CHANGE, "num_train_epochs", "eval_data_path", "max_eval_samples", "per_device_eval_batch_size",
                   "eval_before", "logging_steps", "gradient_checkpointing", "memory_budget_gib", "use_liger_kernel",
-                  "attn_implementation", "fused_lora", "checkpoint_keep_layers", "activation_offloading")
+                  "attn_implementation", "fused_lora", "checkpoint_keep_layers", "activation_offloading",
+                  "keep_dequantized")
 CONFIG, SUMMARY = "sft_config.json", "sft_summary.json"
 # The names a run writes into output_dir, by what it saves (a user's file of such a name is refused, never replaced).
 WRITES = {"any": (CONFIG, SUMMARY, CHECKPOINTS, "tokenizer*", "special_tokens_map.json", "added_tokens.json",
@@ -171,6 +173,9 @@ class SFTConfig:
                                      parse=_bool_or_auto)
     checkpoint_keep_layers: int = setting(0, "with gradient_checkpointing, the last N decoder layers keep their "
                                              "activations (faster, more memory); memory_budget_gib plans it")
+    keep_dequantized: bool = setting(False, "QLoRA 4-bit with fused_lora: dequantise each frozen weight once and "
+                                            "keep its 16-bit copy for every product (faster, 2 bytes a weight "
+                                            "more); memory_budget_gib plans it")
     activation_offloading: bool = setting(False, "TRL's: the activations saved for backward wait in CPU memory "
                                                  "(less GPU memory, a copy each way; CUDA)")
     attn_implementation: str = setting("auto", "auto | sdpa | eager | varlen (flash attention over packed rows, "
@@ -342,6 +347,9 @@ def _check_optimisation(cfg: SFTConfig) -> None:
     if cfg.attn_implementation == "varlen" and not cfg.packing:
         raise ValueError("attn_implementation=varlen attends within the packed conversations of a row and needs "
                          "--packing: add it, or use auto or sdpa")
+    if cfg.keep_dequantized and (not cfg.use_qlora or cfg.quantization_bit != 4 or cfg.fused_lora is False):
+        raise ValueError("keep_dequantized keeps 16-bit copies of a 4-bit base for the fused LoRA path: it needs "
+                         "--use_qlora with quantization_bit 4 and fused_lora true or auto; drop it otherwise")
     if cfg.memory_budget_gib < 0 and cfg.memory_budget_gib != -1:
         raise ValueError(f"memory_budget_gib must be > 0 GiB, 0 (off) or -1 (the GPU's), not {cfg.memory_budget_gib!r}")
 
@@ -503,7 +511,7 @@ PLAN_TOKENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)     # the micro-batche
 
 def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_r: int = 16, chunked: bool = True,
                      engine: dict | None = None, candidates=PLAN_TOKENS,
-                     enough_tokens: int = 4096) -> dict:
+                     enough_tokens: int = 4096, may_offload: bool = False) -> dict:
     """The packed micro-batch (tokens) and the checkpointing that fit ``budget_gib`` as the chapter-01 estimator
     predicts the peak, for a loss taken in chunks (``chunked``: Liger's fused linear cross-entropy, on a GPU) or over
     the full logits, and for the engine's levers (``engine``: ``estimate``'s ``lora_impl``, ``lora_dropout``,
@@ -515,27 +523,45 @@ def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_
     to ``enough_tokens``, and the memory left over goes to selective checkpointing: the most decoder layers that can
     keep their activations (``checkpoint_keep_layers``) are spared the second pass. The top layer is recomputed the
     moment the backward pass starts, so keeping it costs no more memory than recomputing it: a plan keeps at least
-    that one.
+    that one. With ``may_offload`` (CUDA), a checkpointed plan sends the layers' inputs to CPU memory (TRL's
+    ``activation_offloading``) where that fits a larger micro-batch than keeping them; then no layer keeps its
+    activations (they too would cross to the CPU and back). Without checkpointing nothing is offloaded unless
+    ``engine`` says so: every activation would cross, slower than recomputing them. What is still left keeps a
+    16-bit copy of every frozen 4-bit weight (``keep_dequantized``, fused LoRA) where all of them fit. The largest
+    candidate is a whole optimizer step: a smaller micro-batch accumulates, and the gradients of the earlier
+    micro-batches are counted while the next one runs.
     """
     text = config.get_text_config()
-    layers = text.num_hidden_layers
+    layers, step = text.num_hidden_layers, max(candidates)
+    engine = {k: v for k, v in (engine or {}).items() if k != "dequant_cache"}
+    cacheable = method == "qlora4" and engine.get("lora_impl") == "fused"
+    asked = engine.pop("offload", False)        # the user's --activation_offloading: on in every plan
 
-    def need(tokens: int, ckpt: bool, keep: int = 0) -> float:
+    def need(tokens: int, ckpt: bool, keep: int = 0, cached: bool = False, offload: bool = False) -> float:
         chunk = liger_loss_chunk(tokens, text.vocab_size, text.hidden_size) if chunked else None
         return estimate(config, method, batch_size=1, seq_len=tokens, lora_r=lora_r, grad_ckpt=ckpt,
-                        loss_chunk=chunk, keep_layers=keep, **(engine or {})).total_gib
+                        loss_chunk=chunk, keep_layers=keep, accumulate=tokens < step, dequant_cache=cached,
+                        offload=offload or asked, **engine).total_gib
 
-    fits = {False: [t for t in candidates if need(t, False) <= budget_gib],   # checkpointed: the top layer kept
-            True: [t for t in candidates if min(need(t, True), need(t, True, 1)) <= budget_gib]}   # may cost less
-    if not fits[True]:
+    def checkpointed(offload: bool) -> int:     # the largest micro-batch up to enough_tokens (else the smallest)
+        fit = [t for t in candidates if min(need(t, True, 0, False, offload), need(t, True, 1, False, offload))
+               <= budget_gib]                   # the top layer kept may cost less
+        return max((t for t in fit if t <= enough_tokens), default=min(fit, default=0))
+
+    plain = max((t for t in candidates if need(t, False) <= budget_gib), default=0)
+    kept, offloaded = checkpointed(False), checkpointed(True) if may_offload and not asked else 0
+    if not plain and not kept and not offloaded:
         raise ValueError(f"memory_budget_gib={budget_gib}: no micro-batch of {candidates[0]} tokens or more fits "
                          "even with checkpointing; raise the budget, shorten max_length or use a smaller model")
-    best_plain, best_ckpt = max(fits[False], default=0), max(fits[True])
-    ckpt = best_plain < min(enough_tokens, best_ckpt)
-    tokens = max(t for t in fits[True] if t <= max(enough_tokens, min(fits[True]))) if ckpt else best_plain
-    keep = max((k for k in range(layers) if need(tokens, True, k) <= budget_gib), default=0) if ckpt else 0
+    ckpt = plain < min(enough_tokens, max(kept, offloaded))
+    offload = asked or (ckpt and offloaded > kept)
+    tokens = (offloaded if offload and not asked else kept) if ckpt else plain
+    keep = max((k for k in range(layers) if need(tokens, True, k) <= budget_gib), default=0) \
+        if ckpt and not offload else 0
+    cached = cacheable and need(tokens, ckpt, keep, True, offload) <= budget_gib
     return {"tokens": tokens, "gradient_checkpointing": ckpt, "checkpoint_keep_layers": keep,
-            "estimate_gib": round(need(tokens, ckpt, keep), 3), "budget_gib": budget_gib}
+            "activation_offloading": offload, "keep_dequantized": cached,
+            "estimate_gib": round(need(tokens, ckpt, keep, cached, offload), 3), "budget_gib": budget_gib}
 
 
 def engine_levers(cfg: SFTConfig) -> dict:
@@ -543,7 +569,7 @@ def engine_levers(cfg: SFTConfig) -> dict:
     gives a quantized model, or peft's fp32 ones), its dropout, activation offloading, Liger's kernels."""
     impl = ("fused" if cfg.fused_lora is True else "peft-bf16") if cfg.use_qlora and cfg.bf16 is True else "peft-fp32"
     return {"lora_impl": impl, "lora_dropout": cfg.lora_dropout, "offload": bool(cfg.activation_offloading),
-            "liger": bool(cfg.use_liger_kernel)}
+            "liger": bool(cfg.use_liger_kernel), "dequant_cache": bool(cfg.keep_dequantized)}
 
 
 def estimator_method(cfg: SFTConfig) -> str:
@@ -567,6 +593,7 @@ def run_estimate(cfg: SFTConfig, base: str) -> dict:
                        grad_ckpt=bool(cfg.gradient_checkpointing), optimizer=optimizer, loss_chunk=chunk,
                        prepare_kbit=bool(cfg.use_qlora and cfg.kbit_upcast),
                        keep_layers=cfg.checkpoint_keep_layers if cfg.gradient_checkpointing else 0,
+                       accumulate=cfg.gradient_accumulation_steps > 1,
                        **(engine_levers(cfg) if cfg.mode != "full" else {})).total_gib
     except (ValueError, OSError) as err:   # an architecture or a target the estimator does not model
         return {"gib": None, "of": f"no estimate: {str(err).splitlines()[0]}"}
@@ -592,11 +619,14 @@ def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
     rows = [d * cfg.max_length for d in range(1, rows_per_step + 1) if rows_per_step % d == 0]
     plan = plan_micro_batch(config, budget, method=estimator_method(cfg), lora_r=cfg.lora_r,
                             chunked=bool(cfg.use_liger_kernel),
-                            engine=engine_levers(cfg) if cfg.mode != "full" else None, candidates=rows)
+                            engine=engine_levers(cfg) if cfg.mode != "full" else None, candidates=rows,
+                            may_offload=device.startswith("cuda"))
     cfg.per_device_train_batch_size = plan["tokens"] // cfg.max_length
     cfg.gradient_accumulation_steps = rows_per_step // cfg.per_device_train_batch_size   # the same rows per step
     cfg.gradient_checkpointing = cfg.gradient_checkpointing or plan["gradient_checkpointing"]
     cfg.checkpoint_keep_layers = plan["checkpoint_keep_layers"] if plan["gradient_checkpointing"] else 0
+    cfg.keep_dequantized = cfg.keep_dequantized or plan["keep_dequantized"]
+    cfg.activation_offloading = plan["activation_offloading"]
     return {**plan, "per_device_train_batch_size": cfg.per_device_train_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
@@ -665,6 +695,9 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     base = model_path(cfg)
     cfg.optim, cfg.use_liger_kernel = optimizer_name(cfg.optim, device), liger_on(cfg, device)   # auto, as it runs
     cfg.fused_lora = cfg.fused_lora is True or (cfg.fused_lora == "auto" and device.startswith("cuda"))
+    if cfg.keep_dequantized and not cfg.fused_lora:
+        raise ValueError("keep_dequantized serves the fused LoRA path, which fused_lora=auto takes on CUDA only: add "
+                         "--fused_lora true, or drop keep_dequantized")
     plan = plan_batch(cfg, base, device)
     cfg.resume = folder.checkpoint is not None      # a run that stopped before its first checkpoint: from step 0
     fingerprint = folder.check_settings(run_settings(cfg, base, processes.num_processes, conversations[0]),
@@ -697,6 +730,7 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
             result = train(model, tokenizer, train_data, cfg, output_dir=out, device=device,
                            eval_data=eval_data, resume=cfg.resume, callbacks=callbacks, progress=progress,
                            fingerprint=fingerprint, initial_eval=before, trainer_callbacks=trainer_callbacks)
+            release_dequantized(model)                # the 16-bit copies served training only
     summary = make_summary(cfg, base, device, model=model, data=(train_data, eval_data), result=result,
                            params=params, load_seconds=load_seconds, peak=mem.as_dict(), plan=plan)
     summary["estimate"] = expected

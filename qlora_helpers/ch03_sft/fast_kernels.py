@@ -42,6 +42,23 @@ def _parameters(kernel) -> frozenset:
     return frozenset(inspect.signature(kernel).parameters)
 
 
+@functools.cache
+def grouped_heads(device) -> bool:
+    """Whether this PyTorch's varlen kernel takes fewer key/value heads than query heads without being told (flash
+    attention's own grouped-query support; PyTorch 2.11's ``varlen_attn`` has no ``enable_gqa`` but passes them
+    through). Tried once, forward and backward, on a few values: where it refuses, keys and values are repeated to
+    every query head, as many copies kept for backward as there are query heads per key head."""
+    q = torch.zeros(4, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.zeros(4, 1, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor([0, 4], device=device, dtype=torch.int32)
+    try:
+        with torch.enable_grad():
+            varlen_kernel()(q, kv, kv, cu, cu, 4, 4, window_size=(-1, 0)).sum().backward()
+    except (RuntimeError, ValueError):
+        return False
+    return kv.grad is not None and kv.grad.shape == kv.shape
+
+
 _last = {"position_ids": None, "bounds": None}
 
 
@@ -87,12 +104,11 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     q = query.transpose(1, 2).reshape(b * t, heads, d)
     k = key.transpose(1, 2).reshape(b * t, kv_heads, d)
     v = value.transpose(1, 2).reshape(b * t, kv_heads, d)
-    options = _parameters(kernel)
     extra = {}
     if kv_heads != heads:
-        if "enable_gqa" in options:
+        if "enable_gqa" in _parameters(kernel):
             extra["enable_gqa"] = True
-        else:
+        elif not grouped_heads(query.device):
             k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
     if scaling is not None:
         extra["scale"] = scaling

@@ -165,7 +165,8 @@ def build_model(cfg, device: str):
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    model.lora_kernel = use_fused_lora(model) if getattr(cfg, "fused_lora", False) is True else "peft"
+    model.lora_kernel = use_fused_lora(model, dequantized=getattr(cfg, "keep_dequantized", False)) \
+        if getattr(cfg, "fused_lora", False) is True else "peft"
     return model
 
 
