@@ -587,7 +587,9 @@ def plan_verdicts(rows: dict) -> dict:
             verdict["why"] = (f"peak {peak:.2f} GiB against an estimate of {plan['estimate_gib']:.2f} GiB "
                               f"({'over' if err > 0 else 'under'}) for {plan['tokens']} tokens a micro-batch, "
                               f"checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}, "
-                              f"{plan.get('checkpoint_keep_layers', 0)} layers kept; "
+                              f"{plan.get('checkpoint_keep_layers', 0)} layers kept"
+                              + (", inputs offloaded" if plan.get("activation_offloading") else "")
+                              + (", 16-bit weight copies" if plan.get("keep_dequantized") else "") + "; "
                               f"budget {plan['budget_gib']:.2f} GiB")
         out[f"plan_error_{name}"] = verdict
     return out

@@ -183,7 +183,7 @@ def test_engine_levers_in_the_estimate():
         est(keep_layers=-1)
     cfg = SFTConfig(use_qlora=True, bf16=True, fused_lora=True, lora_dropout=0.1, use_liger_kernel=True)
     assert engine_levers(cfg) == {"lora_impl": "fused", "lora_dropout": 0.1, "offload": False, "liger": True,
-                                  "dequant_cache": False}
+                                  "dequant_cache": False, "cpu_embeddings": False}
     cfg.fused_lora = False
     assert engine_levers(cfg)["lora_impl"] == "peft-bf16"
 
@@ -214,11 +214,11 @@ def test_an_unvalidated_bf16_auto_computes_in_fp32():
     assert type(autocast(cfg, "cpu")).__name__ == "nullcontext"
 
 
-def test_the_planner_offloads_layer_inputs_only_where_that_fits_a_larger_micro_batch():
-    """Between keeping the checkpointed layers' inputs and a smaller micro-batch, a CUDA plan sends the inputs to CPU
-    memory (checkpointing stays: every activation crossing would be slower than recomputing); with memory to spare it
-    offloads nothing, and keeps 16-bit copies of the 4-bit weights where they fit. Micro-batches below the step's
-    tokens hold the earlier ones' gradients."""
+def test_the_planner_moves_the_embedding_table_only_where_that_buys_a_better_plan():
+    """Where a 4k micro-batch fits only with the input embedding table in CPU memory, a CUDA plan moves it (an untied
+    table: Qwen2.5-0.5B's is the output layer's too, and stays); with memory to spare it stays on the GPU, and 16-bit
+    copies of the 4-bit weights take what is left. Micro-batches below the step's tokens hold the earlier ones'
+    gradients."""
     from qlora_helpers.ch01_memory.estimator import estimate, liger_loss_chunk
     from qlora_helpers.common.shapes import get_config
 
@@ -228,16 +228,21 @@ def test_the_planner_offloads_layer_inputs_only_where_that_fits_a_larger_micro_b
     at = lambda **kw: estimate(cfg, "qlora4", batch_size=1, seq_len=4096, lora_r=64, grad_ckpt=True,
                                loss_chunk=liger_loss_chunk(4096, cfg.vocab_size, cfg.hidden_size), **engine,
                                **{"accumulate": True, **kw}).total_gib
-    assert at() - at(accumulate=False) == pytest.approx(0.301, abs=0.01)        # bf16 LoRA gradients, r=64
-    budget = (at(offload=True) + at()) / 2                                       # 4k fits only offloaded
-    plan = plan_micro_batch(cfg, budget, lora_r=64, engine=engine, candidates=rows, may_offload=True)
-    assert (plan["tokens"], plan["gradient_checkpointing"], plan["activation_offloading"]) == (4096, True, True)
-    assert plan["checkpoint_keep_layers"] == 0 and plan["estimate_gib"] == round(at(offload=True), 3)
-    with pytest.raises(ValueError, match="no micro-batch of 4096 tokens"):       # no CUDA: no offloading
+    assert at() - at(accumulate=False) == pytest.approx(0.301, abs=0.01)          # bf16 LoRA gradients, r=64
+    assert at() - at(cpu_embeddings=True) == pytest.approx(152064 * 3584 * 2 / 2**30, rel=1e-3)   # the table
+    budget = at() - 0.05                                                           # 4k fits only with it moved
+    plan = plan_micro_batch(cfg, budget, lora_r=64, engine=engine, candidates=rows, may_move_embeddings=True)
+    assert (plan["tokens"], plan["gradient_checkpointing"], plan["embeddings_on_cpu"]) == (4096, True, True)
+    assert plan["estimate_gib"] <= budget and plan["checkpoint_keep_layers"] >= 1
+    with pytest.raises(ValueError, match="no micro-batch of 4096 tokens"):         # no CUDA: the table stays
         plan_micro_batch(cfg, budget, lora_r=64, engine=engine, candidates=rows)
-    roomy = plan_micro_batch(cfg, 47.5, lora_r=64, engine=engine, candidates=rows, may_offload=True)
-    assert not roomy["activation_offloading"] and not roomy["gradient_checkpointing"] and roomy["keep_dequantized"]
+    roomy = plan_micro_batch(cfg, 47.5, lora_r=64, engine=engine, candidates=rows, may_move_embeddings=True)
+    assert not roomy["embeddings_on_cpu"] and not roomy["gradient_checkpointing"] and roomy["keep_dequantized"]
+    tied = get_config("qwen2.5-0.5b")
+    small = plan_micro_batch(tied, 1.0, lora_r=64, engine=engine, candidates=(1024, 2048, 4096),
+                             may_move_embeddings=True)
+    assert not small["embeddings_on_cpu"]
     copies = estimate(cfg, "qlora4", batch_size=1, seq_len=4096, lora_r=64, dequant_cache=True).components
     plain = estimate(cfg, "qlora4", batch_size=1, seq_len=4096, lora_r=64).components
-    linears = 28 * (3584 * (3584 + 512 + 512 + 3584) + 3 * 3584 * 18944)        # the decoder's 4-bit weights
+    linears = 28 * (3584 * (3584 + 512 + 512 + 3584) + 3 * 3584 * 18944)          # the decoder's 4-bit weights
     assert copies["quantized weights"] - plain["quantized weights"] == pytest.approx(2 * linears, rel=1e-3)

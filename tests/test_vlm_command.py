@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 from qlora_helpers import cli
 from qlora_helpers.ch04_vlm.command import build_run, run_vlm
 from qlora_helpers.ch04_vlm.config import preset
-from qlora_helpers.ch04_vlm.hub_model import embeddings_on_cpu, load_vlm, takes_images, write_tiny_vlm
+from qlora_helpers.ch04_vlm.hub_model import load_vlm, takes_images, write_tiny_vlm
 from qlora_helpers.ch04_vlm.records import encode_all, read_records, write_example_files
 from qlora_helpers.ch04_vlm.trainer import evaluate
 from qlora_helpers.ch04_vlm.vram import estimate_vlm, model_config
+from qlora_helpers.common.models import embeddings_on_cpu
 
 FAMILIES = ("llava", "qwen2_vl", "idefics3")
 RELOAD = """
@@ -279,13 +280,14 @@ class _Tables(torch.nn.Module):
 
 
 def test_the_looked_up_rows_go_to_the_training_device_and_only_a_plain_table_moves():
-    model = embeddings_on_cpu(_Tables(torch.nn.Embedding(10, 4)), "meta")     # "meta" stands in for cuda
+    model = embeddings_on_cpu(_Tables(torch.nn.Embedding(10, 4)), "meta",     # "meta" stands in for cuda
+                              "hardware.embeddings_on_cpu")
     rows = model.table(torch.tensor([[1, 2, 3]]))
     assert model.table.weight.device.type == "cpu" and rows.device.type == "meta" and rows.shape == (1, 3, 4)
     model.to("meta")             # as the Trainer (accelerate) places a model on one device
     assert model.table.weight.device.type == "cpu"
     with pytest.raises(ValueError, match="hardware.embeddings_on_cpu: _Tables's input embeddings are a Linear"):
-        embeddings_on_cpu(_Tables(torch.nn.Linear(4, 4)), "cpu")
+        embeddings_on_cpu(_Tables(torch.nn.Linear(4, 4)), "cpu", "hardware.embeddings_on_cpu")
 
 
 def test_the_estimate_takes_an_untied_table_off_the_gpu():

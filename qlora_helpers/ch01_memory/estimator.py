@@ -42,7 +42,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 # SFTTrainer does to a quantized model's), the course's fused layer (ch03_sft.fused_lora, bf16 adapters)
 LORA_IMPLS = ("peft-fp32", "peft-bf16", "fused")
 ENGINE_DEFAULTS = dict(lora_impl="peft-fp32", lora_dropout=0.0, keep_layers=0, offload=False, liger=False,
-                       accumulate=False, dequant_cache=False)
+                       accumulate=False, dequant_cache=False, cpu_embeddings=False)
 DTYPES = ("bf16", "fp16")
 TARGET_PRESETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 # (the Llama names; resolve_targets takes a model's own names from its block layout)
@@ -271,8 +271,9 @@ def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8,
     checkpointing: they are also returned separately.
     With 16-bit adapters (``lora_impl`` peft-bf16 or fused) there is no fp32 copy: LoRA A's input is kept as it is
     (shared by the layers that read it) or, with ``dropout``, each layer's dropped copy and its one-byte mask; the
-    fused layer keeps the same. ``liger``: Liger's RMSNorm (``_norm_saved``) and SwiGLU, which keeps gate and up and
-    recomputes act(gate) in the backward pass.
+    fused layer keeps the shared input and each layer's mask (it makes the dropped copy again in backward).
+    ``liger``: Liger's RMSNorm (``_norm_saved``) and SwiGLU, which keeps gate and up and recomputes act(gate) in the
+    backward pass.
     """
     saved, pinned = {}, set()
 
@@ -284,7 +285,7 @@ def _block_saved(N, B, S, h, q, kv, inter, heads, r, *, full, lora, a, g_in, q8,
                 saved[key if a == 4 else f"{key}>{m}"] = 4 * N * width
                 saved[f"{m}.A"] = 4 * N * r
                 continue
-            saved[f"{key}>{m}" if dropout else key] = a * N * width
+            saved[f"{key}>{m}" if dropout and lora_impl != "fused" else key] = a * N * width
             saved.update({f"{m}.mask": N * width} if dropout else {})
             saved[f"{m}.A"] = a * N * r
         if full or (q8 and x_req):                    # full: for weight grads; 8-bit: bnb keeps its input
@@ -363,6 +364,7 @@ class _Run:
     liger: bool = False            # Liger's RMSNorm and SwiGLU (the Trainer's use_liger_kernel)
     accumulate: bool = False       # gradient accumulation: earlier micro-batches' gradients live through the next
     dequant_cache: bool = False    # fused LoRA: each frozen quantized weight also kept as its 16-bit copy
+    cpu_embeddings: bool = False   # the frozen input embedding table in CPU memory (an untied one frees the GPU)
 
     @property
     def lora_bytes(self) -> int:
@@ -385,7 +387,8 @@ def _weights(run: _Run) -> tuple[int, int, int, list]:
         else:
             unq += l.count * _r512(wn * (a if quant else w))
         unq += l.count * _r512(l.fan_out * (a if quant else w)) if l.bias else 0
-    unq += sum(_r512(n * (a if quant else w)) for n in s.other.values())
+    unq += sum(_r512(n * (a if quant else w)) for k, n in s.other.items()
+               if not (k == "embed_tokens" and run.cpu_embeddings and not s.tied))
     lora_tensors = [(l.count, run.r * l.fan_in) for l in s.linears if l.name in run.lora]
     lora_tensors += [(l.count, run.r * l.fan_out) for l in s.linears if l.name in run.lora]
     lora_w = sum(c * _r512(run.lora_bytes * n) for c, n in lora_tensors)   # peft's default: fp32
@@ -500,7 +503,7 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
              dtype: str = "bf16", loss_chunk: int | None = None, attention: str | None = None,
              int8_outliers: float | None = None, lora_impl: str = "peft-fp32", lora_dropout: float = 0.0,
              keep_layers: int = 0, offload: bool = False, liger: bool = False, accumulate: bool = False,
-             dequant_cache: bool = False) -> MemoryEstimate:
+             dequant_cache: bool = False, cpu_embeddings: bool = False) -> MemoryEstimate:
     """Predict peak ``torch.cuda.max_memory_allocated`` of steady-state training (see module doc).
 
     The peak is the largest of four phases: the forward pass at the loss, the backward pass at the
@@ -520,6 +523,8 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
     ``accumulate``: more than one micro-batch a step (gradient accumulation), so from the second on the gradients
     of the earlier ones are held through the forward and backward passes. ``dequant_cache``: the fused LoRA path
     keeps a 16-bit copy of each frozen quantized weight it wraps (``ch03_sft.fused_lora``), dequantised once.
+    ``cpu_embeddings``: the frozen input embedding table waits in CPU memory (``common.models.embeddings_on_cpu``);
+    a table tied to the output layer stays, as that layer's weight.
     """
     _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk, lora_impl, keep_layers)
     s = model_shape(get_config(config) if isinstance(config, str) else config)
@@ -530,7 +535,8 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
                r=0 if full else lora_r, weight_bytes=2, act_bytes=4 if prepare_kbit else 2, B=batch_size,
                S=seq_len + (s.vision["lm_tokens"] if s.vision else 0), grad_ckpt=grad_ckpt,
                prepare_kbit=prepare_kbit, lora_impl=lora_impl, dropout=lora_dropout > 0, keep_layers=keep_layers,
-               offload=offload, liger=liger, accumulate=accumulate, dequant_cache=dequant_cache and bool(quant))
+               offload=offload, liger=liger, accumulate=accumulate, dequant_cache=dequant_cache and bool(quant),
+               cpu_embeddings=cpu_embeddings and not full)
     if quant == 8:
         run.outliers = int8_outlier_share(s, run.N) if int8_outliers is None else (float(int8_outliers),) * 2
     qbytes, unq, lora_w, lora_tensors = _weights(run)
@@ -571,7 +577,7 @@ def _inputs(run: _Run, *, method, batch_size, seq_len, optimizer, dtype, loss_ch
                   int8_outliers=list(run.outliers) if run.quant == 8 else None)
     engine = dict(lora_impl=run.lora_impl, lora_dropout=lora_dropout, keep_layers=run.keep_layers,
                   offload=run.offload, liger=run.liger)
-    flags = {k: True for k in ("accumulate", "dequant_cache") if getattr(run, k)}   # later levers: only when on
+    flags = {k: True for k in ("accumulate", "dequant_cache", "cpu_embeddings") if getattr(run, k)}   # only when on
     return inputs | (engine if engine != {k: ENGINE_DEFAULTS[k] for k in engine} else {}) | flags
 
 

@@ -90,7 +90,7 @@ LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 SFT_MAY_CHANGE = (*MAY_CHANGE, "num_train_epochs", "eval_data_path", "max_eval_samples", "per_device_eval_batch_size",
                   "eval_before", "logging_steps", "gradient_checkpointing", "memory_budget_gib", "use_liger_kernel",
                   "attn_implementation", "fused_lora", "checkpoint_keep_layers", "activation_offloading",
-                  "keep_dequantized")
+                  "keep_dequantized", "embeddings_on_cpu")
 CONFIG, SUMMARY = "sft_config.json", "sft_summary.json"
 # The names a run writes into output_dir, by what it saves (a user's file of such a name is refused, never replaced).
 WRITES = {"any": (CONFIG, SUMMARY, CHECKPOINTS, "tokenizer*", "special_tokens_map.json", "added_tokens.json",
@@ -176,6 +176,9 @@ class SFTConfig:
     keep_dequantized: bool = setting(False, "QLoRA 4-bit with fused_lora: dequantise each frozen weight once and "
                                             "keep its 16-bit copy for every product (faster, 2 bytes a weight "
                                             "more); memory_budget_gib plans it")
+    embeddings_on_cpu: bool = setting(False, "LoRA/QLoRA on CUDA: the frozen input embedding table waits in CPU "
+                                             "memory, the looked-up rows go to the GPU (1 GiB less at 7B, the same "
+                                             "numbers); memory_budget_gib plans it")
     activation_offloading: bool = setting(False, "TRL's: the activations saved for backward wait in CPU memory "
                                                  "(less GPU memory, a copy each way; CUDA)")
     attn_implementation: str = setting("auto", "auto | sdpa | eager | varlen (flash attention over packed rows, "
@@ -391,6 +394,9 @@ def _check_device(cfg: SFTConfig) -> None:
         raise ValueError("attn_implementation=varlen is PyTorch's flash kernel and needs CUDA: use auto or sdpa")
     if device == "cpu" and cfg.memory_budget_gib == -1:
         raise ValueError("memory_budget_gib=-1 plans for the GPU's memory and needs CUDA: give a number of GiB or 0")
+    if cfg.embeddings_on_cpu and (device == "cpu" or cfg.mode == "full"):
+        raise ValueError("embeddings_on_cpu moves a frozen embedding table off the GPU: it needs CUDA and a LoRA or "
+                         "QLoRA mode (full fine-tuning trains the table); drop it")
     if device == "cpu" and cfg.activation_offloading:
         raise ValueError("activation_offloading moves a GPU's activations to CPU memory and needs CUDA: drop it")
     if device == "cpu" and cfg.optim.startswith("paged_"):
@@ -511,7 +517,7 @@ PLAN_TOKENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)     # the micro-batche
 
 def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_r: int = 16, chunked: bool = True,
                      engine: dict | None = None, candidates=PLAN_TOKENS,
-                     enough_tokens: int = 4096, may_offload: bool = False) -> dict:
+                     enough_tokens: int = 4096, may_move_embeddings: bool = False) -> dict:
     """The packed micro-batch (tokens) and the checkpointing that fit ``budget_gib`` as the chapter-01 estimator
     predicts the peak, for a loss taken in chunks (``chunked``: Liger's fused linear cross-entropy, on a GPU) or over
     the full logits, and for the engine's levers (``engine``: ``estimate``'s ``lora_impl``, ``lora_dropout``,
@@ -523,45 +529,51 @@ def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_
     to ``enough_tokens``, and the memory left over goes to selective checkpointing: the most decoder layers that can
     keep their activations (``checkpoint_keep_layers``) are spared the second pass. The top layer is recomputed the
     moment the backward pass starts, so keeping it costs no more memory than recomputing it: a plan keeps at least
-    that one. With ``may_offload`` (CUDA), a checkpointed plan sends the layers' inputs to CPU memory (TRL's
-    ``activation_offloading``) where that fits a larger micro-batch than keeping them; then no layer keeps its
-    activations (they too would cross to the CPU and back). Without checkpointing nothing is offloaded unless
-    ``engine`` says so: every activation would cross, slower than recomputing them. What is still left keeps a
-    16-bit copy of every frozen 4-bit weight (``keep_dequantized``, fused LoRA) where all of them fit. The largest
-    candidate is a whole optimizer step: a smaller micro-batch accumulates, and the gradients of the earlier
-    micro-batches are counted while the next one runs.
+    that one. What is still left keeps a 16-bit copy of every frozen 4-bit weight (``keep_dequantized``, fused
+    LoRA) where all of them fit. The largest candidate is a whole optimizer step: a smaller micro-batch accumulates,
+    and the gradients of the earlier micro-batches are counted while the next one runs.
+
+    With ``may_move_embeddings`` (CUDA), the same plan is made with the input embedding table in CPU memory
+    (``embeddings_on_cpu``: one small copy of the looked-up rows a micro-batch), and taken where it is the better
+    one: no checkpointing, a larger micro-batch, more layers kept, or the copies.
     """
     text = config.get_text_config()
-    layers, step = text.num_hidden_layers, max(candidates)
-    engine = {k: v for k, v in (engine or {}).items() if k != "dequant_cache"}
+    step = max(candidates)
+    engine = {k: v for k, v in (engine or {}).items() if k not in ("dequant_cache", "cpu_embeddings")}
     cacheable = method == "qlora4" and engine.get("lora_impl") == "fused"
-    asked = engine.pop("offload", False)        # the user's --activation_offloading: on in every plan
 
-    def need(tokens: int, ckpt: bool, keep: int = 0, cached: bool = False, offload: bool = False) -> float:
+    def need(tokens: int, ckpt: bool, keep: int = 0, cached: bool = False, cpu_embeddings: bool = False) -> float:
         chunk = liger_loss_chunk(tokens, text.vocab_size, text.hidden_size) if chunked else None
         return estimate(config, method, batch_size=1, seq_len=tokens, lora_r=lora_r, grad_ckpt=ckpt,
                         loss_chunk=chunk, keep_layers=keep, accumulate=tokens < step, dequant_cache=cached,
-                        offload=offload or asked, **engine).total_gib
+                        cpu_embeddings=cpu_embeddings, **engine).total_gib
 
-    def checkpointed(offload: bool) -> int:     # the largest micro-batch up to enough_tokens (else the smallest)
-        fit = [t for t in candidates if min(need(t, True, 0, False, offload), need(t, True, 1, False, offload))
-               <= budget_gib]                   # the top layer kept may cost less
-        return max((t for t in fit if t <= enough_tokens), default=min(fit, default=0))
-
-    plain = max((t for t in candidates if need(t, False) <= budget_gib), default=0)
-    kept, offloaded = checkpointed(False), checkpointed(True) if may_offload and not asked else 0
-    if not plain and not kept and not offloaded:
+    moves = (False, True) if may_move_embeddings and not text.tie_word_embeddings else (False,)
+    plans = [p for p in (_plan(need, moved, budget_gib, candidates, enough_tokens, text.num_hidden_layers,
+                               cacheable) for moved in moves) if p]
+    if not plans:
         raise ValueError(f"memory_budget_gib={budget_gib}: no micro-batch of {candidates[0]} tokens or more fits "
                          "even with checkpointing; raise the budget, shorten max_length or use a smaller model")
-    ckpt = plain < min(enough_tokens, max(kept, offloaded))
-    offload = asked or (ckpt and offloaded > kept)
-    tokens = (offloaded if offload and not asked else kept) if ckpt else plain
-    keep = max((k for k in range(layers) if need(tokens, True, k) <= budget_gib), default=0) \
-        if ckpt and not offload else 0
-    cached = cacheable and need(tokens, ckpt, keep, True, offload) <= budget_gib
+    rank = lambda p: (not p["gradient_checkpointing"], p["tokens"], p["checkpoint_keep_layers"], p["keep_dequantized"],
+                      not p["embeddings_on_cpu"])          # on a tie, the table stays on the GPU
+    return max(plans, key=rank)
+
+
+def _plan(need, cpu_embeddings: bool, budget_gib: float, candidates, enough_tokens: int, layers: int,
+          cacheable: bool) -> dict | None:
+    """``plan_micro_batch``'s plan with the embedding table where ``cpu_embeddings`` puts it, or None if none fits."""
+    at = lambda tokens, ckpt, keep=0, cached=False: need(tokens, ckpt, keep, cached, cpu_embeddings)
+    plain = max((t for t in candidates if at(t, False) <= budget_gib), default=0)
+    fit = [t for t in candidates if min(at(t, True), at(t, True, 1)) <= budget_gib]   # the top layer kept may cost less
+    if not plain and not fit:
+        return None
+    ckpt = plain < min(enough_tokens, max(fit, default=0))
+    tokens = max((t for t in fit if t <= enough_tokens), default=min(fit, default=0)) if ckpt else plain
+    keep = max((k for k in range(layers) if at(tokens, True, k) <= budget_gib), default=0) if ckpt else 0
+    cached = cacheable and at(tokens, ckpt, keep, True) <= budget_gib
     return {"tokens": tokens, "gradient_checkpointing": ckpt, "checkpoint_keep_layers": keep,
-            "activation_offloading": offload, "keep_dequantized": cached,
-            "estimate_gib": round(need(tokens, ckpt, keep, cached, offload), 3), "budget_gib": budget_gib}
+            "keep_dequantized": cached, "embeddings_on_cpu": cpu_embeddings,
+            "estimate_gib": round(at(tokens, ckpt, keep, cached), 3), "budget_gib": budget_gib}
 
 
 def engine_levers(cfg: SFTConfig) -> dict:
@@ -569,7 +581,8 @@ def engine_levers(cfg: SFTConfig) -> dict:
     gives a quantized model, or peft's fp32 ones), its dropout, activation offloading, Liger's kernels."""
     impl = ("fused" if cfg.fused_lora is True else "peft-bf16") if cfg.use_qlora and cfg.bf16 is True else "peft-fp32"
     return {"lora_impl": impl, "lora_dropout": cfg.lora_dropout, "offload": bool(cfg.activation_offloading),
-            "liger": bool(cfg.use_liger_kernel), "dequant_cache": bool(cfg.keep_dequantized)}
+            "liger": bool(cfg.use_liger_kernel), "dequant_cache": bool(cfg.keep_dequantized),
+            "cpu_embeddings": bool(cfg.embeddings_on_cpu)}
 
 
 def estimator_method(cfg: SFTConfig) -> str:
@@ -620,13 +633,13 @@ def plan_batch(cfg: SFTConfig, base: str, device: str) -> dict | None:
     plan = plan_micro_batch(config, budget, method=estimator_method(cfg), lora_r=cfg.lora_r,
                             chunked=bool(cfg.use_liger_kernel),
                             engine=engine_levers(cfg) if cfg.mode != "full" else None, candidates=rows,
-                            may_offload=device.startswith("cuda"))
+                            may_move_embeddings=device.startswith("cuda") and cfg.mode != "full")
     cfg.per_device_train_batch_size = plan["tokens"] // cfg.max_length
     cfg.gradient_accumulation_steps = rows_per_step // cfg.per_device_train_batch_size   # the same rows per step
     cfg.gradient_checkpointing = cfg.gradient_checkpointing or plan["gradient_checkpointing"]
     cfg.checkpoint_keep_layers = plan["checkpoint_keep_layers"] if plan["gradient_checkpointing"] else 0
     cfg.keep_dequantized = cfg.keep_dequantized or plan["keep_dequantized"]
-    cfg.activation_offloading = plan["activation_offloading"]
+    cfg.embeddings_on_cpu = cfg.embeddings_on_cpu or plan["embeddings_on_cpu"]
     return {**plan, "per_device_train_batch_size": cfg.per_device_train_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 

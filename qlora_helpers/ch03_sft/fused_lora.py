@@ -7,10 +7,11 @@ peft computes a LoRA layer as autograd sees each piece of it::
 
 Each piece is its own kernel and keeps its own tensors for the backward pass: the copy, the product by
 ``scaling`` and the sum each read and write a ``[tokens, out]`` tensor, and the backward pass multiplies the
-incoming gradient by ``scaling`` once more. ``LoRALinear`` does the same arithmetic in one
-``torch.autograd.Function``: the low-rank product is added into the base product by the matrix multiply
-itself (``addmm_`` with ``alpha=scaling``), the dropout mask is kept (one byte a value) instead of the dropped
-copy, and the backward pass is written out::
+incoming gradient by ``scaling`` once more; with dropout each layer keeps its own dropped copy of the input (q, k and
+v three copies of one input). ``LoRALinear`` does the same arithmetic in one ``torch.autograd.Function``: the
+low-rank product is added into the base product by the matrix multiply itself (``addmm_`` with ``alpha=scaling``),
+the input is kept once for all the layers that read it, with each layer's dropout mask (one byte a value), the
+dropped copy is made again from them in the backward pass, and that pass is written out::
 
     y  = x @ W.T + s * (drop(x) @ A.T) @ B.T         h = drop(x) @ A.T   (saved: [tokens, r])
     dx = dy @ W + s * mask * ((dy @ B) @ A)           dequantise W again: nothing 16-bit is kept
@@ -63,13 +64,15 @@ class LoRALinear(torch.autograd.Function):
         h = xd @ a.t()
         y.addmm_(h, b.t(), alpha=scaling)
         ctx.base, ctx.scaling, ctx.p, ctx.x_dtype = base, scaling, p, x.dtype
-        ctx.save_for_backward(xd, mask, h, a, b)       # without dropout xd is the input itself, shared
+        ctx.save_for_backward(x2, mask, h, a, b)       # the input, shared by the layers that read it (q, k, v)
+        del xd                                         # the dropped copy goes: backward makes it again from the mask
         y = y.view(*x.shape[:-1], y.shape[-1])
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        xd, mask, h, a, b = ctx.saved_tensors
+        x2, mask, h, a, b = ctx.saved_tensors
+        xd = x2 if mask is None else torch.ops.aten.native_dropout_backward(x2, mask, 1 / (1 - ctx.p))
         dy2 = dy.reshape(-1, dy.shape[-1])
         if dy2.dtype != xd.dtype:
             dy2 = dy2.to(xd.dtype)

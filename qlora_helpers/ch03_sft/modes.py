@@ -32,7 +32,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from qlora_helpers.ch03_sft.fast_kernels import use_varlen_attention
 from qlora_helpers.ch03_sft.fused_lora import use_fused_lora
 from qlora_helpers.common.assets import smollm2_path
-from qlora_helpers.common.models import bnb_config, enable_checkpointing
+from qlora_helpers.common.models import bnb_config, embeddings_on_cpu, enable_checkpointing
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -148,6 +148,8 @@ def build_model(cfg, device: str):
         model = load_base(cfg, device, quantization_bit=(cfg.quantization_bit or 4) if cfg.use_qlora else None,
                           dtype=compute_dtype(cfg))
     model.requires_grad_(cfg.mode == "full")
+    if getattr(cfg, "embeddings_on_cpu", False):
+        embeddings_on_cpu(model, device)
     if cfg.use_qlora and cfg.kbit_upcast:   # the seed's way: frozen embeddings, norms and lm_head upcast to fp32
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)

@@ -12,7 +12,7 @@ Settings come from a preset (``ultra_low_memory`` 8 GB, ``balanced`` 12 GB, ``qu
 is checked, and every example encoded, before the model loads. What the output folder receives is
 in ``ch04_vlm.trainer``. The processor's own image size is used (``data.image_size`` is for plans).
 ``--hardware.embeddings_on_cpu`` keeps the frozen input embedding table in CPU memory (see
-``hub_model.embeddings_on_cpu``): 1 GiB less on the GPU for a large untied vocabulary such as
+``common.models.embeddings_on_cpu``): 1 GiB less on the GPU for a large untied vocabulary such as
 Qwen2-VL-7B's, the same losses, for as much CPU memory and a small copy per step.
 """
 
@@ -29,7 +29,6 @@ from qlora_helpers.ch03_sft.command import _bool, load_config_file, resolve_devi
 from qlora_helpers.ch04_vlm import config as vc
 from qlora_helpers.ch04_vlm.hub_model import (
     add_lora,
-    embeddings_on_cpu,
     load_processor,
     load_vlm,
     quantized_share,
@@ -40,7 +39,7 @@ from qlora_helpers.ch04_vlm.trainer import HISTORY, train_vlm
 from qlora_helpers.ch04_vlm.vram import ANSWER_TOKENS, estimate_vlm
 from qlora_helpers.common.device import cpu_compute_dtype
 from qlora_helpers.common.files import atomic_write_json
-from qlora_helpers.common.models import check_model_folder, count_parameters
+from qlora_helpers.common.models import check_model_folder, count_parameters, embeddings_on_cpu
 from qlora_helpers.common.run_folder import CHECKPOINTS, MAY_CHANGE, data_digest, disk_full_is_one_line, inspect_folder
 from qlora_helpers.errors import check_keys
 
@@ -240,7 +239,7 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
     set_seed(run.seed)                               # but an empty model, whose init may draw random numbers
     model = load_vlm(run.model_id, quantization=run.settings.quantization, dtype=dtype, device=device)
     if run.settings.hardware.embeddings_on_cpu:
-        embeddings_on_cpu(model, device)
+        embeddings_on_cpu(model, device, "hardware.embeddings_on_cpu")
     model = add_lora(model, run.settings.lora, train_projector=run.train_projector,
                      gradient_checkpointing=run.settings.hardware.gradient_checkpointing)
     out = folder.start(VLM_WRITES, config=None if run.resume else (CONFIG, vlm_config(run)))   # a resume: at the end

@@ -20,7 +20,6 @@ exactly as it would train the hub model.
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 from unittest import mock
 
@@ -235,29 +234,6 @@ def load_vlm(model_id: str, *, quantization, dtype, device: str):
     model.requires_grad_(False)
     model.config.use_cache = False
     model.train()
-    return model
-
-
-def embeddings_on_cpu(model, device: str):
-    """Keep ``model``'s frozen input embedding table in CPU memory; its looked-up rows go to ``device``.
-
-    The token ids go to the CPU for the look-up (a forward pre-hook), the ``[tokens, hidden]`` rows come back
-    to ``device`` (a forward hook): same losses, same gradients. It frees ``vocab x hidden`` 16-bit values on
-    ``device`` (1.02 GiB for Qwen2-VL-7B's 152,064 x 3,584) for as much CPU memory and one small copy per
-    forward pass. A table tied to ``lm_head`` frees nothing (``lm_head`` keeps its copy: Qwen2-VL-2B, SmolVLM).
-    """
-    table = model.get_input_embeddings()
-    if not isinstance(table, torch.nn.Embedding):
-        raise ValueError(f"hardware.embeddings_on_cpu: {type(model).__name__}'s input embeddings are a "
-                         f"{type(table).__name__}, not a plain table; set it false")
-    table.weight = torch.nn.Parameter(table.weight.detach().to("cpu"), requires_grad=False)
-    table.register_forward_pre_hook(lambda module, args: tuple(a.to(module.weight.device) if torch.is_tensor(a)
-                                                               else a for a in args))
-    table.register_forward_hook(lambda module, args, output: output.to(device))
-    # the Trainer (through accelerate) moves a model on one device with .to(device): this table stays on the CPU
-    table._apply = types.MethodType(lambda module, fn, recurse=True: module, table)
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return model
 
 

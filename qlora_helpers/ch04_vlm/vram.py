@@ -207,7 +207,7 @@ def estimate_vlm(key: str, cfg, max_length: int | None = None, image_size: int |
     w = 4 if kbit else 2                                          # prepare_kbit upcasts every 16-bit weight
     comp["unquantized weights"] += (groups["vision"] + groups["projector"]) * w
     if getattr(hw, "embeddings_on_cpu", False) and not getattr(text, "tie_word_embeddings", False):
-        table = text.vocab_size * text.hidden_size * w                 # hub_model.embeddings_on_cpu
+        table = text.vocab_size * text.hidden_size * w                 # common.models.embeddings_on_cpu
         comp["unquantized weights"] -= table
         outside["input embeddings (CPU)"] = outside.get("input embeddings (CPU)", 0) + table
     if method == "qlora4" and not q.double_quant:                 # fp32 block scales instead of 8-bit codes
