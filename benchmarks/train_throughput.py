@@ -323,10 +323,10 @@ def run_trl_best(config, data, device, tmp: Path, ckpt: bool) -> dict:
     return {**out, "kernels": kernels}
 
 
-def run_sft_command(config, data, device, tmp: Path, budget_gib: float = 0.0) -> dict:
+def run_sft_command(config, data, device, tmp: Path, budget_gib: float = 0.0, row_tokens: int | None = None) -> dict:
     """``sft``: the course's command at ``trl-best``'s settings, given a model folder and a JSONL file as a user would;
     with ``budget_gib`` (``sft-tight``, ``sft-max``) its ``--memory_budget_gib``, which plans the micro-batch and
-    checkpointing (the tokens per step kept).
+    checkpointing (the tokens per step kept); ``row_tokens``: packed rows of that many tokens instead of the peers'.
 
     The folder holds ``trl-best``'s random weights (the same seed, device and dtype, so the same 4-bit model once
     the command quantises it) and the benchmark's tokenizer: the shape's shared folder (``data["model_dir"]``, written
@@ -340,6 +340,9 @@ def run_sft_command(config, data, device, tmp: Path, budget_gib: float = 0.0) ->
                                 data["tokenizer_asset"])
     plan_file = write_plan(tmp / "plan.jsonl", data)
     peer = peer_settings(data, True, device)
+    if row_tokens and row_tokens < peer["max_length"]:    # the same tokens a step, in more, shorter rows
+        peer["gradient_accumulation_steps"] *= peer["max_length"] // row_tokens
+        peer["max_length"] = row_tokens
     cfg = sft_command.SFTConfig(
         model_name_or_path=str(folder), data_path=str(plan_file), output_dir=str(tmp / "sft"),
         use_qlora=True, quantization_bit=4, lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
@@ -438,7 +441,9 @@ def measure_row(config, data, device, tmp: Path, *, row: str, peaks: dict) -> di
     if budget is None:
         return {"error": "not planned: its budget is the peak of the fastest tight peer (trl-best, unsloth); "
                          "measure one of them too"}
-    return run_sft_command(config, data, device, tmp, budget_gib=budget)
+    # sft-tight in rows of half the peers': its planner may take one (2k tokens) where a 4k micro-batch would not fit
+    return run_sft_command(config, data, device, tmp, budget_gib=budget,
+                           row_tokens=ROW_TOKENS // 2 if row == "sft-tight" else None)
 
 
 def workload(args) -> tuple:

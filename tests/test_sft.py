@@ -443,7 +443,8 @@ def test_the_planner_keeps_the_rows_per_step_and_adds_checkpointing(tiny, tmp_pa
 
     def plan(*a, candidates, **kw):
         asked["candidates"] = candidates
-        return {"tokens": 768, "gradient_checkpointing": True, "checkpoint_keep_layers": 1}
+        return {"tokens": 768, "gradient_checkpointing": True, "checkpoint_keep_layers": 1, "keep_dequantized": False,
+                "embeddings_on_cpu": False}
     monkeypatch.setattr(command, "plan_micro_batch", plan)
     plan = command.plan_batch(validate(cfg), cfg.model_name_or_path, "cpu")   # 3 of the 6 rows per step fit
     assert asked["candidates"] == [256, 512, 768, 1536]       # whole rows, a divisor of the step's 6
