@@ -77,6 +77,11 @@ def run_cli(args, capsys):
     (["--use_lora", "--fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
     (["--use_lora", "--bf16", "--fp16"], "bf16 and fp16 both set"),
     (["--use_lora", "--resume", "--overwrite_output_dir"], "resume and overwrite_output_dir contradict"),
+    (["--use_lora", "--keep_dequantized"], "keep_dequantized keeps 16-bit copies of a 4-bit base"),
+    (["--use_qlora", "--quantization_bit", "8", "--keep_dequantized"], "needs --use_qlora with quantization_bit 4"),
+    (["--use_qlora", "--keep_dequantized", "--fused_lora", "false"], "fused_lora true or auto"),
+    (["--use_qlora", "--embeddings_on_cpu", "--device", "cpu"], "embeddings_on_cpu moves a frozen embedding table"),
+    (["--full_finetune", "--embeddings_on_cpu"], "needs CUDA and a LoRA or QLoRA mode"),
 ])
 def test_bad_settings_stop_with_one_line(args, expected, capsys, tmp_path):
     code, err = run_cli([*args, "--output_dir", str(tmp_path / "out")], capsys)

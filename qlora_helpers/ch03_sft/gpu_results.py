@@ -252,6 +252,30 @@ def peer_targets(peers: dict | None) -> list[dict]:
     return rows
 
 
+def peer_plans(peers: dict | None) -> list[dict]:
+    """What the planner chose for each ``sft-tight`` and ``sft-max`` row of ``throughput_peers.json``: the micro-batch,
+    checkpointing and kept layers, where the embedding table waited, the 16-bit weight copies, and its estimate
+    beside the budget and the measured peak."""
+    rows = []
+    for shape, entry in (peers["figures"]["shapes"] if peers else {}).items():
+        for name in ("sft-tight", "sft-max"):
+            row = entry["rows"].get(name, {})
+            plan = row.get("plan")
+            if plan:
+                rows.append({"shape": shape, "row": name, **plan, "peak_gib": row.get("peak_allocated_gib"),
+                             "checkpointing": f"{plan['checkpoint_keep_layers']} kept"
+                             if plan["gradient_checkpointing"] else "off",
+                             "embeddings": "CPU" if plan.get("embeddings_on_cpu") else "GPU",
+                             "copies": "yes" if plan.get("keep_dequantized") else "no"})
+    return rows
+
+
+PLAN_COLUMNS = (("shape", "shape", ""), ("row", "row", ""), ("tokens per micro-batch", "tokens", ","),
+                ("checkpointing", "checkpointing", ""), ("embedding table", "embeddings", ""),
+                ("16-bit weight copies", "copies", ""), ("budget (GiB)", "budget_gib", ".2f"),
+                ("estimate (GiB)", "estimate_gib", ".2f"), ("measured peak (GiB)", "peak_gib", ".2f"))
+
+
 PEER_TARGET_COLUMNS = (("shape", "shape", ""), ("target", "target", ""), ("value", "value", ".3f"),
                        ("wanted", "wanted", "g"), ("met", "met", ""), ("why missed", "why", ""))
 
@@ -262,6 +286,7 @@ LEVER_LABELS = {"peft": "peft's LoRA layers (TRL's bf16 adapters), all layers ch
                 "fused-keep8": "--fused_lora, 8 layers keep their activations",
                 "fused-offload": "--fused_lora --activation_offloading",
                 "fused-no-ckpt": "--fused_lora, no checkpointing", "peft-no-ckpt": "peft's layers, no checkpointing",
+                "fused-no-ckpt-dequantized": "--fused_lora --keep_dequantized, no checkpointing",
                 "fused-no-ckpt-compile": "--fused_lora, no checkpointing, each layer torch.compile'd"}
 
 
