@@ -523,10 +523,13 @@ def verdicts(shape: str, rows: dict) -> dict:
         out["mfu"] = {"value": mfu, "target": TARGETS["mfu_7b"], "met": mfu >= TARGETS["mfu_7b"]}
         if mfu < TARGETS["mfu_7b"]:
             plan = rows["sft-max"].get("plan") or {}
+            dequantised = ("the 4-bit weights kept 16-bit copies, so none is dequantised in the passes"
+                           if plan.get("keep_dequantized") else
+                           "each 4-bit weight is dequantised for every product (twice a micro-batch)")
             out["mfu"]["why"] = (
-                f"short by {TARGETS['mfu_7b'] - mfu:.3f} at {plan.get('tokens', '?')}-token micro-batches: besides "
-                "the frozen base's matrix products, each 4-bit weight is dequantised for every product (twice a "
-                "micro-batch) and each of the seven LoRA branches of a layer adds a dropout and two thin products")
+                f"short by {TARGETS['mfu_7b'] - mfu:.3f} at {plan.get('tokens', '?')}-token micro-batches: "
+                f"{dequantised}; besides the frozen base's matrix products, each of the seven LoRA branches of a "
+                "layer adds a dropout and two thin products, and attention, norms and the loss are not counted")
     out.update(peer_verdicts(rows))
     out.update(plan_verdicts(rows))
     out.update(command_verdicts(rows))
