@@ -200,7 +200,7 @@ def test_a_steps_loss_weighs_every_answer_token_alike(files, family):
     with result.model.disable_adapter():          # LoRA's B starts at zero: the model before the step
         tokens, means = evaluate(result.model, examples, "cpu"), [evaluate(result.model, [e], "cpu") for e in examples]
     assert result.summary["history"]["train"][0]["loss"] == pytest.approx(tokens, abs=1e-4)
-    assert abs(tokens - sum(means) / len(means)) > 5e-4      # the two weightings differ by more than the tolerance
+    assert abs(tokens - sum(means) / len(means)) > 2e-4      # the two weightings differ by twice the tolerance
 
 
 def _one_line_error(run) -> str:
