@@ -164,10 +164,11 @@ PEER_SHAPES = ("qwen2.5-0.5b", "qwen2.5-7b", "llama-3-8b")
 PEER_ROWS = ("trl-best", "trl-best-no-ckpt", "unsloth", "sft-tight", "sft-max")
 
 
-def peer_points(peers: dict | None, throughput: dict | None) -> list[dict]:
+def peer_points(peers: dict | None, throughput: dict | None, name: str = "throughput_peers.json") -> list[dict]:
     """One point per stack and shape, fastest first within each shape: tokens/s, peak GiB and the run it comes
     from. Rows of ``throughput_peers.json`` first; a recipe row it lacks comes from ``throughput.json``, marked
-    with that run's steps and tokens per step (a different protocol: fewer, smaller steps, all rows in one process)."""
+    with that run's steps and tokens per step (a different protocol: fewer, smaller steps, all rows in one process).
+    ``name``: the file ``peers`` was read from, as the table shows it."""
     points = []
     for result in (peers, throughput):
         for shape, entry in (result["figures"]["shapes"] if result else {}).items():
@@ -179,7 +180,7 @@ def peer_points(peers: dict | None, throughput: dict | None) -> list[dict]:
                                "tokens_per_second": row["tokens_per_second"],
                                "peak_gib": row.get("peak_allocated_gib"), "mfu": row.get("mfu"),
                                "run": f"{entry['steps']} steps of ~{entry['step_tokens']:,} tokens",
-                               "file": "throughput_peers.json" if result is peers else "throughput.json"})
+                               "file": name if result is peers else "throughput.json"})
     return sorted(points, key=lambda p: (p["shape"], -p["tokens_per_second"]))
 
 
@@ -221,7 +222,7 @@ def peer_figure(points: list[dict]) -> Figure:
     return fig
 
 
-def unmeasured_peer_rows(peers: dict | None) -> list[str]:
+def unmeasured_peer_rows(peers: dict | None, name: str = "throughput_peers.json") -> list[str]:
     """Per shape, the rows of the peer comparison ``throughput_peers.json`` does not hold yet (or holds as errors)."""
     shapes = peers["figures"]["shapes"] if peers else {}
     lines = []
@@ -231,7 +232,7 @@ def unmeasured_peer_rows(peers: dict | None) -> list[str]:
         errors = [f"{n} ({rows[n]['error'][:80]})" for n in missing if rows.get(n, {}).get("error")]
         if missing:
             absent = ", ".join(n for n in missing if n not in rows) or "-"
-            lines.append(f"{shape}: not yet in throughput_peers.json: {absent}"
+            lines.append(f"{shape}: not yet in {name}: {absent}"
                          + (f"; failed: {', '.join(errors)}" if errors else ""))
     return lines
 
