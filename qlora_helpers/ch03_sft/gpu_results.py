@@ -164,11 +164,11 @@ PEER_SHAPES = ("qwen2.5-0.5b", "qwen2.5-7b", "llama-3-8b")
 PEER_ROWS = ("trl-best", "trl-best-no-ckpt", "unsloth", "sft-tight", "sft-max")
 
 
-def peer_points(peers: dict | None, throughput: dict | None, name: str = "throughput_peers.json") -> list[dict]:
+def peer_points(peers: dict | None, throughput: dict | None, file: str = "throughput_peers.json") -> list[dict]:
     """One point per stack and shape, fastest first within each shape: tokens/s, peak GiB and the run it comes
     from. Rows of ``throughput_peers.json`` first; a recipe row it lacks comes from ``throughput.json``, marked
     with that run's steps and tokens per step (a different protocol: fewer, smaller steps, all rows in one process).
-    ``name``: the file ``peers`` was read from, as the table shows it."""
+    ``file``: the file ``peers`` was read from, as the table shows it."""
     points = []
     for result in (peers, throughput):
         for shape, entry in (result["figures"]["shapes"] if result else {}).items():
@@ -180,7 +180,7 @@ def peer_points(peers: dict | None, throughput: dict | None, name: str = "throug
                                "tokens_per_second": row["tokens_per_second"],
                                "peak_gib": row.get("peak_allocated_gib"), "mfu": row.get("mfu"),
                                "run": f"{entry['steps']} steps of ~{entry['step_tokens']:,} tokens",
-                               "file": name if result is peers else "throughput.json"})
+                               "file": file if result is peers else "throughput.json"})
     return sorted(points, key=lambda p: (p["shape"], -p["tokens_per_second"]))
 
 
