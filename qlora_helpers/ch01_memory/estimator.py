@@ -523,8 +523,7 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
     ``accumulate``: more than one micro-batch a step (gradient accumulation), so from the second on the gradients
     of the earlier ones are held through the forward and backward passes. ``dequant_cache``: the fused LoRA path
     keeps a 16-bit copy of each frozen quantized weight it wraps (``ch03_sft.fused_lora``), dequantised once.
-    ``cpu_embeddings``: the frozen input embedding table waits in CPU memory (``common.models.embeddings_on_cpu``);
-    a table tied to the output layer stays, as that layer's weight.
+    ``cpu_embeddings``: the input embedding table in CPU memory (``common.models.embeddings_on_cpu``); a tied one stays.
     """
     _check(method, batch_size, seq_len, lora_r, prepare_kbit, optimizer, dtype, loss_chunk, lora_impl, keep_layers)
     s = model_shape(get_config(config) if isinstance(config, str) else config)
@@ -557,15 +556,19 @@ def estimate(config, method: str, *, batch_size: int, seq_len: int, lora_r: int 
         {"paged optimizer states": opt["paged"]} if opt["paged"] else {})
     inputs = _inputs(run, method=method, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, dtype=dtype,
                      loss_chunk=loss_chunk, lora_dropout=lora_dropout)
-    kept = (4 + (run.act_bytes if run.quant else 2) * bool(s.block.logit_softcap)) * run.N * s.vocab
-    detail = {"saved for backward": act["saved"] + (kept if loss_chunk is None else 0) + labels,
-              "rope": act["rope"], "one layer saved": act["one_layer"], "recomputed layer": act["recompute"],
-              "optimizer temporary": opt["temporary"], "dequantised weight": deq,
-              "layer backward temporary": layer_tmp, "tokens": run.N,
-              "masks": act["masks"],
-              "logits block": 0 if prepare_kbit else 4 * min(run.N, loss_chunk or run.N) * s.vocab}
     return MemoryEstimate(phases[peak], totals, peak, outside, _params(run, lora_tensors, opt["trainable"]),
-                          inputs, detail)
+                          inputs, _detail(run, act, opt, loss_chunk, labels, deq, layer_tmp))
+
+
+def _detail(run: _Run, act: dict, opt: dict, loss_chunk, labels: int, deq: int, layer_tmp: int) -> dict:
+    """``MemoryEstimate.detail``: the intermediate terms, in bytes."""
+    s = run.shape
+    kept = (4 + (run.act_bytes if run.quant else 2) * bool(s.block.logit_softcap)) * run.N * s.vocab
+    return {"saved for backward": act["saved"] + (kept if loss_chunk is None else 0) + labels,
+            "rope": act["rope"], "one layer saved": act["one_layer"], "recomputed layer": act["recompute"],
+            "optimizer temporary": opt["temporary"], "dequantised weight": deq,
+            "layer backward temporary": layer_tmp, "tokens": run.N, "masks": act["masks"],
+            "logits block": 0 if run.prepare_kbit else 4 * min(run.N, loss_chunk or run.N) * s.vocab}
 
 
 def _inputs(run: _Run, *, method, batch_size, seq_len, optimizer, dtype, loss_chunk, lora_dropout) -> dict:

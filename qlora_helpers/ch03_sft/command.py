@@ -688,6 +688,14 @@ class SFTResult:
     tokenizer: object
 
 
+def resolve_fused_lora(cfg: SFTConfig, device: str) -> None:
+    """``fused_lora="auto"``: on where the run trains on CUDA; ``keep_dequantized`` needs it on."""
+    cfg.fused_lora = cfg.fused_lora is True or (cfg.fused_lora == "auto" and device.startswith("cuda"))
+    if cfg.keep_dequantized and not cfg.fused_lora:
+        raise ValueError("keep_dequantized serves the fused LoRA path, which fused_lora=auto takes on CUDA only: add "
+                         "--fused_lora true, or drop keep_dequantized")
+
+
 def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, callbacks=(),
             progress: bool = True, *, trainer_callbacks=(), model_factory=None, echo=None) -> SFTResult:
     """Validate, load, train, evaluate and save one mode.
@@ -707,10 +715,7 @@ def run_sft(cfg: SFTConfig, train_conversations=None, eval_conversations=None, c
     conversations = read_conversations(cfg, train_conversations, eval_conversations)
     base = model_path(cfg)
     cfg.optim, cfg.use_liger_kernel = optimizer_name(cfg.optim, device), liger_on(cfg, device)   # auto, as it runs
-    cfg.fused_lora = cfg.fused_lora is True or (cfg.fused_lora == "auto" and device.startswith("cuda"))
-    if cfg.keep_dequantized and not cfg.fused_lora:
-        raise ValueError("keep_dequantized serves the fused LoRA path, which fused_lora=auto takes on CUDA only: add "
-                         "--fused_lora true, or drop keep_dequantized")
+    resolve_fused_lora(cfg, device)
     plan = plan_batch(cfg, base, device)
     cfg.resume = folder.checkpoint is not None      # a run that stopped before its first checkpoint: from step 0
     fingerprint = folder.check_settings(run_settings(cfg, base, processes.num_processes, conversations[0]),
