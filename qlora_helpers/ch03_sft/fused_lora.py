@@ -155,17 +155,22 @@ def keep_dequantized(layers, on: bool) -> int:
     return held
 
 
+def lora_layers(model) -> list:
+    """Every peft LoRA layer of ``model`` that wraps a base layer."""
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "get_base_layer")]
+
+
 def release_dequantized(model) -> None:
     """Drop every 16-bit copy ``keep_dequantized`` made in ``model`` (after training: evaluation, generation and
     merging use peft's own layers)."""
-    keep_dequantized([m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "get_base_layer")], False)
+    keep_dequantized(lora_layers(model), False)
 
 
 def use_fused_lora(model, on: bool = True, dequantized: bool = False) -> str:
     """Route every fusable LoRA layer of a peft ``model`` through ``LoRALinear`` (``on=False``: back to peft's own
     forward); with ``dequantized``, each fused 4-bit layer keeps its weight's 16-bit copy (``keep_dequantized``);
     returns what it did."""
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "get_base_layer")]
+    layers = lora_layers(model)
     fused = [m for m in layers if fusable(m)] if on else []
     kept = keep_dequantized(layers, False) + keep_dequantized(fused, dequantized)
     for layer in layers:
