@@ -13,7 +13,10 @@ tokens a step, Liger's kernels, varlen attention, AdamW, bf16) and one lever cha
 - ``fused-no-ckpt`` / ``peft-no-ckpt``: no checkpointing (memory to spare);
 - ``fused-no-ckpt-dequantized``: no checkpointing, and each frozen 4-bit weight kept as a 16-bit copy
   (``--keep_dequantized``: no dequantisation in the passes);
-- ``fused-no-ckpt-compile``: each decoder layer through ``torch.compile`` as well (regional compilation).
+- ``fused-no-ckpt-compile``: each decoder layer through ``torch.compile`` as well (regional compilation);
+- ``fused-cpu-embeddings``: ``--embeddings_on_cpu``, the frozen input embedding table in CPU memory (what a
+  micro-batch's look-up on the CPU and its copy to the GPU cost); it runs after the others, which keep the table
+  on the GPU.
 
 Per variant: tokens/s (steps after ``--skip``), peak allocated memory and the chapter-01 estimate for the same
 setting, the loss of every step and the held-out loss. A lever's loss parity: its step losses and held-out loss
@@ -45,7 +48,7 @@ from qlora_helpers.ch03_sft.fused_lora import use_fused_lora
 from qlora_helpers.ch03_sft.modes import keep_activations, linear_layer_names
 from qlora_helpers.common import assets
 from qlora_helpers.common.bench import error_line, write_benchmark
-from qlora_helpers.common.models import build_random, enable_checkpointing
+from qlora_helpers.common.models import build_random, embeddings_on_cpu, enable_checkpointing
 from qlora_helpers.common.quant import keep_cpu_training_layout
 from qlora_helpers.errors import OneLineParser, run_main
 
@@ -58,7 +61,8 @@ VARIANTS = {"peft": {"fused_lora": False},
             "fused-no-ckpt": {"gradient_checkpointing": False},
             "fused-no-ckpt-dequantized": {"gradient_checkpointing": False, "keep_dequantized": True},
             "peft-no-ckpt": {"fused_lora": False, "gradient_checkpointing": False},
-            "fused-no-ckpt-compile": {"gradient_checkpointing": False, "compile": True}}
+            "fused-no-ckpt-compile": {"gradient_checkpointing": False, "compile": True},
+            "fused-cpu-embeddings": {"embeddings_on_cpu": True}}
 REFERENCE = {"fused": "peft", "peft-no-ckpt": "peft", "fused-no-ckpt-compile": "fused-no-ckpt",
              "fused-no-ckpt-dequantized": "fused-no-ckpt"}   # else "fused"
 
@@ -101,6 +105,12 @@ class Model:
         else:
             (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
             model.checkpointing = "off"
+        on_cpu = base.get_input_embeddings().weight.device.type == "cpu" and device.startswith("cuda")
+        if cfg.embeddings_on_cpu and not on_cpu:
+            embeddings_on_cpu(base, device)
+        elif on_cpu and not cfg.embeddings_on_cpu:
+            raise ValueError("the embedding table is in CPU memory since an earlier variant: run "
+                             "--embeddings_on_cpu variants last")
         model.lora_kernel = use_fused_lora(model, on=cfg.fused_lora is True, dequantized=cfg.keep_dequantized)
         model.attention_kernel = use_varlen_attention(base) if device.startswith("cuda") else "sdpa"
         return model
@@ -235,7 +245,7 @@ def main(argv=None) -> None:
         eval_file.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n"
                                      for c in read_jsonl(assets.sft_paths()["validation"])[:64]), encoding="utf-8")
         factory = Model(config)
-        for name in args.variants:
+        for name in sorted(args.variants, key=lambda n: VARIANTS[n].get("embeddings_on_cpu", False)):
             cfg = variant_config(name, folder, plan_file, eval_file, args.steps, args.device)
             try:
                 row = run_variant(name, factory, cfg, config, args.skip, name in args.profile)
