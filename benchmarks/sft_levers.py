@@ -189,7 +189,7 @@ def run_variant(name, model_factory, cfg, config, skip: int, profile: bool = Fal
                    grad_ckpt=cfg.gradient_checkpointing,
                    loss_chunk=loss_chunk(config, ROW_TOKENS) if cfg.use_liger_kernel else None,
                    keep_layers=cfg.checkpoint_keep_layers, accumulate=cfg.gradient_accumulation_steps > 1,
-                   **sft_command.engine_levers(cfg))
+                   **sft_command.engine_levers(cfg), **sft_command.planned_levers(cfg))
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None   # the model's weights included
     out = {"variant": name, "settings": VARIANTS[name], "kernels": result.summary.get("kernels"),
            "tokens_per_second": round(tps, 1) if tps else None,

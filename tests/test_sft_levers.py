@@ -166,7 +166,7 @@ def test_engine_levers_in_the_estimate():
     """bf16 adapters halve the adapters, their gradients and AdamW's states; Liger's SwiGLU and RMSNorm keep less;
     offloading leaves little on the GPU; ``engine_levers`` reads them off a run's settings."""
     from qlora_helpers.ch01_memory.estimator import estimate
-    from qlora_helpers.ch03_sft.command import SFTConfig, engine_levers
+    from qlora_helpers.ch03_sft.command import SFTConfig, engine_levers, planned_levers
 
     est = lambda **kw: estimate("qwen2.5-7b", "qlora4", batch_size=1, seq_len=4096, lora_r=64, loss_chunk=128, **kw)
     fp32, bf16 = est(), est(lora_impl="peft-bf16")
@@ -182,8 +182,9 @@ def test_engine_levers_in_the_estimate():
     with pytest.raises(ValueError, match="keep_layers must be a whole number >= 0"):
         est(keep_layers=-1)
     cfg = SFTConfig(use_qlora=True, bf16=True, fused_lora=True, lora_dropout=0.1, use_liger_kernel=True)
-    assert engine_levers(cfg) == {"lora_impl": "fused", "lora_dropout": 0.1, "offload": False, "liger": True,
-                                  "dequant_cache": False, "cpu_embeddings": False}
+    assert engine_levers(cfg) == {"lora_impl": "fused", "lora_dropout": 0.1, "offload": False, "liger": True}
+    cfg.keep_dequantized = True
+    assert planned_levers(cfg) == {"dequant_cache": True, "cpu_embeddings": False}
     cfg.fused_lora = False
     assert engine_levers(cfg)["lora_impl"] == "peft-bf16"
 

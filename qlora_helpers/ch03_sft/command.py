@@ -539,7 +539,7 @@ def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_
     """
     text = config.get_text_config()
     step = max(candidates)
-    engine = {k: v for k, v in (engine or {}).items() if k not in ("dequant_cache", "cpu_embeddings")}
+    engine = engine or {}
     cacheable = method == "qlora4" and engine.get("lora_impl") == "fused"
 
     def need(tokens: int, ckpt: bool, keep: int = 0, cached: bool = False, cpu_embeddings: bool = False) -> float:
@@ -578,11 +578,17 @@ def _plan(need, cpu_embeddings: bool, budget_gib: float, candidates, enough_toke
 
 def engine_levers(cfg: SFTConfig) -> dict:
     """``estimate``'s keywords for how this run computes: the LoRA branch (fused, or peft with the bf16 adapters TRL
-    gives a quantized model, or peft's fp32 ones), its dropout, activation offloading, Liger's kernels."""
+    gives a quantized model, or peft's fp32 ones), its dropout, activation offloading, Liger's kernels. Where the
+    weights and the embedding table wait is ``planned_levers``: ``plan_micro_batch`` decides it."""
     impl = ("fused" if cfg.fused_lora is True else "peft-bf16") if cfg.use_qlora and cfg.bf16 is True else "peft-fp32"
     return {"lora_impl": impl, "lora_dropout": cfg.lora_dropout, "offload": bool(cfg.activation_offloading),
-            "liger": bool(cfg.use_liger_kernel), "dequant_cache": bool(cfg.keep_dequantized),
-            "cpu_embeddings": bool(cfg.embeddings_on_cpu)}
+            "liger": bool(cfg.use_liger_kernel)}
+
+
+def planned_levers(cfg: SFTConfig) -> dict:
+    """``estimate``'s keywords for the levers the planner may switch on: 16-bit copies of the 4-bit weights
+    (``keep_dequantized``) and the input embedding table in CPU memory (``embeddings_on_cpu``)."""
+    return {"dequant_cache": bool(cfg.keep_dequantized), "cpu_embeddings": bool(cfg.embeddings_on_cpu)}
 
 
 def estimator_method(cfg: SFTConfig) -> str:
@@ -607,7 +613,7 @@ def run_estimate(cfg: SFTConfig, base: str) -> dict:
                        prepare_kbit=bool(cfg.use_qlora and cfg.kbit_upcast),
                        keep_layers=cfg.checkpoint_keep_layers if cfg.gradient_checkpointing else 0,
                        accumulate=cfg.gradient_accumulation_steps > 1,
-                       **(engine_levers(cfg) if cfg.mode != "full" else {})).total_gib
+                       **(engine_levers(cfg) | planned_levers(cfg) if cfg.mode != "full" else {})).total_gib
     except (ValueError, OSError) as err:   # an architecture or a target the estimator does not model
         return {"gib": None, "of": f"no estimate: {str(err).splitlines()[0]}"}
     return {"gib": round(gib, 3), "of": f"chapter 01's estimate of training, {cfg.mode}, "
