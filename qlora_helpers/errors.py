@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 DEBUG_ENV = "QLORA_DEBUG"
 DEBUG_FLAG = "--debug"
+INTERRUPTED = "run the same command again (a training run continues from its last checkpoint with --resume)"
 
 
 class UserError(ValueError):
@@ -72,12 +73,17 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
-    """Call ``main(argv)``; turn an exception into one line on stderr (2: bad input, 1: a bug)."""
+    """Call ``main(argv)``; turn an exception into one line on stderr (2: bad input, 1: a bug, 130: Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes", "on")
     argv = [a for a in argv if a != DEBUG_FLAG]
     try:
         return int(main(argv) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"stopped (Ctrl-C): {INTERRUPTED}", file=sys.stderr)
+        return 130
     except Exception as err:
         if debug:
             raise

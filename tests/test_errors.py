@@ -151,6 +151,12 @@ CASES = [
     ("sft: config not JSON", SFT + ("--config_file", "{broken_cfg}"), {}, ["broken.json:2: not valid JSON", "fix"]),
     ("sft: no such data file", LORA + ("--data_path", "{tmp}/nothing.jsonl"), {},
      ["nothing.jsonl: no such data file", "give --data_path a JSONL file"]),
+    ("sft: no such held-out file", LORA + ("--eval_data_path", "{tmp}/nothing.jsonl"), {},
+     ["nothing.jsonl: no such data file", "give --eval_data_path a JSONL file"]),
+    ("sft: a folder as the data file", LORA + ("--data_path", "{tmp}"), {},
+     ["is a folder, not a data file", "give --data_path a JSONL file"]),
+    ("vlm: no such validation file", VLM + ("--val_path", "{tmp}/nothing.jsonl"), {},
+     ["nothing.jsonl: no such data file", "give --val_path a JSONL file"]),
     ("sft: empty data", LORA + ("--data_path", "{empty}"), {}, ["empty.jsonl: no records", "add one JSON object"]),
     ("sft: data not UTF-8", LORA + ("--data_path", "{latin1}"), {},
      ["latin1.jsonl:2: not UTF-8", "save the file as UTF-8"]),
@@ -275,3 +281,22 @@ def test_the_real_entry_point():
     assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
     assert "must be int" in plain.stderr
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_go_on(capfd):
+    def stopped(argv):
+        raise KeyboardInterrupt
+
+    assert run_main(stopped, []) == 130
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("stopped (Ctrl-C): ") and "--resume" in err
+    with pytest.raises(KeyboardInterrupt):
+        run_main(stopped, ["--debug"])
+
+
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
+    from qlora_helpers.ch03_sft.data import read_jsonl
+
+    notepad = tmp_path / "notepad.jsonl"
+    notepad.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode() * 2)
+    assert read_jsonl(notepad) == [GOOD["messages"]] * 2

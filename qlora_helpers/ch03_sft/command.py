@@ -478,7 +478,7 @@ def read_conversations(cfg: SFTConfig, train_conversations=None, eval_conversati
         train_conversations = d.read_jsonl(cfg.data_path or sft_paths()["train"])
     if eval_conversations is None:
         if cfg.eval_data_path:
-            eval_conversations = d.read_jsonl(cfg.eval_data_path)
+            eval_conversations = d.read_jsonl(cfg.eval_data_path, "--eval_data_path")
         elif not cfg.data_path:
             eval_conversations = d.read_jsonl(sft_paths()["validation"])
     if cfg.max_train_samples > 0:

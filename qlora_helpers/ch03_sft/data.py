@@ -113,7 +113,7 @@ def jsonl_lines(path: Path, limit: int = MAX_LINE_BYTES):
                 raise DataError([f"{path}:{n}: line longer than {limit // 2**20} MiB, the limit for one record"],
                                 hint="split it into shorter conversations, or remove it") from None
             try:
-                yield n, raw.decode("utf-8")
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")   # a byte-order mark (Notepad) is dropped
             except UnicodeDecodeError as err:
                 raise DataError([f"{path}:{n}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset "
                                  f"{offset + err.start})"],
@@ -128,11 +128,20 @@ def _json(line: str):
         return err
 
 
-def read_jsonl(path: str | Path) -> list[list[dict]]:
-    """All conversations of a JSONL file; raises ``DataError`` naming every bad line (blank lines are skipped)."""
+def data_file(path: str | Path, setting: str = "--data_path") -> Path:
+    """``path`` if it is a file; else one line naming ``setting`` (a folder, or nothing there)."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not a data file; give {setting} a JSONL file")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file; give --data_path a JSONL file")
+        raise FileNotFoundError(f"{path}: no such data file; give {setting} a JSONL file")
+    return path
+
+
+def read_jsonl(path: str | Path, setting: str = "--data_path") -> list[list[dict]]:
+    """All conversations of a JSONL file; raises ``DataError`` naming every bad line (blank lines are skipped).
+    ``setting``: the option that named the file, for the line a missing file gets."""
+    path = data_file(path, setting)
     records = [(f"{path}:{n}", _json(line)) for n, line in jsonl_lines(path) if line.strip()]
     return _checked(records, str(path), hint=f"{{}} in {path.name}; fix or remove those lines",
                     empty="the file is empty; add one JSON object per line")

@@ -223,7 +223,7 @@ def run_vlm(run: VLMRun, *, progress: bool = True, callbacks=()) -> VLMResult:
     validate(run)
     folder = inspect_folder(run.output_dir, resume=run.resume, overwrite=run.overwrite_output_dir,
                             writes=VLM_WRITES, finished=SUMMARY)    # nothing changes there before the model loads
-    records = read_records(run.data_path), read_records(run.val_path) if run.val_path else []
+    records = read_records(run.data_path), read_records(run.val_path, "--val_path") if run.val_path else []
     fingerprint = folder.check_settings(run_settings(run), may_change=VLM_MAY_CHANGE)
     run = replace(run, resume=folder.checkpoint is not None)       # stopped before its first checkpoint: step 0
     check_model_folder(run.model_id, setting="model_id", kind="vision")

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from qlora_helpers.ch03_sft.data import jsonl_lines
+from qlora_helpers.ch03_sft.data import data_file, jsonl_lines
 from qlora_helpers.common.assets import load_images
 from qlora_helpers.common.files import atomic_write_text, claim_course_files
 
@@ -137,11 +137,10 @@ def parse_line(text: str, folder: Path, where: str) -> Record:
     return Record(images, _place_images(messages, len(images), where), where)
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """Every line of an image-chat JSONL file, checked (images opened, roles, answers); blank lines skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file; give --data_path a JSONL file")
+def read_records(path: str | Path, setting: str = "--data_path") -> list[Record]:
+    """Every line of an image-chat JSONL file, checked (images opened, roles, answers); blank lines skipped.
+    ``setting``: the option that named the file, for the line a missing file gets."""
+    path = data_file(path, setting)
     records = [parse_line(t, path.parent, f"{path}:{n}") for n, t in jsonl_lines(path) if t.strip()]
     if not records:
         raise ValueError(f"{path}: no examples; add one JSON line per image and conversation")
