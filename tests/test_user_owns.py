@@ -116,6 +116,17 @@ def summary(out) -> dict:
 
 
 # --------------------------------------------------------------------------- 1. nothing a user owns is deleted
+
+
+def test_what_a_run_writes_has_the_users_permissions(first_run):
+    """The adapter, the summary and the checkpoints get what the umask allows, as the user's own files do
+    (safetensors writes 0600: a model copied to a server or read by a colleague would be unreadable)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    wrong = {str(p.relative_to(first_run)): oct(p.stat().st_mode & 0o777) for p in first_run.rglob("*")
+             if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o777 != 0o666 & ~mask}
+    assert not wrong, wrong
+    assert {"adapter_model.safetensors", "sft_summary.json"} <= {p.name for p in first_run.iterdir()}
 def test_overwrite_with_a_bad_target_module_keeps_the_old_run(run_copy, tiny_llama_dir, data, refused, tmp_path):
     (run_copy / "notes.txt").write_text("my notes")
     (run_copy / "config.json").write_text('{"mine": true}')      # a LoRA run writes no config.json: it stays
@@ -434,6 +445,7 @@ def test_overwrite_replaces_only_an_earlier_merge_which_stays_a_real_folder(f, r
     listed = course_files(out)
     assert out.is_dir() and not out.is_symlink() and listed == {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", COURSE_FILES} <= listed
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
     refused(_call("chat", "--lora_model", f["adapter"], "--merge_to", out),
             names=["already holds files of an earlier merge", "pass --overwrite"], keep=[out])
     assert chat_main(["--lora_model", str(f["adapter"]), "--merge_to", str(out), "--overwrite"]) == 0

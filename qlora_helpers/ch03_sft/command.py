@@ -69,7 +69,7 @@ from qlora_helpers.ch03_sft.trainer import (
 )
 from qlora_helpers.common.assets import sft_paths
 from qlora_helpers.common.device import cpu_compute_dtype
-from qlora_helpers.common.files import atomic_write_json, fsync_tree, state_digest
+from qlora_helpers.common.files import atomic_write_json, settle_tree, state_digest
 from qlora_helpers.common.models import check_model_folder, count_parameters
 from qlora_helpers.common.optim import OPTIMIZERS, optimizer_name
 from qlora_helpers.common.run_folder import MAY_CHANGE, RunFolder, disk_full_is_one_line, inspect_folder, record
@@ -502,7 +502,7 @@ def save_final(model, tokenizer, out: Path) -> list[str]:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        fsync_tree(tmp)                  # on disk before any of it is moved in
+        settle_tree(tmp)                  # on disk before any of it is moved in
         names = sorted((p.name for p in tmp.iterdir() if p.is_file()), key=lambda n: (n in LOADED_BY, n))
         record(out, *names)                # the course's files from now on (--overwrite_output_dir removes them)
         for name in names:

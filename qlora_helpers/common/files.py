@@ -32,6 +32,16 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
+def user_mode(path: Path | None = None, folder: bool = False) -> int:
+    """The permissions a file (or folder) the user creates gets: ``path``'s own where it exists, else what the
+    umask leaves of rw (rwx) for all; ``mkstemp``/``mkdtemp`` would leave 0600/0700, readable by the owner alone."""
+    if path is not None and path.exists() and not path.is_symlink():
+        return path.stat().st_mode & 0o7777
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w"):
     """Open a temporary file beside ``path``; on success it replaces ``path``, on error it is removed.
@@ -42,6 +52,7 @@ def atomic_open(path: str | Path, mode: str = "w"):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, user_mode(path))
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
             fh.flush()
@@ -80,8 +91,9 @@ def atomic_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
     version = Path(tempfile.mkdtemp(prefix=f".{folder.name}.v", dir=parent))
     try:
+        os.chmod(version, user_mode(folder=True))
         write(version)
-        fsync_tree(version)                 # contents on disk before the rename makes them visible
+        settle_tree(version)                 # contents on disk before the rename makes them visible
     except BaseException:                   # a failed write (a full disk) leaves no partial version behind
         shutil.rmtree(version, ignore_errors=True)
         raise
@@ -153,12 +165,10 @@ def replace_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new-"))
     aside = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(tmp, (folder.stat().st_mode & 0o7777) if folder.is_dir() else 0o777 & ~mask)   # not mkdtemp's 0700
+    os.chmod(tmp, user_mode(folder if folder.is_dir() else None, folder=True))   # not mkdtemp's 0700
     try:
         write(tmp)
-        fsync_tree(tmp)
+        settle_tree(tmp)
         if folder.is_symlink():         # a version written by ``atomic_folder``: the link goes, then its target
             aside = folder.parent / os.readlink(folder)
             folder.unlink()
@@ -172,10 +182,13 @@ def replace_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
     return folder
 
 
-def fsync_tree(folder: Path) -> None:
-    """Every file under ``folder`` on disk (before a rename makes them visible)."""
+def settle_tree(folder: Path) -> None:
+    """Every file under ``folder`` on disk (before a rename makes them visible), with the permissions the user's
+    umask gives (safetensors writes its files 0600: a merged model would be unreadable to anyone else)."""
+    mode = user_mode()
     for f in folder.rglob("*"):
-        if f.is_file():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
 
@@ -192,6 +205,7 @@ def write_new_folder(folder: str | Path, write: Callable[[Path], object]) -> Pat
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
+        os.chmod(tmp, user_mode(folder=True))
         write(tmp)
         try:
             os.replace(tmp, folder)
