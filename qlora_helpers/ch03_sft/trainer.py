@@ -41,7 +41,7 @@ from trl import SFTTrainer
 
 from qlora_helpers.ch03_sft.data import IGNORE_INDEX, SFTData, collate
 from qlora_helpers.ch03_sft.modes import trainable_4bit_layers
-from qlora_helpers.common.files import atomic_write_json, atomic_write_text, settle_tree, remove_folder
+from qlora_helpers.common.files import atomic_write_json, atomic_write_text, remove_folder, settle_tree
 from qlora_helpers.common.optim import optimizer_name, scoped_bnb_overrides, trainer_optim
 from qlora_helpers.common.run_folder import (
     CHECKPOINTS,
