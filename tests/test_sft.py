@@ -235,6 +235,17 @@ def test_output_dir_is_never_clobbered(tiny, tmp_path, capsys):
     assert (out / "adapter_model.safetensors").read_text() == "precious"
 
 
+def test_the_command_ends_with_where_the_adapter_went_and_how_to_use_it(tiny, tmp_path, capsys):
+    out = tmp_path / "mine"
+    assert cli.main(["sft", "--use_lora", "--model_name_or_path", str(tiny / "model"), "--data_path",
+                     str(tiny / "train.jsonl"), "--output_dir", str(out), "--max_steps", "1", "--save_steps", "0",
+                     "--device", "cpu"]) == 0
+    done, following = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert done.startswith("lora: 1 steps") and done.endswith(f"saved to {out}")
+    assert following.startswith(f"next: python -m qlora_helpers.ch03_sft.chat --lora_model {out} --chat")
+    assert "--merge_to" in following and (out / "adapter_model.safetensors").is_file()
+
+
 def test_training_after_an_eval_pass_gets_the_same_gradients(tiny, tmp_path):
     """bitsandbytes repacks 4-bit weights for a backward-less CPU kernel on the first eval pass;
     trainable_4bit_layers must undo that, or QLoRA silently trains with wrong gradients."""

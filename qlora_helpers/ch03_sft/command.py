@@ -437,6 +437,8 @@ def cli(args: argparse.Namespace) -> int:
     print(f"{cfg.mode}: {summary['steps']} steps, trainable {summary['params']['trainable']:,} "
           f"of {summary['params']['total']:,}; eval loss {ev['before']} -> {ev['after']}; "
           f"saved to {cfg.output_dir}")
+    merge = "" if cfg.mode == "full" else " (--merge_to FOLDER: one model folder with the adapter merged in)"
+    print(f"next: python -m qlora_helpers.ch03_sft.chat --lora_model {cfg.output_dir} --chat{merge}")
     return 0
 
 
