@@ -128,7 +128,10 @@ class SFTConfig:
 
     # what to train
     model_name_or_path: str = setting("", "local folder or hub id (default: the cached SmolLM2-135M-Instruct)")
-    data_path: str = setting("", "training JSONL, chat or instruction form (default: chatterbot train split)")
+    data_path: str = setting("", "training JSONL, a conversation a line: {\"messages\": [{\"role\": \"user\", "
+                                 "\"content\": ...}, {\"role\": \"assistant\", \"content\": ...}]} or "
+                                 "{\"instruction\": ..., \"input\": ..., \"output\": ...} (default: chatterbot "
+                                 "train split)")
     eval_data_path: str = setting("", "validation JSONL (default: chatterbot validation when data_path is not "
                                       "given, else no eval)")
     output_dir: str = "outputs/sft"
