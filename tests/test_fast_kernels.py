@@ -137,3 +137,13 @@ def test_varlen_attention_changes_nothing_on_the_cpu():
     model = _model()
     assert fast_kernels.use_varlen_attention(model) == "sdpa (varlen attention needs CUDA)"
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_the_attention_is_chosen_by_where_the_layers_compute_not_where_the_embedding_table_waits():
+    """``--embeddings_on_cpu`` leaves the table, the model's first parameter and so ``model.device``, in CPU memory
+    while every layer computes on the GPU; the attention was once chosen by ``model.device`` (SDPA over packed rows
+    on the GPU). Here the table is on the meta device and the layers on the CPU."""
+    model = _model()
+    table = model.get_input_embeddings()
+    table.weight = torch.nn.Parameter(torch.empty_like(table.weight, device="meta"), requires_grad=False)
+    assert model.device.type == "meta" and fast_kernels.compute_device(model).type == "cpu"

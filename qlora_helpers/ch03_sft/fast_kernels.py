@@ -124,16 +124,25 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
+def compute_device(model) -> torch.device:
+    """Where ``model``'s layers compute: the device of its first parameter outside the input embedding table.
+    ``model.device`` is the table's, which ``--embeddings_on_cpu`` keeps in CPU memory."""
+    table = model.get_input_embeddings()
+    skip = {id(p) for p in table.parameters()} if table is not None else set()
+    return next((p.device for p in model.parameters() if id(p) not in skip), model.device)
+
+
 def use_varlen_attention(model) -> str:
     """Switch a Qwen2/Llama/Mistral decoder on CUDA to ``ATTENTION``; returns what it now uses, or why not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(getattr(base, "config", None), "model_type", None) not in TEXT_MODELS:
         return "sdpa (not a Qwen2/Llama/Mistral text model)"
-    if base.device.type != "cuda":
+    device = compute_device(base)
+    if device.type != "cuda":
         return "sdpa (varlen attention needs CUDA)"
     if varlen_kernel() is None:
         return "sdpa (this PyTorch has no torch.nn.attention.varlen)"
     register()
     base.set_attn_implementation(ATTENTION)
-    grouped_heads(base.device)      # asked now, not inside the first (checkpointed) forward pass
+    grouped_heads(device)           # asked now, not inside the first (checkpointed) forward pass
     return "varlen"
