@@ -570,9 +570,11 @@ def peer_verdicts(rows: dict) -> dict:
         verdict = {"value": round(ratio, 3), "target": TARGETS["vs_fastest_peer"], "peer": fastest,
                    "peak_gib": mem, "peer_peak_gib": peer_mem, "met": ratio >= TARGETS["vs_fastest_peer"] and leaner}
         if not verdict["met"]:
+            attention = (ours.get("kernels") or {}).get("attention", "varlen")
             verdict["why"] = (f"{mine} ran {ours['tokens_per_second']:.0f} tokens/s in {mem} GiB, {fastest} "
                               f"{speed:.0f} tokens/s in {peer_mem} GiB"
-                              + ("" if leaner else ": more memory than the peer"))
+                              + ("" if leaner else ": more memory than the peer")
+                              + ("" if attention == "varlen" else f"; its attention was {attention}"))
         out[f"vs_fastest_peer_{setting}"] = verdict
     return out
 

@@ -256,7 +256,7 @@ def peer_targets(peers: dict | None) -> list[dict]:
 def peer_plans(peers: dict | None) -> list[dict]:
     """What the planner chose for each ``sft-tight`` and ``sft-max`` row of ``throughput_peers.json``: the micro-batch,
     checkpointing and kept layers, where the embedding table waited, the 16-bit weight copies, and its estimate
-    beside the budget and the measured peak."""
+    beside the budget and the measured peak; and the attention the row ran."""
     rows = []
     for shape, entry in (peers["figures"]["shapes"] if peers else {}).items():
         for name in ("sft-tight", "sft-max"):
@@ -267,14 +267,16 @@ def peer_plans(peers: dict | None) -> list[dict]:
                              "checkpointing": f"{plan['checkpoint_keep_layers']} kept"
                              if plan["gradient_checkpointing"] else "off",
                              "embeddings": "CPU" if plan.get("embeddings_on_cpu") else "GPU",
-                             "copies": "yes" if plan.get("keep_dequantized") else "no"})
+                             "copies": "yes" if plan.get("keep_dequantized") else "no",
+                             "attention": (row.get("kernels") or {}).get("attention", "")})
     return rows
 
 
 PLAN_COLUMNS = (("shape", "shape", ""), ("row", "row", ""), ("tokens per micro-batch", "tokens", ","),
                 ("checkpointing", "checkpointing", ""), ("embedding table", "embeddings", ""),
                 ("16-bit weight copies", "copies", ""), ("budget (GiB)", "budget_gib", ".2f"),
-                ("estimate (GiB)", "estimate_gib", ".2f"), ("measured peak (GiB)", "peak_gib", ".2f"))
+                ("estimate (GiB)", "estimate_gib", ".2f"), ("measured peak (GiB)", "peak_gib", ".2f"),
+                ("attention", "attention", ""))
 
 
 PEER_TARGET_COLUMNS = (("shape", "shape", ""), ("target", "target", ""), ("value", "value", ".3f"),
