@@ -254,8 +254,13 @@ def test_resume_refuses_a_changed_setting(key, old, new, first_run, tiny_llama_d
 
 def test_resume_names_the_changes_it_allows(run_copy, tiny_llama_dir, data, capfd):
     assert sft(*flags(tiny_llama_dir, data, run_copy, max_steps=4, save_total_limit=3), "--resume") == 0
-    assert "resuming checkpoint-2 with max_steps 3 -> 4, save_total_limit 2 -> 3" in capfd.readouterr().out
+    assert "resuming checkpoint-2 (step 2) with max_steps 3 -> 4, save_total_limit 2 -> 3" in capfd.readouterr().out
     assert summary(run_copy)["steps"] == 4
+
+
+def test_a_plain_resume_says_where_it_starts(run_copy, tiny_llama_dir, data, capfd):
+    assert sft(*flags(tiny_llama_dir, data, run_copy), "--resume") == 0
+    assert "resuming checkpoint-2 (step 2)\n" in capfd.readouterr().out
 
 
 def test_resume_refuses_a_changed_data_file(run_copy, tiny_llama_dir, data, tmp_path, refused):

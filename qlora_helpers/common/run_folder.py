@@ -354,7 +354,9 @@ def check_settings(checkpoint: Path, saved: dict, now: dict, *, may_change: tupl
     if 0 < now.get("max_steps", 0) <= step:
         raise ValueError(f"max_steps={now['max_steps']} ends before {checkpoint} (step {step}): give a larger "
                          "--max_steps to continue it")
-    return [f"resuming {checkpoint.name} with {', '.join(changed)} (a resume may change these)"] if changed else []
+    if changed:
+        return [f"resuming {checkpoint.name} (step {step}) with {', '.join(changed)} (a resume may change these)"]
+    return [f"resuming {checkpoint.name} (step {step})"]
 
 
 # --------------------------------------------------------------------------- a full disk
