@@ -49,9 +49,12 @@ the loss per step. Loss parity compares the held-out losses of ``sft`` and ``hf`
 
     python -m benchmarks.train_throughput --shapes qwen2.5-0.5b --rows hf trl sft --out /tmp/t.json
     python -m benchmarks.train_throughput --shapes tiny --device cpu --steps 3 --out /tmp/t.json   # smoke test
-    # the peer comparison (H200 for throughput_peers.json; Unsloth's wheels carried, see unsloth_row.py):
-    python -m benchmarks.train_throughput --shapes qwen2.5-0.5b qwen2.5-7b --steps 10 --skip 2 --step-tokens 16384 \
-        --rows trl-best trl-best-no-ckpt unsloth sft sft-tight sft-max --out /tmp/peers.json
+    # the peer comparison (one H100 or H200 for throughput_peers.json; Unsloth's wheels carried, see unsloth_row.py):
+    python -m benchmarks.train_throughput --shapes qwen2.5-0.5b qwen2.5-7b --steps 8 --skip 2 --step-tokens 16384 \
+        --rows trl-best trl-best-no-ckpt unsloth sft-tight sft-max --row-timeout 150 --out /tmp/peers.json
+    python -m benchmarks.train_throughput --shapes llama-3-8b --steps 8 --skip 2 --step-tokens 16384 \
+        --rows trl-best trl-best-no-ckpt unsloth sft-tight sft-max --row-timeout 150 --merge /tmp/peers.json \
+        --out /tmp/peers.json
     # the course's sft command beside trl-best, one GPU, one run (the model folder, ~15 GB at 7B, lives in the
     # row's temp dir): benchmarks/results/throughput_sft.json (H100)
     python -m benchmarks.train_throughput --shapes qwen2.5-7b --steps 8 --skip 2 --step-tokens 16384 \
