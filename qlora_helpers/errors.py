@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 DEBUG_ENV = "QLORA_DEBUG"
 DEBUG_FLAG = "--debug"
-INTERRUPTED = "run the same command again (a training run continues from its last checkpoint with --resume)"
+INTERRUPTED = ("a training run continues from its last checkpoint when the same command is given again with "
+               "--resume")
 
 
 class UserError(ValueError):

@@ -300,3 +300,7 @@ def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
     notepad = tmp_path / "notepad.jsonl"
     notepad.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode() * 2)
     assert read_jsonl(notepad) == [GOOD["messages"]] * 2
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b"\xef\xbb\xbf" + b'{"a": "caf\xe9"}\n')                  # the byte after the mark is named
+    with pytest.raises(Exception, match=r"latin.jsonl:1: not UTF-8 \(byte 0xe9 at offset 13\)"):
+        read_jsonl(latin)

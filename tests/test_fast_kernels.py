@@ -147,3 +147,10 @@ def test_the_attention_is_chosen_by_where_the_layers_compute_not_where_the_embed
     table = model.get_input_embeddings()
     table.weight = torch.nn.Parameter(torch.empty_like(table.weight, device="meta"), requires_grad=False)
     assert model.device.type == "meta" and fast_kernels.compute_device(model).type == "cpu"
+
+
+def test_use_varlen_attention_asks_compute_device(monkeypatch):
+    model = _model()
+    monkeypatch.setattr(fast_kernels, "compute_device", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(fast_kernels, "varlen_kernel", lambda: None)
+    assert fast_kernels.use_varlen_attention(model) == "sdpa (this PyTorch has no torch.nn.attention.varlen)"

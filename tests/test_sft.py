@@ -240,10 +240,11 @@ def test_the_command_ends_with_where_the_adapter_went_and_how_to_use_it(tiny, tm
     assert cli.main(["sft", "--use_lora", "--model_name_or_path", str(tiny / "model"), "--data_path",
                      str(tiny / "train.jsonl"), "--output_dir", str(out), "--max_steps", "1", "--save_steps", "0",
                      "--device", "cpu"]) == 0
-    done, following = capsys.readouterr().out.strip().splitlines()[-2:]
+    done, chat, merge = capsys.readouterr().out.strip().splitlines()[-3:]
     assert done.startswith("lora: 1 steps") and done.endswith(f"saved to {out}")
-    assert following.startswith(f"next: python -m qlora_helpers.ch03_sft.chat --lora_model {out} --chat")
-    assert "--merge_to" in following and (out / "adapter_model.safetensors").is_file()
+    assert chat == f"chat with it: python -m qlora_helpers.ch03_sft.chat --lora_model {out} --chat"
+    assert merge.endswith(f"--lora_model {out} --merge_to {out}-merged")
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_training_after_an_eval_pass_gets_the_same_gradients(tiny, tmp_path):

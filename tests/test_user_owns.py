@@ -127,6 +127,25 @@ def test_what_a_run_writes_has_the_users_permissions(first_run):
              if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o777 != 0o666 & ~mask}
     assert not wrong, wrong
     assert {"adapter_model.safetensors", "sft_summary.json"} <= {p.name for p in first_run.iterdir()}
+
+
+def test_safetensors_and_temporary_files_get_the_umasks_mode(tmp_path):
+    from safetensors.torch import save_file
+
+    from qlora_helpers.common import files
+
+    old = os.umask(0o022)
+    files._umask.cache_clear()
+    try:
+        folder = tmp_path / "new"
+        folder.mkdir()
+        save_file({"w": torch.zeros(2)}, folder / "adapter_model.safetensors")     # safetensors writes 0600
+        files.settle_tree(folder)
+        written = files.atomic_write_text(tmp_path / "summary.json", "{}")          # mkstemp makes 0600
+        assert [oct(p.stat().st_mode & 0o777) for p in (folder / "adapter_model.safetensors", written)] == ["0o644"] * 2
+    finally:
+        os.umask(old)
+        files._umask.cache_clear()
 def test_overwrite_with_a_bad_target_module_keeps_the_old_run(run_copy, tiny_llama_dir, data, refused, tmp_path):
     (run_copy / "notes.txt").write_text("my notes")
     (run_copy / "config.json").write_text('{"mine": true}')      # a LoRA run writes no config.json: it stays

@@ -282,7 +282,11 @@ def _main(argv) -> int:
         print(f"user: {prompt}\nassistant: {chat(model, tok, prompt, max_new_tokens=args.max_new_tokens)}")
     history: list[dict] = []
     while args.chat:
-        line = input("user: ").strip()
+        try:
+            line = input("user: ").strip()
+        except (EOFError, KeyboardInterrupt):   # Ctrl-D or Ctrl-C at the prompt: the chat ends, as an empty line
+            print()
+            break
         if not line:
             break
         reply = chat(model, tok, line, history=history, max_new_tokens=args.max_new_tokens)

@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -440,8 +441,12 @@ def cli(args: argparse.Namespace) -> int:
     print(f"{cfg.mode}: {summary['steps']} steps, trainable {summary['params']['trainable']:,} "
           f"of {summary['params']['total']:,}; eval loss {ev['before']} -> {ev['after']}; "
           f"saved to {cfg.output_dir}")
-    merge = "" if cfg.mode == "full" else " (--merge_to FOLDER: one model folder with the adapter merged in)"
-    print(f"next: python -m qlora_helpers.ch03_sft.chat --lora_model {cfg.output_dir} --chat{merge}")
+    out, chat = shlex.quote(cfg.output_dir), "python -m qlora_helpers.ch03_sft.chat --lora_model"
+    on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    where = (" --device cuda --dtype bf16" + (" --load_in_4bit" if cfg.mode == "qlora-4bit" else "")) if on_gpu else ""
+    print(f"chat with it: {chat} {out} --chat{where}")
+    if cfg.mode != "full":
+        print(f"merge it into one model folder: {chat} {out} --merge_to {shlex.quote(cfg.output_dir + '-merged')}")
     return 0
 
 
@@ -545,6 +550,9 @@ def plan_micro_batch(config, budget_gib: float, *, method: str = "qlora4", lora_
     text = config.get_text_config()
     step = max(candidates)
     engine = engine or {}
+    if set(engine) & {"dequant_cache", "cpu_embeddings"}:
+        raise ValueError("plan_micro_batch decides dequant_cache and cpu_embeddings itself: pass engine_levers(cfg), "
+                         "not planned_levers(cfg)")
     cacheable = method == "qlora4" and engine.get("lora_impl") == "fused"
 
     def need(tokens: int, ckpt: bool, keep: int = 0, cached: bool = False, cpu_embeddings: bool = False) -> float:
@@ -584,7 +592,8 @@ def _plan(need, cpu_embeddings: bool, budget_gib: float, candidates, enough_toke
 def engine_levers(cfg: SFTConfig) -> dict:
     """``estimate``'s keywords for how this run computes: the LoRA branch (fused, or peft with the bf16 adapters TRL
     gives a quantized model, or peft's fp32 ones), its dropout, activation offloading, Liger's kernels. Where the
-    weights and the embedding table wait is ``planned_levers``: ``plan_micro_batch`` decides it."""
+    weights and the embedding table wait is ``planned_levers``: ``plan_micro_batch`` may switch them on, a user
+    may force them (a forced one is not in the plan's estimate)."""
     impl = ("fused" if cfg.fused_lora is True else "peft-bf16") if cfg.use_qlora and cfg.bf16 is True else "peft-fp32"
     return {"lora_impl": impl, "lora_dropout": cfg.lora_dropout, "offload": bool(cfg.activation_offloading),
             "liger": bool(cfg.use_liger_kernel)}

@@ -20,6 +20,7 @@ Example (SmolLM2's template; ``·`` marks a masked token, ``[..]`` a trained one
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 from dataclasses import dataclass, field
@@ -112,11 +113,12 @@ def jsonl_lines(path: Path, limit: int = MAX_LINE_BYTES):
             if len(raw.rstrip(b"\r\n")) > limit:
                 raise DataError([f"{path}:{n}: line longer than {limit // 2**20} MiB, the limit for one record"],
                                 hint="split it into shorter conversations, or remove it") from None
+            bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0   # Notepad's, or a joined file's
             try:
-                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")   # a byte-order mark (Notepad) is dropped
+                yield n, raw[bom:].decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError([f"{path}:{n}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset "
-                                 f"{offset + err.start})"],
+                raise DataError([f"{path}:{n}: not UTF-8 (byte 0x{raw[bom + err.start]:02x} at offset "
+                                 f"{offset + bom + err.start})"],
                                 hint="save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
             offset += len(raw)
 

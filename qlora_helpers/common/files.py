@@ -8,6 +8,8 @@ GPU measurements live in ``benchmarks/results/<name>.json`` and are read with ``
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -32,14 +34,26 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (setting it to read it would race with threads creating files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def user_mode(path: Path | None = None, folder: bool = False) -> int:
     """The permissions a file (or folder) the user creates gets: ``path``'s own where it exists, else what the
     umask leaves of rw (rwx) for all; ``mkstemp``/``mkdtemp`` would leave 0600/0700, readable by the owner alone."""
     if path is not None and path.exists() and not path.is_symlink():
-        return path.stat().st_mode & 0o7777
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return (0o777 if folder else 0o666) & ~mask
+        return path.stat().st_mode & 0o777
+    return (0o777 if folder else 0o666) & ~_umask()
+
+
+def set_mode(path, mode: int) -> None:
+    """``chmod``, where the file system has modes (FAT, exFAT and some network shares refuse it: nothing lost)."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, mode)
 
 
 @contextmanager
@@ -52,7 +66,7 @@ def atomic_open(path: str | Path, mode: str = "w"):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, user_mode(path))
+        set_mode(tmp, user_mode(path))
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
             fh.flush()
@@ -91,7 +105,7 @@ def atomic_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
     version = Path(tempfile.mkdtemp(prefix=f".{folder.name}.v", dir=parent))
     try:
-        os.chmod(version, user_mode(folder=True))
+        set_mode(version, user_mode(folder=True))
         write(version)
         settle_tree(version)                 # contents on disk before the rename makes them visible
     except BaseException:                   # a failed write (a full disk) leaves no partial version behind
@@ -165,7 +179,7 @@ def replace_folder(folder: str | Path, write: Callable[[Path], object]) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new-"))
     aside = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    os.chmod(tmp, user_mode(folder if folder.is_dir() else None, folder=True))   # not mkdtemp's 0700
+    set_mode(tmp, user_mode(folder if folder.is_dir() else None, folder=True))   # not mkdtemp's 0700
     try:
         write(tmp)
         settle_tree(tmp)
@@ -188,7 +202,7 @@ def settle_tree(folder: Path) -> None:
     mode = user_mode()
     for f in folder.rglob("*"):
         if f.is_file() and not f.is_symlink():
-            os.chmod(f, mode)
+            set_mode(f, mode)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
 
@@ -205,7 +219,7 @@ def write_new_folder(folder: str | Path, write: Callable[[Path], object]) -> Pat
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
-        os.chmod(tmp, user_mode(folder=True))
+        set_mode(tmp, user_mode(folder=True))
         write(tmp)
         try:
             os.replace(tmp, folder)

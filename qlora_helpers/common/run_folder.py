@@ -180,7 +180,11 @@ class RunFolder:
         now = plain(now)
         if self.checkpoint is not None:
             saved = json.loads((self.checkpoint / COMPLETE).read_text()).get("fingerprint") or {}
-            self.notes += check_settings(self.checkpoint, plain(saved), now, may_change=may_change, data=data)
+            notes = check_settings(self.checkpoint, plain(saved), now, may_change=may_change, data=data)
+            if not notes and not any("resuming" in note for note in self.notes):   # a repair's note names it
+                step = json.loads((self.checkpoint / COMPLETE).read_text()).get("step", 0)
+                notes = [f"resuming {self.checkpoint.name} (step {step})"]
+            self.notes += notes
         return now
 
     def start(self, names=(), *, config: tuple[str, dict] | None = None, show=print) -> Path:
@@ -354,9 +358,8 @@ def check_settings(checkpoint: Path, saved: dict, now: dict, *, may_change: tupl
     if 0 < now.get("max_steps", 0) <= step:
         raise ValueError(f"max_steps={now['max_steps']} ends before {checkpoint} (step {step}): give a larger "
                          "--max_steps to continue it")
-    if changed:
-        return [f"resuming {checkpoint.name} (step {step}) with {', '.join(changed)} (a resume may change these)"]
-    return [f"resuming {checkpoint.name} (step {step})"]
+    return [f"resuming {checkpoint.name} (step {step}) with {', '.join(changed)} (a resume may change these)"] \
+        if changed else []
 
 
 # --------------------------------------------------------------------------- a full disk
