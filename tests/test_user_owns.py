@@ -442,6 +442,15 @@ def _sft(f, *extra):
 
 
 # --------------------------------------------------------------------------- 1. merging
+@pytest.mark.parametrize("key", [EOFError, KeyboardInterrupt], ids=["ctrl-d", "ctrl-c"])
+def test_ctrl_d_or_ctrl_c_at_the_chat_prompt_ends_the_chat(f, monkeypatch, key):
+    def typed(prompt):
+        raise key
+
+    monkeypatch.setattr("builtins.input", typed)
+    assert chat_main(["--lora_model", str(f["adapter"]), "--chat"]) == 0
+
+
 def test_merge_into_a_folder_holding_the_adapter_is_refused_even_with_overwrite(f, refused):
     refused(_call("chat", "--lora_model", f["adapter"], "--merge_to", f["work"], "--overwrite"),
             names=[str(f["work"]), "holds the adapter being merged", "choose a new folder"], keep=[f["root"]])
