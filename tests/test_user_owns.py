@@ -277,6 +277,12 @@ def test_resume_names_the_changes_it_allows(run_copy, tiny_llama_dir, data, capf
     assert summary(run_copy)["steps"] == 4
 
 
+def test_a_finished_run_is_named_finished_with_how_to_train_it_further(run_copy, tiny_llama_dir, data, refused):
+    refused(lambda: sft(*flags(tiny_llama_dir, data, run_copy)),
+            names=["holds a finished run (sft_summary.json) with checkpoints up to checkpoint-2",
+                   "pass --resume with a larger --max_steps"], keep=[run_copy])
+
+
 def test_a_plain_resume_says_where_it_starts(run_copy, tiny_llama_dir, data, capfd):
     assert sft(*flags(tiny_llama_dir, data, run_copy), "--resume") == 0
     assert "resuming checkpoint-2 (step 2)\n" in capfd.readouterr().out

@@ -273,6 +273,9 @@ def _held_run(out: Path, finished: str) -> str:
     """The line refusing a folder that holds a course run, with the flag that continues it."""
     whole = complete_checkpoints(out) or [p for p in [latest_checkpoint(out)] if p is not None]
     other = "--overwrite_output_dir to replace it, or choose another --output_dir"
+    if whole and finished and (out / finished).is_file():
+        return f"output_dir {out} holds a finished run ({finished}) with checkpoints up to {whole[-1].name}: pass " \
+               f"--resume with a larger --max_steps to train it further, {other}"
     if whole:
         return f"output_dir {out} holds a run with checkpoints up to {whole[-1].name}: pass --resume to continue " \
                f"it, {other}"
