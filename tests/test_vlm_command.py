@@ -214,8 +214,8 @@ def test_output_folder_errors_name_the_folder_and_the_fix(trained, files):
     """Refused before any model loads, and nothing in the folder changes."""
     out = files["root"] / "llava-full"
     before = sorted(p.name for p in out.rglob("*"))
-    assert "checkpoints up to checkpoint-3: pass --resume to continue it" in _one_line_error(
-        _run(files, "llava", "llava-full"))
+    assert "holds a finished run (vlm_summary.json) with checkpoints up to checkpoint-3: pass --resume with a " \
+           "larger --max_steps" in _one_line_error(_run(files, "llava", "llava-full"))
     message = _one_line_error(_run(files, "llava", "llava-full", resume=True, **{"training.learning_rate": 0.02}))
     assert "holds a different run: checkpoint-3 was written with training.learning_rate=0.01, this run has " \
            "training.learning_rate=0.02" in message and "a resume may change only max_steps" in message
