@@ -179,10 +179,11 @@ class RunFolder:
         the changes allowed; returns ``now`` as a checkpoint records it."""
         now = plain(now)
         if self.checkpoint is not None:
-            saved = json.loads((self.checkpoint / COMPLETE).read_text()).get("fingerprint") or {}
-            notes = check_settings(self.checkpoint, plain(saved), now, may_change=may_change, data=data)
-            if not notes and not any("resuming" in note for note in self.notes):   # a repair's note names it
-                step = json.loads((self.checkpoint / COMPLETE).read_text()).get("step", 0)
+            state = json.loads((self.checkpoint / COMPLETE).read_text())
+            step = state.get("step", 0)
+            notes = check_settings(self.checkpoint, plain(state.get("fingerprint") or {}), now, step=step,
+                                   may_change=may_change, data=data)
+            if not notes and not (self.aside or self.repoint):   # a repair's note names the checkpoint already
                 notes = [f"resuming {self.checkpoint.name} (step {step})"]
             self.notes += notes
         return now
@@ -341,10 +342,10 @@ def plain(settings: dict) -> dict:
     return flat
 
 
-def check_settings(checkpoint: Path, saved: dict, now: dict, *, may_change: tuple, data: str) -> list[str]:
-    """Refuse, in one line, a resume whose settings or data differ from those ``checkpoint`` was written with;
-    the lines naming the changes it allows (``may_change``). ``data``: the name of the data file's setting."""
-    step, changed = json.loads((checkpoint / COMPLETE).read_text()).get("step", 0), []
+def check_settings(checkpoint: Path, saved: dict, now: dict, *, step: int, may_change: tuple, data: str) -> list[str]:
+    """Refuse, in one line, a resume whose settings or data differ from those ``checkpoint`` (written at ``step``)
+    was written with; the lines naming the changes it allows (``may_change``). ``data``: the data file's setting."""
+    changed = []
     for key in sorted(saved.keys() & now.keys() - set(UNCOMPARED)):
         old, new = saved[key], now[key]
         if old == new:
